@@ -1,0 +1,161 @@
+"""FLUX.1-dev transformer: sgdiff vs diffusers, same random weights, same GPU, same run.
+
+Builds diffusers' FluxTransformer2DModel at full size (12B, bf16, random weights: speed does not
+depend on weight values), gives sgdiff's FluxTransformer the very same tensors (no copy), checks
+bf16 parity, then times one forward at the requested resolution with CUDA events, the two models
+taking turns call by call (median of each).
+
+    python scripts/bench_flux_transformer.py --height 1024 --width 1024 [--json out.json]
+
+Needs a CUDA GPU with ~30 GB free and diffusers installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig  # noqa: E402
+from sgdiff.models.flux.config import FLUX_DEV  # noqa: E402
+from sgdiff.models.flux.packing import image_position_ids, text_position_ids  # noqa: E402
+from sgdiff.models.loading import build_on_meta  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# --tiny: a 2+2-layer model, to check the script itself on a CPU before spending GPU time
+TINY = FluxTransformerConfig(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                             guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+FLOP_PER_FORWARD_1024 = 74.4e12  # torch.utils.flop_counter on diffusers' FLUX.1-dev at 1024x1024 (GPU_NOTES)
+
+
+def time_call(fn) -> float:
+    """Milliseconds for one call: CUDA events on the GPU, the host clock on the CPU."""
+    if DEVICE != "cuda":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def time_interleaved(variants: dict, warmup: int, repeat: int) -> dict[str, list[float]]:
+    """Round-robin over the variants so clock and thermal drift hit all of them alike."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeat):
+        for name, fn in variants.items():
+            times[name].append(time_call(fn))
+    return times
+
+
+def print_top_kernels(fn, rows: int = 15) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+    sort_by = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60))
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def build_models(config: FluxTransformerConfig):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(DEVICE):
+        reference = FluxTransformer2DModel(**{k: getattr(config, k) for k in config.__dataclass_fields__}).eval()
+    torch.set_default_dtype(torch.float32)
+    ours = build_on_meta(FluxTransformer, config)
+    ours.load_state_dict(reference.state_dict(), strict=True, assign=True)  # the same tensors, not a copy
+    return reference.requires_grad_(False), ours.eval().requires_grad_(False)
+
+
+def make_inputs(config: FluxTransformerConfig, height: int, width: int, text_len: int, seed: int):
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    rows, cols = height // 16, width // 16
+    bf16 = dict(device=DEVICE, dtype=torch.bfloat16)
+    return dict(
+        hidden_states=torch.randn(1, rows * cols, config.in_channels, generator=g, **bf16),
+        encoder_hidden_states=torch.randn(1, text_len, config.joint_attention_dim, generator=g, **bf16),
+        pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g, **bf16),
+        timestep=torch.tensor([0.7], **bf16),
+        img_ids=image_position_ids(rows, cols).to(**bf16),
+        txt_ids=text_position_ids(text_len).to(**bf16),
+        guidance=torch.tensor([3.5], device=DEVICE, dtype=torch.float32),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--text-len", type=int, default=512)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--profile", action="store_true", help="also print sgdiff's top kernels (torch.profiler)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model: checks the script, times nothing real")
+    args = parser.parse_args()
+    config = TINY if args.tiny else FLUX_DEV
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    reference, ours = build_models(config)
+    rows = []
+    with torch.inference_mode():
+        checks = []
+        for seed in (1, 2):  # fresh random inputs per check
+            inputs = make_inputs(config, args.height, args.width, args.text_len, seed)
+            ref_out = reference(**inputs, return_dict=False)[0]
+            our_out = ours(**inputs)
+            checks.append(relative_error(our_out, ref_out))
+            assert torch.isfinite(our_out).all(), "non-finite output"
+        parity = max(checks)
+
+        inputs = make_inputs(config, args.height, args.width, args.text_len, 3)
+        variants = {
+            "diffusers FluxTransformer2DModel": lambda: reference(**inputs, return_dict=False),
+            "sgdiff FluxTransformer": lambda: ours(**inputs),
+        }
+        for name, times in time_interleaved(variants, args.warmup, args.repeat).items():
+            rows.append((name, statistics.median(times), min(times), max(times)))
+        if args.profile:
+            print_top_kernels(lambda: ours(**inputs))
+
+    scale = (args.height * args.width) / (1024 * 1024)
+    card = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    result = {"card": card, "torch": torch.__version__, "height": args.height, "width": args.width,
+              "bf16_rel_err_vs_diffusers": parity, "rows": [dict(zip(("variant", "median_ms", "min_ms", "max_ms"), r)) for r in rows]}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    print(f"\nFLUX.1-dev transformer{' (TINY)' if args.tiny else ''}, {args.height}x{args.width}, text {args.text_len}, bf16, {card}, torch {torch.__version__}")
+    print(f"bf16 parity, sgdiff vs diffusers: rel err {parity:.2e} (limit 1e-2): {'PASS' if parity <= 1e-2 else 'FAIL'}")
+    baseline = rows[0][1]
+    print(f"{'variant':34s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'speedup':>8s} {'TFLOP/s*':>9s}")
+    for name, median, lo, hi in rows:
+        tflops = FLOP_PER_FORWARD_1024 / 1e12 / (median / 1e3) if scale == 1 and not args.tiny else float("nan")
+        print(f"{name:34s} {median:10.1f} {lo:8.1f} {hi:8.1f} {baseline / median:7.2f}x {tflops:9.0f}")
+    print("* 74.4 TFLOP per forward at 1024x1024")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from sgdiff.cli.main import main
+
+main()

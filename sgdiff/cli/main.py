@@ -1,0 +1,133 @@
+"""`sgdiff` command line: flags -> a typed BatchRequest; the library does the rest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sgdiff import __version__
+from sgdiff.cli import options as opt
+from sgdiff.cli.errors import fail, user_errors
+
+app = typer.Typer(
+    name="sgdiff",
+    help="Generate images with diffusion transformers, fast.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sgdiff {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
+) -> None:
+    """sgdiff: image generation with diffusion transformers."""
+
+
+def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
+    if prompt is not None and prompt_file is not None:
+        fail("give --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            fail(f"--prompt-file {prompt_file} does not exist")
+        try:
+            lines = prompt_file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            fail(f"--prompt-file {prompt_file} is not UTF-8 text")
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            fail(f"--prompt-file {prompt_file} has no prompts (one per line)")
+        return prompts
+    if prompt is None:
+        fail("pass --prompt TEXT or --prompt-file FILE")
+    if not prompt.strip():
+        fail("--prompt is empty: describe the image to generate")
+    return [prompt]
+
+
+@app.command()
+def generate(
+    model_path: opt.ModelPath,
+    prompt: opt.Prompt = None,
+    prompt_file: opt.PromptFile = None,
+    negative_prompt: opt.NegativePrompt = None,
+    height: opt.Height = None,
+    width: opt.Width = None,
+    num_inference_steps: opt.Steps = None,
+    guidance_scale: opt.GuidanceScale = None,
+    true_cfg_scale: opt.TrueCfgScale = None,
+    seed: opt.Seed = None,
+    generator_device: opt.GeneratorDevice = None,
+    num_outputs_per_prompt: opt.OutputsPerPrompt = None,
+    preset: opt.PresetName = None,
+    save_output: opt.SaveOutput = True,
+    output_path: opt.OutputPath = Path("outputs"),
+    output_file_name: opt.OutputFileName = None,
+    perf_dump_path: opt.PerfDumpPath = None,
+    quiet: opt.Quiet = False,
+    dtype: opt.Dtype = None,
+    device: opt.Device = None,
+) -> None:
+    """Generate images from a prompt (or a file of prompts)."""
+    with user_errors():
+        from sgdiff.config import RuntimeConfig, check_sampling_values
+        from sgdiff.io.image import check_output_file_name
+
+        flags = {
+            "negative_prompt": negative_prompt, "height": height, "width": width,
+            "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+            "true_cfg_scale": true_cfg_scale, "seed": seed, "generator_device": generator_device,
+            "num_outputs_per_prompt": num_outputs_per_prompt,
+        }
+        flags = {k: v for k, v in flags.items() if v is not None}
+        check_sampling_values(flags)
+        prompts = read_prompts(prompt, prompt_file)
+        if output_file_name is not None and (problem := check_output_file_name(output_file_name)):
+            fail(problem)
+        if output_path.exists() and not output_path.is_dir():
+            fail(f"--output-path {output_path} is a file; give a folder")
+
+        from sgdiff.engine.batch import BatchRequest, OutputConfig
+
+        request = BatchRequest(
+            model_path=model_path,
+            prompts=prompts,
+            sampling_flags=flags,
+            preset=preset,
+            runtime=RuntimeConfig(device=device, dtype=dtype),
+            output=OutputConfig(save_output, output_path, output_file_name, perf_dump_path),
+        )
+        run(request, quiet)
+
+
+def run(request, quiet: bool) -> None:
+    from rich.console import Console
+
+    from sgdiff.cli.progress import QuietEvents, RichProgress
+    from sgdiff.engine.batch import run_batch
+
+    console = Console(stderr=True)
+    events = QuietEvents() if quiet else RichProgress(console)
+    with events:
+        report = run_batch(request, events, on_saved=lambda path: typer.echo(str(path)))
+    if not quiet:
+        images = sum(len(r.images) for r in report.results)
+        steps = [s for r in report.results for s in r.step_seconds]
+        per_step = f", {sum(steps) / len(steps):.3f} s/step" if steps else ""
+        console.print(
+            f"generated {images} image(s) in {report.total_seconds:.1f} s "
+            f"(load {report.load_seconds:.1f} s{per_step}); saved {len(report.saved)}"
+        )
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,67 @@
+"""Rich progress on stderr, driven by the pipeline's events."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+
+class RichProgress:
+    """A PipelineEvents sink: one line per loaded part, a bar for denoising steps, one for decoding."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self) -> RichProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def stage_started(self, name: str) -> None:
+        if name.startswith("load ") or name == "decoding":
+            self._tasks[name] = self.progress.add_task(name.replace("load ", "loading "), total=1)
+
+    def stage_finished(self, name: str, seconds: float) -> None:
+        task = self._tasks.pop(name, None)
+        if task is None:
+            return
+        if name == "denoising":
+            self.progress.update(task, description=f"denoised ({seconds:.2f} s)")
+        else:
+            label = name.replace("load ", "loaded ") if name.startswith("load ") else "decoded"
+            self.progress.update(task, completed=1, description=f"{label} ({seconds:.2f} s)")
+
+    def step_finished(self, index: int, total: int, seconds: float) -> None:
+        task = self._tasks.get("denoising")
+        if task is None:
+            task = self._tasks["denoising"] = self.progress.add_task("denoising", total=total)
+        self.progress.update(task, completed=index + 1, description=f"denoising ({seconds:.2f} s/step)")
+
+
+class QuietEvents:
+    def stage_started(self, name: str) -> None:
+        pass
+
+    def stage_finished(self, name: str, seconds: float) -> None:
+        pass
+
+    def step_finished(self, index: int, total: int, seconds: float) -> None:
+        pass
+
+    def __enter__(self) -> QuietEvents:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass

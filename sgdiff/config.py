@@ -1,0 +1,171 @@
+"""Typed configuration: what to sample, where to run, and the presets that fill defaults.
+
+Merge order, lowest to highest, always through `merge_layers`:
+  sampling:  SAMPLING_DEFAULTS < preset [sampling] < flags given explicitly
+  schedule:  FlowMatchSchedule() < preset [schedule] < the checkpoint's scheduler_config.json
+A flag given explicitly wins even when it equals a default (flags arrive as None when not given).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sgdiff.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SIZE_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One generation request: a prompt and how to sample it."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    height: int = 1024
+    width: int = 1024
+    num_inference_steps: int = 28
+    guidance_scale: float = 3.5
+    true_cfg_scale: float = 1.0
+    seed: int = 42
+    generator_device: str = "cpu"
+    num_outputs_per_prompt: int = 1
+    max_sequence_length: int = 512
+
+    def validate(self) -> None:
+        check_sampling_values(self.__dict__)
+        if not self.prompt.strip():
+            raise UserError("the prompt is empty: pass --prompt TEXT (or a --prompt-file with non-empty lines)")
+
+
+SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)} - {"prompt"}
+SAMPLING_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(SamplingParams) if f.name in SAMPLING_FIELDS}
+
+
+def check_sampling_values(values: Mapping[str, Any]) -> None:
+    """Checks that need no model; run on explicit flags before anything loads, and again after merging."""
+    for name in ("height", "width"):
+        value = values.get(name)
+        if value is not None and (value <= 0 or value % SIZE_MULTIPLE):
+            raise UserError(f"--{name} must be a positive multiple of {SIZE_MULTIPLE}, got {value}")
+    checks = {
+        "num_inference_steps": ("--num-inference-steps must be at least 1", lambda v: v >= 1),
+        "num_outputs_per_prompt": ("--num-outputs-per-prompt must be at least 1", lambda v: v >= 1),
+        "true_cfg_scale": ("--true-cfg-scale must be >= 1", lambda v: v >= 1),
+        "max_sequence_length": ("max_sequence_length must be at least 1", lambda v: v >= 1),
+        "generator_device": ("--generator-device must be 'cpu' or 'cuda'", lambda v: v in ("cpu", "cuda")),
+    }
+    for name, (message, ok) in checks.items():
+        if values.get(name) is not None and not ok(values[name]):
+            raise UserError(f"{message}, got {values[name]}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and in what precision the models run (None: chosen automatically)."""
+
+    device: str | None = None
+    dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str = ""
+    match: dict[str, Any] = field(default_factory=dict)
+    sampling: dict[str, Any] = field(default_factory=dict)
+    schedule: dict[str, Any] = field(default_factory=dict)
+
+    def matches_model_id(self, model_path: str) -> bool:
+        ids = [m.lower() for m in self.match.get("model_ids", [])]
+        return model_path.strip("/").lower() in ids
+
+    def matches_config(self, pipeline_class: str, transformer_config: Mapping[str, Any]) -> bool:
+        if self.match.get("pipeline") != pipeline_class:
+            return False
+        wanted = self.match.get("transformer", {})
+        return all(transformer_config.get(k) == v for k, v in wanted.items())
+
+
+def merge_layers(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Later layers win; a None value in a layer means 'not set' and never overrides."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update({k: v for k, v in (layer or {}).items() if v is not None})
+    return merged
+
+
+def _parse_preset(text: str, source: str) -> Preset:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"preset {source} is not valid TOML: {exc}") from None
+    unknown = set(raw.get("sampling", {})) - SAMPLING_FIELDS
+    if unknown:
+        raise UserError(f"preset {source}: unknown [sampling] keys {sorted(unknown)}")
+    return Preset(
+        name=raw.get("name", Path(source).stem),
+        description=raw.get("description", ""),
+        match=raw.get("match", {}),
+        sampling=raw.get("sampling", {}),
+        schedule=raw.get("schedule", {}),
+    )
+
+
+def presets_dir() -> Path:
+    """presets/ of a source checkout, or its copy inside an installed wheel (sgdiff/presets)."""
+    installed = Path(__file__).parent / "presets"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[1] / "presets"
+
+
+def builtin_presets() -> dict[str, Preset]:
+    presets = {}
+    for path in sorted(presets_dir().glob("*.toml")):
+        preset = _parse_preset(path.read_text(), path.name)
+        presets[preset.name] = preset
+    return presets
+
+
+def load_preset(name_or_path: str) -> Preset:
+    """A built-in preset by name, or a .toml file."""
+    presets = builtin_presets()
+    if name_or_path in presets:
+        return presets[name_or_path]
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise UserError(f"preset file {path} does not exist")
+        return _parse_preset(path.read_text(), str(path))
+    raise UserError(f"unknown preset '{name_or_path}': choose one of {', '.join(presets)} or give a .toml file")
+
+
+def select_preset(
+    explicit: str | None, model_path: str, pipeline_class: str, transformer_config: Mapping[str, Any]
+) -> Preset | None:
+    """--preset wins; then a preset naming this model id; then one matching the checkpoint's config."""
+    if explicit:
+        return load_preset(explicit)
+    presets = list(builtin_presets().values())
+    for preset in presets:
+        if preset.matches_model_id(model_path):
+            return preset
+    for preset in presets:
+        if preset.matches_config(pipeline_class, transformer_config):
+            return preset
+    return None
+
+
+def build_sampling_params(prompt: str, preset: Preset | None, flags: Mapping[str, Any]) -> SamplingParams:
+    """The one place where defaults, the preset and explicit flags meet."""
+    values = merge_layers(SAMPLING_DEFAULTS, preset.sampling if preset else None, flags)
+    params = SamplingParams(prompt=prompt, **{k: v for k, v in values.items() if k in SAMPLING_FIELDS})
+    params.validate()
+    return params

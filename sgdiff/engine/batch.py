@@ -1,0 +1,95 @@
+"""Run every prompt of a request on one loaded model and write the outputs (what `sgdiff generate` does)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sgdiff import __version__
+from sgdiff.config import RuntimeConfig
+from sgdiff.engine.engine import Engine, GenerationResult
+from sgdiff.io.image import OutputNamer, save_png, write_atomically
+from sgdiff.pipeline.base import PipelineEvents
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    save_output: bool = True
+    output_path: Path = Path("outputs")
+    output_file_name: str | None = None
+    perf_dump_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    model_path: str
+    prompts: list[str]
+    sampling_flags: dict[str, Any] = field(default_factory=dict)  # only flags given explicitly
+    preset: str | None = None
+    runtime: RuntimeConfig = RuntimeConfig()
+    output: OutputConfig = OutputConfig()
+
+
+@dataclass
+class BatchReport:
+    results: list[GenerationResult]
+    saved: list[Path]
+    load_seconds: float
+    total_seconds: float
+    memory: dict[str, int | None]
+
+
+def run_batch(request: BatchRequest, events: PipelineEvents, on_saved: Callable[[Path], None] = lambda p: None) -> BatchReport:
+    start = time.perf_counter()
+    engine = Engine(request.model_path, request.preset, request.runtime, events)
+    # every prompt is checked before the weights load: a bad request fails in a second
+    all_params = [engine.sampling_params(prompt, **request.sampling_flags) for prompt in request.prompts]
+    engine.load()
+    out = request.output
+    namer = OutputNamer(out.output_path, out.output_file_name, sum(p.num_outputs_per_prompt for p in all_params))
+    results, saved = [], []
+    for params in all_params:
+        result = engine.generate(params)
+        results.append(result)
+        if not out.save_output:
+            continue
+        for index, image in enumerate(result.images):
+            path = namer.next_path(params.prompt, params.seed, index, params.num_outputs_per_prompt)
+            metadata = {**asdict(params), "output_index": index, "model": request.model_path,
+                        "preset": engine.preset.name if engine.preset else None,
+                        "dtype": str(engine.dtype).removeprefix("torch."), "sgdiff_version": __version__}
+            saved.append(save_png(image, path, metadata))
+            on_saved(path)
+    report = BatchReport(results, saved, engine.load_seconds, time.perf_counter() - start, engine.peak_memory())
+    if out.perf_dump_path is not None:
+        write_perf_dump(report, engine, out.perf_dump_path)
+    return report
+
+
+def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
+    dump = {
+        "model": engine.model_path,
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "load_seconds": report.load_seconds,
+        "total_seconds": report.total_seconds,
+        **report.memory,
+        "requests": [
+            {
+                "prompt": r.params.prompt,
+                "height": r.params.height,
+                "width": r.params.width,
+                "num_inference_steps": r.params.num_inference_steps,
+                "num_outputs": len(r.images),
+                "total_seconds": r.total_seconds,
+                "stage_seconds": r.stage_seconds,
+                "step_seconds": r.step_seconds,
+            }
+            for r in report.results
+        ],
+    }
+    write_atomically(path, lambda handle: handle.write(json.dumps(dump, indent=2).encode()))

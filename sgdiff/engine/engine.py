@@ -1,0 +1,112 @@
+"""The engine: resolve a checkpoint, pick its preset, load its pipeline once, run requests.
+
+One process for now; the multi-GPU launcher (one worker per GPU) plugs in here and
+follows each stage's declared ParallelMode.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from sgdiff.config import Preset, RuntimeConfig, SamplingParams, build_sampling_params, merge_layers, select_preset
+from sgdiff.errors import UserError
+from sgdiff.models.resolve import resolve_model_path
+from sgdiff.pipeline.base import NullEvents, PipelineEvents, State
+from sgdiff.pipeline.registry import inspect_model
+from sgdiff.pipeline.schedule import FlowMatchSchedule
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name} is not supported: use bf16, fp16 or fp32")
+    return DTYPES[name]
+
+
+@dataclass
+class GenerationResult:
+    params: SamplingParams
+    images: np.ndarray  # [N, H, W, 3] uint8
+    stage_seconds: dict[str, float]
+    step_seconds: list[float]
+    total_seconds: float
+
+
+class Engine:
+    """Load a model once, generate many times.
+
+    >>> engine = Engine("black-forest-labs/FLUX.1-dev")
+    >>> result = engine.generate(engine.sampling_params("a red cube", seed=7))
+    """
+
+    def __init__(self, model_path: str, preset: str | None = None, runtime: RuntimeConfig = RuntimeConfig(),
+                 events: PipelineEvents | None = None):
+        self.model_path = model_path
+        self.events = events or NullEvents()
+        self.device = resolve_device(runtime.device)
+        self.dtype = resolve_dtype(runtime.dtype, self.device)
+        self.model_dir = resolve_model_path(model_path)
+        self.info = inspect_model(self.model_dir)
+        self.preset: Preset | None = select_preset(
+            preset, model_path, self.info.pipeline_class, self.info.transformer_config
+        )
+        self._rules = self.info.spec.rules(self.info.transformer_config)
+        self.pipeline = None
+        self.load_seconds = 0.0
+
+    def sampling_params(self, prompt: str, **flags: Any) -> SamplingParams:
+        """Defaults < preset < `flags` (None means not given); checked against this model's rules."""
+        params = build_sampling_params(prompt, self.preset, flags)
+        if params.generator_device == "cuda" and self.device.type != "cuda":
+            raise UserError("--generator-device cuda needs the model on a CUDA device")
+        for rule in self._rules:
+            rule(params)
+        return params
+
+    def load(self) -> None:
+        if self.pipeline is not None:
+            return
+        start = time.perf_counter()
+        schedule = merge_layers(
+            FlowMatchSchedule().__dict__, self.preset.schedule if self.preset else None, self.info.scheduler_config
+        )
+        self.pipeline = self.info.spec.load(self.model_dir, self.device, self.dtype, schedule, self.events)
+        self.load_seconds = time.perf_counter() - start
+
+    def generate(self, params: SamplingParams) -> GenerationResult:
+        self.load()
+        start = time.perf_counter()
+        state = self.pipeline(State(params=params, device=self.device, dtype=self.dtype, events=self.events))
+        return GenerationResult(
+            params=params,
+            images=state.images,
+            stage_seconds=state.stage_seconds,
+            step_seconds=state.step_seconds,
+            total_seconds=time.perf_counter() - start,
+        )
+
+    def peak_memory(self) -> dict[str, int | None]:
+        gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return {"peak_gpu_memory_bytes": gpu, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

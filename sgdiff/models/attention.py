@@ -1,0 +1,57 @@
+"""The one attention entry point of every sgdiff model.
+
+Models call `attention(q, k, v)` and nothing else; a kernel choice or sequence
+parallelism is swapped in here (see `use_attention_impl`), never inside a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# q, k, v: [B, S, H, D] -> out: [B, S, H, D]
+AttentionImpl = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# On CUDA, cuDNN's fused attention is the fastest SDPA kernel on Hopper (about 1.7x
+# flash, docs/benchmarks.md); SDPA falls back down this list when a kernel cannot run.
+_CUDA_PRIORITY = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention through PyTorch's SDPA, best kernel first."""
+    # [B, S, H, D] -> [B, H, S, D] for SDPA, and back.
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if q.is_cuda:
+        with sdpa_kernel(_CUDA_PRIORITY, set_priority=True):
+            out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2)
+
+
+_impl: AttentionImpl = sdpa_attention
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full (unmasked) attention. q, k, v: [B, S, H, D]; returns [B, S, H, D]."""
+    return _impl(q, k, v)
+
+
+@contextmanager
+def use_attention_impl(impl: AttentionImpl) -> Iterator[None]:
+    """Route every model's attention through `impl` while the context is open."""
+    global _impl
+    previous, _impl = _impl, impl
+    try:
+        yield
+    finally:
+        _impl = previous

@@ -1,0 +1,179 @@
+"""FLUX.1 MMDiT: 19 double-stream blocks (text and image streams with their own
+weights, joint attention) then 38 single-stream blocks (one fused stream).
+
+Math only. Parameter names match diffusers' FluxTransformer2DModel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sgdiff.models.attention import attention
+from sgdiff.models.flux.config import FluxTransformerConfig
+from sgdiff.models.layers import (
+    AdaModulation,
+    FeedForward,
+    MLPEmbedder,
+    layer_norm,
+    modulate,
+    timestep_embedding,
+)
+from sgdiff.models.rope import apply_rope, rope_frequencies
+
+Rope = torch.Tensor  # [S_txt + S_img, head_dim / 2] complex rotations
+
+
+class QKNormedProjection(nn.Module):
+    """Project to q, k, v with per-head RMSNorm on q and k (to_q/to_k/to_v, norm_q/norm_k)."""
+
+    def __init__(self, dim: int, head_dim: int):
+        super().__init__()
+        self.head_dim = head_dim
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
+        self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: [B, S, H*D] -> q, k, v: [B, S, H, D]
+        q, k, v = (proj(x).unflatten(-1, (-1, self.head_dim)) for proj in (self.to_q, self.to_k, self.to_v))
+        return self.norm_q(q), self.norm_k(k), v
+
+
+class JointAttention(QKNormedProjection):
+    """Attention over [text; image] where each stream has its own projections."""
+
+    def __init__(self, dim: int, head_dim: int):
+        super().__init__(dim, head_dim)
+        self.add_q_proj = nn.Linear(dim, dim)
+        self.add_k_proj = nn.Linear(dim, dim)
+        self.add_v_proj = nn.Linear(dim, dim)
+        self.norm_added_q = nn.RMSNorm(head_dim, eps=1e-6)
+        self.norm_added_k = nn.RMSNorm(head_dim, eps=1e-6)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.to_add_out = nn.Linear(dim, dim)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(img)
+        text_projections = (self.add_q_proj, self.add_k_proj, self.add_v_proj)
+        tq, tk, tv = (proj(txt).unflatten(-1, (-1, self.head_dim)) for proj in text_projections)
+        tq, tk = self.norm_added_q(tq), self.norm_added_k(tk)
+        # joint sequence, text first: [B, S_txt + S_img, H, D]
+        q, k, v = torch.cat([tq, q], dim=1), torch.cat([tk, k], dim=1), torch.cat([tv, v], dim=1)
+        out = attention(apply_rope(q, rope), apply_rope(k, rope), v).flatten(2)  # [B, S, H*D]
+        txt_len = txt.shape[1]
+        return self.to_out[0](out[:, txt_len:]), self.to_add_out(out[:, :txt_len])
+
+
+class DoubleStreamBlock(nn.Module):
+    """diffusers' FluxTransformerBlock."""
+
+    def __init__(self, dim: int, head_dim: int):
+        super().__init__()
+        self.norm1 = AdaModulation(dim, 6)
+        self.norm1_context = AdaModulation(dim, 6)
+        self.attn = JointAttention(dim, head_dim)
+        self.ff = FeedForward(dim)
+        self.ff_context = FeedForward(dim)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, rope: Rope):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(temb)
+        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = self.norm1_context(temb)
+        img_attn, txt_attn = self.attn(modulate(img, shift1, scale1), modulate(txt, c_shift1, c_scale1), rope)
+        img = img + gate1 * img_attn
+        img = img + gate2 * self.ff(modulate(img, shift2, scale2))
+        txt = txt + c_gate1 * txt_attn
+        txt = txt + c_gate2 * self.ff_context(modulate(txt, c_shift2, c_scale2))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """diffusers' FluxSingleTransformerBlock: attention and MLP in parallel on one stream."""
+
+    def __init__(self, dim: int, head_dim: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.norm = AdaModulation(dim, 3)
+        self.attn = QKNormedProjection(dim, head_dim)
+        self.proj_mlp = nn.Linear(dim, dim * mlp_ratio)
+        self.proj_out = nn.Linear(dim + dim * mlp_ratio, dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, rope: Rope) -> torch.Tensor:
+        shift, scale, gate = self.norm(temb)
+        h = modulate(x, shift, scale)
+        q, k, v = self.attn.qkv(h)
+        attn_out = attention(apply_rope(q, rope), apply_rope(k, rope), v).flatten(2)  # [B, S, H*D]
+        mlp_out = nn.functional.gelu(self.proj_mlp(h), approximate="tanh")
+        return x + gate * self.proj_out(torch.cat([attn_out, mlp_out], dim=-1))
+
+
+class TimeTextEmbedding(nn.Module):
+    """Conditioning vector [B, D] from timestep, optional embedded guidance and pooled CLIP text."""
+
+    def __init__(self, dim: int, pooled_dim: int, guidance_embeds: bool):
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(256, dim)
+        self.guidance_embedder = MLPEmbedder(256, dim) if guidance_embeds else None
+        self.text_embedder = MLPEmbedder(pooled_dim, dim)
+
+    def forward(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
+        emb = self.timestep_embedder(timestep_embedding(timestep).to(pooled.dtype))
+        if self.guidance_embedder is not None:
+            if guidance is None:
+                raise ValueError("this FLUX transformer embeds guidance: pass `guidance`")
+            emb = emb + self.guidance_embedder(timestep_embedding(guidance).to(pooled.dtype))
+        return emb + self.text_embedder(pooled)
+
+
+class FluxTransformer(nn.Module):
+    """FLUX.1 transformer over packed latents (2x2 patches already folded into channels)."""
+
+    def __init__(self, config: FluxTransformerConfig):
+        super().__init__()
+        if sum(config.axes_dims_rope) != config.attention_head_dim:
+            raise ValueError("axes_dims_rope must add up to attention_head_dim")
+        self.config = config
+        dim, head_dim = config.inner_dim, config.attention_head_dim
+        self.time_text_embed = TimeTextEmbedding(dim, config.pooled_projection_dim, config.guidance_embeds)
+        self.context_embedder = nn.Linear(config.joint_attention_dim, dim)
+        self.x_embedder = nn.Linear(config.in_channels, dim)
+        self.transformer_blocks = nn.ModuleList(DoubleStreamBlock(dim, head_dim) for _ in range(config.num_layers))
+        self.single_transformer_blocks = nn.ModuleList(
+            SingleStreamBlock(dim, head_dim) for _ in range(config.num_single_layers)
+        )
+        self.norm_out = AdaModulation(dim, 2)
+        out_features = config.patch_size**2 * config.output_channels
+        self.proj_out = nn.Linear(dim, out_features)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states: [B, S_img, C_in] packed latents; encoder_hidden_states: [B, S_txt, C_txt];
+        pooled_projections: [B, C_pool]; timestep, guidance: [B], in units of 1/1000 (sigma);
+        img_ids: [S_img, 3], txt_ids: [S_txt, 3]. Returns [B, S_img, C_out]."""
+        img = self.x_embedder(hidden_states)
+        timestep = timestep.to(img.dtype) * 1000
+        if guidance is not None:
+            guidance = guidance.to(img.dtype) * 1000
+        temb = self.time_text_embed(timestep, guidance, pooled_projections)
+        txt = self.context_embedder(encoder_hidden_states)
+        rope = rope_frequencies(torch.cat([txt_ids, img_ids], dim=0), self.config.axes_dims_rope, theta=10000.0)
+
+        for block in self.transformer_blocks:
+            img, txt = block(img, txt, temb, rope)
+        txt_len = txt.shape[1]
+        x = torch.cat([txt, img], dim=1)  # one stream: [B, S_txt + S_img, D]
+        for block in self.single_transformer_blocks:
+            x = block(x, temb, rope)
+        img = x[:, txt_len:]
+
+        scale, shift = self.norm_out(temb)
+        return self.proj_out(layer_norm(img) * (1 + scale) + shift)

@@ -1,0 +1,75 @@
+"""Find a diffusers-format checkpoint and load its parts, safetensors only.
+
+Our own models are built on the meta device and get their weights with
+`load_state_dict(assign=True)`: no random init, no second copy in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from sgdiff.errors import UserError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: is this a diffusers-format checkpoint?") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors weight files of one component folder, in shard order.
+    Refuses a folder that holds only pickle checkpoints (they are never unpickled)."""
+    index_files = sorted(folder.glob("*.safetensors.index.json"))
+    if index_files:
+        weight_map = read_json(index_files[0]).get("weight_map", {})
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise UserError(f"{folder}: shard {missing[0]} named in {index_files[0].name} is missing")
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
+        raise UserError(
+            f"{folder} holds only pickle weights (.bin/.pt); sgdiff loads safetensors only: "
+            "convert the checkpoint to .safetensors first"
+        )
+    raise UserError(f"{folder} holds no .safetensors weights")
+
+
+def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in safetensors_files(folder):
+        state.update(load_file(path))
+    return state
+
+
+def load_own_model(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Give a meta-device `model` the weights in `folder` (strict: every name must match)."""
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in load_state_dict(folder).items()}
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise UserError(f"{folder}: weights do not match {type(model).__name__} ({detail})")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def build_on_meta(factory, *args: Any) -> nn.Module:
+    """Construct a module without allocating or initialising its weights."""
+    with torch.device("meta"):
+        return factory(*args)

@@ -1,0 +1,54 @@
+"""Turn --model-path into a local diffusers-format folder (a Hub repo id is downloaded)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from sgdiff.errors import UserError
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a diffusers checkpoint needs: configs, tokenizer files and safetensors (never pickles).
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
+
+
+def looks_like_repo_id(model_path: str) -> bool:
+    return bool(REPO_ID.match(model_path)) and not model_path.startswith((".", "~"))
+
+
+def resolve_model_path(model_path: str) -> Path:
+    local = Path(model_path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise UserError(f"--model-path {model_path} is a file; give the checkpoint's folder (with model_index.json)")
+        return local
+    if not looks_like_repo_id(model_path):
+        raise UserError(f"--model-path {model_path} does not exist (and is not a Hub repo id like owner/name)")
+    return _download(model_path)
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch (or find in the HF cache) a repo; honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except GatedRepoError:
+        raise UserError(f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"no local folder '{repo_id}' and no Hub repo of that name (private? set HF_TOKEN)"
+        ) from None
+    except RevisionNotFoundError:
+        raise UserError(f"{repo_id}: revision not found on the Hub") from None
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"{repo_id} is not in the local HF cache and the Hub cannot be reached (offline?): "
+            "download it first or pass a local folder"
+        ) from None

@@ -1,0 +1,93 @@
+"""A pipeline is an ordered list of stages over one State object."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from sgdiff.config import SamplingParams
+
+
+class ParallelMode(Enum):
+    """How a stage runs when several ranks serve one request (the executor follows this)."""
+
+    ALL_RANKS = "all_ranks"  # every rank runs it on the same inputs (replicated)
+    RANK0_ONLY = "rank0_only"  # rank 0 runs it; its result is broadcast to the others
+    CFG_SPLIT = "cfg_split"  # the conditional and unconditional branches may run on different ranks
+
+
+class PipelineEvents(Protocol):
+    """What a pipeline reports while it runs (the CLI draws progress from these)."""
+
+    def stage_started(self, name: str) -> None: ...
+    def stage_finished(self, name: str, seconds: float) -> None: ...
+    def step_finished(self, index: int, total: int, seconds: float) -> None: ...
+
+
+class NullEvents:
+    def stage_started(self, name: str) -> None:
+        pass
+
+    def stage_finished(self, name: str, seconds: float) -> None:
+        pass
+
+    def step_finished(self, index: int, total: int, seconds: float) -> None:
+        pass
+
+
+@dataclass
+class State:
+    """Everything one request accumulates on its way through the stages."""
+
+    params: SamplingParams
+    device: torch.device
+    dtype: torch.dtype
+    events: PipelineEvents = field(default_factory=NullEvents)
+    cond: dict[str, torch.Tensor] = field(default_factory=dict)  # model inputs of the prompt branch
+    uncond: dict[str, torch.Tensor] | None = None  # model inputs of the negative branch (CFG only)
+    cfg_scale: float = 1.0
+    shared: dict[str, Any] = field(default_factory=dict)  # model inputs both branches share
+    latents: torch.Tensor | None = None
+    sigmas: torch.Tensor | None = None
+    images: np.ndarray | None = None  # [N, H, W, 3] uint8
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)
+
+
+class Stage:
+    """One step of a pipeline. Subclasses set `name` and `parallel` and implement `run`."""
+
+    name: str = "stage"
+    parallel: ParallelMode = ParallelMode.ALL_RANKS
+
+    def run(self, state: State) -> None:
+        raise NotImplementedError
+
+
+class ComposedPipeline:
+    def __init__(self, name: str, stages: list[Stage], vae_scale_factor: int = 8):
+        self.name = name
+        self.stages = stages
+        self.vae_scale_factor = vae_scale_factor
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [stage.name for stage in self.stages]
+
+    @torch.inference_mode()
+    def __call__(self, state: State) -> State:
+        for stage in self.stages:
+            state.events.stage_started(stage.name)
+            start = time.perf_counter()
+            stage.run(state)
+            if state.device.type == "cuda":
+                torch.cuda.synchronize(state.device)
+            seconds = time.perf_counter() - start
+            state.stage_seconds[stage.name] = seconds
+            state.events.stage_finished(stage.name, seconds)
+        return state

@@ -1,0 +1,150 @@
+"""FLUX.1 text-to-image: CLIP (pooled) + T5 text, our FLUX transformer, the FLUX VAE."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from sgdiff.config import SamplingParams
+from sgdiff.errors import UserError
+from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig
+from sgdiff.models.flux.packing import image_position_ids, pack_latents, text_position_ids, unpack_latents
+from sgdiff.models.loading import build_on_meta, load_own_model, read_json
+from sgdiff.pipeline.base import ComposedPipeline, PipelineEvents, State
+from sgdiff.pipeline.components import load_diffusers_model, load_tokenizer, load_transformers_model
+from sgdiff.pipeline.schedule import FlowMatchSchedule
+from sgdiff.pipeline.stages.decoding import VaeDecodingStage
+from sgdiff.pipeline.stages.denoising import DenoisingStage
+from sgdiff.pipeline.stages.latents import LatentsStage
+from sgdiff.pipeline.stages.text_encoding import TextEncodingStage
+from sgdiff.pipeline.stages.timesteps import FlowMatchTimestepsStage
+from sgdiff.pipeline.stages.validation import InputValidationStage
+from sgdiff.pipeline.text_encoders import ClipPooledEncoder, T5SequenceEncoder
+
+
+def flux_rules(transformer_config: dict) -> list[Callable[[SamplingParams], None]]:
+    """Requests that FLUX would silently ignore are refused instead."""
+
+    def guidance_needs_embedding(params: SamplingParams) -> None:
+        if not transformer_config.get("guidance_embeds") and params.guidance_scale:
+            raise UserError(
+                "this FLUX model (schnell-like) has no guidance embedding, so --guidance-scale does nothing: "
+                "drop it, or use --negative-prompt with --true-cfg-scale for real CFG"
+            )
+
+    def true_cfg_pairs(params: SamplingParams) -> None:
+        if params.negative_prompt is not None and params.true_cfg_scale <= 1:
+            raise UserError("--negative-prompt is used only with true CFG: add --true-cfg-scale > 1 (e.g. 4)")
+        if params.negative_prompt is None and params.true_cfg_scale > 1:
+            raise UserError("--true-cfg-scale needs a --negative-prompt (FLUX runs true CFG against it)")
+
+    return [guidance_needs_embedding, true_cfg_pairs]
+
+
+class FluxLatentGeometry:
+    """Image size <-> latent grid for a VAE that downsamples by `vae_scale_factor`."""
+
+    def __init__(self, vae_scale_factor: int, latent_channels: int):
+        self.vae_scale_factor = vae_scale_factor
+        self.latent_channels = latent_channels
+
+    def latent_size(self, params: SamplingParams) -> tuple[int, int]:
+        step = self.vae_scale_factor * 2  # the VAE, then 2x2 packing
+        return 2 * (params.height // step), 2 * (params.width // step)
+
+    def image_seq_len(self, params: SamplingParams) -> int:
+        h, w = self.latent_size(params)
+        return (h // 2) * (w // 2)
+
+    def noise_shape(self, params: SamplingParams) -> tuple[int, ...]:
+        return (params.num_outputs_per_prompt, self.latent_channels, *self.latent_size(params))
+
+    def pack(self, noise: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, dict]:
+        h, w = self.latent_size(params)
+        img_ids = image_position_ids(h // 2, w // 2).to(device=noise.device, dtype=noise.dtype)
+        return pack_latents(noise), {"img_ids": img_ids}
+
+    def unpack(self, tokens: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        return unpack_latents(tokens, *self.latent_size(params))
+
+
+class FluxPromptEncoder:
+    def __init__(self, clip: ClipPooledEncoder, t5: T5SequenceEncoder, dtype: torch.dtype):
+        self.clip, self.t5, self.dtype = clip, t5, dtype
+
+    def __call__(self, prompts: list[str], params: SamplingParams) -> dict[str, torch.Tensor]:
+        pooled = self.clip(prompts).to(self.dtype)
+        sequence = self.t5(prompts, params.max_sequence_length).to(self.dtype)
+        return {"pooled_projections": pooled, "encoder_hidden_states": sequence}
+
+
+class FluxDenoiser:
+    def __init__(self, transformer: FluxTransformer):
+        self.transformer = transformer
+
+    def __call__(self, latents: torch.Tensor, sigma: torch.Tensor, inputs: dict, state: State) -> torch.Tensor:
+        batch, text = latents.shape[0], inputs["encoder_hidden_states"]
+        # as diffusers: timestep = sigma * 1000 rounded to the model dtype, then back to [0, 1]
+        timestep = (sigma * 1000).expand(batch).to(latents.dtype) / 1000
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((batch,), state.params.guidance_scale, device=latents.device, dtype=torch.float32)
+        txt_ids = text_position_ids(text.shape[1]).to(device=latents.device, dtype=latents.dtype)
+        return self.transformer(
+            latents,
+            text,
+            inputs["pooled_projections"],
+            timestep,
+            img_ids=inputs["img_ids"],
+            txt_ids=txt_ids,
+            guidance=guidance,
+        )
+
+
+def true_cfg_scale_of(params: SamplingParams) -> float | None:
+    return params.true_cfg_scale if params.negative_prompt is not None and params.true_cfg_scale > 1 else None
+
+
+def load_flux_pipeline(
+    model_dir: Path, device: torch.device, dtype: torch.dtype, schedule_layers: dict, events: PipelineEvents
+) -> ComposedPipeline:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    def timed_load(name: str, load):
+        events.stage_started(f"load {name}")
+        start = time.perf_counter()
+        part = load()
+        events.stage_finished(f"load {name}", time.perf_counter() - start)
+        return part
+
+    transformer_config = read_json(model_dir / "transformer" / "config.json")
+    clip = ClipPooledEncoder(
+        timed_load("tokenizer", lambda: load_tokenizer(model_dir / "tokenizer")),
+        timed_load("text_encoder", lambda: load_transformers_model(CLIPTextModel, model_dir / "text_encoder", dtype, device)),
+    )
+    t5 = T5SequenceEncoder(
+        timed_load("tokenizer_2", lambda: load_tokenizer(model_dir / "tokenizer_2")),
+        timed_load("text_encoder_2", lambda: load_transformers_model(T5EncoderModel, model_dir / "text_encoder_2", dtype, device)),
+    )
+    config = FluxTransformerConfig.from_dict(transformer_config)
+    transformer = timed_load(
+        "transformer",
+        lambda: load_own_model(build_on_meta(FluxTransformer, config), model_dir / "transformer", dtype, device),
+    )
+    vae = timed_load("vae", lambda: load_diffusers_model(AutoencoderKL, model_dir / "vae", dtype, device))
+
+    geometry = FluxLatentGeometry(2 ** (len(vae.config.block_out_channels) - 1), config.in_channels // 4)
+    schedule = FlowMatchSchedule.from_dict(schedule_layers)
+    stages = [
+        InputValidationStage(flux_rules(transformer_config)),
+        TextEncodingStage(FluxPromptEncoder(clip, t5, dtype), true_cfg_scale_of),
+        FlowMatchTimestepsStage(schedule, geometry.image_seq_len),
+        LatentsStage(geometry.noise_shape, geometry.pack),
+        DenoisingStage(FluxDenoiser(transformer)),
+        VaeDecodingStage(vae, geometry.unpack),
+    ]
+    return ComposedPipeline("flux", stages, vae_scale_factor=geometry.vae_scale_factor)

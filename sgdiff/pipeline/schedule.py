@@ -1,0 +1,73 @@
+"""Flow-matching Euler sampling as plain functions over tensors.
+
+Sigmas run from 1 (pure noise) to 0 (the image); the model predicts the velocity
+v = noise - x0, and one Euler step is x <- x + (sigma_next - sigma) * v.
+FLUX shifts the sigmas towards the noisy end, more for larger images (`mu` grows
+linearly with the number of image tokens); FLUX.1-schnell uses a fixed shift.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class FlowMatchSchedule:
+    """The fields of diffusers' FlowMatchEulerDiscreteScheduler config that FLUX uses."""
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> FlowMatchSchedule:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known and v is not None})
+
+
+def resolution_shift_mu(image_seq_len: int, schedule: FlowMatchSchedule) -> float:
+    """Linear in the number of image tokens: base_shift at base_image_seq_len, max_shift at max."""
+    slope = (schedule.max_shift - schedule.base_shift) / (schedule.max_image_seq_len - schedule.base_image_seq_len)
+    return schedule.base_shift + slope * (image_seq_len - schedule.base_image_seq_len)
+
+
+def flow_match_sigmas(num_steps: int, image_seq_len: int, schedule: FlowMatchSchedule) -> torch.Tensor:
+    """[num_steps + 1] float32 sigmas, shifted, ending with 0."""
+    # float32 numpy arithmetic, as diffusers does it, so the sigmas agree to the last bit
+    sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+    if schedule.use_dynamic_shifting:
+        exp_mu = math.exp(resolution_shift_mu(image_seq_len, schedule))
+        sigmas = exp_mu / (exp_mu + (1 / sigmas - 1))
+    else:
+        sigmas = schedule.shift * sigmas / (1 + (schedule.shift - 1) * sigmas)
+    return torch.cat([torch.from_numpy(sigmas).float(), torch.zeros(1)])
+
+
+def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """One step, computed in float32 and returned in the velocity's dtype."""
+    return (latents.float() + (sigma_next - sigma) * velocity).to(velocity.dtype)
+
+
+# velocity_fn(latents, step_index) -> predicted velocity, same shape as latents
+VelocityFn = Callable[[torch.Tensor, int], torch.Tensor]
+StepCallback = Callable[[int], None]
+
+
+def euler_sample(latents: torch.Tensor, sigmas: torch.Tensor, velocity_fn: VelocityFn, on_step: StepCallback | None = None) -> torch.Tensor:
+    """Integrate from sigmas[0] to sigmas[-1], calling `on_step(i)` after each step."""
+    sigmas = sigmas.to(latents.device)
+    for i in range(len(sigmas) - 1):
+        latents = euler_step(latents, velocity_fn(latents, i), sigmas[i], sigmas[i + 1])
+        if on_step is not None:
+            on_step(i)
+    return latents

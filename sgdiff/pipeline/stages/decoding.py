@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from sgdiff.config import SamplingParams
+from sgdiff.pipeline.base import ParallelMode, Stage, State
+
+# Model latents -> VAE latents [B, C, h, w] (undo packing, patchify, ...)
+Unpack = Callable[[torch.Tensor, SamplingParams], torch.Tensor]
+
+
+def to_uint8_images(decoded: torch.Tensor) -> np.ndarray:
+    """VAE output in [-1, 1], [B, 3, H, W] -> [B, H, W, 3] uint8, rounded as diffusers does."""
+    images = (decoded / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+    return (images * 255).round().astype(np.uint8)
+
+
+class VaeDecodingStage(Stage):
+    name = "decoding"
+    parallel = ParallelMode.RANK0_ONLY
+
+    def __init__(self, vae: torch.nn.Module, unpack: Unpack):
+        self.vae = vae
+        self.unpack = unpack
+
+    def run(self, state: State) -> None:
+        config = self.vae.config
+        latents = self.unpack(state.latents, state.params)
+        latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
+        decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        state.images = to_uint8_images(decoded)

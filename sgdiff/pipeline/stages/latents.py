@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from sgdiff.config import SamplingParams
+from sgdiff.pipeline.base import ParallelMode, Stage, State
+
+# Shape of the initial noise for a request, e.g. [N, C, H/8, W/8] for an image model.
+NoiseShape = Callable[[SamplingParams], tuple[int, ...]]
+# Turn the noise into what the model consumes; returns (latents, inputs shared by CFG branches).
+PrepareNoise = Callable[[torch.Tensor, SamplingParams], tuple[torch.Tensor, dict]]
+
+
+def seeded_noise(shape: tuple[int, ...], params: SamplingParams, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Gaussian noise drawn as diffusers draws it: one generator seeded with the request's seed,
+    on the generator device, in the model dtype, then moved to the model device."""
+    generator = torch.Generator(params.generator_device).manual_seed(params.seed)
+    noise = torch.randn(shape, generator=generator, device=params.generator_device, dtype=dtype)
+    return noise.to(device)
+
+
+class LatentsStage(Stage):
+    name = "latents"
+    parallel = ParallelMode.ALL_RANKS
+
+    def __init__(self, noise_shape: NoiseShape, prepare: PrepareNoise):
+        self.noise_shape = noise_shape
+        self.prepare = prepare
+
+    def run(self, state: State) -> None:
+        noise = seeded_noise(self.noise_shape(state.params), state.params, state.dtype, state.device)
+        state.latents, shared = self.prepare(noise, state.params)
+        state.shared.update(shared)

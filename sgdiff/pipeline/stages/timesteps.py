@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sgdiff.config import SamplingParams
+from sgdiff.pipeline.base import ParallelMode, Stage, State
+from sgdiff.pipeline.schedule import FlowMatchSchedule, flow_match_sigmas
+
+
+class FlowMatchTimestepsStage(Stage):
+    """Sigmas for the request's step count, shifted for its resolution."""
+
+    name = "timesteps"
+    parallel = ParallelMode.ALL_RANKS
+
+    def __init__(self, schedule: FlowMatchSchedule, image_seq_len: Callable[[SamplingParams], int]):
+        self.schedule = schedule
+        self.image_seq_len = image_seq_len
+
+    def run(self, state: State) -> None:
+        params = state.params
+        sigmas = flow_match_sigmas(params.num_inference_steps, self.image_seq_len(params), self.schedule)
+        state.sigmas = sigmas.to(state.device)

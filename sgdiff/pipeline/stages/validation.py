@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from sgdiff.config import SamplingParams
+from sgdiff.pipeline.base import ParallelMode, Stage, State
+
+ValidationRule = Callable[[SamplingParams], None]  # raises UserError
+
+
+class InputValidationStage(Stage):
+    """Generic checks plus the model's own rules, before any tensor work."""
+
+    name = "input_validation"
+    parallel = ParallelMode.ALL_RANKS
+
+    def __init__(self, rules: Sequence[ValidationRule] = ()):
+        self.rules = list(rules)
+
+    def run(self, state: State) -> None:
+        state.params.validate()
+        for rule in self.rules:
+            rule(state.params)

@@ -1,0 +1,43 @@
+"""Prompt encoders over transformers' text models, tokenising as diffusers' pipelines do."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    full_length = max(len(x) for x in tokenizer(prompts).input_ids)
+    if full_length > max_length:
+        log.warning("prompt truncated to %d tokens for %s", max_length, type(tokenizer).__name__)
+    return ids
+
+
+class ClipPooledEncoder:
+    """CLIP text model -> pooled embedding [B, D] (prompt padded to the tokenizer's 77 tokens)."""
+
+    def __init__(self, tokenizer, model: torch.nn.Module):
+        self.tokenizer = tokenizer
+        self.model = model
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        ids = _tokenize(self.tokenizer, prompts, self.tokenizer.model_max_length)
+        return self.model(ids.to(self.model.device), output_hidden_states=False).pooler_output
+
+
+class T5SequenceEncoder:
+    """T5 encoder -> last hidden states [B, max_length, D], padded, no attention mask."""
+
+    def __init__(self, tokenizer, model: torch.nn.Module):
+        self.tokenizer = tokenizer
+        self.model = model
+
+    def __call__(self, prompts: list[str], max_length: int) -> torch.Tensor:
+        ids = _tokenize(self.tokenizer, prompts, max_length)
+        return self.model(ids.to(self.model.device), output_hidden_states=False)[0]

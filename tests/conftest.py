@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sgdiff.testing.tiny_flux import build_tiny_flux
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dev(tmp_path_factory) -> Path:
+    """A tiny random FLUX.1-dev-like checkpoint, transformer saved as sharded safetensors + index."""
+    return build_tiny_flux(tmp_path_factory.mktemp("flux") / "dev", variant="dev", shard_transformer=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell(tmp_path_factory) -> Path:
+    return build_tiny_flux(tmp_path_factory.mktemp("flux") / "schnell", variant="schnell")
+
+
+@pytest.fixture(scope="session")
+def diffusers_pipeline():
+    """diffusers' FluxPipeline for a tiny checkpoint folder (cached per folder)."""
+    import torch
+    from diffusers import FluxPipeline
+
+    cache = {}
+
+    def load(path: Path) -> FluxPipeline:
+        if path not in cache:
+            cache[path] = FluxPipeline.from_pretrained(path, dtype=torch.float32)
+        return cache[path]
+
+    return load

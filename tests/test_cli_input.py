@@ -1,0 +1,136 @@
+"""The CLI as a translation layer: what the library receives, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sgdiff import __version__
+from sgdiff.cli import main as cli
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def received(monkeypatch):
+    """Capture the BatchRequest instead of running it."""
+    calls = []
+    monkeypatch.setattr(cli, "run", lambda request, quiet: calls.append((request, quiet)))
+    return calls
+
+
+def invoke(*args: str):
+    return runner.invoke(cli.app, ["generate", *args])
+
+
+def test_version():
+    result = runner.invoke(cli.app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"sgdiff {__version__}"
+
+
+def test_only_explicit_flags_reach_the_library(received):
+    result = invoke("--model-path", "m", "--prompt", "a cat", "--steps", "7", "--seed", "42", "--height", "512")
+    assert result.exit_code == 0, result.output
+    request, quiet = received[0]
+    # --seed 42 equals the default but was given, so it is passed on explicitly
+    assert request.sampling_flags == {"num_inference_steps": 7, "seed": 42, "height": 512}
+    assert request.prompts == ["a cat"] and request.model_path == "m" and quiet is False
+    assert request.output.save_output is True and request.output.output_path == Path("outputs")
+
+
+def test_every_flag_maps_to_the_request(received, tmp_path):
+    result = invoke(
+        "--model-path", "owner/model", "--prompt", "p", "--negative-prompt", "blurry", "--width", "768",
+        "--num-inference-steps", "3", "--guidance-scale", "0", "--true-cfg-scale", "4", "--generator-device", "cuda",
+        "--num-outputs-per-prompt", "2", "--preset", "flux.1-schnell", "--no-save-output", "--output-path",
+        str(tmp_path), "--output-file-name", "x", "--perf-dump-path", str(tmp_path / "perf.json"), "--quiet",
+        "--dtype", "bf16", "--device", "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    request, quiet = received[0]
+    assert request.sampling_flags == {
+        "negative_prompt": "blurry", "width": 768, "num_inference_steps": 3, "guidance_scale": 0.0,
+        "true_cfg_scale": 4.0, "generator_device": "cuda", "num_outputs_per_prompt": 2,
+    }
+    assert request.preset == "flux.1-schnell" and quiet is True
+    assert (request.runtime.dtype, request.runtime.device) == ("bf16", "cpu")
+    out = request.output
+    assert (out.save_output, out.output_path, out.output_file_name) == (False, tmp_path, "x")
+    assert out.perf_dump_path == tmp_path / "perf.json"
+
+
+def test_prompt_file_gives_one_prompt_per_non_blank_line(received, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n\n  a blue sphere  \n")
+    result = invoke("--model-path", "m", "--prompt-file", str(prompts))
+    assert result.exit_code == 0, result.output
+    assert received[0][0].prompts == ["a red cube", "a blue sphere"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt", "p", "--height", "1000"], "--height must be a positive multiple of 16, got 1000"),
+        (["--prompt", "p", "--width", "-16"], "--width must be a positive multiple of 16, got -16"),
+        (["--prompt", "p", "--steps", "0"], "--num-inference-steps must be at least 1, got 0"),
+        (["--prompt", "p", "--num-outputs-per-prompt", "0"], "--num-outputs-per-prompt must be at least 1"),
+        (["--prompt", "p", "--true-cfg-scale", "0.5"], "--true-cfg-scale must be >= 1"),
+        (["--prompt", "p", "--generator-device", "gpu"], "--generator-device must be 'cpu' or 'cuda'"),
+        (["--prompt", "  "], "--prompt is empty"),
+        ([], "pass --prompt TEXT or --prompt-file FILE"),
+        (["--prompt", "p", "--prompt-file", "x.txt"], "give --prompt or --prompt-file, not both"),
+        (["--prompt-file", "does-not-exist.txt"], "--prompt-file does-not-exist.txt does not exist"),
+        (["--prompt", "p", "--output-file-name", "a/b.png"], "--output-file-name takes a plain file name"),
+        (["--prompt", "p", "--output-file-name", "x.jpg"], "sgdiff writes PNG images"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_code_2(received, args, message):
+    result = invoke("--model-path", "m", *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not received  # nothing ran
+
+
+def test_empty_prompt_file_is_refused(received, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    result = invoke("--model-path", "m", "--prompt-file", str(empty))
+    assert result.exit_code == 2 and "has no prompts" in result.output
+
+
+def test_output_path_that_is_a_file_is_refused(received, tmp_path):
+    file = tmp_path / "f"
+    file.write_text("")
+    result = invoke("--model-path", "m", "--prompt", "p", "--output-path", str(file))
+    assert result.exit_code == 2 and "is a file; give a folder" in result.output
+
+
+def test_missing_local_model_path_says_so(tmp_path):
+    missing = tmp_path / "nope"
+    result = invoke("--model-path", str(missing), "--prompt", "p")
+    assert result.exit_code == 2
+    assert f"--model-path {missing} does not exist" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_folder_without_model_index_is_refused(tmp_path):
+    result = invoke("--model-path", str(tmp_path), "--prompt", "p")
+    assert result.exit_code == 2 and "has no model_index.json" in result.output
+
+
+def test_unsupported_pipeline_is_named(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    result = invoke("--model-path", str(tmp_path), "--prompt", "p")
+    assert result.exit_code == 2
+    assert "pipeline 'StableDiffusionPipeline'" in result.output and "FluxPipeline" in result.output
+
+
+def test_debug_variable_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("SGDIFF_DEBUG", "1")
+    result = invoke("--model-path", str(tmp_path / "nope"), "--prompt", "p")
+    assert result.exit_code != 0
+    assert type(result.exception).__name__ == "UserError"

@@ -1,0 +1,45 @@
+"""The README stays true to the code: its CLI table lists exactly the flags `generate` has, and
+CI runs the README's test command."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import typer
+
+from sgdiff.cli.main import app
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def generate_flags() -> set[str]:
+    command = typer.main.get_command(app).commands["generate"]
+    flags = set()
+    for param in command.params:
+        flags.update(o for o in param.opts + param.secondary_opts if o.startswith("--") and o != "--help")
+    return flags
+
+
+def readme_table_flags() -> set[str]:
+    section = README.split("## CLI reference")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `--")]
+    return {flag for row in rows for flag in re.findall(r"`(--[a-z0-9-]+)`", row.split("|")[1])}
+
+
+def test_readme_cli_table_matches_the_command():
+    assert readme_table_flags() == generate_flags()
+
+
+def test_ci_runs_the_readme_test_command():
+    blocks = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
+    test_command = blocks[1].strip()
+    assert "pytest" in test_command
+    assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_starts_with_the_two_commands():
+    blocks = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
+    assert "sgdiff generate" in blocks[0] and "make_tiny_flux.py" in blocks[0]
+    assert README.index("```bash") < README.index("## ")

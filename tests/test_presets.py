@@ -1,0 +1,100 @@
+"""Preset selection and the one merge function: flags always beat presets, presets beat defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from sgdiff.config import (
+    SAMPLING_DEFAULTS,
+    build_sampling_params,
+    builtin_presets,
+    load_preset,
+    merge_layers,
+    select_preset,
+)
+from sgdiff.errors import UserError
+
+DEV_CONFIG = {"guidance_embeds": True, "num_layers": 19}
+SCHNELL_CONFIG = {"guidance_embeds": False, "num_layers": 19}
+
+
+def test_builtin_presets_are_found():
+    presets = builtin_presets()
+    assert {"flux.1-dev", "flux.1-schnell"} <= set(presets)
+    assert presets["flux.1-schnell"].sampling["num_inference_steps"] == 4
+    assert presets["flux.1-dev"].sampling["num_inference_steps"] == 28
+    assert presets["flux.1-dev"].schedule["use_dynamic_shifting"] is True
+    assert presets["flux.1-schnell"].schedule["use_dynamic_shifting"] is False
+
+
+@pytest.mark.parametrize(
+    ("model_path", "config", "expected"),
+    [
+        ("black-forest-labs/FLUX.1-dev", SCHNELL_CONFIG, "flux.1-dev"),  # the id wins over the config
+        ("black-forest-labs/FLUX.1-schnell", DEV_CONFIG, "flux.1-schnell"),
+        ("/models/my-finetune", DEV_CONFIG, "flux.1-dev"),  # no id: chosen from the config
+        ("/models/my-finetune", SCHNELL_CONFIG, "flux.1-schnell"),
+    ],
+)
+def test_preset_chosen_from_model_id_then_config(model_path, config, expected):
+    assert select_preset(None, model_path, "FluxPipeline", config).name == expected
+
+
+def test_explicit_preset_wins_over_id_and_config():
+    preset = select_preset("flux.1-schnell", "black-forest-labs/FLUX.1-dev", "FluxPipeline", DEV_CONFIG)
+    assert preset.name == "flux.1-schnell"
+
+
+def test_no_preset_for_unknown_pipeline():
+    assert select_preset(None, "/x", "SomethingElse", {}) is None
+
+
+def test_preset_from_toml_file(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\n[sampling]\nnum_inference_steps = 9\nheight = 512\n')
+    preset = load_preset(str(path))
+    params = build_sampling_params("a cat", preset, {})
+    assert (params.num_inference_steps, params.height, params.width) == (9, 512, SAMPLING_DEFAULTS["width"])
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(UserError, match="unknown preset 'nope'.*flux.1-dev"):
+        load_preset("nope")
+
+
+def test_preset_with_unknown_key_is_refused(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[sampling]\nstepz = 3\n")
+    with pytest.raises(UserError, match="unknown \\[sampling\\] keys \\['stepz'\\]"):
+        load_preset(str(path))
+
+
+def test_explicit_flag_wins_even_when_equal_to_the_default():
+    schnell = load_preset("flux.1-schnell")
+    # 28 is the library default; given explicitly it must beat schnell's 4
+    assert build_sampling_params("p", schnell, {"num_inference_steps": 28}).num_inference_steps == 28
+    assert build_sampling_params("p", schnell, {}).num_inference_steps == 4
+
+
+def test_merge_layers_ignores_none_and_later_wins():
+    assert merge_layers({"a": 1, "b": 2}, None, {"a": None, "b": 3}, {"c": 4}) == {"a": 1, "b": 3, "c": 4}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"height": 1000}, "--height must be a positive multiple of 16, got 1000"),
+        ({"width": 0}, "--width must be a positive multiple of 16, got 0"),
+        ({"num_inference_steps": 0}, "--num-inference-steps must be at least 1"),
+        ({"num_outputs_per_prompt": 0}, "--num-outputs-per-prompt must be at least 1"),
+        ({"generator_device": "tpu"}, "--generator-device must be 'cpu' or 'cuda'"),
+    ],
+)
+def test_bad_values_are_refused(flags, message):
+    with pytest.raises(UserError, match=message):
+        build_sampling_params("p", None, flags)
+
+
+def test_empty_prompt_is_refused():
+    with pytest.raises(UserError, match="the prompt is empty"):
+        build_sampling_params("   ", None, {})
