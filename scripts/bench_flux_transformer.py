@@ -30,9 +30,17 @@ from sgdiff.models.loading import build_on_meta  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # --tiny: a 2+2-layer model, to check the script itself on a CPU before spending GPU time
-TINY = FluxTransformerConfig(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                             guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+TINY = FluxTransformerConfig(
+    in_channels=16,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
+)
 FLOP_PER_FORWARD_1024 = 74.4e12  # torch.utils.flop_counter on diffusers' FLUX.1-dev at 1024x1024 (GPU_NOTES)
 
 
@@ -143,12 +151,21 @@ def main() -> None:
 
     scale = (args.height * args.width) / (1024 * 1024)
     card = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
-    result = {"card": card, "torch": torch.__version__, "height": args.height, "width": args.width,
-              "bf16_rel_err_vs_diffusers": parity, "rows": [dict(zip(("variant", "median_ms", "min_ms", "max_ms"), r)) for r in rows]}
+    result = {
+        "card": card,
+        "torch": torch.__version__,
+        "height": args.height,
+        "width": args.width,
+        "bf16_rel_err_vs_diffusers": parity,
+        "rows": [dict(zip(("variant", "median_ms", "min_ms", "max_ms"), r, strict=True)) for r in rows],
+    }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
-    print(f"\nFLUX.1-dev transformer{' (TINY)' if args.tiny else ''}, {args.height}x{args.width}, text {args.text_len}, bf16, {card}, torch {torch.__version__}")
-    print(f"bf16 parity, sgdiff vs diffusers: rel err {parity:.2e} (limit 1e-2): {'PASS' if parity <= 1e-2 else 'FAIL'}")
+    model = "FLUX.1-dev transformer" + (" (TINY)" if args.tiny else "")
+    print(f"\n{model}, {args.height}x{args.width}, text {args.text_len}, bf16, {card}, torch {torch.__version__}")
+    print(
+        f"bf16 parity, sgdiff vs diffusers: rel err {parity:.2e} (limit 1e-2): {'PASS' if parity <= 1e-2 else 'FAIL'}"
+    )
     baseline = rows[0][1]
     print(f"{'variant':34s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'speedup':>8s} {'TFLOP/s*':>9s}")
     for name, median, lo, hi in rows:

@@ -42,17 +42,49 @@ def test_only_explicit_flags_reach_the_library(received):
 
 def test_every_flag_maps_to_the_request(received, tmp_path):
     result = invoke(
-        "--model-path", "owner/model", "--prompt", "p", "--negative-prompt", "blurry", "--width", "768",
-        "--num-inference-steps", "3", "--guidance-scale", "0", "--true-cfg-scale", "4", "--generator-device", "cuda",
-        "--num-outputs-per-prompt", "2", "--preset", "flux.1-schnell", "--no-save-output", "--output-path",
-        str(tmp_path), "--output-file-name", "x", "--perf-dump-path", str(tmp_path / "perf.json"), "--quiet",
-        "--dtype", "bf16", "--device", "cpu",
+        "--model-path",
+        "owner/model",
+        "--prompt",
+        "p",
+        "--negative-prompt",
+        "blurry",
+        "--width",
+        "768",
+        "--num-inference-steps",
+        "3",
+        "--guidance-scale",
+        "0",
+        "--true-cfg-scale",
+        "4",
+        "--generator-device",
+        "cuda",
+        "--num-outputs-per-prompt",
+        "2",
+        "--preset",
+        "flux.1-schnell",
+        "--no-save-output",
+        "--output-path",
+        str(tmp_path),
+        "--output-file-name",
+        "x",
+        "--perf-dump-path",
+        str(tmp_path / "perf.json"),
+        "--quiet",
+        "--dtype",
+        "bf16",
+        "--device",
+        "cpu",
     )
     assert result.exit_code == 0, result.output
     request, quiet = received[0]
     assert request.sampling_flags == {
-        "negative_prompt": "blurry", "width": 768, "num_inference_steps": 3, "guidance_scale": 0.0,
-        "true_cfg_scale": 4.0, "generator_device": "cuda", "num_outputs_per_prompt": 2,
+        "negative_prompt": "blurry",
+        "width": 768,
+        "num_inference_steps": 3,
+        "guidance_scale": 0.0,
+        "true_cfg_scale": 4.0,
+        "generator_device": "cuda",
+        "num_outputs_per_prompt": 2,
     }
     assert request.preset == "flux.1-schnell" and quiet is True
     assert (request.runtime.dtype, request.runtime.device) == ("bf16", "cpu")

@@ -32,8 +32,18 @@ def test_several_outputs_get_numbered_suffixes(tiny_flux_dev, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na blue sphere\n")
     out = tmp_path / "out"
-    result = generate(tiny_flux_dev, "--prompt-file", str(prompts), "--num-outputs-per-prompt", "2",
-                      "--output-path", str(out), "--output-file-name", "img.png", "--quiet")
+    result = generate(
+        tiny_flux_dev,
+        "--prompt-file",
+        str(prompts),
+        "--num-outputs-per-prompt",
+        "2",
+        "--output-path",
+        str(out),
+        "--output-file-name",
+        "img.png",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["img_0.png", "img_1.png", "img_2.png", "img_3.png"]
     prompts_written = [read_png_parameters(out / f"img_{i}.png")["prompt"] for i in range(4)]
@@ -60,14 +70,21 @@ def test_png_holds_the_generation_parameters(tiny_flux_dev, tmp_path):
 
 def test_no_save_output_writes_nothing_but_the_perf_dump(tiny_flux_dev, tmp_path):
     out, perf = tmp_path / "out", tmp_path / "perf.json"
-    result = generate(tiny_flux_dev, "--prompt", "p", "--no-save-output", "--output-path", str(out),
-                      "--perf-dump-path", str(perf))
+    result = generate(
+        tiny_flux_dev, "--prompt", "p", "--no-save-output", "--output-path", str(out), "--perf-dump-path", str(perf)
+    )
     assert result.exit_code == 0, result.output
     assert not out.exists()
     dump = json.loads(perf.read_text())
     request = dump["requests"][0]
     assert list(request["stage_seconds"]) == [
-        "input_validation", "text_encoding", "timesteps", "latents", "denoising", "decoding"]
+        "input_validation",
+        "text_encoding",
+        "timesteps",
+        "latents",
+        "denoising",
+        "decoding",
+    ]
     assert len(request["step_seconds"]) == 2 and all(s > 0 for s in request["step_seconds"])
     assert dump["peak_rss_bytes"] > 0 and dump["peak_gpu_memory_bytes"] is None
     assert dump["device"] == "cpu" and dump["dtype"] == "float32"
@@ -85,8 +102,16 @@ def test_prompt_file_loads_the_model_once(tiny_flux_dev, tmp_path, monkeypatch):
     prompts = tmp_path / "p.txt"
     prompts.write_text("one\ntwo\nthree\n")
     perf = tmp_path / "perf.json"
-    result = generate(tiny_flux_dev, "--prompt-file", str(prompts), "--output-path", str(tmp_path / "o"),
-                      "--perf-dump-path", str(perf), "-q")
+    result = generate(
+        tiny_flux_dev,
+        "--prompt-file",
+        str(prompts),
+        "--output-path",
+        str(tmp_path / "o"),
+        "--perf-dump-path",
+        str(perf),
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     assert loads.count(True) == 1  # weights loaded once
     assert [r["prompt"] for r in json.loads(perf.read_text())["requests"]] == ["one", "two", "three"]

@@ -18,8 +18,22 @@ runner = CliRunner()
 
 
 def generate(model, *args: str):
-    return runner.invoke(app, ["generate", "--model-path", str(model), "--height", "32", "--width", "32",
-                               "--steps", "1", "--no-save-output", *args])
+    return runner.invoke(
+        app,
+        [
+            "generate",
+            "--model-path",
+            str(model),
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--steps",
+            "1",
+            "--no-save-output",
+            *args,
+        ],
+    )
 
 
 def assert_one_line_error(result, message: str, after_progress: bool = False) -> None:
@@ -56,7 +70,9 @@ def test_weights_that_do_not_fit_the_model_are_refused(model_copy):
     config["num_layers"] = 3  # the checkpoint has 2
     config_path.write_text(json.dumps(config))
     # only found while loading, so the parts loaded before it have shown their progress lines
-    assert_one_line_error(generate(model_copy, "--prompt", "p"), "weights do not match FluxTransformer", after_progress=True)
+    assert_one_line_error(
+        generate(model_copy, "--prompt", "p"), "weights do not match FluxTransformer", after_progress=True
+    )
 
 
 def test_missing_component_folder_is_named(model_copy):
@@ -65,8 +81,10 @@ def test_missing_component_folder_is_named(model_copy):
 
 
 def test_guidance_scale_on_schnell_is_refused(tiny_flux_schnell):
-    assert_one_line_error(generate(tiny_flux_schnell, "--prompt", "p", "--guidance-scale", "3.5"),
-                          "has no guidance embedding, so --guidance-scale does nothing")
+    assert_one_line_error(
+        generate(tiny_flux_schnell, "--prompt", "p", "--guidance-scale", "3.5"),
+        "has no guidance embedding, so --guidance-scale does nothing",
+    )
 
 
 @pytest.mark.parametrize(
@@ -85,8 +103,10 @@ def test_flags_flux_would_ignore_or_cannot_use(tiny_flux_dev, args, message):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without CUDA")
 def test_cuda_flags_without_a_gpu(tiny_flux_dev):
     assert_one_line_error(generate(tiny_flux_dev, "--prompt", "p", "--device", "cuda"), "no CUDA GPU is visible")
-    assert_one_line_error(generate(tiny_flux_dev, "--prompt", "p", "--generator-device", "cuda"),
-                          "--generator-device cuda needs the model on a CUDA device")
+    assert_one_line_error(
+        generate(tiny_flux_dev, "--prompt", "p", "--generator-device", "cuda"),
+        "--generator-device cuda needs the model on a CUDA device",
+    )
 
 
 def run_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -109,8 +129,23 @@ def test_repo_id_resolves_through_the_hf_cache_offline(tiny_flux_dev, tmp_path):
     fake_hub_cache(hf_home, "black-forest-labs/FLUX.1-schnell", tiny_flux_dev)
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "out"
-    result = run_cli("generate", "--model-path", "black-forest-labs/FLUX.1-schnell", "--prompt", "p", "--height",
-                     "32", "--width", "32", "--output-path", str(out), "--output-file-name", "x", "-q", env=env)
+    result = run_cli(
+        "generate",
+        "--model-path",
+        "black-forest-labs/FLUX.1-schnell",
+        "--prompt",
+        "p",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--output-path",
+        str(out),
+        "--output-file-name",
+        "x",
+        "-q",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out / "x.png")
     from sgdiff.io.image import read_png_parameters

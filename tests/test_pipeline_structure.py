@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 import torch
 
 from sgdiff.engine.engine import Engine
@@ -43,7 +43,8 @@ def test_every_attention_call_goes_through_the_one_entry_point(tiny_flux_dev):
     def recording_attention(q, k, v):
         calls.append(q.shape)
         return torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        ).transpose(1, 2)
 
     with use_attention_impl(recording_attention):
         engine.generate(engine.sampling_params("p", height=32, width=32, num_inference_steps=1))

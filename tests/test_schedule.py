@@ -53,7 +53,7 @@ def test_euler_sampling_matches_scheduler_steps(dtype):
     start = torch.randn(2, 8, 4, generator=g).to(dtype)
     velocities = [torch.randn(2, 8, 4, generator=g).to(dtype) for _ in range(5)]
     expected = start
-    for t, v in zip(scheduler.timesteps, velocities):
+    for t, v in zip(scheduler.timesteps, velocities, strict=True):
         expected = scheduler.step(v, t, expected, return_dict=False)[0]
     seen = []
     actual = euler_sample(start, scheduler.sigmas, lambda x, i: velocities[i], on_step=seen.append)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -28,7 +28,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
+    version: Annotated[
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = None,
 ) -> None:
     """sgdiff: image generation with diffusion transformers."""
 
@@ -83,9 +85,14 @@ def generate(
         from sgdiff.io.image import check_output_file_name
 
         flags = {
-            "negative_prompt": negative_prompt, "height": height, "width": width,
-            "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-            "true_cfg_scale": true_cfg_scale, "seed": seed, "generator_device": generator_device,
+            "negative_prompt": negative_prompt,
+            "height": height,
+            "width": width,
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "true_cfg_scale": true_cfg_scale,
+            "seed": seed,
+            "generator_device": generator_device,
             "num_outputs_per_prompt": num_outputs_per_prompt,
         }
         flags = {k: v for k, v in flags.items() if v is not None}

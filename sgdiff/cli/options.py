@@ -6,7 +6,7 @@ Sampling flags default to None: None means 'not given', so the preset's value is
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,23 +15,100 @@ SAMPLING = "Sampling"
 OUTPUT = "Output"
 RUNTIME = "Runtime"
 
-ModelPath = Annotated[str, typer.Option("--model-path", help="Hub repo id (owner/name) or a local diffusers-format folder.", rich_help_panel=MODEL)]
-PresetName = Annotated[Optional[str], typer.Option("--preset", help="Preset name (e.g. flux.1-dev) or a .toml file; default: chosen from the model.", rich_help_panel=MODEL)]
-Prompt = Annotated[Optional[str], typer.Option("--prompt", help="Text prompt.", rich_help_panel=SAMPLING)]
-PromptFile = Annotated[Optional[Path], typer.Option("--prompt-file", help="File with one prompt per line; the model loads once and every prompt runs.", rich_help_panel=SAMPLING)]
-NegativePrompt = Annotated[Optional[str], typer.Option("--negative-prompt", help="Negative prompt for true CFG (FLUX: needs --true-cfg-scale > 1).", rich_help_panel=SAMPLING)]
-Height = Annotated[Optional[int], typer.Option("--height", help="Image height in pixels, a multiple of 16.", rich_help_panel=SAMPLING)]
-Width = Annotated[Optional[int], typer.Option("--width", help="Image width in pixels, a multiple of 16.", rich_help_panel=SAMPLING)]
-Steps = Annotated[Optional[int], typer.Option("--num-inference-steps", "--steps", help="Denoising steps.", rich_help_panel=SAMPLING)]
-GuidanceScale = Annotated[Optional[float], typer.Option("--guidance-scale", help="Guidance (FLUX.1-dev: the embedded, distilled guidance).", rich_help_panel=SAMPLING)]
-TrueCfgScale = Annotated[Optional[float], typer.Option("--true-cfg-scale", help="True classifier-free guidance scale; > 1 runs the negative prompt too.", rich_help_panel=SAMPLING)]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: 42).", rich_help_panel=SAMPLING)]
-GeneratorDevice = Annotated[Optional[str], typer.Option("--generator-device", help="Where the noise is drawn: cpu (same images as diffusers' CPU generator) or cuda (default: cpu).", rich_help_panel=SAMPLING)]
-OutputsPerPrompt = Annotated[Optional[int], typer.Option("--num-outputs-per-prompt", help="Images per prompt (default: 1).", rich_help_panel=SAMPLING)]
-SaveOutput = Annotated[bool, typer.Option("--save-output/--no-save-output", help="Write the images.", rich_help_panel=OUTPUT)]
+ModelPath = Annotated[
+    str,
+    typer.Option(
+        "--model-path", help="Hub repo id (owner/name) or a local diffusers-format folder.", rich_help_panel=MODEL
+    ),
+]
+PresetName = Annotated[
+    str | None,
+    typer.Option(
+        "--preset",
+        help="Preset name (e.g. flux.1-dev) or a .toml file; default: chosen from the model.",
+        rich_help_panel=MODEL,
+    ),
+]
+Prompt = Annotated[str | None, typer.Option("--prompt", help="Text prompt.", rich_help_panel=SAMPLING)]
+PromptFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--prompt-file",
+        help="File with one prompt per line; the model loads once and every prompt runs.",
+        rich_help_panel=SAMPLING,
+    ),
+]
+NegativePrompt = Annotated[
+    str | None,
+    typer.Option(
+        "--negative-prompt",
+        help="Negative prompt for true CFG (FLUX: needs --true-cfg-scale > 1).",
+        rich_help_panel=SAMPLING,
+    ),
+]
+Height = Annotated[
+    int | None, typer.Option("--height", help="Image height in pixels, a multiple of 16.", rich_help_panel=SAMPLING)
+]
+Width = Annotated[
+    int | None, typer.Option("--width", help="Image width in pixels, a multiple of 16.", rich_help_panel=SAMPLING)
+]
+Steps = Annotated[
+    int | None, typer.Option("--num-inference-steps", "--steps", help="Denoising steps.", rich_help_panel=SAMPLING)
+]
+GuidanceScale = Annotated[
+    float | None,
+    typer.Option(
+        "--guidance-scale", help="Guidance (FLUX.1-dev: the embedded, distilled guidance).", rich_help_panel=SAMPLING
+    ),
+]
+TrueCfgScale = Annotated[
+    float | None,
+    typer.Option(
+        "--true-cfg-scale",
+        help="True classifier-free guidance scale; > 1 runs the negative prompt too.",
+        rich_help_panel=SAMPLING,
+    ),
+]
+Seed = Annotated[int | None, typer.Option("--seed", help="Random seed (default: 42).", rich_help_panel=SAMPLING)]
+GeneratorDevice = Annotated[
+    str | None,
+    typer.Option(
+        "--generator-device",
+        help="Where the noise is drawn: cpu (same images as diffusers' CPU generator) or cuda (default: cpu).",
+        rich_help_panel=SAMPLING,
+    ),
+]
+OutputsPerPrompt = Annotated[
+    int | None,
+    typer.Option("--num-outputs-per-prompt", help="Images per prompt (default: 1).", rich_help_panel=SAMPLING),
+]
+SaveOutput = Annotated[
+    bool, typer.Option("--save-output/--no-save-output", help="Write the images.", rich_help_panel=OUTPUT)
+]
 OutputPath = Annotated[Path, typer.Option("--output-path", help="Folder for the images.", rich_help_panel=OUTPUT)]
-OutputFileName = Annotated[Optional[str], typer.Option("--output-file-name", help="Write exactly OUTPUT_PATH/NAME.png (NAME_0.png, NAME_1.png, ... for several images).", rich_help_panel=OUTPUT)]
-PerfDumpPath = Annotated[Optional[Path], typer.Option("--perf-dump-path", help="Write per-stage and per-step seconds and peak memory as JSON.", rich_help_panel=OUTPUT)]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary; print only the written paths.", rich_help_panel=OUTPUT)]
-Dtype = Annotated[Optional[str], typer.Option("--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU).", rich_help_panel=RUNTIME)]
-Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda if available).", rich_help_panel=RUNTIME)]
+OutputFileName = Annotated[
+    str | None,
+    typer.Option(
+        "--output-file-name",
+        help="Write exactly OUTPUT_PATH/NAME.png (NAME_0.png, NAME_1.png, ... for several images).",
+        rich_help_panel=OUTPUT,
+    ),
+]
+PerfDumpPath = Annotated[
+    Path | None,
+    typer.Option(
+        "--perf-dump-path", help="Write per-stage and per-step seconds and peak memory as JSON.", rich_help_panel=OUTPUT
+    ),
+]
+Quiet = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="No progress or summary; print only the written paths.", rich_help_panel=OUTPUT),
+]
+Dtype = Annotated[
+    str | None,
+    typer.Option("--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU).", rich_help_panel=RUNTIME),
+]
+Device = Annotated[
+    str | None,
+    typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda if available).", rich_help_panel=RUNTIME),
+]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from sgdiff.pipeline.base import NullEvents
+
 
 class RichProgress:
     """A PipelineEvents sink: one line per loaded part, a bar for denoising steps, one for decoding."""
@@ -50,15 +52,8 @@ class RichProgress:
         self.progress.update(task, completed=index + 1, description=f"denoising ({seconds:.2f} s/step)")
 
 
-class QuietEvents:
-    def stage_started(self, name: str) -> None:
-        pass
-
-    def stage_finished(self, name: str, seconds: float) -> None:
-        pass
-
-    def step_finished(self, index: int, total: int, seconds: float) -> None:
-        pass
+class QuietEvents(NullEvents):
+    """No output at all (--quiet)."""
 
     def __enter__(self) -> QuietEvents:
         return self

@@ -43,7 +43,9 @@ class BatchReport:
     memory: dict[str, int | None]
 
 
-def run_batch(request: BatchRequest, events: PipelineEvents, on_saved: Callable[[Path], None] = lambda p: None) -> BatchReport:
+def run_batch(
+    request: BatchRequest, events: PipelineEvents, on_saved: Callable[[Path], None] = lambda p: None
+) -> BatchReport:
     start = time.perf_counter()
     engine = Engine(request.model_path, request.preset, request.runtime, events)
     # every prompt is checked before the weights load: a bad request fails in a second
@@ -59,9 +61,14 @@ def run_batch(request: BatchRequest, events: PipelineEvents, on_saved: Callable[
             continue
         for index, image in enumerate(result.images):
             path = namer.next_path(params.prompt, params.seed, index, params.num_outputs_per_prompt)
-            metadata = {**asdict(params), "output_index": index, "model": request.model_path,
-                        "preset": engine.preset.name if engine.preset else None,
-                        "dtype": str(engine.dtype).removeprefix("torch."), "sgdiff_version": __version__}
+            metadata = {
+                **asdict(params),
+                "output_index": index,
+                "model": request.model_path,
+                "preset": engine.preset.name if engine.preset else None,
+                "dtype": str(engine.dtype).removeprefix("torch."),
+                "sgdiff_version": __version__,
+            }
             saved.append(save_png(image, path, metadata))
             on_saved(path)
     report = BatchReport(results, saved, engine.load_seconds, time.perf_counter() - start, engine.peak_memory())

@@ -21,8 +21,14 @@ from sgdiff.pipeline.base import NullEvents, PipelineEvents, State
 from sgdiff.pipeline.registry import inspect_model
 from sgdiff.pipeline.schedule import FlowMatchSchedule
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -61,8 +67,13 @@ class Engine:
     >>> result = engine.generate(engine.sampling_params("a red cube", seed=7))
     """
 
-    def __init__(self, model_path: str, preset: str | None = None, runtime: RuntimeConfig = RuntimeConfig(),
-                 events: PipelineEvents | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        preset: str | None = None,
+        runtime: RuntimeConfig = RuntimeConfig(),
+        events: PipelineEvents | None = None,
+    ):
         self.model_path = model_path
         self.events = events or NullEvents()
         self.device = resolve_device(runtime.device)
@@ -109,4 +120,7 @@ class Engine:
 
     def peak_memory(self) -> dict[str, int | None]:
         gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        return {"peak_gpu_memory_bytes": gpu, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        return {
+            "peak_gpu_memory_bytes": gpu,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }

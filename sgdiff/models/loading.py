@@ -59,7 +59,10 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 def load_own_model(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """Give a meta-device `model` the weights in `folder` (strict: every name must match)."""
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in load_state_dict(folder).items()}
+    state = {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        for k, v in load_state_dict(folder).items()
+    }
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:

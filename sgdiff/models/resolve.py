@@ -20,7 +20,9 @@ def resolve_model_path(model_path: str) -> Path:
     local = Path(model_path).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise UserError(f"--model-path {model_path} is a file; give the checkpoint's folder (with model_index.json)")
+            raise UserError(
+                f"--model-path {model_path} is a file; give the checkpoint's folder (with model_index.json)"
+            )
         return local
     if not looks_like_repo_id(model_path):
         raise UserError(f"--model-path {model_path} does not exist (and is not a Hub repo id like owner/name)")
@@ -42,9 +44,7 @@ def _download(repo_id: str) -> Path:
     except GatedRepoError:
         raise UserError(f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
-        raise UserError(
-            f"no local folder '{repo_id}' and no Hub repo of that name (private? set HF_TOKEN)"
-        ) from None
+        raise UserError(f"no local folder '{repo_id}' and no Hub repo of that name (private? set HF_TOKEN)") from None
     except RevisionNotFoundError:
         raise UserError(f"{repo_id}: revision not found on the Hub") from None
     except LocalEntryNotFoundError:

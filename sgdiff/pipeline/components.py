@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sgdiff.errors import UserError
 from sgdiff.models.loading import safetensors_files
+from sgdiff.pipeline.base import PipelineEvents
 
 
 @contextmanager
@@ -39,8 +42,8 @@ def load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def load_transformers_model(cls, folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """A transformers model (text encoder) from its folder, refusing pickle-only weights."""
+def load_library_model(cls, folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """A transformers or diffusers model (text encoder, VAE) from its folder; pickle-only weights are refused."""
     if not folder.is_dir():
         raise UserError(f"{folder} is missing: the checkpoint has no {folder.name}/ folder")
     safetensors_files(folder)
@@ -49,11 +52,10 @@ def load_transformers_model(cls, folder: Path, dtype: torch.dtype, device: torch
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_diffusers_model(cls, folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """A diffusers model (VAE) from its folder, refusing pickle-only weights."""
-    if not folder.is_dir():
-        raise UserError(f"{folder} is missing: the checkpoint has no {folder.name}/ folder")
-    safetensors_files(folder)
-    with quiet_libraries():
-        model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True)
-    return model.to(device).eval().requires_grad_(False)
+def timed_load(events: PipelineEvents, name: str, load: Callable[[], Any]) -> Any:
+    """Run `load()`, reporting it as the stage 'load <name>' (the CLI shows one line per part)."""
+    events.stage_started(f"load {name}")
+    start = time.perf_counter()
+    part = load()
+    events.stage_finished(f"load {name}", time.perf_counter() - start)
+    return part

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,7 +15,7 @@ from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig
 from sgdiff.models.flux.packing import image_position_ids, pack_latents, text_position_ids, unpack_latents
 from sgdiff.models.loading import build_on_meta, load_own_model, read_json
 from sgdiff.pipeline.base import ComposedPipeline, PipelineEvents, State
-from sgdiff.pipeline.components import load_diffusers_model, load_tokenizer, load_transformers_model
+from sgdiff.pipeline.components import load_library_model, load_tokenizer, timed_load
 from sgdiff.pipeline.schedule import FlowMatchSchedule
 from sgdiff.pipeline.stages.decoding import VaeDecodingStage
 from sgdiff.pipeline.stages.denoising import DenoisingStage
@@ -108,43 +109,65 @@ def true_cfg_scale_of(params: SamplingParams) -> float | None:
     return params.true_cfg_scale if params.negative_prompt is not None and params.true_cfg_scale > 1 else None
 
 
-def load_flux_pipeline(
-    model_dir: Path, device: torch.device, dtype: torch.dtype, schedule_layers: dict, events: PipelineEvents
-) -> ComposedPipeline:
+@dataclass
+class FluxComponents:
+    """The loaded parts of a FLUX.1 checkpoint (diffusers' component names)."""
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module  # transformers CLIPTextModel
+    tokenizer_2: Any
+    text_encoder_2: torch.nn.Module  # transformers T5EncoderModel
+    transformer: FluxTransformer
+    vae: torch.nn.Module  # diffusers AutoencoderKL
+
+
+def load_flux_components(
+    model_dir: Path, device: torch.device, dtype: torch.dtype, events: PipelineEvents
+) -> FluxComponents:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, T5EncoderModel
 
-    def timed_load(name: str, load):
-        events.stage_started(f"load {name}")
-        start = time.perf_counter()
-        part = load()
-        events.stage_finished(f"load {name}", time.perf_counter() - start)
-        return part
+    config = FluxTransformerConfig.from_dict(read_json(model_dir / "transformer" / "config.json"))
+    return FluxComponents(
+        tokenizer=timed_load(events, "tokenizer", lambda: load_tokenizer(model_dir / "tokenizer")),
+        text_encoder=timed_load(
+            events, "text_encoder", lambda: load_library_model(CLIPTextModel, model_dir / "text_encoder", dtype, device)
+        ),
+        tokenizer_2=timed_load(events, "tokenizer_2", lambda: load_tokenizer(model_dir / "tokenizer_2")),
+        text_encoder_2=timed_load(
+            events,
+            "text_encoder_2",
+            lambda: load_library_model(T5EncoderModel, model_dir / "text_encoder_2", dtype, device),
+        ),
+        transformer=timed_load(
+            events,
+            "transformer",
+            lambda: load_own_model(build_on_meta(FluxTransformer, config), model_dir / "transformer", dtype, device),
+        ),
+        vae=timed_load(events, "vae", lambda: load_library_model(AutoencoderKL, model_dir / "vae", dtype, device)),
+    )
 
-    transformer_config = read_json(model_dir / "transformer" / "config.json")
-    clip = ClipPooledEncoder(
-        timed_load("tokenizer", lambda: load_tokenizer(model_dir / "tokenizer")),
-        timed_load("text_encoder", lambda: load_transformers_model(CLIPTextModel, model_dir / "text_encoder", dtype, device)),
-    )
-    t5 = T5SequenceEncoder(
-        timed_load("tokenizer_2", lambda: load_tokenizer(model_dir / "tokenizer_2")),
-        timed_load("text_encoder_2", lambda: load_transformers_model(T5EncoderModel, model_dir / "text_encoder_2", dtype, device)),
-    )
-    config = FluxTransformerConfig.from_dict(transformer_config)
-    transformer = timed_load(
-        "transformer",
-        lambda: load_own_model(build_on_meta(FluxTransformer, config), model_dir / "transformer", dtype, device),
-    )
-    vae = timed_load("vae", lambda: load_diffusers_model(AutoencoderKL, model_dir / "vae", dtype, device))
 
-    geometry = FluxLatentGeometry(2 ** (len(vae.config.block_out_channels) - 1), config.in_channels // 4)
-    schedule = FlowMatchSchedule.from_dict(schedule_layers)
+def compose_flux_pipeline(parts: FluxComponents, schedule: FlowMatchSchedule) -> ComposedPipeline:
+    """The stages of FLUX.1 text-to-image over already-loaded parts."""
+    config = parts.transformer.config
+    dtype = next(parts.transformer.parameters()).dtype
+    geometry = FluxLatentGeometry(2 ** (len(parts.vae.config.block_out_channels) - 1), config.in_channels // 4)
+    clip = ClipPooledEncoder(parts.tokenizer, parts.text_encoder)
+    t5 = T5SequenceEncoder(parts.tokenizer_2, parts.text_encoder_2)
     stages = [
-        InputValidationStage(flux_rules(transformer_config)),
+        InputValidationStage(flux_rules(asdict(config))),
         TextEncodingStage(FluxPromptEncoder(clip, t5, dtype), true_cfg_scale_of),
         FlowMatchTimestepsStage(schedule, geometry.image_seq_len),
         LatentsStage(geometry.noise_shape, geometry.pack),
-        DenoisingStage(FluxDenoiser(transformer)),
-        VaeDecodingStage(vae, geometry.unpack),
+        DenoisingStage(FluxDenoiser(parts.transformer)),
+        VaeDecodingStage(parts.vae, geometry.unpack),
     ]
     return ComposedPipeline("flux", stages, vae_scale_factor=geometry.vae_scale_factor)
+
+
+def load_flux_pipeline(
+    model_dir: Path, device: torch.device, dtype: torch.dtype, schedule_layers: dict, events: PipelineEvents
+) -> ComposedPipeline:
+    parts = load_flux_components(model_dir, device, dtype, events)
+    return compose_flux_pipeline(parts, FlowMatchSchedule.from_dict(schedule_layers))

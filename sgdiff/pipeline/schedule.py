@@ -53,7 +53,9 @@ def flow_match_sigmas(num_steps: int, image_seq_len: int, schedule: FlowMatchSch
     return torch.cat([torch.from_numpy(sigmas).float(), torch.zeros(1)])
 
 
-def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+def euler_step(
+    latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+) -> torch.Tensor:
     """One step, computed in float32 and returned in the velocity's dtype."""
     return (latents.float() + (sigma_next - sigma) * velocity).to(velocity.dtype)
 
@@ -63,7 +65,9 @@ VelocityFn = Callable[[torch.Tensor, int], torch.Tensor]
 StepCallback = Callable[[int], None]
 
 
-def euler_sample(latents: torch.Tensor, sigmas: torch.Tensor, velocity_fn: VelocityFn, on_step: StepCallback | None = None) -> torch.Tensor:
+def euler_sample(
+    latents: torch.Tensor, sigmas: torch.Tensor, velocity_fn: VelocityFn, on_step: StepCallback | None = None
+) -> torch.Tensor:
     """Integrate from sigmas[0] to sigmas[-1], calling `on_step(i)` after each step."""
     sigmas = sigmas.to(latents.device)
     for i in range(len(sigmas) - 1):

@@ -183,10 +183,8 @@ def _shard_transformer(transformer: FluxTransformer2DModel, folder: Path, shards
     transformer.save_pretrained(folder, safe_serialization=True, max_shard_size=total // shards + 1)
 
 
-def build_tiny_flux(
-    out_dir: str | Path, variant: str = "dev", seed: int = 0, shard_transformer: bool = False
-) -> Path:
-    """Build a tiny random-weight FLUX.1 pipeline and save it in diffusers format (safetensors) under out_dir; return out_dir."""
+def build_tiny_flux(out_dir: str | Path, variant: str = "dev", seed: int = 0, shard_transformer: bool = False) -> Path:
+    """Build a tiny random-weight FLUX.1 pipeline, save it in diffusers format (safetensors) under out_dir."""
     out = Path(out_dir)
     pipe = make_pipeline(variant, seed)
     pipe.save_pretrained(out, safe_serialization=True)

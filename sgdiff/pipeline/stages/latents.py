@@ -13,7 +13,9 @@ NoiseShape = Callable[[SamplingParams], tuple[int, ...]]
 PrepareNoise = Callable[[torch.Tensor, SamplingParams], tuple[torch.Tensor, dict]]
 
 
-def seeded_noise(shape: tuple[int, ...], params: SamplingParams, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def seeded_noise(
+    shape: tuple[int, ...], params: SamplingParams, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """Gaussian noise drawn as diffusers draws it: one generator seeded with the request's seed,
     on the generator device, in the model dtype, then moved to the model device."""
     generator = torch.Generator(params.generator_device).manual_seed(params.seed)

@@ -1,0 +1,227 @@
+"""FLUX.1-dev end to end: sgdiff's pipeline vs diffusers' FluxPipeline on the same full-size
+random-weight parts (CLIP-L, T5-XXL, the 12B transformer, the FLUX VAE), same GPU, same run.
+
+Both pipelines share the text encoders and the VAE; sgdiff's transformer is given the very same
+tensors as diffusers' FluxTransformer2DModel. Each pipeline makes the same request (prompt, size,
+steps, guidance, CPU-generator seed); the script reports how close the images are and times whole
+generations, the two pipelines taking turns.
+
+    python scripts/bench_flux_pipeline.py [--height 1024 --width 1024 --steps 28] [--json out.json]
+
+Needs a CUDA GPU with ~45 GB free and diffusers installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_flux_transformer import DEVICE, TINY, build_models  # noqa: E402
+
+from sgdiff.config import SamplingParams  # noqa: E402
+from sgdiff.models.flux.config import FLUX_DEV  # noqa: E402
+from sgdiff.pipeline.base import State  # noqa: E402
+from sgdiff.pipeline.flux import FluxComponents, compose_flux_pipeline  # noqa: E402
+from sgdiff.pipeline.schedule import FlowMatchSchedule  # noqa: E402
+from sgdiff.pipeline.stages.latents import seeded_noise  # noqa: E402
+from sgdiff.testing.tiny_flux import (  # noqa: E402
+    CLIP_CONFIG,
+    SCHEDULER_CONFIGS,
+    T5_CONFIG,
+    VAE_CONFIG,
+    make_clip_tokenizer,
+    make_t5_tokenizer,
+)
+
+# Full-size shapes of FLUX.1-dev's text encoders and VAE (../shared/GPU_NOTES.md).
+CLIP_L = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    vocab_size=49408,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+T5_XXL = dict(
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    vocab_size=32128,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+    is_encoder_decoder=False,
+)
+FLUX_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=16,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+
+
+def build_parts(tiny: bool):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer, tokenizer_2 = make_clip_tokenizer(), make_t5_tokenizer()  # tiny vocabularies: ids fit the real ones
+    reference_transformer, transformer = build_models(TINY if tiny else FLUX_DEV)
+    clip_config, t5_config, vae_config = (CLIP_CONFIG, T5_CONFIG, VAE_CONFIG) if tiny else (CLIP_L, T5_XXL, FLUX_VAE)
+    vocab = {"vocab_size": len(tokenizer)} if tiny else {}
+    torch.manual_seed(1)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(DEVICE):
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **{**clip_config, **vocab},
+            )
+        )
+        t5 = T5EncoderModel(T5Config(pad_token_id=0, eos_token_id=1, **{**t5_config, "vocab_size": 32128}))
+        vae = AutoencoderKL(**vae_config)
+    torch.set_default_dtype(torch.float32)
+    parts = FluxComponents(tokenizer, clip.eval(), tokenizer_2, t5.eval(), transformer, vae.eval())
+    return parts, reference_transformer
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--tiny", action="store_true", help="tiny parts: checks the script, times nothing real")
+    args = parser.parse_args()
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    parts, reference_transformer = build_parts(args.tiny)
+    dev_schedule = SCHEDULER_CONFIGS["dev"]
+    reference = FluxPipeline(
+        FlowMatchEulerDiscreteScheduler(**dev_schedule),
+        parts.vae,
+        parts.text_encoder,
+        parts.tokenizer,
+        parts.text_encoder_2,
+        parts.tokenizer_2,
+        reference_transformer,
+    )
+    reference.set_progress_bar_config(disable=True)
+    ours = compose_flux_pipeline(parts, FlowMatchSchedule.from_dict(dev_schedule))
+    params = SamplingParams(
+        prompt="a cat holding a sign that says hello world",
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=3.5,
+        seed=0,
+    )
+    device = torch.device(DEVICE)
+
+    def run_ours() -> tuple[np.ndarray, State]:
+        state = ours(State(params=params, device=device, dtype=torch.bfloat16))
+        return state.images[0], state
+
+    def run_reference() -> np.ndarray:
+        images = reference(
+            params.prompt,
+            height=params.height,
+            width=params.width,
+            output_type="np",
+            num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale,
+            max_sequence_length=params.max_sequence_length,
+            generator=torch.Generator("cpu").manual_seed(params.seed),
+        ).images
+        return (images[0] * 255).round().astype(np.uint8)
+
+    # noise from a CUDA generator is drawn as diffusers draws it too (--generator-device cuda)
+    from diffusers.utils.torch_utils import randn_tensor
+
+    cuda_params = SamplingParams(prompt="x", seed=5, generator_device=DEVICE)
+    shape = (1, 16, args.height // 8, args.width // 8)
+    ours_noise = seeded_noise(shape, cuda_params, torch.bfloat16, device)
+    cuda_generator = torch.Generator(DEVICE).manual_seed(5)
+    ref_noise = randn_tensor(shape, generator=cuda_generator, device=device, dtype=torch.bfloat16)
+    cuda_noise_equal = torch.equal(ours_noise, ref_noise)
+
+    with torch.inference_mode():
+        ours_image, state = run_ours()  # warm-up, and the images to compare
+        ref_image = run_reference()
+        seconds = {"diffusers FluxPipeline": [], "sgdiff": []}
+        stage_seconds = []
+        for _ in range(args.repeat):
+            for name in seconds:
+                sync()
+                start = time.perf_counter()
+                if name == "sgdiff":
+                    stage_seconds.append(run_ours()[1].stage_seconds)
+                else:
+                    run_reference()
+                sync()
+                seconds[name].append(time.perf_counter() - start)
+
+    diff = np.abs(ours_image.astype(int) - ref_image.astype(int))
+    mse = float(((ours_image.astype(float) - ref_image.astype(float)) ** 2).mean())
+    psnr = 10 * np.log10(255**2 / mse) if mse else float("inf")
+    card = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    median_stages = {k: statistics.median(s[k] for s in stage_seconds) for k in stage_seconds[0]}
+    result = {
+        "card": card,
+        "torch": torch.__version__,
+        "height": args.height,
+        "width": args.width,
+        "steps": args.steps,
+        "seconds": seconds,
+        "sgdiff_stage_seconds_median": median_stages,
+        "image_max_abs_diff": int(diff.max()),
+        "image_mean_abs_diff": float(diff.mean()),
+        "image_psnr_db": psnr,
+        "image_std": [float(ours_image.std()), float(ref_image.std())],
+        "cuda_generator_noise_equal": cuda_noise_equal,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+    size = f"{args.height}x{args.width}, {args.steps} steps"
+    print(f"\nFLUX.1-dev end to end, {size}, bf16, {card}, torch {torch.__version__}")
+    print(
+        f"images sgdiff vs diffusers (bf16): max abs {diff.max()}, mean abs {diff.mean():.2f} of 255, "
+        f"PSNR {psnr:.1f} dB; std {ours_image.std():.1f} / {ref_image.std():.1f}"
+    )
+    print(f"CUDA-generator noise identical to diffusers': {cuda_noise_equal}")
+    print("sgdiff stages (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in median_stages.items()))
+    baseline = statistics.median(seconds["diffusers FluxPipeline"])
+    print(f"{'pipeline':26s} {'median s':>9s} {'min':>7s} {'max':>7s} {'speed-up':>9s}")
+    for name, runs in seconds.items():
+        median = statistics.median(runs)
+        print(f"{name:26s} {median:9.2f} {min(runs):7.2f} {max(runs):7.2f} {baseline / median:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
