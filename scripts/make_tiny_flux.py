@@ -9,8 +9,12 @@ scheduling and the generation loop quickly on a CPU, never to make real images.
 from __future__ import annotations
 
 import argparse
+import os
 
-from sgdiff.testing.tiny_flux import build_tiny_flux
+# transformers' import-time advice (torchvision missing) is noise here
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from sgdiff.testing.tiny_flux import build_tiny_flux  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

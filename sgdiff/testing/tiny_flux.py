@@ -16,6 +16,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
+from sgdiff.pipeline.components import quiet_libraries
+
 # scheduler/scheduler_config.json of black-forest-labs/FLUX.1-dev and FLUX.1-schnell.
 SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
     "dev": {
@@ -187,7 +189,8 @@ def build_tiny_flux(out_dir: str | Path, variant: str = "dev", seed: int = 0, sh
     """Build a tiny random-weight FLUX.1 pipeline, save it in diffusers format (safetensors) under out_dir."""
     out = Path(out_dir)
     pipe = make_pipeline(variant, seed)
-    pipe.save_pretrained(out, safe_serialization=True)
-    if shard_transformer:
-        _shard_transformer(pipe.transformer, out / "transformer")
+    with quiet_libraries():
+        pipe.save_pretrained(out, safe_serialization=True)
+        if shard_transformer:
+            _shard_transformer(pipe.transformer, out / "transformer")
     return out
