@@ -27,6 +27,7 @@ from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig  # noqa: E
 from sgdiff.models.flux.config import FLUX_DEV  # noqa: E402
 from sgdiff.models.flux.packing import image_position_ids, text_position_ids  # noqa: E402
 from sgdiff.models.loading import build_on_meta  # noqa: E402
+from sgdiff.testing.compare import relative_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # --tiny: a 2+2-layer model, to check the script itself on a CPU before spending GPU time
@@ -78,11 +79,6 @@ def print_top_kernels(fn, rows: int = 15) -> None:
         fn()
     sort_by = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60))
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def build_models(config: FluxTransformerConfig):

@@ -50,17 +50,44 @@ SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)} - {"prompt"}
 SAMPLING_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(SamplingParams) if f.name in SAMPLING_FIELDS}
 
 
+INT_FIELDS = {"height", "width", "num_inference_steps", "seed", "num_outputs_per_prompt", "max_sequence_length"}
+FLOAT_FIELDS = {"guidance_scale", "true_cfg_scale"}
+STR_FIELDS = {"negative_prompt", "generator_device"}
+MAX_SIZE = 8192
+MAX_SEED = 2**64 - 1
+MAX_SEQUENCE_LENGTH = 512  # T5's length in FLUX's training; diffusers refuses more too
+
+
+def check_sampling_types(values: Mapping[str, Any], source: str) -> None:
+    """Values from presets and callers have the field's type (a flag parser already ensures it)."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        ok = (
+            (name in INT_FIELDS and isinstance(value, int) and not isinstance(value, bool))
+            or (name in FLOAT_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool))
+            or (name in STR_FIELDS and isinstance(value, str))
+        )
+        if not ok:
+            kind = "an integer" if name in INT_FIELDS else "a number" if name in FLOAT_FIELDS else "a string"
+            raise UserError(f"{source}: {name} must be {kind}, got {value!r}")
+
+
 def check_sampling_values(values: Mapping[str, Any]) -> None:
     """Checks that need no model; run on explicit flags before anything loads, and again after merging."""
     for name in ("height", "width"):
         value = values.get(name)
-        if value is not None and (value <= 0 or value % SIZE_MULTIPLE):
-            raise UserError(f"--{name} must be a positive multiple of {SIZE_MULTIPLE}, got {value}")
+        if value is not None and (value <= 0 or value % SIZE_MULTIPLE or value > MAX_SIZE):
+            raise UserError(f"--{name} must be a positive multiple of {SIZE_MULTIPLE} up to {MAX_SIZE}, got {value}")
     checks = {
         "num_inference_steps": ("--num-inference-steps must be at least 1", lambda v: v >= 1),
         "num_outputs_per_prompt": ("--num-outputs-per-prompt must be at least 1", lambda v: v >= 1),
         "true_cfg_scale": ("--true-cfg-scale must be >= 1", lambda v: v >= 1),
-        "max_sequence_length": ("max_sequence_length must be at least 1", lambda v: v >= 1),
+        "max_sequence_length": (
+            f"--max-sequence-length must be between 1 and {MAX_SEQUENCE_LENGTH}",
+            lambda v: 1 <= v <= MAX_SEQUENCE_LENGTH,
+        ),
+        "seed": (f"--seed must be between 0 and {MAX_SEED}", lambda v: 0 <= v <= MAX_SEED),
         "generator_device": ("--generator-device must be 'cpu' or 'cuda'", lambda v: v in ("cpu", "cuda")),
     }
     for name, (message, ok) in checks.items():
@@ -111,6 +138,7 @@ def _parse_preset(text: str, source: str) -> Preset:
     unknown = set(raw.get("sampling", {})) - SAMPLING_FIELDS
     if unknown:
         raise UserError(f"preset {source}: unknown [sampling] keys {sorted(unknown)}")
+    check_sampling_types(raw.get("sampling", {}), f"preset {source} [sampling]")
     return Preset(
         name=raw.get("name", Path(source).stem),
         description=raw.get("description", ""),
@@ -165,6 +193,10 @@ def select_preset(
 
 def build_sampling_params(prompt: str, preset: Preset | None, flags: Mapping[str, Any]) -> SamplingParams:
     """The one place where defaults, the preset and explicit flags meet."""
+    unknown = set(flags) - SAMPLING_FIELDS
+    if unknown:
+        raise UserError(f"unknown sampling parameters {sorted(unknown)}; known: {sorted(SAMPLING_FIELDS)}")
+    check_sampling_types(flags, "sampling parameters")
     values = merge_layers(SAMPLING_DEFAULTS, preset.sampling if preset else None, flags)
     params = SamplingParams(prompt=prompt, **{k: v for k, v in values.items() if k in SAMPLING_FIELDS})
     params.validate()

@@ -41,40 +41,13 @@ def test_only_explicit_flags_reach_the_library(received):
 
 
 def test_every_flag_maps_to_the_request(received, tmp_path):
-    result = invoke(
-        "--model-path",
-        "owner/model",
-        "--prompt",
-        "p",
-        "--negative-prompt",
-        "blurry",
-        "--width",
-        "768",
-        "--num-inference-steps",
-        "3",
-        "--guidance-scale",
-        "0",
-        "--true-cfg-scale",
-        "4",
-        "--generator-device",
-        "cuda",
-        "--num-outputs-per-prompt",
-        "2",
-        "--preset",
-        "flux.1-schnell",
-        "--no-save-output",
-        "--output-path",
-        str(tmp_path),
-        "--output-file-name",
-        "x",
-        "--perf-dump-path",
-        str(tmp_path / "perf.json"),
-        "--quiet",
-        "--dtype",
-        "bf16",
-        "--device",
-        "cpu",
-    )
+    flags = (
+        "--model-path owner/model --prompt p --negative-prompt blurry --width 768 --num-inference-steps 3 "
+        "--guidance-scale 0 --true-cfg-scale 4 --generator-device cuda --num-outputs-per-prompt 2 "
+        "--max-sequence-length 128 --preset flux.1-schnell --no-save-output --output-file-name x --quiet "
+        "--dtype bf16 --device cpu"
+    ).split()
+    result = invoke(*flags, "--output-path", str(tmp_path), "--perf-dump-path", str(tmp_path / "perf.json"))
     assert result.exit_code == 0, result.output
     request, quiet = received[0]
     assert request.sampling_flags == {
@@ -85,6 +58,7 @@ def test_every_flag_maps_to_the_request(received, tmp_path):
         "true_cfg_scale": 4.0,
         "generator_device": "cuda",
         "num_outputs_per_prompt": 2,
+        "max_sequence_length": 128,
     }
     assert request.preset == "flux.1-schnell" and quiet is True
     assert (request.runtime.dtype, request.runtime.device) == ("bf16", "cpu")
@@ -104,8 +78,16 @@ def test_prompt_file_gives_one_prompt_per_non_blank_line(received, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--prompt", "p", "--height", "1000"], "--height must be a positive multiple of 16, got 1000"),
-        (["--prompt", "p", "--width", "-16"], "--width must be a positive multiple of 16, got -16"),
+        (["--prompt", "p", "--height", "1000"], "--height must be a positive multiple of 16 up to 8192, got 1000"),
+        (["--prompt", "p", "--width", "-16"], "--width must be a positive multiple of 16 up to 8192, got -16"),
+        (["--prompt", "p", "--width", "160000"], "--width must be a positive multiple of 16 up to 8192"),
+        (["--prompt", "p", "--seed", "-1"], "--seed must be between 0 and 18446744073709551615"),
+        (["--prompt", "p", "--seed", "99999999999999999999"], "--seed must be between 0 and"),
+        (["--prompt", "p", "--max-sequence-length", "600"], "--max-sequence-length must be between 1 and 512"),
+        (["--prompt", "p", "--output-file-name", ".png"], "--output-file-name needs a name before the extension"),
+        (["--prompt", "p", "--output-file-name", " "], "--output-file-name needs a name before the extension"),
+        (["--prompt", "p", "--output-file-name", "x" * 300], "--output-file-name is too long"),
+        (["--prompt-file", "."], "--prompt-file . is a folder"),
         (["--prompt", "p", "--steps", "0"], "--num-inference-steps must be at least 1, got 0"),
         (["--prompt", "p", "--num-outputs-per-prompt", "0"], "--num-outputs-per-prompt must be at least 1"),
         (["--prompt", "p", "--true-cfg-scale", "0.5"], "--true-cfg-scale must be >= 1"),
@@ -121,9 +103,9 @@ def test_prompt_file_gives_one_prompt_per_non_blank_line(received, tmp_path):
 def test_bad_input_is_one_line_with_exit_code_2(received, args, message):
     result = invoke("--model-path", "m", *args)
     assert result.exit_code == 2
-    assert message in result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr
     assert "Traceback" not in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
     assert not received  # nothing ran
 
 
@@ -131,34 +113,58 @@ def test_empty_prompt_file_is_refused(received, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     result = invoke("--model-path", "m", "--prompt-file", str(empty))
-    assert result.exit_code == 2 and "has no prompts" in result.output
+    assert result.exit_code == 2 and "has no prompts" in result.stderr
 
 
-def test_output_path_that_is_a_file_is_refused(received, tmp_path):
+def test_output_places_are_checked_before_anything_runs(received, tmp_path):
     file = tmp_path / "f"
     file.write_text("")
-    result = invoke("--model-path", "m", "--prompt", "p", "--output-path", str(file))
-    assert result.exit_code == 2 and "is a file; give a folder" in result.output
+    cases = [
+        (["--output-path", str(file)], "is a file; give a folder"),
+        (["--output-path", str(file / "sub")], f"{file} is a file, not a folder"),
+        (["--perf-dump-path", str(tmp_path)], "is a folder; give a file path"),
+        (["--perf-dump-path", str(file / "perf.json")], f"{file} is a file, not a folder"),
+    ]
+    for args, message in cases:
+        result = invoke("--model-path", "m", "--prompt", "p", *args)
+        assert result.exit_code == 2 and message in result.stderr, args
+    assert not received
+    # without saving, the output folder is never written, so it is not checked
+    assert invoke("--model-path", "m", "--prompt", "p", "--no-save-output", "--output-path", str(file)).exit_code == 0
+
+
+def test_prompt_file_byte_order_mark_is_dropped(received, tmp_path):
+    prompts = tmp_path / "bom.txt"
+    prompts.write_text("a red cube\n", encoding="utf-8-sig")
+    assert invoke("--model-path", "m", "--prompt-file", str(prompts)).exit_code == 0
+    assert received[0][0].prompts == ["a red cube"]
+
+
+def test_prompt_file_that_is_not_utf8(received, tmp_path):
+    prompts = tmp_path / "latin1.txt"
+    prompts.write_bytes("caf\xe9".encode("latin-1"))
+    result = invoke("--model-path", "m", "--prompt-file", str(prompts))
+    assert result.exit_code == 2 and "is not UTF-8 text" in result.stderr
 
 
 def test_missing_local_model_path_says_so(tmp_path):
     missing = tmp_path / "nope"
     result = invoke("--model-path", str(missing), "--prompt", "p")
     assert result.exit_code == 2
-    assert f"--model-path {missing} does not exist" in result.output
+    assert f"--model-path {missing} does not exist" in result.stderr
     assert "Traceback" not in result.output
 
 
 def test_folder_without_model_index_is_refused(tmp_path):
     result = invoke("--model-path", str(tmp_path), "--prompt", "p")
-    assert result.exit_code == 2 and "has no model_index.json" in result.output
+    assert result.exit_code == 2 and "has no model_index.json" in result.stderr
 
 
 def test_unsupported_pipeline_is_named(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     result = invoke("--model-path", str(tmp_path), "--prompt", "p")
     assert result.exit_code == 2
-    assert "pipeline 'StableDiffusionPipeline'" in result.output and "FluxPipeline" in result.output
+    assert "pipeline 'StableDiffusionPipeline'" in result.stderr and "FluxPipeline" in result.stderr
 
 
 def test_debug_variable_shows_the_traceback(tmp_path, monkeypatch):

@@ -9,12 +9,9 @@ from diffusers import FluxTransformer2DModel
 from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig
 from sgdiff.models.flux.packing import image_position_ids, text_position_ids
 from sgdiff.models.loading import build_on_meta, load_own_model, read_json
+from sgdiff.testing.compare import relative_error
 
 TOLERANCE = 1e-5
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def load_both(folder):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +16,14 @@ from sgdiff.engine.engine import Engine
 from sgdiff.io.image import OutputNamer, read_png_parameters, save_png
 
 runner = CliRunner()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 SMALL = ["--height", "32", "--width", "32", "--steps", "2"]
 
 
@@ -52,20 +62,31 @@ def test_several_outputs_get_numbered_suffixes(tiny_flux_dev, tmp_path):
 
 
 def test_default_names_come_from_prompt_and_seed(tmp_path):
-    namer = OutputNamer(tmp_path, None, total_outputs=3)
-    assert namer.next_path("A red cube!", 7, 0, 1).name == "a-red-cube_7.png"
-    assert namer.next_path("x", 1, 1, 2).name == "x_1_1.png"
-    assert namer.next_path("   ", 1, 0, 1).name == "image_1.png"
+    namer = OutputNamer(tmp_path, None, total_outputs=4)
+    first = namer.next_path("A red cube!", 7, 0, 1).name
+    assert re.fullmatch(r"a-red-cube-[0-9a-f]{6}_7\.png", first)
+    assert namer.next_path("a red cube", 7, 0, 1).name != first  # same slug, another prompt: another file
+    assert re.fullmatch(r"x-[0-9a-f]{6}_1_1\.png", namer.next_path("x", 1, 1, 2).name)
+    assert namer.next_path("猫", 1, 0, 1).name != namer.next_path("犬", 1, 0, 1).name
+
+
+def test_output_file_name_keeps_its_extension(tmp_path):
+    assert OutputNamer(tmp_path, "x.PNG", 1).next_path("p", 1, 0, 1).name == "x.PNG"
+    assert OutputNamer(tmp_path, "x.v2", 1).next_path("p", 1, 0, 1).name == "x.v2.png"
+    namer = OutputNamer(tmp_path, "x.PNG", 2)
+    assert [namer.next_path("p", 1, i, 2).name for i in range(2)] == ["x_0.PNG", "x_1.PNG"]
 
 
 def test_png_holds_the_generation_parameters(tiny_flux_dev, tmp_path):
     result = generate(tiny_flux_dev, "--prompt", "a cube", "--seed", "5", "--output-path", str(tmp_path), "-q")
     assert result.exit_code == 0, result.output
-    params = read_png_parameters(tmp_path / "a-cube_5.png")
+    (path,) = tmp_path.glob("a-cube-*_5.png")
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~current_umask()  # not mkstemp's 0600
+    params = read_png_parameters(path)
     assert params["prompt"] == "a cube" and params["seed"] == 5 and params["model"] == str(tiny_flux_dev)
     assert (params["height"], params["width"], params["num_inference_steps"]) == (32, 32, 2)
     assert params["dtype"] == "float32" and params["preset"] == "flux.1-dev"
-    assert Image.open(tmp_path / "a-cube_5.png").size == (32, 32)
+    assert Image.open(path).size == (32, 32)
 
 
 def test_no_save_output_writes_nothing_but_the_perf_dump(tiny_flux_dev, tmp_path):
@@ -86,7 +107,7 @@ def test_no_save_output_writes_nothing_but_the_perf_dump(tiny_flux_dev, tmp_path
         "decoding",
     ]
     assert len(request["step_seconds"]) == 2 and all(s > 0 for s in request["step_seconds"])
-    assert dump["peak_rss_bytes"] > 0 and dump["peak_gpu_memory_bytes"] is None
+    assert dump["peak_rss_bytes"] > 0 and request["peak_gpu_memory_bytes"] is None
     assert dump["device"] == "cpu" and dump["dtype"] == "float32"
 
 
@@ -117,11 +138,23 @@ def test_prompt_file_loads_the_model_once(tiny_flux_dev, tmp_path, monkeypatch):
     assert [r["prompt"] for r in json.loads(perf.read_text())["requests"]] == ["one", "two", "three"]
 
 
-def test_progress_and_summary_on_stderr(tiny_flux_dev, tmp_path):
+def test_progress_and_summary_on_stderr_paths_on_stdout(tiny_flux_dev, tmp_path):
     result = generate(tiny_flux_dev, "--prompt", "p", "--output-path", str(tmp_path))
     assert result.exit_code == 0, result.output
-    assert "loaded transformer" in result.output and "denoised" in result.output and "decoded" in result.output
-    assert "generated 1 image(s)" in result.output
+    assert "loaded transformer" in result.stderr and "denoised" in result.stderr and "decoded" in result.stderr
+    assert "generated 1 image(s)" in result.stderr
+    assert result.stdout.split() == [str(p) for p in tmp_path.glob("*.png")]
+
+
+def test_truncated_prompt_warns_once_unless_quiet(tiny_flux_dev, tmp_path):
+    long_prompt = " ".join(["cube"] * 80)  # over CLIP's 77 tokens
+    result = generate(tiny_flux_dev, "--prompt", long_prompt, "--no-save-output")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "CLIPTokenizer keeps the first 77" in warnings[0]
+    assert "Token indices" not in result.stderr  # transformers' own advice stays quiet
+    quiet = generate(tiny_flux_dev, "--prompt", long_prompt, "--no-save-output", "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
 
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):

@@ -83,8 +83,48 @@ def test_missing_component_folder_is_named(model_copy):
 def test_guidance_scale_on_schnell_is_refused(tiny_flux_schnell):
     assert_one_line_error(
         generate(tiny_flux_schnell, "--prompt", "p", "--guidance-scale", "3.5"),
-        "has no guidance embedding, so --guidance-scale does nothing",
+        "guidance_scale is 3.5, but this FLUX model (schnell-like) has no guidance embedding",
     )
+
+
+def test_dev_preset_forced_onto_schnell_names_the_value_not_a_flag(tiny_flux_schnell):
+    result = generate(tiny_flux_schnell, "--prompt", "p", "--preset", "flux.1-dev")
+    assert_one_line_error(result, "pass --guidance-scale 0 or --preset flux.1-schnell")
+    assert (
+        generate(tiny_flux_schnell, "--prompt", "p", "--preset", "flux.1-dev", "--guidance-scale", "0").exit_code == 0
+    )
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        ("[1, 2]", "must hold a JSON object"),
+        ('{"_class_name": "FluxPipeline", "vae": ["diffusers"]}', "entry 'vae' should be [library, class]"),
+        ('{"_class_name": "FluxPipeline", "vae": 3}', "entry 'vae' should be [library, class]"),
+        ("{not json", "is not valid JSON"),
+    ],
+)
+def test_broken_model_index_is_one_line(tmp_path, index, message):
+    (tmp_path / "model_index.json").write_text(index)
+    assert_one_line_error(generate(tmp_path, "--prompt", "p"), message)
+
+
+def test_non_utf8_config_is_one_line(model_copy):
+    (model_copy / "transformer" / "config.json").write_bytes(b'{"x": "\xff"}')
+    assert_one_line_error(generate(model_copy, "--prompt", "p"), "config.json is not UTF-8 text")
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"use_karras_sigmas": True}, "scheduler option use_karras_sigmas=True is not supported"),
+        ({"shift": "big"}, "scheduler option shift must be float, got 'big'"),
+    ],
+)
+def test_scheduler_options_sgdiff_cannot_honour_are_refused(model_copy, option, message):
+    config_path = model_copy / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **option}))
+    assert_one_line_error(generate(model_copy, "--prompt", "p"), message)
 
 
 @pytest.mark.parametrize(
@@ -160,6 +200,36 @@ def test_uncached_repo_id_offline_is_one_line(tmp_path):
     assert result.returncode == 2
     assert "someone/not-cached is not in the local HF cache" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# the files of black-forest-labs/FLUX.1-dev, abridged: the two root checkpoints are 24 GB sgdiff never reads
+FLUX_DEV_FILES = [
+    "model_index.json", "flux1-dev.safetensors", "ae.safetensors", "README.md", "dev_grid.jpg",
+    "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
+    "text_encoder_2/config.json", "text_encoder_2/model-00001-of-00002.safetensors",
+    "text_encoder_2/model.safetensors.index.json", "tokenizer/merges.txt", "tokenizer/vocab.json",
+    "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer_2/spiece.model",
+    "tokenizer_2/tokenizer.json", "transformer/config.json",
+    "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+    "transformer/diffusion_pytorch_model.safetensors.index.json", "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin",
+]  # fmt: skip
+
+
+def test_hub_download_fetches_only_the_named_components():
+    from huggingface_hub.utils import filter_repo_objects
+
+    from sgdiff.models.resolve import hub_patterns
+    from sgdiff.testing.tiny_flux import make_pipeline
+
+    index = {
+        "_class_name": "FluxPipeline",
+        **{k: list(v) for k, v in make_pipeline().config.items() if not k.startswith("_")},
+    }
+    fetched = set(filter_repo_objects(FLUX_DEV_FILES, allow_patterns=hub_patterns(index)))
+    skipped = set(FLUX_DEV_FILES) - fetched
+    assert skipped == {"flux1-dev.safetensors", "ae.safetensors", "README.md", "dev_grid.jpg",
+                       "vae/diffusion_pytorch_model.bin"}  # fmt: skip
 
 
 def test_local_looking_path_is_not_sent_to_the_hub(tmp_path):

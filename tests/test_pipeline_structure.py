@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import tomllib
 import torch
 
+from sgdiff.config import tomllib
 from sgdiff.engine.engine import Engine
 from sgdiff.models.attention import attention, use_attention_impl
 from sgdiff.pipeline.base import ParallelMode

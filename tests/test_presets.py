@@ -83,8 +83,8 @@ def test_merge_layers_ignores_none_and_later_wins():
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        ({"height": 1000}, "--height must be a positive multiple of 16, got 1000"),
-        ({"width": 0}, "--width must be a positive multiple of 16, got 0"),
+        ({"height": 1000}, "--height must be a positive multiple of 16 up to 8192, got 1000"),
+        ({"width": 0}, "--width must be a positive multiple of 16 up to 8192, got 0"),
         ({"num_inference_steps": 0}, "--num-inference-steps must be at least 1"),
         ({"num_outputs_per_prompt": 0}, "--num-outputs-per-prompt must be at least 1"),
         ({"generator_device": "tpu"}, "--generator-device must be 'cpu' or 'cuda'"),
@@ -98,3 +98,25 @@ def test_bad_values_are_refused(flags, message):
 def test_empty_prompt_is_refused():
     with pytest.raises(UserError, match="the prompt is empty"):
         build_sampling_params("   ", None, {})
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[sampling]\nheight = "abc"\n', "height must be an integer, got 'abc'"),
+        ("[sampling]\nguidance_scale = true\n", "guidance_scale must be a number, got True"),
+        ("[sampling]\nnegative_prompt = 3\n", "negative_prompt must be a string, got 3"),
+    ],
+)
+def test_preset_values_of_the_wrong_type_are_refused(tmp_path, toml, message):
+    path = tmp_path / "typed.toml"
+    path.write_text(toml)
+    with pytest.raises(UserError, match=message):
+        load_preset(str(path))
+
+
+def test_library_callers_get_unknown_and_mistyped_parameters_refused():
+    with pytest.raises(UserError, match="unknown sampling parameters \\['stepz'\\]"):
+        build_sampling_params("p", None, {"stepz": 3})
+    with pytest.raises(UserError, match="height must be an integer"):
+        build_sampling_params("p", None, {"height": 512.0})

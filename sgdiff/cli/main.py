@@ -39,12 +39,16 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     if prompt is not None and prompt_file is not None:
         fail("give --prompt or --prompt-file, not both")
     if prompt_file is not None:
+        if prompt_file.is_dir():
+            fail(f"--prompt-file {prompt_file} is a folder; give a text file with one prompt per line")
         if not prompt_file.is_file():
             fail(f"--prompt-file {prompt_file} does not exist")
         try:
-            lines = prompt_file.read_text(encoding="utf-8").splitlines()
+            lines = prompt_file.read_text(encoding="utf-8-sig").splitlines()  # -sig: drop a byte-order mark
         except UnicodeDecodeError:
             fail(f"--prompt-file {prompt_file} is not UTF-8 text")
+        except OSError as exc:
+            fail(f"--prompt-file {prompt_file} cannot be read ({exc.strerror})")
         prompts = [line.strip() for line in lines if line.strip()]
         if not prompts:
             fail(f"--prompt-file {prompt_file} has no prompts (one per line)")
@@ -54,6 +58,21 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     if not prompt.strip():
         fail("--prompt is empty: describe the image to generate")
     return [prompt]
+
+
+def check_outputs(save_output: bool, output_path: Path, file_name: str | None, perf_dump_path: Path | None) -> None:
+    """Every place the run will write is checked before any weight loads."""
+    from sgdiff.io.files import output_location_problem
+    from sgdiff.io.image import check_output_file_name
+
+    problems = [
+        check_output_file_name(file_name) if file_name is not None else None,
+        output_location_problem(output_path, "--output-path", want_folder=True) if save_output else None,
+        output_location_problem(perf_dump_path, "--perf-dump-path", want_folder=False) if perf_dump_path else None,
+    ]
+    for problem in problems:
+        if problem:
+            fail(problem)
 
 
 @app.command()
@@ -70,6 +89,7 @@ def generate(
     seed: opt.Seed = None,
     generator_device: opt.GeneratorDevice = None,
     num_outputs_per_prompt: opt.OutputsPerPrompt = None,
+    max_sequence_length: opt.MaxSequenceLength = None,
     preset: opt.PresetName = None,
     save_output: opt.SaveOutput = True,
     output_path: opt.OutputPath = Path("outputs"),
@@ -82,7 +102,6 @@ def generate(
     """Generate images from a prompt (or a file of prompts)."""
     with user_errors():
         from sgdiff.config import RuntimeConfig, check_sampling_values
-        from sgdiff.io.image import check_output_file_name
 
         flags = {
             "negative_prompt": negative_prompt,
@@ -94,14 +113,12 @@ def generate(
             "seed": seed,
             "generator_device": generator_device,
             "num_outputs_per_prompt": num_outputs_per_prompt,
+            "max_sequence_length": max_sequence_length,
         }
         flags = {k: v for k, v in flags.items() if v is not None}
         check_sampling_values(flags)
         prompts = read_prompts(prompt, prompt_file)
-        if output_file_name is not None and (problem := check_output_file_name(output_file_name)):
-            fail(problem)
-        if output_path.exists() and not output_path.is_dir():
-            fail(f"--output-path {output_path} is a file; give a folder")
+        check_outputs(save_output, output_path, output_file_name, perf_dump_path)
 
         from sgdiff.engine.batch import BatchRequest, OutputConfig
 
@@ -116,6 +133,31 @@ def generate(
         run(request, quiet)
 
 
+class LowercaseLevelFormatter:
+    """`warning: ...`, matching the CLI's `error: ...` lines."""
+
+    def __init__(self, fmt: str):
+        import logging
+
+        self._formatter = logging.Formatter(fmt)
+
+    def format(self, record) -> str:
+        return self._formatter.format(record).replace(record.levelname, record.levelname.lower(), 1)
+
+
+def show_library_warnings(console, quiet: bool) -> None:
+    """sgdiff's own warnings (e.g. a truncated prompt) as `warning: ...` lines on stderr; none with --quiet."""
+    import logging
+
+    logger = logging.getLogger("sgdiff")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.ERROR if quiet else logging.WARNING)
+    handler = logging.StreamHandler(console.file)
+    handler.setFormatter(LowercaseLevelFormatter("%(levelname)s: %(message)s"))
+    logger.addHandler(handler)
+
+
 def run(request, quiet: bool) -> None:
     from rich.console import Console
 
@@ -123,6 +165,7 @@ def run(request, quiet: bool) -> None:
     from sgdiff.engine.batch import run_batch
 
     console = Console(stderr=True)
+    show_library_warnings(console, quiet)
     events = QuietEvents() if quiet else RichProgress(console)
     with events:
         report = run_batch(request, events, on_saved=lambda path: typer.echo(str(path)))

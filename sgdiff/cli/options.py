@@ -82,6 +82,14 @@ OutputsPerPrompt = Annotated[
     int | None,
     typer.Option("--num-outputs-per-prompt", help="Images per prompt (default: 1).", rich_help_panel=SAMPLING),
 ]
+MaxSequenceLength = Annotated[
+    int | None,
+    typer.Option(
+        "--max-sequence-length",
+        help="T5 prompt tokens, at most 512 (default: the preset's; dev 512, schnell 256).",
+        rich_help_panel=SAMPLING,
+    ),
+]
 SaveOutput = Annotated[
     bool, typer.Option("--save-output/--no-save-output", help="Write the images.", rich_help_panel=OUTPUT)
 ]

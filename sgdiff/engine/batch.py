@@ -12,7 +12,8 @@ from typing import Any
 from sgdiff import __version__
 from sgdiff.config import RuntimeConfig
 from sgdiff.engine.engine import Engine, GenerationResult
-from sgdiff.io.image import OutputNamer, save_png, write_atomically
+from sgdiff.io.files import write_atomically
+from sgdiff.io.image import OutputNamer, save_png
 from sgdiff.pipeline.base import PipelineEvents
 
 
@@ -40,7 +41,7 @@ class BatchReport:
     saved: list[Path]
     load_seconds: float
     total_seconds: float
-    memory: dict[str, int | None]
+    peak_rss_bytes: int
 
 
 def run_batch(
@@ -71,7 +72,7 @@ def run_batch(
             }
             saved.append(save_png(image, path, metadata))
             on_saved(path)
-    report = BatchReport(results, saved, engine.load_seconds, time.perf_counter() - start, engine.peak_memory())
+    report = BatchReport(results, saved, engine.load_seconds, time.perf_counter() - start, engine.peak_rss_bytes())
     if out.perf_dump_path is not None:
         write_perf_dump(report, engine, out.perf_dump_path)
     return report
@@ -84,7 +85,7 @@ def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
         "dtype": str(engine.dtype).removeprefix("torch."),
         "load_seconds": report.load_seconds,
         "total_seconds": report.total_seconds,
-        **report.memory,
+        "peak_rss_bytes": report.peak_rss_bytes,  # whole run, loading included
         "requests": [
             {
                 "prompt": r.params.prompt,
@@ -95,6 +96,7 @@ def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
                 "total_seconds": r.total_seconds,
                 "stage_seconds": r.stage_seconds,
                 "step_seconds": r.step_seconds,
+                "peak_gpu_memory_bytes": r.peak_gpu_memory_bytes,
             }
             for r in report.results
         ],

@@ -19,7 +19,6 @@ from sgdiff.errors import UserError
 from sgdiff.models.resolve import resolve_model_path
 from sgdiff.pipeline.base import NullEvents, PipelineEvents, State
 from sgdiff.pipeline.registry import inspect_model
-from sgdiff.pipeline.schedule import FlowMatchSchedule
 
 DTYPES = {
     "bf16": torch.bfloat16,
@@ -58,6 +57,7 @@ class GenerationResult:
     stage_seconds: dict[str, float]
     step_seconds: list[float]
     total_seconds: float
+    peak_gpu_memory_bytes: int | None  # during this request (None on CPU)
 
 
 class Engine:
@@ -84,6 +84,9 @@ class Engine:
             preset, model_path, self.info.pipeline_class, self.info.transformer_config
         )
         self._rules = self.info.spec.rules(self.info.transformer_config)
+        # preset [schedule] < the checkpoint's scheduler_config.json; checked now, before any weight loads
+        schedule_options = merge_layers(self.preset.schedule if self.preset else None, self.info.scheduler_config)
+        self.schedule = self.info.spec.schedule(schedule_options)
         self.pipeline = None
         self.load_seconds = 0.0
 
@@ -100,14 +103,14 @@ class Engine:
         if self.pipeline is not None:
             return
         start = time.perf_counter()
-        schedule = merge_layers(
-            FlowMatchSchedule().__dict__, self.preset.schedule if self.preset else None, self.info.scheduler_config
-        )
-        self.pipeline = self.info.spec.load(self.model_dir, self.device, self.dtype, schedule, self.events)
+        self.pipeline = self.info.spec.load(self.model_dir, self.device, self.dtype, self.schedule, self.events)
         self.load_seconds = time.perf_counter() - start
 
     def generate(self, params: SamplingParams) -> GenerationResult:
         self.load()
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         state = self.pipeline(State(params=params, device=self.device, dtype=self.dtype, events=self.events))
         return GenerationResult(
@@ -116,11 +119,10 @@ class Engine:
             stage_seconds=state.stage_seconds,
             step_seconds=state.step_seconds,
             total_seconds=time.perf_counter() - start,
+            peak_gpu_memory_bytes=torch.cuda.max_memory_allocated(self.device) if on_gpu else None,
         )
 
-    def peak_memory(self) -> dict[str, int | None]:
-        gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        return {
-            "peak_gpu_memory_bytes": gpu,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        }
+    @staticmethod
+    def peak_rss_bytes() -> int:
+        """Peak resident memory of this process so far (Linux reports KiB)."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

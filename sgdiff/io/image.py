@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from sgdiff.io.files import MAX_FILE_NAME_BYTES, write_atomically
+
 PARAMETERS_KEY = "sgdiff"
-
-
-def write_atomically(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_png(image: np.ndarray, path: Path, parameters: dict[str, Any]) -> Path:
@@ -46,20 +35,33 @@ def slugify(text: str, max_length: int = 48) -> str:
     return slug[:max_length].rstrip("-") or "image"
 
 
+def default_stem(prompt: str, seed: int) -> str:
+    """<prompt-slug>-<hash>_<seed>: readable, and distinct for distinct prompts ("a cube" vs "A cube!")."""
+    digest = hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:6]
+    return f"{slugify(prompt)}-{digest}_{seed}"
+
+
 OTHER_FORMATS = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mp4")
 
 
-def png_stem(file_name: str) -> str:
-    """NAME or NAME.png -> NAME."""
-    return file_name[: -len(".png")] if file_name.lower().endswith(".png") else file_name
+def split_png_name(file_name: str) -> tuple[str, str]:
+    """NAME -> (NAME, ".png"); NAME.png / NAME.PNG keep the extension exactly as given."""
+    if file_name.lower().endswith(".png"):
+        return file_name[:-4], file_name[-4:]
+    return file_name, ".png"
 
 
 def check_output_file_name(file_name: str) -> str | None:
     """A message saying what is wrong with --output-file-name, or None."""
-    if not file_name or file_name in (".", "..") or "/" in file_name or os.sep in file_name:
+    if "/" in file_name or os.sep in file_name:
         return "--output-file-name takes a plain file name; put folders in --output-path"
+    stem, _ = split_png_name(file_name)
+    if not stem.strip() or stem in (".", ".."):
+        return "--output-file-name needs a name before the extension, e.g. --output-file-name cat"
     if file_name.lower().endswith(OTHER_FORMATS):
         return "--output-file-name: sgdiff writes PNG images; give NAME or NAME.png"
+    if len(os.fsencode(file_name)) > MAX_FILE_NAME_BYTES - 10:
+        return f"--output-file-name is too long (at most {MAX_FILE_NAME_BYTES - 10} bytes)"
     return None
 
 
@@ -67,7 +69,7 @@ class OutputNamer:
     """File names for a run's images.
 
     With --output-file-name NAME: NAME.png for a single image, else NAME_0.png, NAME_1.png, ...
-    in generation order. Without it: <prompt-slug>_<seed>.png, with _<k> per extra output.
+    in generation order. Without it: <prompt-slug>-<hash>_<seed>.png, with _<k> per extra output.
     """
 
     def __init__(self, output_dir: Path, file_name: str | None, total_outputs: int):
@@ -78,11 +80,11 @@ class OutputNamer:
 
     def next_path(self, prompt: str, seed: int, index_in_prompt: int, outputs_per_prompt: int) -> Path:
         if self.file_name:
-            stem, suffix = png_stem(self.file_name), ".png"
+            stem, suffix = split_png_name(self.file_name)
             if self.total_outputs > 1:
                 stem = f"{stem}_{self.count}"
         else:
-            stem, suffix = f"{slugify(prompt)}_{seed}", ".png"
+            stem, suffix = default_stem(prompt, seed), ".png"
             if outputs_per_prompt > 1:
                 stem = f"{stem}_{index_in_prompt}"
         self.count += 1

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 
 from sgdiff.errors import UserError
@@ -21,11 +21,16 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} is missing: is this a diffusers-format checkpoint?") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return raw
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -50,19 +55,22 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise UserError(f"{folder} holds no .safetensors weights")
 
 
-def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+def load_state_dict(folder: Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
+    """All tensors of a component, each cast and moved as it is read: at most one tensor in flight,
+    never a second full copy of the checkpoint."""
     state: dict[str, torch.Tensor] = {}
     for path in safetensors_files(folder):
-        state.update(load_file(path))
+        with safe_open(path, framework="pt", device="cpu") as shard:
+            for name in shard.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                tensor = shard.get_tensor(name)
+                cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+                state[name] = tensor.to(device=device, dtype=cast)
     return state
 
 
 def load_own_model(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """Give a meta-device `model` the weights in `folder` (strict: every name must match)."""
-    state = {
-        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-        for k, v in load_state_dict(folder).items()
-    }
+    state = load_state_dict(folder, dtype, device)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:

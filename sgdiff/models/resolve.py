@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 from sgdiff.errors import UserError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# What a diffusers checkpoint needs: configs, tokenizer files and safetensors (never pickles).
-HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
+# What one diffusers component folder needs: configs, tokenizer files and safetensors (never pickles).
+COMPONENT_FILE_PATTERNS = ("*.json", "*.txt", "*.model", "*.safetensors")
 
 
 def looks_like_repo_id(model_path: str) -> bool:
@@ -29,10 +30,18 @@ def resolve_model_path(model_path: str) -> Path:
     return _download(model_path)
 
 
+def hub_patterns(model_index: dict) -> list[str]:
+    """Files to fetch: model_index.json and the component folders it names, nothing at the repo root
+    (FLUX repos also hold 24 GB single-file checkpoints there that sgdiff never reads)."""
+    components = [name for name, entry in model_index.items() if not name.startswith("_") and isinstance(entry, list)]
+    return ["model_index.json"] + [f"{name}/{pattern}" for name in components for pattern in COMPONENT_FILE_PATTERNS]
+
+
 def _download(repo_id: str) -> Path:
     """Fetch (or find in the HF cache) a repo; honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         GatedRepoError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
@@ -40,7 +49,11 @@ def _download(repo_id: str) -> Path:
     )
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        index_path = hf_hub_download(repo_id, "model_index.json")
+        model_index = json.loads(Path(index_path).read_text(encoding="utf-8"))
+        if not isinstance(model_index, dict):
+            raise UserError(f"{repo_id}: model_index.json is not a JSON object")
+        return Path(snapshot_download(repo_id, allow_patterns=hub_patterns(model_index)))
     except GatedRepoError:
         raise UserError(f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
@@ -52,3 +65,7 @@ def _download(repo_id: str) -> Path:
             f"{repo_id} is not in the local HF cache and the Hub cannot be reached (offline?): "
             "download it first or pass a local folder"
         ) from None
+    except EntryNotFoundError:
+        raise UserError(f"{repo_id} has no model_index.json: it is not a diffusers-format repo") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{repo_id}: model_index.json is not valid JSON") from None

@@ -34,19 +34,22 @@ def quiet_libraries() -> Iterator[None]:
             lib.enable_progress_bar()
 
 
+def require_folder(folder: Path) -> Path:
+    if not folder.is_dir():
+        raise UserError(f"{folder} is missing: the checkpoint has no {folder.name}/ folder")
+    return folder
+
+
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
-    if not folder.is_dir():
-        raise UserError(f"{folder} is missing: the checkpoint has no {folder.name}/ folder")
-    return AutoTokenizer.from_pretrained(folder)
+    with quiet_libraries():
+        return AutoTokenizer.from_pretrained(require_folder(folder))
 
 
 def load_library_model(cls, folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """A transformers or diffusers model (text encoder, VAE) from its folder; pickle-only weights are refused."""
-    if not folder.is_dir():
-        raise UserError(f"{folder} is missing: the checkpoint has no {folder.name}/ folder")
-    safetensors_files(folder)
+    safetensors_files(require_folder(folder))
     with quiet_libraries():
         model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     return model.to(device).eval().requires_grad_(False)

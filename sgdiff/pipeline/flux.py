@@ -30,10 +30,12 @@ def flux_rules(transformer_config: dict) -> list[Callable[[SamplingParams], None
     """Requests that FLUX would silently ignore are refused instead."""
 
     def guidance_needs_embedding(params: SamplingParams) -> None:
+        # the value may come from --guidance-scale or from a preset, so name neither as the culprit
         if not transformer_config.get("guidance_embeds") and params.guidance_scale:
             raise UserError(
-                "this FLUX model (schnell-like) has no guidance embedding, so --guidance-scale does nothing: "
-                "drop it, or use --negative-prompt with --true-cfg-scale for real CFG"
+                f"guidance_scale is {params.guidance_scale:g}, but this FLUX model (schnell-like) has no guidance "
+                "embedding: pass --guidance-scale 0 or --preset flux.1-schnell (true CFG: --negative-prompt with "
+                "--true-cfg-scale)"
             )
 
     def true_cfg_pairs(params: SamplingParams) -> None:
@@ -167,7 +169,6 @@ def compose_flux_pipeline(parts: FluxComponents, schedule: FlowMatchSchedule) ->
 
 
 def load_flux_pipeline(
-    model_dir: Path, device: torch.device, dtype: torch.dtype, schedule_layers: dict, events: PipelineEvents
+    model_dir: Path, device: torch.device, dtype: torch.dtype, schedule: FlowMatchSchedule, events: PipelineEvents
 ) -> ComposedPipeline:
-    parts = load_flux_components(model_dir, device, dtype, events)
-    return compose_flux_pipeline(parts, FlowMatchSchedule.from_dict(schedule_layers))
+    return compose_flux_pipeline(load_flux_components(model_dir, device, dtype, events), schedule)

@@ -11,6 +11,7 @@ from sgdiff.errors import UserError
 from sgdiff.models.loading import read_json, safetensors_files
 from sgdiff.pipeline.base import ComposedPipeline
 from sgdiff.pipeline.flux import flux_rules, load_flux_pipeline
+from sgdiff.pipeline.schedule import FlowMatchSchedule
 from sgdiff.pipeline.stages.validation import ValidationRule
 
 
@@ -18,14 +19,16 @@ from sgdiff.pipeline.stages.validation import ValidationRule
 class PipelineSpec:
     """How to build one pipeline family."""
 
-    # load(model_dir, device, dtype, schedule_layers, events) -> ComposedPipeline
+    # load(model_dir, device, dtype, schedule, events) -> ComposedPipeline
     load: Callable[..., ComposedPipeline]
     # rules(transformer_config) -> request checks, run before any weight loads
     rules: Callable[[dict[str, Any]], list[ValidationRule]]
+    # schedule(merged scheduler options) -> the pipeline's schedule object; refuses what it cannot honour
+    schedule: Callable[[dict[str, Any]], Any]
 
 
 PIPELINES: dict[str, PipelineSpec] = {
-    "FluxPipeline": PipelineSpec(load=load_flux_pipeline, rules=flux_rules),
+    "FluxPipeline": PipelineSpec(load=load_flux_pipeline, rules=flux_rules, schedule=FlowMatchSchedule.from_dict),
 }
 
 
@@ -47,7 +50,7 @@ def inspect_model(model_dir: Path) -> ModelInfo:
     if not index_path.is_file():
         raise UserError(f"{model_dir} has no model_index.json: give a diffusers-format checkpoint folder")
     index = read_json(index_path)
-    pipeline_class = index.get("_class_name", "")
+    pipeline_class = str(index.get("_class_name", ""))
     if pipeline_class not in PIPELINES:
         supported = ", ".join(sorted(PIPELINES))
         raise UserError(f"pipeline '{pipeline_class}' in {index_path} is not supported (supported: {supported})")
@@ -68,8 +71,10 @@ def check_components(model_dir: Path, index: dict[str, Any]) -> None:
     """Every part model_index.json names exists, and every part with weights has safetensors:
     a broken checkpoint fails before anything loads."""
     for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+        if name.startswith("_") or entry is None or entry == [None, None]:
             continue
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+            raise UserError(f"{model_dir / 'model_index.json'}: entry '{name}' should be [library, class], got {entry}")
         folder = model_dir / name
         if not folder.is_dir():
             raise UserError(f"{folder} is missing: model_index.json names a {name}/ folder")

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sgdiff.errors import UserError
+
 
 @dataclass(frozen=True)
 class FlowMatchSchedule:
@@ -31,8 +33,33 @@ class FlowMatchSchedule:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> FlowMatchSchedule:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known and v is not None})
+        """Refuses scheduler options sgdiff does not implement, rather than ignoring them."""
+        for key, inert in UNSUPPORTED_OPTIONS.items():
+            if raw.get(key) not in inert:
+                raise UserError(
+                    f"scheduler option {key}={raw[key]!r} is not supported by sgdiff's flow-matching schedule"
+                )
+        values = {}
+        for f in fields(cls):
+            value = raw.get(f.name)
+            if value is None:
+                continue
+            if isinstance(value, bool) != (f.type == "bool") or not isinstance(value, (int, float)):
+                raise UserError(f"scheduler option {f.name} must be {f.type}, got {value!r}")
+            values[f.name] = value
+        return cls(**values)
+
+
+# diffusers FlowMatchEulerDiscreteScheduler options and the values under which they change nothing
+UNSUPPORTED_OPTIONS: dict[str, tuple] = {
+    "shift_terminal": (None, 0, 0.0),
+    "use_karras_sigmas": (None, False),
+    "use_exponential_sigmas": (None, False),
+    "use_beta_sigmas": (None, False),
+    "invert_sigmas": (None, False),
+    "stochastic_sampling": (None, False),
+    "time_shift_type": (None, "exponential"),
+}
 
 
 def resolution_shift_mu(image_seq_len: int, schedule: FlowMatchSchedule) -> float:

@@ -6,17 +6,20 @@ import logging
 
 import torch
 
+from sgdiff.pipeline.components import quiet_libraries
+
 log = logging.getLogger(__name__)
 
 
 def _tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    full_length = max(len(x) for x in tokenizer(prompts).input_ids)
+    with quiet_libraries():  # transformers' own over-length advice; sgdiff says it once, below
+        ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        full_length = max(len(x) for x in tokenizer(prompts).input_ids)
     if full_length > max_length:
-        log.warning("prompt truncated to %d tokens for %s", max_length, type(tokenizer).__name__)
-    return ids
+        log.warning(
+            "the prompt has %d tokens; %s keeps the first %d", full_length, type(tokenizer).__name__, max_length
+        )
+    return ids.input_ids
 
 
 class ClipPooledEncoder:

@@ -24,6 +24,11 @@ from sgdiff.models.rope import apply_rope, rope_frequencies
 Rope = torch.Tensor  # [S_txt + S_img, head_dim / 2] complex rotations
 
 
+def clip_fp16(x: torch.Tensor) -> torch.Tensor:
+    """In fp16, keep activations finite as the reference does (FLUX's text stream overflows otherwise)."""
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
 class QKNormedProjection(nn.Module):
     """Project to q, k, v with per-head RMSNorm on q and k (to_q/to_k/to_v, norm_q/norm_k)."""
 
@@ -64,7 +69,9 @@ class JointAttention(QKNormedProjection):
         q, k, v = torch.cat([tq, q], dim=1), torch.cat([tk, k], dim=1), torch.cat([tv, v], dim=1)
         out = attention(apply_rope(q, rope), apply_rope(k, rope), v).flatten(2)  # [B, S, H*D]
         txt_len = txt.shape[1]
-        return self.to_out[0](out[:, txt_len:]), self.to_add_out(out[:, :txt_len])
+        # contiguous halves: the projections then run the same GEMM (and rounding) as the reference at any batch
+        img_out, txt_out = out[:, txt_len:].contiguous(), out[:, :txt_len].contiguous()
+        return self.to_out[0](img_out), self.to_add_out(txt_out)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -86,7 +93,7 @@ class DoubleStreamBlock(nn.Module):
         img = img + gate2 * self.ff(modulate(img, shift2, scale2))
         txt = txt + c_gate1 * txt_attn
         txt = txt + c_gate2 * self.ff_context(modulate(txt, c_shift2, c_scale2))
-        return img, txt
+        return img, clip_fp16(txt)
 
 
 class SingleStreamBlock(nn.Module):
@@ -105,7 +112,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = self.attn.qkv(h)
         attn_out = attention(apply_rope(q, rope), apply_rope(k, rope), v).flatten(2)  # [B, S, H*D]
         mlp_out = nn.functional.gelu(self.proj_mlp(h), approximate="tanh")
-        return x + gate * self.proj_out(torch.cat([attn_out, mlp_out], dim=-1))
+        return clip_fp16(x + gate * self.proj_out(torch.cat([attn_out, mlp_out], dim=-1)))
 
 
 class TimeTextEmbedding(nn.Module):
