@@ -43,133 +43,72 @@ def assert_same_images(paths, expected: np.ndarray) -> None:
         assert np.abs(actual.astype(int) - reference.astype(int)).max() <= MAX_PIXEL_DIFF
 
 
+def generate_both(model, pipe, out_dir, prompt: str, flags: str, **diffusers_kwargs):
+    """`sgdiff generate --prompt PROMPT FLAGS` and diffusers' call with the same request."""
+    paths = generate(model, out_dir, "--prompt", prompt, *flags.split())
+    return paths, diffusers_images(pipe, prompt=prompt, **diffusers_kwargs)
+
+
 def test_dev_image_matches_diffusers(tiny_flux_dev, diffusers_pipeline, tmp_path):
-    paths = generate(
-        tiny_flux_dev,
-        tmp_path,
-        "--prompt",
-        "a red cube on a table",
-        "--height",
-        "48",
-        "--width",
-        "80",
-        "--steps",
-        "4",
-        "--guidance-scale",
-        "4.0",
-        "--seed",
-        "7",
-    )
-    expected = diffusers_images(
-        diffusers_pipeline(tiny_flux_dev),
-        prompt="a red cube on a table",
-        height=48,
-        width=80,
-        num_inference_steps=4,
-        guidance_scale=4.0,
-        seed=7,
-    )
+    pipe = diffusers_pipeline(tiny_flux_dev)
+    flags = "--height 48 --width 80 --steps 4 --guidance-scale 4.0 --seed 7"
+    paths, expected = generate_both(
+        tiny_flux_dev, pipe, tmp_path, "a red cube on a table", flags,
+        height=48, width=80, num_inference_steps=4, guidance_scale=4.0, seed=7,
+    )  # fmt: skip
     assert_same_images(paths, expected)
     params = read_png_parameters(paths[0])
-    assert (params["prompt"], params["seed"], params["guidance_scale"], params["preset"]) == (
-        "a red cube on a table",
-        7,
-        4.0,
-        "flux.1-dev",
-    )
+    summary = (params["prompt"], params["seed"], params["guidance_scale"], params["preset"])
+    assert summary == ("a red cube on a table", 7, 4.0, "flux.1-dev")
 
 
 def test_schnell_image_matches_diffusers(tiny_flux_schnell, diffusers_pipeline, tmp_path):
     # schnell preset: 4 steps, fixed shift, 256 T5 tokens
-    paths = generate(
-        tiny_flux_schnell, tmp_path, "--prompt", "the photo of a cube", "--height", "64", "--width", "32", "--seed", "3"
-    )
-    expected = diffusers_images(
-        diffusers_pipeline(tiny_flux_schnell),
-        prompt="the photo of a cube",
-        height=64,
-        width=32,
-        num_inference_steps=4,
-        guidance_scale=0.0,
-        max_sequence_length=256,
-        seed=3,
-    )
+    pipe = diffusers_pipeline(tiny_flux_schnell)
+    paths, expected = generate_both(
+        tiny_flux_schnell, pipe, tmp_path, "the photo of a cube", "--height 64 --width 32 --seed 3",
+        height=64, width=32, num_inference_steps=4, guidance_scale=0.0, max_sequence_length=256, seed=3,
+    )  # fmt: skip
     assert_same_images(paths, expected)
     assert read_png_parameters(paths[0])["num_inference_steps"] == 4
 
 
+def test_schnell_with_diffusers_default_sequence_length(tiny_flux_schnell, diffusers_pipeline, tmp_path):
+    pipe = diffusers_pipeline(tiny_flux_schnell)
+    flags = "--height 32 --width 32 --seed 3 --max-sequence-length 512"
+    paths, expected = generate_both(
+        tiny_flux_schnell, pipe, tmp_path, "the photo of a cube", flags,
+        height=32, width=32, num_inference_steps=4, seed=3,
+    )  # fmt: skip
+    assert_same_images(paths, expected)
+    assert read_png_parameters(paths[0])["max_sequence_length"] == 512
+
+
 def test_true_cfg_with_several_outputs_matches_diffusers(tiny_flux_dev, diffusers_pipeline, tmp_path):
-    paths = generate(
-        tiny_flux_dev,
-        tmp_path,
-        "--prompt",
-        "a cube",
-        "--negative-prompt",
-        "blurry",
-        "--true-cfg-scale",
-        "3.0",
-        "--num-outputs-per-prompt",
-        "2",
-        "--height",
-        "32",
-        "--width",
-        "48",
-        "--steps",
-        "3",
-        "--seed",
-        "11",
-    )
-    expected = diffusers_images(
-        diffusers_pipeline(tiny_flux_dev),
-        prompt="a cube",
-        negative_prompt="blurry",
-        true_cfg_scale=3.0,
-        num_images_per_prompt=2,
-        height=32,
-        width=48,
-        num_inference_steps=3,
-        seed=11,
-    )
+    pipe = diffusers_pipeline(tiny_flux_dev)
+    flags = "--negative-prompt blurry --true-cfg-scale 3.0 --num-outputs-per-prompt 2"
+    flags += " --height 32 --width 48 --steps 3 --seed 11"
+    paths, expected = generate_both(
+        tiny_flux_dev, pipe, tmp_path, "a cube", flags,
+        negative_prompt="blurry", true_cfg_scale=3.0, num_images_per_prompt=2, height=32, width=48,
+        num_inference_steps=3, seed=11,
+    )  # fmt: skip
     assert not np.array_equal(expected[0], expected[1])  # two different samples from one generator
     assert_same_images(paths, expected)
 
 
 def test_default_seed_is_42(tiny_flux_dev, diffusers_pipeline, tmp_path):
-    paths = generate(tiny_flux_dev, tmp_path, "--prompt", "an apple", "--height", "32", "--width", "32", "--steps", "2")
-    expected = diffusers_images(
-        diffusers_pipeline(tiny_flux_dev), prompt="an apple", height=32, width=32, num_inference_steps=2, seed=42
-    )
+    pipe = diffusers_pipeline(tiny_flux_dev)
+    paths, expected = generate_both(
+        tiny_flux_dev, pipe, tmp_path, "an apple", "--height 32 --width 32 --steps 2",
+        height=32, width=32, num_inference_steps=2, seed=42,
+    )  # fmt: skip
     assert_same_images(paths, expected)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_different_seeds_give_different_images(tiny_flux_dev, tmp_path, seed):
-    a = generate(
-        tiny_flux_dev,
-        tmp_path / "a",
-        "--prompt",
-        "x",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--steps",
-        "2",
-        "--seed",
-        str(seed),
-    )
-    b = generate(
-        tiny_flux_dev,
-        tmp_path / "b",
-        "--prompt",
-        "x",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--steps",
-        "2",
-        "--seed",
-        str(seed + 10),
-    )
+    flags = "--height 32 --width 32 --steps 2 --seed".split()
+    a = generate(tiny_flux_dev, tmp_path / "a", "--prompt", "x", *flags, str(seed))
+    b = generate(tiny_flux_dev, tmp_path / "b", "--prompt", "x", *flags, str(seed + 10))
     assert not np.array_equal(read_png(a[0]), read_png(b[0]))

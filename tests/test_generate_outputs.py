@@ -178,3 +178,13 @@ def test_engine_api_without_the_cli(tiny_flux_schnell):
     result = engine.generate(params)
     assert result.images.shape == (2, 48, 32, 3) and result.images.dtype == np.uint8
     assert not np.array_equal(result.images[0], result.images[1])
+
+
+def test_max_sequence_length_sets_the_t5_tokens(tiny_flux_schnell):
+    engine = Engine(str(tiny_flux_schnell))
+    engine.load()
+    encode = engine.pipeline.stages[1].encode
+    requests = {256: {}, 512: {"max_sequence_length": 512}, 77: {"max_sequence_length": 77}}  # preset, flag, flag
+    for length, flags in requests.items():
+        params = engine.sampling_params("a cube", **flags)
+        assert encode(["a cube"], params)["encoder_hidden_states"].shape[1] == length
