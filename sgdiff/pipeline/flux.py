@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,11 @@ from sgdiff.pipeline.stages.denoising import DenoisingStage
 from sgdiff.pipeline.stages.latents import LatentsStage
 from sgdiff.pipeline.stages.text_encoding import TextEncodingStage
 from sgdiff.pipeline.stages.timesteps import FlowMatchTimestepsStage
-from sgdiff.pipeline.stages.validation import InputValidationStage
+from sgdiff.pipeline.stages.validation import InputValidationStage, ValidationRule
 from sgdiff.pipeline.text_encoders import ClipPooledEncoder, T5SequenceEncoder
 
 
-def flux_rules(transformer_config: dict) -> list[Callable[[SamplingParams], None]]:
+def flux_rules(transformer_config: dict) -> list[ValidationRule]:
     """Requests that FLUX would silently ignore are refused instead."""
 
     def guidance_needs_embedding(params: SamplingParams) -> None:
