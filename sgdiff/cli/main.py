@@ -133,35 +133,10 @@ def generate(
         run(request, quiet)
 
 
-class LowercaseLevelFormatter:
-    """`warning: ...`, matching the CLI's `error: ...` lines."""
-
-    def __init__(self, fmt: str):
-        import logging
-
-        self._formatter = logging.Formatter(fmt)
-
-    def format(self, record) -> str:
-        return self._formatter.format(record).replace(record.levelname, record.levelname.lower(), 1)
-
-
-def show_library_warnings(console, quiet: bool) -> None:
-    """sgdiff's own warnings (e.g. a truncated prompt) as `warning: ...` lines on stderr; none with --quiet."""
-    import logging
-
-    logger = logging.getLogger("sgdiff")
-    logger.handlers.clear()
-    logger.propagate = False
-    logger.setLevel(logging.ERROR if quiet else logging.WARNING)
-    handler = logging.StreamHandler(console.file)
-    handler.setFormatter(LowercaseLevelFormatter("%(levelname)s: %(message)s"))
-    logger.addHandler(handler)
-
-
 def run(request, quiet: bool) -> None:
     from rich.console import Console
 
-    from sgdiff.cli.progress import QuietEvents, RichProgress
+    from sgdiff.cli.progress import QuietEvents, RichProgress, show_library_warnings
     from sgdiff.engine.batch import run_batch
 
     console = Console(stderr=True)

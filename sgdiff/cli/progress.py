@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -60,3 +62,20 @@ class QuietEvents(NullEvents):
 
     def __exit__(self, *exc) -> None:
         pass
+
+
+class _LowercaseLevel(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def show_library_warnings(console: Console, quiet: bool) -> None:
+    """sgdiff's own warnings (e.g. a truncated prompt) as `warning: ...` lines on stderr, like the
+    CLI's `error: ...` lines; none with --quiet."""
+    logger = logging.getLogger("sgdiff")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.ERROR if quiet else logging.WARNING)
+    handler = logging.StreamHandler(console.file)
+    handler.setFormatter(_LowercaseLevel())
+    logger.addHandler(handler)
