@@ -10,11 +10,12 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from sgdiff.config import load_preset
 from sgdiff.pipeline.schedule import (
+    FlowMatchEulerSampler,
     FlowMatchSchedule,
-    euler_sample,
     euler_step,
     flow_match_sigmas,
     resolution_shift_mu,
+    sample,
 )
 from sgdiff.testing.tiny_flux import SCHEDULER_CONFIGS
 
@@ -56,7 +57,9 @@ def test_euler_sampling_matches_scheduler_steps(dtype):
     for t, v in zip(scheduler.timesteps, velocities, strict=True):
         expected = scheduler.step(v, t, expected, return_dict=False)[0]
     seen = []
-    actual = euler_sample(start, scheduler.sigmas, lambda x, i: velocities[i], on_step=seen.append)
+    sampler = FlowMatchEulerSampler(scheduler.sigmas)
+    assert torch.equal(sampler.timesteps, scheduler.timesteps)
+    actual = sample(start, sampler, lambda x, t, i: velocities[i], on_step=seen.append)
     assert seen == [0, 1, 2, 3, 4]
     assert actual.dtype == dtype and torch.equal(actual, expected)
 

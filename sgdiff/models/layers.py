@@ -18,32 +18,39 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
 
 
 class MLPEmbedder(nn.Module):
-    """linear_1 -> SiLU -> linear_2 (diffusers' TimestepEmbedding and its text projection)."""
+    """linear_1 -> SiLU (or tanh GELU) -> linear_2 (diffusers' TimestepEmbedding and text projections)."""
 
-    def __init__(self, in_dim: int, dim: int):
+    def __init__(self, in_dim: int, dim: int, activation: str = "silu"):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(nn.functional.silu(self.linear_1(x)))
+        x = self.linear_1(x)
+        x = nn.functional.silu(x) if self.activation == "silu" else nn.functional.gelu(x, approximate="tanh")
+        return self.linear_2(x)
 
 
 class GELUProjection(nn.Module):
-    def __init__(self, dim: int, inner_dim: int):
+    def __init__(self, dim: int, inner_dim: int, approximate: str = "tanh"):
         super().__init__()
         self.proj = nn.Linear(dim, inner_dim)
+        self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.gelu(self.proj(x), approximate="tanh")
+        return nn.functional.gelu(self.proj(x), approximate=self.approximate)
 
 
 class FeedForward(nn.Module):
-    """GELU(tanh) MLP stored as `net.0.proj` / `net.2`, as diffusers names it."""
+    """GELU MLP stored as `net.0.proj` / `net.2`, as diffusers names it (tanh GELU by default)."""
 
-    def __init__(self, dim: int, mult: int = 4):
+    def __init__(self, dim: int, inner_dim: int | None = None, out_dim: int | None = None, approximate: str = "tanh"):
         super().__init__()
-        self.net = nn.ModuleList([GELUProjection(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+        inner_dim = inner_dim or 4 * dim
+        self.net = nn.ModuleList(
+            [GELUProjection(dim, inner_dim, approximate), nn.Identity(), nn.Linear(inner_dim, out_dim or dim)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
@@ -71,3 +78,12 @@ def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return layer_norm(x) * (1 + scale) + shift
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype, returned in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return nn.functional.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)

@@ -55,22 +55,36 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise UserError(f"{folder} holds no .safetensors weights")
 
 
-def load_state_dict(folder: Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
+def load_state_dict(
+    folder: Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", keep_fp32: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
     """All tensors of a component, each cast and moved as it is read: at most one tensor in flight,
-    never a second full copy of the checkpoint."""
+    never a second full copy of the checkpoint. Floating tensors whose name has a component in
+    `keep_fp32` (e.g. "norm1" in "blocks.0.norm1.weight") stay float32."""
     state: dict[str, torch.Tensor] = {}
     for path in safetensors_files(folder):
         with safe_open(path, framework="pt", device="cpu") as shard:
             for name in shard.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
                 tensor = shard.get_tensor(name)
-                cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+                cast = tensor.dtype
+                if tensor.is_floating_point() and dtype is not None:
+                    cast = torch.float32 if set(name.split(".")) & set(keep_fp32) else dtype
                 state[name] = tensor.to(device=device, dtype=cast)
     return state
 
 
-def load_own_model(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Give a meta-device `model` the weights in `folder` (strict: every name must match)."""
-    state = load_state_dict(folder, dtype, device)
+def load_own_model(
+    model: nn.Module,
+    folder: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    keep_fp32: tuple[str, ...] = (),
+    ignored: tuple[str, ...] = (),
+) -> nn.Module:
+    """Give a meta-device `model` the weights in `folder` (strict: every name must match, except
+    checkpoint tensors with a name component in `ignored`, which no computation uses)."""
+    state = load_state_dict(folder, dtype, device, keep_fp32)
+    state = {k: v for k, v in state.items() if not set(k.split(".")) & set(ignored)}
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:

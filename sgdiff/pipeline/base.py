@@ -53,8 +53,9 @@ class State:
     cfg_scale: float = 1.0
     shared: dict[str, Any] = field(default_factory=dict)  # model inputs both branches share
     latents: torch.Tensor | None = None
-    sigmas: torch.Tensor | None = None
-    images: np.ndarray | None = None  # [N, H, W, 3] uint8
+    sampler: Any = None  # pipeline.schedule.Sampler, set by the timesteps stage
+    images: np.ndarray | None = None  # [N, H, W, 3] uint8 (image models)
+    videos: np.ndarray | None = None  # [N, T, H, W, 3] uint8 (video models)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     step_seconds: list[float] = field(default_factory=list)
 

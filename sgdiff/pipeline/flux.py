@@ -87,10 +87,10 @@ class FluxDenoiser:
     def __init__(self, transformer: FluxTransformer):
         self.transformer = transformer
 
-    def __call__(self, latents: torch.Tensor, sigma: torch.Tensor, inputs: dict, state: State) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, t: torch.Tensor, inputs: dict, state: State) -> torch.Tensor:
         batch, text = latents.shape[0], inputs["encoder_hidden_states"]
-        # as diffusers: timestep = sigma * 1000 rounded to the model dtype, then back to [0, 1]
-        timestep = (sigma * 1000).expand(batch).to(latents.dtype) / 1000
+        # as diffusers: the timestep (sigma * 1000) rounded to the model dtype, then back to [0, 1]
+        timestep = t.expand(batch).to(latents.dtype) / 1000
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), state.params.guidance_scale, device=latents.device, dtype=torch.float32)

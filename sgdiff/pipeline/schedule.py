@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -87,18 +87,36 @@ def euler_step(
     return (latents.float() + (sigma_next - sigma) * velocity).to(velocity.dtype)
 
 
-# velocity_fn(latents, step_index) -> predicted velocity, same shape as latents
-VelocityFn = Callable[[torch.Tensor, int], torch.Tensor]
+class Sampler(Protocol):
+    """A prepared schedule for one request: the model timesteps, and how to take a step."""
+
+    timesteps: torch.Tensor  # [num_steps], in the model's time units (0..1000)
+
+    def step(self, velocity: torch.Tensor, index: int, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+class FlowMatchEulerSampler:
+    """Euler steps over flow-matching sigmas (FLUX): timesteps are sigma * 1000."""
+
+    def __init__(self, sigmas: torch.Tensor, num_train_timesteps: int = 1000):
+        self.sigmas = sigmas  # [num_steps + 1], ending with 0
+        self.timesteps = sigmas[:-1] * num_train_timesteps
+
+    def step(self, velocity: torch.Tensor, index: int, latents: torch.Tensor) -> torch.Tensor:
+        return euler_step(latents, velocity, self.sigmas[index], self.sigmas[index + 1])
+
+
+# velocity_fn(latents, timestep, step_index) -> predicted velocity, same shape as latents
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 StepCallback = Callable[[int], None]
 
 
-def euler_sample(
-    latents: torch.Tensor, sigmas: torch.Tensor, velocity_fn: VelocityFn, on_step: StepCallback | None = None
+def sample(
+    latents: torch.Tensor, sampler: Sampler, velocity_fn: VelocityFn, on_step: StepCallback | None = None
 ) -> torch.Tensor:
-    """Integrate from sigmas[0] to sigmas[-1], calling `on_step(i)` after each step."""
-    sigmas = sigmas.to(latents.device)
-    for i in range(len(sigmas) - 1):
-        latents = euler_step(latents, velocity_fn(latents, i), sigmas[i], sigmas[i + 1])
+    """The denoising loop: one velocity and one sampler step per timestep, `on_step(i)` after each."""
+    for i, t in enumerate(sampler.timesteps):
+        latents = sampler.step(velocity_fn(latents, t, i), i, latents)
         if on_step is not None:
             on_step(i)
     return latents

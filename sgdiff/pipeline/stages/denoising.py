@@ -6,10 +6,12 @@ from collections.abc import Callable
 import torch
 
 from sgdiff.pipeline.base import ParallelMode, Stage, State
-from sgdiff.pipeline.schedule import euler_sample
+from sgdiff.pipeline.schedule import sample
 
-# denoiser(latents, sigma, inputs, state) -> velocity with the latents' shape
+# denoiser(latents, timestep, inputs, state) -> velocity with the latents' shape
 Denoiser = Callable[[torch.Tensor, torch.Tensor, dict, State], torch.Tensor]
+# The CFG scale to use at a timestep (Wan2.2 switches it with the expert); default: state.cfg_scale.
+CfgScaleAt = Callable[[torch.Tensor, State], float]
 
 
 def guided_velocity(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -17,26 +19,27 @@ def guided_velocity(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> t
 
 
 class DenoisingStage(Stage):
-    """Euler flow-matching loop; with CFG, each step runs the prompt and negative branches."""
+    """The sampling loop over `state.sampler`; with CFG, each step runs the prompt and negative branches."""
 
     name = "denoising"
     parallel = ParallelMode.CFG_SPLIT
 
-    def __init__(self, denoiser: Denoiser):
+    def __init__(self, denoiser: Denoiser, cfg_scale_at: CfgScaleAt | None = None):
         self.denoiser = denoiser
+        self.cfg_scale_at = cfg_scale_at or (lambda t, state: state.cfg_scale)
 
     def run(self, state: State) -> None:
         cond_inputs = {**state.shared, **state.cond}
         uncond_inputs = {**state.shared, **state.uncond} if state.uncond is not None else None
 
-        def velocity(latents: torch.Tensor, i: int) -> torch.Tensor:
-            sigma = state.sigmas[i]
-            v = self.denoiser(latents, sigma, cond_inputs, state)
+        def velocity(latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+            v = self.denoiser(latents, t, cond_inputs, state)
             if uncond_inputs is None:
                 return v
-            return guided_velocity(v, self.denoiser(latents, sigma, uncond_inputs, state), state.cfg_scale)
+            uncond = self.denoiser(latents, t, uncond_inputs, state)
+            return guided_velocity(v, uncond, self.cfg_scale_at(t, state))
 
-        total = len(state.sigmas) - 1
+        total = len(state.sampler.timesteps)
         last = time.perf_counter()
 
         def on_step(i: int) -> None:
@@ -48,4 +51,4 @@ class DenoisingStage(Stage):
             state.events.step_finished(i, total, now - last)
             last = now
 
-        state.latents = euler_sample(state.latents, state.sigmas, velocity, on_step)
+        state.latents = sample(state.latents, state.sampler, velocity, on_step)

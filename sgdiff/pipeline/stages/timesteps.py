@@ -4,7 +4,7 @@ from collections.abc import Callable
 
 from sgdiff.config import SamplingParams
 from sgdiff.pipeline.base import ParallelMode, Stage, State
-from sgdiff.pipeline.schedule import FlowMatchSchedule, flow_match_sigmas
+from sgdiff.pipeline.schedule import FlowMatchEulerSampler, FlowMatchSchedule, flow_match_sigmas
 
 
 class FlowMatchTimestepsStage(Stage):
@@ -20,4 +20,4 @@ class FlowMatchTimestepsStage(Stage):
     def run(self, state: State) -> None:
         params = state.params
         sigmas = flow_match_sigmas(params.num_inference_steps, self.image_seq_len(params), self.schedule)
-        state.sigmas = sigmas.to(state.device)
+        state.sampler = FlowMatchEulerSampler(sigmas.to(state.device), self.schedule.num_train_timesteps)

@@ -1,0 +1,4 @@
+from sgdiff.models.wan.config import WanTransformerConfig
+from sgdiff.models.wan.transformer import WanTransformer
+
+__all__ = ["WanTransformer", "WanTransformerConfig"]
