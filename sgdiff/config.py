@@ -39,6 +39,12 @@ class SamplingParams:
     generator_device: str = "cpu"
     num_outputs_per_prompt: int = 1
     max_sequence_length: int = 512
+    # video models only (None: the model's preset decides)
+    num_frames: int | None = None
+    num_frames_round_down: bool = False
+    fps: int | None = None
+    guidance_scale_2: float | None = None  # Wan2.2 MoE: CFG scale of the low-noise expert
+    flow_shift: float | None = None
 
     def validate(self) -> None:
         check_sampling_values(self.__dict__)
@@ -50,9 +56,13 @@ SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)} - {"prompt"}
 SAMPLING_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(SamplingParams) if f.name in SAMPLING_FIELDS}
 
 
-INT_FIELDS = {"height", "width", "num_inference_steps", "seed", "num_outputs_per_prompt", "max_sequence_length"}
-FLOAT_FIELDS = {"guidance_scale", "true_cfg_scale"}
+INT_FIELDS = {
+    "height", "width", "num_inference_steps", "seed", "num_outputs_per_prompt", "max_sequence_length", "num_frames",
+    "fps",
+}  # fmt: skip
+FLOAT_FIELDS = {"guidance_scale", "true_cfg_scale", "guidance_scale_2", "flow_shift"}
 STR_FIELDS = {"negative_prompt", "generator_device"}
+BOOL_FIELDS = {"num_frames_round_down"}
 MAX_SIZE = 8192
 MAX_SEED = 2**64 - 1
 MAX_SEQUENCE_LENGTH = 512  # T5's length in FLUX's training; diffusers refuses more too
@@ -67,9 +77,12 @@ def check_sampling_types(values: Mapping[str, Any], source: str) -> None:
             (name in INT_FIELDS and isinstance(value, int) and not isinstance(value, bool))
             or (name in FLOAT_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool))
             or (name in STR_FIELDS and isinstance(value, str))
+            or (name in BOOL_FIELDS and isinstance(value, bool))
         )
         if not ok:
-            kind = "an integer" if name in INT_FIELDS else "a number" if name in FLOAT_FIELDS else "a string"
+            kinds = {**dict.fromkeys(INT_FIELDS, "an integer"), **dict.fromkeys(FLOAT_FIELDS, "a number"),
+                     **dict.fromkeys(BOOL_FIELDS, "true or false")}  # fmt: skip
+            kind = kinds.get(name, "a string")
             raise UserError(f"{source}: {name} must be {kind}, got {value!r}")
 
 
@@ -88,6 +101,10 @@ def check_sampling_values(values: Mapping[str, Any]) -> None:
             lambda v: 1 <= v <= MAX_SEQUENCE_LENGTH,
         ),
         "seed": (f"--seed must be between 0 and {MAX_SEED}", lambda v: 0 <= v <= MAX_SEED),
+        "num_frames": ("--num-frames must be at least 1", lambda v: v >= 1),
+        "fps": ("--fps must be between 1 and 240", lambda v: 1 <= v <= 240),
+        "guidance_scale_2": ("--guidance-scale-2 must be >= 0", lambda v: v >= 0),
+        "flow_shift": ("--flow-shift must be > 0", lambda v: v > 0),
         "generator_device": ("--generator-device must be 'cpu' or 'cuda'", lambda v: v in ("cpu", "cuda")),
     }
     for name, (message, ok) in checks.items():
@@ -115,11 +132,21 @@ class Preset:
         ids = [m.lower() for m in self.match.get("model_ids", [])]
         return model_path.strip("/").lower() in ids
 
-    def matches_config(self, pipeline_class: str, transformer_config: Mapping[str, Any]) -> bool:
+    def matches_config(
+        self, pipeline_class: str, transformer_config: Mapping[str, Any], model_index: Mapping[str, Any]
+    ) -> bool:
         if self.match.get("pipeline") != pipeline_class:
             return False
-        wanted = self.match.get("transformer", {})
-        return all(transformer_config.get(k) == v for k, v in wanted.items())
+        wanted = [
+            (transformer_config, self.match.get("transformer", {})),
+            (model_index, self.match.get("model_index", {})),
+        ]
+        return all(config.get(k) == v for config, table in wanted for k, v in table.items())
+
+    @property
+    def specificity(self) -> int:
+        """How many config values the preset's [match] names: the most specific matching preset wins."""
+        return len(self.match.get("transformer", {})) + len(self.match.get("model_index", {}))
 
 
 def merge_layers(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -176,19 +203,22 @@ def load_preset(name_or_path: str) -> Preset:
 
 
 def select_preset(
-    explicit: str | None, model_path: str, pipeline_class: str, transformer_config: Mapping[str, Any]
+    explicit: str | None,
+    model_path: str,
+    pipeline_class: str,
+    transformer_config: Mapping[str, Any],
+    model_index: Mapping[str, Any] | None = None,
 ) -> Preset | None:
-    """--preset wins; then a preset naming this model id; then one matching the checkpoint's config."""
+    """--preset wins; then a preset naming this model id; then the most specific one matching the
+    checkpoint's config (its transformer config and model_index.json)."""
     if explicit:
         return load_preset(explicit)
     presets = list(builtin_presets().values())
     for preset in presets:
         if preset.matches_model_id(model_path):
             return preset
-    for preset in presets:
-        if preset.matches_config(pipeline_class, transformer_config):
-            return preset
-    return None
+    matching = [p for p in presets if p.matches_config(pipeline_class, transformer_config, model_index or {})]
+    return max(matching, key=lambda p: p.specificity, default=None)
 
 
 def build_sampling_params(prompt: str, preset: Preset | None, flags: Mapping[str, Any]) -> SamplingParams:

@@ -32,3 +32,18 @@ def diffusers_pipeline():
         return cache[path]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory):
+    """tiny_wan(variant) -> a tiny random Wan checkpoint folder of that variant (built once)."""
+    from sgdiff.testing.tiny_wan import build_tiny_wan
+
+    built = {}
+
+    def build(variant: str) -> Path:
+        if variant not in built:
+            built[variant] = build_tiny_wan(tmp_path_factory.mktemp("wan") / variant, variant=variant)
+        return built[variant]
+
+    return build

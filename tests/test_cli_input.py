@@ -97,7 +97,6 @@ def test_prompt_file_gives_one_prompt_per_non_blank_line(received, tmp_path):
         (["--prompt", "p", "--prompt-file", "x.txt"], "give --prompt or --prompt-file, not both"),
         (["--prompt-file", "does-not-exist.txt"], "--prompt-file does-not-exist.txt does not exist"),
         (["--prompt", "p", "--output-file-name", "a/b.png"], "--output-file-name takes a plain file name"),
-        (["--prompt", "p", "--output-file-name", "x.jpg"], "sgdiff writes PNG images"),
     ],
 )
 def test_bad_input_is_one_line_with_exit_code_2(received, args, message):

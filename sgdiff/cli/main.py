@@ -90,10 +90,16 @@ def generate(
     generator_device: opt.GeneratorDevice = None,
     num_outputs_per_prompt: opt.OutputsPerPrompt = None,
     max_sequence_length: opt.MaxSequenceLength = None,
+    num_frames: opt.NumFrames = None,
+    num_frames_round_down: opt.NumFramesRoundDown = False,
+    fps: opt.Fps = None,
+    guidance_scale_2: opt.GuidanceScale2 = None,
+    flow_shift: opt.FlowShift = None,
     preset: opt.PresetName = None,
     save_output: opt.SaveOutput = True,
     output_path: opt.OutputPath = Path("outputs"),
     output_file_name: opt.OutputFileName = None,
+    output_format: opt.OutputFormat = None,
     perf_dump_path: opt.PerfDumpPath = None,
     quiet: opt.Quiet = False,
     dtype: opt.Dtype = None,
@@ -114,6 +120,11 @@ def generate(
             "generator_device": generator_device,
             "num_outputs_per_prompt": num_outputs_per_prompt,
             "max_sequence_length": max_sequence_length,
+            "num_frames": num_frames,
+            "num_frames_round_down": num_frames_round_down or None,  # only given when set
+            "fps": fps,
+            "guidance_scale_2": guidance_scale_2,
+            "flow_shift": flow_shift,
         }
         flags = {k: v for k, v in flags.items() if v is not None}
         check_sampling_values(flags)
@@ -128,7 +139,13 @@ def generate(
             sampling_flags=flags,
             preset=preset,
             runtime=RuntimeConfig(device=device, dtype=dtype),
-            output=OutputConfig(save_output, output_path, output_file_name, perf_dump_path),
+            output=OutputConfig(
+                save_output,
+                output_path,
+                output_file_name,
+                perf_dump_path,
+                output_format.value if output_format else None,
+            ),
         )
         run(request, quiet)
 
@@ -145,11 +162,12 @@ def run(request, quiet: bool) -> None:
     with events:
         report = run_batch(request, events, on_saved=lambda path: typer.echo(str(path)))
     if not quiet:
-        images = sum(len(r.images) for r in report.results)
+        outputs = sum(len(r.images if r.videos is None else r.videos) for r in report.results)
+        kind = "video" if any(r.videos is not None for r in report.results) else "image"
         steps = [s for r in report.results for s in r.step_seconds]
         per_step = f", {sum(steps) / len(steps):.3f} s/step" if steps else ""
         console.print(
-            f"generated {images} image(s) in {report.total_seconds:.1f} s "
+            f"generated {outputs} {kind}(s) in {report.total_seconds:.1f} s "
             f"(load {report.load_seconds:.1f} s{per_step}); saved {len(report.saved)}"
         )
 

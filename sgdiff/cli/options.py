@@ -5,10 +5,17 @@ Sampling flags default to None: None means 'not given', so the preset's value is
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+
+class OutputFormatChoice(str, Enum):
+    png = "png"
+    mp4 = "mp4"
+
 
 MODEL = "Model"
 SAMPLING = "Sampling"
@@ -90,6 +97,42 @@ MaxSequenceLength = Annotated[
         rich_help_panel=SAMPLING,
     ),
 ]
+VIDEO = "Video"
+NumFrames = Annotated[
+    int | None,
+    typer.Option("--num-frames", help="Frames to generate, 4k+1 (default: the preset's).", rich_help_panel=VIDEO),
+]
+NumFramesRoundDown = Annotated[
+    bool,
+    typer.Option(
+        "--num-frames-round-down", help="Round --num-frames down to the nearest 4k+1 instead of refusing it.",
+        rich_help_panel=VIDEO,
+    ),
+]  # fmt: skip
+Fps = Annotated[
+    int | None,
+    typer.Option("--fps", help="Frames per second of the MP4 (default: the preset's).", rich_help_panel=VIDEO),
+]
+GuidanceScale2 = Annotated[
+    float | None,
+    typer.Option(
+        "--guidance-scale-2", help="Wan2.2 A14B: CFG scale of the low-noise expert (default: the preset's).",
+        rich_help_panel=VIDEO,
+    ),
+]  # fmt: skip
+FlowShift = Annotated[
+    float | None,
+    typer.Option(
+        "--flow-shift", help="Flow-matching shift of the scheduler (default: the preset's).", rich_help_panel=VIDEO
+    ),
+]
+OutputFormat = Annotated[
+    OutputFormatChoice | None,
+    typer.Option(
+        "--output-format", help="png or mp4 (default: png for images, mp4 for videos; png for a video writes "
+        "OUTPUT_PATH/NAME/frame_00000.png, ...).", rich_help_panel="Output",
+    ),
+]  # fmt: skip
 SaveOutput = Annotated[
     bool, typer.Option("--save-output/--no-save-output", help="Write the images.", rich_help_panel=OUTPUT)
 ]

@@ -25,15 +25,23 @@ class RichProgress:
             transient=False,
         )
         self._tasks: dict[str, int] = {}
+        self._started = False
 
     def __enter__(self) -> RichProgress:
-        self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if self._started:
+            self.progress.stop()
+
+    def _start(self) -> None:
+        """The display starts with the first event, so an error before any work prints only itself."""
+        if not self._started:
+            self.progress.start()
+            self._started = True
 
     def stage_started(self, name: str) -> None:
+        self._start()
         if name.startswith("load ") or name == "decoding":
             self._tasks[name] = self.progress.add_task(name.replace("load ", "loading "), total=1)
 
@@ -48,6 +56,7 @@ class RichProgress:
             self.progress.update(task, completed=1, description=f"{label} ({seconds:.2f} s)")
 
     def step_finished(self, index: int, total: int, seconds: float) -> None:
+        self._start()
         task = self._tasks.get("denoising")
         if task is None:
             task = self._tasks["denoising"] = self.progress.add_task("denoising", total=total)

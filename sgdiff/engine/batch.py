@@ -12,8 +12,10 @@ from typing import Any
 from sgdiff import __version__
 from sgdiff.config import RuntimeConfig
 from sgdiff.engine.engine import Engine, GenerationResult
+from sgdiff.errors import UserError
 from sgdiff.io.files import write_atomically
-from sgdiff.io.image import OutputNamer, save_png
+from sgdiff.io.image import OutputNamer, check_output_file_name, save_png
+from sgdiff.io.video import save_mp4, save_png_frames
 from sgdiff.pipeline.base import PipelineEvents
 
 
@@ -23,6 +25,18 @@ class OutputConfig:
     output_path: Path = Path("outputs")
     output_file_name: str | None = None
     perf_dump_path: Path | None = None
+    output_format: str | None = None  # "png" or "mp4"; None: png for image models, mp4 for video models
+
+
+DEFAULT_FPS = 16
+
+
+def output_suffix(output_kind: str, output_format: str | None) -> str:
+    """The file suffix a run writes: ".png" (images), ".mp4" (videos) or "" (a video as PNG frames)."""
+    fmt = output_format or ("mp4" if output_kind == "video" else "png")
+    if output_kind == "image" and fmt != "png":
+        raise UserError("--output-format mp4 is for video models; this model makes images (png)")
+    return ".png" if output_kind == "image" else (".mp4" if fmt == "mp4" else "")
 
 
 @dataclass(frozen=True)
@@ -51,16 +65,22 @@ def run_batch(
     engine = Engine(request.model_path, request.preset, request.runtime, events)
     # every prompt is checked before the weights load: a bad request fails in a second
     all_params = [engine.sampling_params(prompt, **request.sampling_flags) for prompt in request.prompts]
-    engine.load()
     out = request.output
-    namer = OutputNamer(out.output_path, out.output_file_name, sum(p.num_outputs_per_prompt for p in all_params))
+    suffix = output_suffix(engine.info.spec.output, out.output_format)
+    if out.output_file_name is not None and (problem := check_output_file_name(out.output_file_name, suffix)):
+        raise UserError(problem)
+    engine.load()
+    namer = OutputNamer(
+        out.output_path, out.output_file_name, sum(p.num_outputs_per_prompt for p in all_params), suffix
+    )
     results, saved = [], []
     for params in all_params:
         result = engine.generate(params)
         results.append(result)
         if not out.save_output:
             continue
-        for index, image in enumerate(result.images):
+        outputs = result.images if result.videos is None else result.videos
+        for index, output in enumerate(outputs):
             path = namer.next_path(params.prompt, params.seed, index, params.num_outputs_per_prompt)
             metadata = {
                 **asdict(params),
@@ -70,12 +90,21 @@ def run_batch(
                 "dtype": str(engine.dtype).removeprefix("torch."),
                 "sgdiff_version": __version__,
             }
-            saved.append(save_png(image, path, metadata))
+            saved.append(save_output(output, path, suffix, params.fps or DEFAULT_FPS, metadata))
             on_saved(path)
     report = BatchReport(results, saved, engine.load_seconds, time.perf_counter() - start, engine.peak_rss_bytes())
     if out.perf_dump_path is not None:
         write_perf_dump(report, engine, out.perf_dump_path)
     return report
+
+
+def save_output(output, path: Path, suffix: str, fps: int, metadata: dict) -> Path:
+    """An image [H, W, 3] as PNG, or a video [T, H, W, 3] as MP4 or a folder of PNG frames."""
+    if suffix == ".png":
+        return save_png(output, path, metadata)
+    if suffix == ".mp4":
+        return save_mp4(output, path, fps, metadata)
+    return save_png_frames(output, path, metadata)
 
 
 def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
@@ -92,7 +121,7 @@ def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
                 "height": r.params.height,
                 "width": r.params.width,
                 "num_inference_steps": r.params.num_inference_steps,
-                "num_outputs": len(r.images),
+                "num_outputs": len(r.images if r.videos is None else r.videos),
                 "total_seconds": r.total_seconds,
                 "stage_seconds": r.stage_seconds,
                 "step_seconds": r.step_seconds,

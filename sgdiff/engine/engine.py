@@ -53,7 +53,8 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 @dataclass
 class GenerationResult:
     params: SamplingParams
-    images: np.ndarray  # [N, H, W, 3] uint8
+    images: np.ndarray | None  # [N, H, W, 3] uint8 (image models)
+    videos: np.ndarray | None  # [N, T, H, W, 3] uint8 (video models)
     stage_seconds: dict[str, float]
     step_seconds: list[float]
     total_seconds: float
@@ -81,9 +82,9 @@ class Engine:
         self.model_dir = resolve_model_path(model_path)
         self.info = inspect_model(self.model_dir)
         self.preset: Preset | None = select_preset(
-            preset, model_path, self.info.pipeline_class, self.info.transformer_config
+            preset, model_path, self.info.pipeline_class, self.info.transformer_config, self.info.model_index
         )
-        self._rules = self.info.spec.rules(self.info.transformer_config)
+        self._rules = self.info.spec.rules(self.info)
         # preset [schedule] < the checkpoint's scheduler_config.json; checked now, before any weight loads
         schedule_options = merge_layers(self.preset.schedule if self.preset else None, self.info.scheduler_config)
         self.schedule = self.info.spec.schedule(schedule_options)
@@ -92,7 +93,13 @@ class Engine:
 
     def sampling_params(self, prompt: str, **flags: Any) -> SamplingParams:
         """Defaults < preset < `flags` (None means not given); checked against this model's rules."""
-        params = build_sampling_params(prompt, self.preset, flags)
+        spec = self.info.spec
+        given = {name for name, value in flags.items() if value is not None}
+        for name in sorted(given - spec.accepts):
+            flag = "--" + name.replace("_", "-")
+            kind = "an image" if spec.output == "image" else "a video"
+            raise UserError(f"{flag} does not apply to {self.info.pipeline_class} ({kind} model)")
+        params = spec.adjust(build_sampling_params(prompt, self.preset, flags))
         if params.generator_device == "cuda" and self.device.type != "cuda":
             raise UserError("--generator-device cuda needs the model on a CUDA device")
         for rule in self._rules:
@@ -116,6 +123,7 @@ class Engine:
         return GenerationResult(
             params=params,
             images=state.images,
+            videos=state.videos,
             stage_seconds=state.stage_seconds,
             step_seconds=state.step_seconds,
             total_seconds=time.perf_counter() - start,

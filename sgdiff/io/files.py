@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,15 +20,46 @@ def _umask() -> int:
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temp file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".sgdiff-", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write_file(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
             write(handle)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+
+    write_path_atomically(path, write_file)
+
+
+def write_path_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` creates the file `tmp` (same folder, same suffix); it is renamed to `path` only
+    when complete, with the usual permissions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".sgdiff-", suffix=".part" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_folder_atomically(folder: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp_folder)` fills a temp folder beside `folder`, which then replaces `folder` whole."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".sgdiff-", suffix=".part", dir=folder.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=".sgdiff-old-", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -41,50 +41,62 @@ def default_stem(prompt: str, seed: int) -> str:
     return f"{slugify(prompt)}-{digest}_{seed}"
 
 
-OTHER_FORMATS = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mp4")
+MEDIA_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mp4", ".mov", ".webm")
 
 
-def split_png_name(file_name: str) -> tuple[str, str]:
-    """NAME -> (NAME, ".png"); NAME.png / NAME.PNG keep the extension exactly as given."""
-    if file_name.lower().endswith(".png"):
-        return file_name[:-4], file_name[-4:]
-    return file_name, ".png"
+def split_name(file_name: str, suffix: str) -> tuple[str, str]:
+    """NAME -> (NAME, suffix); NAME with that suffix (any case) keeps it exactly as given.
+    suffix "" is a folder of frames: the name is used as it is."""
+    if suffix and file_name.lower().endswith(suffix):
+        return file_name[: -len(suffix)], file_name[-len(suffix) :]
+    return file_name, suffix
 
 
-def check_output_file_name(file_name: str) -> str | None:
-    """A message saying what is wrong with --output-file-name, or None."""
+def check_output_file_name(file_name: str, suffix: str | None = None) -> str | None:
+    """A message saying what is wrong with --output-file-name, or None. With `suffix` (".png",
+    ".mp4", or "" for a folder of frames) the name must not carry another media extension."""
     if "/" in file_name or os.sep in file_name:
         return "--output-file-name takes a plain file name; put folders in --output-path"
-    stem, _ = split_png_name(file_name)
+    stem = file_name
+    for known in MEDIA_SUFFIXES:
+        if stem.lower().endswith(known):
+            stem = stem[: -len(known)]
     if not stem.strip() or stem in (".", ".."):
         return "--output-file-name needs a name before the extension, e.g. --output-file-name cat"
-    if file_name.lower().endswith(OTHER_FORMATS):
-        return "--output-file-name: sgdiff writes PNG images; give NAME or NAME.png"
     if len(os.fsencode(file_name)) > MAX_FILE_NAME_BYTES - 10:
         return f"--output-file-name is too long (at most {MAX_FILE_NAME_BYTES - 10} bytes)"
+    if (
+        suffix is not None
+        and file_name.lower().endswith(MEDIA_SUFFIXES)
+        and not (suffix and file_name.lower().endswith(suffix))
+    ):
+        what = f"{suffix} files" if suffix else "a folder of PNG frames"
+        return f"--output-file-name {file_name}: this run writes {what}; give NAME or NAME{suffix}"
     return None
 
 
 class OutputNamer:
-    """File names for a run's images.
+    """Output paths for a run, in generation order.
 
-    With --output-file-name NAME: NAME.png for a single image, else NAME_0.png, NAME_1.png, ...
-    in generation order. Without it: <prompt-slug>-<hash>_<seed>.png, with _<k> per extra output.
+    With --output-file-name NAME: NAME<suffix> for a single output, else NAME_0<suffix>, NAME_1<suffix>,
+    ... Without it: <prompt-slug>-<hash>_<seed><suffix>, with _<k> per extra output of a prompt.
+    `suffix` is ".png", ".mp4", or "" (a folder of PNG frames).
     """
 
-    def __init__(self, output_dir: Path, file_name: str | None, total_outputs: int):
+    def __init__(self, output_dir: Path, file_name: str | None, total_outputs: int, suffix: str = ".png"):
         self.output_dir = output_dir
         self.file_name = file_name
         self.total_outputs = total_outputs
+        self.suffix = suffix
         self.count = 0
 
     def next_path(self, prompt: str, seed: int, index_in_prompt: int, outputs_per_prompt: int) -> Path:
         if self.file_name:
-            stem, suffix = split_png_name(self.file_name)
+            stem, suffix = split_name(self.file_name, self.suffix)
             if self.total_outputs > 1:
                 stem = f"{stem}_{self.count}"
         else:
-            stem, suffix = default_stem(prompt, seed), ".png"
+            stem, suffix = default_stem(prompt, seed), self.suffix
             if outputs_per_prompt > 1:
                 stem = f"{stem}_{index_in_prompt}"
         self.count += 1

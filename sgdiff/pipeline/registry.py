@@ -7,12 +7,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sgdiff.config import SamplingParams
 from sgdiff.errors import UserError
 from sgdiff.models.loading import read_json, safetensors_files
 from sgdiff.pipeline.base import ComposedPipeline
 from sgdiff.pipeline.flux import flux_rules, load_flux_pipeline
 from sgdiff.pipeline.schedule import FlowMatchSchedule
 from sgdiff.pipeline.stages.validation import ValidationRule
+from sgdiff.pipeline.wan import WanSchedule, load_wan_pipeline, wan_adjust, wan_rules
+
+COMMON_FIELDS = frozenset(
+    {"negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed", "generator_device",
+     "num_outputs_per_prompt", "max_sequence_length"}
+)  # fmt: skip
+VIDEO_FIELDS = frozenset({"num_frames", "num_frames_round_down", "fps", "flow_shift", "guidance_scale_2"})
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the small JSON files of a checkpoint say (no weights read)."""
+
+    model_dir: Path
+    pipeline_class: str
+    model_index: dict[str, Any]
+    transformer_config: dict[str, Any]
+    scheduler_config: dict[str, Any]
+    vae_config: dict[str, Any]
+
+    @property
+    def spec(self) -> PipelineSpec:
+        return PIPELINES[self.pipeline_class]
 
 
 @dataclass(frozen=True)
@@ -21,27 +45,32 @@ class PipelineSpec:
 
     # load(model_dir, device, dtype, schedule, events) -> ComposedPipeline
     load: Callable[..., ComposedPipeline]
-    # rules(transformer_config) -> request checks, run before any weight loads
-    rules: Callable[[dict[str, Any]], list[ValidationRule]]
+    # rules(info) -> request checks, run before any weight loads (and again by the validation stage)
+    rules: Callable[[ModelInfo], list[ValidationRule]]
     # schedule(merged scheduler options) -> the pipeline's schedule object; refuses what it cannot honour
     schedule: Callable[[dict[str, Any]], Any]
+    output: str  # "image" or "video"
+    accepts: frozenset[str]  # the sampling parameters this pipeline uses; a flag outside them is refused
+    adjust: Callable[[SamplingParams], SamplingParams] = lambda params: params
 
 
 PIPELINES: dict[str, PipelineSpec] = {
-    "FluxPipeline": PipelineSpec(load=load_flux_pipeline, rules=flux_rules, schedule=FlowMatchSchedule.from_dict),
+    "FluxPipeline": PipelineSpec(
+        load=load_flux_pipeline,
+        rules=lambda info: flux_rules(info.transformer_config),
+        schedule=FlowMatchSchedule.from_dict,
+        output="image",
+        accepts=COMMON_FIELDS | {"true_cfg_scale"},
+    ),
+    "WanPipeline": PipelineSpec(
+        load=load_wan_pipeline,
+        rules=lambda info: wan_rules(info.transformer_config, info.model_index, info.vae_config),
+        schedule=WanSchedule.from_dict,
+        output="video",
+        accepts=COMMON_FIELDS | VIDEO_FIELDS,
+        adjust=wan_adjust,
+    ),
 }
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    model_dir: Path
-    pipeline_class: str
-    transformer_config: dict[str, Any]
-    scheduler_config: dict[str, Any]
-
-    @property
-    def spec(self) -> PipelineSpec:
-        return PIPELINES[self.pipeline_class]
 
 
 def inspect_model(model_dir: Path) -> ModelInfo:
@@ -56,12 +85,22 @@ def inspect_model(model_dir: Path) -> ModelInfo:
         raise UserError(f"pipeline '{pipeline_class}' in {index_path} is not supported (supported: {supported})")
     check_components(model_dir, index)
     scheduler_path = model_dir / "scheduler" / "scheduler_config.json"
+    vae_path = model_dir / "vae" / "config.json"
     return ModelInfo(
         model_dir=model_dir,
         pipeline_class=pipeline_class,
-        transformer_config=read_json(model_dir / "transformer" / "config.json"),
+        model_index=index,
+        vae_config=read_json(vae_path) if vae_path.is_file() else {},
+        transformer_config=read_json(transformer_config_path(model_dir)),
         scheduler_config=read_json(scheduler_path) if scheduler_path.is_file() else {},
     )
+
+
+def transformer_config_path(model_dir: Path) -> Path:
+    """transformer/config.json, or transformer_2's when a checkpoint ships only the second expert."""
+    first = model_dir / "transformer" / "config.json"
+    second = model_dir / "transformer_2" / "config.json"
+    return second if not first.is_file() and second.is_file() else first
 
 
 WEIGHTLESS_CLASS_SUFFIXES = ("Tokenizer", "TokenizerFast", "Scheduler", "Processor", "FeatureExtractor")
@@ -71,9 +110,10 @@ def check_components(model_dir: Path, index: dict[str, Any]) -> None:
     """Every part model_index.json names exists, and every part with weights has safetensors:
     a broken checkpoint fails before anything loads."""
     for name, entry in index.items():
-        if name.startswith("_") or entry is None or entry == [None, None]:
+        # lists name components; other values are pipeline settings (boundary_ratio, expand_timesteps, ...)
+        if name.startswith("_") or not isinstance(entry, list) or entry == [None, None]:
             continue
-        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+        if not (len(entry) == 2 and all(isinstance(x, str) for x in entry)):
             raise UserError(f"{model_dir / 'model_index.json'}: entry '{name}' should be [library, class], got {entry}")
         folder = model_dir / name
         if not folder.is_dir():

@@ -106,6 +106,20 @@ class FlowMatchEulerSampler:
         return euler_step(latents, velocity, self.sigmas[index], self.sigmas[index + 1])
 
 
+class SchedulerSampler:
+    """A diffusers scheduler instance driving the loop (Wan reuses the library's UniPC scheduler).
+    Schedulers keep state between steps, so each request gets its own instance."""
+
+    def __init__(self, scheduler: Any, num_steps: int, device: torch.device):
+        self.scheduler = scheduler
+        scheduler.set_timesteps(num_steps, device=device)
+        scheduler.set_begin_index(0)
+        self.timesteps = scheduler.timesteps
+
+    def step(self, velocity: torch.Tensor, index: int, latents: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.step(velocity, self.timesteps[index], latents, return_dict=False)[0]
+
+
 # velocity_fn(latents, timestep, step_index) -> predicted velocity, same shape as latents
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 StepCallback = Callable[[int], None]

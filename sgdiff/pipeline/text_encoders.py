@@ -44,3 +44,37 @@ class T5SequenceEncoder:
     def __call__(self, prompts: list[str], max_length: int) -> torch.Tensor:
         ids = _tokenize(self.tokenizer, prompts, max_length)
         return self.model(ids.to(self.model.device), output_hidden_states=False)[0]
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning: ftfy (when installed, as diffusers does), HTML entities, whitespace."""
+    import html
+    import re
+
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class UMT5SequenceEncoder:
+    """UMT5 encoder -> [B, max_length, D]: hidden states of the real tokens, zeros after them."""
+
+    def __init__(self, tokenizer, model: torch.nn.Module):
+        self.tokenizer = tokenizer
+        self.model = model
+
+    def __call__(self, prompts: list[str], max_length: int) -> torch.Tensor:
+        prompts = [clean_prompt(p) for p in prompts]
+        with quiet_libraries():
+            tokens = self.tokenizer(
+                prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+            )
+        ids, mask = tokens.input_ids.to(self.model.device), tokens.attention_mask.to(self.model.device)
+        hidden = self.model(ids, mask).last_hidden_state  # [B, L, D]
+        keep = (torch.arange(max_length, device=hidden.device)[None, :] < mask.sum(dim=1)[:, None])[..., None]
+        return torch.where(keep, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))

@@ -32,3 +32,24 @@ class VaeDecodingStage(Stage):
         latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
         decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
         state.images = to_uint8_images(decoded)
+
+
+class VideoVaeDecodingStage(Stage):
+    """Wan-style VAE: latents are normalised per channel (latents_mean / latents_std)."""
+
+    name = "decoding"
+    parallel = ParallelMode.RANK0_ONLY
+
+    def __init__(self, vae: torch.nn.Module):
+        self.vae = vae
+
+    def run(self, state: State) -> None:
+        config = self.vae.config
+        latents = state.latents.to(self.vae.dtype)  # [B, C, F, h, w]
+        channel = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(channel).to(latents.device, latents.dtype)
+        inverse_std = 1.0 / torch.tensor(config.latents_std).view(channel).to(latents.device, latents.dtype)
+        decoded = self.vae.decode(latents / inverse_std + mean, return_dict=False)[0]  # [B, 3, T, H, W]
+        # [B, 3, T, H, W] -> [B*T, 3, H, W] -> uint8 frames -> [B, T, H, W, 3]
+        frames = to_uint8_images(decoded.transpose(1, 2).flatten(0, 1))
+        state.videos = frames.reshape(decoded.shape[0], decoded.shape[2], *frames.shape[1:])

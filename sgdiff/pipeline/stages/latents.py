@@ -27,11 +27,13 @@ class LatentsStage(Stage):
     name = "latents"
     parallel = ParallelMode.ALL_RANKS
 
-    def __init__(self, noise_shape: NoiseShape, prepare: PrepareNoise):
+    def __init__(self, noise_shape: NoiseShape, prepare: PrepareNoise, noise_dtype: torch.dtype | None = None):
         self.noise_shape = noise_shape
         self.prepare = prepare
+        self.noise_dtype = noise_dtype  # None: the model dtype (FLUX); Wan keeps its latents in float32
 
     def run(self, state: State) -> None:
-        noise = seeded_noise(self.noise_shape(state.params), state.params, state.dtype, state.device)
+        dtype = self.noise_dtype or state.dtype
+        noise = seeded_noise(self.noise_shape(state.params), state.params, dtype, state.device)
         state.latents, shared = self.prepare(noise, state.params)
         state.shared.update(shared)

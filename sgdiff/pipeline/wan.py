@@ -1,0 +1,235 @@
+"""Wan 2.1 / 2.2 text-to-video: UMT5 text, sgdiff's Wan transformer (two for the 2.2 MoE models,
+switched at `boundary_ratio`), diffusers' Wan VAE and the scheduler named in the checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sgdiff.config import SamplingParams
+from sgdiff.errors import UserError
+from sgdiff.models.loading import build_on_meta, load_own_model, read_json
+from sgdiff.models.wan import WanTransformer, WanTransformerConfig
+from sgdiff.models.wan.transformer import IGNORED_KEYS, KEEP_FP32
+from sgdiff.pipeline.base import ComposedPipeline, PipelineEvents, State
+from sgdiff.pipeline.components import load_library_model, load_tokenizer, timed_load
+from sgdiff.pipeline.stages.decoding import VideoVaeDecodingStage
+from sgdiff.pipeline.stages.denoising import DenoisingStage
+from sgdiff.pipeline.stages.latents import LatentsStage
+from sgdiff.pipeline.stages.text_encoding import TextEncodingStage
+from sgdiff.pipeline.stages.timesteps import SchedulerTimestepsStage
+from sgdiff.pipeline.stages.validation import InputValidationStage, ValidationRule
+from sgdiff.pipeline.text_encoders import UMT5SequenceEncoder
+
+# The schedulers diffusers' Wan checkpoints name, and the config key each uses for the flow shift.
+SCHEDULERS = {"UniPCMultistepScheduler": "flow_shift", "FlowMatchEulerDiscreteScheduler": "shift"}
+VAE_TEMPORAL_FACTOR = 4  # both Wan VAEs: 4k+1 frames -> k+1 latent frames
+
+
+@dataclass(frozen=True)
+class WanSchedule:
+    """The scheduler class and config from scheduler/scheduler_config.json (merged under the preset's)."""
+
+    class_name: str
+    config: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> WanSchedule:
+        class_name = raw.get("_class_name", "UniPCMultistepScheduler")
+        if class_name not in SCHEDULERS:
+            raise UserError(f"scheduler {class_name} is not supported for Wan (supported: {', '.join(SCHEDULERS)})")
+        return cls(class_name, {k: v for k, v in raw.items() if not k.startswith("_")})
+
+    def make(self, flow_shift: float | None) -> Any:
+        """A fresh scheduler instance (schedulers hold per-request state), with --flow-shift applied."""
+        import diffusers
+
+        config = dict(self.config)
+        if flow_shift is not None:
+            config[SCHEDULERS[self.class_name]] = flow_shift
+        return getattr(diffusers, self.class_name).from_config(config)
+
+
+def round_frames_down(num_frames: int) -> int:
+    return (num_frames - 1) // VAE_TEMPORAL_FACTOR * VAE_TEMPORAL_FACTOR + 1
+
+
+def wan_adjust(params: SamplingParams) -> SamplingParams:
+    """--num-frames-round-down: the nearest valid frame count below the one asked for."""
+    if params.num_frames_round_down and params.num_frames is not None and params.num_frames % 4 != 1:
+        return replace(params, num_frames=round_frames_down(params.num_frames))
+    return params
+
+
+def wan_rules(
+    transformer_config: dict[str, Any], model_index: dict[str, Any], vae_config: dict[str, Any]
+) -> list[ValidationRule]:
+    patch = transformer_config.get("patch_size", (1, 2, 2))
+    multiple = int(vae_config.get("scale_factor_spatial", 8)) * int(patch[1])
+
+    def frames_are_4k_plus_1(params: SamplingParams) -> None:
+        if params.num_frames is None:
+            raise UserError("this video model needs --num-frames (its preset sets none)")
+        if params.num_frames % VAE_TEMPORAL_FACTOR != 1:
+            lower = round_frames_down(params.num_frames)
+            raise UserError(
+                f"--num-frames must be 4k+1 (e.g. {lower} or {lower + 4}), got {params.num_frames}; "
+                "or pass --num-frames-round-down"
+            )
+
+    def size_fits_patches(params: SamplingParams) -> None:
+        for name, value in (("height", params.height), ("width", params.width)):
+            if value % multiple:
+                raise UserError(f"--{name} must be a multiple of {multiple} for this model, got {value}")
+
+    def second_guidance_needs_two_experts(params: SamplingParams) -> None:
+        if params.guidance_scale_2 is not None and model_index.get("boundary_ratio") is None:
+            raise UserError("--guidance-scale-2 is for Wan2.2 A14B models (two experts); this model has one")
+
+    return [frames_are_4k_plus_1, size_fits_patches, second_guidance_needs_two_experts]
+
+
+@dataclass
+class WanComponents:
+    tokenizer: Any
+    text_encoder: torch.nn.Module  # transformers UMT5EncoderModel
+    transformer: WanTransformer | None  # high-noise expert for Wan2.2 A14B
+    transformer_2: WanTransformer | None  # low-noise expert (Wan2.2 A14B only)
+    vae: torch.nn.Module  # diffusers AutoencoderKLWan, float32
+    boundary_ratio: float | None = None
+    expand_timesteps: bool = False  # Wan2.2 TI2V: one timestep per token
+
+
+class WanVideoGeometry:
+    def __init__(self, vae_config: Any, latent_channels: int):
+        self.spatial = vae_config.scale_factor_spatial
+        self.temporal = vae_config.scale_factor_temporal
+        self.latent_channels = latent_channels
+
+    def noise_shape(self, params: SamplingParams) -> tuple[int, ...]:
+        frames = (params.num_frames - 1) // self.temporal + 1
+        size = (params.height // self.spatial, params.width // self.spatial)
+        return (params.num_outputs_per_prompt, self.latent_channels, frames, *size)
+
+    @staticmethod
+    def as_latents(noise: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, dict]:
+        return noise, {}
+
+
+class WanPromptEncoder:
+    def __init__(self, encoder: UMT5SequenceEncoder, dtype: torch.dtype):
+        self.encoder, self.dtype = encoder, dtype
+
+    def __call__(self, prompts: list[str], params: SamplingParams) -> dict[str, torch.Tensor]:
+        return {"encoder_hidden_states": self.encoder(prompts, params.max_sequence_length).to(self.dtype)}
+
+
+class WanDenoiser:
+    """Picks the expert by timestep (Wan2.2 A14B), feeds it latents in its dtype."""
+
+    def __init__(self, parts: WanComponents, num_train_timesteps: int):
+        self.parts = parts
+        ratio = parts.boundary_ratio
+        self.boundary = ratio * num_train_timesteps if ratio is not None else None
+
+    def uses_second_expert(self, t: torch.Tensor) -> bool:
+        return self.boundary is not None and bool(t < self.boundary)
+
+    def expert(self, t: torch.Tensor) -> WanTransformer:
+        model = self.parts.transformer_2 if self.uses_second_expert(t) else self.parts.transformer
+        if model is None:
+            raise UserError("this checkpoint lacks the expert needed at this timestep")
+        return model
+
+    def cfg_scale_at(self, t: torch.Tensor, state: State) -> float:
+        if self.uses_second_expert(t) and state.params.guidance_scale_2 is not None:
+            return state.params.guidance_scale_2
+        return state.cfg_scale
+
+    def __call__(self, latents: torch.Tensor, t: torch.Tensor, inputs: dict, state: State) -> torch.Tensor:
+        model = self.expert(t)
+        batch, _, frames, height, width = latents.shape
+        if self.parts.expand_timesteps:
+            _, ph, pw = model.config.patch_size
+            # one timestep per token: [B, F * H/ph * W/pw]
+            timestep = torch.full((batch, frames * (height // ph) * (width // pw)), float(t), device=latents.device)
+        else:
+            timestep = t.expand(batch)
+        dtype = model_dtype(self.parts)
+        return model(latents.to(dtype), timestep, inputs["encoder_hidden_states"])
+
+
+def model_dtype(parts: WanComponents) -> torch.dtype:
+    """The dtype diffusers calls the transformer's: that of its first parameter (the patch embedding)."""
+    model = parts.transformer if parts.transformer is not None else parts.transformer_2
+    return model.patch_embedding.weight.dtype
+
+
+def guidance_cfg(params: SamplingParams) -> float | None:
+    return params.guidance_scale if params.guidance_scale > 1 else None
+
+
+def load_wan_transformer(folder: Path, dtype: torch.dtype, device: torch.device) -> WanTransformer:
+    config = WanTransformerConfig.from_dict(read_json(folder / "config.json"))
+    return load_own_model(build_on_meta(WanTransformer, config), folder, dtype, device, KEEP_FP32, IGNORED_KEYS)
+
+
+def load_wan_components(
+    model_dir: Path, device: torch.device, dtype: torch.dtype, events: PipelineEvents
+) -> WanComponents:
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5EncoderModel
+
+    index = read_json(model_dir / "model_index.json")
+
+    def expert(name: str) -> WanTransformer | None:
+        if not (model_dir / name).is_dir():
+            return None
+        return timed_load(events, name, lambda: load_wan_transformer(model_dir / name, dtype, device))
+
+    return WanComponents(
+        tokenizer=timed_load(events, "tokenizer", lambda: load_tokenizer(model_dir / "tokenizer")),
+        text_encoder=timed_load(
+            events,
+            "text_encoder",
+            lambda: load_library_model(UMT5EncoderModel, model_dir / "text_encoder", dtype, device),
+        ),
+        transformer=expert("transformer"),
+        transformer_2=expert("transformer_2"),
+        # float32, as diffusers' Wan examples load it (small next to the transformer)
+        vae=timed_load(
+            events, "vae", lambda: load_library_model(AutoencoderKLWan, model_dir / "vae", torch.float32, device)
+        ),
+        boundary_ratio=index.get("boundary_ratio"),
+        expand_timesteps=bool(index.get("expand_timesteps", False)),
+    )
+
+
+def compose_wan_pipeline(parts: WanComponents, schedule: WanSchedule, rules: list[ValidationRule]) -> ComposedPipeline:
+    reference = parts.transformer if parts.transformer is not None else parts.transformer_2
+    geometry = WanVideoGeometry(parts.vae.config, reference.config.in_channels)
+    denoiser = WanDenoiser(parts, int(schedule.config.get("num_train_timesteps", 1000)))
+    stages = [
+        InputValidationStage(rules),
+        TextEncodingStage(
+            WanPromptEncoder(UMT5SequenceEncoder(parts.tokenizer, parts.text_encoder), model_dtype(parts)), guidance_cfg
+        ),
+        SchedulerTimestepsStage(lambda params: schedule.make(params.flow_shift)),
+        LatentsStage(geometry.noise_shape, geometry.as_latents, noise_dtype=torch.float32),
+        DenoisingStage(denoiser, denoiser.cfg_scale_at),
+        VideoVaeDecodingStage(parts.vae),
+    ]
+    return ComposedPipeline("wan", stages, vae_scale_factor=geometry.spatial)
+
+
+def load_wan_pipeline(
+    model_dir: Path, device: torch.device, dtype: torch.dtype, schedule: WanSchedule, events: PipelineEvents
+) -> ComposedPipeline:
+    parts = load_wan_components(model_dir, device, dtype, events)
+    reference = parts.transformer if parts.transformer is not None else parts.transformer_2
+    index = read_json(model_dir / "model_index.json")
+    rules = wan_rules(asdict(reference.config), index, dict(parts.vae.config))
+    return compose_wan_pipeline(parts, schedule, rules)

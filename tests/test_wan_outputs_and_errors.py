@@ -1,0 +1,125 @@
+"""Wan from the CLI: MP4 output, frame-count rules, flags a model cannot use, presets by config."""
+
+from __future__ import annotations
+
+import json
+
+import imageio.v2 as imageio
+import pytest
+from typer.testing import CliRunner
+
+from sgdiff.cli.main import app
+from sgdiff.config import select_preset
+
+runner = CliRunner()
+SMALL = ["--height", "32", "--width", "32", "--steps", "2"]
+
+
+def generate(model, *args: str):
+    return runner.invoke(app, ["generate", "--model-path", str(model), *SMALL, *args])
+
+
+def one_line_error(result, message: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_mp4_opens_with_the_right_frames_size_and_fps(tiny_wan, tmp_path):
+    result = generate(tiny_wan("t2v"), "--prompt", "a cube", "--num-frames", "9", "--fps", "12",
+                      "--output-path", str(tmp_path), "--output-file-name", "clip")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split() == [str(tmp_path / "clip.mp4")]
+    assert "generated 1 video(s)" in result.stderr
+    reader = imageio.get_reader(tmp_path / "clip.mp4")
+    meta = reader.get_meta_data()
+    assert reader.count_frames() == 9 and meta["fps"] == 12 and meta["size"] == (32, 32) and meta["codec"] == "h264"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]  # no temp files left
+
+
+def test_png_frames_folder_holds_parameters(tiny_wan, tmp_path):
+    result = generate(tiny_wan("t2v"), "--prompt", "a cube", "--num-frames", "5", "--output-format", "png",
+                      "--output-path", str(tmp_path), "--output-file-name", "clip")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    frames = sorted((tmp_path / "clip").iterdir())
+    assert [f.name for f in frames] == [f"frame_{i:05d}.png" for i in range(5)]
+    from sgdiff.io.image import read_png_parameters
+
+    params = read_png_parameters(frames[3])
+    assert params["frame_index"] == 3 and params["num_frames"] == 5 and params["prompt"] == "a cube"
+
+
+def test_num_frames_must_be_4k_plus_1_unless_rounded_down(tiny_wan, tmp_path):
+    model = tiny_wan("t2v")
+    one_line_error(
+        generate(model, "--prompt", "p", "--num-frames", "8"), "--num-frames must be 4k+1 (e.g. 5 or 9), got 8"
+    )
+    result = generate(model, "--prompt", "p", "--num-frames", "8", "--num-frames-round-down", "--output-format",
+                      "png", "--output-path", str(tmp_path), "--output-file-name", "v")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "v").iterdir())) == 5
+
+
+def test_a_video_model_without_a_preset_needs_num_frames(tiny_wan):
+    one_line_error(generate(tiny_wan("t2v"), "--prompt", "p"), "this video model needs --num-frames")
+
+
+@pytest.mark.parametrize(
+    ("variant", "args", "message"),
+    [
+        ("t2v", ["--guidance-scale-2", "2"], "--guidance-scale-2 is for Wan2.2 A14B models"),
+        ("t2v", ["--true-cfg-scale", "4"], "--true-cfg-scale does not apply to WanPipeline (a video model)"),
+        ("t2v", ["--height", "48"], None),  # 48 is fine for Wan2.1 (multiple of 16)
+        ("ti2v", ["--height", "48"], "--height must be a multiple of 32 for this model"),
+        ("t2v", ["--output-file-name", "clip.png"], "this run writes .mp4 files"),
+    ],
+)
+def test_video_flags_checked_before_loading(tiny_wan, variant, args, message, tmp_path):
+    result = generate(tiny_wan(variant), "--prompt", "p", "--num-frames", "5", "--output-path", str(tmp_path), *args)
+    if message is None:
+        assert result.exit_code == 0, result.output
+    else:
+        one_line_error(result, message)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--num-frames", "5"], "--num-frames does not apply to FluxPipeline (an image model)"),
+        (["--fps", "8"], "--fps does not apply to FluxPipeline"),
+        (["--flow-shift", "3"], "--flow-shift does not apply to FluxPipeline"),
+        (["--output-format", "mp4"], "--output-format mp4 is for video models"),
+        (["--output-file-name", "x.jpg"], "this run writes .png files"),
+    ],
+)
+def test_image_model_refuses_video_flags(tiny_flux_dev, args, message):
+    one_line_error(generate(tiny_flux_dev, "--prompt", "p", *args), message)
+
+
+@pytest.mark.parametrize(
+    ("transformer", "model_index", "expected"),
+    [
+        ({"num_layers": 30, "in_channels": 16, "num_attention_heads": 12}, {}, "wan2.1-t2v-1.3b"),
+        ({"num_layers": 40, "in_channels": 16, "num_attention_heads": 40}, {}, "wan2.1-t2v-14b"),
+        (
+            {"num_layers": 40, "in_channels": 16, "num_attention_heads": 40},
+            {"boundary_ratio": 0.875},
+            "wan2.2-t2v-a14b",
+        ),
+        (
+            {"num_layers": 30, "in_channels": 48, "num_attention_heads": 24},
+            {"expand_timesteps": True},
+            "wan2.2-ti2v-5b",
+        ),
+    ],
+)
+def test_wan_presets_follow_the_checkpoint_config(transformer, model_index, expected):
+    assert select_preset(None, "/local/finetune", "WanPipeline", transformer, model_index).name == expected
+
+
+def test_wan_preset_fills_frames_fps_negative_prompt(tiny_wan, tmp_path):
+    perf = tmp_path / "perf.json"
+    result = generate(tiny_wan("t2v"), "--prompt", "p", "--preset", "wan2.1-t2v-1.3b", "--num-frames", "5",
+                      "--no-save-output", "--perf-dump-path", str(perf))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(perf.read_text())["requests"][0]["num_outputs"] == 1
