@@ -16,12 +16,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_common import DEVICE, print_top_kernels, time_interleaved  # noqa: E402
 
 from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig  # noqa: E402
 from sgdiff.models.flux.config import FLUX_DEV  # noqa: E402
@@ -29,7 +30,6 @@ from sgdiff.models.flux.packing import image_position_ids, text_position_ids  # 
 from sgdiff.models.loading import build_on_meta  # noqa: E402
 from sgdiff.testing.compare import relative_error  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # --tiny: a 2+2-layer model, to check the script itself on a CPU before spending GPU time
 TINY = FluxTransformerConfig(
     in_channels=16,
@@ -43,42 +43,6 @@ TINY = FluxTransformerConfig(
     axes_dims_rope=(4, 6, 6),
 )
 FLOP_PER_FORWARD_1024 = 74.4e12  # torch.utils.flop_counter on diffusers' FLUX.1-dev at 1024x1024 (GPU_NOTES)
-
-
-def time_call(fn) -> float:
-    """Milliseconds for one call: CUDA events on the GPU, the host clock on the CPU."""
-    if DEVICE != "cuda":
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end)
-
-
-def time_interleaved(variants: dict, warmup: int, repeat: int) -> dict[str, list[float]]:
-    """Round-robin over the variants so clock and thermal drift hit all of them alike."""
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeat):
-        for name, fn in variants.items():
-            times[name].append(time_call(fn))
-    return times
-
-
-def print_top_kernels(fn, rows: int = 15) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-    with profile(activities=activities) as prof:
-        fn()
-    sort_by = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60))
 
 
 def build_models(config: FluxTransformerConfig):
