@@ -45,6 +45,7 @@ class SamplingParams:
     fps: int | None = None
     guidance_scale_2: float | None = None  # Wan2.2 MoE: CFG scale of the low-noise expert
     flow_shift: float | None = None
+    image_path: str | None = None  # image-to-video: a local file or an http(s) URL
 
     def validate(self) -> None:
         check_sampling_values(self.__dict__)
@@ -61,7 +62,7 @@ INT_FIELDS = {
     "fps",
 }  # fmt: skip
 FLOAT_FIELDS = {"guidance_scale", "true_cfg_scale", "guidance_scale_2", "flow_shift"}
-STR_FIELDS = {"negative_prompt", "generator_device"}
+STR_FIELDS = {"negative_prompt", "generator_device", "image_path"}
 BOOL_FIELDS = {"num_frames_round_down"}
 MAX_SIZE = 8192
 MAX_SEED = 2**64 - 1

@@ -95,6 +95,7 @@ def generate(
     fps: opt.Fps = None,
     guidance_scale_2: opt.GuidanceScale2 = None,
     flow_shift: opt.FlowShift = None,
+    image_path: opt.ImagePath = None,
     preset: opt.PresetName = None,
     save_output: opt.SaveOutput = True,
     output_path: opt.OutputPath = Path("outputs"),
@@ -125,6 +126,7 @@ def generate(
             "fps": fps,
             "guidance_scale_2": guidance_scale_2,
             "flow_shift": flow_shift,
+            "image_path": image_path,
         }
         flags = {k: v for k, v in flags.items() if v is not None}
         check_sampling_values(flags)

@@ -126,6 +126,12 @@ FlowShift = Annotated[
         "--flow-shift", help="Flow-matching shift of the scheduler (default: the preset's).", rich_help_panel=VIDEO
     ),
 ]
+ImagePath = Annotated[
+    str | None,
+    typer.Option(
+        "--image-path", help="Image-to-video: the first frame, a local file or an http(s) URL.", rich_help_panel=VIDEO
+    ),
+]
 OutputFormat = Annotated[
     OutputFormatChoice | None,
     typer.Option(

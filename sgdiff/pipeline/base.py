@@ -70,6 +70,20 @@ class Stage:
         raise NotImplementedError
 
 
+class OptionalStage(Stage):
+    """Runs `stage` only for requests where `applies(params)` (e.g. image conditioning when an image is given)."""
+
+    def __init__(self, stage: Stage, applies):
+        self.stage = stage
+        self.applies = applies
+        self.name = stage.name
+        self.parallel = stage.parallel
+
+    def run(self, state: State) -> None:
+        if self.applies(state.params):
+            self.stage.run(state)
+
+
 class ComposedPipeline:
     def __init__(self, name: str, stages: list[Stage], vae_scale_factor: int = 8):
         self.name = name

@@ -20,7 +20,7 @@ COMMON_FIELDS = frozenset(
     {"negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed", "generator_device",
      "num_outputs_per_prompt", "max_sequence_length"}
 )  # fmt: skip
-VIDEO_FIELDS = frozenset({"num_frames", "num_frames_round_down", "fps", "flow_shift", "guidance_scale_2"})
+VIDEO_FIELDS = frozenset({"num_frames", "num_frames_round_down", "fps", "flow_shift", "guidance_scale_2", "image_path"})
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,15 @@ class PipelineSpec:
     adjust: Callable[[SamplingParams], SamplingParams] = lambda params: params
 
 
+WAN_SPEC = PipelineSpec(
+    load=load_wan_pipeline,
+    rules=lambda info: wan_rules(info.transformer_config, info.model_index, info.vae_config),
+    schedule=WanSchedule.from_dict,
+    output="video",
+    accepts=COMMON_FIELDS | VIDEO_FIELDS,
+    adjust=wan_adjust,
+)
+
 PIPELINES: dict[str, PipelineSpec] = {
     "FluxPipeline": PipelineSpec(
         load=load_flux_pipeline,
@@ -62,14 +71,8 @@ PIPELINES: dict[str, PipelineSpec] = {
         output="image",
         accepts=COMMON_FIELDS | {"true_cfg_scale"},
     ),
-    "WanPipeline": PipelineSpec(
-        load=load_wan_pipeline,
-        rules=lambda info: wan_rules(info.transformer_config, info.model_index, info.vae_config),
-        schedule=WanSchedule.from_dict,
-        output="video",
-        accepts=COMMON_FIELDS | VIDEO_FIELDS,
-        adjust=wan_adjust,
-    ),
+    "WanPipeline": WAN_SPEC,
+    "WanImageToVideoPipeline": WAN_SPEC,  # one pipeline: the checkpoint's parts decide what it does
 }
 
 

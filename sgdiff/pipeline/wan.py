@@ -11,13 +11,15 @@ import torch
 
 from sgdiff.config import SamplingParams
 from sgdiff.errors import UserError
+from sgdiff.io.input_image import check_image_path
 from sgdiff.models.loading import build_on_meta, load_own_model, read_json
 from sgdiff.models.wan import WanTransformer, WanTransformerConfig
 from sgdiff.models.wan.transformer import IGNORED_KEYS, KEEP_FP32
-from sgdiff.pipeline.base import ComposedPipeline, PipelineEvents, State
-from sgdiff.pipeline.components import load_library_model, load_tokenizer, timed_load
+from sgdiff.pipeline.base import ComposedPipeline, OptionalStage, PipelineEvents, State
+from sgdiff.pipeline.components import load_library_model, load_tokenizer, quiet_libraries, timed_load
 from sgdiff.pipeline.stages.decoding import VideoVaeDecodingStage
 from sgdiff.pipeline.stages.denoising import DenoisingStage
+from sgdiff.pipeline.stages.image_conditioning import WanImageConditioningStage
 from sgdiff.pipeline.stages.latents import LatentsStage
 from sgdiff.pipeline.stages.text_encoding import TextEncodingStage
 from sgdiff.pipeline.stages.timesteps import SchedulerTimestepsStage
@@ -89,7 +91,18 @@ def wan_rules(
         if params.guidance_scale_2 is not None and model_index.get("boundary_ratio") is None:
             raise UserError("--guidance-scale-2 is for Wan2.2 A14B models (two experts); this model has one")
 
-    return [frames_are_4k_plus_1, size_fits_patches, second_guidance_needs_two_experts]
+    image_to_video = model_index.get("_class_name") == "WanImageToVideoPipeline"
+    takes_image = image_to_video or bool(model_index.get("expand_timesteps"))  # TI2V does both
+
+    def image_fits_the_model(params: SamplingParams) -> None:
+        if image_to_video and params.image_path is None:
+            raise UserError("this image-to-video model needs --image-path (a file or an http(s) URL)")
+        if params.image_path is not None:
+            if not takes_image:
+                raise UserError("--image-path: this model makes video from text only; use an I2V or TI2V checkpoint")
+            check_image_path(params.image_path)
+
+    return [frames_are_4k_plus_1, size_fits_patches, second_guidance_needs_two_experts, image_fits_the_model]
 
 
 @dataclass
@@ -99,6 +112,8 @@ class WanComponents:
     transformer: WanTransformer | None  # high-noise expert for Wan2.2 A14B
     transformer_2: WanTransformer | None  # low-noise expert (Wan2.2 A14B only)
     vae: torch.nn.Module  # diffusers AutoencoderKLWan, float32
+    image_encoder: torch.nn.Module | None = None  # Wan2.1 I2V: transformers CLIP vision model
+    image_processor: Any = None
     boundary_ratio: float | None = None
     expand_timesteps: bool = False  # Wan2.2 TI2V: one timestep per token
 
@@ -151,15 +166,27 @@ class WanDenoiser:
 
     def __call__(self, latents: torch.Tensor, t: torch.Tensor, inputs: dict, state: State) -> torch.Tensor:
         model = self.expert(t)
-        batch, _, frames, height, width = latents.shape
+        batch = latents.shape[0]
+        condition = inputs.get("image_condition")
         if self.parts.expand_timesteps:
+            # one timestep per token; 0 where the first frame is the given image (TI2V)
+            mask = inputs.get("first_frame_mask", torch.ones_like(latents[:1, :1]))  # [1, 1, F, h, w]
+            if condition is not None:
+                latents = replace_first_frame(latents, condition, mask)
             _, ph, pw = model.config.patch_size
-            # one timestep per token: [B, F * H/ph * W/pw]
-            timestep = torch.full((batch, frames * (height // ph) * (width // pw)), float(t), device=latents.device)
+            timestep = (mask[0, 0][:, ::ph, ::pw] * t).flatten().expand(batch, -1)  # [B, F * h/ph * w/pw]
         else:
             timestep = t.expand(batch)
+            if condition is not None:  # Wan2.1/2.2 I2V: mask and image latents as extra channels
+                latents = torch.cat([latents, condition], dim=1)
         dtype = model_dtype(self.parts)
-        return model(latents.to(dtype), timestep, inputs["encoder_hidden_states"])
+        image = inputs.get("encoder_hidden_states_image")
+        return model(latents.to(dtype), timestep, inputs["encoder_hidden_states"], image)
+
+
+def replace_first_frame(latents: torch.Tensor, condition: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Where mask is 0 (the first latent frame), the image's latents; elsewhere the noisy ones."""
+    return (1 - mask) * condition + mask * latents
 
 
 def model_dtype(parts: WanComponents) -> torch.dtype:
@@ -170,6 +197,13 @@ def model_dtype(parts: WanComponents) -> torch.dtype:
 
 def guidance_cfg(params: SamplingParams) -> float | None:
     return params.guidance_scale if params.guidance_scale > 1 else None
+
+
+def keep_given_first_frame(latents: torch.Tensor, state: State) -> torch.Tensor:
+    """TI2V with an image: the first latent frame is the image's, not the sampled one."""
+    if "first_frame_mask" in state.shared:
+        return replace_first_frame(latents, state.shared["image_condition"], state.shared["first_frame_mask"])
+    return latents
 
 
 def load_wan_transformer(folder: Path, dtype: torch.dtype, device: torch.device) -> WanTransformer:
@@ -203,24 +237,58 @@ def load_wan_components(
         vae=timed_load(
             events, "vae", lambda: load_library_model(AutoencoderKLWan, model_dir / "vae", torch.float32, device)
         ),
+        image_encoder=load_image_encoder(model_dir, index, dtype, device, events),
+        image_processor=load_image_processor(model_dir, index),
         boundary_ratio=index.get("boundary_ratio"),
         expand_timesteps=bool(index.get("expand_timesteps", False)),
     )
 
 
+IMAGE_ENCODERS = ("CLIPVisionModel", "CLIPVisionModelWithProjection")
+
+
+def load_image_encoder(model_dir: Path, index: dict, dtype, device, events: PipelineEvents):
+    entry = index.get("image_encoder")
+    if not isinstance(entry, list) or entry[1] is None:
+        return None
+    if entry[1] not in IMAGE_ENCODERS:
+        raise UserError(f"image encoder {entry[1]} is not supported (supported: {', '.join(IMAGE_ENCODERS)})")
+    import transformers
+
+    cls = getattr(transformers, entry[1])
+    return timed_load(
+        events, "image_encoder", lambda: load_library_model(cls, model_dir / "image_encoder", dtype, device)
+    )
+
+
+def load_image_processor(model_dir: Path, index: dict):
+    entry = index.get("image_processor")
+    if not isinstance(entry, list) or entry[1] is None:
+        return None
+    if entry[1] != "CLIPImageProcessor":
+        raise UserError(f"image processor {entry[1]} is not supported (supported: CLIPImageProcessor)")
+    from transformers import CLIPImageProcessor  # falls back to its PIL version without torchvision
+
+    with quiet_libraries():
+        return CLIPImageProcessor.from_pretrained(model_dir / "image_processor")
+
+
 def compose_wan_pipeline(parts: WanComponents, schedule: WanSchedule, rules: list[ValidationRule]) -> ComposedPipeline:
-    reference = parts.transformer if parts.transformer is not None else parts.transformer_2
-    geometry = WanVideoGeometry(parts.vae.config, reference.config.in_channels)
+    geometry = WanVideoGeometry(parts.vae.config, parts.vae.config.z_dim)  # I2V adds condition channels later
     denoiser = WanDenoiser(parts, int(schedule.config.get("num_train_timesteps", 1000)))
+    image_stage = WanImageConditioningStage(
+        parts.vae, parts.image_encoder, parts.image_processor, parts.expand_timesteps, model_dtype(parts)
+    )
     stages = [
         InputValidationStage(rules),
         TextEncodingStage(
             WanPromptEncoder(UMT5SequenceEncoder(parts.tokenizer, parts.text_encoder), model_dtype(parts)), guidance_cfg
         ),
+        OptionalStage(image_stage, lambda params: params.image_path is not None),
         SchedulerTimestepsStage(lambda params: schedule.make(params.flow_shift)),
         LatentsStage(geometry.noise_shape, geometry.as_latents, noise_dtype=torch.float32),
         DenoisingStage(denoiser, denoiser.cfg_scale_at),
-        VideoVaeDecodingStage(parts.vae),
+        VideoVaeDecodingStage(parts.vae, finalize=keep_given_first_frame),
     ]
     return ComposedPipeline("wan", stages, vae_scale_factor=geometry.spatial)
 

@@ -40,12 +40,14 @@ class VideoVaeDecodingStage(Stage):
     name = "decoding"
     parallel = ParallelMode.RANK0_ONLY
 
-    def __init__(self, vae: torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module, finalize: Callable[[torch.Tensor, State], torch.Tensor] | None = None):
         self.vae = vae
+        self.finalize = finalize  # a last change to the sampled latents (e.g. put back a given first frame)
 
     def run(self, state: State) -> None:
         config = self.vae.config
-        latents = state.latents.to(self.vae.dtype)  # [B, C, F, h, w]
+        latents = self.finalize(state.latents, state) if self.finalize else state.latents
+        latents = latents.to(self.vae.dtype)  # [B, C, F, h, w]
         channel = (1, config.z_dim, 1, 1, 1)
         mean = torch.tensor(config.latents_mean).view(channel).to(latents.device, latents.dtype)
         inverse_std = 1.0 / torch.tensor(config.latents_std).view(channel).to(latents.device, latents.dtype)

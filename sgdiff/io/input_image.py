@@ -1,0 +1,54 @@
+"""Input images for image-to-video: a local file or an http(s) URL, read into an RGB PIL image."""
+
+from __future__ import annotations
+
+import io
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from sgdiff.errors import UserError
+
+DOWNLOAD_TIMEOUT_S = 30
+MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
+
+
+def is_url(path: str) -> bool:
+    return path.startswith(("http://", "https://"))
+
+
+def check_image_path(path: str) -> None:
+    """Checks that need no network: a local file must exist and be an image."""
+    if is_url(path):
+        return
+    local = Path(path).expanduser()
+    if not local.is_file():
+        raise UserError(f"--image-path {path} does not exist")
+    read_image_bytes(local.read_bytes(), path)
+
+
+def read_image_bytes(data: bytes, source: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError):
+        raise UserError(f"--image-path {source} is not an image PIL can read (PNG, JPEG, WebP, ...)") from None
+    return image.convert("RGB")
+
+
+def load_image(path: str):
+    """The image at `path` (file or URL) as RGB."""
+    if not is_url(path):
+        check_image_path(path)
+        return read_image_bytes(Path(path).expanduser().read_bytes(), path)
+    try:
+        with urllib.request.urlopen(path, timeout=DOWNLOAD_TIMEOUT_S) as response:  # noqa: S310 - http(s) only
+            data = response.read(MAX_DOWNLOAD_BYTES + 1)
+    except (urllib.error.URLError, TimeoutError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"--image-path {path} could not be downloaded ({reason})") from None
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise UserError(f"--image-path {path} is larger than {MAX_DOWNLOAD_BYTES // 2**20} MiB")
+    return read_image_bytes(data, path)
