@@ -46,6 +46,9 @@ class SamplingParams:
     guidance_scale_2: float | None = None  # Wan2.2 MoE: CFG scale of the low-noise expert
     flow_shift: float | None = None
     image_path: str | None = None  # image-to-video: a local file or an http(s) URL
+    # "default": the checkpoint's scheduler; "dmd": few-step DMD sampling at `dmd_timesteps` (FastWan)
+    sampler: str = "default"
+    dmd_timesteps: tuple[int, ...] | None = None
 
     def validate(self) -> None:
         check_sampling_values(self.__dict__)
@@ -62,7 +65,8 @@ INT_FIELDS = {
     "fps",
 }  # fmt: skip
 FLOAT_FIELDS = {"guidance_scale", "true_cfg_scale", "guidance_scale_2", "flow_shift"}
-STR_FIELDS = {"negative_prompt", "generator_device", "image_path"}
+STR_FIELDS = {"negative_prompt", "generator_device", "image_path", "sampler"}
+INT_LIST_FIELDS = {"dmd_timesteps"}
 BOOL_FIELDS = {"num_frames_round_down"}
 MAX_SIZE = 8192
 MAX_SEED = 2**64 - 1
@@ -79,12 +83,26 @@ def check_sampling_types(values: Mapping[str, Any], source: str) -> None:
             or (name in FLOAT_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool))
             or (name in STR_FIELDS and isinstance(value, str))
             or (name in BOOL_FIELDS and isinstance(value, bool))
+            or (
+                name in INT_LIST_FIELDS
+                and isinstance(value, (list, tuple))
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            )
         )
         if not ok:
-            kinds = {**dict.fromkeys(INT_FIELDS, "an integer"), **dict.fromkeys(FLOAT_FIELDS, "a number"),
-                     **dict.fromkeys(BOOL_FIELDS, "true or false")}  # fmt: skip
+            kinds = {
+                **dict.fromkeys(INT_FIELDS, "an integer"),
+                **dict.fromkeys(FLOAT_FIELDS, "a number"),
+                **dict.fromkeys(BOOL_FIELDS, "true or false"),
+                **dict.fromkeys(INT_LIST_FIELDS, "a list of integers"),
+            }
             kind = kinds.get(name, "a string")
             raise UserError(f"{source}: {name} must be {kind}, got {value!r}")
+
+
+def _valid_dmd_timesteps(steps) -> bool:
+    decreasing = all(a > b for a, b in zip(steps, steps[1:], strict=False))
+    return len(steps) >= 1 and all(0 < t <= 1000 for t in steps) and decreasing
 
 
 def check_sampling_values(values: Mapping[str, Any]) -> None:
@@ -107,6 +125,8 @@ def check_sampling_values(values: Mapping[str, Any]) -> None:
         "guidance_scale_2": ("--guidance-scale-2 must be >= 0", lambda v: v >= 0),
         "flow_shift": ("--flow-shift must be > 0", lambda v: v > 0),
         "generator_device": ("--generator-device must be 'cpu' or 'cuda'", lambda v: v in ("cpu", "cuda")),
+        "sampler": ("sampler must be 'default' or 'dmd'", lambda v: v in ("default", "dmd")),
+        "dmd_timesteps": ("dmd_timesteps must be decreasing, within 1..1000", _valid_dmd_timesteps),
     }
     for name, (message, ok) in checks.items():
         if values.get(name) is not None and not ok(values[name]):
@@ -229,6 +249,8 @@ def build_sampling_params(prompt: str, preset: Preset | None, flags: Mapping[str
         raise UserError(f"unknown sampling parameters {sorted(unknown)}; known: {sorted(SAMPLING_FIELDS)}")
     check_sampling_types(flags, "sampling parameters")
     values = merge_layers(SAMPLING_DEFAULTS, preset.sampling if preset else None, flags)
+    if values.get("dmd_timesteps") is not None:
+        values["dmd_timesteps"] = tuple(values["dmd_timesteps"])
     params = SamplingParams(prompt=prompt, **{k: v for k, v in values.items() if k in SAMPLING_FIELDS})
     params.validate()
     return params

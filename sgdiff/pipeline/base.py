@@ -54,6 +54,7 @@ class State:
     shared: dict[str, Any] = field(default_factory=dict)  # model inputs both branches share
     latents: torch.Tensor | None = None
     sampler: Any = None  # pipeline.schedule.Sampler, set by the timesteps stage
+    generator: torch.Generator | None = None  # the request's seeded noise stream, set by the latents stage
     images: np.ndarray | None = None  # [N, H, W, 3] uint8 (image models)
     videos: np.ndarray | None = None  # [N, T, H, W, 3] uint8 (video models)
     stage_seconds: dict[str, float] = field(default_factory=dict)

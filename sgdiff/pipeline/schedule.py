@@ -120,6 +120,31 @@ class SchedulerSampler:
         return self.scheduler.step(velocity, self.timesteps[index], latents, return_dict=False)[0]
 
 
+class DmdSampler:
+    """Few-step DMD sampling (FastWan): at each timestep the model's flow prediction gives the clean
+    latents x0 = x_t - sigma_t * v; before the next timestep they are noised again with fresh noise,
+    x = (1 - sigma_next) * x0 + sigma_next * noise; the last x0 is the result.
+
+    The model sees the raw timesteps (e.g. 1000, 757, 522); sigma_t is the sigma of the nearest
+    timestep on the shifted flow-matching training grid (`grid_timesteps` -> `grid_sigmas`)."""
+
+    def __init__(self, timesteps, grid_timesteps: torch.Tensor, grid_sigmas: torch.Tensor, draw_noise):
+        self.timesteps = torch.tensor(timesteps, dtype=torch.int64)
+        self.grid_timesteps = grid_timesteps.double()
+        self.grid_sigmas = grid_sigmas.double()
+        self.draw_noise = draw_noise  # draw_noise(shape) -> standard normal noise, float32, on the latents' device
+
+    def sigma(self, t: torch.Tensor) -> float:
+        return float(self.grid_sigmas[torch.argmin((self.grid_timesteps - float(t)).abs())])
+
+    def step(self, velocity: torch.Tensor, index: int, latents: torch.Tensor) -> torch.Tensor:
+        clean = latents.float() - self.sigma(self.timesteps[index]) * velocity.float()
+        if index == len(self.timesteps) - 1:
+            return clean
+        sigma_next = self.sigma(self.timesteps[index + 1])
+        return (1 - sigma_next) * clean + sigma_next * self.draw_noise(tuple(latents.shape))
+
+
 # velocity_fn(latents, timestep, step_index) -> predicted velocity, same shape as latents
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 StepCallback = Callable[[int], None]

@@ -17,12 +17,13 @@ from sgdiff.models.wan import WanTransformer, WanTransformerConfig
 from sgdiff.models.wan.transformer import IGNORED_KEYS, KEEP_FP32
 from sgdiff.pipeline.base import ComposedPipeline, OptionalStage, PipelineEvents, State
 from sgdiff.pipeline.components import load_library_model, load_tokenizer, quiet_libraries, timed_load
+from sgdiff.pipeline.schedule import DmdSampler, SchedulerSampler
 from sgdiff.pipeline.stages.decoding import VideoVaeDecodingStage
 from sgdiff.pipeline.stages.denoising import DenoisingStage
 from sgdiff.pipeline.stages.image_conditioning import WanImageConditioningStage
-from sgdiff.pipeline.stages.latents import LatentsStage
+from sgdiff.pipeline.stages.latents import LatentsStage, seeded_noise
 from sgdiff.pipeline.stages.text_encoding import TextEncodingStage
-from sgdiff.pipeline.stages.timesteps import SchedulerTimestepsStage
+from sgdiff.pipeline.stages.timesteps import SamplerStage
 from sgdiff.pipeline.stages.validation import InputValidationStage, ValidationRule
 from sgdiff.pipeline.text_encoders import UMT5SequenceEncoder
 
@@ -102,7 +103,23 @@ def wan_rules(
                 raise UserError("--image-path: this model makes video from text only; use an I2V or TI2V checkpoint")
             check_image_path(params.image_path)
 
-    return [frames_are_4k_plus_1, size_fits_patches, second_guidance_needs_two_experts, image_fits_the_model]
+    def dmd_is_complete(params: SamplingParams) -> None:
+        if params.sampler != "dmd":
+            return
+        if params.dmd_timesteps is None:
+            raise UserError("DMD sampling needs dmd_timesteps in the preset (e.g. [1000, 757, 522])")
+        if params.num_inference_steps != len(params.dmd_timesteps):
+            steps = ", ".join(map(str, params.dmd_timesteps))
+            raise UserError(
+                f"DMD sampling runs exactly {len(params.dmd_timesteps)} steps (timesteps {steps}): drop --steps"
+            )
+        if params.guidance_scale > 1:
+            raise UserError("DMD sampling (FastWan) runs without CFG: drop --guidance-scale or set it to 1")
+
+    return [
+        frames_are_4k_plus_1, size_fits_patches, second_guidance_needs_two_experts, image_fits_the_model,
+        dmd_is_complete,
+    ]  # fmt: skip
 
 
 @dataclass
@@ -199,6 +216,22 @@ def guidance_cfg(params: SamplingParams) -> float | None:
     return params.guidance_scale if params.guidance_scale > 1 else None
 
 
+def make_sampler(state: State, schedule: WanSchedule):
+    """The checkpoint's scheduler, or few-step DMD sampling when the preset asks for it (FastWan)."""
+    params = state.params
+    if params.sampler != "dmd":
+        return SchedulerSampler(schedule.make(params.flow_shift), params.num_inference_steps, state.device)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    shift = params.flow_shift or schedule.config.get(SCHEDULERS[schedule.class_name], 1.0)
+    grid = FlowMatchEulerDiscreteScheduler(shift=shift)  # the shifted 1000-step training grid
+
+    def draw_noise(shape: tuple[int, ...]) -> torch.Tensor:
+        return seeded_noise(shape, params, torch.float32, state.device, state.generator)
+
+    return DmdSampler(params.dmd_timesteps, grid.timesteps, grid.sigmas[:-1], draw_noise)
+
+
 def keep_given_first_frame(latents: torch.Tensor, state: State) -> torch.Tensor:
     """TI2V with an image: the first latent frame is the image's, not the sampled one."""
     if "first_frame_mask" in state.shared:
@@ -285,7 +318,7 @@ def compose_wan_pipeline(parts: WanComponents, schedule: WanSchedule, rules: lis
             WanPromptEncoder(UMT5SequenceEncoder(parts.tokenizer, parts.text_encoder), model_dtype(parts)), guidance_cfg
         ),
         OptionalStage(image_stage, lambda params: params.image_path is not None),
-        SchedulerTimestepsStage(lambda params: schedule.make(params.flow_shift)),
+        SamplerStage(lambda state: make_sampler(state, schedule)),
         LatentsStage(geometry.noise_shape, geometry.as_latents, noise_dtype=torch.float32),
         DenoisingStage(denoiser, denoiser.cfg_scale_at),
         VideoVaeDecodingStage(parts.vae, finalize=keep_given_first_frame),

@@ -14,11 +14,16 @@ PrepareNoise = Callable[[torch.Tensor, SamplingParams], tuple[torch.Tensor, dict
 
 
 def seeded_noise(
-    shape: tuple[int, ...], params: SamplingParams, dtype: torch.dtype, device: torch.device
+    shape: tuple[int, ...],
+    params: SamplingParams,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Gaussian noise drawn as diffusers draws it: one generator seeded with the request's seed,
-    on the generator device, in the model dtype, then moved to the model device."""
-    generator = torch.Generator(params.generator_device).manual_seed(params.seed)
+    on the generator device, in the model dtype, then moved to the model device. Pass `generator`
+    to keep drawing from the same stream (DMD sampling re-noises from it)."""
+    generator = generator or torch.Generator(params.generator_device).manual_seed(params.seed)
     noise = torch.randn(shape, generator=generator, device=params.generator_device, dtype=dtype)
     return noise.to(device)
 
@@ -34,6 +39,7 @@ class LatentsStage(Stage):
 
     def run(self, state: State) -> None:
         dtype = self.noise_dtype or state.dtype
-        noise = seeded_noise(self.noise_shape(state.params), state.params, dtype, state.device)
+        state.generator = torch.Generator(state.params.generator_device).manual_seed(state.params.seed)
+        noise = seeded_noise(self.noise_shape(state.params), state.params, dtype, state.device, state.generator)
         state.latents, shared = self.prepare(noise, state.params)
         state.shared.update(shared)

@@ -5,7 +5,7 @@ from typing import Any
 
 from sgdiff.config import SamplingParams
 from sgdiff.pipeline.base import ParallelMode, Stage, State
-from sgdiff.pipeline.schedule import FlowMatchEulerSampler, FlowMatchSchedule, SchedulerSampler, flow_match_sigmas
+from sgdiff.pipeline.schedule import FlowMatchEulerSampler, FlowMatchSchedule, flow_match_sigmas
 
 
 class FlowMatchTimestepsStage(Stage):
@@ -24,15 +24,14 @@ class FlowMatchTimestepsStage(Stage):
         state.sampler = FlowMatchEulerSampler(sigmas.to(state.device), self.schedule.num_train_timesteps)
 
 
-class SchedulerTimestepsStage(Stage):
-    """A fresh diffusers scheduler for the request (`make_scheduler(params)`), set to its step count."""
+class SamplerStage(Stage):
+    """The request's sampler, from `make_sampler(state)` (a fresh diffusers scheduler, DMD, ...)."""
 
     name = "timesteps"
     parallel = ParallelMode.ALL_RANKS
 
-    def __init__(self, make_scheduler: Callable[[SamplingParams], Any]):
-        self.make_scheduler = make_scheduler
+    def __init__(self, make_sampler: Callable[[State], Any]):
+        self.make_sampler = make_sampler
 
     def run(self, state: State) -> None:
-        scheduler = self.make_scheduler(state.params)
-        state.sampler = SchedulerSampler(scheduler, state.params.num_inference_steps, state.device)
+        state.sampler = self.make_sampler(state)
