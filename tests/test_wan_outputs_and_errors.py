@@ -117,6 +117,19 @@ def test_wan_presets_follow_the_checkpoint_config(transformer, model_index, expe
     assert select_preset(None, "/local/finetune", "WanPipeline", transformer, model_index).name == expected
 
 
+@pytest.mark.parametrize(
+    ("transformer", "model_index", "expected"),
+    [
+        ({"num_layers": 40, "in_channels": 36, "image_dim": 1280}, {}, "wan2.1-i2v-14b-480p"),
+        ({"num_layers": 40, "in_channels": 36, "image_dim": None}, {"boundary_ratio": 0.9}, "wan2.2-i2v-a14b"),
+    ],
+)
+def test_wan_i2v_presets_follow_the_checkpoint_config(transformer, model_index, expected):
+    assert select_preset(None, "/x", "WanImageToVideoPipeline", transformer, model_index).name == expected
+    assert select_preset(None, "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", "WanImageToVideoPipeline", transformer,
+                         model_index).name == "wan2.1-i2v-14b-720p"  # fmt: skip
+
+
 def test_wan_preset_fills_frames_fps_negative_prompt(tiny_wan, tmp_path):
     perf = tmp_path / "perf.json"
     result = generate(tiny_wan("t2v"), "--prompt", "p", "--preset", "wan2.1-t2v-1.3b", "--num-frames", "5",
