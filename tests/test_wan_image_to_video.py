@@ -110,3 +110,28 @@ def test_image_path_on_an_image_model_is_refused(tiny_flux_dev, picture):
         app, ["generate", "--model-path", str(tiny_flux_dev), "--prompt", "p", "--image-path", str(picture)]
     )
     assert result.exit_code == 2 and "--image-path does not apply to FluxPipeline" in result.stderr
+
+
+def test_image_from_an_http_url(tiny_wan, picture, tmp_path):
+    """A URL is downloaded (here from a server on loopback) and gives the same video as the file."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(picture.parent))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{picture.name}"
+        videos = []
+        for name, source in (("from_url", url), ("from_file", str(picture))):
+            output = ["--output-format", "png", "--output-path", str(tmp_path), "--output-file-name", name, "-q"]
+            args = ["generate", "--model-path", str(tiny_wan("i2v")), *FLAGS, "--image-path", source, *output]
+            result = runner.invoke(app, args)
+            assert result.exit_code == 0, result.output
+            videos.append(read_png_frames(tmp_path / name))
+    finally:
+        server.shutdown()
+    assert np.array_equal(videos[0], videos[1])

@@ -136,3 +136,31 @@ def test_wan_preset_fills_frames_fps_negative_prompt(tiny_wan, tmp_path):
                       "--no-save-output", "--perf-dump-path", str(perf))  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads(perf.read_text())["requests"][0]["num_outputs"] == 1
+
+
+def test_odd_sized_video_is_padded_to_even_for_yuv420p(tmp_path):
+    import numpy as np
+
+    from sgdiff.io.video import save_mp4
+
+    frames = (np.random.default_rng(0).random((5, 31, 45, 3)) * 255).astype(np.uint8)
+    save_mp4(frames, tmp_path / "odd.mp4", 8, {"prompt": "x"})
+    reader = imageio.get_reader(tmp_path / "odd.mp4")
+    assert reader.get_meta_data()["size"] == (46, 32) and reader.count_frames() == 5
+
+
+def test_wan_pipeline_stages_and_parallel_modes(tiny_wan):
+    from sgdiff.engine.engine import Engine
+    from sgdiff.pipeline.base import ParallelMode
+
+    engine = Engine(str(tiny_wan("i2v")))
+    engine.load()
+    assert [(s.name, s.parallel) for s in engine.pipeline.stages] == [
+        ("input_validation", ParallelMode.ALL_RANKS),
+        ("text_encoding", ParallelMode.ALL_RANKS),
+        ("image_encoding", ParallelMode.ALL_RANKS),
+        ("timesteps", ParallelMode.ALL_RANKS),
+        ("latents", ParallelMode.ALL_RANKS),
+        ("denoising", ParallelMode.CFG_SPLIT),
+        ("decoding", ParallelMode.RANK0_ONLY),
+    ]
