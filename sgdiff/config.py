@@ -70,6 +70,7 @@ INT_LIST_FIELDS = {"dmd_timesteps"}
 BOOL_FIELDS = {"num_frames_round_down"}
 MAX_SIZE = 8192
 MAX_SEED = 2**64 - 1
+MAX_FRAMES = 1001  # ~1 minute at 16 fps; Wan is trained on 81 (121 for TI2V)
 MAX_SEQUENCE_LENGTH = 512  # T5's length in FLUX's training; diffusers refuses more too
 
 
@@ -120,7 +121,7 @@ def check_sampling_values(values: Mapping[str, Any]) -> None:
             lambda v: 1 <= v <= MAX_SEQUENCE_LENGTH,
         ),
         "seed": (f"--seed must be between 0 and {MAX_SEED}", lambda v: 0 <= v <= MAX_SEED),
-        "num_frames": ("--num-frames must be at least 1", lambda v: v >= 1),
+        "num_frames": (f"--num-frames must be between 1 and {MAX_FRAMES}", lambda v: 1 <= v <= MAX_FRAMES),
         "fps": ("--fps must be between 1 and 240", lambda v: 1 <= v <= 240),
         "guidance_scale_2": ("--guidance-scale-2 must be >= 0", lambda v: v >= 0),
         "flow_shift": ("--flow-shift must be > 0", lambda v: v > 0),

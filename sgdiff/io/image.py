@@ -70,8 +70,9 @@ def check_output_file_name(file_name: str, suffix: str | None = None) -> str | N
         and file_name.lower().endswith(MEDIA_SUFFIXES)
         and not (suffix and file_name.lower().endswith(suffix))
     ):
-        what = f"{suffix} files" if suffix else "a folder of PNG frames"
-        return f"--output-file-name {file_name}: this run writes {what}; give NAME or NAME{suffix}"
+        if not suffix:
+            return f"--output-file-name {file_name}: this run writes a folder of PNG frames; give a plain NAME"
+        return f"--output-file-name {file_name}: this run writes {suffix} files; give NAME or NAME{suffix}"
     return None
 
 

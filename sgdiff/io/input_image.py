@@ -22,6 +22,8 @@ def check_image_path(path: str) -> None:
     if is_url(path):
         return
     local = Path(path).expanduser()
+    if local.is_dir():
+        raise UserError(f"--image-path {path} is a folder; give an image file or an http(s) URL")
     if not local.is_file():
         raise UserError(f"--image-path {path} does not exist")
     read_image_bytes(local.read_bytes(), path)
