@@ -102,7 +102,7 @@ def test_bad_image_inputs_are_one_line(tiny_wan, picture, tmp_path, variant, ima
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
-    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
 
 
 def test_image_path_on_an_image_model_is_refused(tiny_flux_dev, picture):

@@ -67,7 +67,7 @@ def test_a_video_model_without_a_preset_needs_num_frames(tiny_wan):
 @pytest.mark.parametrize(
     ("variant", "args", "message"),
     [
-        ("t2v", ["--guidance-scale-2", "2"], "--guidance-scale-2 is for Wan2.2 A14B models"),
+        ("t2v", ["--guidance-scale-2", "2"], "guidance_scale_2 (--guidance-scale-2 or a preset) is for Wan2.2 A14B"),
         ("t2v", ["--true-cfg-scale", "4"], "--true-cfg-scale does not apply to WanPipeline (a video model)"),
         ("t2v", ["--height", "48"], None),  # 48 is fine for Wan2.1 (multiple of 16)
         ("ti2v", ["--height", "48"], "--height must be a multiple of 32 for this model"),
@@ -130,12 +130,68 @@ def test_wan_i2v_presets_follow_the_checkpoint_config(transformer, model_index, 
                          model_index).name == "wan2.1-i2v-14b-720p"  # fmt: skip
 
 
-def test_wan_preset_fills_frames_fps_negative_prompt(tiny_wan, tmp_path):
-    perf = tmp_path / "perf.json"
+def test_wan_preset_fills_fps_negative_prompt_and_flow_shift(tiny_wan, tmp_path):
+    from sgdiff.config import load_preset
+    from sgdiff.io.image import read_png_parameters
+
     result = generate(tiny_wan("t2v"), "--prompt", "p", "--preset", "wan2.1-t2v-1.3b", "--num-frames", "5",
-                      "--no-save-output", "--perf-dump-path", str(perf))  # fmt: skip
+                      "--output-format", "png", "--output-path", str(tmp_path), "--output-file-name", "v")  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert json.loads(perf.read_text())["requests"][0]["num_outputs"] == 1
+    params = read_png_parameters(tmp_path / "v" / "frame_00000.png")
+    preset = load_preset("wan2.1-t2v-1.3b").sampling
+    assert (params["fps"], params["flow_shift"], params["guidance_scale"]) == (16, 3.0, 3.0)
+    assert params["negative_prompt"] == preset["negative_prompt"] and params["num_frames"] == 5  # the flag wins
+
+
+def test_a_two_expert_checkpoint_missing_an_expert_fails_before_loading(tiny_wan, tmp_path):
+    import shutil
+
+    broken = tmp_path / "a14b"
+    shutil.copytree(tiny_wan("t2v-a14b"), broken)
+    shutil.rmtree(broken / "transformer_2")
+    index = json.loads((broken / "model_index.json").read_text())
+    (broken / "model_index.json").write_text(json.dumps({**index, "transformer_2": [None, None]}))
+    one_line_error(generate(broken, "--prompt", "p", "--num-frames", "5"), "lacks transformer/ or transformer_2/")
+
+
+@pytest.mark.parametrize(
+    ("variant", "args", "message"),
+    [
+        ("i2v", ["--max-sequence-length", "64"], "--max-sequence-length must stay 512 for Wan2.1 I2V"),
+        ("t2v-a14b", ["--preset", "fastwan2.1-t2v-1.3b"], "DMD sampling (FastWan) is for single-expert Wan2.1 T2V"),
+    ],
+)
+def test_requests_the_model_cannot_serve(tiny_wan, tmp_path, variant, args, message):
+    image = tmp_path / "i.png"
+    __import__("PIL.Image", fromlist=["Image"]).new("RGB", (32, 32)).save(image)
+    extra = ["--num-frames", "5", "--image-path", str(image)] if variant == "i2v" else []
+    one_line_error(generate(tiny_wan(variant), "--prompt", "p", *extra, *args), message)
+
+
+def test_interrupted_frame_folder_keeps_the_previous_output(tmp_path, monkeypatch):
+    import os
+
+    import numpy as np
+
+    from sgdiff.io import files
+    from sgdiff.io.video import save_png_frames
+
+    frames = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    save_png_frames(frames, tmp_path / "clip", {})
+    real_replace, calls = os.replace, []
+
+    def replace_then_interrupt(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new folder moving into place
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save_png_frames(frames + 1, tmp_path / "clip", {})
+    monkeypatch.setattr(files.os, "replace", real_replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip"]  # nothing hidden, nothing half-written
+    assert len(list((tmp_path / "clip").iterdir())) == 2
 
 
 def test_odd_sized_video_is_padded_to_even_for_yuv420p(tmp_path):
@@ -164,3 +220,15 @@ def test_wan_pipeline_stages_and_parallel_modes(tiny_wan):
         ("denoising", ParallelMode.CFG_SPLIT),
         ("decoding", ParallelMode.RANK0_ONLY),
     ]
+
+
+def test_output_targets_of_the_other_kind_are_refused_before_loading(tiny_wan, tmp_path):
+    (tmp_path / "clip").write_text("not a folder")
+    (tmp_path / "movie.mp4").mkdir()
+    frames = generate(tiny_wan("t2v"), "--prompt", "p", "--num-frames", "5", "--output-format", "png",
+                      "--output-path", str(tmp_path), "--output-file-name", "clip")  # fmt: skip
+    one_line_error(frames, "is a file; the frames would go into a folder of that name")
+    movie = generate(tiny_wan("t2v"), "--prompt", "p", "--num-frames", "5", "--output-path", str(tmp_path),
+                     "--output-file-name", "movie")  # fmt: skip
+    one_line_error(movie, "movie.mp4 is a folder")
+    assert (tmp_path / "clip").read_text() == "not a folder"

@@ -13,7 +13,7 @@ from sgdiff.cli.errors import fail, user_errors
 
 app = typer.Typer(
     name="sgdiff",
-    help="Generate images with diffusion transformers, fast.",
+    help="Generate images and videos with diffusion transformers, fast.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -32,7 +32,7 @@ def root(
         bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = None,
 ) -> None:
-    """sgdiff: image generation with diffusion transformers."""
+    """sgdiff: image and video generation with diffusion transformers."""
 
 
 def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
@@ -106,7 +106,7 @@ def generate(
     dtype: opt.Dtype = None,
     device: opt.Device = None,
 ) -> None:
-    """Generate images from a prompt (or a file of prompts)."""
+    """Generate images or videos from a prompt (or a file of prompts)."""
     with user_errors():
         from sgdiff.config import RuntimeConfig, check_sampling_values
 

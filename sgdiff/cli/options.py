@@ -54,10 +54,12 @@ NegativePrompt = Annotated[
     ),
 ]
 Height = Annotated[
-    int | None, typer.Option("--height", help="Image height in pixels, a multiple of 16.", rich_help_panel=SAMPLING)
+    int | None,
+    typer.Option("--height", help="Height in pixels, a multiple of 16 (32 for Wan2.2 TI2V).", rich_help_panel=SAMPLING),
 ]
 Width = Annotated[
-    int | None, typer.Option("--width", help="Image width in pixels, a multiple of 16.", rich_help_panel=SAMPLING)
+    int | None,
+    typer.Option("--width", help="Width in pixels, a multiple of 16 (32 for Wan2.2 TI2V).", rich_help_panel=SAMPLING),
 ]
 Steps = Annotated[
     int | None, typer.Option("--num-inference-steps", "--steps", help="Denoising steps.", rich_help_panel=SAMPLING)
@@ -65,7 +67,7 @@ Steps = Annotated[
 GuidanceScale = Annotated[
     float | None,
     typer.Option(
-        "--guidance-scale", help="Guidance (FLUX.1-dev: the embedded, distilled guidance).", rich_help_panel=SAMPLING
+        "--guidance-scale", help="FLUX.1-dev: the embedded guidance; Wan: the CFG scale.", rich_help_panel=SAMPLING
     ),
 ]
 TrueCfgScale = Annotated[

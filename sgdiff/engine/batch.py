@@ -15,6 +15,7 @@ from sgdiff.engine.engine import Engine, GenerationResult
 from sgdiff.errors import UserError
 from sgdiff.io.files import write_atomically
 from sgdiff.io.image import OutputNamer, check_output_file_name, save_png
+from sgdiff.io.input_image import prefetch
 from sgdiff.io.video import save_mp4, save_png_frames
 from sgdiff.pipeline.base import PipelineEvents
 
@@ -65,14 +66,15 @@ def run_batch(
     engine = Engine(request.model_path, request.preset, request.runtime, events)
     # every prompt is checked before the weights load: a bad request fails in a second
     all_params = [engine.sampling_params(prompt, **request.sampling_flags) for prompt in request.prompts]
+    for params in all_params:
+        if params.image_path is not None:
+            prefetch(params.image_path)  # a URL is fetched once, and fails here rather than after loading
     out = request.output
     suffix = output_suffix(engine.info.spec.output, out.output_format)
     if out.output_file_name is not None and (problem := check_output_file_name(out.output_file_name, suffix)):
         raise UserError(problem)
+    paths = iter(output_paths(all_params, out, suffix) if out.save_output else [])
     engine.load()
-    namer = OutputNamer(
-        out.output_path, out.output_file_name, sum(p.num_outputs_per_prompt for p in all_params), suffix
-    )
     results, saved = [], []
     for params in all_params:
         result = engine.generate(params)
@@ -81,7 +83,7 @@ def run_batch(
             continue
         outputs = result.images if result.videos is None else result.videos
         for index, output in enumerate(outputs):
-            path = namer.next_path(params.prompt, params.seed, index, params.num_outputs_per_prompt)
+            path = next(paths)
             metadata = {
                 **asdict(params),
                 "output_index": index,
@@ -96,6 +98,25 @@ def run_batch(
     if out.perf_dump_path is not None:
         write_perf_dump(report, engine, out.perf_dump_path)
     return report
+
+
+def output_paths(all_params: list, out: OutputConfig, suffix: str) -> list[Path]:
+    """Every path the run will write, in order, checked before any weight loads: a folder of frames
+    must not land on a file, a file not on a folder."""
+    namer = OutputNamer(
+        out.output_path, out.output_file_name, sum(p.num_outputs_per_prompt for p in all_params), suffix
+    )
+    paths = [
+        namer.next_path(p.prompt, p.seed, index, p.num_outputs_per_prompt)
+        for p in all_params
+        for index in range(p.num_outputs_per_prompt)
+    ]
+    for path in paths:
+        if suffix == "" and path.exists() and not path.is_dir():
+            raise UserError(f"{path} is a file; the frames would go into a folder of that name: pick another name")
+        if suffix and path.is_dir():
+            raise UserError(f"{path} is a folder; pick another --output-file-name or --output-path")
+    return paths
 
 
 def save_output(output, path: Path, suffix: str, fps: int, metadata: dict) -> Path:

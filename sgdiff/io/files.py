@@ -51,13 +51,19 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], object]) -> No
     try:
         write(tmp)
         os.chmod(tmp, 0o777 & ~_umask())
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=".sgdiff-old-", dir=folder.parent))
+        if not folder.exists():
+            os.replace(tmp, folder)
+            return
+        old = Path(tempfile.mkdtemp(prefix=".sgdiff-old-", dir=folder.parent))
+        try:
             os.replace(folder, old / folder.name)
             os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
+        except BaseException:
+            if not folder.exists() and (old / folder.name).exists():
+                os.replace(old / folder.name, folder)  # put the previous output back
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -35,9 +35,19 @@ def read_image_bytes(data: bytes, source: str):
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError):
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         raise UserError(f"--image-path {source} is not an image PIL can read (PNG, JPEG, WebP, ...)") from None
     return image.convert("RGB")
+
+
+_downloaded: dict[str, bytes] = {}
+
+
+def prefetch(path: str) -> None:
+    """Download a URL now (once), so a bad URL fails before any weights load; load_image reuses it."""
+    if is_url(path) and path not in _downloaded:
+        _downloaded[path] = download(path)
+        read_image_bytes(_downloaded[path], path)
 
 
 def load_image(path: str):
@@ -45,6 +55,11 @@ def load_image(path: str):
     if not is_url(path):
         check_image_path(path)
         return read_image_bytes(Path(path).expanduser().read_bytes(), path)
+    data = _downloaded[path] if path in _downloaded else download(path)
+    return read_image_bytes(data, path)
+
+
+def download(path: str) -> bytes:
     try:
         with urllib.request.urlopen(path, timeout=DOWNLOAD_TIMEOUT_S) as response:  # noqa: S310 - http(s) only
             data = response.read(MAX_DOWNLOAD_BYTES + 1)
@@ -53,4 +68,4 @@ def load_image(path: str):
         raise UserError(f"--image-path {path} could not be downloaded ({reason})") from None
     if len(data) > MAX_DOWNLOAD_BYTES:
         raise UserError(f"--image-path {path} is larger than {MAX_DOWNLOAD_BYTES // 2**20} MiB")
-    return read_image_bytes(data, path)
+    return data

@@ -56,7 +56,12 @@ class PipelineSpec:
 
 WAN_SPEC = PipelineSpec(
     load=load_wan_pipeline,
-    rules=lambda info: wan_rules(info.transformer_config, info.model_index, info.vae_config),
+    rules=lambda info: wan_rules(
+        info.transformer_config,
+        info.model_index,
+        info.vae_config,
+        ((info.model_dir / "transformer").is_dir(), (info.model_dir / "transformer_2").is_dir()),
+    ),  # fmt: skip
     schedule=WanSchedule.from_dict,
     output="video",
     accepts=COMMON_FIELDS | VIDEO_FIELDS,

@@ -68,8 +68,12 @@ def wan_adjust(params: SamplingParams) -> SamplingParams:
 
 
 def wan_rules(
-    transformer_config: dict[str, Any], model_index: dict[str, Any], vae_config: dict[str, Any]
+    transformer_config: dict[str, Any],
+    model_index: dict[str, Any],
+    vae_config: dict[str, Any],
+    experts: tuple[bool, bool] = (True, False),
 ) -> list[ValidationRule]:
+    """`experts`: whether transformer/ and transformer_2/ exist in the checkpoint."""
     patch = transformer_config.get("patch_size", (1, 2, 2))
     multiple = int(vae_config.get("scale_factor_spatial", 8)) * int(patch[1])
 
@@ -90,7 +94,9 @@ def wan_rules(
 
     def second_guidance_needs_two_experts(params: SamplingParams) -> None:
         if params.guidance_scale_2 is not None and model_index.get("boundary_ratio") is None:
-            raise UserError("--guidance-scale-2 is for Wan2.2 A14B models (two experts); this model has one")
+            raise UserError(
+                "guidance_scale_2 (--guidance-scale-2 or a preset) is for Wan2.2 A14B; this model has one expert"
+            )
 
     image_to_video = model_index.get("_class_name") == "WanImageToVideoPipeline"
     takes_image = image_to_video or bool(model_index.get("expand_timesteps"))  # TI2V does both
@@ -103,9 +109,25 @@ def wan_rules(
                 raise UserError("--image-path: this model makes video from text only; use an I2V or TI2V checkpoint")
             check_image_path(params.image_path)
 
+    two_experts = model_index.get("boundary_ratio") is not None
+    image_cross_attention = transformer_config.get("image_dim") is not None
+
+    def experts_are_there(params: SamplingParams) -> None:
+        if two_experts and not all(experts):
+            raise UserError("this Wan2.2 checkpoint sets boundary_ratio but lacks transformer/ or transformer_2/")
+        if not two_experts and not experts[0]:
+            raise UserError("this Wan checkpoint has no transformer/ folder")
+
+    def text_length_fits_image_attention(params: SamplingParams) -> None:
+        # the reference splits the context at 512 text tokens: another length would not be the same model
+        if image_cross_attention and params.max_sequence_length != 512:
+            raise UserError("--max-sequence-length must stay 512 for Wan2.1 I2V (its image attention expects it)")
+
     def dmd_is_complete(params: SamplingParams) -> None:
         if params.sampler != "dmd":
             return
+        if two_experts or model_index.get("expand_timesteps") or image_to_video:
+            raise UserError("DMD sampling (FastWan) is for single-expert Wan2.1 T2V checkpoints only")
         if params.dmd_timesteps is None:
             raise UserError("DMD sampling needs dmd_timesteps in the preset (e.g. [1000, 757, 522])")
         if params.num_inference_steps != len(params.dmd_timesteps):
@@ -118,7 +140,7 @@ def wan_rules(
 
     return [
         frames_are_4k_plus_1, size_fits_patches, second_guidance_needs_two_experts, image_fits_the_model,
-        dmd_is_complete,
+        experts_are_there, text_length_fits_image_attention, dmd_is_complete,
     ]  # fmt: skip
 
 
@@ -289,9 +311,9 @@ def load_image_encoder(model_dir: Path, index: dict, dtype, device, events: Pipe
     import transformers
 
     cls = getattr(transformers, entry[1])
-    return timed_load(
-        events, "image_encoder", lambda: load_library_model(cls, model_dir / "image_encoder", dtype, device)
-    )
+    # float32, as diffusers' I2V examples load it (small); its features are cast to the transformer's dtype
+    folder = model_dir / "image_encoder"
+    return timed_load(events, "image_encoder", lambda: load_library_model(cls, folder, torch.float32, device))
 
 
 def load_image_processor(model_dir: Path, index: dict):
@@ -300,9 +322,9 @@ def load_image_processor(model_dir: Path, index: dict):
         return None
     if entry[1] != "CLIPImageProcessor":
         raise UserError(f"image processor {entry[1]} is not supported (supported: CLIPImageProcessor)")
-    from transformers import CLIPImageProcessor  # falls back to its PIL version without torchvision
+    with quiet_libraries():  # without torchvision transformers advises at import; its PIL version serves
+        from transformers import CLIPImageProcessor
 
-    with quiet_libraries():
         return CLIPImageProcessor.from_pretrained(model_dir / "image_processor")
 
 
@@ -332,5 +354,6 @@ def load_wan_pipeline(
     parts = load_wan_components(model_dir, device, dtype, events)
     reference = parts.transformer if parts.transformer is not None else parts.transformer_2
     index = read_json(model_dir / "model_index.json")
-    rules = wan_rules(asdict(reference.config), index, dict(parts.vae.config))
+    experts = (parts.transformer is not None, parts.transformer_2 is not None)
+    rules = wan_rules(asdict(reference.config), index, dict(parts.vae.config), experts)
     return compose_wan_pipeline(parts, schedule, rules)
