@@ -7,6 +7,7 @@ Our own models are built on the meta device and get their weights with
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,13 @@ from torch import nn
 from sgdiff.errors import UserError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def config_fields(cls, raw: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a diffusers config.json that dataclass `cls` declares (diffusers adds `_class_name`,
+    `_diffusers_version`, ...), with JSON lists turned into tuples."""
+    known = {f.name for f in fields(cls)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in known}
 
 
 def read_json(path: Path) -> dict[str, Any]:

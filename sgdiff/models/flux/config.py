@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from sgdiff.models.loading import config_fields
 
 
 @dataclass(frozen=True)
@@ -22,12 +24,7 @@ class FluxTransformerConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> FluxTransformerConfig:
-        """Keep the known keys (diffusers adds `_class_name`, `_diffusers_version`, ...)."""
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in raw.items() if k in known}
-        if "axes_dims_rope" in values:
-            values["axes_dims_rope"] = tuple(values["axes_dims_rope"])
-        return cls(**values)
+        return cls(**config_fields(cls, raw))
 
     @property
     def inner_dim(self) -> int:

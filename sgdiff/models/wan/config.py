@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from sgdiff.models.loading import config_fields
 
 
 @dataclass(frozen=True)
@@ -27,11 +29,7 @@ class WanTransformerConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> WanTransformerConfig:
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in raw.items() if k in known}
-        if "patch_size" in values:
-            values["patch_size"] = tuple(values["patch_size"])
-        return cls(**values)
+        return cls(**config_fields(cls, raw))
 
     @property
     def inner_dim(self) -> int:

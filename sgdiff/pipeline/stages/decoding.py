@@ -34,6 +34,14 @@ class VaeDecodingStage(Stage):
         state.images = to_uint8_images(decoded)
 
 
+def latent_statistics(vae_config, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan VAE per-channel (mean, 1/std), shaped [1, C, 1, 1, 1] like `like` (dtype, device)."""
+    channel = (1, vae_config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae_config.latents_mean).view(channel).to(like.device, like.dtype)
+    inverse_std = 1.0 / torch.tensor(vae_config.latents_std).view(channel).to(like.device, like.dtype)
+    return mean, inverse_std
+
+
 class VideoVaeDecodingStage(Stage):
     """Wan-style VAE: latents are normalised per channel (latents_mean / latents_std)."""
 
@@ -45,12 +53,9 @@ class VideoVaeDecodingStage(Stage):
         self.finalize = finalize  # a last change to the sampled latents (e.g. put back a given first frame)
 
     def run(self, state: State) -> None:
-        config = self.vae.config
         latents = self.finalize(state.latents, state) if self.finalize else state.latents
         latents = latents.to(self.vae.dtype)  # [B, C, F, h, w]
-        channel = (1, config.z_dim, 1, 1, 1)
-        mean = torch.tensor(config.latents_mean).view(channel).to(latents.device, latents.dtype)
-        inverse_std = 1.0 / torch.tensor(config.latents_std).view(channel).to(latents.device, latents.dtype)
+        mean, inverse_std = latent_statistics(self.vae.config, latents)
         decoded = self.vae.decode(latents / inverse_std + mean, return_dict=False)[0]  # [B, 3, T, H, W]
         # [B, 3, T, H, W] -> [B*T, 3, H, W] -> uint8 frames -> [B, T, H, W, 3]
         frames = to_uint8_images(decoded.transpose(1, 2).flatten(0, 1))

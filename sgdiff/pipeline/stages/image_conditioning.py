@@ -10,15 +10,13 @@ import torch
 from sgdiff.config import SamplingParams
 from sgdiff.io.input_image import load_image
 from sgdiff.pipeline.base import ParallelMode, Stage, State
+from sgdiff.pipeline.stages.decoding import latent_statistics
 
 
 def normalized_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     """pixels [B, 3, T, H, W] in [-1, 1] -> the VAE's most likely latents, normalised per channel."""
-    config = vae.config
     latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
-    channel = (1, config.z_dim, 1, 1, 1)
-    mean = torch.tensor(config.latents_mean).view(channel).to(latents.device, latents.dtype)
-    inverse_std = 1.0 / torch.tensor(config.latents_std).view(channel).to(latents.device, latents.dtype)
+    mean, inverse_std = latent_statistics(vae.config, latents)
     return (latents - mean) * inverse_std
 
 
