@@ -70,6 +70,8 @@ def test_a_video_model_without_a_preset_needs_num_frames(tiny_wan):
         ("t2v", ["--guidance-scale-2", "2"], "guidance_scale_2 (--guidance-scale-2 or a preset) is for Wan2.2 A14B"),
         ("t2v", ["--true-cfg-scale", "4"], "--true-cfg-scale does not apply to WanPipeline (a video model)"),
         ("t2v", ["--height", "48"], None),  # 48 is fine for Wan2.1 (multiple of 16)
+        ("t2v", ["--negative-prompt", "x", "--guidance-scale", "1"], "--negative-prompt is used only with CFG"),
+        ("t2v-a14b", ["--guidance-scale-2", "3", "--guidance-scale", "1"], "--guidance-scale-2 is used only with CFG"),
         ("ti2v", ["--height", "48"], "--height must be a multiple of 32 for this model"),
         ("t2v", ["--output-file-name", "clip.png"], "this run writes .mp4 files"),
     ],

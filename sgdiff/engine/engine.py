@@ -100,6 +100,7 @@ class Engine:
             kind = "an image" if spec.output == "image" else "a video"
             raise UserError(f"{flag} does not apply to {self.info.pipeline_class} ({kind} model)")
         params = spec.adjust(build_sampling_params(prompt, self.preset, flags))
+        spec.given_flag_rules(given, params)
         if params.generator_device == "cuda" and self.device.type != "cuda":
             raise UserError("--generator-device cuda needs the model on a CUDA device")
         for rule in self._rules:

@@ -14,7 +14,7 @@ from sgdiff.pipeline.base import ComposedPipeline
 from sgdiff.pipeline.flux import flux_rules, load_flux_pipeline
 from sgdiff.pipeline.schedule import FlowMatchSchedule
 from sgdiff.pipeline.stages.validation import ValidationRule
-from sgdiff.pipeline.wan import WanSchedule, load_wan_pipeline, wan_adjust, wan_rules
+from sgdiff.pipeline.wan import WanSchedule, load_wan_pipeline, wan_adjust, wan_given_flag_rules, wan_rules
 
 COMMON_FIELDS = frozenset(
     {"negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed", "generator_device",
@@ -52,6 +52,8 @@ class PipelineSpec:
     output: str  # "image" or "video"
     accepts: frozenset[str]  # the sampling parameters this pipeline uses; a flag outside them is refused
     adjust: Callable[[SamplingParams], SamplingParams] = lambda params: params
+    # given_flag_rules(names of the flags given explicitly, params): refuse flags this request would ignore
+    given_flag_rules: Callable[[set[str], SamplingParams], None] = lambda given, params: None
 
 
 WAN_SPEC = PipelineSpec(
@@ -66,6 +68,7 @@ WAN_SPEC = PipelineSpec(
     output="video",
     accepts=COMMON_FIELDS | VIDEO_FIELDS,
     adjust=wan_adjust,
+    given_flag_rules=wan_given_flag_rules,
 )
 
 PIPELINES: dict[str, PipelineSpec] = {

@@ -144,6 +144,15 @@ def wan_rules(
     ]  # fmt: skip
 
 
+def wan_given_flag_rules(given: set[str], params: SamplingParams) -> None:
+    """Flags that a request without CFG would silently ignore are refused."""
+    if params.guidance_scale > 1:
+        return
+    for name, flag in (("negative_prompt", "--negative-prompt"), ("guidance_scale_2", "--guidance-scale-2")):
+        if name in given:
+            raise UserError(f"{flag} is used only with CFG: add --guidance-scale > 1 (e.g. 5)")
+
+
 @dataclass
 class WanComponents:
     tokenizer: Any
