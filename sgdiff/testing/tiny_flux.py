@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
+from sgdiff.demo.vocabulary import byte_level_alphabet
 from sgdiff.pipeline.components import quiet_libraries
 
 # scheduler/scheduler_config.json of black-forest-labs/FLUX.1-dev and FLUX.1-schnell.
@@ -98,21 +99,9 @@ CLIP_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("e", "r</w>
 T5_WORDS = ["the", "a", "an", "of", "on", "in", "and", "red", "cube", "table", "photo"]
 
 
-def _byte_chars() -> list[str]:
-    """GPT-2/CLIP byte-to-unicode table: one printable character per byte value."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
 def make_clip_tokenizer() -> CLIPTokenizer:
     """Byte-level BPE: every byte char, its `</w>` form, a few merges, then the two specials."""
-    chars = _byte_chars()
+    chars = byte_level_alphabet()
     tokens = chars + [c + "</w>" for c in chars] + ["".join(pair) for pair in CLIP_MERGES]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(tokens)}
