@@ -62,7 +62,7 @@ def round_frames_down(num_frames: int) -> int:
 
 def wan_adjust(params: SamplingParams) -> SamplingParams:
     """--num-frames-round-down: the nearest valid frame count below the one asked for."""
-    if params.num_frames_round_down and params.num_frames is not None and params.num_frames % 4 != 1:
+    if params.num_frames_round_down and params.num_frames is not None and params.num_frames % VAE_TEMPORAL_FACTOR != 1:
         return replace(params, num_frames=round_frames_down(params.num_frames))
     return params
 
@@ -75,7 +75,10 @@ def wan_rules(
 ) -> list[ValidationRule]:
     """`experts`: whether transformer/ and transformer_2/ exist in the checkpoint."""
     patch = transformer_config.get("patch_size", (1, 2, 2))
-    multiple = int(vae_config.get("scale_factor_spatial", 8)) * int(patch[1])
+    spatial = int(vae_config.get("scale_factor_spatial", 8))
+    multiples = {"height": spatial * int(patch[1]), "width": spatial * int(patch[2])}
+    if int(vae_config.get("scale_factor_temporal", VAE_TEMPORAL_FACTOR)) != VAE_TEMPORAL_FACTOR:
+        raise UserError("this Wan VAE does not compress time by 4, which sgdiff's Wan pipeline assumes")
 
     def frames_are_4k_plus_1(params: SamplingParams) -> None:
         if params.num_frames is None:
@@ -89,8 +92,8 @@ def wan_rules(
 
     def size_fits_patches(params: SamplingParams) -> None:
         for name, value in (("height", params.height), ("width", params.width)):
-            if value % multiple:
-                raise UserError(f"--{name} must be a multiple of {multiple} for this model, got {value}")
+            if value % multiples[name]:
+                raise UserError(f"--{name} must be a multiple of {multiples[name]} for this model, got {value}")
 
     def second_guidance_needs_two_experts(params: SamplingParams) -> None:
         if params.guidance_scale_2 is not None and model_index.get("boundary_ratio") is None:
