@@ -17,16 +17,20 @@ def is_url(path: str) -> bool:
     return path.startswith(("http://", "https://"))
 
 
-def check_image_path(path: str) -> None:
-    """Checks that need no network: a local file must exist and be an image."""
-    if is_url(path):
-        return
+def local_image_file(path: str) -> Path:
+    """The file behind a local --image-path, or a one-line error."""
     local = Path(path).expanduser()
     if local.is_dir():
         raise UserError(f"--image-path {path} is a folder; give an image file or an http(s) URL")
     if not local.is_file():
         raise UserError(f"--image-path {path} does not exist")
-    read_image_bytes(local.read_bytes(), path)
+    return local
+
+
+def check_image_path(path: str) -> None:
+    """Checks that need no network: a local file must exist and be an image."""
+    if not is_url(path):
+        read_image_bytes(local_image_file(path).read_bytes(), path)
 
 
 def read_image_bytes(data: bytes, source: str):
@@ -53,8 +57,7 @@ def prefetch(path: str) -> None:
 def load_image(path: str):
     """The image at `path` (file or URL) as RGB."""
     if not is_url(path):
-        check_image_path(path)
-        return read_image_bytes(Path(path).expanduser().read_bytes(), path)
+        return read_image_bytes(local_image_file(path).read_bytes(), path)
     data = _downloaded[path] if path in _downloaded else download(path)
     return read_image_bytes(data, path)
 

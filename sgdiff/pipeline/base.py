@@ -86,10 +86,9 @@ class OptionalStage(Stage):
 
 
 class ComposedPipeline:
-    def __init__(self, name: str, stages: list[Stage], vae_scale_factor: int = 8):
+    def __init__(self, name: str, stages: list[Stage]):
         self.name = name
         self.stages = stages
-        self.vae_scale_factor = vae_scale_factor
 
     @property
     def stage_names(self) -> list[str]:

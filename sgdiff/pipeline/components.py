@@ -21,17 +21,18 @@ def quiet_libraries() -> Iterator[None]:
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
-    levels = transformers_logging.get_verbosity(), diffusers_logging.get_verbosity()
-    for lib in (transformers_logging, diffusers_logging):
+    libraries = (transformers_logging, diffusers_logging)
+    before = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    for lib in libraries:
         lib.set_verbosity_error()
         lib.disable_progress_bar()
     try:
         yield
     finally:
-        transformers_logging.set_verbosity(levels[0])
-        diffusers_logging.set_verbosity(levels[1])
-        for lib in (transformers_logging, diffusers_logging):
-            lib.enable_progress_bar()
+        for lib, (verbosity, bars) in zip(libraries, before, strict=True):
+            lib.set_verbosity(verbosity)
+            if bars:  # as the caller had it
+                lib.enable_progress_bar()
 
 
 def require_folder(folder: Path) -> Path:

@@ -164,7 +164,7 @@ def compose_flux_pipeline(parts: FluxComponents, schedule: FlowMatchSchedule) ->
         DenoisingStage(FluxDenoiser(parts.transformer)),
         VaeDecodingStage(parts.vae, geometry.unpack),
     ]
-    return ComposedPipeline("flux", stages, vae_scale_factor=geometry.vae_scale_factor)
+    return ComposedPipeline("flux", stages)
 
 
 def load_flux_pipeline(

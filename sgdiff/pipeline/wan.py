@@ -357,7 +357,7 @@ def compose_wan_pipeline(parts: WanComponents, schedule: WanSchedule, rules: lis
         DenoisingStage(denoiser, denoiser.cfg_scale_at),
         VideoVaeDecodingStage(parts.vae, finalize=keep_given_first_frame),
     ]
-    return ComposedPipeline("wan", stages, vae_scale_factor=geometry.spatial)
+    return ComposedPipeline("wan", stages)
 
 
 def load_wan_pipeline(
