@@ -77,7 +77,7 @@ def check_outputs(save_output: bool, output_path: Path, file_name: str | None, p
 
 @app.command()
 def generate(
-    model_path: opt.ModelPath,
+    model_path: opt.ModelPath = None,
     prompt: opt.Prompt = None,
     prompt_file: opt.PromptFile = None,
     negative_prompt: opt.NegativePrompt = None,

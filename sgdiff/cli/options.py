@@ -23,9 +23,12 @@ OUTPUT = "Output"
 RUNTIME = "Runtime"
 
 ModelPath = Annotated[
-    str,
+    str | None,
     typer.Option(
-        "--model-path", help="Hub repo id (owner/name) or a local diffusers-format folder.", rich_help_panel=MODEL
+        "--model-path",
+        help="Hub repo id (owner/name) or a local diffusers-format folder; default: the embedded demo model "
+        "sgdiff/demo-image, or sgdiff/demo-video when --num-frames is given.",
+        rich_help_panel=MODEL,
     ),
 ]
 PresetName = Annotated[

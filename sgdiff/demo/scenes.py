@@ -27,6 +27,29 @@ POSITIONS: dict[str, tuple[float, float]] = {  # centre as (x, y), fractions of 
 }
 SIZES = {"small": 0.16, "large": 0.28}  # half-extent, fraction of the canvas
 MOTIONS: dict[str, tuple[float, float]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+CLIP_TRAVEL = 0.5  # how far (fraction of the canvas) a clip's object moves from first to last frame
+
+# (shape, colour, background) combinations never shown in training: the quality checks ask for them.
+HELD_OUT: frozenset[tuple[str, str, str]] = frozenset(
+    {
+        ("circle", "red", "blue"),
+        ("circle", "yellow", "black"),
+        ("circle", "white", "green"),
+        ("circle", "purple", "orange"),
+        ("square", "green", "white"),
+        ("square", "orange", "purple"),
+        ("square", "blue", "yellow"),
+        ("square", "black", "red"),
+        ("triangle", "white", "blue"),
+        ("triangle", "red", "green"),
+        ("triangle", "yellow", "purple"),
+        ("triangle", "blue", "orange"),
+    }
+)
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 @dataclass(frozen=True)
@@ -35,12 +58,17 @@ class Shape:
     colour: str
     position: str
     size: str = "large"
+    say_size: bool = True  # a caption may leave the size or the position unsaid (then they vary freely)
+    say_position: bool = True
 
     def phrase(self) -> str:
-        where = "in the centre" if self.position == "centre" else f"at the {self.position}"
-        if self.position in ("left", "right"):
-            where = f"on the {self.position}"
-        return f"a {self.size} {self.colour} {self.kind} {where}"
+        words = [self.size] if self.say_size else []
+        words += [self.colour, self.kind]
+        words.insert(0, article(words[0]))
+        if self.say_position:
+            words += {"left": ["on the"], "right": ["on the"], "centre": ["in the"]}.get(self.position, ["at the"])
+            words.append(self.position)
+        return " ".join(words)
 
 
 @dataclass(frozen=True)
@@ -51,13 +79,17 @@ class Scene:
 
     def caption(self) -> str:
         if self.motion is not None:
-            shape = self.objects[0]
-            return f"a {shape.size} {shape.colour} {shape.kind} moving {self.motion} on a {self.background} background"
+            shape = replace(self.objects[0], say_position=False)
+            return f"{shape.phrase()} moving {self.motion} on {article(self.background)} {self.background} background"
         things = " and ".join(o.phrase() for o in self.objects)
-        return f"{things} on a {self.background} background"
+        return f"{things} on {article(self.background)} {self.background} background"
+
+    def held_out(self) -> bool:
+        return any((o.kind, o.colour, self.background) in HELD_OUT for o in self.objects)
 
 
-def sample_scene(rng: np.random.Generator, two_objects_rate: float = 0.25) -> Scene:
+def sample_scene(rng: np.random.Generator, two_objects_rate: float = 0.25, unsaid_rate: float = 0.0) -> Scene:
+    """One random scene; `unsaid_rate`: how often a lone object's size or position goes unsaid."""
     background = str(rng.choice(list(COLOURS)))
     count = 2 if rng.random() < two_objects_rate else 1
     positions = rng.choice(list(POSITIONS), size=count, replace=False)
@@ -68,43 +100,52 @@ def sample_scene(rng: np.random.Generator, two_objects_rate: float = 0.25) -> Sc
             str(rng.choice(colours)),
             str(p),
             "small" if count == 2 else str(rng.choice(list(SIZES))),
+            say_size=count == 2 or rng.random() >= unsaid_rate,
+            say_position=count == 2 or rng.random() >= unsaid_rate,
         )
         for p in positions
     )
     return Scene(background, objects)
 
 
-def sample_clip_scene(rng: np.random.Generator) -> Scene:
+def sample_clip_scene(rng: np.random.Generator, unsaid_rate: float = 0.0) -> Scene:
     scene = sample_scene(rng, two_objects_rate=0.0)
-    shape = replace(scene.objects[0], position="centre", size="small")
+    shape = replace(scene.objects[0], position="centre", size="small", say_size=rng.random() >= unsaid_rate)
     return Scene(scene.background, (shape,), motion=str(rng.choice(list(MOTIONS))))
 
 
-def shape_mask(kind: str, centre: tuple[float, float], half: float, size: int) -> np.ndarray:
-    """[size, size] bool mask of a shape centred at `centre` (pixels) with half-extent `half`."""
-    y, x = np.mgrid[0:size, 0:size] + 0.5
-    dx, dy = x - centre[0], y - centre[1]
-    if kind == "circle":
-        return dx**2 + dy**2 <= half**2
-    if kind == "square":
-        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    # triangle pointing up: inside the base line and both slanted sides
-    return (dy <= half) & (dy >= -half) & (np.abs(dx) <= (dy + half) / 2)
+def sample_training_scene(rng: np.random.Generator, clip: bool) -> Scene:
+    """A scene for training: never one of the held-out combinations."""
+    while True:
+        scene = sample_clip_scene(rng, unsaid_rate=0.25) if clip else sample_scene(rng, unsaid_rate=0.25)
+        if not scene.held_out():
+            return scene
 
 
-def render(scene: Scene, size: int, offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-    """[size, size, 3] uint8. `offset` (fractions of the canvas) shifts every object (clips)."""
-    image = np.empty((size, size, 3), dtype=np.uint8)
-    image[:] = COLOURS[scene.background]
-    for obj in scene.objects:
-        fx, fy = POSITIONS[obj.position]
-        centre = ((fx + offset[0]) * size, (fy + offset[1]) * size)
-        image[shape_mask(obj.kind, centre, SIZES[obj.size] * size, size)] = COLOURS[obj.colour]
-    return image
+def evaluation_scenes(clip: bool) -> list[Scene]:
+    """Held-out prompts the quality checks grade: every held-out combination at every position, sizes
+    taking turns (images), or in every direction (clips)."""
+    scenes = []
+    for index, (kind, colour, background) in enumerate(sorted(HELD_OUT)):
+        if clip:
+            for motion in MOTIONS:
+                scenes.append(Scene(background, (Shape(kind, colour, "centre", "small"),), motion=motion))
+            continue
+        for turn, position in enumerate(POSITIONS):
+            size = list(SIZES)[(index + turn) % len(SIZES)]
+            scenes.append(Scene(background, (Shape(kind, colour, position, size),)))
+    return scenes
 
 
-def render_clip(scene: Scene, size: int, frames: int, travel: float = 0.5) -> np.ndarray:
-    """[frames, size, size, 3] uint8: the object moves `travel` of the canvas in its direction."""
-    dx, dy = MOTIONS[scene.motion]
-    steps = np.linspace(-travel / 2, travel / 2, frames)
-    return np.stack([render(scene, size, (dx * s, dy * s)) for s in steps])
+def render(scene: Scene, size: int) -> np.ndarray:
+    """[size, size, 3] uint8."""
+    from sgdiff.demo.render import render_scenes
+
+    return render_scenes([scene], size)[0, 0].permute(1, 2, 0).numpy()
+
+
+def render_clip(scene: Scene, size: int, frames: int) -> np.ndarray:
+    """[frames, size, size, 3] uint8: the object moves CLIP_TRAVEL of the canvas in its direction."""
+    from sgdiff.demo.render import render_scenes
+
+    return render_scenes([scene], size, frames)[0].permute(0, 2, 3, 1).numpy()

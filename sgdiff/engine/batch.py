@@ -17,6 +17,7 @@ from sgdiff.io.files import write_atomically
 from sgdiff.io.image import OutputNamer, check_output_file_name, save_png
 from sgdiff.io.input_image import prefetch
 from sgdiff.io.video import save_mp4, save_png_frames
+from sgdiff.models.resolve import default_model_path
 from sgdiff.pipeline.base import PipelineEvents
 
 
@@ -42,7 +43,7 @@ def output_suffix(output_kind: str, output_format: str | None) -> str:
 
 @dataclass(frozen=True)
 class BatchRequest:
-    model_path: str
+    model_path: str | None  # None: the embedded demo model (video if --num-frames is given)
     prompts: list[str]
     sampling_flags: dict[str, Any] = field(default_factory=dict)  # only flags given explicitly
     preset: str | None = None
@@ -63,7 +64,8 @@ def run_batch(
     request: BatchRequest, events: PipelineEvents, on_saved: Callable[[Path], None] = lambda p: None
 ) -> BatchReport:
     start = time.perf_counter()
-    engine = Engine(request.model_path, request.preset, request.runtime, events)
+    model_path = request.model_path or default_model_path(request.sampling_flags)
+    engine = Engine(model_path, request.preset, request.runtime, events)
     # every prompt is checked before the weights load: a bad request fails in a second
     all_params = [engine.sampling_params(prompt, **request.sampling_flags) for prompt in request.prompts]
     for params in all_params:
@@ -87,7 +89,7 @@ def run_batch(
             metadata = {
                 **asdict(params),
                 "output_index": index,
-                "model": request.model_path,
+                "model": model_path,
                 "preset": engine.preset.name if engine.preset else None,
                 "dtype": str(engine.dtype).removeprefix("torch."),
                 "sgdiff_version": __version__,

@@ -17,7 +17,25 @@ def looks_like_repo_id(model_path: str) -> bool:
     return bool(REPO_ID.match(model_path)) and not model_path.startswith((".", "~"))
 
 
+# The demo models that ship inside the package (sgdiff/demo/models/), by the names users give them.
+DEMO_IMAGE_MODEL, DEMO_VIDEO_MODEL = "sgdiff/demo-image", "sgdiff/demo-video"
+DEMO_MODEL_FOLDERS = {DEMO_IMAGE_MODEL: "image", DEMO_VIDEO_MODEL: "video"}
+
+
+def default_model_path(sampling_flags: dict) -> str:
+    """No --model-path: the embedded demo video model when frames are asked for, else the demo image model."""
+    return DEMO_VIDEO_MODEL if sampling_flags.get("num_frames") is not None else DEMO_IMAGE_MODEL
+
+
+def demo_model_dir(name: str) -> Path:
+    import sgdiff.demo
+
+    return Path(sgdiff.demo.__file__).parent / "models" / DEMO_MODEL_FOLDERS[name]
+
+
 def resolve_model_path(model_path: str) -> Path:
+    if model_path in DEMO_MODEL_FOLDERS:
+        return demo_model_dir(model_path)
     local = Path(model_path).expanduser()
     if local.exists():
         if not local.is_dir():

@@ -11,7 +11,7 @@ from sgdiff.pipeline.components import quiet_libraries
 log = logging.getLogger(__name__)
 
 
-def _tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
+def tokenize_padded(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
     with quiet_libraries():  # transformers' own over-length advice; sgdiff says it once, below
         ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
         full_length = max(len(x) for x in tokenizer(prompts).input_ids)
@@ -30,7 +30,12 @@ class ClipPooledEncoder:
         self.model = model
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
-        ids = _tokenize(self.tokenizer, prompts, self.tokenizer.model_max_length)
+        return self.encode(self.tokenize(prompts))
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return tokenize_padded(self.tokenizer, prompts, self.tokenizer.model_max_length)
+
+    def encode(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids.to(self.model.device), output_hidden_states=False).pooler_output
 
 
@@ -42,7 +47,12 @@ class T5SequenceEncoder:
         self.model = model
 
     def __call__(self, prompts: list[str], max_length: int) -> torch.Tensor:
-        ids = _tokenize(self.tokenizer, prompts, max_length)
+        return self.encode(self.tokenize(prompts, max_length))
+
+    def tokenize(self, prompts: list[str], max_length: int) -> torch.Tensor:
+        return tokenize_padded(self.tokenizer, prompts, max_length)
+
+    def encode(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids.to(self.model.device), output_hidden_states=False)[0]
 
 
@@ -69,12 +79,19 @@ class UMT5SequenceEncoder:
         self.model = model
 
     def __call__(self, prompts: list[str], max_length: int) -> torch.Tensor:
+        return self.encode(*self.tokenize(prompts, max_length))
+
+    def tokenize(self, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask, both [B, max_length]."""
         prompts = [clean_prompt(p) for p in prompts]
         with quiet_libraries():
             tokens = self.tokenizer(
                 prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
             )
-        ids, mask = tokens.input_ids.to(self.model.device), tokens.attention_mask.to(self.model.device)
+        return tokens.input_ids, tokens.attention_mask
+
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ids, mask = ids.to(self.model.device), mask.to(self.model.device)
         hidden = self.model(ids, mask).last_hidden_state  # [B, L, D]
-        keep = (torch.arange(max_length, device=hidden.device)[None, :] < mask.sum(dim=1)[:, None])[..., None]
+        keep = (torch.arange(ids.shape[1], device=hidden.device)[None, :] < mask.sum(dim=1)[:, None])[..., None]
         return torch.where(keep, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
