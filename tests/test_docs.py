@@ -4,9 +4,11 @@ CI runs the README's test command."""
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import typer
+from typer.testing import CliRunner
 
 from sgdiff.cli.main import app
 
@@ -39,7 +41,12 @@ def test_ci_runs_the_readme_test_command():
     assert test_command in (ROOT / ".ci" / "run").read_text()
 
 
-def test_readme_starts_with_the_two_commands():
+def test_readme_starts_with_the_two_commands(tmp_path):
+    """The first command sets up and generates with the embedded default: its `sgdiff generate` part runs."""
     blocks = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
-    assert "sgdiff generate" in blocks[0] and "make_tiny_flux.py" in blocks[0]
     assert README.index("```bash") < README.index("## ")
+    generate = blocks[0].split("&&")[-1].strip()
+    assert generate.startswith("sgdiff generate") and "--model-path" not in generate
+    result = CliRunner().invoke(app, [*shlex.split(generate)[1:], "--output-path", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert len(list(tmp_path.glob("*.png"))) == 1
