@@ -62,13 +62,12 @@ def main() -> None:
     record.update(train(args.out, run, device, deadline, args.vae))
 
     engine = Engine(str(args.out), runtime=RuntimeConfig(device=args.device, dtype="fp32"))
-    preset_steps = engine.preset.sampling["num_inference_steps"] if engine.preset else None
     grades = {}
-    for steps in [preset_steps, *args.grade_steps]:
-        engine.preset.sampling["num_inference_steps"] = steps
-        result = grade_model(engine, clip=args.model == "video")
-        grades[str(steps)] = result.rates
-        print(f"graded at {steps} steps: {result.summary()}", flush=True)
+    for steps in [None, *args.grade_steps]:  # None: the preset's steps
+        result = grade_model(engine, clip=args.model == "video", num_inference_steps=steps)
+        label = str(steps or f"preset ({engine.preset.sampling['num_inference_steps']})")
+        grades[label] = result.rates
+        print(f"graded at {label} steps: {result.summary()}", flush=True)
         for check, captions in result.misses.items():
             print(f"  {check} missed: {captions[:6]}", flush=True)
     record["grades"] = grades

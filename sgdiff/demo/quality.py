@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -56,12 +56,12 @@ def grade_clips(scenes: list[Scene], videos: list[np.ndarray]) -> Grades:
     return _grade(answers)
 
 
-def grade_model(engine, clip: bool, seed: int = 0, progress: Callable[[int], None] = lambda i: None) -> Grades:
-    """Generate every held-out prompt with `engine` (an sgdiff Engine) at its preset, and grade."""
+def grade_model(engine, clip: bool, seed: int = 0, **flags: Any) -> Grades:
+    """Generate every held-out prompt with `engine` (an sgdiff Engine) at its preset (`flags`, e.g.
+    num_inference_steps, override it), and grade."""
     scenes = evaluation_scenes(clip)
     outputs = []
     for index, scene in enumerate(scenes):
-        result = engine.generate(engine.sampling_params(scene.caption(), seed=seed + index))
+        result = engine.generate(engine.sampling_params(scene.caption(), seed=seed + index, **flags))
         outputs.append(result.videos[0] if clip else result.images[0])
-        progress(index)
     return grade_clips(scenes, outputs) if clip else grade_images(scenes, outputs)
