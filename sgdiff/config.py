@@ -143,6 +143,45 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How many processes serve a request and how they split it (None: derived, as SGLang does).
+
+    Ranks: cfg_degree x ring_degree x ulysses_degree = num_gpus; CFG parallel puts the prompt and
+    negative branches on different ranks, sequence parallelism splits the latent tokens."""
+
+    num_gpus: int = 1
+    ulysses_degree: int | None = None
+    ring_degree: int | None = None
+    enable_cfg_parallel: bool = False
+
+    @property
+    def cfg_degree(self) -> int:
+        return 2 if self.enable_cfg_parallel else 1
+
+    def resolved(self) -> ParallelConfig:
+        """Defaults filled in and the combination checked: sequence degree = num_gpus / cfg degree,
+        all Ulysses unless a ring degree is given."""
+        n = self.num_gpus
+        if n < 1:
+            raise UserError(f"--num-gpus must be at least 1, got {n}")
+        if n % self.cfg_degree:
+            raise UserError(f"--enable-cfg-parallel needs an even --num-gpus, got {n}")
+        sp = n // self.cfg_degree
+        ring = self.ring_degree or (sp // self.ulysses_degree if self.ulysses_degree else 1)
+        ulysses = self.ulysses_degree or sp // ring
+        for name, value in (("--ulysses-degree", ulysses), ("--ring-degree", ring)):
+            if value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+        if self.cfg_degree * ulysses * ring != n:
+            cfg = " x 2 (CFG parallel)" if self.enable_cfg_parallel else ""
+            raise UserError(
+                f"--ulysses-degree {ulysses} x --ring-degree {ring}{cfg} = {self.cfg_degree * ulysses * ring} "
+                f"ranks, but --num-gpus is {n}: make them multiply to --num-gpus"
+            )
+        return ParallelConfig(n, ulysses, ring, self.enable_cfg_parallel)
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     description: str = ""

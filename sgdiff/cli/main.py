@@ -105,10 +105,14 @@ def generate(
     quiet: opt.Quiet = False,
     dtype: opt.Dtype = None,
     device: opt.Device = None,
+    num_gpus: opt.NumGpus = 1,
+    ulysses_degree: opt.UlyssesDegree = None,
+    ring_degree: opt.RingDegree = None,
+    enable_cfg_parallel: opt.EnableCfgParallel = False,
 ) -> None:
     """Generate images or videos from a prompt (or a file of prompts)."""
     with user_errors():
-        from sgdiff.config import RuntimeConfig, check_sampling_values
+        from sgdiff.config import ParallelConfig, RuntimeConfig, check_sampling_values
 
         flags = {
             "negative_prompt": negative_prompt,
@@ -132,6 +136,8 @@ def generate(
         check_sampling_values(flags)
         prompts = read_prompts(prompt, prompt_file)
         check_outputs(save_output, output_path, output_file_name, perf_dump_path)
+        parallel = ParallelConfig(num_gpus, ulysses_degree, ring_degree, enable_cfg_parallel)
+        parallel.resolved()  # a bad combination fails here, before anything loads
 
         from sgdiff.engine.batch import BatchRequest, OutputConfig
 
@@ -141,6 +147,7 @@ def generate(
             sampling_flags=flags,
             preset=preset,
             runtime=RuntimeConfig(device=device, dtype=dtype),
+            parallel=parallel,
             output=OutputConfig(
                 save_output,
                 output_path,
@@ -157,15 +164,17 @@ def run(request, quiet: bool) -> None:
 
     from sgdiff.cli.progress import QuietEvents, RichProgress, show_library_warnings
     from sgdiff.engine.batch import run_batch
+    from sgdiff.engine.launcher import is_writer_rank
 
+    quiet = quiet or not is_writer_rank()  # under torchrun only rank 0 speaks
     console = Console(stderr=True)
     show_library_warnings(console, quiet)
     events = QuietEvents() if quiet else RichProgress(console)
     with events:
         report = run_batch(request, events, on_saved=lambda path: typer.echo(str(path)))
     if not quiet:
-        outputs = sum(len(r.images if r.videos is None else r.videos) for r in report.results)
-        kind = "video" if any(r.videos is not None for r in report.results) else "image"
+        outputs = sum(r.params.num_outputs_per_prompt for r in report.results)
+        kind = report.output_kind
         steps = [s for r in report.results for s in r.step_seconds]
         per_step = f", {sum(steps) / len(steps):.3f} s/step" if steps else ""
         console.print(

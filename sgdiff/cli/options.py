@@ -174,3 +174,40 @@ Device = Annotated[
     str | None,
     typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda if available).", rich_help_panel=RUNTIME),
 ]
+
+PARALLEL = "Parallelism"
+NumGpus = Annotated[
+    int,
+    typer.Option(
+        "--num-gpus",
+        min=1,
+        help="Worker processes, one per GPU (with --device cpu: CPU processes). Under torchrun: its processes.",
+        rich_help_panel=PARALLEL,
+    ),
+]
+UlyssesDegree = Annotated[
+    int | None,
+    typer.Option(
+        "--ulysses-degree",
+        min=1,
+        help="Ranks splitting the sequence by all-to-all over heads (default: the sequence degree / ring degree).",
+        rich_help_panel=PARALLEL,
+    ),
+]
+RingDegree = Annotated[
+    int | None,
+    typer.Option(
+        "--ring-degree",
+        min=1,
+        help="Ranks passing K/V blocks round a ring (default 1); with --ulysses-degree: USP.",
+        rich_help_panel=PARALLEL,
+    ),
+]
+EnableCfgParallel = Annotated[
+    bool,
+    typer.Option(
+        "--enable-cfg-parallel",
+        help="Run the prompt and negative CFG branches on different ranks (needs CFG and an even --num-gpus).",
+        rich_help_panel=PARALLEL,
+    ),
+]

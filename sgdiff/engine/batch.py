@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sgdiff import __version__
-from sgdiff.config import RuntimeConfig
+from sgdiff.config import ParallelConfig, RuntimeConfig
 from sgdiff.engine.engine import Engine, GenerationResult
 from sgdiff.errors import UserError
 from sgdiff.io.files import write_atomically
@@ -49,6 +50,7 @@ class BatchRequest:
     preset: str | None = None
     runtime: RuntimeConfig = RuntimeConfig()
     output: OutputConfig = OutputConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
 
 @dataclass
@@ -58,16 +60,32 @@ class BatchReport:
     load_seconds: float
     total_seconds: float
     peak_rss_bytes: int
+    output_kind: str = "image"  # or "video"
 
 
-def run_batch(
-    request: BatchRequest, events: PipelineEvents, on_saved: Callable[[Path], None] = lambda p: None
-) -> BatchReport:
-    start = time.perf_counter()
+@dataclass
+class PreparedBatch:
+    """A request checked against its model (no weights loaded yet): what every rank will run."""
+
+    model_path: str
+    engine: Engine
+    all_params: list
+    suffix: str
+    paths: list[Path]
+
+
+def prepare_batch(request: BatchRequest, events: PipelineEvents, runtime: RuntimeConfig | None = None) -> PreparedBatch:
+    """Resolve the model and check every prompt and output place: a bad request fails in a second."""
     model_path = request.model_path or default_model_path(request.sampling_flags)
-    engine = Engine(model_path, request.preset, request.runtime, events)
-    # every prompt is checked before the weights load: a bad request fails in a second
+    engine = Engine(model_path, request.preset, runtime or request.runtime, events)
     all_params = [engine.sampling_params(prompt, **request.sampling_flags) for prompt in request.prompts]
+    if request.parallel.enable_cfg_parallel:
+        for params in all_params:
+            if engine.info.spec.cfg_scale_of(params) is None:
+                raise UserError(
+                    "--enable-cfg-parallel splits the prompt and negative branches of CFG, but this request runs "
+                    "without CFG (Wan: --guidance-scale > 1; FLUX: --negative-prompt with --true-cfg-scale > 1)"
+                )
     for params in all_params:
         if params.image_path is not None:
             prefetch(params.image_path)  # a URL is fetched once, and fails here rather than after loading
@@ -75,29 +93,65 @@ def run_batch(
     suffix = output_suffix(engine.info.spec.output, out.output_format)
     if out.output_file_name is not None and (problem := check_output_file_name(out.output_file_name, suffix)):
         raise UserError(problem)
-    paths = iter(output_paths(all_params, out, suffix) if out.save_output else [])
+    paths = output_paths(all_params, out, suffix) if out.save_output else []
+    return PreparedBatch(model_path, engine, all_params, suffix, paths)
+
+
+def run_batch(
+    request: BatchRequest, events: PipelineEvents, on_saved: Callable[[Path], None] = lambda p: None
+) -> BatchReport:
+    """Run a request: in this process, or in one worker process per GPU when --num-gpus > 1 (or
+    under torchrun)."""
+    from sgdiff.engine.launcher import launch, under_torchrun
+
+    if request.parallel.num_gpus > 1 or under_torchrun():
+        return launch(request, events, on_saved)
+    return execute_batch(prepare_batch(request, events), request, on_saved)
+
+
+def execute_batch(
+    prepared: PreparedBatch,
+    request: BatchRequest,
+    on_saved: Callable[[Path], None] = lambda p: None,
+    setup: Callable[[Engine], Any] | None = None,
+    writer: bool = True,
+) -> BatchReport:
+    """Load, generate every prompt, and (the writing rank) save. `setup(engine)`, after loading, makes
+    the pipeline parallel and returns a context to generate in."""
+    start = time.perf_counter()
+    engine, out = prepared.engine, request.output
     engine.load()
+    context = setup(engine) if setup is not None else nullcontext()
+    paths = iter(prepared.paths)
     results, saved = [], []
-    for params in all_params:
-        result = engine.generate(params)
-        results.append(result)
-        if not out.save_output:
-            continue
-        outputs = result.images if result.videos is None else result.videos
-        for index, output in enumerate(outputs):
-            path = next(paths)
-            metadata = {
-                **asdict(params),
-                "output_index": index,
-                "model": model_path,
-                "preset": engine.preset.name if engine.preset else None,
-                "dtype": str(engine.dtype).removeprefix("torch."),
-                "sgdiff_version": __version__,
-            }
-            saved.append(save_output(output, path, suffix, params.fps or DEFAULT_FPS, metadata))
-            on_saved(path)
-    report = BatchReport(results, saved, engine.load_seconds, time.perf_counter() - start, engine.peak_rss_bytes())
-    if out.perf_dump_path is not None:
+    with context:
+        for params in prepared.all_params:
+            result = engine.generate(params)
+            results.append(result)
+            if not (out.save_output and writer):
+                continue
+            outputs = result.images if result.videos is None else result.videos
+            for index, output in enumerate(outputs):
+                path = next(paths)
+                metadata = {
+                    **asdict(params),
+                    "output_index": index,
+                    "model": prepared.model_path,
+                    "preset": engine.preset.name if engine.preset else None,
+                    "dtype": str(engine.dtype).removeprefix("torch."),
+                    "sgdiff_version": __version__,
+                }
+                saved.append(save_output(output, path, prepared.suffix, params.fps or DEFAULT_FPS, metadata))
+                on_saved(path)
+    report = BatchReport(
+        results,
+        saved,
+        engine.load_seconds,
+        time.perf_counter() - start,
+        engine.peak_rss_bytes(),
+        engine.info.spec.output,
+    )
+    if out.perf_dump_path is not None and writer:
         write_perf_dump(report, engine, out.perf_dump_path)
     return report
 

@@ -59,6 +59,7 @@ class GenerationResult:
     step_seconds: list[float]
     total_seconds: float
     peak_gpu_memory_bytes: int | None  # during this request (None on CPU)
+    latents: torch.Tensor | None = None  # the final latents, before decoding
 
 
 class Engine:
@@ -129,6 +130,7 @@ class Engine:
             step_seconds=state.step_seconds,
             total_seconds=time.perf_counter() - start,
             peak_gpu_memory_bytes=torch.cuda.max_memory_allocated(self.device) if on_gpu else None,
+            latents=state.latents,
         )
 
     @staticmethod

@@ -86,9 +86,11 @@ class OptionalStage(Stage):
 
 
 class ComposedPipeline:
-    def __init__(self, name: str, stages: list[Stage]):
+    def __init__(self, name: str, stages: list[Stage], transformers: list[torch.nn.Module] | None = None):
         self.name = name
         self.stages = stages
+        self.transformers = transformers or []  # the denoising models (what sequence parallelism shards)
+        self.rank = 0  # this process's rank when several serve one request: RANK0_ONLY stages run on 0 only
 
     @property
     def stage_names(self) -> list[str]:
@@ -97,6 +99,8 @@ class ComposedPipeline:
     @torch.inference_mode()
     def __call__(self, state: State) -> State:
         for stage in self.stages:
+            if stage.parallel is ParallelMode.RANK0_ONLY and self.rank != 0:
+                continue  # its result (the decoded output) is only needed where it is written
             state.events.stage_started(stage.name)
             start = time.perf_counter()
             stage.run(state)

@@ -164,7 +164,7 @@ def compose_flux_pipeline(parts: FluxComponents, schedule: FlowMatchSchedule) ->
         DenoisingStage(FluxDenoiser(parts.transformer)),
         VaeDecodingStage(parts.vae, geometry.unpack),
     ]
-    return ComposedPipeline("flux", stages)
+    return ComposedPipeline("flux", stages, [parts.transformer])
 
 
 def load_flux_pipeline(

@@ -11,10 +11,17 @@ from sgdiff.config import SamplingParams
 from sgdiff.errors import UserError
 from sgdiff.models.loading import read_json, safetensors_files
 from sgdiff.pipeline.base import ComposedPipeline
-from sgdiff.pipeline.flux import flux_rules, load_flux_pipeline
+from sgdiff.pipeline.flux import flux_rules, load_flux_pipeline, true_cfg_scale_of
 from sgdiff.pipeline.schedule import FlowMatchSchedule
 from sgdiff.pipeline.stages.validation import ValidationRule
-from sgdiff.pipeline.wan import WanSchedule, load_wan_pipeline, wan_adjust, wan_given_flag_rules, wan_rules
+from sgdiff.pipeline.wan import (
+    WanSchedule,
+    guidance_cfg,
+    load_wan_pipeline,
+    wan_adjust,
+    wan_given_flag_rules,
+    wan_rules,
+)
 
 COMMON_FIELDS = frozenset(
     {"negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed", "generator_device",
@@ -54,6 +61,8 @@ class PipelineSpec:
     adjust: Callable[[SamplingParams], SamplingParams] = lambda params: params
     # given_flag_rules(names of the flags given explicitly, params): refuse flags this request would ignore
     given_flag_rules: Callable[[set[str], SamplingParams], None] = lambda given, params: None
+    # the request's CFG scale, or None when it runs without CFG (then CFG parallel has nothing to split)
+    cfg_scale_of: Callable[[SamplingParams], float | None] = lambda params: None
 
 
 WAN_SPEC = PipelineSpec(
@@ -69,6 +78,7 @@ WAN_SPEC = PipelineSpec(
     accepts=COMMON_FIELDS | VIDEO_FIELDS,
     adjust=wan_adjust,
     given_flag_rules=wan_given_flag_rules,
+    cfg_scale_of=guidance_cfg,
 )
 
 PIPELINES: dict[str, PipelineSpec] = {
@@ -78,6 +88,7 @@ PIPELINES: dict[str, PipelineSpec] = {
         schedule=FlowMatchSchedule.from_dict,
         output="image",
         accepts=COMMON_FIELDS | {"true_cfg_scale"},
+        cfg_scale_of=true_cfg_scale_of,
     ),
     "WanPipeline": WAN_SPEC,
     "WanImageToVideoPipeline": WAN_SPEC,  # one pipeline: the checkpoint's parts decide what it does

@@ -357,7 +357,8 @@ def compose_wan_pipeline(parts: WanComponents, schedule: WanSchedule, rules: lis
         DenoisingStage(denoiser, denoiser.cfg_scale_at),
         VideoVaeDecodingStage(parts.vae, finalize=keep_given_first_frame),
     ]
-    return ComposedPipeline("wan", stages)
+    experts = [model for model in (parts.transformer, parts.transformer_2) if model is not None]
+    return ComposedPipeline("wan", stages, experts)
 
 
 def load_wan_pipeline(

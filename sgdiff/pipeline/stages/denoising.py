@@ -12,6 +12,12 @@ from sgdiff.pipeline.schedule import sample
 Denoiser = Callable[[torch.Tensor, torch.Tensor, dict, State], torch.Tensor]
 # The CFG scale to use at a timestep (Wan2.2 switches it with the expert); default: state.cfg_scale.
 CfgScaleAt = Callable[[torch.Tensor, State], float]
+# branches(run_cond, run_uncond) -> (cond velocity, uncond velocity); parallel/cfg.py runs them on two ranks
+BranchRunner = Callable[[Callable[[], torch.Tensor], Callable[[], torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def both_branches_here(run_cond, run_uncond) -> tuple[torch.Tensor, torch.Tensor]:
+    return run_cond(), run_uncond()
 
 
 def guided_velocity(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -27,17 +33,20 @@ class DenoisingStage(Stage):
     def __init__(self, denoiser: Denoiser, cfg_scale_at: CfgScaleAt | None = None):
         self.denoiser = denoiser
         self.cfg_scale_at = cfg_scale_at or (lambda t, state: state.cfg_scale)
+        self.branches: BranchRunner = both_branches_here
 
     def run(self, state: State) -> None:
         cond_inputs = {**state.shared, **state.cond}
         uncond_inputs = {**state.shared, **state.uncond} if state.uncond is not None else None
 
         def velocity(latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
-            v = self.denoiser(latents, t, cond_inputs, state)
             if uncond_inputs is None:
-                return v
-            uncond = self.denoiser(latents, t, uncond_inputs, state)
-            return guided_velocity(v, uncond, self.cfg_scale_at(t, state))
+                return self.denoiser(latents, t, cond_inputs, state)
+            cond, uncond = self.branches(
+                lambda: self.denoiser(latents, t, cond_inputs, state),
+                lambda: self.denoiser(latents, t, uncond_inputs, state),
+            )
+            return guided_velocity(cond, uncond, self.cfg_scale_at(t, state))
 
         total = len(state.sampler.timesteps)
         last = time.perf_counter()

@@ -1,0 +1,137 @@
+"""Start one worker process per GPU (torch.multiprocessing), relay rank 0's progress and saved paths,
+and end every process when one fails, dies or the user presses Ctrl-C. Under torchrun no process is
+started: this process is one rank, and the ranks come from torchrun's environment."""
+
+from __future__ import annotations
+
+import os
+import queue as queues
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from sgdiff.engine.batch import BatchReport, BatchRequest, prepare_batch
+from sgdiff.engine.worker import RankSpec, run_rank, spawned_worker
+from sgdiff.errors import UserError
+from sgdiff.pipeline.base import NullEvents, PipelineEvents
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+GRACE_SECONDS = 3.0  # between asking a worker to stop (SIGTERM) and killing it
+
+
+def under_torchrun() -> bool:
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def is_writer_rank() -> bool:
+    """False on the ranks of a torchrun run other than 0 (they stay quiet and write nothing)."""
+    return not under_torchrun() or os.environ["RANK"] == "0"
+
+
+def launch(request: BatchRequest, events: PipelineEvents, on_saved: Callable[[Path], None]) -> BatchReport:
+    if under_torchrun():
+        return run_torchrun_rank(request, events, on_saved)
+    config = request.parallel.resolved()
+    prepared = prepare_batch(request, NullEvents())  # the whole request is checked before any process starts
+    heads = prepared.engine.info.transformer_config.get("num_attention_heads")
+    if heads and heads % config.ulysses_degree:
+        raise UserError(f"--ulysses-degree {config.ulysses_degree} must divide the model's {heads} attention heads")
+    check_devices(request, config.num_gpus)
+    return run_spawned(request, config.num_gpus, events, on_saved)
+
+
+def run_torchrun_rank(request: BatchRequest, events: PipelineEvents, on_saved) -> BatchReport:
+    world = int(os.environ["WORLD_SIZE"])
+    if request.parallel.num_gpus not in (1, world):
+        raise UserError(f"--num-gpus {request.parallel.num_gpus} but torchrun started {world} processes")
+    spec = RankSpec(int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]), "env://")
+    return run_rank(spec, request, events, on_saved)
+
+
+def check_devices(request: BatchRequest, num_gpus: int) -> None:
+    device = request.runtime.device
+    if device is not None and torch.device(device).type == "cpu":
+        return  # --device cpu --num-gpus N: N CPU processes
+    if device is not None and torch.device(device).index is not None:
+        raise UserError(f"--device {device} names one GPU; with --num-gpus give --device cuda (ranks use cuda:0..N-1)")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < num_gpus:
+        raise UserError(
+            f"--num-gpus {num_gpus} but {visible} CUDA GPU(s) are visible (for CPU processes: --device cpu)"
+        )
+
+
+def run_spawned(request: BatchRequest, world: int, events: PipelineEvents, on_saved) -> BatchReport:
+    context = torch.multiprocessing.get_context("spawn")
+    messages = context.Queue()
+    rendezvous = Path(tempfile.mkdtemp(prefix="sgdiff-"))
+    init = f"file://{rendezvous / 'store'}"
+    workers = [
+        context.Process(target=spawned_worker, args=(RankSpec(rank, world, rank, init), request, messages))
+        for rank in range(world)
+    ]
+    try:
+        for worker in workers:
+            worker.start()
+        report = relay(workers, messages, events, on_saved)
+    except BaseException:
+        stop(workers, graceful=False)
+        raise
+    finally:
+        shutil.rmtree(rendezvous, ignore_errors=True)
+    stop(workers, graceful=True)
+    return report
+
+
+def relay(workers, messages, events: PipelineEvents, on_saved) -> BatchReport:
+    """Pass rank 0's messages on until its report arrives; any error or death ends the run."""
+    while True:
+        try:
+            message = messages.get(timeout=0.1)
+        except queues.Empty:
+            message = None
+        if message is not None:
+            kind = message[0]
+            if kind == "event":
+                getattr(events, message[1])(*message[2])
+            elif kind == "saved":
+                on_saved(Path(message[1]))
+            elif kind == "done":
+                return message[1]
+            elif kind == "error":
+                _, rank, text, user_error = message
+                raise UserError(text) if user_error else RuntimeError(f"worker {rank}: {text}")
+            continue
+        for rank, worker in enumerate(workers):
+            if worker.exitcode not in (None, 0):
+                raise RuntimeError(f"worker {rank} {describe_exit(worker.exitcode)}; every worker was stopped")
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def stop(workers, graceful: bool) -> None:
+    """Every worker ends: after a run, each gets a grace period to exit on its own; then (or at once,
+    after a failure) SIGTERM, and SIGKILL for any still there after the grace period."""
+    deadline = time.monotonic() + (GRACE_SECONDS if graceful else 0.0)
+    for worker in workers:
+        if worker.is_alive() and worker.pid is not None:
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
+    for worker in workers:
+        if worker.is_alive():
+            worker.terminate()
+    for worker in workers:
+        if worker.pid is None:
+            continue  # never started
+        worker.join(timeout=GRACE_SECONDS)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()

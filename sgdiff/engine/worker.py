@@ -1,0 +1,138 @@
+"""One rank of a multi-GPU run: join the process group, load the model once, make its pipeline
+parallel (parallel/), run every prompt; rank 0 writes the outputs and reports progress."""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sgdiff.config import RuntimeConfig
+from sgdiff.engine.batch import BatchReport, BatchRequest, execute_batch, prepare_batch
+from sgdiff.engine.engine import Engine
+from sgdiff.errors import UserError
+from sgdiff.models.attention import use_attention_impl
+from sgdiff.parallel.cfg import apply_cfg_parallel
+from sgdiff.parallel.groups import ParallelGroups, build_groups
+from sgdiff.parallel.plans import apply_sequence_parallel
+from sgdiff.pipeline.base import NullEvents, PipelineEvents
+
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank that stops answering ends the run, not hangs it
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    rank: int
+    world_size: int
+    local_rank: int
+    init_method: str  # file://... (spawned) or env:// (torchrun)
+
+
+def rank_device(runtime: RuntimeConfig, local_rank: int) -> torch.device:
+    """The rank's device: cuda:LOCAL_RANK unless the request runs on the CPU."""
+    if runtime.device is not None and torch.device(runtime.device).type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if runtime.device is not None:
+            raise UserError(f"--device {runtime.device}: no CUDA GPU is visible; use --device cpu")
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def make_parallel(engine: Engine, groups: ParallelGroups) -> AbstractContextManager:
+    """Apply CFG and sequence parallelism to the loaded pipeline; returns the context to generate in."""
+    pipeline = engine.pipeline
+    pipeline.rank = groups.rank
+    if groups.config.enable_cfg_parallel:
+        apply_cfg_parallel(pipeline, groups)
+    if groups.sp_degree > 1:
+        return use_attention_impl(apply_sequence_parallel(pipeline.transformers, groups))
+    return nullcontext()
+
+
+def run_rank(spec: RankSpec, request: BatchRequest, events: PipelineEvents, on_saved) -> BatchReport:
+    device = rank_device(request.runtime, spec.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method=spec.init_method,
+        rank=spec.rank,
+        world_size=spec.world_size,
+        timeout=COLLECTIVE_TIMEOUT,
+        device_id=device if device.type == "cuda" else None,
+    )
+    try:
+        groups = build_groups(replace(request.parallel, num_gpus=spec.world_size))
+        writer = spec.rank == 0
+        runtime = RuntimeConfig(device=str(device), dtype=request.runtime.dtype)
+        prepared = prepare_batch(request, events if writer else NullEvents(), runtime)
+        return execute_batch(
+            prepared,
+            request,
+            on_saved if writer else (lambda path: None),
+            setup=lambda engine: make_parallel(engine, groups),
+            writer=writer,
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+class QueueEvents:
+    """Rank 0's progress, sent to the launching process (which draws it)."""
+
+    def __init__(self, queue: Any):
+        self.queue = queue
+
+    def stage_started(self, name: str) -> None:
+        self.queue.put(("event", "stage_started", (name,)))
+
+    def stage_finished(self, name: str, seconds: float) -> None:
+        self.queue.put(("event", "stage_finished", (name, seconds)))
+
+    def step_finished(self, index: int, total: int, seconds: float) -> None:
+        self.queue.put(("event", "step_finished", (index, total, seconds)))
+
+
+def stripped(report: BatchReport) -> BatchReport:
+    """The report without the generated pixels (they are written already; the launcher needs numbers)."""
+    return replace(report, results=[replace(r, images=None, videos=None) for r in report.results])
+
+
+def spawned_worker(spec: RankSpec, request: BatchRequest, queue: Any) -> None:
+    """Entry point of a process the launcher spawned: never a traceback, always a message or a report."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle: it ends every rank
+    die_with_parent()
+    try:
+        report = run_rank(spec, request, QueueEvents(queue), lambda path: queue.put(("saved", str(path))))
+        if spec.rank == 0:
+            queue.put(("done", stripped(report)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the launcher, which ends the run
+        user_error = isinstance(exc, UserError)
+        if os.environ.get("SGDIFF_DEBUG", "") not in ("", "0") and not user_error:
+            import traceback
+
+            traceback.print_exc()
+        message = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
+        queue.put(("error", spec.rank, message, user_error))
+        queue.close()
+        queue.join_thread()
+        raise SystemExit(1) from None
+
+
+def die_with_parent() -> None:
+    """Linux: the kernel kills this process when the launcher dies, however it dies."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

@@ -1,0 +1,64 @@
+"""Run a function on N CPU processes joined in a gloo group, for tests of the parallel code."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sgdiff.config import ParallelConfig
+from sgdiff.parallel.groups import ParallelGroups, build_groups
+
+
+def _rank_main(rank: int, world: int, init: str, config: ParallelConfig, fn, args, results) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        output = fn(build_groups(config), *args)
+        results.put((rank, output))
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        results.put((rank, exc))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(config: ParallelConfig, fn: Callable[..., Any], *args: Any, timeout: float = 300) -> list[Any]:
+    """fn(groups, *args) on every rank of `config` (CPU, gloo); returns each rank's result, rank order.
+    fn must be importable (a module-level function): the ranks are spawned processes."""
+    world = config.resolved().num_gpus
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Queue()
+    with tempfile.TemporaryDirectory() as folder:
+        init = f"file://{Path(folder) / 'store'}"
+        procs = [
+            context.Process(target=_rank_main, args=(rank, world, init, config, fn, args, results))
+            for rank in range(world)
+        ]
+        for proc in procs:
+            proc.start()
+        outputs = dict(results.get(timeout=timeout) for _ in procs)
+        for proc in procs:
+            proc.join(timeout=30)
+    failures = [o for o in outputs.values() if isinstance(o, BaseException)]
+    if failures:
+        raise failures[0]
+    return [outputs[rank] for rank in range(world)]
+
+
+def parallel_latents(groups: ParallelGroups, requests: list[tuple[str, str, dict]]) -> list[torch.Tensor]:
+    """A rank's final latents for each (model, prompt, flags) on a parallel pipeline (a run_on_ranks function)."""
+    from sgdiff.config import RuntimeConfig
+    from sgdiff.engine.engine import Engine
+    from sgdiff.engine.worker import make_parallel
+
+    latents = []
+    for model, prompt, flags in requests:
+        engine = Engine(model, runtime=RuntimeConfig(device="cpu", dtype="fp32"))
+        engine.load()
+        with make_parallel(engine, groups):
+            latents.append(engine.generate(engine.sampling_params(prompt, **flags)).latents)
+    return latents
