@@ -167,16 +167,18 @@ class ParallelConfig:
         if n % self.cfg_degree:
             raise UserError(f"--enable-cfg-parallel needs an even --num-gpus, got {n}")
         sp = n // self.cfg_degree
+        cfg = " / 2 (CFG parallel)" if self.enable_cfg_parallel else ""
+        for name, value in (("--ulysses-degree", self.ulysses_degree), ("--ring-degree", self.ring_degree)):
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+            if value is not None and sp % value:
+                raise UserError(f"{name} {value} must divide --num-gpus {n}{cfg} = {sp} sequence-parallel ranks")
         ring = self.ring_degree or (sp // self.ulysses_degree if self.ulysses_degree else 1)
         ulysses = self.ulysses_degree or sp // ring
-        for name, value in (("--ulysses-degree", ulysses), ("--ring-degree", ring)):
-            if value < 1:
-                raise UserError(f"{name} must be at least 1, got {value}")
-        if self.cfg_degree * ulysses * ring != n:
-            cfg = " x 2 (CFG parallel)" if self.enable_cfg_parallel else ""
+        if ulysses * ring != sp:
             raise UserError(
-                f"--ulysses-degree {ulysses} x --ring-degree {ring}{cfg} = {self.cfg_degree * ulysses * ring} "
-                f"ranks, but --num-gpus is {n}: make them multiply to --num-gpus"
+                f"--ulysses-degree {ulysses} x --ring-degree {ring} = {ulysses * ring}, but --num-gpus {n}{cfg} "
+                f"gives {sp} sequence-parallel ranks: make them multiply to --num-gpus{cfg}"
             )
         return ParallelConfig(n, ulysses, ring, self.enable_cfg_parallel)
 

@@ -17,7 +17,8 @@ def debug_enabled() -> bool:
 
 
 def fail(message: str, code: int = USAGE_EXIT_CODE) -> None:
-    typer.echo(f"error: {message}", err=True)
+    one_line = " ".join(message.split())  # library messages may span lines (e.g. torch's state_dict errors)
+    typer.echo(f"error: {one_line}", err=True)
     raise typer.Exit(code)
 
 

@@ -95,21 +95,41 @@ def relay(workers, messages, events: PipelineEvents, on_saved) -> BatchReport:
             message = messages.get(timeout=0.1)
         except queues.Empty:
             message = None
-        if message is not None:
-            kind = message[0]
-            if kind == "event":
-                getattr(events, message[1])(*message[2])
-            elif kind == "saved":
-                on_saved(Path(message[1]))
-            elif kind == "done":
-                return message[1]
-            elif kind == "error":
-                _, rank, text, user_error = message
-                raise UserError(text) if user_error else RuntimeError(f"worker {rank}: {text}")
-            continue
+        if message is None:
+            ended = [(rank, w.exitcode) for rank, w in enumerate(workers) if w.exitcode not in (None, 0)]
+            if not ended:
+                continue
+            raise_if_killed(workers)
+            try:  # a worker that failed sent its error before exiting: read it
+                message = messages.get(timeout=1.0)
+            except queues.Empty:
+                rank, code = ended[0]
+                raise RuntimeError(f"worker {rank} {describe_exit(code)}; every worker was stopped") from None
+        kind = message[0]
+        if kind == "event":
+            getattr(events, message[1])(*message[2])
+        elif kind == "saved":
+            on_saved(Path(message[1]))
+        elif kind == "done":
+            return message[1]
+        elif kind == "error":
+            _, rank, text, user_error = message
+            if user_error:
+                raise UserError(text)
+            raise_if_killed(workers, wait=1.0)  # a peer's death first shows up here as a broken collective
+            raise RuntimeError(f"worker {rank}: {text}")
+
+
+def raise_if_killed(workers, wait: float = 0.0) -> None:
+    """A worker killed by a signal is the cause to report; `wait`: how long to watch for one."""
+    deadline = time.monotonic() + wait
+    while True:
         for rank, worker in enumerate(workers):
-            if worker.exitcode not in (None, 0):
+            if worker.exitcode is not None and worker.exitcode < 0:
                 raise RuntimeError(f"worker {rank} {describe_exit(worker.exitcode)}; every worker was stopped")
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.05)
 
 
 def describe_exit(code: int) -> str:

@@ -100,8 +100,9 @@ class QueueEvents:
 
 
 def stripped(report: BatchReport) -> BatchReport:
-    """The report without the generated pixels (they are written already; the launcher needs numbers)."""
-    return replace(report, results=[replace(r, images=None, videos=None) for r in report.results])
+    """The report without pixels or latents (written already; the launcher needs numbers). A tensor would
+    also travel as a shared-memory handle that dies with this process."""
+    return replace(report, results=[replace(r, images=None, videos=None, latents=None) for r in report.results])
 
 
 def spawned_worker(spec: RankSpec, request: BatchRequest, queue: Any) -> None:

@@ -1,0 +1,142 @@
+"""A multi-process run ends cleanly: a killed worker, a worker's exception or Ctrl-C stops every
+process within seconds with one clear line; bad parallel flags fail before anything starts."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from sgdiff.cli.main import app
+from sgdiff.config import ParallelConfig
+from sgdiff.errors import UserError
+
+runner = CliRunner()
+SMALL = ["--height", "32", "--width", "32", "--device", "cpu", "--quiet"]
+
+
+def sgdiff_process(*args: str) -> subprocess.Popen:
+    command = [sys.executable, "-c", "from sgdiff.cli.main import main; main()", "generate", *args]
+    env = {**os.environ, "SGDIFF_DEBUG": ""}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_workers(process: subprocess.Popen, count: int, timeout: float = 60) -> list[psutil.Process]:
+    """The launcher's worker processes, once `count` of them run the denoising loop (a few seconds in)."""
+    parent = psutil.Process(process.pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = [p for p in parent.children() if "spawn_main" in " ".join(p.cmdline())]
+        if len(workers) >= count:
+            time.sleep(8)  # past start-up and loading: the ranks are inside collectives
+            return workers
+        time.sleep(0.2)
+    raise AssertionError("the workers did not start")
+
+
+def ended_within(process: subprocess.Popen, seconds: float) -> tuple[int, str]:
+    _, stderr = process.communicate(timeout=seconds)
+    return process.returncode, stderr
+
+
+@pytest.fixture
+def long_run(tiny_flux_dev, tmp_path):
+    """A 2-process run long enough to interrupt (many steps)."""
+    process = sgdiff_process(
+        "--model-path", str(tiny_flux_dev), "--prompt", "a red cube", *SMALL, "--steps", "5000",
+        "--num-gpus", "2", "--output-path", str(tmp_path),
+    )  # fmt: skip
+    yield process, tmp_path
+    if process.poll() is None:
+        process.kill()
+
+
+def test_a_killed_worker_ends_the_run(long_run):
+    process, out = long_run
+    workers = wait_for_workers(process, 2)
+    workers[1].send_signal(signal.SIGKILL)
+    code, stderr = ended_within(process, 15)
+    assert code == 1
+    assert re.fullmatch(r"error: RuntimeError: worker [01] was killed by SIGKILL; every worker was stopped.*\n", stderr)
+    assert "Traceback" not in stderr
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    assert list(out.iterdir()) == []  # nothing half-written
+
+
+def test_ctrl_c_ends_every_process(long_run):
+    process, out = long_run
+    workers = wait_for_workers(process, 2)
+    process.send_signal(signal.SIGINT)
+    code, stderr = ended_within(process, 15)
+    assert code == 130 and stderr.strip().splitlines()[-1] == "interrupted"
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    assert list(out.iterdir()) == []
+
+
+def test_an_exception_in_the_workers_is_one_line(tiny_flux_dev, tmp_path):
+    """Weights that do not fit the model are found only while the workers load them."""
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(tiny_flux_dev), str(broken)], check=True)
+    shard = sorted((broken / "transformer").glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].flatten()[:-1]  # a wrong shape
+    save_file(tensors, shard, metadata={"format": "pt"})
+    process = sgdiff_process(
+        "--model-path", str(broken), "--prompt", "a red cube", *SMALL, "--steps", "2", "--num-gpus", "2",
+        "--output-path", str(tmp_path / "out"),
+    )  # fmt: skip
+    code, stderr = ended_within(process, 60)
+    assert code in (1, 2)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], stderr
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (ParallelConfig(3, enable_cfg_parallel=True), "needs an even --num-gpus"),
+        (ParallelConfig(4, ulysses_degree=3), "must divide --num-gpus 4 = 4 sequence-parallel ranks"),
+        (ParallelConfig(4, ring_degree=8), "must divide --num-gpus"),
+        (ParallelConfig(8, ulysses_degree=2, ring_degree=2), "multiply to --num-gpus"),
+        (ParallelConfig(4, ulysses_degree=0), "must be at least 1"),
+        (ParallelConfig(8, ulysses_degree=2, ring_degree=2, enable_cfg_parallel=True), None),
+    ],
+)
+def test_parallel_degrees_must_multiply_to_the_process_count(config, message):
+    if message is None:
+        resolved = config.resolved()
+        assert (resolved.ulysses_degree, resolved.ring_degree, resolved.cfg_degree) == (2, 2, 2)
+        return
+    with pytest.raises(UserError, match=message):
+        config.resolved()
+
+
+def test_degrees_default_as_sglang():
+    assert ParallelConfig(4).resolved() == ParallelConfig(4, 4, 1, False)
+    assert ParallelConfig(4, enable_cfg_parallel=True).resolved() == ParallelConfig(4, 2, 1, True)
+    assert ParallelConfig(4, ring_degree=2).resolved() == ParallelConfig(4, 2, 2, False)
+    assert ParallelConfig(4, ulysses_degree=2).resolved() == ParallelConfig(4, 2, 2, False)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-gpus", "4"], "must divide the model's 2 attention heads"),  # tiny FLUX has 2 heads
+        (["--num-gpus", "2", "--enable-cfg-parallel"], "runs without CFG"),
+        (["--num-gpus", "2", "--ring-degree", "3"], "must divide --num-gpus 2"),
+    ],
+)
+def test_bad_parallel_requests_fail_before_starting(tiny_flux_dev, tmp_path, flags, message):
+    model = ["--model-path", str(tiny_flux_dev)]
+    result = runner.invoke(app, ["generate", *model, "--prompt", "p", *SMALL, *flags, "--output-path", str(tmp_path)])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert psutil.Process().children() == []
