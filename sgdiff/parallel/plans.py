@@ -69,11 +69,10 @@ def shard_flux(model: FluxTransformer, attn: SequenceParallelAttention, groups: 
             return split.gather(output[0], 1, groups.sp_group), output[1]
         return torch.cat([output[:, :t], split.gather(output[:, t:], 1, groups.sp_group)], dim=1)
 
-    for block in model.transformer_blocks:
-        block.register_forward_pre_hook(before_double)
-    for block in model.single_transformer_blocks:
-        block.register_forward_pre_hook(before_single)
-    blocks[-1].register_forward_hook(after_last)
+    hooks = [block.register_forward_pre_hook(before_double) for block in model.transformer_blocks]
+    hooks += [block.register_forward_pre_hook(before_single) for block in model.single_transformer_blocks]
+    hooks.append(blocks[-1].register_forward_hook(after_last))
+    attn.hooks += hooks
 
 
 def shard_wan(model: WanTransformer, attn: SequenceParallelAttention, groups: ParallelGroups) -> None:
@@ -102,10 +101,10 @@ def shard_wan(model: WanTransformer, attn: SequenceParallelAttention, groups: Pa
         attn.local_depth -= 1
 
     for block in model.blocks:
-        block.register_forward_pre_hook(before_block)
-        block.attn2.register_forward_pre_hook(enter_cross)
-        block.attn2.register_forward_hook(leave_cross)
-    model.blocks[-1].register_forward_hook(after_last)
+        attn.hooks.append(block.register_forward_pre_hook(before_block))
+        attn.hooks.append(block.attn2.register_forward_pre_hook(enter_cross))
+        attn.hooks.append(block.attn2.register_forward_hook(leave_cross))
+    attn.hooks.append(model.blocks[-1].register_forward_hook(after_last))
 
 
 def apply_sequence_parallel(models: list[nn.Module], groups: ParallelGroups) -> SequenceParallelAttention:

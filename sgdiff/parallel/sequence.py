@@ -107,6 +107,13 @@ class SequenceParallelAttention:
         self.split: SequenceSplit | None = None
         self.text_len = 0
         self.local_depth = 0
+        self.hooks: list = []  # the forward hooks that shard the models (plans.py)
+
+    def remove(self) -> None:
+        """Take the sharding hooks off the models again (they become single-GPU models)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.split is None or self.local_depth:

@@ -1,0 +1,173 @@
+"""Multi-GPU speed-up per denoising step: FLUX.1-dev 1024x1024 with Ulysses-2 and Ring-2, Wan2.1-1.3B
+832x480x81 (CFG 5) with CFG parallel and Ulysses-2, against one GPU on the same machine, same run.
+
+Full-size sgdiff transformers with random bf16 weights (the same on every rank, from one seed), the
+parallelism of sgdiff/parallel applied exactly as `sgdiff generate --num-gpus 2` applies it. One
+"step" is what the denoising loop runs per timestep: FLUX.1-dev one forward (guidance is embedded),
+Wan with CFG two forwards and the guided combination. The 1-GPU baseline runs on every rank at once
+(each on its own GPU); rank 0 reports. bf16 agreement: relative error of the parallel step's output
+against the 1-GPU step's.
+
+    torchrun --nproc-per-node 2 scripts/bench_parallel.py [--json out.json] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sgdiff.config import ParallelConfig  # noqa: E402
+from sgdiff.models.attention import use_attention_impl  # noqa: E402
+from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig  # noqa: E402
+from sgdiff.models.flux.config import FLUX_DEV  # noqa: E402
+from sgdiff.models.flux.packing import image_position_ids, text_position_ids  # noqa: E402
+from sgdiff.models.loading import build_on_meta  # noqa: E402
+from sgdiff.models.wan import WanTransformer, WanTransformerConfig  # noqa: E402
+from sgdiff.models.wan.config import WAN21_T2V_1_3B  # noqa: E402
+from sgdiff.parallel.cfg import CfgParallelBranches  # noqa: E402
+from sgdiff.parallel.groups import build_groups  # noqa: E402
+from sgdiff.parallel.plans import apply_sequence_parallel  # noqa: E402
+from sgdiff.pipeline.stages.denoising import guided_velocity  # noqa: E402
+from sgdiff.testing.compare import relative_error  # noqa: E402
+
+TINY_FLUX = FluxTransformerConfig(
+    num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+    pooled_projection_dim=32, axes_dims_rope=(4, 6, 6), guidance_embeds=True,
+)  # fmt: skip
+TINY_WAN = WanTransformerConfig(num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=32, num_layers=2)
+WAN_CFG = 5.0
+
+
+def random_model(cls, config, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    """A model with seeded random bf16 weights, identical on every rank."""
+    model = build_on_meta(cls, config).to_empty(device=device).to(torch.bfloat16)
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.02, generator=g)
+            else:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+    return model.eval().requires_grad_(False)
+
+
+def timed(fn, device: torch.device, warmup: int, repeat: int) -> tuple[float, torch.Tensor]:
+    """(median ms per call, the last output); every rank runs it, ranks start together."""
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeat):
+        dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), out
+
+
+def bench_flux(config, size: int, device, args) -> list[dict]:
+    model = random_model(FluxTransformer, config, device)
+    g = torch.Generator(device).manual_seed(1)
+    rows = cols = size // 16
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    inputs = dict(
+        hidden_states=torch.randn(1, rows * cols, config.in_channels, generator=g, **bf16),
+        encoder_hidden_states=torch.randn(1, 512, config.joint_attention_dim, generator=g, **bf16),
+        pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g, **bf16),
+        timestep=torch.tensor([0.7], **bf16),
+        img_ids=image_position_ids(rows, cols).to(**bf16),
+        txt_ids=text_position_ids(512).to(**bf16),
+        guidance=torch.tensor([3.5], device=device),
+    )
+    with torch.inference_mode():
+        base_ms, base = timed(lambda: model(**inputs), device, args.warmup, args.repeat)
+        rows_out = [dict(model="FLUX.1-dev", size=f"{size}x{size}", mode="1 GPU", ms_per_step=base_ms)]
+        for mode, parallel in (("Ulysses-2", ParallelConfig(2)), ("Ring-2", ParallelConfig(2, ring_degree=2))):
+            groups = build_groups(parallel)
+            attn = apply_sequence_parallel([model], groups)
+            with use_attention_impl(attn):
+                ms, out = timed(lambda: model(**inputs), device, args.warmup, args.repeat)
+            attn.remove()
+            rows_out.append(dict(model="FLUX.1-dev", size=f"{size}x{size}", mode=mode, ms_per_step=ms,
+                                 speedup=base_ms / ms, rel_err_vs_1gpu=relative_error(out, base)))  # fmt: skip
+    return rows_out
+
+
+def bench_wan(config, latent: tuple[int, int, int], device, args) -> list[dict]:
+    model = random_model(WanTransformer, config, device)
+    g = torch.Generator(device).manual_seed(2)
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    latents = torch.randn(1, config.in_channels, *latent, generator=g, **bf16)
+    timestep = torch.tensor([500.0], device=device)
+    prompt, negative = (torch.randn(1, 512, config.text_dim, generator=g, **bf16) for _ in range(2))
+
+    def cond():
+        return model(latents, timestep, prompt)
+
+    def uncond():
+        return model(latents, timestep, negative)
+
+    def step(branches) -> torch.Tensor:
+        c, u = branches(cond, uncond)
+        return guided_velocity(c, u, WAN_CFG)
+
+    label = f"{latent[0]}x{latent[1]}x{latent[2]} latents"
+    with torch.inference_mode():
+        base_ms, base = timed(lambda: step(lambda c, u: (c(), u())), device, args.warmup, args.repeat)
+        rows_out = [dict(model="Wan2.1-T2V-1.3B", size=label, mode="1 GPU (CFG)", ms_per_step=base_ms)]
+        cfg_groups = build_groups(ParallelConfig(2, enable_cfg_parallel=True))
+        ms, out = timed(lambda: step(CfgParallelBranches(cfg_groups)), device, args.warmup, args.repeat)
+        rows_out.append(dict(model="Wan2.1-T2V-1.3B", size=label, mode="CFG parallel", ms_per_step=ms,
+                             speedup=base_ms / ms, rel_err_vs_1gpu=relative_error(out, base)))  # fmt: skip
+        attn = apply_sequence_parallel([model], build_groups(ParallelConfig(2)))
+        with use_attention_impl(attn):
+            ms, out = timed(lambda: step(lambda c, u: (c(), u())), device, args.warmup, args.repeat)
+        attn.remove()
+        rows_out.append(dict(model="Wan2.1-T2V-1.3B", size=label, mode="Ulysses-2", ms_per_step=ms,
+                             speedup=base_ms / ms, rel_err_vs_1gpu=relative_error(out, base)))  # fmt: skip
+    return rows_out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (gloo): checks the script")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cpu") if args.tiny else torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("gloo" if args.tiny else "nccl", device_id=None if args.tiny else device)
+    flux_size, wan_latent = (64, (3, 6, 8)) if args.tiny else (1024, (21, 60, 104))
+    results = bench_flux(TINY_FLUX if args.tiny else FLUX_DEV, flux_size, device, args)
+    results += bench_wan(TINY_WAN if args.tiny else WAN21_T2V_1_3B, wan_latent, device, args)
+    if dist.get_rank() == 0:
+        card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        print(f"\n{card}, torch {torch.__version__}, {dist.get_world_size()} ranks")
+        print(f"{'model':18} {'size':22} {'mode':14} {'ms/step':>9} {'speed-up':>9} {'bf16 rel err':>13}")
+        for r in results:
+            speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+            err = f"{r['rel_err_vs_1gpu']:.1e}" if "rel_err_vs_1gpu" in r else ""
+            print(f"{r['model']:18} {r['size']:22} {r['mode']:14} {r['ms_per_step']:9.1f} {speedup:>9} {err:>13}")
+        if args.json:
+            args.json.write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": results}, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
