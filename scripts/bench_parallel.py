@@ -78,6 +78,17 @@ def timed(fn, device: torch.device, warmup: int, repeat: int) -> tuple[float, to
     return statistics.median(times), out
 
 
+def profile_on_rank0(fn, title: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    if dist.get_rank() == 0:
+        print(f"--- {title}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=50))
+
+
 def bench_flux(config, size: int, device, args) -> list[dict]:
     model = random_model(FluxTransformer, config, device)
     g = torch.Generator(device).manual_seed(1)
@@ -100,6 +111,8 @@ def bench_flux(config, size: int, device, args) -> list[dict]:
             attn = apply_sequence_parallel([model], groups)
             with use_attention_impl(attn):
                 ms, out = timed(lambda: model(**inputs), device, args.warmup, args.repeat)
+                if args.profile:
+                    profile_on_rank0(lambda: model(**inputs), mode)
             attn.remove()
             rows_out.append(dict(model="FLUX.1-dev", size=f"{size}x{size}", mode=mode, ms_per_step=ms,
                                  speedup=base_ms / ms, rel_err_vs_1gpu=relative_error(out, base)))  # fmt: skip
@@ -147,6 +160,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--models", nargs="+", choices=["flux", "wan"], default=["flux", "wan"])
+    parser.add_argument("--profile", action="store_true", help="rank 0 prints the top kernels of each FLUX mode")
     args = parser.parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu") if args.tiny else torch.device("cuda", local_rank)
@@ -154,8 +169,11 @@ def main() -> None:
         torch.cuda.set_device(device)
     dist.init_process_group("gloo" if args.tiny else "nccl", device_id=None if args.tiny else device)
     flux_size, wan_latent = (64, (3, 6, 8)) if args.tiny else (1024, (21, 60, 104))
-    results = bench_flux(TINY_FLUX if args.tiny else FLUX_DEV, flux_size, device, args)
-    results += bench_wan(TINY_WAN if args.tiny else WAN21_T2V_1_3B, wan_latent, device, args)
+    results = []
+    if "flux" in args.models:
+        results += bench_flux(TINY_FLUX if args.tiny else FLUX_DEV, flux_size, device, args)
+    if "wan" in args.models:
+        results += bench_wan(TINY_WAN if args.tiny else WAN21_T2V_1_3B, wan_latent, device, args)
     if dist.get_rank() == 0:
         card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(f"\n{card}, torch {torch.__version__}, {dist.get_world_size()} ranks")

@@ -67,14 +67,18 @@ def merge_partials(partials: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.T
     return out.to(partials[0][0].dtype)
 
 
-def heads_to_sequence(x: torch.Tensor, group: dist.ProcessGroup, degree: int) -> torch.Tensor:
-    """Ulysses all-to-all: [B, S_loc, H, D] (all heads of my tokens) -> [B, degree*S_loc, H/degree, D]
-    (my heads of every rank's tokens, in rank order)."""
-    b, s, h, d = x.shape
-    send = x.view(b, s, degree, h // degree, d).permute(2, 0, 1, 3, 4).contiguous()  # [U, B, S_loc, H/U, D]
-    received = torch.empty_like(send)  # [U (source rank), B, S_loc, H/U, D]
+def heads_to_sequence(tensors: tuple[torch.Tensor, ...], group: dist.ProcessGroup, degree: int) -> tuple:
+    """Ulysses all-to-all, one collective for all of `tensors` (q, k, v): each [B, S_loc, H, D] (all heads
+    of my tokens) -> [B, degree*S_loc, H/degree, D] (my heads of every rank's tokens, in rank order)."""
+    b, s, h, d = tensors[0].shape
+    n = len(tensors)
+    send = tensors[0].new_empty(degree, n, b, s, h // degree, d)  # [U (dest rank), n, B, S_loc, H/U, D]
+    for i, x in enumerate(tensors):
+        send[:, i].copy_(x.view(b, s, degree, h // degree, d).permute(2, 0, 1, 3, 4))
+    received = torch.empty_like(send)  # [U (source rank), n, B, S_loc, H/U, D]
     dist.all_to_all_single(received, send, group=group)
-    return received.permute(1, 0, 2, 3, 4).reshape(b, degree * s, h // degree, d)
+    gathered = received.permute(1, 2, 0, 3, 4, 5).reshape(n, b, degree * s, h // degree, d)
+    return tuple(gathered.unbind(0))
 
 
 def sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup, degree: int) -> torch.Tensor:
@@ -122,7 +126,7 @@ class SequenceParallelAttention:
         u, r = g.config.ulysses_degree, g.config.ring_degree
         text, latent = (q[:, :t], k[:, :t], v[:, :t]), (q[:, t:], k[:, t:], v[:, t:])
         if u > 1:  # [B, S_loc, H, D] -> [B, U*S_loc, H/U, D]; text: my heads only, no communication
-            latent = tuple(heads_to_sequence(x, g.ulysses_group, u) for x in latent)
+            latent = heads_to_sequence(latent, g.ulysses_group, u)
             heads = q.shape[2] // u
             text = tuple(x[:, :, g.ulysses_rank * heads : (g.ulysses_rank + 1) * heads] for x in text)
         block = u * self.split.local  # latent tokens per ring rank after the all-to-all
