@@ -164,7 +164,7 @@ def run(request, quiet: bool) -> None:
 
     from sgdiff.cli.progress import QuietEvents, RichProgress, show_library_warnings
     from sgdiff.engine.batch import run_batch
-    from sgdiff.engine.launcher import is_writer_rank
+    from sgdiff.engine.ranks import is_writer_rank
 
     quiet = quiet or not is_writer_rank()  # under torchrun only rank 0 speaks
     console = Console(stderr=True)

@@ -102,9 +102,11 @@ def run_batch(
 ) -> BatchReport:
     """Run a request: in this process, or in one worker process per GPU when --num-gpus > 1 (or
     under torchrun)."""
-    from sgdiff.engine.launcher import launch, under_torchrun
+    from sgdiff.engine.ranks import under_torchrun
 
     if request.parallel.num_gpus > 1 or under_torchrun():
+        from sgdiff.engine.launcher import launch
+
         return launch(request, events, on_saved)
     return execute_batch(prepare_batch(request, events), request, on_saved)
 

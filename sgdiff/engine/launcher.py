@@ -16,21 +16,12 @@ from pathlib import Path
 import torch
 
 from sgdiff.engine.batch import BatchReport, BatchRequest, prepare_batch
+from sgdiff.engine.ranks import under_torchrun
 from sgdiff.engine.worker import RankSpec, run_rank, spawned_worker
 from sgdiff.errors import UserError
 from sgdiff.pipeline.base import NullEvents, PipelineEvents
 
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 GRACE_SECONDS = 3.0  # between asking a worker to stop (SIGTERM) and killing it
-
-
-def under_torchrun() -> bool:
-    return all(name in os.environ for name in TORCHRUN_VARIABLES)
-
-
-def is_writer_rank() -> bool:
-    """False on the ranks of a torchrun run other than 0 (they stay quiet and write nothing)."""
-    return not under_torchrun() or os.environ["RANK"] == "0"
 
 
 def launch(request: BatchRequest, events: PipelineEvents, on_saved: Callable[[Path], None]) -> BatchReport:
