@@ -46,9 +46,11 @@ def single_process(models):
 def test_parallel_latents_equal_one_process(mode, models, single_process):
     requests = [(models[model], "a red cube", REQUESTS[model]) for model in REQUESTS]
     per_rank = run_on_ranks(MODES[mode], parallel_latents, requests)  # one spawn serves both models
-    for rank, outputs in enumerate(per_rank):
-        for model, latents in zip(REQUESTS, outputs, strict=True):
+    for rank, (outputs, loaded) in enumerate(per_rank):
+        for model, latents, parts in zip(REQUESTS, outputs, loaded, strict=True):
             reference = single_process[model]
             assert latents.shape == reference.shape
             difference = (latents - reference).abs().max().item()
             assert difference <= 1e-4, f"{model} {mode} rank {rank}: max abs diff {difference}"
+            # rank 0 encodes the prompts and sends the embeddings: the others hold no text encoder
+            assert ("text_encoder" in parts) == (rank == 0) and "transformer" in parts

@@ -108,11 +108,13 @@ class Engine:
             rule(params)
         return params
 
-    def load(self) -> None:
+    def load(self, skip: frozenset[str] = frozenset()) -> None:
+        """Load every component once; `skip` names components this process never runs (e.g. the text
+        encoders on the ranks that receive the prompt embeddings from rank 0)."""
         if self.pipeline is not None:
             return
         start = time.perf_counter()
-        self.pipeline = self.info.spec.load(self.model_dir, self.device, self.dtype, self.schedule, self.events)
+        self.pipeline = self.info.spec.load(self.model_dir, self.device, self.dtype, self.schedule, self.events, skip)
         self.load_seconds = time.perf_counter() - start
 
     def generate(self, params: SamplingParams) -> GenerationResult:

@@ -17,6 +17,7 @@ from sgdiff.engine.batch import BatchReport, BatchRequest, execute_batch, prepar
 from sgdiff.engine.engine import Engine
 from sgdiff.errors import UserError
 from sgdiff.models.attention import use_attention_impl
+from sgdiff.parallel.broadcast import share_from_rank0
 from sgdiff.parallel.cfg import apply_cfg_parallel
 from sgdiff.parallel.groups import ParallelGroups, build_groups
 from sgdiff.parallel.plans import apply_sequence_parallel
@@ -44,10 +45,16 @@ def rank_device(runtime: RuntimeConfig, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def load_for_rank(engine: Engine, groups: ParallelGroups) -> None:
+    """Rank 0 loads everything; the others skip the text encoders (rank 0 sends them the embeddings)."""
+    engine.load(skip=frozenset() if groups.rank == 0 else engine.info.spec.text_encoders)
+
+
 def make_parallel(engine: Engine, groups: ParallelGroups) -> AbstractContextManager:
     """Apply CFG and sequence parallelism to the loaded pipeline; returns the context to generate in."""
     pipeline = engine.pipeline
     pipeline.rank = groups.rank
+    pipeline.share = lambda state, fields: share_from_rank0(state, fields, groups.rank)
     if groups.config.enable_cfg_parallel:
         apply_cfg_parallel(pipeline, groups)
     if groups.sp_degree > 1:
@@ -72,6 +79,7 @@ def run_rank(spec: RankSpec, request: BatchRequest, events: PipelineEvents, on_s
         writer = spec.rank == 0
         runtime = RuntimeConfig(device=str(device), dtype=request.runtime.dtype)
         prepared = prepare_batch(request, events if writer else NullEvents(), runtime)
+        load_for_rank(prepared.engine, groups)
         return execute_batch(
             prepared,
             request,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -17,7 +18,7 @@ class ParallelMode(Enum):
     """How a stage runs when several ranks serve one request (the executor follows this)."""
 
     ALL_RANKS = "all_ranks"  # every rank runs it on the same inputs (replicated)
-    RANK0_ONLY = "rank0_only"  # rank 0 runs it; its result is broadcast to the others
+    RANK0_ONLY = "rank0_only"  # rank 0 runs it; the State fields it names in `shares` are broadcast to the others
     CFG_SPLIT = "cfg_split"  # the conditional and unconditional branches may run on different ranks
 
 
@@ -66,6 +67,7 @@ class Stage:
 
     name: str = "stage"
     parallel: ParallelMode = ParallelMode.ALL_RANKS
+    shares: tuple[str, ...] = ()  # RANK0_ONLY: the State fields the other ranks need from it
 
     def run(self, state: State) -> None:
         raise NotImplementedError
@@ -79,6 +81,7 @@ class OptionalStage(Stage):
         self.applies = applies
         self.name = stage.name
         self.parallel = stage.parallel
+        self.shares = stage.shares
 
     def run(self, state: State) -> None:
         if self.applies(state.params):
@@ -86,11 +89,20 @@ class OptionalStage(Stage):
 
 
 class ComposedPipeline:
-    def __init__(self, name: str, stages: list[Stage], transformers: list[torch.nn.Module] | None = None):
+    def __init__(
+        self,
+        name: str,
+        stages: list[Stage],
+        transformers: list[torch.nn.Module] | None = None,
+        loaded: tuple[str, ...] = (),
+    ):
         self.name = name
         self.stages = stages
         self.transformers = transformers or []  # the denoising models (what sequence parallelism shards)
+        self.loaded = loaded  # the names of the model components this process holds
         self.rank = 0  # this process's rank when several serve one request: RANK0_ONLY stages run on 0 only
+        # share(state, fields): rank 0's values of those State fields to every rank (set by parallel runs)
+        self.share: Callable[[State, tuple[str, ...]], None] | None = None
 
     @property
     def stage_names(self) -> list[str]:
@@ -99,13 +111,18 @@ class ComposedPipeline:
     @torch.inference_mode()
     def __call__(self, state: State) -> State:
         for stage in self.stages:
-            if stage.parallel is ParallelMode.RANK0_ONLY and self.rank != 0:
-                continue  # its result (the decoded output) is only needed where it is written
+            rank0_only = stage.parallel is ParallelMode.RANK0_ONLY and self.share is not None
+            if rank0_only and self.rank != 0:
+                if stage.shares:
+                    self.share(state, stage.shares)  # receive what rank 0 computed
+                continue
             state.events.stage_started(stage.name)
             start = time.perf_counter()
             stage.run(state)
             if state.device.type == "cuda":
                 torch.cuda.synchronize(state.device)
+            if rank0_only and stage.shares:
+                self.share(state, stage.shares)  # send it
             seconds = time.perf_counter() - start
             state.stage_seconds[stage.name] = seconds
             state.events.stage_finished(stage.name, seconds)

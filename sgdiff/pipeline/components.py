@@ -63,3 +63,15 @@ def timed_load(events: PipelineEvents, name: str, load: Callable[[], Any]) -> An
     part = load()
     events.stage_finished(f"load {name}", time.perf_counter() - start)
     return part
+
+
+def unless_skipped(skip: frozenset[str], name: str, load: Callable[[], Any]) -> Any:
+    """`load()`, or None when `name` is one of the components this process does not load."""
+    return None if name in skip else load()
+
+
+def loaded_modules(parts: Any) -> tuple[str, ...]:
+    """The names of a components dataclass's fields that hold a loaded model."""
+    from dataclasses import fields
+
+    return tuple(f.name for f in fields(parts) if isinstance(getattr(parts, f.name), torch.nn.Module))

@@ -14,7 +14,13 @@ from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig
 from sgdiff.models.flux.packing import image_position_ids, pack_latents, text_position_ids, unpack_latents
 from sgdiff.models.loading import build_on_meta, load_own_model, read_json
 from sgdiff.pipeline.base import ComposedPipeline, PipelineEvents, State
-from sgdiff.pipeline.components import load_library_model, load_tokenizer, timed_load
+from sgdiff.pipeline.components import (
+    load_library_model,
+    load_tokenizer,
+    loaded_modules,
+    timed_load,
+    unless_skipped,
+)
 from sgdiff.pipeline.schedule import FlowMatchSchedule
 from sgdiff.pipeline.stages.decoding import VaeDecodingStage
 from sgdiff.pipeline.stages.denoising import DenoisingStage
@@ -115,30 +121,46 @@ class FluxComponents:
     """The loaded parts of a FLUX.1 checkpoint (diffusers' component names)."""
 
     tokenizer: Any
-    text_encoder: torch.nn.Module  # transformers CLIPTextModel
+    text_encoder: torch.nn.Module | None  # transformers CLIPTextModel (None where not loaded)
     tokenizer_2: Any
-    text_encoder_2: torch.nn.Module  # transformers T5EncoderModel
+    text_encoder_2: torch.nn.Module | None  # transformers T5EncoderModel
     transformer: FluxTransformer
     vae: torch.nn.Module  # diffusers AutoencoderKL
 
 
 def load_flux_components(
-    model_dir: Path, device: torch.device, dtype: torch.dtype, events: PipelineEvents
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    events: PipelineEvents,
+    skip: frozenset[str] = frozenset(),
 ) -> FluxComponents:
+    """`skip`: component names not to load (None in their place), e.g. the text encoders on ranks that
+    receive the prompt embeddings from rank 0."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, T5EncoderModel
 
     config = FluxTransformerConfig.from_dict(read_json(model_dir / "transformer" / "config.json"))
     return FluxComponents(
         tokenizer=timed_load(events, "tokenizer", lambda: load_tokenizer(model_dir / "tokenizer")),
-        text_encoder=timed_load(
-            events, "text_encoder", lambda: load_library_model(CLIPTextModel, model_dir / "text_encoder", dtype, device)
+        text_encoder=unless_skipped(
+            skip,
+            "text_encoder",
+            lambda: timed_load(
+                events,
+                "text_encoder",
+                lambda: load_library_model(CLIPTextModel, model_dir / "text_encoder", dtype, device),
+            ),
         ),
         tokenizer_2=timed_load(events, "tokenizer_2", lambda: load_tokenizer(model_dir / "tokenizer_2")),
-        text_encoder_2=timed_load(
-            events,
+        text_encoder_2=unless_skipped(
+            skip,
             "text_encoder_2",
-            lambda: load_library_model(T5EncoderModel, model_dir / "text_encoder_2", dtype, device),
+            lambda: timed_load(
+                events,
+                "text_encoder_2",
+                lambda: load_library_model(T5EncoderModel, model_dir / "text_encoder_2", dtype, device),
+            ),
         ),
         transformer=timed_load(
             events,
@@ -164,10 +186,15 @@ def compose_flux_pipeline(parts: FluxComponents, schedule: FlowMatchSchedule) ->
         DenoisingStage(FluxDenoiser(parts.transformer)),
         VaeDecodingStage(parts.vae, geometry.unpack),
     ]
-    return ComposedPipeline("flux", stages, [parts.transformer])
+    return ComposedPipeline("flux", stages, [parts.transformer], loaded_modules(parts))
 
 
 def load_flux_pipeline(
-    model_dir: Path, device: torch.device, dtype: torch.dtype, schedule: FlowMatchSchedule, events: PipelineEvents
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    schedule: FlowMatchSchedule,
+    events: PipelineEvents,
+    skip: frozenset[str] = frozenset(),
 ) -> ComposedPipeline:
-    return compose_flux_pipeline(load_flux_components(model_dir, device, dtype, events), schedule)
+    return compose_flux_pipeline(load_flux_components(model_dir, device, dtype, events, skip), schedule)

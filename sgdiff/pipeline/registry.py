@@ -50,7 +50,7 @@ class ModelInfo:
 class PipelineSpec:
     """How to build one pipeline family."""
 
-    # load(model_dir, device, dtype, schedule, events) -> ComposedPipeline
+    # load(model_dir, device, dtype, schedule, events, skip) -> ComposedPipeline
     load: Callable[..., ComposedPipeline]
     # rules(info) -> request checks, run before any weight loads (and again by the validation stage)
     rules: Callable[[ModelInfo], list[ValidationRule]]
@@ -63,6 +63,8 @@ class PipelineSpec:
     given_flag_rules: Callable[[set[str], SamplingParams], None] = lambda given, params: None
     # the request's CFG scale, or None when it runs without CFG (then CFG parallel has nothing to split)
     cfg_scale_of: Callable[[SamplingParams], float | None] = lambda params: None
+    # components only the text encoding stage uses (ranks other than 0 do not load them)
+    text_encoders: frozenset[str] = frozenset({"text_encoder"})
 
 
 WAN_SPEC = PipelineSpec(
@@ -89,6 +91,7 @@ PIPELINES: dict[str, PipelineSpec] = {
         output="image",
         accepts=COMMON_FIELDS | {"true_cfg_scale"},
         cfg_scale_of=true_cfg_scale_of,
+        text_encoders=frozenset({"text_encoder", "text_encoder_2"}),
     ),
     "WanPipeline": WAN_SPEC,
     "WanImageToVideoPipeline": WAN_SPEC,  # one pipeline: the checkpoint's parts decide what it does

@@ -16,7 +16,14 @@ from sgdiff.models.loading import build_on_meta, load_own_model, read_json
 from sgdiff.models.wan import WanTransformer, WanTransformerConfig
 from sgdiff.models.wan.transformer import IGNORED_KEYS, KEEP_FP32
 from sgdiff.pipeline.base import ComposedPipeline, OptionalStage, PipelineEvents, State
-from sgdiff.pipeline.components import load_library_model, load_tokenizer, quiet_libraries, timed_load
+from sgdiff.pipeline.components import (
+    load_library_model,
+    load_tokenizer,
+    loaded_modules,
+    quiet_libraries,
+    timed_load,
+    unless_skipped,
+)
 from sgdiff.pipeline.schedule import DmdSampler, SchedulerSampler
 from sgdiff.pipeline.stages.decoding import VideoVaeDecodingStage
 from sgdiff.pipeline.stages.denoising import DenoisingStage
@@ -159,7 +166,7 @@ def wan_given_flag_rules(given: set[str], params: SamplingParams) -> None:
 @dataclass
 class WanComponents:
     tokenizer: Any
-    text_encoder: torch.nn.Module  # transformers UMT5EncoderModel
+    text_encoder: torch.nn.Module | None  # transformers UMT5EncoderModel (None where not loaded)
     transformer: WanTransformer | None  # high-noise expert for Wan2.2 A14B
     transformer_2: WanTransformer | None  # low-noise expert (Wan2.2 A14B only)
     vae: torch.nn.Module  # diffusers AutoencoderKLWan, float32
@@ -279,8 +286,13 @@ def load_wan_transformer(folder: Path, dtype: torch.dtype, device: torch.device)
 
 
 def load_wan_components(
-    model_dir: Path, device: torch.device, dtype: torch.dtype, events: PipelineEvents
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    events: PipelineEvents,
+    skip: frozenset[str] = frozenset(),
 ) -> WanComponents:
+    """`skip`: component names not to load (None in their place)."""
     from diffusers import AutoencoderKLWan
     from transformers import UMT5EncoderModel
 
@@ -293,10 +305,14 @@ def load_wan_components(
 
     return WanComponents(
         tokenizer=timed_load(events, "tokenizer", lambda: load_tokenizer(model_dir / "tokenizer")),
-        text_encoder=timed_load(
-            events,
+        text_encoder=unless_skipped(
+            skip,
             "text_encoder",
-            lambda: load_library_model(UMT5EncoderModel, model_dir / "text_encoder", dtype, device),
+            lambda: timed_load(
+                events,
+                "text_encoder",
+                lambda: load_library_model(UMT5EncoderModel, model_dir / "text_encoder", dtype, device),
+            ),
         ),
         transformer=expert("transformer"),
         transformer_2=expert("transformer_2"),
@@ -358,13 +374,18 @@ def compose_wan_pipeline(parts: WanComponents, schedule: WanSchedule, rules: lis
         VideoVaeDecodingStage(parts.vae, finalize=keep_given_first_frame),
     ]
     experts = [model for model in (parts.transformer, parts.transformer_2) if model is not None]
-    return ComposedPipeline("wan", stages, experts)
+    return ComposedPipeline("wan", stages, experts, loaded_modules(parts))
 
 
 def load_wan_pipeline(
-    model_dir: Path, device: torch.device, dtype: torch.dtype, schedule: WanSchedule, events: PipelineEvents
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    schedule: WanSchedule,
+    events: PipelineEvents,
+    skip: frozenset[str] = frozenset(),
 ) -> ComposedPipeline:
-    parts = load_wan_components(model_dir, device, dtype, events)
+    parts = load_wan_components(model_dir, device, dtype, events, skip)
     reference = parts.transformer if parts.transformer is not None else parts.transformer_2
     index = read_json(model_dir / "model_index.json")
     experts = (parts.transformer is not None, parts.transformer_2 is not None)

@@ -49,16 +49,18 @@ def run_on_ranks(config: ParallelConfig, fn: Callable[..., Any], *args: Any, tim
     return [outputs[rank] for rank in range(world)]
 
 
-def parallel_latents(groups: ParallelGroups, requests: list[tuple[str, str, dict]]) -> list[torch.Tensor]:
-    """A rank's final latents for each (model, prompt, flags) on a parallel pipeline (a run_on_ranks function)."""
+def parallel_latents(groups: ParallelGroups, requests: list[tuple[str, str, dict]]) -> tuple[list, list]:
+    """A rank's final latents for each (model, prompt, flags) on a parallel pipeline, and the names of the
+    components it loaded (a run_on_ranks function)."""
     from sgdiff.config import RuntimeConfig
     from sgdiff.engine.engine import Engine
-    from sgdiff.engine.worker import make_parallel
+    from sgdiff.engine.worker import load_for_rank, make_parallel
 
-    latents = []
+    latents, loaded = [], []
     for model, prompt, flags in requests:
         engine = Engine(model, runtime=RuntimeConfig(device="cpu", dtype="fp32"))
-        engine.load()
+        load_for_rank(engine, groups)  # ranks other than 0 hold no text encoder
         with make_parallel(engine, groups):
             latents.append(engine.generate(engine.sampling_params(prompt, **flags)).latents)
-    return latents
+        loaded.append(engine.pipeline.loaded)
+    return latents, loaded

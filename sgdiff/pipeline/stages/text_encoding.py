@@ -19,10 +19,12 @@ def repeat_batch(inputs: dict[str, torch.Tensor], times: int) -> dict[str, torch
 
 
 class TextEncodingStage(Stage):
-    """Encode the prompt, and the negative prompt when the request uses CFG."""
+    """Encode the prompt, and the negative prompt when the request uses CFG. With several ranks, rank 0
+    encodes and sends the embeddings: the other GPUs hold no text encoder."""
 
     name = "text_encoding"
-    parallel = ParallelMode.ALL_RANKS
+    parallel = ParallelMode.RANK0_ONLY
+    shares = ("cond", "uncond", "cfg_scale")
 
     def __init__(self, encode: PromptEncoder, cfg_scale_of: CfgScaleOf):
         self.encode = encode
