@@ -21,7 +21,7 @@ def test_flux_pipeline_stages_in_order_with_parallel_modes(tiny_flux_dev):
     declared = [(stage.name, stage.parallel) for stage in engine.pipeline.stages]
     assert declared == [
         ("input_validation", ParallelMode.ALL_RANKS),
-        ("text_encoding", ParallelMode.ALL_RANKS),
+        ("text_encoding", ParallelMode.RANK0_ONLY),
         ("timesteps", ParallelMode.ALL_RANKS),
         ("latents", ParallelMode.ALL_RANKS),
         ("denoising", ParallelMode.CFG_SPLIT),

@@ -215,7 +215,7 @@ def test_wan_pipeline_stages_and_parallel_modes(tiny_wan):
     engine.load()
     assert [(s.name, s.parallel) for s in engine.pipeline.stages] == [
         ("input_validation", ParallelMode.ALL_RANKS),
-        ("text_encoding", ParallelMode.ALL_RANKS),
+        ("text_encoding", ParallelMode.RANK0_ONLY),
         ("image_encoding", ParallelMode.ALL_RANKS),
         ("timesteps", ParallelMode.ALL_RANKS),
         ("latents", ParallelMode.ALL_RANKS),
