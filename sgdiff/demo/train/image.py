@@ -10,7 +10,7 @@ import torch
 
 from sgdiff.demo.architecture import IMAGE_SIZE, MAX_TEXT_TOKENS, make_image_parts
 from sgdiff.demo.train.data import ScenePool
-from sgdiff.demo.train.loop import Progress, WeightAverage, load_trained_vae, make_optimizer, noise_levels
+from sgdiff.demo.train.loop import load_trained_vae, train_flow_matching, train_vae
 from sgdiff.models.flux.packing import image_position_ids, pack_latents, text_position_ids
 from sgdiff.pipeline.components import quiet_libraries
 from sgdiff.pipeline.text_encoders import ClipPooledEncoder, T5SequenceEncoder
@@ -27,23 +27,6 @@ class ImageTraining:
     seed: int = 0
 
 
-def train_vae(vae, pool: ScenePool, steps: int, batch: int, generator: torch.Generator, kl_weight: float = 1e-6):
-    optimizer, schedule = make_optimizer(vae.parameters(), 1e-3, steps)
-    progress = Progress("image vae", steps)
-    vae.train()
-    for step in range(steps):
-        images = pool.pictures(pool.sample_rows(batch, generator), IMAGE_SIZE)[:, 0]  # [B, 3, H, W]
-        posterior = vae.encode(images).latent_dist
-        recon = vae.decode(posterior.sample(generator=None)).sample
-        loss = torch.nn.functional.mse_loss(recon, images) + kl_weight * posterior.kl().mean()
-        schedule.set(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        progress.step(step, loss)
-    vae.eval().requires_grad_(False)
-
-
 @torch.no_grad()
 def encode_pool(vae, pool: ScenePool) -> torch.Tensor:
     """[N, 256, 4C] packed, normalised latents of every pool image. FLUX's VAE config carries the shift
@@ -56,53 +39,26 @@ def encode_pool(vae, pool: ScenePool) -> torch.Tensor:
 def train_transformer(
     parts: dict, pool: ScenePool, latents: torch.Tensor, run: ImageTraining, generator: torch.Generator, deadline: float
 ):
-    transformer = parts["transformer"]
     clip = ClipPooledEncoder(parts["tokenizer"], parts["text_encoder"])
     t5 = T5SequenceEncoder(parts["tokenizer_2"], parts["text_encoder_2"])
-    trained = [transformer, parts["text_encoder"], parts["text_encoder_2"]]
-    for module in trained:
-        module.train().requires_grad_(True)
-    optimizer, schedule = make_optimizer(
-        (p for m in trained for p in m.parameters()), run.lr, run.transformer_steps, deadline
-    )
-    average = WeightAverage(trained, decay=0.999)
-    device = next(transformer.parameters()).device
+    device = latents.device
     side = IMAGE_SIZE // 8  # latent grid after 4x VAE and 2x2 packing
     img_ids = image_position_ids(side, side).to(device)
     txt_ids = text_position_ids(MAX_TEXT_TOKENS).to(device)
-    progress = Progress("image transformer", run.transformer_steps)
-    done = 0
-    for step in range(run.transformer_steps):
-        if time.monotonic() > deadline:
-            print(f"[image transformer] deadline reached after {step} steps", flush=True)
-            break
-        rows = pool.sample_rows(run.batch, generator)
-        clean, tokens = latents.index_select(0, rows), pool.tokens_of(rows)  # [B, 256, 4C]
-        noise = torch.randn(clean.shape, generator=generator, device=device)
-        sigma = noise_levels(run.batch, generator)
-        noisy = (1 - sigma[:, None, None]) * clean + sigma[:, None, None] * noise
-        prediction = transformer(
+
+    def predict(noisy: torch.Tensor, sigma: torch.Tensor, tokens: dict) -> torch.Tensor:  # noisy: [B, 256, 4C]
+        return parts["transformer"](
             hidden_states=noisy,
             encoder_hidden_states=t5.encode(tokens["t5"]),
             pooled_projections=clip.encode(tokens["clip"]),
-            timestep=sigma,
+            timestep=sigma,  # FLUX takes sigma; it scales by 1000 inside
             img_ids=img_ids,
             txt_ids=txt_ids,
             return_dict=False,
         )[0]
-        loss = torch.nn.functional.mse_loss(prediction, noise - clean)
-        schedule.set(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for m in trained for p in m.parameters()], 1.0)
-        optimizer.step()
-        average.update(step)
-        progress.step(step, loss)
-        done = step + 1
-    average.copy_to_modules()
-    for module in trained:
-        module.eval().requires_grad_(False)
-    return done, progress
+
+    trained = [parts["transformer"], parts["text_encoder"], parts["text_encoder_2"]]
+    return train_flow_matching("image transformer", trained, predict, latents, pool, run, generator, deadline)
 
 
 def train_image_model(
@@ -128,7 +84,7 @@ def train_image_model(
         parts[name].to(device)
     start = time.perf_counter()
     if vae_from is None:
-        train_vae(parts["vae"], pool, run.vae_steps, run.vae_batch, generator)
+        train_vae("image vae", parts["vae"], lambda rows: pool.pictures(rows, IMAGE_SIZE)[:, 0], pool, run, generator)
     latents = encode_pool(parts["vae"], pool)
     vae_seconds = time.perf_counter() - start
     steps, progress = train_transformer(parts, pool, latents, run, generator, deadline)

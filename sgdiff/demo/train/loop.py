@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -85,3 +85,69 @@ def load_trained_vae(vae_class, folder: Path):
     """A VAE saved by an earlier run (float16 on disk), in float32 for training the transformer."""
     with quiet_libraries():
         return vae_class.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval().requires_grad_(False)
+
+
+def train_vae(name: str, vae, pictures: Callable[[torch.Tensor], torch.Tensor], pool, run, generator) -> None:
+    """Reconstruction (MSE) + a small KL term for run.vae_steps batches of run.vae_batch pool rows;
+    `pictures(rows)` -> the VAE's input for those rows."""
+    optimizer, schedule = make_optimizer(vae.parameters(), 1e-3, run.vae_steps)
+    progress = Progress(name, run.vae_steps)
+    vae.train()
+    for step in range(run.vae_steps):
+        x = pictures(pool.sample_rows(run.vae_batch, generator))
+        posterior = vae.encode(x).latent_dist
+        loss = torch.nn.functional.mse_loss(vae.decode(posterior.sample()).sample, x) + 1e-6 * posterior.kl().mean()
+        schedule.set(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        progress.step(step, loss)
+    vae.eval().requires_grad_(False)
+
+
+# predict(noisy latents, sigmas [B], the rows' token tensors) -> velocity with the latents' shape
+Predict = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def train_flow_matching(
+    name: str,
+    trained: list[torch.nn.Module],
+    predict: Predict,
+    latents: torch.Tensor,
+    pool,
+    run,
+    generator: torch.Generator,
+    deadline: float,
+) -> tuple[int, Progress]:
+    """The transformer (and its text encoders, all of `trained`) learns the velocity noise - x0 at noisy
+    latents (1 - sigma) x0 + sigma noise; AdamW, EMA of the weights (copied in at the end). Stops after
+    run.transformer_steps or at `deadline`; returns the steps run."""
+    for module in trained:
+        module.train().requires_grad_(True)
+    params = [p for m in trained for p in m.parameters()]
+    optimizer, schedule = make_optimizer(params, run.lr, run.transformer_steps, deadline)
+    average = WeightAverage(trained, decay=0.999)
+    progress = Progress(name, run.transformer_steps)
+    done = 0
+    for step in range(run.transformer_steps):
+        if time.monotonic() > deadline:
+            print(f"[{name}] deadline reached after {step} steps", flush=True)
+            break
+        rows = pool.sample_rows(run.batch, generator)
+        clean, tokens = latents.index_select(0, rows), pool.tokens_of(rows)
+        noise = torch.randn(clean.shape, generator=generator, device=clean.device)
+        sigma = noise_levels(run.batch, generator)
+        s = sigma.view(-1, *[1] * (clean.ndim - 1))  # [B, 1, ...]
+        loss = torch.nn.functional.mse_loss(predict((1 - s) * clean + s * noise, sigma, tokens), noise - clean)
+        schedule.set(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        average.update(step)
+        progress.step(step, loss)
+        done = step + 1
+    average.copy_to_modules()
+    for module in trained:
+        module.eval().requires_grad_(False)
+    return done, progress

@@ -10,7 +10,7 @@ import torch
 
 from sgdiff.demo.architecture import MAX_TEXT_TOKENS, VIDEO_FRAMES, VIDEO_SIZE, make_video_parts
 from sgdiff.demo.train.data import ScenePool
-from sgdiff.demo.train.loop import Progress, WeightAverage, load_trained_vae, make_optimizer, noise_levels
+from sgdiff.demo.train.loop import load_trained_vae, train_flow_matching, train_vae
 from sgdiff.pipeline.components import quiet_libraries
 from sgdiff.pipeline.text_encoders import UMT5SequenceEncoder
 
@@ -30,23 +30,6 @@ def as_videos(pictures: torch.Tensor) -> torch.Tensor:
     return pictures.permute(0, 2, 1, 3, 4)  # [B, T, 3, H, W] -> [B, 3, T, H, W]
 
 
-def train_vae(vae, pool: ScenePool, steps: int, batch: int, generator: torch.Generator, kl_weight: float = 1e-6):
-    optimizer, schedule = make_optimizer(vae.parameters(), 1e-3, steps)
-    progress = Progress("video vae", steps)
-    vae.train()
-    for step in range(steps):
-        videos = as_videos(pool.pictures(pool.sample_rows(batch, generator), VIDEO_SIZE, VIDEO_FRAMES))
-        posterior = vae.encode(videos).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        loss = torch.nn.functional.mse_loss(recon, videos) + kl_weight * posterior.kl().mean()
-        schedule.set(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        progress.step(step, loss)
-    vae.eval().requires_grad_(False)
-
-
 @torch.no_grad()
 def encode_pool(vae, pool: ScenePool) -> torch.Tensor:
     """[N, C, 3, 16, 16] normalised latents of every pool clip. Wan's VAE config carries a mean and std
@@ -61,46 +44,18 @@ def encode_pool(vae, pool: ScenePool) -> torch.Tensor:
 def train_transformer(
     parts: dict, pool: ScenePool, latents: torch.Tensor, run: VideoTraining, generator: torch.Generator, deadline: float
 ):
-    transformer = parts["transformer"]
     encoder = UMT5SequenceEncoder(parts["tokenizer"], parts["text_encoder"])
-    trained = [transformer, parts["text_encoder"]]
-    for module in trained:
-        module.train().requires_grad_(True)
-    optimizer, schedule = make_optimizer(
-        (p for m in trained for p in m.parameters()), run.lr, run.transformer_steps, deadline
-    )
-    average = WeightAverage(trained, decay=0.999)
-    device = next(transformer.parameters()).device
-    progress = Progress("video transformer", run.transformer_steps)
-    done = 0
-    for step in range(run.transformer_steps):
-        if time.monotonic() > deadline:
-            print(f"[video transformer] deadline reached after {step} steps", flush=True)
-            break
-        rows = pool.sample_rows(run.batch, generator)
-        clean, tokens = latents.index_select(0, rows), pool.tokens_of(rows)  # [B, C, 3, 16, 16]
-        noise = torch.randn(clean.shape, generator=generator, device=device)
-        sigma = noise_levels(run.batch, generator)
-        noisy = (1 - sigma.view(-1, 1, 1, 1, 1)) * clean + sigma.view(-1, 1, 1, 1, 1) * noise
-        prediction = transformer(
+
+    def predict(noisy: torch.Tensor, sigma: torch.Tensor, tokens: dict) -> torch.Tensor:  # noisy: [B, C, 3, 16, 16]
+        return parts["transformer"](
             hidden_states=noisy,
-            timestep=sigma * 1000,
+            timestep=sigma * 1000,  # Wan takes the scheduler's 0..1000 timesteps
             encoder_hidden_states=encoder.encode(tokens["ids"], tokens["mask"]),
             return_dict=False,
         )[0]
-        loss = torch.nn.functional.mse_loss(prediction, noise - clean)
-        schedule.set(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for m in trained for p in m.parameters()], 1.0)
-        optimizer.step()
-        average.update(step)
-        progress.step(step, loss)
-        done = step + 1
-    average.copy_to_modules()
-    for module in trained:
-        module.eval().requires_grad_(False)
-    return done, progress
+
+    trained = [parts["transformer"], parts["text_encoder"]]
+    return train_flow_matching("video transformer", trained, predict, latents, pool, run, generator, deadline)
 
 
 def train_video_model(
@@ -128,7 +83,14 @@ def train_video_model(
         parts[name].to(device)
     start = time.perf_counter()
     if vae_from is None:
-        train_vae(parts["vae"], pool, run.vae_steps, run.vae_batch, generator)
+        train_vae(
+            "video vae",
+            parts["vae"],
+            lambda rows: as_videos(pool.pictures(rows, VIDEO_SIZE, VIDEO_FRAMES)),
+            pool,
+            run,
+            generator,
+        )
     latents = encode_pool(parts["vae"], pool)
     vae_seconds = time.perf_counter() - start
     steps, progress = train_transformer(parts, pool, latents, run, generator, deadline)
