@@ -65,9 +65,9 @@ def timed_load(events: PipelineEvents, name: str, load: Callable[[], Any]) -> An
     return part
 
 
-def unless_skipped(skip: frozenset[str], name: str, load: Callable[[], Any]) -> Any:
-    """`load()`, or None when `name` is one of the components this process does not load."""
-    return None if name in skip else load()
+def timed_load_unless_skipped(events: PipelineEvents, skip: frozenset[str], name: str, load: Callable[[], Any]) -> Any:
+    """timed_load, or None when `name` is one of the components this process does not load."""
+    return None if name in skip else timed_load(events, name, load)
 
 
 def loaded_modules(parts: Any) -> tuple[str, ...]:

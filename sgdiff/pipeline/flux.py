@@ -19,7 +19,7 @@ from sgdiff.pipeline.components import (
     load_tokenizer,
     loaded_modules,
     timed_load,
-    unless_skipped,
+    timed_load_unless_skipped,
 )
 from sgdiff.pipeline.schedule import FlowMatchSchedule
 from sgdiff.pipeline.stages.decoding import VaeDecodingStage
@@ -143,24 +143,18 @@ def load_flux_components(
     config = FluxTransformerConfig.from_dict(read_json(model_dir / "transformer" / "config.json"))
     return FluxComponents(
         tokenizer=timed_load(events, "tokenizer", lambda: load_tokenizer(model_dir / "tokenizer")),
-        text_encoder=unless_skipped(
+        text_encoder=timed_load_unless_skipped(
+            events,
             skip,
             "text_encoder",
-            lambda: timed_load(
-                events,
-                "text_encoder",
-                lambda: load_library_model(CLIPTextModel, model_dir / "text_encoder", dtype, device),
-            ),
+            lambda: load_library_model(CLIPTextModel, model_dir / "text_encoder", dtype, device),
         ),
         tokenizer_2=timed_load(events, "tokenizer_2", lambda: load_tokenizer(model_dir / "tokenizer_2")),
-        text_encoder_2=unless_skipped(
+        text_encoder_2=timed_load_unless_skipped(
+            events,
             skip,
             "text_encoder_2",
-            lambda: timed_load(
-                events,
-                "text_encoder_2",
-                lambda: load_library_model(T5EncoderModel, model_dir / "text_encoder_2", dtype, device),
-            ),
+            lambda: load_library_model(T5EncoderModel, model_dir / "text_encoder_2", dtype, device),
         ),
         transformer=timed_load(
             events,

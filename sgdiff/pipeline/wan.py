@@ -22,7 +22,7 @@ from sgdiff.pipeline.components import (
     loaded_modules,
     quiet_libraries,
     timed_load,
-    unless_skipped,
+    timed_load_unless_skipped,
 )
 from sgdiff.pipeline.schedule import DmdSampler, SchedulerSampler
 from sgdiff.pipeline.stages.decoding import VideoVaeDecodingStage
@@ -305,14 +305,11 @@ def load_wan_components(
 
     return WanComponents(
         tokenizer=timed_load(events, "tokenizer", lambda: load_tokenizer(model_dir / "tokenizer")),
-        text_encoder=unless_skipped(
+        text_encoder=timed_load_unless_skipped(
+            events,
             skip,
             "text_encoder",
-            lambda: timed_load(
-                events,
-                "text_encoder",
-                lambda: load_library_model(UMT5EncoderModel, model_dir / "text_encoder", dtype, device),
-            ),
+            lambda: load_library_model(UMT5EncoderModel, model_dir / "text_encoder", dtype, device),
         ),
         transformer=expert("transformer"),
         transformer_2=expert("transformer_2"),
