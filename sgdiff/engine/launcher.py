@@ -19,6 +19,7 @@ from sgdiff.engine.batch import BatchReport, BatchRequest, prepare_batch
 from sgdiff.engine.ranks import under_torchrun
 from sgdiff.engine.worker import RankSpec, run_rank, spawned_worker
 from sgdiff.errors import UserError
+from sgdiff.parallel.plans import check_heads
 from sgdiff.pipeline.base import NullEvents, PipelineEvents
 
 GRACE_SECONDS = 3.0  # between asking a worker to stop (SIGTERM) and killing it
@@ -29,9 +30,7 @@ def launch(request: BatchRequest, events: PipelineEvents, on_saved: Callable[[Pa
         return run_torchrun_rank(request, events, on_saved)
     config = request.parallel.resolved()
     prepared = prepare_batch(request, NullEvents())  # the whole request is checked before any process starts
-    heads = prepared.engine.info.transformer_config.get("num_attention_heads")
-    if heads and heads % config.ulysses_degree:
-        raise UserError(f"--ulysses-degree {config.ulysses_degree} must divide the model's {heads} attention heads")
+    check_heads(prepared.engine.info.transformer_config.get("num_attention_heads", 1), config.ulysses_degree)
     check_devices(request, config.num_gpus)
     return run_spawned(request, config.num_gpus, events, on_saved)
 

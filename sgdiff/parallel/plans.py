@@ -35,14 +35,13 @@ class ShardCache:
         return self.shards[key]
 
 
-def check_heads(heads: int, groups: ParallelGroups) -> None:
-    u = groups.config.ulysses_degree
-    if heads % u:
-        raise UserError(f"--ulysses-degree {u} must divide the model's {heads} attention heads")
+def check_heads(heads: int, ulysses_degree: int) -> None:
+    if heads % ulysses_degree:
+        raise UserError(f"--ulysses-degree {ulysses_degree} must divide the model's {heads} attention heads")
 
 
 def shard_flux(model: FluxTransformer, attn: SequenceParallelAttention, groups: ParallelGroups) -> None:
-    check_heads(model.config.num_attention_heads, groups)
+    check_heads(model.config.num_attention_heads, groups.config.ulysses_degree)
     cache = ShardCache()
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
 
@@ -76,7 +75,7 @@ def shard_flux(model: FluxTransformer, attn: SequenceParallelAttention, groups: 
 
 
 def shard_wan(model: WanTransformer, attn: SequenceParallelAttention, groups: ParallelGroups) -> None:
-    check_heads(model.config.num_attention_heads, groups)
+    check_heads(model.config.num_attention_heads, groups.config.ulysses_degree)
     cache = ShardCache()
 
     def before_block(module, args):
