@@ -23,8 +23,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from sgdiff.config import ParallelConfig  # noqa: E402
 from sgdiff.models.attention import use_attention_impl  # noqa: E402
@@ -61,21 +64,66 @@ def random_model(cls, config, device: torch.device, seed: int = 0) -> torch.nn.M
     return model.eval().requires_grad_(False)
 
 
-def timed(fn, device: torch.device, warmup: int, repeat: int) -> tuple[float, torch.Tensor]:
-    """(median ms per call, the last output); every rank runs it, ranks start together."""
+def timed(fn, device: torch.device, warmup: int, repeat: int) -> tuple[float, float, torch.Tensor]:
+    """(median ms per call, median ms until the call returned to Python, the last output); every rank
+    runs it, ranks start together. When both ms are close the host, not the GPU, sets the pace."""
     for _ in range(warmup):
         out = fn()
-    times = []
+    times, host = [], []
     for _ in range(repeat):
         dist.barrier()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         out = fn()
+        host.append((time.perf_counter() - start) * 1e3)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), out
+    return statistics.median(times), statistics.median(host), out
+
+
+def as_cuda_graph(fn, device: torch.device):
+    """fn captured once in a CUDA graph (collectives included); calling the result replays it. On the
+    CPU (--tiny) fn itself."""
+    if device.type != "cuda":
+        return fn
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up outside the capture: kernels chosen, caches filled
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
+
+
+def comm_rows(device: torch.device, sizes_mb: tuple[float, ...]) -> list[dict]:
+    """All-to-all over every rank at the sizes sequence parallelism sends: us per call and GB/s to
+    peers, launched from Python and replayed as a CUDA graph (no host in the way)."""
+    rows = []
+    world = dist.get_world_size()
+    for mb in sizes_mb:
+        send = torch.randn(int(mb * 2**20) // 2 // world * world, device=device, dtype=torch.bfloat16)
+        received = torch.empty_like(send)
+        sent = send.numel() * 2 * (world - 1) / world
+
+        def twenty(s=send, r=received):
+            for _ in range(20):
+                dist.all_to_all_single(r, s)
+            return r
+
+        for how, fn in (("eager", twenty), ("graph", as_cuda_graph(twenty, device))):
+            per_call = timed(fn, device, 2, 5)[0] / 20
+            rows.append(dict(size_mb=mb, launch=how, us=per_call * 1e3, gb_per_s=sent / per_call / 1e6))
+    return rows
 
 
 def profile_on_rank0(fn, title: str) -> None:
@@ -86,7 +134,7 @@ def profile_on_rank0(fn, title: str) -> None:
         torch.cuda.synchronize()
     if dist.get_rank() == 0:
         print(f"--- {title}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=50))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=60))
 
 
 def bench_flux(config, size: int, device, args) -> list[dict]:
@@ -103,20 +151,45 @@ def bench_flux(config, size: int, device, args) -> list[dict]:
         txt_ids=text_position_ids(512).to(**bf16),
         guidance=torch.tensor([3.5], device=device),
     )
+    label = f"{size}x{size}"
+    rows_out = []
     with torch.inference_mode():
-        base_ms, base = timed(lambda: model(**inputs), device, args.warmup, args.repeat)
-        rows_out = [dict(model="FLUX.1-dev", size=f"{size}x{size}", mode="1 GPU", ms_per_step=base_ms)]
-        for mode, parallel in (("Ulysses-2", ParallelConfig(2)), ("Ring-2", ParallelConfig(2, ring_degree=2))):
-            groups = build_groups(parallel)
-            attn = apply_sequence_parallel([model], groups)
-            with use_attention_impl(attn):
-                ms, out = timed(lambda: model(**inputs), device, args.warmup, args.repeat)
-                if args.profile:
-                    profile_on_rank0(lambda: model(**inputs), mode)
-            attn.remove()
-            rows_out.append(dict(model="FLUX.1-dev", size=f"{size}x{size}", mode=mode, ms_per_step=ms,
-                                 speedup=base_ms / ms, rel_err_vs_1gpu=relative_error(out, base)))  # fmt: skip
+        for graphed in (False, True) if args.cuda_graph else (False,):
+            suffix = " graph" if graphed else ""
+
+            def run(fn, graphed=graphed):
+                return timed(as_cuda_graph(fn, device) if graphed else fn, device, args.warmup, args.repeat)
+
+            base_ms, base_host, base = run(lambda: model(**inputs))
+            if args.profile and not graphed:
+                profile_on_rank0(lambda: model(**inputs), "1 GPU")
+            rows_out.append(dict(model="FLUX.1-dev", size=label, mode="1 GPU" + suffix, ms_per_step=base_ms,
+                                 host_ms=base_host))  # fmt: skip
+            if not graphed:  # two correct 1-GPU kernels disagree this much in bf16: the noise floor
+                with use_attention_impl(flash_attention):
+                    _, _, other = run(lambda: model(**inputs))
+                rows_out.append(dict(model="FLUX.1-dev", size=label, mode="1 GPU flash", ms_per_step=float("nan"),
+                                     rel_err_vs_1gpu=relative_error(other, base)))  # fmt: skip
+            for mode, parallel in (("Ulysses-2", ParallelConfig(2)), ("Ring-2", ParallelConfig(2, ring_degree=2))):
+                groups = build_groups(parallel)
+                attn = apply_sequence_parallel([model], groups)
+                with use_attention_impl(attn):
+                    ms, host, out = run(lambda: model(**inputs))
+                    if args.profile and not graphed:
+                        profile_on_rank0(lambda: model(**inputs), mode)
+                attn.remove()
+                rows_out.append(dict(model="FLUX.1-dev", size=label, mode=mode + suffix, ms_per_step=ms, host_ms=host,
+                                     speedup=base_ms / ms, rel_err_vs_1gpu=relative_error(out, base)))  # fmt: skip
     return rows_out
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA's flash kernel (the 1-GPU default is cuDNN's); on the CPU SDPA's default."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, S, H, D] -> [B, H, S, D]
+    if q.is_cuda:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
 def bench_wan(config, latent: tuple[int, int, int], device, args) -> list[dict]:
@@ -139,17 +212,19 @@ def bench_wan(config, latent: tuple[int, int, int], device, args) -> list[dict]:
 
     label = f"{latent[0]}x{latent[1]}x{latent[2]} latents"
     with torch.inference_mode():
-        base_ms, base = timed(lambda: step(lambda c, u: (c(), u())), device, args.warmup, args.repeat)
-        rows_out = [dict(model="Wan2.1-T2V-1.3B", size=label, mode="1 GPU (CFG)", ms_per_step=base_ms)]
+        base_ms, base_host, base = timed(lambda: step(lambda c, u: (c(), u())), device, args.warmup, args.repeat)
+        rows_out = [
+            dict(model="Wan2.1-T2V-1.3B", size=label, mode="1 GPU (CFG)", ms_per_step=base_ms, host_ms=base_host)
+        ]
         cfg_groups = build_groups(ParallelConfig(2, enable_cfg_parallel=True))
-        ms, out = timed(lambda: step(CfgParallelBranches(cfg_groups)), device, args.warmup, args.repeat)
-        rows_out.append(dict(model="Wan2.1-T2V-1.3B", size=label, mode="CFG parallel", ms_per_step=ms,
+        ms, host, out = timed(lambda: step(CfgParallelBranches(cfg_groups)), device, args.warmup, args.repeat)
+        rows_out.append(dict(model="Wan2.1-T2V-1.3B", size=label, mode="CFG parallel", ms_per_step=ms, host_ms=host,
                              speedup=base_ms / ms, rel_err_vs_1gpu=relative_error(out, base)))  # fmt: skip
         attn = apply_sequence_parallel([model], build_groups(ParallelConfig(2)))
         with use_attention_impl(attn):
-            ms, out = timed(lambda: step(lambda c, u: (c(), u())), device, args.warmup, args.repeat)
+            ms, host, out = timed(lambda: step(lambda c, u: (c(), u())), device, args.warmup, args.repeat)
         attn.remove()
-        rows_out.append(dict(model="Wan2.1-T2V-1.3B", size=label, mode="Ulysses-2", ms_per_step=ms,
+        rows_out.append(dict(model="Wan2.1-T2V-1.3B", size=label, mode="Ulysses-2", ms_per_step=ms, host_ms=host,
                              speedup=base_ms / ms, rel_err_vs_1gpu=relative_error(out, base)))  # fmt: skip
     return rows_out
 
@@ -162,6 +237,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--models", nargs="+", choices=["flux", "wan"], default=["flux", "wan"])
     parser.add_argument("--profile", action="store_true", help="rank 0 prints the top kernels of each FLUX mode")
+    parser.add_argument("--cuda-graph", action="store_true", help="FLUX also as CUDA graph replays")
+    parser.add_argument("--comm", action="store_true", help="also time all-to-alls of the sizes FLUX Ulysses-2 sends")
     args = parser.parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu") if args.tiny else torch.device("cuda", local_rank)
@@ -170,6 +247,7 @@ def main() -> None:
     dist.init_process_group("gloo" if args.tiny else "nccl", device_id=None if args.tiny else device)
     flux_size, wan_latent = (64, (3, 6, 8)) if args.tiny else (1024, (21, 60, 104))
     results = []
+    comm = comm_rows(device, (1.0, 14.0, 42.0)) if args.comm else []
     if "flux" in args.models:
         results += bench_flux(TINY_FLUX if args.tiny else FLUX_DEV, flux_size, device, args)
     if "wan" in args.models:
@@ -177,13 +255,18 @@ def main() -> None:
     if dist.get_rank() == 0:
         card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(f"\n{card}, torch {torch.__version__}, {dist.get_world_size()} ranks")
-        print(f"{'model':18} {'size':22} {'mode':14} {'ms/step':>9} {'speed-up':>9} {'bf16 rel err':>13}")
+        for r in comm:
+            print(f"all-to-all {r['size_mb']:5.1f} MB {r['launch']}: {r['us']:7.1f} us, {r['gb_per_s']:6.1f} GB/s")
+        print(f"{'model':16} {'size':22} {'mode':16} {'ms/step':>9} {'host ms':>8} {'speed-up':>9} {'rel err':>8}")
         for r in results:
             speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
             err = f"{r['rel_err_vs_1gpu']:.1e}" if "rel_err_vs_1gpu" in r else ""
-            print(f"{r['model']:18} {r['size']:22} {r['mode']:14} {r['ms_per_step']:9.1f} {speedup:>9} {err:>13}")
+            host = f"{r['host_ms']:.1f}" if "host_ms" in r else ""
+            ms = f"{r['ms_per_step']:.1f}"
+            print(f"{r['model']:16} {r['size']:22} {r['mode']:16} {ms:>9} {host:>8} {speedup:>9} {err:>8}")
         if args.json:
-            args.json.write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": results}, indent=1))
+            payload = {"card": card, "torch": torch.__version__, "rows": results, "all_to_all": comm}
+            args.json.write_text(json.dumps(payload, indent=1))
     dist.destroy_process_group()
 
 

@@ -1,8 +1,9 @@
-"""Where each model's latent tokens are split and joined for sequence parallelism, applied to a built
+"""Where each model's tokens are split and joined for sequence parallelism, applied to a built
 model with forward hooks on its blocks (the model code stays single-GPU math).
 
-FLUX: the image tokens are split before the first double-stream block (text tokens stay whole on
-every rank), the rotary table likewise; they are joined after the last block. Wan: the video tokens
+FLUX: the text tokens and the image tokens are each split before the first double-stream block
+(two segments, parallel/sequence.py), the rotary table likewise; the image tokens are joined after
+the last block (the text tokens are not used after it). Wan: the video tokens
 (and per-token modulation, Wan2.2 TI2V) are split before the first block and joined after the last;
 cross-attention to the prompt runs on the local queries with no communication.
 """
@@ -18,7 +19,7 @@ from sgdiff.errors import UserError
 from sgdiff.models.flux import FluxTransformer
 from sgdiff.models.wan import WanTransformer
 from sgdiff.parallel.groups import ParallelGroups
-from sgdiff.parallel.sequence import SequenceParallelAttention, SequenceSplit
+from sgdiff.parallel.sequence import SequenceParallelAttention, SequenceSplit, TokenLayout
 
 
 class ShardCache:
@@ -43,18 +44,21 @@ def check_heads(heads: int, ulysses_degree: int) -> None:
 def shard_flux(model: FluxTransformer, attn: SequenceParallelAttention, groups: ParallelGroups) -> None:
     check_heads(model.config.num_attention_heads, groups.config.ulysses_degree)
     cache = ShardCache()
-    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    rank, degree = groups.sp_rank, groups.sp_degree
 
-    def local_rope(rope: torch.Tensor) -> torch.Tensor:  # [S_txt + S_img, ...] -> [S_txt + S_loc, ...]
-        t = attn.text_len
-        return cache.get(rope, lambda: torch.cat([rope[:t], attn.split.shard(rope[t:], 0, groups.sp_rank)]))
+    def local_rope(rope: torch.Tensor) -> torch.Tensor:  # [S_txt + S_img, ...] -> [S_txt_loc + S_img_loc, ...]
+        text, image = attn.layout.segments
+        return cache.get(
+            rope, lambda: torch.cat([text.shard(rope[: text.full], 0, rank), image.shard(rope[text.full :], 0, rank)])
+        )
 
     def before_double(module, args):
         img, txt, temb, rope = args
-        if attn.split is None:  # the first block of a forward
+        if attn.layout is None:  # the first block of a forward
             cache.shards.clear()
-            attn.split, attn.text_len = SequenceSplit(img.shape[1], groups.sp_degree), txt.shape[1]
-            img = attn.split.shard(img, 1, groups.sp_rank)
+            text, image = SequenceSplit(txt.shape[1], degree), SequenceSplit(img.shape[1], degree)
+            attn.layout = TokenLayout((text, image))
+            img, txt = image.shard(img, 1, rank), text.shard(txt, 1, rank)
         return img, txt, temb, local_rope(rope)
 
     def before_single(module, args):
@@ -62,36 +66,39 @@ def shard_flux(model: FluxTransformer, attn: SequenceParallelAttention, groups: 
         return x, temb, local_rope(rope)
 
     def after_last(module, args, output):
-        split, t = attn.split, attn.text_len
-        attn.split = None
+        (text, image), attn.layout = attn.layout.segments, None
         if isinstance(output, tuple):  # a double-stream block: (img, txt)
-            return split.gather(output[0], 1, groups.sp_group), output[1]
-        return torch.cat([output[:, :t], split.gather(output[:, t:], 1, groups.sp_group)], dim=1)
+            return image.gather(output[0], 1, groups.sp_group), text.gather(output[1], 1, groups.sp_group)
+        # single stream [B, S_txt_loc + S_img_loc, D]: the model cuts its local text length off the front
+        return torch.cat([output[:, : text.local], image.gather(output[:, text.local :], 1, groups.sp_group)], dim=1)
 
     hooks = [block.register_forward_pre_hook(before_double) for block in model.transformer_blocks]
     hooks += [block.register_forward_pre_hook(before_single) for block in model.single_transformer_blocks]
-    hooks.append(blocks[-1].register_forward_hook(after_last))
+    hooks.append([*model.transformer_blocks, *model.single_transformer_blocks][-1].register_forward_hook(after_last))
     attn.hooks += hooks
 
 
 def shard_wan(model: WanTransformer, attn: SequenceParallelAttention, groups: ParallelGroups) -> None:
     check_heads(model.config.num_attention_heads, groups.config.ulysses_degree)
     cache = ShardCache()
+    rank = groups.sp_rank
 
     def before_block(module, args):
         x, context, image_context, modulation, rope = args
-        if attn.split is None:  # the first block of a forward
+        if attn.layout is None:  # the first block of a forward
             cache.shards.clear()
-            attn.split, attn.text_len = SequenceSplit(x.shape[1], groups.sp_degree), 0
-            x = attn.split.shard(x, 1, groups.sp_rank)
+            video = SequenceSplit(x.shape[1], groups.sp_degree)
+            attn.layout = TokenLayout((video,))
+            x = video.shard(x, 1, rank)
+        (video,) = attn.layout.segments
         if modulation.shape[1] != 1:  # one modulation per token (Wan2.2 TI2V): [B, S, 6, D]
-            modulation = cache.get(modulation, lambda: attn.split.shard(modulation, 1, groups.sp_rank))
-        rope = cache.get(rope, lambda: attn.split.shard(rope, 0, groups.sp_rank))
+            modulation = cache.get(modulation, lambda: video.shard(modulation, 1, rank))
+        rope = cache.get(rope, lambda: video.shard(rope, 0, rank))
         return x, context, image_context, modulation, rope
 
     def after_last(module, args, output):
-        split, attn.split = attn.split, None
-        return split.gather(output, 1, groups.sp_group)
+        (video,), attn.layout = attn.layout.segments, None
+        return video.gather(output, 1, groups.sp_group)
 
     def enter_cross(module, args):
         attn.local_depth += 1

@@ -2,15 +2,19 @@
 ring, merged by log-sum-exp) and both together (USP). Installed behind models/attention.py's one
 entry point; parallel/plans.py shards a model's tokens before its blocks and gathers them after.
 
-Each rank holds `local` latent tokens of a sequence padded to `padded` = local * sp_degree (shard i
-holds tokens [i*local, (i+1)*local)). Padding never reaches a softmax: padded keys are cut off before
-attention, padded queries are dropped when the sequence is gathered. Text tokens that every rank
-holds (FLUX's joint attention puts them first) are not communicated: each rank uses its own copy.
+A model's sequence is one or more segments (FLUX's joint attention: text tokens, then image
+tokens; Wan: video tokens). Each segment is split on its own over the sp ranks: rank i holds
+tokens [i*local, (i+1)*local) of the segment, zero-padded at the end, so every rank's local sequence
+is one shard of each segment in order. Every token, text included, lives on exactly one rank: with
+FLUX's 512 text tokens held whole on every rank, each of 2 ranks would run 2560 of the 4608 tokens
+through every projection and MLP, capping Ulysses-2 at 1.8x. Padding never reaches a softmax:
+padded keys are cut out before attention, padded queries are dropped when segments are gathered.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -21,7 +25,7 @@ from sgdiff.parallel.groups import ParallelGroups
 
 @dataclass(frozen=True)
 class SequenceSplit:
-    """How one forward's latent tokens are split over the sequence-parallel ranks."""
+    """How one segment's tokens are split over the sequence-parallel ranks."""
 
     full: int  # real tokens
     degree: int
@@ -34,6 +38,10 @@ class SequenceSplit:
     def padded(self) -> int:
         return self.local * self.degree
 
+    def valid(self, shard: int) -> int:
+        """Real (not padding) tokens of shard `shard`."""
+        return min(max(self.full - shard * self.local, 0), self.local)
+
     def shard(self, x: torch.Tensor, dim: int, sp_rank: int) -> torch.Tensor:
         """This rank's `local` tokens of x along dim (zero-padded at the end)."""
         if self.padded != self.full:
@@ -43,20 +51,54 @@ class SequenceSplit:
         return x.narrow(dim, sp_rank * self.local, self.local).contiguous()
 
     def gather(self, x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
-        """The whole sequence along dim from every rank's shard, padding removed."""
+        """The whole segment along dim from every rank's shard, padding removed."""
         parts = [torch.empty_like(x) for _ in range(self.degree)]
         dist.all_gather(parts, x.contiguous(), group=group)
         return torch.cat(parts, dim=dim).narrow(dim, 0, self.full)
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """The segments of one forward's sequence; a rank's local sequence is its shard of each, in order."""
+
+    segments: tuple[SequenceSplit, ...]
+
+
+@lru_cache(maxsize=64)
+def real_key_positions(layout: TokenLayout, shards: range, device: torch.device) -> torch.Tensor | None:
+    """Positions of the real tokens in the concatenated local sequences of `shards`, or None when
+    none of them is padding. Cached: made once per layout, not per attention call."""
+    if all(seg.valid(i) == seg.local for i in shards for seg in layout.segments):
+        return None
+    positions, offset = [], 0
+    for i in shards:
+        for seg in layout.segments:
+            positions.append(torch.arange(offset, offset + seg.valid(i)))
+            offset += seg.local
+    return torch.cat(positions).to(device)
+
+
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention and its log-sum-exp. q, k, v: [B, S, H, D] -> out [B, S, H, D], lse [B, S, H] float32."""
+    """Attention and its log-sum-exp. q, k, v: [B, S, H, D] -> out [B, S, H, D], lse [B, S, H] float32.
+    On CUDA cuDNN's kernel (the fastest on Hopper), else flash's."""
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
-    if q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
-    else:
+    if not q.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)[:2]
+    elif cudnn_attention_runs(q):
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True)[:2]
+        lse = lse.squeeze(-1)  # [B, H, S, 1] -> [B, H, S]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
     return out.transpose(1, 2), lse.transpose(1, 2).float()
+
+
+def cudnn_attention_runs(q: torch.Tensor) -> bool:
+    """cuDNN's fused attention: Hopper or newer, 16-bit inputs."""
+    return (
+        torch.backends.cudnn.is_available()
+        and torch.cuda.get_device_capability(q.device) >= (9, 0)
+        and q.dtype in (torch.float16, torch.bfloat16)
+    )
 
 
 def merge_partials(partials: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -67,49 +109,59 @@ def merge_partials(partials: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.T
     return out.to(partials[0][0].dtype)
 
 
-def heads_to_sequence(tensors: tuple[torch.Tensor, ...], group: dist.ProcessGroup, degree: int) -> tuple:
-    """Ulysses all-to-all, one collective for all of `tensors` (q, k, v): each [B, S_loc, H, D] (all heads
-    of my tokens) -> [B, degree*S_loc, H/degree, D] (my heads of every rank's tokens, in rank order)."""
-    b, s, h, d = tensors[0].shape
+# Ulysses splits each rank's heads into this many chunks and pipelines them: chunk c+1's all-to-all
+# travels while chunk c's attention runs, and chunk c's output travels back while chunk c+1's runs.
+PIPELINE_CHUNKS = 2
+
+
+class InFlight:
+    """An all-to-all on its way: `finish()` makes the compute stream wait for it and unpacks it."""
+
+    def __init__(self, received: torch.Tensor, work, unpack):
+        self.received, self.work, self.unpack = received, work, unpack
+
+    def finish(self):
+        self.work.wait()
+        return self.unpack(self.received)
+
+
+def start_heads_to_sequence(tensors: tuple[torch.Tensor, ...], group: dist.ProcessGroup) -> InFlight:
+    """Ulysses all-to-all, one collective for all of `tensors` (q, k, v): each [B, S_loc, U, h, D] (head
+    group j goes to Ulysses rank j) -> finish() gives each as [B, U*S_loc, h, D] (my head group of every
+    rank's tokens, in rank order). q, k and v travel interleaved per token, so with B = 1 what arrives
+    is already each one's layout (a packed-qkv view): no copy after the collective."""
+    b, s, u, h, d = tensors[0].shape
     n = len(tensors)
-    send = tensors[0].new_empty(degree, n, b, s, h // degree, d)  # [U (dest rank), n, B, S_loc, H/U, D]
+    send = tensors[0].new_empty(u, b, s, n, h, d)  # [U (dest rank), B, S_loc, n, h, D]
     for i, x in enumerate(tensors):
-        send[:, i].copy_(x.view(b, s, degree, h // degree, d).permute(2, 0, 1, 3, 4))
-    received = torch.empty_like(send)  # [U (source rank), n, B, S_loc, H/U, D]
-    dist.all_to_all_single(received, send, group=group)
-    gathered = received.permute(1, 2, 0, 3, 4, 5).reshape(n, b, degree * s, h // degree, d)
-    return tuple(gathered.unbind(0))
+        send[:, :, :, i].copy_(x.permute(2, 0, 1, 3, 4))
+    received = torch.empty_like(send)  # [U (source rank), B, S_loc, n, h, D]
+    work = dist.all_to_all_single(received, send, group=group, async_op=True)
+    # [U, B, S_loc, n, h, D] -> [B, U*S_loc, n, h, D]: a view when B = 1
+    return InFlight(received, work, lambda r: r.transpose(0, 1).reshape(b, u * s, n, h, d).unbind(2))
 
 
-def sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup, degree: int) -> torch.Tensor:
-    """The inverse all-to-all: [B, degree*S_loc, H/degree, D] -> [B, S_loc, H, D]."""
-    b, s_all, hu, d = x.shape
+def start_sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup, degree: int) -> InFlight:
+    """The inverse all-to-all: [B, U*S_loc, h, D] -> finish() gives [B, S_loc, U, h, D]."""
+    b, s_all, h, d = x.shape
     s = s_all // degree
-    send = x.view(b, degree, s, hu, d).permute(1, 0, 2, 3, 4).contiguous()  # [U (dest rank), B, S_loc, H/U, D]
-    received = torch.empty_like(send)  # [U (source = head group), B, S_loc, H/U, D]
-    dist.all_to_all_single(received, send, group=group)
-    return received.permute(1, 2, 0, 3, 4).reshape(b, s, degree * hu, d)
-
-
-def gather_heads(x: torch.Tensor, group: dist.ProcessGroup, degree: int) -> torch.Tensor:
-    """[B, S, H/degree, D] per rank -> [B, S, H, D] (every rank's head group, in rank order)."""
-    parts = [torch.empty_like(x) for _ in range(degree)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=2)
+    send = x.view(b, degree, s, h, d).transpose(0, 1).contiguous()  # [U (dest rank), B, S_loc, h, D]
+    received = torch.empty_like(send)  # [U (source = head group), B, S_loc, h, D]
+    work = dist.all_to_all_single(received, send, group=group, async_op=True)
+    return InFlight(received, work, lambda r: r.permute(1, 2, 0, 3, 4))
 
 
 class SequenceParallelAttention:
     """The attention implementation of a sequence-parallel rank (an AttentionImpl).
 
-    plans.py sets, per forward: `split` (None outside a sharded forward: plain attention), `text_len`
-    (replicated text tokens in front of the latent tokens of q, k and v) and `local_depth` (> 0 inside
-    a cross-attention whose keys are replicated: plain attention on the local queries)."""
+    plans.py sets, per forward: `layout` (None outside a sharded forward: plain attention) and
+    `local_depth` (> 0 inside a cross-attention whose keys every rank holds: plain attention on the
+    local queries)."""
 
     def __init__(self, groups: ParallelGroups, inner: AttentionImpl = sdpa_attention):
         self.groups = groups
         self.inner = inner
-        self.split: SequenceSplit | None = None
-        self.text_len = 0
+        self.layout: TokenLayout | None = None
         self.local_depth = 0
         self.hooks: list = []  # the forward hooks that shard the models (plans.py)
 
@@ -120,35 +172,41 @@ class SequenceParallelAttention:
         self.hooks.clear()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.split is None or self.local_depth:
+        if self.layout is None or self.local_depth:
             return self.inner(q, k, v)
-        g, t = self.groups, self.text_len
+        g = self.groups
         u, r = g.config.ulysses_degree, g.config.ring_degree
-        text, latent = (q[:, :t], k[:, :t], v[:, :t]), (q[:, t:], k[:, t:], v[:, t:])
-        if u > 1:  # [B, S_loc, H, D] -> [B, U*S_loc, H/U, D]; text: my heads only, no communication
-            latent = heads_to_sequence(latent, g.ulysses_group, u)
-            heads = q.shape[2] // u
-            text = tuple(x[:, :, g.ulysses_rank * heads : (g.ulysses_rank + 1) * heads] for x in text)
-        block = u * self.split.local  # latent tokens per ring rank after the all-to-all
-        queries = torch.cat([text[0], latent[0]], dim=1)
-        if r == 1:
-            valid = self.split.full  # the whole sequence is here: cut off its padding
-            keys, values = (torch.cat([text[i], latent[i][:, :valid]], dim=1) for i in (1, 2))
-            out = self.inner(queries, keys, values)
-        else:
-            out = self.ring(queries, text, latent[1], latent[2], block)
-        text_out, latent_out = out[:, :t], out[:, t:]
-        if u > 1:
-            latent_out = sequence_to_heads(latent_out, g.ulysses_group, u)
-            text_out = gather_heads(text_out, g.ulysses_group, u) if t else text_out
-        return torch.cat([text_out, latent_out], dim=1) if t else latent_out
+        if u == 1:
+            return self.ring(q, k, v)
+        b, s, heads, d = q.shape
+        chunks = PIPELINE_CHUNKS if r == 1 and heads % (u * PIPELINE_CHUNKS) == 0 else 1
+        # [B, S_loc, H, D] -> [B, S_loc, U, C, h, D]: Ulysses rank j gets head group j, in C chunks of h heads
+        q, k, v = (x.unflatten(2, (u, chunks, heads // (u * chunks))) for x in (q, k, v))
+        inbound = [start_heads_to_sequence((q[:, :, :, c], k[:, :, :, c], v[:, :, :, c]), g.ulysses_group)
+                   for c in range(chunks)]  # fmt: skip
+        outbound = []
+        for arriving in inbound:
+            qc, kc, vc = arriving.finish()  # [B, U*S_loc, h, D]
+            out = self.attend(qc, kc, vc) if r == 1 else self.ring(qc, kc, vc)
+            outbound.append(start_sequence_to_heads(out, g.ulysses_group, u))
+        # the chunks back in head order: [B, S_loc, U, C, h, D] -> [B, S_loc, H, D]
+        return torch.stack([leaving.finish() for leaving in outbound], dim=3).view(b, s, heads, d)
 
-    def ring(self, queries, text, k_block, v_block, block: int) -> torch.Tensor:
-        """My queries against the text keys and every ring rank's latent key block: the blocks travel
-        round the ring (send to the next rank, receive from the previous one) while I compute."""
-        g, r = self.groups, self.groups.config.ring_degree
-        partials = [attention_with_lse(queries, text[1], text[2])] if self.text_len else []
-        kv = torch.stack([k_block, v_block])  # [2, B, block, H', D]
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """My Ulysses group's whole sequence is here: attention with the padded keys cut out."""
+        keep = real_key_positions(self.layout, range(self.groups.config.ulysses_degree), q.device)
+        if keep is not None:
+            k, v = k[:, keep], v[:, keep]
+        return self.inner(q, k, v)
+
+    def ring(self, queries: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor) -> torch.Tensor:
+        """My queries against every ring rank's key block: the blocks travel round the ring (send to
+        the next rank, receive from the previous one) while I compute. A ring rank's block holds the
+        local sequences of its Ulysses group's sp ranks."""
+        g = self.groups
+        r, u = g.config.ring_degree, g.config.ulysses_degree
+        partials = []
+        kv = torch.stack([k_block, v_block])  # [2, B, U*S_loc, H/U, D]
         nxt, prev = g.ring_ranks[(g.ring_rank + 1) % r], g.ring_ranks[(g.ring_rank - 1) % r]
         for step in range(r):
             source = (g.ring_rank - step) % r  # whose block `kv` is
@@ -157,9 +215,10 @@ class SequenceParallelAttention:
                 incoming = torch.empty_like(kv)
                 send = dist.P2POp(dist.isend, kv, nxt, g.ring_group)
                 pending = dist.batch_isend_irecv([send, dist.P2POp(dist.irecv, incoming, prev, g.ring_group)])
-            valid = min(max(self.split.full - source * block, 0), block)  # real tokens of that block
-            if valid:
-                partials.append(attention_with_lse(queries, kv[0][:, :valid], kv[1][:, :valid]))
+            keep = real_key_positions(self.layout, range(source * u, (source + 1) * u), queries.device)
+            keys, values = (kv[0], kv[1]) if keep is None else (kv[0][:, keep], kv[1][:, keep])
+            if keys.shape[1]:
+                partials.append(attention_with_lse(queries, keys, values))
             if pending is not None:
                 for request in pending:
                     request.wait()

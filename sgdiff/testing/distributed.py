@@ -64,3 +64,26 @@ def parallel_latents(groups: ParallelGroups, requests: list[tuple[str, str, dict
             latents.append(engine.generate(engine.sampling_params(prompt, **flags)).latents)
         loaded.append(engine.pipeline.loaded)
     return latents, loaded
+
+
+def sharded_attention(groups: ParallelGroups, q, k, v, segment_lengths: tuple[int, ...]) -> torch.Tensor:
+    """Attention over a sequence of segments (FLUX: text, image) with every rank holding its shard of
+    each segment, gathered back to the whole sequence's output (a run_on_ranks function).
+    q, k, v: [B, S, H, D], S = sum(segment_lengths)."""
+    from sgdiff.parallel.sequence import SequenceParallelAttention, SequenceSplit, TokenLayout
+
+    segments = tuple(SequenceSplit(n, groups.sp_degree) for n in segment_lengths)
+    attn = SequenceParallelAttention(groups)
+    attn.layout = TokenLayout(segments)
+    starts = [sum(segment_lengths[:i]) for i in range(len(segments))]
+
+    def local(x: torch.Tensor) -> torch.Tensor:
+        parts = [seg.shard(x[:, a : a + seg.full], 1, groups.sp_rank) for seg, a in zip(segments, starts, strict=True)]
+        return torch.cat(parts, dim=1)
+
+    out = attn(local(q), local(k), local(v))  # [B, sum of local lengths, H, D]
+    whole, offset = [], 0
+    for seg in segments:
+        whole.append(seg.gather(out[:, offset : offset + seg.local], 1, groups.sp_group))
+        offset += seg.local
+    return torch.cat(whole, dim=1)
