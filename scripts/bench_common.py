@@ -43,3 +43,51 @@ def print_top_kernels(fn, rows: int = 15) -> None:
         fn()
     sort_by = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60))
+
+
+def speed_matrix(model, call, warmup: int, repeat: int, baseline: dict | None = None) -> tuple[dict, dict]:
+    """sgdiff's speed toggles one after another on `model` (call() runs one forward): SDPA's own kernel
+    choice -> cuDNN (--attention-backend auto) -> + CUDA graph -> + regional torch.compile -> both.
+    `baseline` (name -> fn, e.g. diffusers) is timed in the same rounds as the eager variants.
+    Returns (variant -> list of ms, {"compile_s": first compiled call's seconds}); the toggles are the
+    ones `sgdiff generate` applies (sgdiff/speed/)."""
+    from sgdiff.models.attention import use_attention_impl
+    from sgdiff.speed.attention_backends import attention_backend
+    from sgdiff.speed.compile import compile_blocks
+    from sgdiff.speed.cuda_graph import CudaGraphForward
+
+    device, dtype = torch.device(DEVICE), torch.bfloat16
+    sdpa, auto = attention_backend("sdpa", device, dtype), attention_backend("auto", device, dtype)
+
+    def under(impl, fn):
+        def run():
+            with use_attention_impl(impl):
+                return fn()
+
+        return run
+
+    graphed = CudaGraphForward(call) if DEVICE == "cuda" else call
+    variants = {
+        **(baseline or {}),
+        "sgdiff, SDPA's kernel choice": under(sdpa, call),
+        "sgdiff, cuDNN attention (auto)": under(auto, call),
+        "sgdiff, auto + CUDA graph": under(auto, graphed),
+    }
+    times = time_interleaved(variants, warmup, repeat)
+    compile_blocks(model)
+    start = time.perf_counter()
+    with use_attention_impl(auto):
+        call()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    compile_s = time.perf_counter() - start
+    compiled_graphed = CudaGraphForward(call) if DEVICE == "cuda" else call
+    times |= time_interleaved(
+        {
+            "sgdiff, auto + torch.compile": under(auto, call),
+            "sgdiff, auto + compile + CUDA graph": under(auto, compiled_graphed),
+        },
+        warmup,
+        repeat,
+    )
+    return times, {"compile_s": compile_s}

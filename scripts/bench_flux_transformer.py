@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import DEVICE, print_top_kernels, time_interleaved  # noqa: E402
+from bench_common import DEVICE, print_top_kernels, speed_matrix, time_interleaved  # noqa: E402
 
 from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig  # noqa: E402
 from sgdiff.models.flux.config import FLUX_DEV  # noqa: E402
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--profile", action="store_true", help="also print sgdiff's top kernels (torch.profiler)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model: checks the script, times nothing real")
+    parser.add_argument("--matrix", action="store_true", help="sgdiff's speed toggles one by one (bench_common)")
     args = parser.parse_args()
     config = TINY if args.tiny else FLUX_DEV
 
@@ -100,14 +101,18 @@ def main() -> None:
         parity = max(checks)
 
         inputs = make_inputs(config, args.height, args.width, args.text_len, 3)
-        variants = {
-            "diffusers FluxTransformer2DModel": lambda: reference(**inputs, return_dict=False),
-            "sgdiff FluxTransformer": lambda: ours(**inputs),
-        }
-        for name, times in time_interleaved(variants, args.warmup, args.repeat).items():
-            rows.append((name, statistics.median(times), min(times), max(times)))
+        baseline = {"diffusers FluxTransformer2DModel": lambda: reference(**inputs, return_dict=False)}
         if args.profile:
             print_top_kernels(lambda: ours(**inputs))
+        if args.matrix:
+            timings, extra = speed_matrix(ours, lambda: ours(**inputs), args.warmup, args.repeat, baseline)
+            compiled = ours(**inputs)  # the blocks are compiled now (CUDA graphs do not change numbers)
+            extra["bf16_rel_err_compiled"] = relative_error(compiled, reference(**inputs, return_dict=False)[0])
+        else:
+            variants = {**baseline, "sgdiff FluxTransformer": lambda: ours(**inputs)}
+            timings, extra = time_interleaved(variants, args.warmup, args.repeat), {}
+        for name, times in timings.items():
+            rows.append((name, statistics.median(times), min(times), max(times)))
 
     scale = (args.height * args.width) / (1024 * 1024)
     card = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
@@ -117,6 +122,7 @@ def main() -> None:
         "height": args.height,
         "width": args.width,
         "bf16_rel_err_vs_diffusers": parity,
+        **extra,
         "rows": [dict(zip(("variant", "median_ms", "min_ms", "max_ms"), r, strict=True)) for r in rows],
     }
     if args.json:
@@ -127,11 +133,16 @@ def main() -> None:
         f"bf16 parity, sgdiff vs diffusers: rel err {parity:.2e} (limit 1e-2): {'PASS' if parity <= 1e-2 else 'FAIL'}"
     )
     baseline = rows[0][1]
-    print(f"{'variant':34s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'speedup':>8s} {'TFLOP/s*':>9s}")
+    print(f"{'variant':38s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'speedup':>8s} {'TFLOP/s*':>9s}")
     for name, median, lo, hi in rows:
         tflops = FLOP_PER_FORWARD_1024 / 1e12 / (median / 1e3) if scale == 1 and not args.tiny else float("nan")
-        print(f"{name:34s} {median:10.1f} {lo:8.1f} {hi:8.1f} {baseline / median:7.2f}x {tflops:9.0f}")
+        print(f"{name:38s} {median:10.1f} {lo:8.1f} {hi:8.1f} {baseline / median:7.2f}x {tflops:9.0f}")
     print("* 74.4 TFLOP per forward at 1024x1024")
+    if "compile_s" in extra:
+        print(
+            f"regional torch.compile: first call {extra['compile_s']:.1f} s, "
+            f"bf16 rel err vs diffusers {extra['bf16_rel_err_compiled']:.2e}"
+        )
 
 
 if __name__ == "__main__":

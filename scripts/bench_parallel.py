@@ -41,6 +41,8 @@ from sgdiff.parallel.cfg import CfgParallelBranches  # noqa: E402
 from sgdiff.parallel.groups import build_groups  # noqa: E402
 from sgdiff.parallel.plans import apply_sequence_parallel  # noqa: E402
 from sgdiff.pipeline.stages.denoising import guided_velocity  # noqa: E402
+from sgdiff.speed.compile import compile_blocks  # noqa: E402
+from sgdiff.speed.cuda_graph import CudaGraphForward  # noqa: E402
 from sgdiff.testing.compare import relative_error  # noqa: E402
 
 TINY_FLUX = FluxTransformerConfig(
@@ -84,25 +86,9 @@ def timed(fn, device: torch.device, warmup: int, repeat: int) -> tuple[float, fl
 
 
 def as_cuda_graph(fn, device: torch.device):
-    """fn captured once in a CUDA graph (collectives included); calling the result replays it. On the
-    CPU (--tiny) fn itself."""
-    if device.type != "cuda":
-        return fn
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):  # warm-up outside the capture: kernels chosen, caches filled
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-
-    def replay() -> torch.Tensor:
-        graph.replay()
-        return out
-
-    return replay
+    """fn() replayed as a CUDA graph through sgdiff's --enable-cuda-graph wrapper (collectives included);
+    on the CPU (--tiny) fn itself."""
+    return CudaGraphForward(fn) if device.type == "cuda" else fn
 
 
 def comm_rows(device: torch.device, sizes_mb: tuple[float, ...]) -> list[dict]:
@@ -139,6 +125,8 @@ def profile_on_rank0(fn, title: str) -> None:
 
 def bench_flux(config, size: int, device, args) -> list[dict]:
     model = random_model(FluxTransformer, config, device)
+    if args.compile:
+        compile_blocks(model)
     g = torch.Generator(device).manual_seed(1)
     rows = cols = size // 16
     bf16 = dict(device=device, dtype=torch.bfloat16)
@@ -194,6 +182,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 def bench_wan(config, latent: tuple[int, int, int], device, args) -> list[dict]:
     model = random_model(WanTransformer, config, device)
+    if args.compile:
+        compile_blocks(model)
     g = torch.Generator(device).manual_seed(2)
     bf16 = dict(device=device, dtype=torch.bfloat16)
     latents = torch.randn(1, config.in_channels, *latent, generator=g, **bf16)
@@ -238,6 +228,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=["flux", "wan"], default=["flux", "wan"])
     parser.add_argument("--profile", action="store_true", help="rank 0 prints the top kernels of each FLUX mode")
     parser.add_argument("--cuda-graph", action="store_true", help="FLUX also as CUDA graph replays")
+    parser.add_argument("--compile", action="store_true", help="regional torch.compile (--enable-torch-compile)")
     parser.add_argument("--comm", action="store_true", help="also time all-to-alls of the sizes FLUX Ulysses-2 sends")
     args = parser.parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -247,7 +238,8 @@ def main() -> None:
     dist.init_process_group("gloo" if args.tiny else "nccl", device_id=None if args.tiny else device)
     flux_size, wan_latent = (64, (3, 6, 8)) if args.tiny else (1024, (21, 60, 104))
     results = []
-    comm = comm_rows(device, (1.0, 14.0, 42.0)) if args.comm else []
+    with torch.inference_mode():  # (the CUDA graph wrapper replays only without autograd)
+        comm = comm_rows(device, (1.0, 14.0, 42.0)) if args.comm else []
     if "flux" in args.models:
         results += bench_flux(TINY_FLUX if args.tiny else FLUX_DEV, flux_size, device, args)
     if "wan" in args.models:

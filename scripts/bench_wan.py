@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import DEVICE, print_top_kernels, time_call, time_interleaved  # noqa: E402
+from bench_common import DEVICE, print_top_kernels, speed_matrix, time_call, time_interleaved  # noqa: E402
 
 from sgdiff.models.loading import build_on_meta  # noqa: E402
 from sgdiff.models.wan import WanTransformer, WanTransformerConfig  # noqa: E402
@@ -71,14 +71,17 @@ def bench_transformer(name: str, config, latent: tuple[int, int, int], args) -> 
             assert torch.isfinite(actual).all(), "non-finite output"
             errors.append(relative_error(actual, expected))
         x = make_inputs(config, *latent, 3)
-        variants = {
-            "diffusers WanTransformer3DModel": lambda: reference(**x, return_dict=False),
-            "sgdiff WanTransformer": lambda: ours(**x),
-        }
-        times = time_interleaved(variants, args.warmup, args.repeat)
+        baseline = {"diffusers WanTransformer3DModel": lambda: reference(**x, return_dict=False)}
         if args.profile:
             print_top_kernels(lambda: ours(**x))
-    return {"model": name, "rel_err": max(errors), "ms": {k: statistics.median(v) for k, v in times.items()}}
+        extra = {}
+        if args.matrix:
+            times, extra = speed_matrix(ours, lambda: ours(**x), args.warmup, args.repeat, baseline)
+            extra["rel_err_compiled"] = relative_error(ours(**x), reference(**x, return_dict=False)[0])
+        else:
+            times = time_interleaved({**baseline, "sgdiff WanTransformer": lambda: ours(**x)}, args.warmup, args.repeat)
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    return {"model": name, "rel_err": max(errors), "ms": ms, **extra}
 
 
 def bench_vae(latent: tuple[int, int, int], tiny: bool) -> dict:
@@ -103,6 +106,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tiny", action="store_true", help="tiny models: checks the script, times nothing real")
+    parser.add_argument("--matrix", action="store_true", help="sgdiff's speed toggles one by one (bench_common)")
     args = parser.parse_args()
 
     latent = (2, 4, 6) if args.tiny else (21, 60, 104)  # 832x480x81 -> 21 x 60 x 104 latents
@@ -116,13 +120,17 @@ def main() -> None:
         args.json.write_text(json.dumps(result, indent=2))
 
     print(f"\nWan2.1 at 832x480x81, bf16, {card}, torch {torch.__version__}")
-    header = ("model", "diffusers ms", "sgdiff ms", "speed-up", "sgdiff TFLOP/s", "bf16 rel err")
-    print("{:8s} {:>13s} {:>10s} {:>9s} {:>15s} {:>13s}".format(*header))
+    header = ("model, sgdiff variant", "diffusers", "sgdiff ms", "speed-up", "TFLOP/s", "rel err")
+    print("{:44s} {:>9s} {:>9s} {:>9s} {:>8s} {:>9s}".format(*header))
     for row in rows:
-        reference, ours = row["ms"].values()
-        tflops = FLOPS.get(row["model"], float("nan")) / 1e12 / (ours / 1e3)
-        speedup = reference / ours
-        print(f"{row['model']:8s} {reference:13.1f} {ours:10.1f} {speedup:8.2f}x {tflops:15.0f} {row['rel_err']:13.2e}")
+        reference, *variants = row["ms"].items()
+        for variant, ours in variants:
+            tflops = FLOPS.get(row["model"], float("nan")) / 1e12 / (ours / 1e3)
+            speedup = reference[1] / ours
+            label = f"{row['model']} {variant.removeprefix('sgdiff')}"
+            print(f"{label:44s} {reference[1]:9.1f} {ours:9.1f} {speedup:8.2f}x {tflops:8.0f} {row['rel_err']:9.2e}")
+        if "compile_s" in row:
+            print(f"  torch.compile first call {row['compile_s']:.1f} s; rel err {row['rel_err_compiled']:.2e}")
     print(f"VAE decode, {vae['frames']} frames at 480p, float32: {vae['vae_decode_s']:.2f} s")
 
 

@@ -135,11 +135,21 @@ def check_sampling_values(values: Mapping[str, Any]) -> None:
 
 
 @dataclass(frozen=True)
+class SpeedConfig:
+    """The speed toggles (sgdiff/speed/apply.py applies them, in one place)."""
+
+    attention_backend: str = "auto"  # a name of speed/attention_backends.py
+    torch_compile: bool = False  # regional: each repeated transformer block compiled once
+    cuda_graph: bool = False  # the transformer's forward replayed as a CUDA graph
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
-    """Where and in what precision the models run (None: chosen automatically)."""
+    """Where, in what precision and how fast the models run (None: chosen automatically)."""
 
     device: str | None = None
     dtype: str | None = None
+    speed: SpeedConfig = SpeedConfig()
 
 
 @dataclass(frozen=True)

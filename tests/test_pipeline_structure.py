@@ -8,7 +8,7 @@ import torch
 
 from sgdiff.config import tomllib
 from sgdiff.engine.engine import Engine
-from sgdiff.models.attention import attention, use_attention_impl
+from sgdiff.models.attention import attention
 from sgdiff.pipeline.base import ParallelMode
 from sgdiff.pipeline.registry import PIPELINES, inspect_model
 
@@ -46,8 +46,9 @@ def test_every_attention_call_goes_through_the_one_entry_point(tiny_flux_dev):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         ).transpose(1, 2)
 
-    with use_attention_impl(recording_attention):
-        engine.generate(engine.sampling_params("p", height=32, width=32, num_inference_steps=1))
+    engine.load()
+    engine.pipeline.attention = recording_attention  # what --attention-backend and parallel/ set
+    engine.generate(engine.sampling_params("p", height=32, width=32, num_inference_steps=1))
     assert len(calls) == 4  # 2 double + 2 single blocks, one step, no CFG
     q = torch.randn(1, 5, 2, 8)
     assert torch.equal(attention(q, q, q), recording_attention(q, q, q))  # the default is restored

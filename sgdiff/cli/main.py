@@ -109,10 +109,13 @@ def generate(
     ulysses_degree: opt.UlyssesDegree = None,
     ring_degree: opt.RingDegree = None,
     enable_cfg_parallel: opt.EnableCfgParallel = False,
+    attention_backend: opt.AttentionBackend = opt.AttentionBackendChoice.auto,
+    enable_torch_compile: opt.EnableTorchCompile = False,
+    enable_cuda_graph: opt.EnableCudaGraph = False,
 ) -> None:
     """Generate images or videos from a prompt (or a file of prompts)."""
     with user_errors():
-        from sgdiff.config import ParallelConfig, RuntimeConfig, check_sampling_values
+        from sgdiff.config import ParallelConfig, RuntimeConfig, SpeedConfig, check_sampling_values
 
         flags = {
             "negative_prompt": negative_prompt,
@@ -146,7 +149,11 @@ def generate(
             prompts=prompts,
             sampling_flags=flags,
             preset=preset,
-            runtime=RuntimeConfig(device=device, dtype=dtype),
+            runtime=RuntimeConfig(
+                device=device,
+                dtype=dtype,
+                speed=SpeedConfig(attention_backend.value, enable_torch_compile, enable_cuda_graph),
+            ),
             parallel=parallel,
             output=OutputConfig(
                 save_output,

@@ -17,10 +17,17 @@ class OutputFormatChoice(str, Enum):
     mp4 = "mp4"
 
 
+AttentionBackendChoice = Enum(  # the names of sgdiff/speed/attention_backends.py (a test keeps them equal)
+    "AttentionBackendChoice",
+    {name: name for name in ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "flex", "fa3", "sage")},
+    type=str,
+)
+
 MODEL = "Model"
 SAMPLING = "Sampling"
 OUTPUT = "Output"
 RUNTIME = "Runtime"
+SPEED = "Speed"
 
 ModelPath = Annotated[
     str | None,
@@ -209,5 +216,31 @@ EnableCfgParallel = Annotated[
         "--enable-cfg-parallel",
         help="Run the prompt and negative CFG branches on different ranks (needs CFG and an even --num-gpus).",
         rich_help_panel=PARALLEL,
+    ),
+]
+AttentionBackend = Annotated[
+    AttentionBackendChoice,
+    typer.Option(
+        "--attention-backend",
+        help="Attention kernel: auto (the fastest this GPU has: cuDNN on Hopper), sdpa (PyTorch's choice), "
+        "cudnn, flash, efficient, math, flex (compiled flex attention), fa3 (FlashAttention 3) and sage "
+        "(SageAttention) when installed.",
+        rich_help_panel=SPEED,
+    ),
+]
+EnableTorchCompile = Annotated[
+    bool,
+    typer.Option(
+        "--enable-torch-compile",
+        help="Compile each repeated transformer block once with torch.compile (the first step pays the compile time).",
+        rich_help_panel=SPEED,
+    ),
+]
+EnableCudaGraph = Annotated[
+    bool,
+    typer.Option(
+        "--enable-cuda-graph",
+        help="Replay the transformer's forward as a CUDA graph (captured on the first step; CUDA only).",
+        rich_help_panel=SPEED,
     ),
 ]

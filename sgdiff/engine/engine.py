@@ -19,6 +19,7 @@ from sgdiff.errors import UserError
 from sgdiff.models.resolve import resolve_model_path
 from sgdiff.pipeline.base import NullEvents, PipelineEvents, State
 from sgdiff.pipeline.registry import inspect_model
+from sgdiff.speed.apply import apply_speed, check_speed
 
 DTYPES = {
     "bf16": torch.bfloat16,
@@ -80,6 +81,8 @@ class Engine:
         self.events = events or NullEvents()
         self.device = resolve_device(runtime.device)
         self.dtype = resolve_dtype(runtime.dtype, self.device)
+        self.speed = runtime.speed
+        self.attention = check_speed(self.speed, self.device, self.dtype)
         self.model_dir = resolve_model_path(model_path)
         self.info = inspect_model(self.model_dir)
         self.preset: Preset | None = select_preset(
@@ -114,7 +117,9 @@ class Engine:
         if self.pipeline is not None:
             return
         start = time.perf_counter()
-        self.pipeline = self.info.spec.load(self.model_dir, self.device, self.dtype, self.schedule, self.events, skip)
+        pipeline = self.info.spec.load(self.model_dir, self.device, self.dtype, self.schedule, self.events, skip)
+        apply_speed(pipeline, self.speed, self.attention)
+        self.pipeline = pipeline
         self.load_seconds = time.perf_counter() - start
 
     def generate(self, params: SamplingParams) -> GenerationResult:

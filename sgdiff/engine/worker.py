@@ -4,7 +4,8 @@ parallel (parallel/), run every prompt; rank 0 writes the outputs and reports pr
 from __future__ import annotations
 
 import os
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -16,7 +17,7 @@ from sgdiff.config import RuntimeConfig
 from sgdiff.engine.batch import BatchReport, BatchRequest, execute_batch, prepare_batch
 from sgdiff.engine.engine import Engine
 from sgdiff.errors import UserError
-from sgdiff.models.attention import use_attention_impl
+from sgdiff.models.attention import sdpa_attention
 from sgdiff.parallel.broadcast import share_from_rank0
 from sgdiff.parallel.cfg import apply_cfg_parallel
 from sgdiff.parallel.groups import ParallelGroups, build_groups
@@ -50,16 +51,24 @@ def load_for_rank(engine: Engine, groups: ParallelGroups) -> None:
     engine.load(skip=frozenset() if groups.rank == 0 else engine.info.spec.text_encoders)
 
 
-def make_parallel(engine: Engine, groups: ParallelGroups) -> AbstractContextManager:
-    """Apply CFG and sequence parallelism to the loaded pipeline; returns the context to generate in."""
+@contextmanager
+def make_parallel(engine: Engine, groups: ParallelGroups) -> Iterator[None]:
+    """Apply CFG and sequence parallelism to the loaded pipeline for the requests run in the context."""
     pipeline = engine.pipeline
     pipeline.rank = groups.rank
     pipeline.share = lambda state, fields: share_from_rank0(state, fields, groups.rank)
     if groups.config.enable_cfg_parallel:
         apply_cfg_parallel(pipeline, groups)
-    if groups.sp_degree > 1:
-        return use_attention_impl(apply_sequence_parallel(pipeline.transformers, groups))
-    return nullcontext()
+    if groups.sp_degree == 1:
+        yield
+        return
+    single = pipeline.attention
+    pipeline.attention = apply_sequence_parallel(pipeline.transformers, groups, inner=single or sdpa_attention)
+    try:
+        yield
+    finally:
+        pipeline.attention.remove()
+        pipeline.attention = single
 
 
 def run_rank(spec: RankSpec, request: BatchRequest, events: PipelineEvents, on_saved) -> BatchReport:
@@ -77,7 +86,7 @@ def run_rank(spec: RankSpec, request: BatchRequest, events: PipelineEvents, on_s
     try:
         groups = build_groups(replace(request.parallel, num_gpus=spec.world_size))
         writer = spec.rank == 0
-        runtime = RuntimeConfig(device=str(device), dtype=request.runtime.dtype)
+        runtime = replace(request.runtime, device=str(device))
         prepared = prepare_batch(request, events if writer else NullEvents(), runtime)
         load_for_rank(prepared.engine, groups)
         return execute_batch(

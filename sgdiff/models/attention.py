@@ -46,6 +46,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return _impl(q, k, v)
 
 
+def current_attention_impl() -> AttentionImpl:
+    """The implementation `attention` calls now."""
+    return _impl
+
+
 @contextmanager
 def use_attention_impl(impl: AttentionImpl) -> Iterator[None]:
     """Route every model's attention through `impl` while the context is open."""

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sgdiff.errors import UserError
+from sgdiff.models.attention import AttentionImpl, sdpa_attention
 from sgdiff.models.flux import FluxTransformer
 from sgdiff.models.wan import WanTransformer
 from sgdiff.parallel.groups import ParallelGroups
@@ -113,9 +114,12 @@ def shard_wan(model: WanTransformer, attn: SequenceParallelAttention, groups: Pa
     attn.hooks.append(model.blocks[-1].register_forward_hook(after_last))
 
 
-def apply_sequence_parallel(models: list[nn.Module], groups: ParallelGroups) -> SequenceParallelAttention:
-    """Shard every transformer of a pipeline; returns the attention implementation to install."""
-    attn = SequenceParallelAttention(groups)
+def apply_sequence_parallel(
+    models: list[nn.Module], groups: ParallelGroups, inner: AttentionImpl = sdpa_attention
+) -> SequenceParallelAttention:
+    """Shard every transformer of a pipeline; returns the attention implementation to install (it runs
+    `inner`, the single-GPU kernel, on what each rank holds)."""
+    attn = SequenceParallelAttention(groups, inner)
     for model in models:
         if isinstance(model, FluxTransformer):
             shard_flux(model, attn, groups)

@@ -171,6 +171,7 @@ class SequenceParallelAttention:
             hook.remove()
         self.hooks.clear()
 
+    @torch.compiler.disable  # collectives and Python state: outside a compiled block's graph
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.layout is None or self.local_depth:
             return self.inner(q, k, v)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from sgdiff.config import SamplingParams
+from sgdiff.models.attention import AttentionImpl, current_attention_impl, use_attention_impl
 
 
 class ParallelMode(Enum):
@@ -103,13 +104,18 @@ class ComposedPipeline:
         self.rank = 0  # this process's rank when several serve one request: RANK0_ONLY stages run on 0 only
         # share(state, fields): rank 0's values of those State fields to every rank (set by parallel runs)
         self.share: Callable[[State, tuple[str, ...]], None] | None = None
+        # the attention every model of this pipeline runs (speed/apply.py, parallel/); None: the process default
+        self.attention: AttentionImpl | None = None
 
     @property
     def stage_names(self) -> list[str]:
         return [stage.name for stage in self.stages]
 
-    @torch.inference_mode()
     def __call__(self, state: State) -> State:
+        with torch.inference_mode(), use_attention_impl(self.attention or current_attention_impl()):
+            return self.run_stages(state)
+
+    def run_stages(self, state: State) -> State:
         for stage in self.stages:
             rank0_only = stage.parallel is ParallelMode.RANK0_ONLY and self.share is not None
             if rank0_only and self.rank != 0:

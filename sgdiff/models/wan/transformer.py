@@ -23,9 +23,11 @@ KEEP_FP32 = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
 IGNORED_KEYS = ("norm_added_q",)
 
 
-def video_position_ids(frames: int, rows: int, cols: int) -> torch.Tensor:
-    """[frames*rows*cols, 3] (frame, row, col) ids in the order the patchified tokens come."""
-    grid = torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij")
+def video_position_ids(frames: int, rows: int, cols: int, device: torch.device | None = None) -> torch.Tensor:
+    """[frames*rows*cols, 3] (frame, row, col) ids in the order the patchified tokens come. Made on
+    `device` (no host-to-device copy inside a forward: CUDA graph capture forbids one)."""
+    axes = (torch.arange(n, device=device) for n in (frames, rows, cols))
+    grid = torch.meshgrid(*axes, indexing="ij")
     return torch.stack(grid, dim=-1).reshape(-1, 3)
 
 
@@ -161,7 +163,7 @@ class WanTransformer(nn.Module):
         b, _, f, h, w = hidden_states.shape
         pt, ph, pw = self.config.patch_size
         grid = (f // pt, h // ph, w // pw)
-        rope = rope_frequencies(video_position_ids(*grid).to(hidden_states.device), self.config.rope_axes, 10000.0)
+        rope = rope_frequencies(video_position_ids(*grid, hidden_states.device), self.config.rope_axes, 10000.0)
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, S, D]
 
         temb, modulation, context = self.condition_embedder(timestep, encoder_hidden_states)

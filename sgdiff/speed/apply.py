@@ -1,0 +1,29 @@
+"""The one place where the speed toggles (config.SpeedConfig) change a loaded pipeline."""
+
+from __future__ import annotations
+
+import torch
+
+from sgdiff.config import SpeedConfig
+from sgdiff.errors import UserError
+from sgdiff.models.attention import AttentionImpl
+from sgdiff.pipeline.base import ComposedPipeline
+from sgdiff.speed.attention_backends import attention_backend
+from sgdiff.speed.compile import compile_blocks
+from sgdiff.speed.cuda_graph import CudaGraphForward
+
+
+def check_speed(speed: SpeedConfig, device: torch.device, dtype: torch.dtype) -> AttentionImpl:
+    """Toggles this device cannot honour fail here, before anything loads; returns the attention kernel."""
+    if speed.cuda_graph and device.type != "cuda":
+        raise UserError(f"--enable-cuda-graph needs a CUDA GPU; the model runs on {device.type}: drop the flag")
+    return attention_backend(speed.attention_backend, device, dtype)
+
+
+def apply_speed(pipeline: ComposedPipeline, speed: SpeedConfig, attention: AttentionImpl) -> None:
+    pipeline.attention = attention
+    for model in pipeline.transformers:
+        if speed.torch_compile:
+            compile_blocks(model)
+        if speed.cuda_graph:
+            model.forward = CudaGraphForward(model.forward)

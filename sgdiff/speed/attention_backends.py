@@ -1,0 +1,102 @@
+"""The attention kernels behind models/attention.py's one entry point, by name (--attention-backend).
+
+Each is an AttentionImpl: q, k, v [B, S, H, D] -> [B, S, H, D]. `auto` is the fastest correct kernel
+this device has: cuDNN's fused attention on Hopper and newer (about 1.7x SDPA's flash there,
+docs/benchmarks.md), else SDPA's own choice. Optional kernels (FlashAttention 3, SageAttention) are
+used only when installed; asking for one that is missing or cannot run here is a one-line error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from sgdiff.errors import UserError
+from sgdiff.models.attention import AttentionImpl, sdpa_attention
+
+
+def sdpa_only(backend: SDPBackend) -> AttentionImpl:
+    """SDPA restricted to one of its kernels (an error, not a silent fallback, when it cannot run)."""
+
+    def impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, S, H, D] -> [B, H, S, D]
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+    impl.__name__ = f"sdpa_{backend.name.lower()}"
+    return impl
+
+
+def sdpa_default(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA with PyTorch's own kernel choice."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
+@cache
+def compiled_flex_attention() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """PyTorch's flex attention (Triton, compiled once per shape), no mask."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return compiled_flex_attention()(q, k, v).transpose(1, 2)
+
+
+def flash3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """FlashAttention 3 (Hopper), package flash_attn_interface; takes [B, S, H, D] as it is."""
+    out = importlib.import_module("flash_attn_interface").flash_attn_func(q, k, v)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SageAttention (8-bit QK), package sageattention; "NHD" is [B, S, H, D]."""
+    return importlib.import_module("sageattention").sageattn(q, k, v, tensor_layout="NHD")
+
+
+BACKENDS: dict[str, AttentionImpl] = {
+    "sdpa": sdpa_default,
+    "cudnn": sdpa_only(SDPBackend.CUDNN_ATTENTION),
+    "flash": sdpa_only(SDPBackend.FLASH_ATTENTION),
+    "efficient": sdpa_only(SDPBackend.EFFICIENT_ATTENTION),
+    "math": sdpa_only(SDPBackend.MATH),
+    "flex": flex,
+    "fa3": flash3,
+    "sage": sage,
+}
+OPTIONAL_PACKAGES = {"fa3": "flash_attn_interface", "sage": "sageattention"}
+CHOICES = ("auto", *BACKENDS)
+
+
+def check_backend_name(name: str) -> None:
+    if name not in CHOICES:
+        raise UserError(f"--attention-backend {name!r} is not one of: {', '.join(CHOICES)}")
+
+
+def attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionImpl:
+    """The kernel `name` names, checked to run on this device and dtype with a tiny probe."""
+    check_backend_name(name)
+    if name == "auto":
+        return sdpa_attention  # cuDNN first on CUDA, SDPA's fallbacks after it; SDPA's choice on the CPU
+    package = OPTIONAL_PACKAGES.get(name)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise UserError(f"--attention-backend {name} needs the {package} package, which is not installed; use auto")
+    impl = BACKENDS[name]
+    q = torch.randn(1, 8, 2, 64, device=device, dtype=dtype)
+    try:
+        impl(q, q, q)
+    except RuntimeError as exc:  # SDPA: "No viable backend ..."; the traceback with SGDIFF_DEBUG=1
+        dtype_name = str(dtype).removeprefix("torch.")
+        raise UserError(
+            f"--attention-backend {name} cannot run on {device.type} in {dtype_name}; use auto or another backend"
+        ) from exc
+    return impl

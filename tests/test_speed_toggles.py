@@ -1,0 +1,129 @@
+"""Every speed toggle changes what runs, and leaves the output as it was (sgdiff/speed/)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+from typer.testing import CliRunner
+
+from sgdiff.cli.main import app
+from sgdiff.cli.options import AttentionBackendChoice
+from sgdiff.config import RuntimeConfig, SpeedConfig
+from sgdiff.engine.engine import Engine
+from sgdiff.models.attention import use_attention_impl
+from sgdiff.speed.attention_backends import CHOICES
+from sgdiff.speed.compile import compile_blocks
+from sgdiff.speed.cuda_graph import CapturedForward, CudaGraphForward
+
+runner = CliRunner()
+REQUEST = dict(height=32, width=32, num_inference_steps=2)
+
+
+MATH, FLASH = "aten::_scaled_dot_product_attention_math", "aten::_scaled_dot_product_flash_attention_for_cpu"
+
+
+def generate_profiled(model, speed: SpeedConfig) -> tuple[torch.Tensor, dict[str, int]]:
+    """Final latents of one small request, and how often it called each aten op."""
+    engine = Engine(str(model), runtime=RuntimeConfig(device="cpu", dtype="fp32", speed=speed))
+    engine.load()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        latents = engine.generate(engine.sampling_params("a red cube", **REQUEST)).latents
+    counts = {event.key: event.count for event in prof.key_averages()}
+    return latents, {MATH: counts.get(MATH, 0), FLASH: counts.get(FLASH, 0)}
+
+
+def test_attention_backend_picks_the_kernel(tiny_flux_dev):
+    reference, auto = generate_profiled(tiny_flux_dev, SpeedConfig())
+    math, with_math = generate_profiled(tiny_flux_dev, SpeedConfig(attention_backend="math"))
+    flash, with_flash = generate_profiled(tiny_flux_dev, SpeedConfig(attention_backend="flash"))
+    # the text encoders (transformers) keep SDPA's choice; every transformer attention call moves
+    transformer_calls = auto[FLASH] - with_math[FLASH]
+    assert transformer_calls == with_math[MATH] > 0 and auto[MATH] == 0
+    assert with_flash == auto
+    assert (math - reference).abs().max() < 1e-4 and torch.equal(flash, reference)
+
+
+def test_attention_backend_names_match_the_cli():
+    assert tuple(choice.value for choice in AttentionBackendChoice) == CHOICES
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--attention-backend", "cudnn"], "error: --attention-backend cudnn cannot run on cpu in float32"),
+        (["--attention-backend", "fa3"], "error: --attention-backend fa3 needs the flash_attn_interface package"),
+        (["--enable-cuda-graph"], "error: --enable-cuda-graph needs a CUDA GPU; the model runs on cpu"),
+    ],
+)
+def test_toggles_this_machine_cannot_run_fail_before_loading(tiny_flux_dev, tmp_path, flags, message):
+    args = ["generate", "--model-path", str(tiny_flux_dev), "--prompt", "p", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--output-path", str(tmp_path / "out"), *flags])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [result.output.strip().splitlines()[0]]
+    assert result.output.startswith(message), result.output
+    assert "loaded" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_torch_compile_compiles_each_block_kind_once(tiny_flux_dev):
+    torch._dynamo.reset()
+    engine = Engine(str(tiny_flux_dev), runtime=RuntimeConfig(device="cpu", dtype="fp32"))
+    engine.load()
+    reference = engine.generate(engine.sampling_params("a red cube", **REQUEST)).latents
+    model = engine.pipeline.transformers[0]
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    assert compile_blocks(model, backend="eager") == len(blocks) > 2
+    assert all(hasattr(block.forward, "_torchdynamo_orig_callable") for block in blocks)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = engine.generate(engine.sampling_params("a red cube", **REQUEST)).latents
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+    assert 2 <= graphs < len(blocks)  # one graph per block kind (and shape), shared by every block of it
+    assert (compiled - reference).abs().max() < 1e-5
+
+
+def test_torch_compile_toggle_reaches_the_blocks(tiny_flux_dev):
+    speed = SpeedConfig(torch_compile=True)
+    engine = Engine(str(tiny_flux_dev), runtime=RuntimeConfig(device="cpu", dtype="fp32", speed=speed))
+    engine.load()
+    model = engine.pipeline.transformers[0]
+    assert all(hasattr(b.forward, "_torchdynamo_orig_callable") for b in model.single_transformer_blocks)
+
+
+class CountingCapture:
+    """A CPU stand-in for CUDA graph capture: 'replay' runs forward on the static inputs."""
+
+    def __init__(self):
+        self.captures = 0
+
+    def __call__(self, forward, args, kwargs) -> CapturedForward:
+        self.captures += 1
+        static_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        holder = {"out": forward(*static_args, **kwargs)}
+
+        def replay():
+            holder["out"].copy_(forward(*static_args, **kwargs))
+
+        return CapturedForward([a for a in static_args if isinstance(a, torch.Tensor)], holder["out"], replay)
+
+
+def test_cuda_graph_replays_one_capture_per_signature():
+    weight = torch.randn(4, 4)
+
+    def forward(x: torch.Tensor, scale: float) -> torch.Tensor:
+        return (x @ weight) * scale
+
+    capture = CountingCapture()
+    graphed = CudaGraphForward(forward, capture=capture, device_type="cpu")
+    with torch.inference_mode():
+        a, b = torch.randn(2, 4), torch.randn(2, 4)
+        out_a, out_b = graphed(a, 2.0), graphed(b, 2.0)  # same signature: one capture, new inputs copied in
+        assert capture.captures == 1
+        assert torch.equal(out_a, forward(a, 2.0)) and torch.equal(out_b, forward(b, 2.0))  # not aliased
+        graphed(torch.randn(3, 4), 2.0)  # another shape
+        graphed(a, 3.0)  # another non-tensor argument
+        assert capture.captures == 3
+        with use_attention_impl(lambda q, k, v: q):  # another attention (sequence parallelism swaps it)
+            graphed(a, 2.0)
+        assert capture.captures == 4
+    graphed(a, 2.0)  # autograd on: the plain forward
+    assert capture.captures == 4
