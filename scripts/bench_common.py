@@ -41,20 +41,22 @@ def print_top_kernels(fn, rows: int = 15) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
     with profile(activities=activities) as prof:
         fn()
-    sort_by = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+    sort_by = "self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60))
 
 
 def speed_matrix(model, call, warmup: int, repeat: int, baseline: dict | None = None) -> tuple[dict, dict]:
-    """sgdiff's speed toggles one after another on `model` (call() runs one forward): SDPA's own kernel
-    choice -> cuDNN (--attention-backend auto) -> + CUDA graph -> + regional torch.compile -> both.
-    `baseline` (name -> fn, e.g. diffusers) is timed in the same rounds as the eager variants.
-    Returns (variant -> list of ms, {"compile_s": first compiled call's seconds}); the toggles are the
-    ones `sgdiff generate` applies (sgdiff/speed/)."""
+    """sgdiff's speed toggles added one after another on `model` (call() runs one forward): SDPA's own
+    kernel choice -> cuDNN (--attention-backend auto) -> + CUDA graph; fused projections (+ graph);
+    + regional torch.compile (+ graph). `baseline` (name -> fn, e.g. diffusers) is timed in the same
+    rounds as the first group. Returns (variant -> list of ms, {"compile_s": the first compiled
+    call's seconds}); the toggles are the ones `sgdiff generate` applies (sgdiff/speed/). The model
+    is left fused and compiled."""
     from sgdiff.models.attention import use_attention_impl
     from sgdiff.speed.attention_backends import attention_backend
     from sgdiff.speed.compile import compile_blocks
     from sgdiff.speed.cuda_graph import CudaGraphForward
+    from sgdiff.speed.fuse import fuse_projections
 
     device, dtype = torch.device(DEVICE), torch.bfloat16
     sdpa, auto = attention_backend("sdpa", device, dtype), attention_backend("auto", device, dtype)
@@ -66,27 +68,33 @@ def speed_matrix(model, call, warmup: int, repeat: int, baseline: dict | None = 
 
         return run
 
-    graphed = CudaGraphForward(call) if DEVICE == "cuda" else call
-    variants = {
-        **(baseline or {}),
-        "sgdiff, SDPA's kernel choice": under(sdpa, call),
-        "sgdiff, cuDNN attention (auto)": under(auto, call),
-        "sgdiff, auto + CUDA graph": under(auto, graphed),
-    }
-    times = time_interleaved(variants, warmup, repeat)
+    def graphed():  # a fresh capture of the model as it is now
+        return under(auto, CudaGraphForward(call) if DEVICE == "cuda" else call)
+
+    times = time_interleaved(
+        {
+            **(baseline or {}),
+            "sgdiff, SDPA's kernel choice": under(sdpa, call),
+            "sgdiff, cuDNN attention (auto)": under(auto, call),
+            "sgdiff, auto + CUDA graph": graphed(),
+        },
+        warmup,
+        repeat,
+    )
+    fuse_projections(model)
+    times |= time_interleaved(
+        {"sgdiff, auto + fused projections": under(auto, call), "sgdiff, auto + fused + CUDA graph": graphed()},
+        warmup,
+        repeat,
+    )
     compile_blocks(model)
     start = time.perf_counter()
-    with use_attention_impl(auto):
-        call()
+    under(auto, call)()
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     compile_s = time.perf_counter() - start
-    compiled_graphed = CudaGraphForward(call) if DEVICE == "cuda" else call
     times |= time_interleaved(
-        {
-            "sgdiff, auto + torch.compile": under(auto, call),
-            "sgdiff, auto + compile + CUDA graph": under(auto, compiled_graphed),
-        },
+        {"sgdiff, auto + fused + compile": under(auto, call), "sgdiff, all (fused, compile, CUDA graph)": graphed()},
         warmup,
         repeat,
     )

@@ -106,8 +106,10 @@ def main() -> None:
             print_top_kernels(lambda: ours(**inputs))
         if args.matrix:
             timings, extra = speed_matrix(ours, lambda: ours(**inputs), args.warmup, args.repeat, baseline)
-            compiled = ours(**inputs)  # the blocks are compiled now (CUDA graphs do not change numbers)
+            compiled = ours(**inputs)  # fused and compiled now (CUDA graphs do not change numbers)
             extra["bf16_rel_err_compiled"] = relative_error(compiled, reference(**inputs, return_dict=False)[0])
+            if args.profile:  # where the time goes with every toggle but the graph
+                print_top_kernels(lambda: ours(**inputs), rows=25)
         else:
             variants = {**baseline, "sgdiff FluxTransformer": lambda: ours(**inputs)}
             timings, extra = time_interleaved(variants, args.warmup, args.repeat), {}
@@ -133,10 +135,10 @@ def main() -> None:
         f"bf16 parity, sgdiff vs diffusers: rel err {parity:.2e} (limit 1e-2): {'PASS' if parity <= 1e-2 else 'FAIL'}"
     )
     baseline = rows[0][1]
-    print(f"{'variant':38s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'speedup':>8s} {'TFLOP/s*':>9s}")
+    print(f"{'variant':42s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'speedup':>8s} {'TFLOP/s*':>9s}")
     for name, median, lo, hi in rows:
         tflops = FLOP_PER_FORWARD_1024 / 1e12 / (median / 1e3) if scale == 1 and not args.tiny else float("nan")
-        print(f"{name:38s} {median:10.1f} {lo:8.1f} {hi:8.1f} {baseline / median:7.2f}x {tflops:9.0f}")
+        print(f"{name:42s} {median:10.1f} {lo:8.1f} {hi:8.1f} {baseline / median:7.2f}x {tflops:9.0f}")
     print("* 74.4 TFLOP per forward at 1024x1024")
     if "compile_s" in extra:
         print(

@@ -43,6 +43,7 @@ from sgdiff.parallel.plans import apply_sequence_parallel  # noqa: E402
 from sgdiff.pipeline.stages.denoising import guided_velocity  # noqa: E402
 from sgdiff.speed.compile import compile_blocks  # noqa: E402
 from sgdiff.speed.cuda_graph import CudaGraphForward  # noqa: E402
+from sgdiff.speed.fuse import fuse_projections  # noqa: E402
 from sgdiff.testing.compare import relative_error  # noqa: E402
 
 TINY_FLUX = FluxTransformerConfig(
@@ -125,6 +126,8 @@ def profile_on_rank0(fn, title: str) -> None:
 
 def bench_flux(config, size: int, device, args) -> list[dict]:
     model = random_model(FluxTransformer, config, device)
+    if args.fuse:
+        fuse_projections(model)
     if args.compile:
         compile_blocks(model)
     g = torch.Generator(device).manual_seed(1)
@@ -182,6 +185,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 def bench_wan(config, latent: tuple[int, int, int], device, args) -> list[dict]:
     model = random_model(WanTransformer, config, device)
+    if args.fuse:
+        fuse_projections(model)
     if args.compile:
         compile_blocks(model)
     g = torch.Generator(device).manual_seed(2)
@@ -228,6 +233,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=["flux", "wan"], default=["flux", "wan"])
     parser.add_argument("--profile", action="store_true", help="rank 0 prints the top kernels of each FLUX mode")
     parser.add_argument("--cuda-graph", action="store_true", help="FLUX also as CUDA graph replays")
+    parser.add_argument("--fuse", action="store_true", help="fused projections (--enable-fused-projections)")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile (--enable-torch-compile)")
     parser.add_argument("--comm", action="store_true", help="also time all-to-alls of the sizes FLUX Ulysses-2 sends")
     args = parser.parse_args()

@@ -139,6 +139,7 @@ class SpeedConfig:
     """The speed toggles (sgdiff/speed/apply.py applies them, in one place)."""
 
     attention_backend: str = "auto"  # a name of speed/attention_backends.py
+    fused_projections: bool = False  # Linears reading the same input as one GEMM
     torch_compile: bool = False  # regional: each repeated transformer block compiled once
     cuda_graph: bool = False  # the transformer's forward replayed as a CUDA graph
 

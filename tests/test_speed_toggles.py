@@ -127,3 +127,40 @@ def test_cuda_graph_replays_one_capture_per_signature():
         assert capture.captures == 4
     graphed(a, 2.0)  # autograd on: the plain forward
     assert capture.captures == 4
+
+
+def test_rope_traced_by_compile_is_the_eager_rotation():
+    from sgdiff.models.rope import apply_rope, rope_frequencies
+
+    ids = torch.stack([torch.zeros(10), torch.arange(10.0), torch.arange(10.0).flip(0)], dim=-1)
+    rope = rope_frequencies(ids, (4, 6, 6), 10000.0)  # [10, 8, 2]
+    x = torch.randn(2, 10, 3, 16, dtype=torch.bfloat16)
+    traced = torch.compile(apply_rope, backend="eager", fullgraph=True)(x, rope)
+    eager = apply_rope(x, rope)
+    assert torch.equal(traced, eager)
+    # a rotation: each channel pair keeps its length
+    pairs = x.float().unflatten(-1, (-1, 2)).norm(dim=-1)
+    assert torch.allclose(eager.float().unflatten(-1, (-1, 2)).norm(dim=-1), pairs, rtol=1e-2)
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_flux_dev", "tiny_wan"])
+def test_fused_projections_run_fewer_gemms_with_the_same_weights(model_fixture, request):
+    model = request.getfixturevalue(model_fixture)
+    model = model("t2v") if model_fixture == "tiny_wan" else model
+    flags = dict(REQUEST, num_frames=5) if model_fixture == "tiny_wan" else REQUEST
+    runs = {}
+    for fused in (False, True):
+        speed = SpeedConfig(fused_projections=fused)
+        engine = Engine(str(model), runtime=RuntimeConfig(device="cpu", dtype="fp32", speed=speed))
+        engine.load()
+        transformer = engine.pipeline.transformers[0]
+        state = {name: t.clone() for name, t in transformer.state_dict().items()}
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            latents = engine.generate(engine.sampling_params("a red cube", **flags)).latents
+        linears = sum(e.count for e in prof.key_averages() if e.key == "aten::linear")
+        runs[fused] = (latents, linears, state)
+    (plain, plain_linears, plain_state), (fused, fused_linears, fused_state) = runs[False], runs[True]
+    assert fused_linears < plain_linears
+    assert plain_state.keys() == fused_state.keys()
+    assert all(torch.equal(plain_state[name], fused_state[name]) for name in plain_state)
+    assert (fused - plain).abs().max() < 1e-4

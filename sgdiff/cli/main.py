@@ -110,6 +110,7 @@ def generate(
     ring_degree: opt.RingDegree = None,
     enable_cfg_parallel: opt.EnableCfgParallel = False,
     attention_backend: opt.AttentionBackend = opt.AttentionBackendChoice.auto,
+    enable_fused_projections: opt.EnableFusedProjections = False,
     enable_torch_compile: opt.EnableTorchCompile = False,
     enable_cuda_graph: opt.EnableCudaGraph = False,
 ) -> None:
@@ -152,7 +153,9 @@ def generate(
             runtime=RuntimeConfig(
                 device=device,
                 dtype=dtype,
-                speed=SpeedConfig(attention_backend.value, enable_torch_compile, enable_cuda_graph),
+                speed=SpeedConfig(
+                    attention_backend.value, enable_fused_projections, enable_torch_compile, enable_cuda_graph
+                ),
             ),
             parallel=parallel,
             output=OutputConfig(

@@ -228,6 +228,14 @@ AttentionBackend = Annotated[
         rich_help_panel=SPEED,
     ),
 ]
+EnableFusedProjections = Annotated[
+    bool,
+    typer.Option(
+        "--enable-fused-projections",
+        help="Run the projections that read the same input (q, k, v; FLUX's single-block MLP input) as one GEMM.",
+        rich_help_panel=SPEED,
+    ),
+]
 EnableTorchCompile = Annotated[
     bool,
     typer.Option(

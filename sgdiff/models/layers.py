@@ -87,3 +87,31 @@ class FP32LayerNorm(nn.LayerNorm):
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         return nn.functional.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class FusedProjection:
+    """Several Linears over the same input as one GEMM: their weights (and biases) concatenated into
+    one matrix, each Linear's own weight re-pointed at its slice (parameter names, and the state dict,
+    stay as they were; no extra memory). Made by speed/fuse.py; `project` uses it."""
+
+    def __init__(self, linears: tuple[nn.Linear, ...]):
+        self.sizes = [linear.out_features for linear in linears]
+        self.weight = torch.cat([linear.weight.detach() for linear in linears])  # [sum(out), in]
+        self.bias = torch.cat([linear.bias.detach() for linear in linears])
+        start = 0
+        for linear, size in zip(linears, self.sizes, strict=True):
+            linear.weight = nn.Parameter(self.weight[start : start + size], requires_grad=False)
+            linear.bias = nn.Parameter(self.bias[start : start + size], requires_grad=False)
+            start += size
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return nn.functional.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """Each of `linears` applied to x: one GEMM when they were fused (a FusedProjection kept on the
+    first of them), else one each."""
+    fused = getattr(linears[0], "fused_projection", None)
+    if fused is not None and len(fused.sizes) == len(linears):
+        return fused(x)
+    return tuple(linear(x) for linear in linears)

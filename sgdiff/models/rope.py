@@ -1,4 +1,4 @@
-"""Multi-axis rotary position embedding (FLUX: text/height/width axes), as complex rotations."""
+"""Multi-axis rotary position embedding (FLUX: text/height/width axes; Wan: frame/row/column)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import torch
 
 
 def rope_frequencies(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float) -> torch.Tensor:
-    """ids: [S, n_axes] positions -> [S, sum(axes_dim) / 2] complex64 unit rotations e^(i*pos*freq).
-    Channel pair (2j, 2j+1) of a head rotates by entry j."""
+    """ids: [S, n_axes] positions -> [S, sum(axes_dim) / 2, 2] float32 (cos, sin) of the rotation
+    angles pos*freq. Channel pair (2j, 2j+1) of a head rotates by entry j."""
     # float64 angles, as the reference does, so large positions stay exact; MPS has no float64.
     real_dtype = torch.float32 if ids.device.type == "mps" else torch.float64
     pos = ids.float().to(real_dtype)
@@ -16,11 +16,20 @@ def rope_frequencies(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float)
         inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=real_dtype, device=ids.device) / dim)
         angles = torch.outer(pos[:, axis], inv_freq)  # [S, dim / 2]
         parts.append(torch.polar(torch.ones_like(angles), angles))
-    return torch.cat(parts, dim=-1).to(torch.complex64)
+    rotations = torch.cat(parts, dim=-1).to(torch.complex64)  # e^(i*angle), [S, D/2]
+    return torch.view_as_real(rotations).contiguous()
 
 
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """x: [B, S, H, D]; freqs: [S, D/2] complex. One complex multiply in float32, back to x's dtype."""
-    pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # [B, S, H, D/2]
-    rotated = torch.view_as_real(pairs * freqs[None, :, None, :]).flatten(-2)  # [B, S, H, D]
-    return rotated.to(x.dtype)
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """x: [B, S, H, D]; rope: [S, D/2, 2] (cos, sin). Each channel pair rotated in float32, back to x's
+    dtype. Eager: one complex multiply (fewest kernels); traced by torch.compile: the same product in
+    real arithmetic, which inductor fuses into one kernel (it does not generate complex code)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, S, H, D/2, 2]
+    if torch.compiler.is_compiling():
+        real, imag = pairs.unbind(-1)
+        cos, sin = rope[None, :, None].unbind(-1)  # [1, S, 1, D/2]
+        rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    else:
+        product = torch.view_as_complex(pairs.contiguous()) * torch.view_as_complex(rope)[None, :, None, :]
+        rotated = torch.view_as_real(product)
+    return rotated.flatten(-2).to(x.dtype)

@@ -11,6 +11,7 @@ from sgdiff.pipeline.base import ComposedPipeline
 from sgdiff.speed.attention_backends import attention_backend
 from sgdiff.speed.compile import compile_blocks
 from sgdiff.speed.cuda_graph import CudaGraphForward
+from sgdiff.speed.fuse import fuse_projections
 
 
 def check_speed(speed: SpeedConfig, device: torch.device, dtype: torch.dtype) -> AttentionImpl:
@@ -23,6 +24,8 @@ def check_speed(speed: SpeedConfig, device: torch.device, dtype: torch.dtype) ->
 def apply_speed(pipeline: ComposedPipeline, speed: SpeedConfig, attention: AttentionImpl) -> None:
     pipeline.attention = attention
     for model in pipeline.transformers:
+        if speed.fused_projections:
+            fuse_projections(model)
         if speed.torch_compile:
             compile_blocks(model)
         if speed.cuda_graph:

@@ -17,11 +17,12 @@ from sgdiff.models.layers import (
     MLPEmbedder,
     layer_norm,
     modulate,
+    project,
     timestep_embedding,
 )
 from sgdiff.models.rope import apply_rope, rope_frequencies
 
-Rope = torch.Tensor  # [S_txt + S_img, head_dim / 2] complex rotations
+Rope = torch.Tensor  # [S_txt + S_img, head_dim / 2, 2] (cos, sin) of the rotations
 
 
 def clip_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -42,8 +43,11 @@ class QKNormedProjection(nn.Module):
         self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # x: [B, S, H*D] -> q, k, v: [B, S, H, D]
-        q, k, v = (proj(x).unflatten(-1, (-1, self.head_dim)) for proj in (self.to_q, self.to_k, self.to_v))
+        return self.heads(*project(x, self.to_q, self.to_k, self.to_v))
+
+    def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # [B, S, H*D] -> [B, S, H, D], q and k normed per head
+        q, k, v = (x.unflatten(-1, (-1, self.head_dim)) for x in (q, k, v))
         return self.norm_q(q), self.norm_k(k), v
 
 
@@ -62,8 +66,8 @@ class JointAttention(QKNormedProjection):
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = self.qkv(img)
-        text_projections = (self.add_q_proj, self.add_k_proj, self.add_v_proj)
-        tq, tk, tv = (proj(txt).unflatten(-1, (-1, self.head_dim)) for proj in text_projections)
+        text_projections = project(txt, self.add_q_proj, self.add_k_proj, self.add_v_proj)
+        tq, tk, tv = (x.unflatten(-1, (-1, self.head_dim)) for x in text_projections)
         tq, tk = self.norm_added_q(tq), self.norm_added_k(tk)
         # joint sequence, text first: [B, S_txt + S_img, H, D]
         q, k, v = torch.cat([tq, q], dim=1), torch.cat([tk, k], dim=1), torch.cat([tv, v], dim=1)
@@ -109,9 +113,10 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor, rope: Rope) -> torch.Tensor:
         shift, scale, gate = self.norm(temb)
         h = modulate(x, shift, scale)
-        q, k, v = self.attn.qkv(h)
+        q, k, v, mlp_in = project(h, self.attn.to_q, self.attn.to_k, self.attn.to_v, self.proj_mlp)
+        q, k, v = self.attn.heads(q, k, v)
         attn_out = attention(apply_rope(q, rope), apply_rope(k, rope), v).flatten(2)  # [B, S, H*D]
-        mlp_out = nn.functional.gelu(self.proj_mlp(h), approximate="tanh")
+        mlp_out = nn.functional.gelu(mlp_in, approximate="tanh")
         return clip_fp16(x + gate * self.proj_out(torch.cat([attn_out, mlp_out], dim=-1)))
 
 
@@ -152,6 +157,16 @@ class FluxTransformer(nn.Module):
         self.norm_out = AdaModulation(dim, 2)
         out_features = config.patch_size**2 * config.output_channels
         self.proj_out = nn.Linear(dim, out_features)
+
+    def fusable_projections(self) -> list[tuple[nn.Linear, ...]]:
+        """The groups of Linears that always read the same input, in the order `project` is called with."""
+        groups = []
+        for block in self.transformer_blocks:
+            a = block.attn
+            groups += [(a.to_q, a.to_k, a.to_v), (a.add_q_proj, a.add_k_proj, a.add_v_proj)]
+        for block in self.single_transformer_blocks:
+            groups.append((block.attn.to_q, block.attn.to_k, block.attn.to_v, block.proj_mlp))
+        return groups
 
     def forward(
         self,

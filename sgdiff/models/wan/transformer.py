@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sgdiff.models.attention import attention
-from sgdiff.models.layers import FeedForward, FP32LayerNorm, MLPEmbedder, timestep_embedding
+from sgdiff.models.layers import FeedForward, FP32LayerNorm, MLPEmbedder, project, timestep_embedding
 from sgdiff.models.rope import apply_rope, rope_frequencies
 from sgdiff.models.wan.config import WanTransformerConfig
 
@@ -58,10 +58,11 @@ class WanAttention(nn.Module):
         rope: torch.Tensor | None = None,
         image_context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        context = x if context is None else context
-        q = self.heads_of(self.norm_q(self.to_q(x)))
-        k = self.heads_of(self.norm_k(self.to_k(context)))
-        v = self.heads_of(self.to_v(context))
+        if context is None:  # self-attention
+            q, k, v = project(x, self.to_q, self.to_k, self.to_v)
+        else:
+            q, (k, v) = self.to_q(x), project(context, self.to_k, self.to_v)
+        q, k, v = self.heads_of(self.norm_q(q)), self.heads_of(self.norm_k(k)), self.heads_of(v)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = attention(q, k, v).flatten(2).type_as(q)  # [B, S, H*D]
@@ -150,6 +151,13 @@ class WanTransformer(nn.Module):
         self.norm_out = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, config.out_channels * math.prod(config.patch_size))
         self.scale_shift_table = nn.Parameter(torch.empty(1, 2, dim))
+
+    def fusable_projections(self) -> list[tuple[nn.Linear, ...]]:
+        """The groups of Linears that always read the same input, in the order `project` is called with."""
+        groups = []
+        for block in self.blocks:
+            groups += [(block.attn1.to_q, block.attn1.to_k, block.attn1.to_v), (block.attn2.to_k, block.attn2.to_v)]
+        return groups
 
     def forward(
         self,
