@@ -9,6 +9,7 @@ import typer
 
 from sgdiff import __version__
 from sgdiff.cli import options as opt
+from sgdiff.cli.bench import bench
 from sgdiff.cli.errors import fail, user_errors
 
 app = typer.Typer(
@@ -191,6 +192,9 @@ def run(request, quiet: bool) -> None:
             f"generated {outputs} {kind}(s) in {report.total_seconds:.1f} s "
             f"(load {report.load_seconds:.1f} s{per_step}); saved {len(report.saved)}"
         )
+
+
+app.command()(bench)
 
 
 def main() -> None:

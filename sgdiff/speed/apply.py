@@ -24,9 +24,14 @@ def check_speed(speed: SpeedConfig, device: torch.device, dtype: torch.dtype) ->
 def apply_speed(pipeline: ComposedPipeline, speed: SpeedConfig, attention: AttentionImpl) -> None:
     pipeline.attention = attention
     for model in pipeline.transformers:
-        if speed.fused_projections:
-            fuse_projections(model)
-        if speed.torch_compile:
-            compile_blocks(model)
-        if speed.cuda_graph:
-            model.forward = CudaGraphForward(model.forward)
+        speed_up_transformer(model, speed)
+
+
+def speed_up_transformer(model: torch.nn.Module, speed: SpeedConfig) -> None:
+    """The toggles that change a transformer itself (the attention kernel is the pipeline's)."""
+    if speed.fused_projections:
+        fuse_projections(model)
+    if speed.torch_compile:
+        compile_blocks(model)
+    if speed.cuda_graph:
+        model.forward = CudaGraphForward(model.forward)

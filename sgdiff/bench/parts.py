@@ -1,0 +1,167 @@
+"""The models `sgdiff bench` builds: full-size architectures with random weights (speed does not
+depend on weight values), or tiny ones (--tiny) to check the benchmark itself on a CPU.
+
+Each transformer is built once as diffusers' model; sgdiff's gets the very same tensors (no copy).
+The text encoders (transformers) and VAEs (diffusers) are the ones both pipelines run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+
+from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig
+from sgdiff.models.flux.config import FLUX_DEV, FLUX_SCHNELL
+from sgdiff.models.flux.packing import image_position_ids, text_position_ids
+from sgdiff.models.loading import build_on_meta
+from sgdiff.models.wan import WanTransformer, WanTransformerConfig
+from sgdiff.models.wan.config import WAN21_T2V_1_3B, WAN21_T2V_14B
+from sgdiff.models.wan.transformer import KEEP_FP32
+
+# Full-size shapes of the text encoders and VAEs (the checkpoints' config.json values).
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)  # fmt: skip
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vocab_size=32128,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, is_encoder_decoder=False)  # fmt: skip
+UMT5_XXL = dict(T5_XXL, vocab_size=256384)
+FLUX_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    family: str  # "flux" or "wan"
+    config: Any  # the sgdiff transformer config at full size
+    height: int
+    width: int
+    frames: int | None  # video models
+    steps: int  # the preset's
+    forwards_per_step: int  # 2 with CFG (Wan), 1 for FLUX.1's embedded guidance
+
+
+BENCH_MODELS = {
+    m.name: m
+    for m in (
+        BenchModel("flux.1-dev", "flux", FLUX_DEV, 1024, 1024, None, 28, 1),
+        BenchModel("flux.1-schnell", "flux", FLUX_SCHNELL, 1024, 1024, None, 4, 1),
+        BenchModel("wan2.1-t2v-1.3b", "wan", WAN21_T2V_1_3B, 480, 832, 81, 50, 2),
+        BenchModel("wan2.1-t2v-14b", "wan", WAN21_T2V_14B, 480, 832, 81, 50, 2),
+    )
+}
+TINY_FLUX = FluxTransformerConfig(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                  axes_dims_rope=(4, 6, 6))  # fmt: skip
+TINY_WAN = WanTransformerConfig(num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=32, num_layers=2)
+TINY_SIZE = dict(height=64, width=64, frames=5)
+
+
+def seeded(seed: int, dtype: torch.dtype, device: torch.device, make: Callable[[], torch.nn.Module]):
+    """A module built by `make` on `device` in `dtype` from its own seed, in eval mode, no grads."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                module = make()
+        finally:
+            torch.set_default_dtype(previous)
+    return module.eval().requires_grad_(False)
+
+
+def diffusers_kwargs(config) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in fields(config)}
+
+
+def build_transformers(model: BenchModel, tiny: bool, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(diffusers' transformer, sgdiff's transformer on the same tensors), bf16."""
+    import diffusers
+
+    config = model.config
+    if tiny:
+        guidance = dict(guidance_embeds=model.config.guidance_embeds) if model.family == "flux" else {}
+        config = replace(TINY_FLUX if model.family == "flux" else TINY_WAN, **guidance)
+    kwargs = diffusers_kwargs(config)
+    if model.family == "flux":
+        reference = seeded(0, torch.bfloat16, device, lambda: diffusers.FluxTransformer2DModel(**kwargs))
+        ours = build_on_meta(FluxTransformer, config)
+    else:
+        reference = seeded(0, torch.bfloat16, device, lambda: diffusers.WanTransformer3DModel(**kwargs))
+        for name, param in reference.named_parameters():  # what from_pretrained(dtype=bf16) keeps in float32
+            if set(name.split(".")) & set(KEEP_FP32):
+                param.data = param.data.float()
+        ours = build_on_meta(WanTransformer, config)
+    ours.load_state_dict(reference.state_dict(), strict=True, assign=True)  # the same tensors, not a copy
+    return reference, ours.eval().requires_grad_(False)
+
+
+def transformer_inputs(model: BenchModel, transformer, size: dict, device: torch.device, seed: int) -> dict:
+    """One forward's inputs, the same for both implementations (keyword names are diffusers')."""
+    config = transformer.config
+    g = torch.Generator(device).manual_seed(seed)
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    if model.family == "flux":
+        rows, cols = size["height"] // 16, size["width"] // 16
+        return dict(
+            hidden_states=torch.randn(1, rows * cols, config.in_channels, generator=g, **bf16),
+            encoder_hidden_states=torch.randn(1, 512, config.joint_attention_dim, generator=g, **bf16),
+            pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g, **bf16),
+            timestep=torch.tensor([0.7], **bf16),
+            img_ids=image_position_ids(rows, cols).to(**bf16),
+            txt_ids=text_position_ids(512).to(**bf16),
+            guidance=torch.tensor([3.5], device=device) if config.guidance_embeds else None,
+        )
+    latent = ((size["frames"] - 1) // 4 + 1, size["height"] // 8, size["width"] // 8)
+    return dict(
+        hidden_states=torch.randn(1, config.in_channels, *latent, generator=g, **bf16),
+        timestep=torch.tensor([500.0], device=device),
+        encoder_hidden_states=torch.randn(1, 512, config.text_dim, generator=g, **bf16),
+    )
+
+
+def build_text_encoding(model: BenchModel, tiny: bool, device: torch.device) -> Callable[[], Any]:
+    """A call that encodes one prompt as the pipelines do (FLUX: CLIP-L 77 tokens + T5-XXL 512; Wan:
+    UMT5-XXL 512), bf16."""
+    import transformers
+
+    from sgdiff.testing import tiny_flux, tiny_wan
+
+    bf16 = torch.bfloat16
+    if model.family == "flux":
+        tiny_ids = dict(vocab_size=1000, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+        clip_config = dict(tiny_flux.CLIP_CONFIG, **tiny_ids) if tiny else CLIP_L
+        t5_config = dict(tiny_flux.T5_CONFIG, vocab_size=1000) if tiny else T5_XXL
+        clip = seeded(1, bf16, device, lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**clip_config)))
+        t5 = seeded(2, bf16, device, lambda: transformers.T5EncoderModel(transformers.T5Config(**t5_config)))
+        clip_ids = torch.randint(0, clip_config["vocab_size"], (1, 77), device=device)
+        t5_ids = torch.randint(0, t5_config["vocab_size"], (1, 512), device=device)
+        return lambda: (clip(clip_ids).pooler_output, t5(t5_ids).last_hidden_state)
+    umt5_config = dict(tiny_wan.UMT5_CONFIG, vocab_size=1000) if tiny else UMT5_XXL
+    umt5 = seeded(3, bf16, device, lambda: transformers.UMT5EncoderModel(transformers.UMT5Config(**umt5_config)))
+    ids = torch.randint(0, umt5_config["vocab_size"], (1, 512), device=device)
+    return lambda: umt5(ids).last_hidden_state
+
+
+def build_decode(model: BenchModel, tiny: bool, size: dict, device: torch.device) -> Callable[[], Any]:
+    """A call that decodes one output's latents as the pipelines do (FLUX VAE in bf16; Wan VAE in float32)."""
+    import diffusers
+
+    from sgdiff.testing import tiny_flux, tiny_wan
+
+    if model.family == "flux":
+        config = tiny_flux.VAE_CONFIG if tiny else FLUX_VAE
+        vae = seeded(4, torch.bfloat16, device, lambda: diffusers.AutoencoderKL(**config))
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        z = torch.randn(1, vae.config.latent_channels, size["height"] // scale, size["width"] // scale,
+                        device=device, dtype=torch.bfloat16)  # fmt: skip
+        return lambda: vae.decode(z).sample
+    config = tiny_wan.VAE21_CONFIG if tiny else {}
+    vae = seeded(5, torch.float32, device, lambda: diffusers.AutoencoderKLWan(**config))
+    scale = 2 ** (len(vae.config.dim_mult) - 1)
+    latent = ((size["frames"] - 1) // 4 + 1, size["height"] // scale, size["width"] // scale)
+    z = torch.randn(1, vae.config.z_dim, *latent, device=device)
+    return lambda: vae.decode(z).sample

@@ -1,0 +1,186 @@
+"""One `sgdiff bench` run: sgdiff and diffusers on the same weights, inputs and GPU, timed in turns.
+
+Measured: one transformer forward and one denoising step (Wan: CFG's two forwards and the guided
+combination), the text encoding and the VAE decode (the same transformers/diffusers modules in both
+pipelines, so timed once), the end to end time as their sum over the preset's steps, peak GPU
+memory of a forward, FLOPs of a forward (counted by torch.utils.flop_counter), achieved TFLOP/s
+and its share of the card's bf16 matrix-multiply rate (measured in the same run), and the bf16
+agreement of the two transformers' outputs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sgdiff.bench.parts import (
+    BENCH_MODELS,
+    TINY_SIZE,
+    build_decode,
+    build_text_encoding,
+    build_transformers,
+    transformer_inputs,
+)
+from sgdiff.config import SpeedConfig
+from sgdiff.errors import UserError
+from sgdiff.models.attention import use_attention_impl
+from sgdiff.pipeline.stages.denoising import guided_velocity
+from sgdiff.speed.apply import check_speed, speed_up_transformer
+from sgdiff.speed.attention_backends import attention_backend
+from sgdiff.testing.compare import relative_error
+
+CFG_SCALE = 5.0
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_of(fn: Callable[[], Any], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved_ms(variants: dict[str, Callable], device: torch.device, warmup: int, repeat: int) -> dict[str, float]:
+    """Median ms of each variant, timed in rounds so clock and thermal drift hit all alike."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeat):
+        for name, fn in variants.items():
+            times[name].append(seconds_of(fn, device) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_tflops(device: torch.device) -> float | None:
+    """The card's bf16 matrix-multiply rate, measured (8192^3, median of 10); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    ms = interleaved_ms({"mm": lambda: a @ b}, device, 3, 10)["mm"]
+    return 2 * 8192**3 / (ms / 1e3) / 1e12
+
+
+def peak_memory_gib(fn: Callable[[], Any], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def run_bench(name: str, speed: SpeedConfig, tiny: bool = False, warmup: int = 2, repeat: int = 5) -> dict[str, Any]:
+    if name not in BENCH_MODELS:
+        raise UserError(f"--model {name!r} is not one of: {', '.join(BENCH_MODELS)}")
+    model = BENCH_MODELS[name]
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type != "cuda" and not tiny:
+        raise UserError("sgdiff bench builds full-size models and needs a CUDA GPU; --tiny checks it on a CPU")
+    attention = check_speed(speed, device, torch.bfloat16)
+    size = TINY_SIZE if tiny else dict(height=model.height, width=model.width, frames=model.frames)
+    peak_tflops = matmul_tflops(device)
+    reference, ours = build_transformers(model, tiny, device)
+    cond = transformer_inputs(model, ours, size, device, seed=1)
+    negative = transformer_inputs(model, ours, size, device, seed=2)["encoder_hidden_states"]
+    uncond = {**cond, "encoder_hidden_states": negative}
+
+    def diffusers_forward(inputs=cond):
+        return reference(**inputs, return_dict=False)[0]
+
+    def sgdiff_forward(inputs=cond):
+        with use_attention_impl(attention):
+            return ours(**inputs)
+
+    def step(forward):
+        if model.forwards_per_step == 1:
+            return forward
+        return lambda: guided_velocity(forward(cond), forward(uncond), CFG_SCALE)
+
+    result: dict[str, Any] = {"model": name, "size": size, "steps": model.steps, "tiny": tiny}
+    with torch.inference_mode():
+        expected = diffusers_forward()
+        counting = attention if device.type == "cuda" else attention_backend("math", device, torch.bfloat16)
+        with FlopCounterMode(display=False) as counter, use_attention_impl(counting):
+            ours(**cond)  # eager, before any toggle: every matmul and attention visible
+        result["tflop_per_forward"] = counter.get_total_flops() / 1e12
+        speed_up_transformer(ours, speed)
+        result["sgdiff_first_forward_s"] = seconds_of(sgdiff_forward, device)  # compile / capture
+        result["bf16_rel_err"] = relative_error(sgdiff_forward(), expected)
+        forward_ms = interleaved_ms({"diffusers": diffusers_forward, "sgdiff": sgdiff_forward}, device, warmup, repeat)
+        step_ms = forward_ms
+        if model.forwards_per_step > 1:
+            variants = {"diffusers": step(diffusers_forward), "sgdiff": step(sgdiff_forward)}
+            step_ms = interleaved_ms(variants, device, warmup, repeat)
+        memory = {impl: peak_memory_gib(fn, device) for impl, fn in (("diffusers", diffusers_forward),
+                                                                     ("sgdiff", sgdiff_forward))}  # fmt: skip
+        reference = ours = None  # free the transformers before the text encoders load
+        encode = build_text_encoding(model, tiny, device)
+        text_s = interleaved_ms({"text": encode}, device, 1, max(repeat // 2, 1))["text"] / 1e3
+        del encode
+        decode = build_decode(model, tiny, size, device)
+        decode_s = interleaved_ms({"decode": decode}, device, 1, max(repeat // 2, 1))["decode"] / 1e3
+    for impl in ("diffusers", "sgdiff"):
+        tflops = result["tflop_per_forward"] / (forward_ms[impl] / 1e3)
+        result[impl] = {
+            "forward_ms": forward_ms[impl],
+            "step_ms": step_ms[impl],
+            "text_encoding_s": text_s,
+            "vae_decode_s": decode_s,
+            "end_to_end_s": text_s + model.steps * step_ms[impl] / 1e3 + decode_s,
+            "peak_memory_gib": memory[impl],
+            "tflops": tflops,
+            "share_of_floor": tflops / peak_tflops if peak_tflops else None,
+        }
+    result["matmul_tflops"] = peak_tflops
+    result["card"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result["torch"] = torch.__version__
+    result["speed"] = {f: getattr(speed, f) for f in speed.__dataclass_fields__}
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    """The table `sgdiff bench` prints."""
+    size = result["size"]
+    frames = f"x{size['frames']}" if result["model"].startswith("wan") else ""
+    d, s = result["diffusers"], result["sgdiff"]
+    toggles = ", ".join(f"{k}={v}" for k, v in result["speed"].items())
+    lines = [
+        f"{result['model']} {size['width']}x{size['height']}{frames}, {result['steps']} steps"
+        f"{' (TINY)' if result['tiny'] else ''}; {result['card']}, torch {result['torch']}; {toggles}",
+        f"{'':28} {'diffusers':>10} {'sgdiff':>10} {'speed-up':>9}",
+    ]
+    rows = [
+        ("transformer forward, ms", "forward_ms", "{:10.1f}"),
+        ("denoising step, ms", "step_ms", "{:10.1f}"),
+        ("text encoding, s", "text_encoding_s", "{:10.3f}"),
+        ("VAE decode, s", "vae_decode_s", "{:10.3f}"),
+        ("end to end (sum), s", "end_to_end_s", "{:10.2f}"),
+        ("peak GPU memory, GiB", "peak_memory_gib", "{:10.1f}"),
+        ("achieved TFLOP/s", "tflops", "{:10.0f}"),
+        ("share of the FLOP floor", "share_of_floor", "{:10.0%}"),
+    ]
+    for label, key, fmt in rows:
+        a, b = d[key], s[key]
+        if a is None:
+            continue
+        ratio = f"{a / b:8.2f}x" if key in ("forward_ms", "step_ms", "end_to_end_s") else ""
+        lines.append(f"{label:28} {fmt.format(a)} {fmt.format(b)} {ratio:>9}")
+    floor = ""
+    if result["matmul_tflops"]:
+        floor_ms = result["tflop_per_forward"] / result["matmul_tflops"] * 1e3
+        floor = f"; floor at this card's {result['matmul_tflops']:.0f} TFLOP/s bf16 matmul: {floor_ms:.1f} ms"
+    lines.append(f"FLOPs per forward (counted): {result['tflop_per_forward']:.4g} T{floor}")
+    lines.append(f"bf16 rel err, sgdiff vs diffusers: {result['bf16_rel_err']:.2e}; "
+                 f"sgdiff's first forward (compile, capture): {result['sgdiff_first_forward_s']:.1f} s")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""`sgdiff bench`: flags -> sgdiff.bench.run.run_bench; prints the table, optionally writes JSON."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sgdiff.cli import options as opt
+from sgdiff.cli.errors import user_errors
+
+BenchModelChoice = Enum(  # the names of sgdiff/bench/parts.py BENCH_MODELS (a test keeps them equal)
+    "BenchModelChoice",
+    {name: name for name in ("flux.1-dev", "flux.1-schnell", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b")},
+    type=str,
+)
+
+
+def bench(
+    model: Annotated[BenchModelChoice, typer.Option("--model", help="The model to build at full size.")],
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")] = None,
+    tiny: Annotated[bool, typer.Option("--tiny", help="Tiny models instead (checks the benchmark on a CPU).")] = False,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls first.")] = 2,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed calls; the median is reported.")] = 5,
+    attention_backend: opt.AttentionBackend = opt.AttentionBackendChoice.auto,
+    enable_fused_projections: opt.EnableFusedProjections = False,
+    enable_torch_compile: opt.EnableTorchCompile = False,
+    enable_cuda_graph: opt.EnableCudaGraph = False,
+) -> None:
+    """sgdiff against diffusers on the same random weights, inputs and GPU: ms per forward and per
+    step, text encoding, VAE decode, end to end, memory, TFLOP/s, bf16 agreement."""
+    with user_errors():
+        if json_path is not None and not json_path.parent.is_dir():
+            from sgdiff.errors import UserError
+
+            raise UserError(f"--json {json_path}: the folder {json_path.parent} does not exist")
+        from sgdiff.bench.run import render, run_bench
+        from sgdiff.config import SpeedConfig
+        from sgdiff.io.files import write_atomically
+
+        speed = SpeedConfig(attention_backend.value, enable_fused_projections, enable_torch_compile, enable_cuda_graph)
+        result = run_bench(model.value, speed, tiny=tiny, warmup=warmup, repeat=repeat)
+        typer.echo(render(result))
+        if json_path is not None:
+            write_atomically(json_path, lambda f: f.write(json.dumps(result, indent=1).encode()))
