@@ -1,4 +1,4 @@
-"""The README stays true to the code: its CLI table lists exactly the flags `generate` has, and
+"""The README stays true to the code: its CLI tables list exactly the flags `generate` and `bench` have, and
 CI runs the README's test command."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -16,22 +17,23 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def generate_flags() -> set[str]:
-    command = typer.main.get_command(app).commands["generate"]
+def command_flags(name: str) -> set[str]:
+    command = typer.main.get_command(app).commands[name]
     flags = set()
     for param in command.params:
         flags.update(o for o in param.opts + param.secondary_opts if o.startswith("--") and o != "--help")
     return flags
 
 
-def readme_table_flags() -> set[str]:
-    section = README.split("## CLI reference")[1].split("\n## ")[0]
+def readme_table_flags(name: str) -> set[str]:
+    section = README.split(f"## CLI reference: `sgdiff {name}`")[1].split("\n## ")[0]
     rows = [line for line in section.splitlines() if line.startswith("| `--")]
     return {flag for row in rows for flag in re.findall(r"`(--[a-z0-9-]+)`", row.split("|")[1])}
 
 
-def test_readme_cli_table_matches_the_command():
-    assert readme_table_flags() == generate_flags()
+@pytest.mark.parametrize("name", ["generate", "bench"])
+def test_readme_cli_table_matches_the_command(name):
+    assert readme_table_flags(name) == command_flags(name)
 
 
 def test_ci_runs_the_readme_test_command():
