@@ -113,7 +113,7 @@ def test_cuda_graph_replays_one_capture_per_signature():
         return (x @ weight) * scale
 
     capture = CountingCapture()
-    graphed = CudaGraphForward(forward, capture=capture, device_type="cpu")
+    graphed = CudaGraphForward(forward, capture=capture)
     with torch.inference_mode():
         a, b = torch.randn(2, 4), torch.randn(2, 4)
         out_a, out_b = graphed(a, 2.0), graphed(b, 2.0)  # same signature: one capture, new inputs copied in

@@ -30,7 +30,9 @@ def capture_cuda_graph(forward: Callable, args: tuple, kwargs: dict) -> Captured
     """Warm forward up once outside the graph (lazy initialisation, kernel choice, communicators),
     then capture one call on static copies of the arguments."""
     leaves, spec = tree_flatten((args, kwargs))
-    static = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+    # static inputs on the GPU, whatever device the caller's tensors are on (a step index kept on the
+    # host, say): a copy from host memory cannot happen inside the capture
+    static = [x.to("cuda", copy=True) if isinstance(x, torch.Tensor) else x for x in leaves]
     static_args, static_kwargs = tree_unflatten(static, spec)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -50,23 +52,21 @@ def signature(leaves: list) -> tuple:
 
 
 class CudaGraphForward:
-    """Replaces a module's forward: graphs for CUDA inputs without autograd, the plain forward otherwise."""
+    """Replaces a module's forward: replayed graphs without autograd, the plain forward with it."""
 
     def __init__(
         self,
         forward: Callable,
         capture: Callable[[Callable, tuple, dict], CapturedForward] = capture_cuda_graph,
-        device_type: str = "cuda",  # tests capture with a CPU stand-in
     ):
         self.forward = forward
         self.capture = capture
-        self.device_type = device_type
         self.graphs: dict[tuple, CapturedForward] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = tree_flatten((args, kwargs))
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-        if torch.is_grad_enabled() or any(x.device.type != self.device_type for x in tensors):
+        if torch.is_grad_enabled():
             return self.forward(*args, **kwargs)
         key = (str(spec), signature(leaves), current_attention_impl())  # holds the impl: no id reuse
         captured = self.graphs.get(key)

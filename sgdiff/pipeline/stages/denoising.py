@@ -50,14 +50,25 @@ class DenoisingStage(Stage):
 
         total = len(state.sampler.timesteps)
         last = time.perf_counter()
+        done: list = []  # CUDA: an event recorded after each step's kernels
 
-        def on_step(i: int) -> None:
+        def report(i: int) -> None:
             nonlocal last
-            if state.device.type == "cuda":
-                torch.cuda.synchronize(state.device)
             now = time.perf_counter()
             state.step_seconds.append(now - last)
             state.events.step_finished(i, total, now - last)
             last = now
 
+        def on_step(i: int) -> None:
+            if state.device.type != "cuda":
+                return report(i)
+            done.append(torch.cuda.Event())
+            done[-1].record()
+            if i > 0:  # no host sync on this step: wait for the one before, so the GPU keeps a step queued
+                done[i - 1].synchronize()
+                report(i - 1)
+
         state.latents = sample(state.latents, state.sampler, velocity, on_step)
+        if done:
+            done[-1].synchronize()
+            report(total - 1)
