@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_flux_transformer import DEVICE, TINY, build_models  # noqa: E402
+from bench_flux_transformer import DEVICE, build_models  # noqa: E402
 
+from sgdiff.bench.parts import CLIP_L, FLUX_VAE, T5_XXL  # noqa: E402
 from sgdiff.config import SamplingParams  # noqa: E402
-from sgdiff.models.flux.config import FLUX_DEV  # noqa: E402
 from sgdiff.pipeline.base import State  # noqa: E402
 from sgdiff.pipeline.flux import FluxComponents, compose_flux_pipeline  # noqa: E402
 from sgdiff.pipeline.schedule import FlowMatchSchedule  # noqa: E402
@@ -42,47 +42,13 @@ from sgdiff.testing.tiny_flux import (  # noqa: E402
     make_t5_tokenizer,
 )
 
-# Full-size shapes of FLUX.1-dev's text encoders and VAE (../shared/GPU_NOTES.md).
-CLIP_L = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    vocab_size=49408,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
-T5_XXL = dict(
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    vocab_size=32128,
-    feed_forward_proj="gated-gelu",
-    relative_attention_num_buckets=32,
-    is_encoder_decoder=False,
-)
-FLUX_VAE = dict(
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=16,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    scaling_factor=0.3611,
-    shift_factor=0.1159,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-)
-
 
 def build_parts(tiny: bool):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     tokenizer, tokenizer_2 = make_clip_tokenizer(), make_t5_tokenizer()  # tiny vocabularies: ids fit the real ones
-    reference_transformer, transformer = build_models(TINY if tiny else FLUX_DEV)
+    reference_transformer, transformer = build_models(tiny)
     clip_config, t5_config, vae_config = (CLIP_CONFIG, T5_CONFIG, VAE_CONFIG) if tiny else (CLIP_L, T5_XXL, FLUX_VAE)
     vocab = {"vocab_size": len(tokenizer)} if tiny else {}
     torch.manual_seed(1)

@@ -24,38 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import DEVICE, print_top_kernels, speed_matrix, time_interleaved  # noqa: E402
 
-from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig  # noqa: E402
-from sgdiff.models.flux.config import FLUX_DEV  # noqa: E402
+from sgdiff.bench.parts import BENCH_MODELS, build_transformers  # noqa: E402
+from sgdiff.models.flux import FluxTransformerConfig  # noqa: E402
 from sgdiff.models.flux.packing import image_position_ids, text_position_ids  # noqa: E402
-from sgdiff.models.loading import build_on_meta  # noqa: E402
 from sgdiff.testing.compare import relative_error  # noqa: E402
 
-# --tiny: a 2+2-layer model, to check the script itself on a CPU before spending GPU time
-TINY = FluxTransformerConfig(
-    in_channels=16,
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    guidance_embeds=True,
-    axes_dims_rope=(4, 6, 6),
-)
 FLOP_PER_FORWARD_1024 = 74.4e12  # torch.utils.flop_counter on diffusers' FLUX.1-dev at 1024x1024 (GPU_NOTES)
 
 
-def build_models(config: FluxTransformerConfig):
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(DEVICE):
-        reference = FluxTransformer2DModel(**{k: getattr(config, k) for k in config.__dataclass_fields__}).eval()
-    torch.set_default_dtype(torch.float32)
-    ours = build_on_meta(FluxTransformer, config)
-    ours.load_state_dict(reference.state_dict(), strict=True, assign=True)  # the same tensors, not a copy
-    return reference.requires_grad_(False), ours.eval().requires_grad_(False)
+def build_models(tiny: bool):
+    """(diffusers' FluxTransformer2DModel, sgdiff's FluxTransformer on the same tensors), bf16; --tiny:
+    a 2+2-layer model, to check the script itself on a CPU before spending GPU time."""
+    return build_transformers(BENCH_MODELS["flux.1-dev"], tiny, torch.device(DEVICE))
 
 
 def make_inputs(config: FluxTransformerConfig, height: int, width: int, text_len: int, seed: int):
@@ -85,10 +65,10 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny model: checks the script, times nothing real")
     parser.add_argument("--matrix", action="store_true", help="sgdiff's speed toggles one by one (bench_common)")
     args = parser.parse_args()
-    config = TINY if args.tiny else FLUX_DEV
 
     torch.backends.cuda.matmul.allow_tf32 = True
-    reference, ours = build_models(config)
+    reference, ours = build_models(args.tiny)
+    config = ours.config
     rows = []
     with torch.inference_mode():
         checks = []

@@ -23,32 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import DEVICE, print_top_kernels, speed_matrix, time_call, time_interleaved  # noqa: E402
 
-from sgdiff.models.loading import build_on_meta  # noqa: E402
-from sgdiff.models.wan import WanTransformer, WanTransformerConfig  # noqa: E402
-from sgdiff.models.wan.config import WAN21_T2V_1_3B, WAN21_T2V_14B  # noqa: E402
-from sgdiff.models.wan.transformer import KEEP_FP32  # noqa: E402
+from sgdiff.bench.parts import BENCH_MODELS, build_transformers  # noqa: E402
+from sgdiff.models.wan import WanTransformerConfig  # noqa: E402
 from sgdiff.testing.compare import relative_error  # noqa: E402
 
-SIZES = {"1.3b": WAN21_T2V_1_3B, "14b": WAN21_T2V_14B}
-TINY = WanTransformerConfig(num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=32, num_layers=2)
+SIZES = {"1.3b": "wan2.1-t2v-1.3b", "14b": "wan2.1-t2v-14b"}  # sgdiff bench's names
 # FLOPs per forward at 832x480x81 (torch.utils.flop_counter on diffusers', ../shared/GPU_NOTES.md)
 FLOPS = {"1.3b": 283e12, "14b": 1678e12}
-
-
-def build_models(config: WanTransformerConfig):
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(DEVICE):
-        reference = WanTransformer3DModel(**{k: getattr(config, k) for k in config.__dataclass_fields__})
-    torch.set_default_dtype(torch.float32)
-    for name, param in reference.named_parameters():  # what from_pretrained(dtype=bf16) keeps in float32
-        if set(name.split(".")) & set(KEEP_FP32):
-            param.data = param.data.float()
-    ours = build_on_meta(WanTransformer, config)
-    ours.load_state_dict(reference.state_dict(), strict=True, assign=True)  # the same tensors
-    return reference.eval().requires_grad_(False), ours.eval().requires_grad_(False)
 
 
 def make_inputs(config: WanTransformerConfig, frames: int, height: int, width: int, seed: int):
@@ -61,8 +42,11 @@ def make_inputs(config: WanTransformerConfig, frames: int, height: int, width: i
     )
 
 
-def bench_transformer(name: str, config, latent: tuple[int, int, int], args) -> dict:
-    reference, ours = build_models(config)
+def bench_transformer(name: str, latent: tuple[int, int, int], args) -> dict:
+    """(diffusers' WanTransformer3DModel, sgdiff's WanTransformer on the same tensors), bf16 (the parts
+    diffusers keeps in float32 float32, as from_pretrained does), timed in turns."""
+    reference, ours = build_transformers(BENCH_MODELS[SIZES[name]], args.tiny, torch.device(DEVICE))
+    config = ours.config
     with torch.inference_mode():
         errors = []
         for seed in (1, 2):
@@ -81,7 +65,7 @@ def bench_transformer(name: str, config, latent: tuple[int, int, int], args) -> 
         else:
             times = time_interleaved({**baseline, "sgdiff WanTransformer": lambda: ours(**x)}, args.warmup, args.repeat)
     ms = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": name, "rel_err": max(errors), "ms": ms, **extra}
+    return {"model": "tiny" if args.tiny else name, "rel_err": max(errors), "ms": ms, **extra}
 
 
 def bench_vae(latent: tuple[int, int, int], tiny: bool) -> dict:
@@ -110,9 +94,7 @@ def main() -> None:
     args = parser.parse_args()
 
     latent = (2, 4, 6) if args.tiny else (21, 60, 104)  # 832x480x81 -> 21 x 60 x 104 latents
-    rows = [
-        bench_transformer("tiny" if args.tiny else n, TINY if args.tiny else SIZES[n], latent, args) for n in args.sizes
-    ]
+    rows = [bench_transformer(n, latent, args) for n in args.sizes]
     vae = bench_vae(latent, args.tiny)
     card = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     result = {"card": card, "torch": torch.__version__, "transformers": rows, **vae}

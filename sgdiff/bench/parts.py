@@ -28,7 +28,8 @@ T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vo
 UMT5_XXL = dict(T5_XXL, vocab_size=256384)
 FLUX_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
+                use_quant_conv=False, use_post_quant_conv=False,
+                scaling_factor=0.3611, shift_factor=0.1159)  # fmt: skip
 
 
 @dataclass(frozen=True)
