@@ -1,6 +1,7 @@
 """Sequence-parallel attention on its own: with each rank holding its shard of every segment (FLUX's
 text and image tokens, neither divisible by the ranks), the gathered output equals attention over
-the whole sequence, for Ulysses (heads pipelined in chunks), Ring and USP."""
+the whole sequence, for Ulysses (heads pipelined in chunks), Ring and USP, and with another
+single-GPU kernel inside (--attention-backend math)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_sharded_attention_equals_whole_sequence(mode):
+@pytest.mark.parametrize(("mode", "backend"), [*((mode, "auto") for mode in MODES), ("ulysses-2", "math")])
+def test_sharded_attention_equals_whole_sequence(mode, backend):
     assert HEADS % (4 * PIPELINE_CHUNKS) == 0 and PIPELINE_CHUNKS > 1
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, sum(SEGMENTS), HEADS, 16, generator=g) for _ in range(3))
     reference = sdpa_attention(q, k, v)
-    for rank, out in enumerate(run_on_ranks(MODES[mode], sharded_attention, q, k, v, SEGMENTS)):
+    for rank, out in enumerate(run_on_ranks(MODES[mode], sharded_attention, q, k, v, SEGMENTS, backend)):
         difference = (out - reference).abs().max().item()
         assert difference <= 1e-5, f"{mode} rank {rank}: max abs diff {difference}"

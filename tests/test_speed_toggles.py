@@ -164,3 +164,10 @@ def test_fused_projections_run_fewer_gemms_with_the_same_weights(model_fixture, 
     assert plain_state.keys() == fused_state.keys()
     assert all(torch.equal(plain_state[name], fused_state[name]) for name in plain_state)
     assert (fused - plain).abs().max() < 1e-4
+
+
+def test_ring_attention_refuses_a_chosen_backend(tiny_flux_dev, tmp_path):
+    args = ["generate", "--model-path", str(tiny_flux_dev), "--prompt", "p", "--device", "cpu", "--num-gpus", "2"]
+    result = runner.invoke(app, [*args, "--ring-degree", "2", "--attention-backend", "math"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: --attention-backend math cannot run ring attention")

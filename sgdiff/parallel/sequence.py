@@ -145,7 +145,7 @@ def start_sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup, degree: i
     """The inverse all-to-all: [B, U*S_loc, h, D] -> finish() gives [B, S_loc, U, h, D]."""
     b, s_all, h, d = x.shape
     s = s_all // degree
-    send = x.view(b, degree, s, h, d).transpose(0, 1).contiguous()  # [U (dest rank), B, S_loc, h, D]
+    send = x.reshape(b, degree, s, h, d).transpose(0, 1).contiguous()  # [U (dest rank), B, S_loc, h, D]
     received = torch.empty_like(send)  # [U (source = head group), B, S_loc, h, D]
     work = dist.all_to_all_single(received, send, group=group, async_op=True)
     return InFlight(received, work, lambda r: r.permute(1, 2, 0, 3, 4))

@@ -66,14 +66,17 @@ def parallel_latents(groups: ParallelGroups, requests: list[tuple[str, str, dict
     return latents, loaded
 
 
-def sharded_attention(groups: ParallelGroups, q, k, v, segment_lengths: tuple[int, ...]) -> torch.Tensor:
+def sharded_attention(
+    groups: ParallelGroups, q, k, v, segment_lengths: tuple[int, ...], backend: str = "auto"
+) -> torch.Tensor:
     """Attention over a sequence of segments (FLUX: text, image) with every rank holding its shard of
-    each segment, gathered back to the whole sequence's output (a run_on_ranks function).
-    q, k, v: [B, S, H, D], S = sum(segment_lengths)."""
+    each segment, gathered back to the whole sequence's output (a run_on_ranks function); `backend`:
+    the single-GPU kernel (--attention-backend). q, k, v: [B, S, H, D], S = sum(segment_lengths)."""
     from sgdiff.parallel.sequence import SequenceParallelAttention, SequenceSplit, TokenLayout
+    from sgdiff.speed.attention_backends import attention_backend
 
     segments = tuple(SequenceSplit(n, groups.sp_degree) for n in segment_lengths)
-    attn = SequenceParallelAttention(groups)
+    attn = SequenceParallelAttention(groups, attention_backend(backend, q.device, q.dtype))
     attn.layout = TokenLayout(segments)
     starts = [sum(segment_lengths[:i]) for i in range(len(segments))]
 
