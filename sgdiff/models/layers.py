@@ -95,9 +95,11 @@ class FusedProjection:
     stay as they were; no extra memory). Made by speed/fuse.py; `project` uses it."""
 
     def __init__(self, linears: tuple[nn.Linear, ...]):
+        if any(linear.bias is None for linear in linears):
+            raise ValueError("FusedProjection fuses Linears that all have a bias")
         self.sizes = [linear.out_features for linear in linears]
         self.weight = torch.cat([linear.weight.detach() for linear in linears])  # [sum(out), in]
-        self.bias = torch.cat([linear.bias.detach() for linear in linears])
+        self.bias = torch.cat([linear.bias.detach() for linear in linears])  # [sum(out)]
         start = 0
         for linear, size in zip(linears, self.sizes, strict=True):
             linear.weight = nn.Parameter(self.weight[start : start + size], requires_grad=False)
