@@ -1,14 +1,16 @@
-"""Multi-GPU speed-up per denoising step: FLUX.1-dev 1024x1024 with Ulysses-2 and Ring-2, Wan2.1-1.3B
-832x480x81 (CFG 5) with CFG parallel and Ulysses-2, against one GPU on the same machine, same run.
+"""Multi-GPU speed-up per denoising step on N GPUs (torchrun's N): FLUX.1-dev 1024x1024 with
+Ulysses-N, Ring-N and (N >= 4) USP (N/2 x 2); Wan2.1 (1.3B or 14B, 480p and/or 720p, 81 frames, CFG 5)
+with CFG parallel x Ulysses-N/2 and Ulysses-N — against one GPU on the same machine, same run.
 
 Full-size sgdiff transformers with random bf16 weights (the same on every rank, from one seed), the
-parallelism of sgdiff/parallel applied exactly as `sgdiff generate --num-gpus 2` applies it. One
+parallelism of sgdiff/parallel applied exactly as `sgdiff generate --num-gpus N` applies it. One
 "step" is what the denoising loop runs per timestep: FLUX.1-dev one forward (guidance is embedded),
 Wan with CFG two forwards and the guided combination. The 1-GPU baseline runs on every rank at once
-(each on its own GPU); rank 0 reports. bf16 agreement: relative error of the parallel step's output
-against the 1-GPU step's.
+(each on its own GPU); rank 0 reports speed-up and scaling efficiency (speed-up / N). bf16
+agreement: relative error of the parallel step's output against the 1-GPU step's.
 
-    torchrun --nproc-per-node 2 scripts/bench_parallel.py [--json out.json] [--tiny]
+    torchrun --nproc-per-node N scripts/bench_parallel.py [--cuda-graph] [--wan-model 14b]
+        [--wan-size 480p 720p] [--json out.json] [--tiny]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -36,7 +39,7 @@ from sgdiff.models.flux.config import FLUX_DEV  # noqa: E402
 from sgdiff.models.flux.packing import image_position_ids, text_position_ids  # noqa: E402
 from sgdiff.models.loading import build_on_meta  # noqa: E402
 from sgdiff.models.wan import WanTransformer, WanTransformerConfig  # noqa: E402
-from sgdiff.models.wan.config import WAN21_T2V_1_3B  # noqa: E402
+from sgdiff.models.wan.config import WAN21_T2V_1_3B, WAN21_T2V_14B  # noqa: E402
 from sgdiff.parallel.cfg import CfgParallelBranches  # noqa: E402
 from sgdiff.parallel.groups import build_groups  # noqa: E402
 from sgdiff.parallel.plans import apply_sequence_parallel  # noqa: E402
@@ -47,10 +50,12 @@ from sgdiff.speed.fuse import fuse_projections  # noqa: E402
 from sgdiff.testing.compare import relative_error  # noqa: E402
 
 TINY_FLUX = FluxTransformerConfig(
-    num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+    num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=8, joint_attention_dim=32,
     pooled_projection_dim=32, axes_dims_rope=(4, 6, 6), guidance_embeds=True,
 )  # fmt: skip
-TINY_WAN = WanTransformerConfig(num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=32, num_layers=2)
+TINY_WAN = WanTransformerConfig(num_attention_heads=8, attention_head_dim=12, text_dim=32, ffn_dim=32, num_layers=2)
+WAN_MODELS = {"1.3b": ("Wan2.1-T2V-1.3B", WAN21_T2V_1_3B), "14b": ("Wan2.1-T2V-14B", WAN21_T2V_14B)}
+WAN_LATENTS = {"480p": (21, 60, 104), "720p": (21, 90, 160)}  # 81 frames at 832x480 / 1280x720
 WAN_CFG = 5.0
 
 
@@ -124,12 +129,63 @@ def profile_on_rank0(fn, title: str) -> None:
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=60))
 
 
-def bench_flux(config, size: int, device, args) -> list[dict]:
-    model = random_model(FluxTransformer, config, device)
+def flux_modes(world: int) -> list[tuple[str, ParallelConfig]]:
+    modes = [(f"Ulysses-{world}", ParallelConfig(world)), (f"Ring-{world}", ParallelConfig(world, ring_degree=world))]
+    if world >= 4:
+        modes.append((f"USP {world // 2}x2", ParallelConfig(world, ulysses_degree=world // 2, ring_degree=2)))
+    return modes
+
+
+def wan_modes(world: int) -> list[tuple[str, ParallelConfig]]:
+    cfg = "CFG parallel" if world == 2 else f"CFG 2 x Ulysses-{world // 2}"
+    return [(cfg, ParallelConfig(world, enable_cfg_parallel=True)), (f"Ulysses-{world}", ParallelConfig(world))]
+
+
+def prepared(model: torch.nn.Module, args) -> torch.nn.Module:
     if args.fuse:
         fuse_projections(model)
     if args.compile:
         compile_blocks(model)
+    return model
+
+
+def compare_modes(name: str, label: str, model, step, modes, device, args) -> list[dict]:
+    """1 GPU against each parallel mode (eager, and replayed as CUDA graphs with --cuda-graph).
+    step(groups or None) runs one denoising step as that mode runs it."""
+    world = dist.get_world_size()
+    rows = []
+    for graphed in (False, True) if args.cuda_graph else (False,):
+        suffix = " graph" if graphed else ""
+
+        def run(fn, graphed=graphed):
+            return timed(as_cuda_graph(fn, device) if graphed else fn, device, args.warmup, args.repeat)
+
+        base_ms, base_host, base = run(lambda: step(None))
+        rows.append(dict(model=name, size=label, mode="1 GPU" + suffix, ms_per_step=base_ms, host_ms=base_host))
+        if args.profile and not graphed:
+            profile_on_rank0(lambda: step(None), f"{name} 1 GPU")
+        if not graphed and args.noise_floor:  # two correct 1-GPU kernels disagree this much in bf16
+            with use_attention_impl(flash_attention):
+                _, _, other = run(lambda: step(None))
+            rows.append(dict(model=name, size=label, mode="1 GPU flash", ms_per_step=float("nan"),
+                             rel_err_vs_1gpu=relative_error(other, base)))  # fmt: skip
+        for mode, parallel in modes:
+            groups = build_groups(parallel)
+            attn = apply_sequence_parallel([model], groups) if groups.sp_degree > 1 else None
+            with use_attention_impl(attn) if attn else nullcontext():
+                ms, host, out = run(lambda groups=groups: step(groups))
+                if args.profile and not graphed:
+                    profile_on_rank0(lambda groups=groups: step(groups), f"{name} {mode}")
+            if attn:
+                attn.remove()
+            rows.append(dict(model=name, size=label, mode=mode + suffix, ms_per_step=ms, host_ms=host,
+                             speedup=base_ms / ms, scaling=base_ms / ms / world,
+                             rel_err_vs_1gpu=relative_error(out, base)))  # fmt: skip
+    return rows
+
+
+def bench_flux(config, size: int, device, args) -> list[dict]:
+    model = prepared(random_model(FluxTransformer, config, device), args)
     g = torch.Generator(device).manual_seed(1)
     rows = cols = size // 16
     bf16 = dict(device=device, dtype=torch.bfloat16)
@@ -142,36 +198,9 @@ def bench_flux(config, size: int, device, args) -> list[dict]:
         txt_ids=text_position_ids(512).to(**bf16),
         guidance=torch.tensor([3.5], device=device),
     )
-    label = f"{size}x{size}"
-    rows_out = []
+    modes = flux_modes(dist.get_world_size())
     with torch.inference_mode():
-        for graphed in (False, True) if args.cuda_graph else (False,):
-            suffix = " graph" if graphed else ""
-
-            def run(fn, graphed=graphed):
-                return timed(as_cuda_graph(fn, device) if graphed else fn, device, args.warmup, args.repeat)
-
-            base_ms, base_host, base = run(lambda: model(**inputs))
-            if args.profile and not graphed:
-                profile_on_rank0(lambda: model(**inputs), "1 GPU")
-            rows_out.append(dict(model="FLUX.1-dev", size=label, mode="1 GPU" + suffix, ms_per_step=base_ms,
-                                 host_ms=base_host))  # fmt: skip
-            if not graphed:  # two correct 1-GPU kernels disagree this much in bf16: the noise floor
-                with use_attention_impl(flash_attention):
-                    _, _, other = run(lambda: model(**inputs))
-                rows_out.append(dict(model="FLUX.1-dev", size=label, mode="1 GPU flash", ms_per_step=float("nan"),
-                                     rel_err_vs_1gpu=relative_error(other, base)))  # fmt: skip
-            for mode, parallel in (("Ulysses-2", ParallelConfig(2)), ("Ring-2", ParallelConfig(2, ring_degree=2))):
-                groups = build_groups(parallel)
-                attn = apply_sequence_parallel([model], groups)
-                with use_attention_impl(attn):
-                    ms, host, out = run(lambda: model(**inputs))
-                    if args.profile and not graphed:
-                        profile_on_rank0(lambda: model(**inputs), mode)
-                attn.remove()
-                rows_out.append(dict(model="FLUX.1-dev", size=label, mode=mode + suffix, ms_per_step=ms, host_ms=host,
-                                     speedup=base_ms / ms, rel_err_vs_1gpu=relative_error(out, base)))  # fmt: skip
-    return rows_out
+        return compare_modes("FLUX.1-dev", f"{size}x{size}", model, lambda groups: model(**inputs), modes, device, args)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -183,45 +212,28 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
-def bench_wan(config, latent: tuple[int, int, int], device, args) -> list[dict]:
-    model = random_model(WanTransformer, config, device)
-    if args.fuse:
-        fuse_projections(model)
-    if args.compile:
-        compile_blocks(model)
+def bench_wan(name: str, config, latent: tuple[int, int, int], device, args) -> list[dict]:
+    model = prepared(random_model(WanTransformer, config, device), args)
     g = torch.Generator(device).manual_seed(2)
     bf16 = dict(device=device, dtype=torch.bfloat16)
     latents = torch.randn(1, config.in_channels, *latent, generator=g, **bf16)
     timestep = torch.tensor([500.0], device=device)
     prompt, negative = (torch.randn(1, 512, config.text_dim, generator=g, **bf16) for _ in range(2))
 
-    def cond():
-        return model(latents, timestep, prompt)
+    def step(groups) -> torch.Tensor:
+        def cond():
+            return model(latents, timestep, prompt)
 
-    def uncond():
-        return model(latents, timestep, negative)
+        def uncond():
+            return model(latents, timestep, negative)
 
-    def step(branches) -> torch.Tensor:
-        c, u = branches(cond, uncond)
+        cfg_split = groups is not None and groups.config.enable_cfg_parallel
+        c, u = CfgParallelBranches(groups)(cond, uncond) if cfg_split else (cond(), uncond())
         return guided_velocity(c, u, WAN_CFG)
 
     label = f"{latent[0]}x{latent[1]}x{latent[2]} latents"
     with torch.inference_mode():
-        base_ms, base_host, base = timed(lambda: step(lambda c, u: (c(), u())), device, args.warmup, args.repeat)
-        rows_out = [
-            dict(model="Wan2.1-T2V-1.3B", size=label, mode="1 GPU (CFG)", ms_per_step=base_ms, host_ms=base_host)
-        ]
-        cfg_groups = build_groups(ParallelConfig(2, enable_cfg_parallel=True))
-        ms, host, out = timed(lambda: step(CfgParallelBranches(cfg_groups)), device, args.warmup, args.repeat)
-        rows_out.append(dict(model="Wan2.1-T2V-1.3B", size=label, mode="CFG parallel", ms_per_step=ms, host_ms=host,
-                             speedup=base_ms / ms, rel_err_vs_1gpu=relative_error(out, base)))  # fmt: skip
-        attn = apply_sequence_parallel([model], build_groups(ParallelConfig(2)))
-        with use_attention_impl(attn):
-            ms, host, out = timed(lambda: step(lambda c, u: (c(), u())), device, args.warmup, args.repeat)
-        attn.remove()
-        rows_out.append(dict(model="Wan2.1-T2V-1.3B", size=label, mode="Ulysses-2", ms_per_step=ms, host_ms=host,
-                             speedup=base_ms / ms, rel_err_vs_1gpu=relative_error(out, base)))  # fmt: skip
-    return rows_out
+        return compare_modes(name, label, model, step, wan_modes(dist.get_world_size()), device, args)
 
 
 def main() -> None:
@@ -235,6 +247,9 @@ def main() -> None:
     parser.add_argument("--cuda-graph", action="store_true", help="FLUX also as CUDA graph replays")
     parser.add_argument("--fuse", action="store_true", help="fused projections (--enable-fused-projections)")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile (--enable-torch-compile)")
+    parser.add_argument("--wan-model", choices=list(WAN_MODELS), default="1.3b")
+    parser.add_argument("--wan-size", nargs="+", choices=list(WAN_LATENTS), default=["480p"])
+    parser.add_argument("--noise-floor", action="store_true", help="also 1 GPU with flash vs cuDNN (bf16 noise)")
     parser.add_argument("--comm", action="store_true", help="also time all-to-alls of the sizes FLUX Ulysses-2 sends")
     args = parser.parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -242,26 +257,32 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("gloo" if args.tiny else "nccl", device_id=None if args.tiny else device)
-    flux_size, wan_latent = (64, (3, 6, 8)) if args.tiny else (1024, (21, 60, 104))
+    flux_size = 64 if args.tiny else 1024
     results = []
     with torch.inference_mode():  # (the CUDA graph wrapper replays only without autograd)
         comm = comm_rows(device, (1.0, 14.0, 42.0)) if args.comm else []
     if "flux" in args.models:
         results += bench_flux(TINY_FLUX if args.tiny else FLUX_DEV, flux_size, device, args)
     if "wan" in args.models:
-        results += bench_wan(TINY_WAN if args.tiny else WAN21_T2V_1_3B, wan_latent, device, args)
+        name, config = WAN_MODELS[args.wan_model]
+        for size in args.wan_size:
+            latent = (3, 6, 8) if args.tiny else WAN_LATENTS[size]
+            results += bench_wan(name, TINY_WAN if args.tiny else config, latent, device, args)
     if dist.get_rank() == 0:
         card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(f"\n{card}, torch {torch.__version__}, {dist.get_world_size()} ranks")
         for r in comm:
             print(f"all-to-all {r['size_mb']:5.1f} MB {r['launch']}: {r['us']:7.1f} us, {r['gb_per_s']:6.1f} GB/s")
-        print(f"{'model':16} {'size':22} {'mode':16} {'ms/step':>9} {'host ms':>8} {'speed-up':>9} {'rel err':>8}")
+        header = ("model", "size", "mode", "ms/step", "host ms", "speed-up", "scaling", "rel err")
+        print("{:16} {:22} {:20} {:>9} {:>8} {:>9} {:>8} {:>8}".format(*header))
         for r in results:
             speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
             err = f"{r['rel_err_vs_1gpu']:.1e}" if "rel_err_vs_1gpu" in r else ""
             host = f"{r['host_ms']:.1f}" if "host_ms" in r else ""
             ms = f"{r['ms_per_step']:.1f}"
-            print(f"{r['model']:16} {r['size']:22} {r['mode']:16} {ms:>9} {host:>8} {speedup:>9} {err:>8}")
+            scaling = f"{r['scaling']:.0%}" if "scaling" in r else ""
+            row = f"{r['model']:16} {r['size']:22} {r['mode']:20} {ms:>9} {host:>8} {speedup:>9} {scaling:>8} {err:>8}"
+            print(row)
         if args.json:
             payload = {"card": card, "torch": torch.__version__, "rows": results, "all_to_all": comm}
             args.json.write_text(json.dumps(payload, indent=1))
