@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+from sgdiff.bench.parts import BENCH_MODELS, transformer_inputs  # noqa: E402
 from sgdiff.config import ParallelConfig  # noqa: E402
 from sgdiff.models.attention import use_attention_impl  # noqa: E402
 from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig  # noqa: E402
 from sgdiff.models.flux.config import FLUX_DEV  # noqa: E402
-from sgdiff.models.flux.packing import image_position_ids, text_position_ids  # noqa: E402
 from sgdiff.models.loading import build_on_meta  # noqa: E402
 from sgdiff.models.wan import WanTransformer, WanTransformerConfig  # noqa: E402
 from sgdiff.models.wan.config import WAN21_T2V_1_3B, WAN21_T2V_14B  # noqa: E402
@@ -55,7 +55,7 @@ TINY_FLUX = FluxTransformerConfig(
 )  # fmt: skip
 TINY_WAN = WanTransformerConfig(num_attention_heads=8, attention_head_dim=12, text_dim=32, ffn_dim=32, num_layers=2)
 WAN_MODELS = {"1.3b": ("Wan2.1-T2V-1.3B", WAN21_T2V_1_3B), "14b": ("Wan2.1-T2V-14B", WAN21_T2V_14B)}
-WAN_LATENTS = {"480p": (21, 60, 104), "720p": (21, 90, 160)}  # 81 frames at 832x480 / 1280x720
+WAN_SIZES = {"480p": dict(frames=81, height=480, width=832), "720p": dict(frames=81, height=720, width=1280)}
 WAN_CFG = 5.0
 
 
@@ -186,18 +186,7 @@ def compare_modes(name: str, label: str, model, step, modes, device, args) -> li
 
 def bench_flux(config, size: int, device, args) -> list[dict]:
     model = prepared(random_model(FluxTransformer, config, device), args)
-    g = torch.Generator(device).manual_seed(1)
-    rows = cols = size // 16
-    bf16 = dict(device=device, dtype=torch.bfloat16)
-    inputs = dict(
-        hidden_states=torch.randn(1, rows * cols, config.in_channels, generator=g, **bf16),
-        encoder_hidden_states=torch.randn(1, 512, config.joint_attention_dim, generator=g, **bf16),
-        pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g, **bf16),
-        timestep=torch.tensor([0.7], **bf16),
-        img_ids=image_position_ids(rows, cols).to(**bf16),
-        txt_ids=text_position_ids(512).to(**bf16),
-        guidance=torch.tensor([3.5], device=device),
-    )
+    inputs = transformer_inputs(BENCH_MODELS["flux.1-dev"], model, dict(height=size, width=size), device, seed=1)
     modes = flux_modes(dist.get_world_size())
     with torch.inference_mode():
         return compare_modes("FLUX.1-dev", f"{size}x{size}", model, lambda groups: model(**inputs), modes, device, args)
@@ -212,20 +201,20 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
-def bench_wan(name: str, config, latent: tuple[int, int, int], device, args) -> list[dict]:
+def bench_wan(name: str, config, size: dict, device, args) -> list[dict]:
     model = prepared(random_model(WanTransformer, config, device), args)
-    g = torch.Generator(device).manual_seed(2)
-    bf16 = dict(device=device, dtype=torch.bfloat16)
-    latents = torch.randn(1, config.in_channels, *latent, generator=g, **bf16)
-    timestep = torch.tensor([500.0], device=device)
-    prompt, negative = (torch.randn(1, 512, config.text_dim, generator=g, **bf16) for _ in range(2))
+    wan = BENCH_MODELS["wan2.1-t2v-1.3b"]  # (the inputs' shapes come from `model`)
+    cond_inputs = transformer_inputs(wan, model, size, device, seed=2)
+    negative = transformer_inputs(wan, model, size, device, seed=3)["encoder_hidden_states"]
+    uncond_inputs = {**cond_inputs, "encoder_hidden_states": negative}
+    latent = cond_inputs["hidden_states"].shape[2:]
 
     def step(groups) -> torch.Tensor:
         def cond():
-            return model(latents, timestep, prompt)
+            return model(**cond_inputs)
 
         def uncond():
-            return model(latents, timestep, negative)
+            return model(**uncond_inputs)
 
         cfg_split = groups is not None and groups.config.enable_cfg_parallel
         c, u = CfgParallelBranches(groups)(cond, uncond) if cfg_split else (cond(), uncond())
@@ -248,7 +237,7 @@ def main() -> None:
     parser.add_argument("--fuse", action="store_true", help="fused projections (--enable-fused-projections)")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile (--enable-torch-compile)")
     parser.add_argument("--wan-model", choices=list(WAN_MODELS), default="1.3b")
-    parser.add_argument("--wan-size", nargs="+", choices=list(WAN_LATENTS), default=["480p"])
+    parser.add_argument("--wan-size", nargs="+", choices=list(WAN_SIZES), default=["480p"])
     parser.add_argument("--noise-floor", action="store_true", help="also 1 GPU with flash vs cuDNN (bf16 noise)")
     parser.add_argument("--comm", action="store_true", help="also time all-to-alls of the sizes FLUX Ulysses-2 sends")
     args = parser.parse_args()
@@ -266,8 +255,8 @@ def main() -> None:
     if "wan" in args.models:
         name, config = WAN_MODELS[args.wan_model]
         for size in args.wan_size:
-            latent = (3, 6, 8) if args.tiny else WAN_LATENTS[size]
-            results += bench_wan(name, TINY_WAN if args.tiny else config, latent, device, args)
+            shape = dict(frames=9, height=48, width=64) if args.tiny else WAN_SIZES[size]  # tiny: 3x6x8 latents
+            results += bench_wan(name, TINY_WAN if args.tiny else config, shape, device, args)
     if dist.get_rank() == 0:
         card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(f"\n{card}, torch {torch.__version__}, {dist.get_world_size()} ranks")
