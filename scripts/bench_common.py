@@ -24,15 +24,10 @@ def time_call(fn) -> float:
 
 
 def time_interleaved(variants: dict, warmup: int, repeat: int) -> dict[str, list[float]]:
-    """Round-robin over the variants so clock and thermal drift hit all of them alike."""
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeat):
-        for name, fn in variants.items():
-            times[name].append(time_call(fn))
-    return times
+    """Round-robin over the variants so clock and thermal drift hit all of them alike (sgdiff bench's)."""
+    from sgdiff.bench.run import interleaved_times
+
+    return interleaved_times(variants, torch.device(DEVICE), warmup, repeat)
 
 
 def print_top_kernels(fn, rows: int = 15) -> None:

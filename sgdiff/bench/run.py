@@ -49,8 +49,8 @@ def seconds_of(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_ms(variants: dict[str, Callable], device: torch.device, warmup: int, repeat: int) -> dict[str, float]:
-    """Median ms of each variant, timed in rounds so clock and thermal drift hit all alike."""
+def interleaved_times(variants: dict[str, Callable], device: torch.device, warmup: int, repeat: int) -> dict:
+    """Every timed call's ms for each variant, timed in rounds so clock and thermal drift hit all alike."""
     for fn in variants.values():
         for _ in range(warmup):
             fn()
@@ -58,6 +58,12 @@ def interleaved_ms(variants: dict[str, Callable], device: torch.device, warmup: 
     for _ in range(repeat):
         for name, fn in variants.items():
             times[name].append(seconds_of(fn, device) * 1e3)
+    return times
+
+
+def interleaved_ms(variants: dict[str, Callable], device: torch.device, warmup: int, repeat: int) -> dict[str, float]:
+    """Median ms of each variant (interleaved_times)."""
+    times = interleaved_times(variants, device, warmup, repeat)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
