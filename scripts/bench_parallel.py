@@ -61,7 +61,9 @@ WAN_CFG = 5.0
 
 def random_model(cls, config, device: torch.device, seed: int = 0) -> torch.nn.Module:
     """A model with seeded random bf16 weights, identical on every rank."""
-    model = build_on_meta(cls, config).to_empty(device=device).to(torch.bfloat16)
+    # bf16 while still on meta: fp32 first would leave twice the weights' size in the allocator's
+    # cache, where NCCL (which allocates outside it) cannot get it back when a group is made
+    model = build_on_meta(cls, config).to(torch.bfloat16).to_empty(device=device)
     g = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -170,6 +172,8 @@ def compare_modes(name: str, label: str, model, step, modes, device, args) -> li
             rows.append(dict(model=name, size=label, mode="1 GPU flash", ms_per_step=float("nan"),
                              rel_err_vs_1gpu=relative_error(other, base)))  # fmt: skip
         for mode, parallel in modes:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # NCCL allocates a new group's buffers outside torch's cache
             groups = build_groups(parallel)
             attn = apply_sequence_parallel([model], groups) if groups.sp_degree > 1 else None
             with use_attention_impl(attn) if attn else nullcontext():
