@@ -42,7 +42,8 @@ def print_top_kernels(fn, rows: int = 15) -> None:
 
 def speed_matrix(model, call, warmup: int, repeat: int, baseline: dict | None = None) -> tuple[dict, dict]:
     """sgdiff's speed toggles added one after another on `model` (call() runs one forward): SDPA's own
-    kernel choice -> cuDNN (--attention-backend auto) -> + CUDA graph; fused projections (+ graph);
+    kernel choice -> cuDNN (--attention-backend auto) -> + CUDA graph; fused GELU (+ graph); fused
+    projections (+ graph);
     + regional torch.compile (+ graph). `baseline` (name -> fn, e.g. diffusers) is timed in the same
     rounds as the first group. Returns (variant -> list of ms, {"compile_s": the first compiled
     call's seconds}); the toggles are the ones `sgdiff generate` applies (sgdiff/speed/). The model
@@ -51,7 +52,7 @@ def speed_matrix(model, call, warmup: int, repeat: int, baseline: dict | None = 
     from sgdiff.speed.attention_backends import attention_backend
     from sgdiff.speed.compile import compile_blocks
     from sgdiff.speed.cuda_graph import CudaGraphForward
-    from sgdiff.speed.fuse import fuse_projections
+    from sgdiff.speed.fuse import fuse_gelu, fuse_projections
 
     device, dtype = torch.device(DEVICE), torch.bfloat16
     sdpa, auto = attention_backend("sdpa", device, dtype), attention_backend("auto", device, dtype)
@@ -76,9 +77,15 @@ def speed_matrix(model, call, warmup: int, repeat: int, baseline: dict | None = 
         warmup,
         repeat,
     )
+    fuse_gelu(model)  # (before fusing projections: a Linear with a GELU epilogue stays its own GEMM)
+    times |= time_interleaved(
+        {"sgdiff, auto + fused GELU": under(auto, call), "sgdiff, auto + fused GELU + CUDA graph": graphed()},
+        warmup,
+        repeat,
+    )
     fuse_projections(model)
     times |= time_interleaved(
-        {"sgdiff, auto + fused projections": under(auto, call), "sgdiff, auto + fused + CUDA graph": graphed()},
+        {"sgdiff, auto + fused GELU + projections": under(auto, call), "sgdiff, auto + fused + CUDA graph": graphed()},
         warmup,
         repeat,
     )
@@ -89,7 +96,10 @@ def speed_matrix(model, call, warmup: int, repeat: int, baseline: dict | None = 
         torch.cuda.synchronize()
     compile_s = time.perf_counter() - start
     times |= time_interleaved(
-        {"sgdiff, auto + fused + compile": under(auto, call), "sgdiff, all (fused, compile, CUDA graph)": graphed()},
+        {
+            "sgdiff, auto + fused + compile": under(auto, call),
+            "sgdiff, all (fused GELU + projections, compile, CUDA graph)": graphed(),
+        },
         warmup,
         repeat,
     )

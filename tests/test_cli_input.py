@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from sgdiff import __version__
 from sgdiff.cli import main as cli
+from sgdiff.config import SpeedConfig
 
 runner = CliRunner()
 
@@ -65,6 +66,16 @@ def test_every_flag_maps_to_the_request(received, tmp_path):
     out = request.output
     assert (out.save_output, out.output_path, out.output_file_name) == (False, tmp_path, "x")
     assert out.perf_dump_path == tmp_path / "perf.json"
+
+
+def test_speed_flags_map_to_the_speed_config(received):
+    result = invoke("--model-path", "m", "--prompt", "p")
+    assert result.exit_code == 0, result.output
+    assert received[0][0].runtime.speed == SpeedConfig()
+    flags = "--attention-backend flex --enable-fused-projections --enable-fused-gelu --enable-torch-compile"
+    result = invoke("--model-path", "m", "--prompt", "p", *flags.split(), "--enable-cuda-graph")
+    assert result.exit_code == 0, result.output
+    assert received[1][0].runtime.speed == SpeedConfig("flex", True, True, True, True)
 
 
 def test_prompt_file_gives_one_prompt_per_non_blank_line(received, tmp_path):

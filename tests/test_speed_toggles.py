@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -143,26 +145,41 @@ def test_rope_traced_by_compile_is_the_eager_rotation():
     assert torch.allclose(eager.float().unflatten(-1, (-1, 2)).norm(dim=-1), pairs, rtol=1e-2)
 
 
-@pytest.mark.parametrize("model_fixture", ["tiny_flux_dev", "tiny_wan"])
-def test_fused_projections_run_fewer_gemms_with_the_same_weights(model_fixture, request):
+def generate_counting_ops(model_fixture: str, request, speed: SpeedConfig) -> tuple[torch.Tensor, dict, dict]:
+    """(final latents, aten op -> calls, the transformer's state dict) of one small request."""
     model = request.getfixturevalue(model_fixture)
     model = model("t2v") if model_fixture == "tiny_wan" else model
     flags = dict(REQUEST, num_frames=5) if model_fixture == "tiny_wan" else REQUEST
-    runs = {}
-    for fused in (False, True):
-        speed = SpeedConfig(fused_projections=fused)
-        engine = Engine(str(model), runtime=RuntimeConfig(device="cpu", dtype="fp32", speed=speed))
-        engine.load()
-        transformer = engine.pipeline.transformers[0]
-        state = {name: t.clone() for name, t in transformer.state_dict().items()}
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            latents = engine.generate(engine.sampling_params("a red cube", **flags)).latents
-        linears = sum(e.count for e in prof.key_averages() if e.key == "aten::linear")
-        runs[fused] = (latents, linears, state)
-    (plain, plain_linears, plain_state), (fused, fused_linears, fused_state) = runs[False], runs[True]
-    assert fused_linears < plain_linears
+    engine = Engine(str(model), runtime=RuntimeConfig(device="cpu", dtype="fp32", speed=speed))
+    engine.load()
+    transformer = engine.pipeline.transformers[0]
+    state = {name: t.clone() for name, t in transformer.state_dict().items()}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        latents = engine.generate(engine.sampling_params("a red cube", **flags)).latents
+    return latents, {e.key: e.count for e in prof.key_averages()}, state
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_flux_dev", "tiny_wan"])
+def test_fused_projections_run_fewer_gemms_with_the_same_weights(model_fixture, request):
+    plain, plain_ops, plain_state = generate_counting_ops(model_fixture, request, SpeedConfig())
+    fused, fused_ops, fused_state = generate_counting_ops(model_fixture, request, SpeedConfig(fused_projections=True))
+    assert fused_ops["aten::linear"] < plain_ops["aten::linear"]
     assert plain_state.keys() == fused_state.keys()
     assert all(torch.equal(plain_state[name], fused_state[name]) for name in plain_state)
+    assert (fused - plain).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_flux_dev", "tiny_wan"])
+def test_fused_gelu_runs_the_mlp_gelu_with_its_gemm(model_fixture, request):
+    speed = SpeedConfig(fused_projections=True)
+    plain, plain_ops, _ = generate_counting_ops(model_fixture, request, speed)
+    fused, fused_ops, _ = generate_counting_ops(model_fixture, request, replace(speed, fused_gelu=True))
+    # on the CPU the epilogue is an addmm with the GELU in place on its output (on CUDA: cuBLASLt's)
+    moved = plain_ops["aten::gelu"] - fused_ops.get("aten::gelu", 0)
+    assert moved > 0 and fused_ops["aten::gelu_"] == moved and "aten::gelu_" not in plain_ops
+    assert plain_ops["aten::linear"] - fused_ops["aten::linear"] >= moved  # those GEMMs are addmm now
+    if model_fixture == "tiny_flux_dev":  # single-stream blocks: proj_out without the concatenation
+        assert fused_ops["aten::cat"] < plain_ops["aten::cat"] and fused_ops["aten::addmm_"] > 0
     assert (fused - plain).abs().max() < 1e-4
 
 

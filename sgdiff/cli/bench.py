@@ -27,6 +27,7 @@ def bench(
     repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed calls; the median is reported.")] = 5,
     attention_backend: opt.AttentionBackend = opt.AttentionBackendChoice.auto,
     enable_fused_projections: opt.EnableFusedProjections = False,
+    enable_fused_gelu: opt.EnableFusedGelu = False,
     enable_torch_compile: opt.EnableTorchCompile = False,
     enable_cuda_graph: opt.EnableCudaGraph = False,
 ) -> None:
@@ -41,7 +42,13 @@ def bench(
         from sgdiff.config import SpeedConfig
         from sgdiff.io.files import write_atomically
 
-        speed = SpeedConfig(attention_backend.value, enable_fused_projections, enable_torch_compile, enable_cuda_graph)
+        speed = SpeedConfig(
+            attention_backend.value,
+            fused_projections=enable_fused_projections,
+            fused_gelu=enable_fused_gelu,
+            torch_compile=enable_torch_compile,
+            cuda_graph=enable_cuda_graph,
+        )
         result = run_bench(model.value, speed, tiny=tiny, warmup=warmup, repeat=repeat)
         typer.echo(render(result))
         if json_path is not None:

@@ -112,6 +112,7 @@ def generate(
     enable_cfg_parallel: opt.EnableCfgParallel = False,
     attention_backend: opt.AttentionBackend = opt.AttentionBackendChoice.auto,
     enable_fused_projections: opt.EnableFusedProjections = False,
+    enable_fused_gelu: opt.EnableFusedGelu = False,
     enable_torch_compile: opt.EnableTorchCompile = False,
     enable_cuda_graph: opt.EnableCudaGraph = False,
 ) -> None:
@@ -160,7 +161,11 @@ def generate(
                 device=device,
                 dtype=dtype,
                 speed=SpeedConfig(
-                    attention_backend.value, enable_fused_projections, enable_torch_compile, enable_cuda_graph
+                    attention_backend.value,
+                    fused_projections=enable_fused_projections,
+                    fused_gelu=enable_fused_gelu,
+                    torch_compile=enable_torch_compile,
+                    cuda_graph=enable_cuda_graph,
                 ),
             ),
             parallel=parallel,

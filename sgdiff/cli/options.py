@@ -236,6 +236,15 @@ EnableFusedProjections = Annotated[
         rich_help_panel=SPEED,
     ),
 ]
+EnableFusedGelu = Annotated[
+    bool,
+    typer.Option(
+        "--enable-fused-gelu",
+        help="Compute the MLPs' GELU inside the GEMM that feeds it (cuBLASLt epilogue on CUDA): one pass less "
+        "over the widest activation.",
+        rich_help_panel=SPEED,
+    ),
+]
 EnableTorchCompile = Annotated[
     bool,
     typer.Option(

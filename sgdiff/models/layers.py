@@ -32,6 +32,25 @@ class MLPEmbedder(nn.Module):
         return self.linear_2(x)
 
 
+def gelu_in_epilogue(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """tanh GELU of linear(x) as one GEMM: on CUDA cuBLASLt applies bias and GELU as it writes each
+    tile (the wide MLP activation is written once, not written, read and written again). The CPU has
+    no such epilogue (its _addmm_activation is the erf GELU): there the GELU runs in place."""
+    flat = x.reshape(-1, x.shape[-1])  # [B, S, D_in] -> [B*S, D_in]
+    if flat.is_cuda:
+        out = torch._addmm_activation(linear.bias, flat, linear.weight.t(), use_gelu=True)
+    else:
+        out = torch.ops.aten.gelu_(torch.addmm(linear.bias, flat, linear.weight.t()), approximate="tanh")
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def gelu_projection(x: torch.Tensor, linear: nn.Linear, approximate: str = "tanh") -> torch.Tensor:
+    """GELU of linear(x); inside the GEMM when the fused-GELU toggle marked `linear` (speed/fuse.py)."""
+    if getattr(linear, "gelu_epilogue", False):
+        return gelu_in_epilogue(x, linear)
+    return nn.functional.gelu(linear(x), approximate=approximate)
+
+
 class GELUProjection(nn.Module):
     def __init__(self, dim: int, inner_dim: int, approximate: str = "tanh"):
         super().__init__()
@@ -39,7 +58,7 @@ class GELUProjection(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.gelu(self.proj(x), approximate=self.approximate)
+        return gelu_projection(x, self.proj, self.approximate)
 
 
 class FeedForward(nn.Module):
@@ -117,3 +136,27 @@ def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
     if fused is not None and len(fused.sizes) == len(linears):
         return fused(x)
     return tuple(linear(x) for linear in linears)
+
+
+def project_then_gelu(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """`project(x, *linears)` with tanh GELU applied to the last output. With the fused-GELU toggle
+    the last one runs as its own GEMM with the GELU in its epilogue (the others may still be fused)."""
+    *first, last = linears
+    if getattr(last, "gelu_epilogue", False):
+        return (*project(x, *first), gelu_in_epilogue(x, last))
+    *outs, wide = project(x, *linears)
+    return (*outs, nn.functional.gelu(wide, approximate="tanh"))
+
+
+def linear_over_concat(linear: nn.Linear, parts: list[torch.Tensor], split: bool) -> torch.Tensor:
+    """linear(cat(parts, -1)). split: no concatenated copy; each part meets its columns of the weight
+    in one GEMM, accumulated into the same output (the same sum, rounded once more per extra part)."""
+    if not split:
+        return linear(torch.cat(parts, dim=-1))
+    out, start = None, 0
+    for part in parts:
+        width = part.shape[-1]
+        flat, weight = part.reshape(-1, width), linear.weight[:, start : start + width]  # [B*S, w], [out, w]
+        out = torch.addmm(linear.bias, flat, weight.t()) if out is None else out.addmm_(flat, weight.t())
+        start += width
+    return out.view(*parts[0].shape[:-1], out.shape[-1])

@@ -11,7 +11,7 @@ from sgdiff.pipeline.base import ComposedPipeline
 from sgdiff.speed.attention_backends import attention_backend
 from sgdiff.speed.compile import compile_blocks
 from sgdiff.speed.cuda_graph import CudaGraphForward
-from sgdiff.speed.fuse import fuse_projections
+from sgdiff.speed.fuse import fuse_gelu, fuse_projections
 
 
 def check_speed(speed: SpeedConfig, device: torch.device, dtype: torch.dtype) -> AttentionImpl:
@@ -29,6 +29,8 @@ def apply_speed(pipeline: ComposedPipeline, speed: SpeedConfig, attention: Atten
 
 def speed_up_transformer(model: torch.nn.Module, speed: SpeedConfig) -> None:
     """The toggles that change a transformer itself (the attention kernel is the pipeline's)."""
+    if speed.fused_gelu:  # before fusing projections: a Linear with a GELU epilogue is its own GEMM
+        fuse_gelu(model)
     if speed.fused_projections:
         fuse_projections(model)
     if speed.torch_compile:

@@ -16,8 +16,10 @@ from sgdiff.models.layers import (
     FeedForward,
     MLPEmbedder,
     layer_norm,
+    linear_over_concat,
     modulate,
     project,
+    project_then_gelu,
     timestep_embedding,
 )
 from sgdiff.models.rope import apply_rope, rope_frequencies
@@ -113,11 +115,12 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor, rope: Rope) -> torch.Tensor:
         shift, scale, gate = self.norm(temb)
         h = modulate(x, shift, scale)
-        q, k, v, mlp_in = project(h, self.attn.to_q, self.attn.to_k, self.attn.to_v, self.proj_mlp)
+        q, k, v, mlp_out = project_then_gelu(h, self.attn.to_q, self.attn.to_k, self.attn.to_v, self.proj_mlp)
         q, k, v = self.attn.heads(q, k, v)
         attn_out = attention(apply_rope(q, rope), apply_rope(k, rope), v).flatten(2)  # [B, S, H*D]
-        mlp_out = nn.functional.gelu(mlp_in, approximate="tanh")
-        return clip_fp16(x + gate * self.proj_out(torch.cat([attn_out, mlp_out], dim=-1)))
+        # with the GELU in proj_mlp's epilogue, proj_out reads its output where it is (no concatenation)
+        split = getattr(self.proj_mlp, "gelu_epilogue", False)
+        return clip_fp16(x + gate * linear_over_concat(self.proj_out, [attn_out, mlp_out], split))
 
 
 class TimeTextEmbedding(nn.Module):
@@ -167,6 +170,11 @@ class FluxTransformer(nn.Module):
         for block in self.single_transformer_blocks:
             groups.append((block.attn.to_q, block.attn.to_k, block.attn.to_v, block.proj_mlp))
         return groups
+
+    def tanh_gelu_projections(self) -> list[nn.Linear]:
+        """The Linears whose output goes straight into tanh GELU (the MLPs' input projections)."""
+        linears = [ff.net[0].proj for block in self.transformer_blocks for ff in (block.ff, block.ff_context)]
+        return linears + [block.proj_mlp for block in self.single_transformer_blocks]
 
     def forward(
         self,

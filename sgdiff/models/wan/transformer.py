@@ -159,6 +159,10 @@ class WanTransformer(nn.Module):
             groups += [(block.attn1.to_q, block.attn1.to_k, block.attn1.to_v), (block.attn2.to_k, block.attn2.to_v)]
         return groups
 
+    def tanh_gelu_projections(self) -> list[nn.Linear]:
+        """The Linears whose output goes straight into tanh GELU (each block's FFN input projection)."""
+        return [block.ffn.net[0].proj for block in self.blocks]
+
     def forward(
         self,
         hidden_states: torch.Tensor,
