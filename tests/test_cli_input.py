@@ -72,10 +72,11 @@ def test_speed_flags_map_to_the_speed_config(received):
     result = invoke("--model-path", "m", "--prompt", "p")
     assert result.exit_code == 0, result.output
     assert received[0][0].runtime.speed == SpeedConfig()
-    flags = "--attention-backend flex --enable-fused-projections --enable-fused-gelu --enable-torch-compile"
-    result = invoke("--model-path", "m", "--prompt", "p", *flags.split(), "--enable-cuda-graph")
+    flags = "--attention-backend flex --enable-fused-projections --enable-fused-gelu --enable-fused-norms "
+    flags += "--enable-torch-compile --enable-cuda-graph"
+    result = invoke("--model-path", "m", "--prompt", "p", *flags.split())
     assert result.exit_code == 0, result.output
-    assert received[1][0].runtime.speed == SpeedConfig("flex", True, True, True, True)
+    assert received[1][0].runtime.speed == SpeedConfig("flex", True, True, True, True, True)
 
 
 def test_prompt_file_gives_one_prompt_per_non_blank_line(received, tmp_path):

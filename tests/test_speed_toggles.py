@@ -56,6 +56,7 @@ def test_attention_backend_names_match_the_cli():
         (["--attention-backend", "cudnn"], "error: --attention-backend cudnn cannot run on cpu in float32"),
         (["--attention-backend", "fa3"], "error: --attention-backend fa3 needs the flash_attn_interface package"),
         (["--enable-cuda-graph"], "error: --enable-cuda-graph needs a CUDA GPU; the model runs on cpu"),
+        (["--enable-fused-norms"], "error: --enable-fused-norms runs a Triton kernel on CUDA GPUs; the model runs on"),
     ],
 )
 def test_toggles_this_machine_cannot_run_fail_before_loading(tiny_flux_dev, tmp_path, flags, message):

@@ -28,6 +28,7 @@ def bench(
     attention_backend: opt.AttentionBackend = opt.AttentionBackendChoice.auto,
     enable_fused_projections: opt.EnableFusedProjections = False,
     enable_fused_gelu: opt.EnableFusedGelu = False,
+    enable_fused_norms: opt.EnableFusedNorms = False,
     enable_torch_compile: opt.EnableTorchCompile = False,
     enable_cuda_graph: opt.EnableCudaGraph = False,
 ) -> None:
@@ -46,6 +47,7 @@ def bench(
             attention_backend.value,
             fused_projections=enable_fused_projections,
             fused_gelu=enable_fused_gelu,
+            fused_norms=enable_fused_norms,
             torch_compile=enable_torch_compile,
             cuda_graph=enable_cuda_graph,
         )

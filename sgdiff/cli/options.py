@@ -245,6 +245,14 @@ EnableFusedGelu = Annotated[
         rich_help_panel=SPEED,
     ),
 ]
+EnableFusedNorms = Annotated[
+    bool,
+    typer.Option(
+        "--enable-fused-norms",
+        help="Run q's and k's RMSNorm and rotary embedding as one Triton kernel per stream (CUDA, bf16).",
+        rich_help_panel=SPEED,
+    ),
+]
 EnableTorchCompile = Annotated[
     bool,
     typer.Option(

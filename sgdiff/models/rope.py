@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from sgdiff.kernels import kernels_run_on
 
 
 def rope_frequencies(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float) -> torch.Tensor:
@@ -33,3 +36,23 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         product = torch.view_as_complex(pairs.contiguous()) * torch.view_as_complex(rope)[None, :, None, :]
         rotated = torch.view_as_real(product)
     return rotated.flatten(-2).to(x.dtype)
+
+
+def norm_and_rope(parts: list[tuple[torch.Tensor, nn.RMSNorm]], rope: torch.Tensor, heads: int) -> torch.Tensor:
+    """q or k of one attention: each [B, S_i, H*D] part RMSNormed by its norm (over each head's D
+    channels or over all H*D, as the norm's size says), the parts joined along the sequence, then
+    rotated by rope [sum S_i, D/2, 2] -> [B, sum S_i, H, D]. With --enable-fused-norms (norms
+    marked `rope_kernel`; bf16) one Triton kernel per part does all of it."""
+    xs, norms = [x for x, _ in parts], [norm for _, norm in parts]
+    fused = all(getattr(norm, "rope_kernel", False) and norm.weight is not None for norm in norms)
+    if fused and kernels_run_on(xs[0]) and xs[0].dtype == torch.bfloat16:
+        from sgdiff.kernels.qk_norm_rope import qk_norm_rope
+
+        eps = norms[0].eps if norms[0].eps is not None else torch.finfo(xs[0].dtype).eps
+        return qk_norm_rope(xs, [norm.weight for norm in norms], rope, heads, eps)
+    normed = [
+        norm(x).unflatten(-1, (heads, -1)) if norm.normalized_shape[0] == x.shape[-1]  # over all heads
+        else norm(x.unflatten(-1, (heads, -1)))  # [B, S, H*D] -> [B, S, H, D], per head
+        for x, norm in parts
+    ]  # fmt: skip
+    return apply_rope(normed[0] if len(normed) == 1 else torch.cat(normed, dim=1), rope)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from sgdiff.config import SpeedConfig
@@ -11,14 +13,28 @@ from sgdiff.pipeline.base import ComposedPipeline
 from sgdiff.speed.attention_backends import attention_backend
 from sgdiff.speed.compile import compile_blocks
 from sgdiff.speed.cuda_graph import CudaGraphForward
-from sgdiff.speed.fuse import fuse_gelu, fuse_projections
+from sgdiff.speed.fuse import fuse_gelu, fuse_norms, fuse_projections
 
 
 def check_speed(speed: SpeedConfig, device: torch.device, dtype: torch.dtype) -> AttentionImpl:
     """Toggles this device cannot honour fail here, before anything loads; returns the attention kernel."""
     if speed.cuda_graph and device.type != "cuda":
         raise UserError(f"--enable-cuda-graph needs a CUDA GPU; the model runs on {device.type}: drop the flag")
+    if speed.fused_norms:
+        check_fused_norms(device, dtype)
     return attention_backend(speed.attention_backend, device, dtype)
+
+
+def check_fused_norms(device: torch.device, dtype: torch.dtype) -> None:
+    if device.type != "cuda":
+        raise UserError(
+            f"--enable-fused-norms runs a Triton kernel on CUDA GPUs; the model runs on {device.type}: drop the flag"
+        )
+    if dtype != torch.bfloat16:
+        dtype_name = str(dtype).removeprefix("torch.")
+        raise UserError(f"--enable-fused-norms runs in bfloat16 only; the model runs in {dtype_name}: drop the flag")
+    if importlib.util.find_spec("triton") is None:
+        raise UserError("--enable-fused-norms needs the triton package, which is not installed: drop the flag")
 
 
 def apply_speed(pipeline: ComposedPipeline, speed: SpeedConfig, attention: AttentionImpl) -> None:
@@ -33,6 +49,8 @@ def speed_up_transformer(model: torch.nn.Module, speed: SpeedConfig) -> None:
         fuse_gelu(model)
     if speed.fused_projections:
         fuse_projections(model)
+    if speed.fused_norms:
+        fuse_norms(model)
     if speed.torch_compile:
         compile_blocks(model)
     if speed.cuda_graph:

@@ -5,7 +5,10 @@ self-attention, k, v of cross-attention) run as one GEMM each (models/layers.py 
 Fused GELU: the Linears a model feeds into tanh GELU (the MLPs' input projections) compute it in
 their GEMM's epilogue (models/layers.py gelu_in_epilogue). Such a Linear then runs as its own GEMM,
 so mark them before fusing projections: a group loses its GELU member (FLUX's single-block
-proj_mlp), which would otherwise need the plain GELU pass over its wide output."""
+proj_mlp), which would otherwise need the plain GELU pass over its wide output.
+
+Fused norms: q's and k's RMSNorm and rotary embedding as one Triton kernel per stream
+(models/rope.py norm_and_rope, kernels/qk_norm_rope.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +23,14 @@ def fuse_gelu(model: nn.Module) -> int:
     for linear in linears:
         linear.gelu_epilogue = True
     return len(linears)
+
+
+def fuse_norms(model: nn.Module) -> int:
+    """Mark the model's RMSNorms for the fused q/k norm + RoPE kernel; returns how many."""
+    norms = [module for module in model.modules() if isinstance(module, nn.RMSNorm)]
+    for norm in norms:
+        norm.rope_kernel = True
+    return len(norms)
 
 
 def fuse_projections(model: nn.Module) -> int:

@@ -22,7 +22,7 @@ from sgdiff.models.layers import (
     project_then_gelu,
     timestep_embedding,
 )
-from sgdiff.models.rope import apply_rope, rope_frequencies
+from sgdiff.models.rope import norm_and_rope, rope_frequencies
 
 Rope = torch.Tensor  # [S_txt + S_img, head_dim / 2, 2] (cos, sin) of the rotations
 
@@ -37,20 +37,12 @@ class QKNormedProjection(nn.Module):
 
     def __init__(self, dim: int, head_dim: int):
         super().__init__()
-        self.head_dim = head_dim
+        self.heads = dim // head_dim
         self.to_q = nn.Linear(dim, dim)
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
         self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
         self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
-
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.heads(*project(x, self.to_q, self.to_k, self.to_v))
-
-    def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # [B, S, H*D] -> [B, S, H, D], q and k normed per head
-        q, k, v = (x.unflatten(-1, (-1, self.head_dim)) for x in (q, k, v))
-        return self.norm_q(q), self.norm_k(k), v
 
 
 class JointAttention(QKNormedProjection):
@@ -67,13 +59,13 @@ class JointAttention(QKNormedProjection):
         self.to_add_out = nn.Linear(dim, dim)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = self.qkv(img)
-        text_projections = project(txt, self.add_q_proj, self.add_k_proj, self.add_v_proj)
-        tq, tk, tv = (x.unflatten(-1, (-1, self.head_dim)) for x in text_projections)
-        tq, tk = self.norm_added_q(tq), self.norm_added_k(tk)
+        q, k, v = project(img, self.to_q, self.to_k, self.to_v)
+        tq, tk, tv = project(txt, self.add_q_proj, self.add_k_proj, self.add_v_proj)
         # joint sequence, text first: [B, S_txt + S_img, H, D]
-        q, k, v = torch.cat([tq, q], dim=1), torch.cat([tk, k], dim=1), torch.cat([tv, v], dim=1)
-        out = attention(apply_rope(q, rope), apply_rope(k, rope), v).flatten(2)  # [B, S, H*D]
+        q = norm_and_rope([(tq, self.norm_added_q), (q, self.norm_q)], rope, self.heads)
+        k = norm_and_rope([(tk, self.norm_added_k), (k, self.norm_k)], rope, self.heads)
+        v = torch.cat([tv, v], dim=1).unflatten(-1, (self.heads, -1))
+        out = attention(q, k, v).flatten(2)  # [B, S, H*D]
         txt_len = txt.shape[1]
         # contiguous halves: the projections then run the same GEMM (and rounding) as the reference at any batch
         img_out, txt_out = out[:, txt_len:].contiguous(), out[:, :txt_len].contiguous()
@@ -115,9 +107,10 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor, rope: Rope) -> torch.Tensor:
         shift, scale, gate = self.norm(temb)
         h = modulate(x, shift, scale)
-        q, k, v, mlp_out = project_then_gelu(h, self.attn.to_q, self.attn.to_k, self.attn.to_v, self.proj_mlp)
-        q, k, v = self.attn.heads(q, k, v)
-        attn_out = attention(apply_rope(q, rope), apply_rope(k, rope), v).flatten(2)  # [B, S, H*D]
+        a = self.attn
+        q, k, v, mlp_out = project_then_gelu(h, a.to_q, a.to_k, a.to_v, self.proj_mlp)
+        q, k = norm_and_rope([(q, a.norm_q)], rope, a.heads), norm_and_rope([(k, a.norm_k)], rope, a.heads)
+        attn_out = attention(q, k, v.unflatten(-1, (a.heads, -1))).flatten(2)  # [B, S, H*D]
         # with the GELU in proj_mlp's epilogue, proj_out reads its output where it is (no concatenation)
         split = getattr(self.proj_mlp, "gelu_epilogue", False)
         return clip_fp16(x + gate * linear_over_concat(self.proj_out, [attn_out, mlp_out], split))

@@ -14,7 +14,7 @@ from torch import nn
 
 from sgdiff.models.attention import attention
 from sgdiff.models.layers import FeedForward, FP32LayerNorm, MLPEmbedder, project, timestep_embedding
-from sgdiff.models.rope import apply_rope, rope_frequencies
+from sgdiff.models.rope import norm_and_rope, rope_frequencies
 from sgdiff.models.wan.config import WanTransformerConfig
 
 # Parameter-name components kept in float32 when the model runs in bf16/fp16 (as diffusers loads them).
@@ -62,9 +62,12 @@ class WanAttention(nn.Module):
             q, k, v = project(x, self.to_q, self.to_k, self.to_v)
         else:
             q, (k, v) = self.to_q(x), project(context, self.to_k, self.to_v)
-        q, k, v = self.heads_of(self.norm_q(q)), self.heads_of(self.norm_k(k)), self.heads_of(v)
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q = norm_and_rope([(q, self.norm_q)], rope, self.heads)  # [B, S, H*D] -> [B, S, H, D]
+            k = norm_and_rope([(k, self.norm_k)], rope, self.heads)
+        else:
+            q, k = self.heads_of(self.norm_q(q)), self.heads_of(self.norm_k(k))
+        v = self.heads_of(v)
         out = attention(q, k, v).flatten(2).type_as(q)  # [B, S, H*D]
         if image_context is not None:
             k_img = self.heads_of(self.norm_added_k(self.add_k_proj(image_context)))

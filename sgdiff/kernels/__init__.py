@@ -1,0 +1,14 @@
+"""Hand-written Triton kernels behind the speed toggles. They run on CUDA GPUs, and on the CPU
+inside Triton's interpreter (TRITON_INTERPRET=1: how the tests check them); Triton itself is
+imported only when a kernel runs."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def kernels_run_on(x: torch.Tensor) -> bool:
+    """Whether sgdiff's Triton kernels can take x: on a CUDA GPU, or anywhere in the interpreter."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,22 @@
+"""q or k of one attention: RMSNorm, then the rotary embedding, in one Triton kernel per stream
+(--enable-fused-norms). Unfused, that is a norm kernel, a float32 rotation and copies into the
+joint sequence: FLUX.1-dev's single-stream block spends ~127 us on q and k that way (inductor's
+fusion) and 44 us in this kernel, against 34 us to read and write them once (H100).
+
+Rounding as the unfused path does it: the norm's output to bf16, the rotation in float32, the result
+to bf16 (round to nearest even, done on the bits so that no compiler can drop it)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def qk_norm_rope(
+    parts: list[torch.Tensor], weights: list[torch.Tensor], rope: torch.Tensor, heads: int, eps: float
+) -> torch.Tensor:
+    """parts: [B, S_i, H*D] bf16 (rows may be strided: slices of a fused projection), each RMSNormed
+    with its weight ([D]: per head; [H*D]: over all heads), joined along the sequence and rotated by
+    rope [sum S_i, D/2, 2] (cos, sin; float32) -> [B, sum S_i, H, D] contiguous."""
+    from sgdiff.kernels.triton_qk_norm_rope import qk_norm_rope as kernel_op
+
+    return kernel_op(parts, weights, rope.contiguous(), heads, eps)
