@@ -43,10 +43,10 @@ def print_top_kernels(fn, rows: int = 15) -> None:
 def speed_matrix(model, call, warmup: int, repeat: int, baseline: dict | None = None) -> tuple[dict, dict]:
     """sgdiff's speed toggles added one after another on `model` (call() runs one forward): SDPA's own
     kernel choice -> cuDNN (--attention-backend auto) -> + CUDA graph; fused GELU (+ graph); fused
-    projections (+ graph); + regional torch.compile (+ graph). (Fused norms: not in the matrix yet.) `baseline` (name -> fn, e.g. diffusers) is timed in the same
-    rounds as the first group. Returns (variant -> list of ms, {"compile_s": the first compiled
-    call's seconds}); the toggles are the ones `sgdiff generate` applies (sgdiff/speed/). The model
-    is left fused and compiled."""
+    projections (+ graph); + regional torch.compile (+ graph); fused norms are not in the matrix yet.
+    `baseline` (name -> fn, e.g. diffusers) is timed in the same rounds as the first group. Returns
+    (variant -> list of ms, {"compile_s": the first compiled call's seconds}); the toggles are the
+    ones `sgdiff generate` applies (sgdiff/speed/). The model is left fused and compiled."""
     from sgdiff.models.attention import use_attention_impl
     from sgdiff.speed.attention_backends import attention_backend
     from sgdiff.speed.compile import compile_blocks

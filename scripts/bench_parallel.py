@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from sgdiff.bench.parts import BENCH_MODELS, transformer_inputs  # noqa: E402
-from sgdiff.config import ParallelConfig  # noqa: E402
+from sgdiff.config import ParallelConfig, SpeedConfig  # noqa: E402
 from sgdiff.models.attention import use_attention_impl  # noqa: E402
 from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig  # noqa: E402
 from sgdiff.models.flux.config import FLUX_DEV  # noqa: E402
@@ -44,9 +44,8 @@ from sgdiff.parallel.cfg import CfgParallelBranches  # noqa: E402
 from sgdiff.parallel.groups import build_groups  # noqa: E402
 from sgdiff.parallel.plans import apply_sequence_parallel  # noqa: E402
 from sgdiff.pipeline.stages.denoising import guided_velocity  # noqa: E402
-from sgdiff.speed.compile import compile_blocks  # noqa: E402
+from sgdiff.speed.apply import speed_up_transformer  # noqa: E402
 from sgdiff.speed.cuda_graph import CudaGraphForward  # noqa: E402
-from sgdiff.speed.fuse import fuse_projections  # noqa: E402
 from sgdiff.testing.compare import relative_error  # noqa: E402
 
 TINY_FLUX = FluxTransformerConfig(
@@ -144,10 +143,11 @@ def wan_modes(world: int) -> list[tuple[str, ParallelConfig]]:
 
 
 def prepared(model: torch.nn.Module, args) -> torch.nn.Module:
-    if args.fuse:
-        fuse_projections(model)
-    if args.compile:
-        compile_blocks(model)
+    """The model with the speed toggles asked for, applied as `sgdiff generate` applies them (the CUDA
+    graph is this script's own --cuda-graph, around a whole step)."""
+    speed = SpeedConfig(fused_projections=args.fuse, fused_gelu=args.gelu, fused_norms=args.norms,
+                        torch_compile=args.compile)  # fmt: skip
+    speed_up_transformer(model, speed)
     return model
 
 
@@ -239,6 +239,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="rank 0 prints the top kernels of each FLUX mode")
     parser.add_argument("--cuda-graph", action="store_true", help="FLUX also as CUDA graph replays")
     parser.add_argument("--fuse", action="store_true", help="fused projections (--enable-fused-projections)")
+    parser.add_argument("--gelu", action="store_true", help="GELU in the GEMM epilogue (--enable-fused-gelu)")
+    parser.add_argument("--norms", action="store_true", help="q/k norm + RoPE kernel (--enable-fused-norms; CUDA)")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile (--enable-torch-compile)")
     parser.add_argument("--wan-model", choices=list(WAN_MODELS), default="1.3b")
     parser.add_argument("--wan-size", nargs="+", choices=list(WAN_SIZES), default=["480p"])
