@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import replace
 
 import pytest
@@ -13,12 +14,15 @@ from sgdiff.cli.main import app
 from sgdiff.cli.options import AttentionBackendChoice
 from sgdiff.config import RuntimeConfig, SpeedConfig
 from sgdiff.engine.engine import Engine
+from sgdiff.errors import UserError
 from sgdiff.models.attention import use_attention_impl
+from sgdiff.speed.apply import check_speed
 from sgdiff.speed.attention_backends import CHOICES
 from sgdiff.speed.compile import compile_blocks
 from sgdiff.speed.cuda_graph import CapturedForward, CudaGraphForward
 
 runner = CliRunner()
+spec = importlib.util.find_spec
 REQUEST = dict(height=32, width=32, num_inference_steps=2)
 
 
@@ -66,6 +70,16 @@ def test_toggles_this_machine_cannot_run_fail_before_loading(tiny_flux_dev, tmp_
     assert result.output.strip().splitlines() == [result.output.strip().splitlines()[0]]
     assert result.output.startswith(message), result.output
     assert "loaded" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_fused_norms_need_bf16_and_triton_on_a_gpu(monkeypatch):
+    # check_speed only reads the device and dtype it is given: no GPU needed to check its answers
+    cuda, speed = torch.device("cuda"), SpeedConfig(fused_norms=True)
+    with pytest.raises(UserError, match=r"^--enable-fused-norms runs in bfloat16 only; the model runs in float16"):
+        check_speed(speed, cuda, torch.float16)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else spec(name, *a))
+    with pytest.raises(UserError, match=r"^--enable-fused-norms needs the triton package, which is not installed"):
+        check_speed(speed, cuda, torch.bfloat16)
 
 
 def test_torch_compile_compiles_each_block_kind_once(tiny_flux_dev):
