@@ -141,7 +141,7 @@ class SpeedConfig:
     attention_backend: str = "auto"  # a name of speed/attention_backends.py
     fused_projections: bool = False  # Linears reading the same input as one GEMM
     fused_gelu: bool = False  # the MLPs' tanh GELU inside the GEMM that feeds it (cuBLASLt epilogue)
-    fused_norms: bool = False  # q/k RMSNorm + RoPE as one Triton kernel per stream (CUDA, bf16)
+    fused_norms: bool = False  # q/k RMSNorm + RoPE, adaLN LayerNorm + modulation: Triton kernels (CUDA, bf16)
     torch_compile: bool = False  # regional: each repeated transformer block compiled once
     cuda_graph: bool = False  # the transformer's forward replayed as a CUDA graph
 

@@ -249,7 +249,8 @@ EnableFusedNorms = Annotated[
     bool,
     typer.Option(
         "--enable-fused-norms",
-        help="Run q's and k's RMSNorm and rotary embedding as one Triton kernel per stream (CUDA, bf16).",
+        help="Run q's and k's RMSNorm and rotary embedding as one Triton kernel per stream, and each adaLN "
+        "LayerNorm + modulation as one more (CUDA, bf16).",
         rich_help_panel=SPEED,
     ),
 ]

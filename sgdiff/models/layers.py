@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from sgdiff.kernels import kernels_run_on
+
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding, cosine half first. t: [B] -> [B, dim] (float32)."""
@@ -89,6 +91,15 @@ class AdaModulation(nn.Module):
         # emb: [B, D] -> chunks x [B, 1, D], ready to broadcast over the sequence
         return self.linear(nn.functional.silu(emb))[:, None, :].chunk(self.chunks, dim=-1)
 
+    def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """layer_norm(x) * (1 + scale) + shift with this module's shift and scale; one Triton kernel
+        with --enable-fused-norms (bf16), rounding where the ops below round."""
+        if getattr(self, "norm_kernel", False) and kernels_run_on(x) and x.dtype == torch.bfloat16:
+            from sgdiff.kernels.norm_modulate import norm_modulate
+
+            return norm_modulate(x, shift, scale, eps=1e-6, bf16_steps=True)
+        return modulate(x, shift, scale)
+
 
 def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm over the last dim without affine parameters."""
@@ -106,6 +117,16 @@ class FP32LayerNorm(nn.LayerNorm):
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         return nn.functional.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+    def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """(norm(x) * (1 + scale) + shift) in float32, back in x's dtype; shift, scale: float32
+        [B, 1 or S, D]. One Triton kernel with --enable-fused-norms (bf16, no affine)."""
+        plain = self.weight is None and self.bias is None
+        if plain and getattr(self, "norm_kernel", False) and kernels_run_on(x) and x.dtype == torch.bfloat16:
+            from sgdiff.kernels.norm_modulate import norm_modulate
+
+            return norm_modulate(x, shift, scale, eps=self.eps, bf16_steps=False)
+        return (self(x.float()) * (1 + scale) + shift).type_as(x)
 
 
 class FusedProjection:

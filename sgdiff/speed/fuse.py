@@ -8,13 +8,14 @@ so mark them before fusing projections: a group loses its GELU member (FLUX's si
 proj_mlp), which would otherwise need the plain GELU pass over its wide output.
 
 Fused norms: q's and k's RMSNorm and rotary embedding as one Triton kernel per stream
-(models/rope.py norm_and_rope, kernels/qk_norm_rope.py)."""
+(models/rope.py norm_and_rope, kernels/qk_norm_rope.py), and each adaLN LayerNorm + modulation as
+one kernel (models/layers.py, kernels/norm_modulate.py)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from sgdiff.models.layers import FusedProjection
+from sgdiff.models.layers import AdaModulation, FP32LayerNorm, FusedProjection
 
 
 def fuse_gelu(model: nn.Module) -> int:
@@ -26,11 +27,19 @@ def fuse_gelu(model: nn.Module) -> int:
 
 
 def fuse_norms(model: nn.Module) -> int:
-    """Mark the model's RMSNorms for the fused q/k norm + RoPE kernel; returns how many."""
-    norms = [module for module in model.modules() if isinstance(module, nn.RMSNorm)]
-    for norm in norms:
-        norm.rope_kernel = True
-    return len(norms)
+    """Mark the model's RMSNorms for the fused q/k norm + RoPE kernel, and its adaLN modulations
+    (FLUX's AdaModulation, Wan's float32 LayerNorms) for the fused LayerNorm + modulation kernel;
+    returns how many modules were marked."""
+    marked = 0
+    for module in model.modules():
+        if isinstance(module, nn.RMSNorm):
+            module.rope_kernel = True
+        elif isinstance(module, (AdaModulation, FP32LayerNorm)):
+            module.norm_kernel = True
+        else:
+            continue
+        marked += 1
+    return marked
 
 
 def fuse_projections(model: nn.Module) -> int:

@@ -12,9 +12,11 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from sgdiff.bench.parts import TINY_FLUX, TINY_WAN
+from sgdiff.kernels.norm_modulate import norm_modulate
 from sgdiff.kernels.qk_norm_rope import qk_norm_rope
 from sgdiff.models.flux import FluxTransformer
 from sgdiff.models.flux.packing import image_position_ids, text_position_ids
+from sgdiff.models.layers import AdaModulation, FP32LayerNorm
 from sgdiff.models.rope import norm_and_rope, rope_frequencies
 from sgdiff.models.wan import WanTransformer
 from sgdiff.speed.compile import repeated_blocks
@@ -51,20 +53,46 @@ def seeded_bf16(model: nn.Module, seed: int) -> nn.Module:
     return model.to(BF16).eval()
 
 
-def check_model(name: str, model: nn.Module, inputs: dict) -> None:
-    """The whole transformer with its norms marked for the kernel: bit-identical output, the kernel
-    run for q and k of every self- or joint attention."""
+def check_norm_modulate() -> None:
+    """FLUX's bf16 adaLN (every op rounded) and Wan's float32 one (per-token modulation, strided
+    shift and scale as Wan's modulation table gives them), against the modules' unfused path."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 6, 48, generator=g) * 3 + 1).to(BF16)
+    ada = AdaModulation(48, 2).to(BF16)
+    shift, scale = (torch.randn(2, 1, 2 * 48, generator=g).to(BF16)).chunk(2, dim=-1)
+    expected = ada.modulate(x, shift, scale)
+    got = norm_modulate(x, shift, scale, eps=1e-6, bf16_steps=True)
+    if not torch.equal(got, expected):
+        raise AssertionError(
+            f"norm_modulate (bf16 steps) differs: max {(got.float() - expected.float()).abs().max():.3g}"
+        )
+    wan_norm = FP32LayerNorm(48, 1e-6, elementwise_affine=False)
+    table = torch.randn(2, 6, 3, 48, generator=g)  # [B, S, chunks, D] float32: per-token modulation
+    shift, scale, _ = table.unbind(2)
+    expected = wan_norm.modulate(x, shift, scale)
+    got = norm_modulate(x, shift, scale, eps=1e-6, bf16_steps=False)
+    if not torch.equal(got, expected):
+        raise AssertionError(f"norm_modulate (float32) differs: max {(got.float() - expected.float()).abs().max():.3g}")
+    print("norm_modulate bf16 steps and float32: identical")
+
+
+def check_model(name: str, model: nn.Module, inputs: dict, modulations: int) -> None:
+    """The whole transformer with its norms marked for the kernels: bit-identical output, each
+    kernel run where it should be."""
     with torch.no_grad():
         plain = model(**inputs)
         marked = fuse_norms(model)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fused = model(**inputs)
-    calls = sum(e.count for e in prof.key_averages() if e.key == "sgdiff::qk_norm_rope")
-    if calls != 2 * len(repeated_blocks(model)):
-        raise AssertionError(f"{name}: the kernel ran {calls} times")
+    counts = {e.key: e.count for e in prof.key_averages()}
+    rope_calls, norm_calls = counts.get("sgdiff::qk_norm_rope", 0), counts.get("sgdiff::norm_modulate", 0)
+    if rope_calls != 2 * len(repeated_blocks(model)):  # q and k of every self- or joint attention
+        raise AssertionError(f"{name}: the q/k kernel ran {rope_calls} times")
+    if norm_calls != modulations:
+        raise AssertionError(f"{name}: the LayerNorm + modulation kernel ran {norm_calls} times, not {modulations}")
     if not torch.equal(plain, fused):
         raise AssertionError(f"{name} with fused norms differs: max {(plain.float() - fused.float()).abs().max():.3g}")
-    print(f"{name}, {marked} norms marked, {calls} kernel calls: identical output")
+    print(f"{name}, {marked} modules marked, {rope_calls} + {norm_calls} kernel calls: identical output")
 
 
 def flux_inputs(config, text_len: int = 7, rows: int = 3, cols: int = 4) -> dict:
@@ -94,9 +122,12 @@ def main() -> None:
     check_qk_norm_rope(heads=3, head_dim=16, per_head=True)
     check_qk_norm_rope(heads=3, head_dim=12, per_head=False)
     check_qk_norm_rope(heads=4, head_dim=8, per_head=False)
+    check_norm_modulate()
     flux_config = replace(TINY_FLUX, guidance_embeds=False)
-    check_model("FLUX", seeded_bf16(FluxTransformer(flux_config), 3), flux_inputs(flux_config))
-    check_model("Wan", seeded_bf16(WanTransformer(TINY_WAN), 4), wan_inputs(TINY_WAN))
+    # 4 modulations per double-stream block, 1 per single-stream block, 1 before the output
+    modulations = 4 * flux_config.num_layers + flux_config.num_single_layers + 1
+    check_model("FLUX", seeded_bf16(FluxTransformer(flux_config), 3), flux_inputs(flux_config), modulations)
+    check_model("Wan", seeded_bf16(WanTransformer(TINY_WAN), 4), wan_inputs(TINY_WAN), 2 * TINY_WAN.num_layers)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ from sgdiff.models.layers import (
     AdaModulation,
     FeedForward,
     MLPEmbedder,
-    layer_norm,
     linear_over_concat,
-    modulate,
     project,
     project_then_gelu,
     timestep_embedding,
@@ -86,11 +84,12 @@ class DoubleStreamBlock(nn.Module):
     def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, rope: Rope):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(temb)
         c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = self.norm1_context(temb)
-        img_attn, txt_attn = self.attn(modulate(img, shift1, scale1), modulate(txt, c_shift1, c_scale1), rope)
+        h_img, h_txt = self.norm1.modulate(img, shift1, scale1), self.norm1_context.modulate(txt, c_shift1, c_scale1)
+        img_attn, txt_attn = self.attn(h_img, h_txt, rope)
         img = img + gate1 * img_attn
-        img = img + gate2 * self.ff(modulate(img, shift2, scale2))
+        img = img + gate2 * self.ff(self.norm1.modulate(img, shift2, scale2))
         txt = txt + c_gate1 * txt_attn
-        txt = txt + c_gate2 * self.ff_context(modulate(txt, c_shift2, c_scale2))
+        txt = txt + c_gate2 * self.ff_context(self.norm1_context.modulate(txt, c_shift2, c_scale2))
         return img, clip_fp16(txt)
 
 
@@ -106,7 +105,7 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, rope: Rope) -> torch.Tensor:
         shift, scale, gate = self.norm(temb)
-        h = modulate(x, shift, scale)
+        h = self.norm.modulate(x, shift, scale)
         a = self.attn
         q, k, v, mlp_out = project_then_gelu(h, a.to_q, a.to_k, a.to_v, self.proj_mlp)
         q, k = norm_and_rope([(q, a.norm_q)], rope, a.heads), norm_and_rope([(k, a.norm_k)], rope, a.heads)
@@ -199,4 +198,4 @@ class FluxTransformer(nn.Module):
         img = x[:, txt_len:]
 
         scale, shift = self.norm_out(temb)
-        return self.proj_out(layer_norm(img) * (1 + scale) + shift)
+        return self.proj_out(self.norm_out.modulate(img, shift, scale))

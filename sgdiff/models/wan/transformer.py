@@ -93,11 +93,11 @@ class WanBlock(nn.Module):
     def forward(self, x, context, image_context, modulation: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         # modulation: [B, 1 or S, 6, D] -> six [B, 1 or S, D] vectors, in float32
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + modulation.float()).unbind(2)
-        h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+        h = self.norm1.modulate(x, shift, scale)
         x = (x.float() + self.attn1(h, rope=rope) * gate).type_as(x)
         h = self.norm2(x.float()).type_as(x)
         x = x + self.attn2(h, context, image_context=image_context)
-        h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+        h = self.norm3.modulate(x, c_shift, c_scale)
         return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
 
 
