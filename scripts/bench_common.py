@@ -43,7 +43,7 @@ def print_top_kernels(fn, rows: int = 15) -> None:
 def speed_matrix(model, call, warmup: int, repeat: int, baseline: dict | None = None) -> tuple[dict, dict]:
     """sgdiff's speed toggles added one after another on `model` (call() runs one forward): SDPA's own
     kernel choice -> cuDNN (--attention-backend auto) -> + CUDA graph; fused GELU (+ graph); fused
-    projections (+ graph); + regional torch.compile (+ graph); fused norms are not in the matrix yet.
+    projections (+ graph); fused norms (+ graph; CUDA only); + regional torch.compile (+ graph).
     `baseline` (name -> fn, e.g. diffusers) is timed in the same rounds as the first group. Returns
     (variant -> list of ms, {"compile_s": the first compiled call's seconds}); the toggles are the
     ones `sgdiff generate` applies (sgdiff/speed/). The model is left fused and compiled."""
@@ -51,7 +51,7 @@ def speed_matrix(model, call, warmup: int, repeat: int, baseline: dict | None = 
     from sgdiff.speed.attention_backends import attention_backend
     from sgdiff.speed.compile import compile_blocks
     from sgdiff.speed.cuda_graph import CudaGraphForward
-    from sgdiff.speed.fuse import fuse_gelu, fuse_projections
+    from sgdiff.speed.fuse import fuse_gelu, fuse_norms, fuse_projections
 
     device, dtype = torch.device(DEVICE), torch.bfloat16
     sdpa, auto = attention_backend("sdpa", device, dtype), attention_backend("auto", device, dtype)
@@ -88,6 +88,15 @@ def speed_matrix(model, call, warmup: int, repeat: int, baseline: dict | None = 
         warmup,
         repeat,
     )
+    fused = "fused"
+    if DEVICE == "cuda":  # (the Triton kernels; on the CPU they run only in Triton's interpreter)
+        fuse_norms(model)
+        fused = "fused + norms"
+        times |= time_interleaved(
+            {"sgdiff, auto + fused + norms": under(auto, call), "sgdiff, auto + fused + norms + CUDA graph": graphed()},
+            warmup,
+            repeat,
+        )
     compile_blocks(model)
     start = time.perf_counter()
     under(auto, call)()
@@ -96,8 +105,8 @@ def speed_matrix(model, call, warmup: int, repeat: int, baseline: dict | None = 
     compile_s = time.perf_counter() - start
     times |= time_interleaved(
         {
-            "sgdiff, auto + fused + compile": under(auto, call),
-            "sgdiff, all (fused GELU + projections, compile, CUDA graph)": graphed(),
+            f"sgdiff, auto + {fused} + compile": under(auto, call),
+            f"sgdiff, all ({fused}, compile, CUDA graph)": graphed(),
         },
         warmup,
         repeat,
