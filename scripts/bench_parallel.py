@@ -10,7 +10,7 @@ Wan with CFG two forwards and the guided combination. The 1-GPU baseline runs on
 agreement: relative error of the parallel step's output against the 1-GPU step's.
 
     torchrun --nproc-per-node N scripts/bench_parallel.py [--cuda-graph] [--wan-model 14b]
-        [--wan-size 480p 720p] [--json out.json] [--tiny]
+        [--wan-size 480p 720p] [--json out.json] [--tiny] [--fake-all-to-all]
 """
 
 from __future__ import annotations
@@ -229,6 +229,17 @@ def bench_wan(name: str, config, size: dict, device, args) -> list[dict]:
         return compare_modes(name, label, model, step, wan_modes(dist.get_world_size()), device, args)
 
 
+class NothingInFlight:
+    def wait(self) -> None:
+        return None
+
+
+def local_copy_instead(output: torch.Tensor, input: torch.Tensor, *args, async_op: bool = False, **kwargs):
+    """--fake-all-to-all's stand-in for dist.all_to_all_single: the bytes are copied, none travel."""
+    output.copy_(input)
+    return NothingInFlight() if async_op else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (gloo): checks the script")
@@ -246,7 +257,12 @@ def main() -> None:
     parser.add_argument("--wan-size", nargs="+", choices=list(WAN_SIZES), default=["480p"])
     parser.add_argument("--noise-floor", action="store_true", help="also 1 GPU with flash vs cuDNN (bf16 noise)")
     parser.add_argument("--comm", action="store_true", help="also time all-to-alls of the sizes FLUX Ulysses-2 sends")
+    parser.add_argument("--fake-all-to-all", action="store_true",
+                        help="every all-to-all a local copy of its size: Ulysses with its communication hidden "
+                             "perfectly (wrong outputs, the same compute)")  # fmt: skip
     args = parser.parse_args()
+    if args.fake_all_to_all:
+        dist.all_to_all_single = local_copy_instead
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu") if args.tiny else torch.device("cuda", local_rank)
     if device.type == "cuda":
