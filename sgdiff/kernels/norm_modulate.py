@@ -1,7 +1,8 @@
 """LayerNorm (no affine) and adaLN modulation, x -> norm(x) * (1 + scale) + shift, in one Triton
-kernel (--enable-fused-norms): one read of x and one write, where eager runs four kernels and
-torch.compile's fusion of them ran at half the memory bandwidth (FLUX.1-dev, H100: 38 us per call,
-against 17 us to read and write 4608 x 3072 once)."""
+kernel (--enable-fused-norms): one read of x and one write, where eager runs four kernels. On an
+H100 with every other toggle: Wan2.1-1.3B 504 -> 500 ms per forward; FLUX.1-dev without compile
+139 -> 134 ms; compiled FLUX unchanged: inductor's fusion of its bf16 ops is as fast inside the
+model, though alone it took 38 us per call against this kernel's prototype's 19."""
 
 from __future__ import annotations
 
