@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import imageio.v2 as imageio
 import pytest
@@ -222,6 +223,17 @@ def test_wan_pipeline_stages_and_parallel_modes(tiny_wan):
         ("denoising", ParallelMode.CFG_SPLIT),
         ("decoding", ParallelMode.RANK0_ONLY),
     ]
+
+
+def test_missing_mp4_writer_is_refused_before_loading(tiny_wan, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # `import imageio_ffmpeg` now fails
+    one_line_error(generate(tiny_wan("t2v"), "--prompt", "p", "--num-frames", "5", "--output-path", str(tmp_path)),
+                   "MP4 output needs ffmpeg through the imageio-ffmpeg package")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+    frames = generate(tiny_wan("t2v"), "--prompt", "p", "--num-frames", "5", "--output-path", str(tmp_path),
+                      "--output-format", "png", "--output-file-name", "clip")  # fmt: skip
+    assert frames.exit_code == 0, frames.output
+    assert len(list((tmp_path / "clip").glob("frame_*.png"))) == 5
 
 
 def test_output_targets_of_the_other_kind_are_refused_before_loading(tiny_wan, tmp_path):

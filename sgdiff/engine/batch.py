@@ -17,7 +17,7 @@ from sgdiff.errors import UserError
 from sgdiff.io.files import write_atomically
 from sgdiff.io.image import OutputNamer, check_output_file_name, save_png
 from sgdiff.io.input_image import prefetch
-from sgdiff.io.video import save_mp4, save_png_frames
+from sgdiff.io.video import mp4_writer_problem, save_mp4, save_png_frames
 from sgdiff.models.resolve import default_model_path
 from sgdiff.pipeline.base import PipelineEvents
 
@@ -92,6 +92,8 @@ def prepare_batch(request: BatchRequest, events: PipelineEvents, runtime: Runtim
     out = request.output
     suffix = output_suffix(engine.info.spec.output, out.output_format)
     if out.output_file_name is not None and (problem := check_output_file_name(out.output_file_name, suffix)):
+        raise UserError(problem)
+    if out.save_output and suffix == ".mp4" and (problem := mp4_writer_problem()):
         raise UserError(problem)
     paths = output_paths(all_params, out, suffix) if out.save_output else []
     return PreparedBatch(model_path, engine, all_params, suffix, paths)

@@ -20,6 +20,21 @@ def even_sized(frames: np.ndarray) -> np.ndarray:
     return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
 
 
+def mp4_writer_problem() -> str | None:
+    """Why MP4s cannot be written here (imageio-ffmpeg or its ffmpeg binary missing), or None; checked
+    before any weight loads, so a broken install fails in a second rather than after a whole run."""
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as error:
+        return (
+            f"MP4 output needs ffmpeg through the imageio-ffmpeg package ({error}): "
+            "pip install imageio-ffmpeg, or write PNG frames with --output-format png"
+        )
+    return None
+
+
 def save_mp4(frames: np.ndarray, path: Path, fps: int, parameters: dict[str, Any]) -> Path:
     """frames: [T, H, W, 3] uint8. The parameters go into the MP4's `comment` metadata as JSON."""
     import imageio.v2 as imageio
