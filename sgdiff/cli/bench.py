@@ -40,17 +40,10 @@ def bench(
 
             raise UserError(f"--json {json_path}: the folder {json_path.parent} does not exist")
         from sgdiff.bench.run import render, run_bench
-        from sgdiff.config import SpeedConfig
         from sgdiff.io.files import write_atomically
 
-        speed = SpeedConfig(
-            attention_backend.value,
-            fused_projections=enable_fused_projections,
-            fused_gelu=enable_fused_gelu,
-            fused_norms=enable_fused_norms,
-            torch_compile=enable_torch_compile,
-            cuda_graph=enable_cuda_graph,
-        )
+        speed = opt.speed_config(attention_backend, enable_fused_projections, enable_fused_gelu, enable_fused_norms,
+                                 enable_torch_compile, enable_cuda_graph)  # fmt: skip
         result = run_bench(model.value, speed, tiny=tiny, warmup=warmup, repeat=repeat)
         typer.echo(render(result))
         if json_path is not None:

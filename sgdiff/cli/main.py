@@ -119,7 +119,7 @@ def generate(
 ) -> None:
     """Generate images or videos from a prompt (or a file of prompts)."""
     with user_errors():
-        from sgdiff.config import ParallelConfig, RuntimeConfig, SpeedConfig, check_sampling_values
+        from sgdiff.config import ParallelConfig, RuntimeConfig, check_sampling_values
         from sgdiff.errors import UserError
 
         flags = {
@@ -161,13 +161,13 @@ def generate(
             runtime=RuntimeConfig(
                 device=device,
                 dtype=dtype,
-                speed=SpeedConfig(
-                    attention_backend.value,
-                    fused_projections=enable_fused_projections,
-                    fused_gelu=enable_fused_gelu,
-                    fused_norms=enable_fused_norms,
-                    torch_compile=enable_torch_compile,
-                    cuda_graph=enable_cuda_graph,
+                speed=opt.speed_config(
+                    attention_backend,
+                    enable_fused_projections,
+                    enable_fused_gelu,
+                    enable_fused_norms,
+                    enable_torch_compile,
+                    enable_cuda_graph,
                 ),
             ),
             parallel=parallel,

@@ -270,3 +270,12 @@ EnableCudaGraph = Annotated[
         rich_help_panel=SPEED,
     ),
 ]
+
+
+def speed_config(attention_backend: AttentionBackendChoice, projections: bool, gelu: bool, norms: bool, compile_: bool,
+                 graph: bool):  # fmt: skip
+    """The speed flags, shared by `generate` and `bench`, as the library's SpeedConfig."""
+    from sgdiff.config import SpeedConfig
+
+    return SpeedConfig(attention_backend.value, fused_projections=projections, fused_gelu=gelu, fused_norms=norms,
+                       torch_compile=compile_, cuda_graph=graph)  # fmt: skip
