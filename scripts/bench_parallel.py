@@ -11,6 +11,10 @@ agreement: relative error of the parallel step's output against the 1-GPU step's
 
     torchrun --nproc-per-node N scripts/bench_parallel.py [--cuda-graph] [--wan-model 14b]
         [--wan-size 480p 720p] [--json out.json] [--tiny] [--fake-all-to-all]
+        [--modes ulysses ring usp cfg] [--exchange nccl symmetric]
+
+--exchange with several values runs each Ulysses mode once per exchange (NCCL's all-to-all, or
+writes into the peers' symmetric memory) and checks that both give the same output.
 """
 
 from __future__ import annotations
@@ -142,6 +146,17 @@ def wan_modes(world: int) -> list[tuple[str, ParallelConfig]]:
     return [(cfg, ParallelConfig(world, enable_cfg_parallel=True)), (f"Ulysses-{world}", ParallelConfig(world))]
 
 
+def with_exchanges(
+    modes: list[tuple[str, ParallelConfig]], exchanges: list[str]
+) -> list[tuple[str, ParallelConfig, str]]:
+    """Each mode with a Ulysses group once per exchange asked for (labelled when more than one)."""
+    out = []
+    for label, parallel in modes:
+        ways = exchanges if parallel.resolved().ulysses_degree > 1 else exchanges[:1]
+        out += [(label + (f" {way}" if len(ways) > 1 else ""), parallel, way) for way in ways]
+    return out
+
+
 def prepared(model: torch.nn.Module, args) -> torch.nn.Module:
     """The model with the speed toggles asked for, applied as `sgdiff generate` applies them (the CUDA
     graph is this script's own --cuda-graph, around a whole step)."""
@@ -171,20 +186,28 @@ def compare_modes(name: str, label: str, model, step, modes, device, args) -> li
                 _, _, other = run(lambda: step(None))
             rows.append(dict(model=name, size=label, mode="1 GPU flash", ms_per_step=float("nan"),
                              rel_err_vs_1gpu=relative_error(other, base)))  # fmt: skip
-        for mode, parallel in modes:
+        first_exchange: dict[str, torch.Tensor] = {}  # the first exchange's output of each mode
+        chosen = [m for m in modes if args.modes is None or m[0].split("-")[0].split()[0].lower() in args.modes]
+        for mode, parallel, exchange in with_exchanges(chosen, args.exchange):
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # NCCL allocates a new group's buffers outside torch's cache
             groups = build_groups(parallel)
-            attn = apply_sequence_parallel([model], groups) if groups.sp_degree > 1 else None
+            attn = apply_sequence_parallel([model], groups, exchange=exchange) if groups.sp_degree > 1 else None
             with use_attention_impl(attn) if attn else nullcontext():
                 ms, host, out = run(lambda groups=groups: step(groups))
                 if args.profile and not graphed:
                     profile_on_rank0(lambda groups=groups: step(groups), f"{name} {mode}")
             if attn:
                 attn.remove()
+            if dist.get_rank() == 0:
+                print(f"{name} {label} {mode}{suffix}: {ms:.1f} ms/step", flush=True)
             rows.append(dict(model=name, size=label, mode=mode + suffix, ms_per_step=ms, host_ms=host,
                              speedup=base_ms / ms, scaling=base_ms / ms / world,
                              rel_err_vs_1gpu=relative_error(out, base)))  # fmt: skip
+            same_mode = mode.removesuffix(f" {exchange}")
+            if same_mode in first_exchange:  # the exchanges move the same bytes: the outputs must be equal
+                rows[-1]["max_diff_vs_other_exchange"] = (out - first_exchange[same_mode]).abs().max().item()
+            first_exchange.setdefault(same_mode, out)
     return rows
 
 
@@ -257,6 +280,16 @@ def main() -> None:
     parser.add_argument("--wan-size", nargs="+", choices=list(WAN_SIZES), default=["480p"])
     parser.add_argument("--noise-floor", action="store_true", help="also 1 GPU with flash vs cuDNN (bf16 noise)")
     parser.add_argument("--comm", action="store_true", help="also time all-to-alls of the sizes FLUX Ulysses-2 sends")
+    parser.add_argument(
+        "--modes", nargs="+", choices=["ulysses", "ring", "usp", "cfg"], help="only these parallel modes (default: all)"
+    )
+    parser.add_argument(
+        "--exchange",
+        nargs="+",
+        choices=["auto", "nccl", "symmetric"],
+        default=["auto"],
+        help="how Ulysses exchanges heads and tokens; several: each mode once per exchange",
+    )
     parser.add_argument("--fake-all-to-all", action="store_true",
                         help="every all-to-all a local copy of its size: Ulysses with its communication hidden "
                              "perfectly (wrong outputs, the same compute)")  # fmt: skip
@@ -293,7 +326,8 @@ def main() -> None:
             ms = f"{r['ms_per_step']:.1f}"
             scaling = f"{r['scaling']:.0%}" if "scaling" in r else ""
             row = f"{r['model']:16} {r['size']:22} {r['mode']:20} {ms:>9} {host:>8} {speedup:>9} {scaling:>8} {err:>8}"
-            print(row)
+            print(row + (f"  max diff vs other exchange {r['max_diff_vs_other_exchange']:.1e}"
+                         if "max_diff_vs_other_exchange" in r else ""))  # fmt: skip
         if args.json:
             payload = {"card": card, "torch": torch.__version__, "rows": results, "all_to_all": comm}
             args.json.write_text(json.dumps(payload, indent=1))

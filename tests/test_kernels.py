@@ -21,3 +21,15 @@ def test_fused_norm_kernels_match_the_unfused_path():
     assert sum("identical" in line for line in lines) == 6, done.stdout
     assert "FLUX, 19 modules marked, 8 + 11 kernel calls" in done.stdout
     assert "Wan, 15 modules marked, 4 + 4 kernel calls" in done.stdout
+
+
+def test_signal_barrier_holds_every_rank_until_all_arrive():
+    """Ranks as forked processes, the last one late every round: nobody passes a barrier before every
+    rank's write is in, and each pad ends holding each peer's arrival count (2 barriers x 3 rounds)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "sgdiff.testing.barrier_check"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "exit codes [0, 0, 0]; values seen before they arrived [0, 0, 0]" in done.stdout, done.stdout
+    assert "pads [[0, 6, 6], [6, 0, 6], [6, 6, 0]]" in done.stdout, done.stdout

@@ -32,3 +32,30 @@ def test_sharded_attention_equals_whole_sequence(mode, backend):
     for rank, out in enumerate(run_on_ranks(MODES[mode], sharded_attention, q, k, v, SEGMENTS, backend)):
         difference = (out - reference).abs().max().item()
         assert difference <= 1e-5, f"{mode} rank {rank}: max abs diff {difference}"
+
+
+@pytest.mark.parametrize("degree", [2, 4])
+def test_symmetric_memory_exchange_layouts(degree):
+    """The symmetric-memory Ulysses exchange, its ranks simulated in one process (the peers' buffers
+    are plain tensors here): what lands in each inbox is that rank's head group of every rank's
+    tokens, in rank order, and what lands in each outbox is every head group's output for its tokens."""
+    from sgdiff.parallel.symmetric_exchange import received_sequence, scatter_heads, scatter_sequence
+
+    g = torch.Generator().manual_seed(0)
+    b, s_loc, h, d = 2, 3, 2, 4  # h heads per Ulysses rank
+    qkv = [[torch.randn(b, s_loc, degree * h, d, generator=g) for _ in range(3)] for _ in range(degree)]
+    inboxes = [torch.full((b, degree, s_loc, 3, h, d), float("nan")) for _ in range(degree)]
+    for rank in range(degree):
+        scatter_heads(tuple(qkv[rank]), inboxes, rank)
+    for j in range(degree):
+        for i, got in enumerate(received_sequence(inboxes[j])):
+            expected = torch.cat([qkv[rank][i][:, :, j * h : (j + 1) * h] for rank in range(degree)], dim=1)
+            assert torch.equal(got, expected), f"rank {j} tensor {i}"
+
+    outs = [torch.randn(b, degree * s_loc, h, d, generator=g) for _ in range(degree)]  # per head group
+    outboxes = [torch.full((b, s_loc, degree * h, d), float("nan")) for _ in range(degree)]
+    for rank in range(degree):
+        scatter_sequence(outs[rank], outboxes, rank)
+    for j in range(degree):
+        expected = torch.cat([outs[group][:, j * s_loc : (j + 1) * s_loc] for group in range(degree)], dim=2)
+        assert torch.equal(outboxes[j], expected), f"rank {j}"

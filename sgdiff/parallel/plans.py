@@ -115,11 +115,11 @@ def shard_wan(model: WanTransformer, attn: SequenceParallelAttention, groups: Pa
 
 
 def apply_sequence_parallel(
-    models: list[nn.Module], groups: ParallelGroups, inner: AttentionImpl = sdpa_attention
+    models: list[nn.Module], groups: ParallelGroups, inner: AttentionImpl = sdpa_attention, exchange: str = "auto"
 ) -> SequenceParallelAttention:
     """Shard every transformer of a pipeline; returns the attention implementation to install (it runs
-    `inner`, the single-GPU kernel, on what each rank holds)."""
-    attn = SequenceParallelAttention(groups, inner)
+    `inner`, the single-GPU kernel, on what each rank holds; `exchange`: SequenceParallelAttention's)."""
+    attn = SequenceParallelAttention(groups, inner, exchange)
     for model in models:
         if isinstance(model, FluxTransformer):
             shard_flux(model, attn, groups)

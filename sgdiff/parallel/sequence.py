@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from sgdiff.models.attention import AttentionImpl, sdpa_attention
 from sgdiff.parallel.groups import ParallelGroups
+from sgdiff.parallel.symmetric_exchange import SymmetricUlysses, symmetric_memory_usable
 
 
 @dataclass(frozen=True)
@@ -156,11 +157,25 @@ class SequenceParallelAttention:
 
     plans.py sets, per forward: `layout` (None outside a sharded forward: plain attention) and
     `local_depth` (> 0 inside a cross-attention whose keys every rank holds: plain attention on the
-    local queries)."""
+    local queries).
 
-    def __init__(self, groups: ParallelGroups, inner: AttentionImpl = sdpa_attention):
+    exchange: how Ulysses moves heads and tokens. "auto": through symmetric memory for a Ulysses
+    group of 2 whose GPUs can map each other's memory (parallel/symmetric_exchange.py; measured on
+    2x H100), else NCCL's all-to-all; "nccl" or "symmetric" (any degree) to force one. Made by every
+    rank of the group together (a collective)."""
+
+    def __init__(self, groups: ParallelGroups, inner: AttentionImpl = sdpa_attention, exchange: str = "auto"):
+        if exchange not in ("auto", "nccl", "symmetric"):
+            raise ValueError(f"exchange must be auto, nccl or symmetric, not {exchange!r}")
         self.groups = groups
         self.inner = inner
+        self.symmetric: SymmetricUlysses | None = None
+        u = groups.config.ulysses_degree
+        if (exchange == "symmetric" and u > 1) or (exchange == "auto" and u == 2):
+            if symmetric_memory_usable(groups.ulysses_group):
+                self.symmetric = SymmetricUlysses(groups.ulysses_group)
+            elif exchange == "symmetric":
+                raise RuntimeError("the Ulysses group's GPUs cannot map each other's memory (symmetric memory)")
         self.layout: TokenLayout | None = None
         self.local_depth = 0
         self.hooks: list = []  # the forward hooks that shard the models (plans.py)
@@ -179,6 +194,10 @@ class SequenceParallelAttention:
         u, r = g.config.ulysses_degree, g.config.ring_degree
         if u == 1:
             return self.ring(q, k, v)
+        if self.symmetric is not None:
+            q, k, v = self.symmetric.heads_to_sequence(q, k, v)  # each [B, U*S_loc, h, D]
+            out = self.attend(q, k, v) if r == 1 else self.ring(q, k, v)
+            return self.symmetric.sequence_to_heads(out)  # [B, S_loc, H, D]
         b, s, heads, d = q.shape
         chunks = PIPELINE_CHUNKS if r == 1 and heads % (u * PIPELINE_CHUNKS) == 0 else 1
         # [B, S_loc, H, D] -> [B, S_loc, U, C, h, D]: Ulysses rank j gets head group j, in C chunks of h heads

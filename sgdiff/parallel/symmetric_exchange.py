@@ -1,0 +1,135 @@
+"""Ulysses' two exchanges through symmetric memory, for the ranks of one host (CUDA).
+
+NCCL's all_to_all_single sends one contiguous block to each rank, so q, k and v are first packed
+into a send buffer, and the attention output is unpacked after its way back: on FLUX.1-dev
+Ulysses-2 those copies move ~140 MB per attention. With symmetric memory each rank maps its peers'
+buffers and writes its slice of every head group straight to where the peer's attention reads it
+(the peer's inbox), and each head group's attention output straight back into its owner's
+[B, S_loc, H, D] buffer (the outbox) at that head group's place: one strided copy per peer and
+tensor instead of pack + send + unpack. A barrier closes each exchange (kernels/triton_signal_barrier.py:
+arrival counts in the signal pads).
+
+The buffers need no double buffering: a rank writes into a peer's inbox only after the barrier that
+closes the previous attention's output exchange, which the peer reaches only once its attention has
+read the inbox; likewise a rank writes into a peer's outbox only after the next q/k/v barrier, which
+the peer reaches only after using its outbox. So the output `sequence_to_heads` returns is valid until
+this rank's next attention call (models use an attention's output before they attend again)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def scatter_heads(tensors: tuple[torch.Tensor, ...], inboxes: list[torch.Tensor], rank: int) -> None:
+    """Write head group j of each of `tensors` (q, k, v: [B, S_loc, H, D], my tokens) into rank j's
+    inbox ([B, U, S_loc, n, h, D]: source rank, its tokens, which tensor, heads), at source `rank`."""
+    u = len(inboxes)
+    for j in [*range(rank + 1, u), *range(rank + 1)]:  # peers first: NVLink is the slow part
+        for i, x in enumerate(tensors):
+            h = x.shape[2] // u
+            inboxes[j][:, rank, :, i].copy_(x[:, :, j * h : (j + 1) * h])
+
+
+def received_sequence(inbox: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor's view in my inbox: [B, U, S_loc, n, h, D] -> n x [B, U*S_loc, h, D] (no copy)."""
+    return tuple(x.flatten(1, 2) for x in inbox.unbind(3))
+
+
+def scatter_sequence(out: torch.Tensor, outboxes: list[torch.Tensor], rank: int) -> None:
+    """Write rank j's tokens of `out` ([B, U*S_loc, h, D]: my head group, every rank's tokens) into rank
+    j's outbox ([B, S_loc, H, D]) at my head group's place."""
+    u = len(outboxes)
+    s, h = out.shape[1] // u, out.shape[2]
+    for j in [*range(rank + 1, u), *range(rank + 1)]:
+        outboxes[j][:, :, rank * h : (rank + 1) * h].copy_(out[:, j * s : (j + 1) * s])
+
+
+def symmetric_memory_usable(group: dist.ProcessGroup) -> bool:
+    """Whether the ranks of `group` can map each other's memory: NCCL (CUDA) ranks, all on this host,
+    each GPU with peer access to the others'. A collective: every rank of the group calls it, and all
+    get the same answer."""
+    if dist.get_backend(group) != "nccl":
+        return False
+    world = dist.get_world_size(group)
+    placed = [None] * world
+    dist.all_gather_object(placed, (socket.gethostname(), torch.cuda.current_device()), group=group)
+    mine = torch.cuda.current_device()
+    local_ok = len({host for host, _ in placed}) == 1 and all(
+        device == mine or (device < torch.cuda.device_count() and torch.cuda.can_device_access_peer(mine, device))
+        for _, device in placed
+    )
+    verdicts = [None] * world
+    dist.all_gather_object(verdicts, local_ok, group=group)
+    return all(verdicts)
+
+
+class SymmetricUlysses:
+    """Ulysses' all-to-alls for one group, in symmetric memory allocated once per shape."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        # no NVLink multicast objects: these exchanges never use them (and shared hosts may forbid them)
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        # one allocation per buffer: from torch's implicit pool a buffer may sit at an offset in a
+        # shared allocation, where get_buffer's views (counted from the allocation's start) would miss it
+        os.environ["TORCH_SYMMMEM_IMPLICIT_POOL"] = "0"
+        self.group = group
+        self.rank, self.degree = dist.get_rank(group), dist.get_world_size(group)
+        self.buffers: dict[tuple, list[torch.Tensor]] = {}
+        self.barrier: SignalBarrier | None = None
+        self.keep_alive: list = []
+
+    def boxes(self, shape: tuple[int, ...], like: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's buffer of `shape` (mine at self.rank), made on first use (a collective: every
+        rank asks for the same shapes in the same order)."""
+        key = (shape, like.dtype)
+        if key not in self.buffers:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            local = symm_mem.empty(*shape, dtype=like.dtype, device=like.device)
+            handle = symm_mem.rendezvous(local, self.group)
+            # `local` is its own allocation (no implicit pool), so it starts where get_buffer counts from
+            self.buffers[key] = [handle.get_buffer(p, shape, like.dtype) for p in range(self.degree)]
+            self.keep_alive += [local, handle]  # the views hold neither; the handle keeps peers mapped
+            if self.barrier is None:  # the first buffer's signal pads serve every exchange
+                self.barrier = SignalBarrier(handle, self.group, like.device)
+        return self.buffers[key]
+
+    def heads_to_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v: [B, S_loc, H, D] -> each [B, U*S_loc, H/U, D]: my head group of every rank's tokens."""
+        b, s, heads, d = q.shape
+        inboxes = self.boxes((b, self.degree, s, 3, heads // self.degree, d), q)
+        scatter_heads((q, k, v), inboxes, self.rank)
+        self.barrier()  # every rank's slices are in my inbox
+        return received_sequence(inboxes[self.rank])
+
+    def sequence_to_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """out: [B, U*S_loc, h, D] -> [B, S_loc, U*h, D], my tokens with every head (in my outbox)."""
+        b, s_all, h, d = out.shape
+        outboxes = self.boxes((b, s_all // self.degree, h * self.degree, d), out)
+        scatter_sequence(out, outboxes, self.rank)
+        self.barrier()
+        return outboxes[self.rank]
+
+
+class SignalBarrier:
+    """A barrier on the GPU streams of one host's ranks, in the signal pads of one symmetric buffer:
+    each rank counts its arrivals and stores the count in its slot of every peer's pad, then waits for
+    every peer's count in its own. Counts only grow: unlike flags that are raised and cleared (torch's
+    own `barrier()`), none is ever reset, so a replayed CUDA graph needs nothing put back."""
+
+    def __init__(self, handle, group: dist.ProcessGroup, device: torch.device):
+        world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.pads = torch.tensor([handle.signal_pad_ptrs[p] for p in range(world)], dtype=torch.int64, device=device)
+        self.count = torch.zeros(1, dtype=torch.int32, device=device)
+        handle.get_signal_pad(self.rank, (world,), torch.int32).zero_()
+        torch.cuda.synchronize(device)
+        dist.barrier(group=group)  # every pad is zero before anyone signals
+
+    def __call__(self) -> None:
+        from sgdiff.kernels.triton_signal_barrier import signal_barrier
+
+        signal_barrier(self.pads, self.count, self.rank)
