@@ -146,6 +146,11 @@ def wan_modes(world: int) -> list[tuple[str, ParallelConfig]]:
     return [(cfg, ParallelConfig(world, enable_cfg_parallel=True)), (f"Ulysses-{world}", ParallelConfig(world))]
 
 
+def mode_kind(label: str) -> str:
+    """A mode's --modes name: "Ulysses-2" -> ulysses, "USP 2x2" -> usp, "CFG 2 x Ulysses-2" -> cfg."""
+    return label.split("-")[0].split()[0].lower()
+
+
 def with_exchanges(
     modes: list[tuple[str, ParallelConfig]], exchanges: list[str]
 ) -> list[tuple[str, ParallelConfig, str]]:
@@ -187,7 +192,7 @@ def compare_modes(name: str, label: str, model, step, modes, device, args) -> li
             rows.append(dict(model=name, size=label, mode="1 GPU flash", ms_per_step=float("nan"),
                              rel_err_vs_1gpu=relative_error(other, base)))  # fmt: skip
         first_exchange: dict[str, torch.Tensor] = {}  # the first exchange's output of each mode
-        chosen = [m for m in modes if args.modes is None or m[0].split("-")[0].split()[0].lower() in args.modes]
+        chosen = [m for m in modes if args.modes is None or mode_kind(m[0]) in args.modes]
         for mode, parallel, exchange in with_exchanges(chosen, args.exchange):
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # NCCL allocates a new group's buffers outside torch's cache
