@@ -1,7 +1,8 @@
 """Sequence-parallel attention on its own: with each rank holding its shard of every segment (FLUX's
 text and image tokens, neither divisible by the ranks), the gathered output equals attention over
 the whole sequence, for Ulysses (heads pipelined in chunks), Ring and USP, and with another
-single-GPU kernel inside (--attention-backend math)."""
+single-GPU kernel inside (--attention-backend math); and where the symmetric-memory exchange of
+Ulysses writes each rank's slices (its GPU path runs in scripts/bench_parallel.py --exchange)."""
 
 from __future__ import annotations
 
