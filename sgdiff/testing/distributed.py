@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,11 +17,13 @@ from sgdiff.parallel.groups import ParallelGroups, build_groups
 
 def _rank_main(rank: int, world: int, init: str, config: ParallelConfig, fn, args, results) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # results travel pickled by value: a tensor put on the queue as it is travels as a shared-memory
+    # handle that the parent can no longer open once this process has exited
     try:
         output = fn(build_groups(config), *args)
-        results.put((rank, output))
+        results.put((rank, pickle.dumps(output)))
     except BaseException as exc:  # noqa: BLE001 - reported to the test
-        results.put((rank, exc))
+        results.put((rank, pickle.dumps(exc)))
         raise
     finally:
         dist.destroy_process_group()
@@ -40,7 +43,7 @@ def run_on_ranks(config: ParallelConfig, fn: Callable[..., Any], *args: Any, tim
         ]
         for proc in procs:
             proc.start()
-        outputs = dict(results.get(timeout=timeout) for _ in procs)
+        outputs = {rank: pickle.loads(payload) for rank, payload in (results.get(timeout=timeout) for _ in procs)}
         for proc in procs:
             proc.join(timeout=30)
     failures = [o for o in outputs.values() if isinstance(o, BaseException)]
