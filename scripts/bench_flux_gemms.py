@@ -20,8 +20,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import time_call  # noqa: E402
 
 DIM, MLP = 3072, 12288
 # (N, K, GELU in the epilogue) of the GEMMs a block runs per stream, with fused projections and GELU
@@ -31,17 +36,10 @@ BLOCKS = {"image": (19, 4096, DOUBLE_STREAM), "text": (19, 512, DOUBLE_STREAM), 
 
 
 def gpu_ms(fn, repeat: int = 30) -> float:
+    """Median ms of `repeat` calls after 5 warm-up calls (CUDA events, bench_common.time_call)."""
     for _ in range(5):
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeat):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(time_call(fn) for _ in range(repeat))
 
 
 def gemm_ms(m: int, n: int, k: int, gelu: bool) -> float:
