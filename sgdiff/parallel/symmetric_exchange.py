@@ -122,6 +122,9 @@ class SignalBarrier:
     own `barrier()`), none is ever reset, so a replayed CUDA graph needs nothing put back."""
 
     def __init__(self, handle, group: dist.ProcessGroup, device: torch.device):
+        from sgdiff.kernels.triton_signal_barrier import signal_barrier  # Triton: imported once, here
+
+        self.signal_barrier = signal_barrier
         world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.pads = torch.tensor([handle.signal_pad_ptrs[p] for p in range(world)], dtype=torch.int64, device=device)
         self.count = torch.zeros(1, dtype=torch.int32, device=device)
@@ -129,7 +132,5 @@ class SignalBarrier:
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every pad is zero before anyone signals
 
-    def __call__(self) -> None:
-        from sgdiff.kernels.triton_signal_barrier import signal_barrier
-
-        signal_barrier(self.pads, self.count, self.rank)
+    def __call__(self) -> None:  # twice per attention
+        self.signal_barrier(self.pads, self.count, self.rank)
