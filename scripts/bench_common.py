@@ -112,3 +112,46 @@ def speed_matrix(model, call, warmup: int, repeat: int, baseline: dict | None = 
         repeat,
     )
     return times, {"compile_s": compile_s}
+
+
+KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins
+    ("barrier", ("signal_barrier",)),
+    ("attention", ("fmha", "flash", "cudnn", "attention")),
+    ("GEMM", ("gemm", "nvjet", "xmma", "cutlass", "matmul")),
+    ("NCCL", ("nccl",)),
+    ("copy", ("copy", "memcpy", "cat", "stack")),
+    ("Triton (sgdiff, inductor)", ("triton", "_kernel")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other")
+
+
+def kernel_time_by_kind(fn, calls: int = 3) -> dict[str, float]:
+    """ms per call of GPU kernel time by kind (GEMM, attention, copies, ...) over `calls` calls of fn,
+    plus "busy" (the union of kernel intervals), "span" (first kernel's start to last kernel's end)
+    and "idle" (span - busy: the GPU waiting on the host, a peer or a dependency). Works on CUDA graph
+    replays too (the profiler sees the graph's kernels)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and e.time_range.elapsed_us() > 0]
+    kinds: dict[str, float] = {}
+    for e in kernels:
+        kind = kernel_kind(e.name)
+        kinds[kind] = kinds.get(kind, 0.0) + e.time_range.elapsed_us() / 1e3 / calls
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, reach = 0.0, float("-inf")
+    for start, end in intervals:  # the union's length, in one sweep
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    span = (intervals[-1][1] - intervals[0][0]) if intervals else 0.0
+    return kinds | {"busy": busy / 1e3 / calls, "span": span / 1e3 / calls, "idle": (span - busy) / 1e3 / calls}

@@ -123,15 +123,28 @@ def comm_rows(device: torch.device, sizes_mb: tuple[float, ...]) -> list[dict]:
     return rows
 
 
-def profile_on_rank0(fn, title: str) -> None:
+def profile_on_rank0(fn, title: str, graphed: bool, kinds: dict[str, dict]) -> None:
+    """Rank 0 prints the top kernels (eager calls) and records GPU time by kernel kind into `kinds`
+    (every rank profiles: the ranks of a parallel mode wait for each other)."""
+    from bench_common import kernel_time_by_kind
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    if dist.get_rank() == 0:
-        print(f"--- {title}")
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=60))
+    if not graphed:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        if dist.get_rank() == 0:
+            print(f"--- {title}")
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=60))
+    kinds[title + (" graph" if graphed else "")] = kernel_time_by_kind(fn)
+
+
+def print_kinds(kinds: dict[str, dict]) -> None:
+    """ms per step of GPU kernel time by kind, one column per profiled mode."""
+    names = sorted({k for row in kinds.values() for k in row} - {"busy", "span", "idle"}) + ["busy", "idle", "span"]
+    print(f"\nGPU ms per step by kernel kind (rank 0)\n{'':28}" + "".join(f"{t[-26:]:>27}" for t in kinds))
+    for name in names:
+        print(f"{name:28}" + "".join(f"{row.get(name, 0.0):27.2f}" for row in kinds.values()))
 
 
 def flux_modes(world: int) -> list[tuple[str, ParallelConfig]]:
@@ -171,24 +184,27 @@ def prepared(model: torch.nn.Module, args) -> torch.nn.Module:
     return model
 
 
-def compare_modes(name: str, label: str, model, step, modes, device, args) -> list[dict]:
+def compare_modes(name: str, label: str, model, step, modes, device, args, kinds: dict) -> list[dict]:
     """1 GPU against each parallel mode (eager, and replayed as CUDA graphs with --cuda-graph).
-    step(groups or None) runs one denoising step as that mode runs it."""
+    step(groups or None) runs one denoising step as that mode runs it. --profile records each
+    mode's GPU time by kernel kind into `kinds`."""
     world = dist.get_world_size()
     rows = []
     for graphed in (False, True) if args.cuda_graph else (False,):
         suffix = " graph" if graphed else ""
 
-        def run(fn, graphed=graphed):
-            return timed(as_cuda_graph(fn, device) if graphed else fn, device, args.warmup, args.repeat)
+        def run(fn, title: str, graphed=graphed):
+            fn = as_cuda_graph(fn, device) if graphed else fn
+            result = timed(fn, device, args.warmup, args.repeat)
+            if args.profile and device.type == "cuda":
+                profile_on_rank0(fn, f"{name} {title}", graphed, kinds)
+            return result
 
-        base_ms, base_host, base = run(lambda: step(None))
+        base_ms, base_host, base = run(lambda: step(None), "1 GPU")
         rows.append(dict(model=name, size=label, mode="1 GPU" + suffix, ms_per_step=base_ms, host_ms=base_host))
-        if args.profile and not graphed:
-            profile_on_rank0(lambda: step(None), f"{name} 1 GPU")
         if not graphed and args.noise_floor:  # two correct 1-GPU kernels disagree this much in bf16
             with use_attention_impl(flash_attention):
-                _, _, other = run(lambda: step(None))
+                _, _, other = timed(lambda: step(None), device, args.warmup, args.repeat)
             rows.append(dict(model=name, size=label, mode="1 GPU flash", ms_per_step=float("nan"),
                              rel_err_vs_1gpu=relative_error(other, base)))  # fmt: skip
         first_exchange: dict[str, torch.Tensor] = {}  # the first exchange's output of each mode
@@ -199,9 +215,7 @@ def compare_modes(name: str, label: str, model, step, modes, device, args) -> li
             groups = build_groups(parallel)
             attn = apply_sequence_parallel([model], groups, exchange=exchange) if groups.sp_degree > 1 else None
             with use_attention_impl(attn) if attn else nullcontext():
-                ms, host, out = run(lambda groups=groups: step(groups))
-                if args.profile and not graphed:
-                    profile_on_rank0(lambda groups=groups: step(groups), f"{name} {mode}")
+                ms, host, out = run(lambda groups=groups: step(groups), mode)
             if attn:
                 attn.remove()
             if dist.get_rank() == 0:
@@ -216,12 +230,13 @@ def compare_modes(name: str, label: str, model, step, modes, device, args) -> li
     return rows
 
 
-def bench_flux(config, size: int, device, args) -> list[dict]:
+def bench_flux(config, size: int, device, args, kinds: dict) -> list[dict]:
     model = prepared(random_model(FluxTransformer, config, device), args)
     inputs = transformer_inputs(BENCH_MODELS["flux.1-dev"], model, dict(height=size, width=size), device, seed=1)
     modes = flux_modes(dist.get_world_size())
     with torch.inference_mode():
-        return compare_modes("FLUX.1-dev", f"{size}x{size}", model, lambda groups: model(**inputs), modes, device, args)
+        step = lambda groups: model(**inputs)  # noqa: E731
+        return compare_modes("FLUX.1-dev", f"{size}x{size}", model, step, modes, device, args, kinds)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -233,7 +248,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
-def bench_wan(name: str, config, size: dict, device, args) -> list[dict]:
+def bench_wan(name: str, config, size: dict, device, args, kinds: dict) -> list[dict]:
     model = prepared(random_model(WanTransformer, config, device), args)
     wan = BENCH_MODELS["wan2.1-t2v-1.3b"]  # (the inputs' shapes come from `model`)
     cond_inputs = transformer_inputs(wan, model, size, device, seed=2)
@@ -254,7 +269,7 @@ def bench_wan(name: str, config, size: dict, device, args) -> list[dict]:
 
     label = f"{latent[0]}x{latent[1]}x{latent[2]} latents"
     with torch.inference_mode():
-        return compare_modes(name, label, model, step, wan_modes(dist.get_world_size()), device, args)
+        return compare_modes(name, label, model, step, wan_modes(dist.get_world_size()), device, args, kinds)
 
 
 class NothingInFlight:
@@ -275,7 +290,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--models", nargs="+", choices=["flux", "wan"], default=["flux", "wan"])
-    parser.add_argument("--profile", action="store_true", help="rank 0 prints the top kernels of each FLUX mode")
+    parser.add_argument("--profile", action="store_true", help="top kernels, GPU time by kernel kind (CUDA)")
     parser.add_argument("--cuda-graph", action="store_true", help="FLUX also as CUDA graph replays")
     parser.add_argument("--fuse", action="store_true", help="fused projections (--enable-fused-projections)")
     parser.add_argument("--gelu", action="store_true", help="GELU in the GEMM epilogue (--enable-fused-gelu)")
@@ -307,16 +322,16 @@ def main() -> None:
         torch.cuda.set_device(device)
     dist.init_process_group("gloo" if args.tiny else "nccl", device_id=None if args.tiny else device)
     flux_size = 64 if args.tiny else 1024
-    results = []
+    results, kinds = [], {}
     with torch.inference_mode():  # (the CUDA graph wrapper replays only without autograd)
         comm = comm_rows(device, (1.0, 14.0, 42.0)) if args.comm else []
     if "flux" in args.models:
-        results += bench_flux(TINY_FLUX if args.tiny else FLUX_DEV, flux_size, device, args)
+        results += bench_flux(TINY_FLUX if args.tiny else FLUX_DEV, flux_size, device, args, kinds)
     if "wan" in args.models:
         name, config = WAN_MODELS[args.wan_model]
         for size in args.wan_size:
             shape = dict(frames=9, height=48, width=64) if args.tiny else WAN_SIZES[size]  # tiny: 3x6x8 latents
-            results += bench_wan(name, TINY_WAN if args.tiny else config, shape, device, args)
+            results += bench_wan(name, TINY_WAN if args.tiny else config, shape, device, args, kinds)
     if dist.get_rank() == 0:
         card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(f"\n{card}, torch {torch.__version__}, {dist.get_world_size()} ranks")
@@ -333,8 +348,10 @@ def main() -> None:
             row = f"{r['model']:16} {r['size']:22} {r['mode']:20} {ms:>9} {host:>8} {speedup:>9} {scaling:>8} {err:>8}"
             print(row + (f"  max diff vs other exchange {r['max_diff_vs_other_exchange']:.1e}"
                          if "max_diff_vs_other_exchange" in r else ""))  # fmt: skip
+        if kinds:
+            print_kinds(kinds)
         if args.json:
-            payload = {"card": card, "torch": torch.__version__, "rows": results, "all_to_all": comm}
+            payload = {"card": card, "torch": torch.__version__, "rows": results, "all_to_all": comm, "kernels": kinds}
             args.json.write_text(json.dumps(payload, indent=1))
     dist.destroy_process_group()
 

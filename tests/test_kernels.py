@@ -1,8 +1,9 @@
 """sgdiff's Triton kernels, run on the CPU in Triton's interpreter, against the unfused path: the
 q/k RMSNorm + RoPE kernel (per-head and all-head norms, joined streams, strided rows, head counts
-and sizes that are not powers of 2) and the LayerNorm + modulation kernel (FLUX's bf16 rounding,
-Wan's float32 with per-token modulation) alone, then inside tiny FLUX and Wan transformers
-(bit-identical outputs, each kernel called where it should be). sgdiff/testing/kernel_checks.py."""
+and sizes that are not powers of 2), the LayerNorm + modulation kernel (FLUX's bf16 rounding,
+Wan's float32 with per-token modulation) and the head copy of Ulysses' symmetric exchange alone,
+then inside tiny FLUX and Wan transformers (bit-identical outputs, each kernel called where it
+should be). sgdiff/testing/kernel_checks.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def test_fused_norm_kernels_match_the_unfused_path():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.strip()]
-    assert sum("identical" in line for line in lines) == 6, done.stdout
+    assert sum("identical" in line for line in lines) == 8, done.stdout
+    assert "copy_heads in the exchange of 4 ranks: identical" in done.stdout
     assert "FLUX, 19 modules marked, 8 + 11 kernel calls" in done.stdout
     assert "Wan, 15 modules marked, 4 + 4 kernel calls" in done.stdout
 

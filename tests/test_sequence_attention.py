@@ -35,6 +35,22 @@ def test_sharded_attention_equals_whole_sequence(mode, backend):
         assert difference <= 1e-5, f"{mode} rank {rank}: max abs diff {difference}"
 
 
+@pytest.mark.parametrize("mode", ["ulysses-2", "ring-3"])
+def test_work_alongside_runs_while_q_k_v_travel(mode):
+    """attention_alongside: the same output and `work` run once; with Ulysses after every chunk's
+    all-to-all was started and before the first is waited on (Ring: first)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, sum(SEGMENTS), HEADS, 16, generator=g) for _ in range(3))
+    reference = sdpa_attention(q, k, v)
+    for out, events in run_on_ranks(MODES[mode], sharded_attention, q, k, v, SEGMENTS, "auto", True):
+        assert (out - reference).abs().max().item() <= 1e-5
+        assert events.count("work") == 1
+        if mode.startswith("ulysses"):
+            assert events[: PIPELINE_CHUNKS + 2] == [*["sent"] * PIPELINE_CHUNKS, "work", "arrived"]
+        else:
+            assert events == ["work"]
+
+
 @pytest.mark.parametrize("degree", [2, 4])
 def test_symmetric_memory_exchange_layouts(degree):
     """The symmetric-memory Ulysses exchange, its ranks simulated in one process (the peers' buffers

@@ -1,13 +1,15 @@
 """The one attention entry point of every sgdiff model.
 
-Models call `attention(q, k, v)` and nothing else; a kernel choice or sequence
-parallelism is swapped in here (see `use_attention_impl`), never inside a model.
+Models call `attention(q, k, v)` (or `attention_alongside`, with independent work that an
+implementation may run while its communication travels) and nothing else; a kernel choice or
+sequence parallelism is swapped in here (see `use_attention_impl`), never inside a model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,19 @@ _impl: AttentionImpl = sdpa_attention
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Full (unmasked) attention. q, k, v: [B, S, H, D]; returns [B, S, H, D]."""
     return _impl(q, k, v)
+
+
+def attention_alongside(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Callable[[], Any]
+) -> tuple[torch.Tensor, Any]:
+    """(attention(q, k, v), work()) where `work` does not depend on the attention (FLUX's
+    single-stream MLP). An implementation that moves q, k and v between GPUs first (Ulysses) runs
+    `work` while they travel (its `alongside`); any other runs it first."""
+    overlapping = getattr(_impl, "alongside", None)
+    if overlapping is not None:
+        return overlapping(q, k, v, work)
+    done = work()
+    return _impl(q, k, v), done
 
 
 def current_attention_impl() -> AttentionImpl:

@@ -13,8 +13,10 @@ padded keys are cut out before attention, padded queries are dropped when segmen
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -188,29 +190,38 @@ class SequenceParallelAttention:
 
     @torch.compiler.disable  # collectives and Python state: outside a compiled block's graph
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.alongside(q, k, v, lambda: None)[0]
+
+    @torch.compiler.disable
+    def alongside(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Callable[[], Any]) -> tuple:
+        """(attention, work()) as models/attention.py's attention_alongside asks: with Ulysses, `work`
+        runs while q, k and v travel (after every exchange has started, before any is waited on)."""
         if self.layout is None or self.local_depth:
-            return self.inner(q, k, v)
+            done = work()
+            return self.inner(q, k, v), done
         g = self.groups
         u, r = g.config.ulysses_degree, g.config.ring_degree
         if u == 1:
-            return self.ring(q, k, v)
+            done = work()
+            return self.ring(q, k, v), done
         if self.symmetric is not None:
-            q, k, v = self.symmetric.heads_to_sequence(q, k, v)  # each [B, U*S_loc, h, D]
-            out = self.attend(q, k, v) if r == 1 else self.ring(q, k, v)
-            return self.symmetric.sequence_to_heads(out)  # [B, S_loc, H, D]
+            *qkv, done = self.symmetric.heads_to_sequence(q, k, v, work)  # each [B, U*S_loc, h, D]
+            out = self.attend(*qkv) if r == 1 else self.ring(*qkv)
+            return self.symmetric.sequence_to_heads(out), done  # [B, S_loc, H, D]
         b, s, heads, d = q.shape
         chunks = PIPELINE_CHUNKS if r == 1 and heads % (u * PIPELINE_CHUNKS) == 0 else 1
         # [B, S_loc, H, D] -> [B, S_loc, U, C, h, D]: Ulysses rank j gets head group j, in C chunks of h heads
         q, k, v = (x.unflatten(2, (u, chunks, heads // (u * chunks))) for x in (q, k, v))
         inbound = [start_heads_to_sequence((q[:, :, :, c], k[:, :, :, c], v[:, :, :, c]), g.ulysses_group)
                    for c in range(chunks)]  # fmt: skip
+        done = work()  # on the compute stream while the all-to-alls are in flight
         outbound = []
         for arriving in inbound:
             qc, kc, vc = arriving.finish()  # [B, U*S_loc, h, D]
             out = self.attend(qc, kc, vc) if r == 1 else self.ring(qc, kc, vc)
             outbound.append(start_sequence_to_heads(out, g.ulysses_group, u))
         # the chunks back in head order: [B, S_loc, U, C, h, D] -> [B, S_loc, H, D]
-        return torch.stack([leaving.finish() for leaving in outbound], dim=3).view(b, s, heads, d)
+        return torch.stack([leaving.finish() for leaving in outbound], dim=3).view(b, s, heads, d), done
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """My Ulysses group's whole sequence is here: attention with the padded keys cut out."""

@@ -6,8 +6,10 @@ Ulysses-2 those copies move ~140 MB per attention. With symmetric memory each ra
 buffers and writes its slice of every head group straight to where the peer's attention reads it
 (the peer's inbox), and each head group's attention output straight back into its owner's
 [B, S_loc, H, D] buffer (the outbox) at that head group's place: one strided copy per peer and
-tensor instead of pack + send + unpack. A barrier closes each exchange (kernels/triton_signal_barrier.py:
-arrival counts in the signal pads).
+tensor instead of pack + send + unpack, each a Triton kernel that moves 16-byte vectors
+(kernels/triton_copy_heads.py; torch's strided copy_ stores element by element, which NVLink carries
+poorly). A barrier closes each exchange (kernels/triton_signal_barrier.py: arrival counts in the
+signal pads).
 
 The buffers need no double buffering: a rank writes into a peer's inbox only after the barrier that
 closes the previous attention's output exchange, which the peer reaches only once its attention has
@@ -19,19 +21,30 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+# copy(src, dst): dst[...] = src for two [B, S, H, D] views (on CUDA the Triton kernel)
+HeadCopy = Callable[[torch.Tensor, torch.Tensor], None]
 
-def scatter_heads(tensors: tuple[torch.Tensor, ...], inboxes: list[torch.Tensor], rank: int) -> None:
+
+def torch_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
+    dst.copy_(src)
+
+
+def scatter_heads(
+    tensors: tuple[torch.Tensor, ...], inboxes: list[torch.Tensor], rank: int, copy: HeadCopy = torch_copy
+) -> None:
     """Write head group j of each of `tensors` (q, k, v: [B, S_loc, H, D], my tokens) into rank j's
     inbox ([B, U, S_loc, n, h, D]: source rank, its tokens, which tensor, heads), at source `rank`."""
     u = len(inboxes)
     for j in [*range(rank + 1, u), *range(rank + 1)]:  # peers first: NVLink is the slow part
         for i, x in enumerate(tensors):
             h = x.shape[2] // u
-            inboxes[j][:, rank, :, i].copy_(x[:, :, j * h : (j + 1) * h])
+            copy(x[:, :, j * h : (j + 1) * h], inboxes[j][:, rank, :, i])
 
 
 def received_sequence(inbox: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -39,13 +52,13 @@ def received_sequence(inbox: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(x.flatten(1, 2) for x in inbox.unbind(3))
 
 
-def scatter_sequence(out: torch.Tensor, outboxes: list[torch.Tensor], rank: int) -> None:
+def scatter_sequence(out: torch.Tensor, outboxes: list[torch.Tensor], rank: int, copy: HeadCopy = torch_copy) -> None:
     """Write rank j's tokens of `out` ([B, U*S_loc, h, D]: my head group, every rank's tokens) into rank
     j's outbox ([B, S_loc, H, D]) at my head group's place."""
     u = len(outboxes)
     s, h = out.shape[1] // u, out.shape[2]
     for j in [*range(rank + 1, u), *range(rank + 1)]:
-        outboxes[j][:, :, rank * h : (rank + 1) * h].copy_(out[:, j * s : (j + 1) * s])
+        copy(out[:, j * s : (j + 1) * s], outboxes[j][:, :, rank * h : (rank + 1) * h])
 
 
 def symmetric_memory_usable(group: dist.ProcessGroup) -> bool:
@@ -76,6 +89,10 @@ class SymmetricUlysses:
         # one allocation per buffer: from torch's implicit pool a buffer may sit at an offset in a
         # shared allocation, where get_buffer's views (counted from the allocation's start) would miss it
         os.environ["TORCH_SYMMMEM_IMPLICIT_POOL"] = "0"
+        from sgdiff.kernels.triton_copy_heads import copy_heads  # Triton: imported once, here
+
+        self.copy = copy_heads
+        self.side = torch.cuda.Stream()  # the q/k/v writes, beside work the model gives (heads_to_sequence)
         self.group = group
         self.rank, self.degree = dist.get_rank(group), dist.get_world_size(group)
         self.buffers: dict[tuple, list[torch.Tensor]] = {}
@@ -98,19 +115,31 @@ class SymmetricUlysses:
                 self.barrier = SignalBarrier(handle, self.group, like.device)
         return self.buffers[key]
 
-    def heads_to_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q, k, v: [B, S_loc, H, D] -> each [B, U*S_loc, H/U, D]: my head group of every rank's tokens."""
+    def heads_to_sequence(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Callable[[], Any] = lambda: None
+    ) -> tuple:
+        """q, k, v: [B, S_loc, H, D] -> (each [B, U*S_loc, H/U, D]: my head group of every rank's
+        tokens, work()). The writes run on a side stream while `work` (which must not touch the
+        inboxes) runs on the compute stream: GEMMs leave SMs free in their last wave, which the
+        copies take, so the exchange costs less than its own time (FLUX's single-stream MLP)."""
         b, s, heads, d = q.shape
         inboxes = self.boxes((b, self.degree, s, 3, heads // self.degree, d), q)
-        scatter_heads((q, k, v), inboxes, self.rank)
+        compute = torch.cuda.current_stream()
+        self.side.wait_stream(compute)  # q, k, v are ready
+        with torch.cuda.stream(self.side):
+            scatter_heads((q, k, v), inboxes, self.rank, self.copy)
+        done = work()
+        # (q, k, v were made on the compute stream, which now waits for the side stream's last read
+        # of them: their memory is not handed out again before that)
+        compute.wait_stream(self.side)
         self.barrier()  # every rank's slices are in my inbox
-        return received_sequence(inboxes[self.rank])
+        return (*received_sequence(inboxes[self.rank]), done)
 
     def sequence_to_heads(self, out: torch.Tensor) -> torch.Tensor:
         """out: [B, U*S_loc, h, D] -> [B, S_loc, U*h, D], my tokens with every head (in my outbox)."""
         b, s_all, h, d = out.shape
         outboxes = self.boxes((b, s_all // self.degree, h * self.degree, d), out)
-        scatter_sequence(out, outboxes, self.rank)
+        scatter_sequence(out, outboxes, self.rank, self.copy)
         self.barrier()
         return outboxes[self.rank]
 

@@ -70,26 +70,39 @@ def parallel_latents(groups: ParallelGroups, requests: list[tuple[str, str, dict
 
 
 def sharded_attention(
-    groups: ParallelGroups, q, k, v, segment_lengths: tuple[int, ...], backend: str = "auto"
-) -> torch.Tensor:
+    groups: ParallelGroups, q, k, v, segment_lengths: tuple[int, ...], backend: str = "auto", log_overlap: bool = False
+):
     """Attention over a sequence of segments (FLUX: text, image) with every rank holding its shard of
     each segment, gathered back to the whole sequence's output (a run_on_ranks function); `backend`:
-    the single-GPU kernel (--attention-backend). q, k, v: [B, S, H, D], S = sum(segment_lengths)."""
-    from sgdiff.parallel.sequence import SequenceParallelAttention, SequenceSplit, TokenLayout
+    the single-GPU kernel (--attention-backend). q, k, v: [B, S, H, D], S = sum(segment_lengths).
+    log_overlap: through attention_alongside instead, returning (output, events): when each
+    all-to-all was started ("sent") and waited on ("arrived"), and when the work alongside ran ("work")."""
+    from sgdiff.models.attention import attention_alongside, use_attention_impl
+    from sgdiff.parallel import sequence
     from sgdiff.speed.attention_backends import attention_backend
 
-    segments = tuple(SequenceSplit(n, groups.sp_degree) for n in segment_lengths)
-    attn = SequenceParallelAttention(groups, attention_backend(backend, q.device, q.dtype))
-    attn.layout = TokenLayout(segments)
+    segments = tuple(sequence.SequenceSplit(n, groups.sp_degree) for n in segment_lengths)
+    attn = sequence.SequenceParallelAttention(groups, attention_backend(backend, q.device, q.dtype))
+    attn.layout = sequence.TokenLayout(segments)
     starts = [sum(segment_lengths[:i]) for i in range(len(segments))]
 
     def local(x: torch.Tensor) -> torch.Tensor:
         parts = [seg.shard(x[:, a : a + seg.full], 1, groups.sp_rank) for seg, a in zip(segments, starts, strict=True)]
         return torch.cat(parts, dim=1)
 
-    out = attn(local(q), local(k), local(v))  # [B, sum of local lengths, H, D]
+    events: list[str] = []
+    if log_overlap:
+        sent, arrived = sequence.InFlight.__init__, sequence.InFlight.finish
+        sequence.InFlight.__init__ = lambda self, *a: (events.append("sent"), sent(self, *a))[1]
+        sequence.InFlight.finish = lambda self: (events.append("arrived"), arrived(self))[1]
+        with use_attention_impl(attn):
+            out, done = attention_alongside(local(q), local(k), local(v), lambda: events.append("work") or 1)
+        assert done == 1, "attention_alongside returns what the work returned"
+    else:
+        out = attn(local(q), local(k), local(v))  # [B, sum of local lengths, H, D]
     whole, offset = [], 0
     for seg in segments:
         whole.append(seg.gather(out[:, offset : offset + seg.local], 1, groups.sp_group))
         offset += seg.local
-    return torch.cat(whole, dim=1)
+    gathered = torch.cat(whole, dim=1)
+    return (gathered, events) if log_overlap else gathered

@@ -45,6 +45,34 @@ def check_qk_norm_rope(heads: int, head_dim: int, per_head: bool) -> None:
     print(f"qk_norm_rope heads={heads} head_dim={head_dim} per_head={per_head}: identical")
 
 
+def check_copy_heads(degree: int) -> None:
+    """Ulysses' symmetric-memory exchange with its ranks simulated in one process (plain tensors as
+    the peers' buffers), through the Triton copy and through torch's copy_: the same inboxes and
+    outboxes, from strided sources as the models give them (v a slice of a fused projection, the
+    attention output SDPA's transposed [B, h, S, D])."""
+    from sgdiff.kernels.triton_copy_heads import copy_heads
+    from sgdiff.parallel.symmetric_exchange import scatter_heads, scatter_sequence
+
+    g = torch.Generator().manual_seed(degree)
+    b, s_loc, h, d = 2, 5, 2, 12  # h heads per rank; D not a power of 2
+    heads = degree * h
+    fused = [torch.randn(b, s_loc, 3 * heads * d, generator=g).to(BF16) for _ in range(degree)]
+    qkv = [tuple(x.unflatten(-1, (3, heads, d)).unbind(2)) for x in fused]  # strided [B, S, H, D] views
+    outs = [torch.randn(b, h, degree * s_loc, d, generator=g).to(BF16).transpose(1, 2) for _ in range(degree)]
+    results = []
+    for copy in (copy_heads, lambda src, dst: dst.copy_(src)):
+        inboxes = [torch.zeros(b, degree, s_loc, 3, h, d, dtype=BF16) for _ in range(degree)]
+        outboxes = [torch.zeros(b, s_loc, heads, d, dtype=BF16) for _ in range(degree)]
+        for rank in range(degree):
+            scatter_heads(qkv[rank], inboxes, rank, copy)
+            scatter_sequence(outs[rank], outboxes, rank, copy)
+        results.append(inboxes + outboxes)
+    for got, expected in zip(*results, strict=True):
+        if not torch.equal(got, expected) or not expected.abs().sum():
+            raise AssertionError(f"copy_heads differs from torch's copy_ in the exchange of {degree} ranks")
+    print(f"copy_heads in the exchange of {degree} ranks: identical")
+
+
 def seeded_bf16(model: nn.Module, seed: int) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -123,6 +151,8 @@ def main() -> None:
     check_qk_norm_rope(heads=3, head_dim=12, per_head=False)
     check_qk_norm_rope(heads=4, head_dim=8, per_head=False)
     check_norm_modulate()
+    check_copy_heads(degree=2)
+    check_copy_heads(degree=4)
     flux_config = replace(TINY_FLUX, guidance_embeds=False)
     # 4 modulations per double-stream block, 1 per single-stream block, 1 before the output
     modulations = 4 * flux_config.num_layers + flux_config.num_single_layers + 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sgdiff.models.attention import attention
+from sgdiff.models.attention import attention, attention_alongside
 from sgdiff.models.flux.config import FluxTransformerConfig
 from sgdiff.models.layers import (
     AdaModulation,
@@ -107,9 +107,11 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = self.norm(temb)
         h = self.norm.modulate(x, shift, scale)
         a = self.attn
-        q, k, v, mlp_out = project_then_gelu(h, a.to_q, a.to_k, a.to_v, self.proj_mlp)
+        q, k, v, mlp = project_then_gelu(h, a.to_q, a.to_k, a.to_v, self.proj_mlp)
         q, k = norm_and_rope([(q, a.norm_q)], rope, a.heads), norm_and_rope([(k, a.norm_k)], rope, a.heads)
-        attn_out = attention(q, k, v.unflatten(-1, (a.heads, -1))).flatten(2)  # [B, S, H*D]
+        # the MLP does not need the attention: under Ulysses it runs while q, k and v travel
+        attn_out, mlp_out = attention_alongside(q, k, v.unflatten(-1, (a.heads, -1)), mlp)
+        attn_out = attn_out.flatten(2)  # [B, S, H, D] -> [B, S, H*D]
         # with the GELU in proj_mlp's epilogue, proj_out reads its output where it is (no concatenation)
         split = getattr(self.proj_mlp, "gelu_epilogue", False)
         return clip_fp16(x + gate * linear_over_concat(self.proj_out, [attn_out, mlp_out], split))
