@@ -161,9 +161,9 @@ class SequenceParallelAttention:
     `local_depth` (> 0 inside a cross-attention whose keys every rank holds: plain attention on the
     local queries).
 
-    exchange: how Ulysses moves heads and tokens. "auto": through symmetric memory for a Ulysses
-    group of 2 whose GPUs can map each other's memory (parallel/symmetric_exchange.py; measured on
-    2x H100), else NCCL's all-to-all; "nccl" or "symmetric" (any degree) to force one. Made by every
+    exchange: how Ulysses moves heads and tokens. "auto": through symmetric memory when the Ulysses
+    group's GPUs can map each other's memory (one host; parallel/symmetric_exchange.py, faster than
+    NCCL on 2 and 4 H100s), else NCCL's all-to-all; "nccl" or "symmetric" to force one. Made by every
     rank of the group together (a collective)."""
 
     def __init__(self, groups: ParallelGroups, inner: AttentionImpl = sdpa_attention, exchange: str = "auto"):
@@ -173,7 +173,7 @@ class SequenceParallelAttention:
         self.inner = inner
         self.symmetric: SymmetricUlysses | None = None
         u = groups.config.ulysses_degree
-        if (exchange == "symmetric" and u > 1) or (exchange == "auto" and u == 2):
+        if exchange in ("symmetric", "auto") and u > 1:
             if symmetric_memory_usable(groups.ulysses_group):
                 self.symmetric = SymmetricUlysses(groups.ulysses_group)
             elif exchange == "symmetric":

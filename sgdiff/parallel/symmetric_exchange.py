@@ -5,11 +5,11 @@ into a send buffer, and the attention output is unpacked after its way back: on 
 Ulysses-2 those copies move ~140 MB per attention. With symmetric memory each rank maps its peers'
 buffers and writes its slice of every head group straight to where the peer's attention reads it
 (the peer's inbox), and each head group's attention output straight back into its owner's
-[B, S_loc, H, D] buffer (the outbox) at that head group's place: one strided copy per peer and
-tensor instead of pack + send + unpack, each a Triton kernel that moves 16-byte vectors
-(kernels/triton_copy_heads.py; torch's strided copy_ stores element by element, which NVLink carries
-poorly). A barrier closes each exchange (kernels/triton_signal_barrier.py: arrival counts in the
-signal pads).
+[B, S_loc, H, D] buffer (the outbox) at that head group's place, instead of pack + send + unpack.
+Each tensor goes to every rank in one Triton launch that moves 16-byte vectors, the local slot's
+copy beside the peers' (kernels/triton_copy_heads.py; torch's strided copy_ stores element by
+element, which NVLink carries poorly, one destination after the other). A barrier closes each
+exchange (kernels/triton_signal_barrier.py: arrival counts in the signal pads).
 
 The buffers need no double buffering: a rank writes into a peer's inbox only after the barrier that
 closes the previous attention's output exchange, which the peer reaches only once its attention has
@@ -27,24 +27,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# copy(src, dst): dst[...] = src for two [B, S, H, D] views (on CUDA the Triton kernel)
-HeadCopy = Callable[[torch.Tensor, torch.Tensor], None]
+# copy(src, destinations, pair_stride): destination p = src shifted by p * pair_stride elements (views
+# of one shape: [B, S, h, D]); on CUDA one Triton launch for all of them
+PairCopy = Callable[[torch.Tensor, list[torch.Tensor], int], None]
 
 
-def torch_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
-    dst.copy_(src)
+def copy_to_each(src: torch.Tensor, destinations: list[torch.Tensor], pair_stride: int) -> None:
+    """PairCopy through torch's copy_, one destination after the other."""
+    for p, dst in enumerate(destinations):
+        dst.copy_(src.as_strided(src.shape, src.stride(), src.storage_offset() + p * pair_stride))
 
 
 def scatter_heads(
-    tensors: tuple[torch.Tensor, ...], inboxes: list[torch.Tensor], rank: int, copy: HeadCopy = torch_copy
+    tensors: tuple[torch.Tensor, ...], inboxes: list[torch.Tensor], rank: int, copy: PairCopy = copy_to_each
 ) -> None:
     """Write head group j of each of `tensors` (q, k, v: [B, S_loc, H, D], my tokens) into rank j's
     inbox ([B, U, S_loc, n, h, D]: source rank, its tokens, which tensor, heads), at source `rank`."""
-    u = len(inboxes)
-    for j in [*range(rank + 1, u), *range(rank + 1)]:  # peers first: NVLink is the slow part
-        for i, x in enumerate(tensors):
-            h = x.shape[2] // u
-            copy(x[:, :, j * h : (j + 1) * h], inboxes[j][:, rank, :, i])
+    for i, x in enumerate(tensors):
+        h = x.shape[2] // len(inboxes)
+        copy(x[:, :, :h], [inbox[:, rank, :, i] for inbox in inboxes], h * x.stride(2))
 
 
 def received_sequence(inbox: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -52,13 +53,11 @@ def received_sequence(inbox: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(x.flatten(1, 2) for x in inbox.unbind(3))
 
 
-def scatter_sequence(out: torch.Tensor, outboxes: list[torch.Tensor], rank: int, copy: HeadCopy = torch_copy) -> None:
+def scatter_sequence(out: torch.Tensor, outboxes: list[torch.Tensor], rank: int, copy: PairCopy = copy_to_each) -> None:
     """Write rank j's tokens of `out` ([B, U*S_loc, h, D]: my head group, every rank's tokens) into rank
     j's outbox ([B, S_loc, H, D]) at my head group's place."""
-    u = len(outboxes)
-    s, h = out.shape[1] // u, out.shape[2]
-    for j in [*range(rank + 1, u), *range(rank + 1)]:
-        copy(out[:, j * s : (j + 1) * s], outboxes[j][:, :, rank * h : (rank + 1) * h])
+    s, h = out.shape[1] // len(outboxes), out.shape[2]
+    copy(out[:, :s], [outbox[:, :, rank * h : (rank + 1) * h] for outbox in outboxes], s * out.stride(1))
 
 
 def symmetric_memory_usable(group: dist.ProcessGroup) -> bool:
@@ -89,9 +88,10 @@ class SymmetricUlysses:
         # one allocation per buffer: from torch's implicit pool a buffer may sit at an offset in a
         # shared allocation, where get_buffer's views (counted from the allocation's start) would miss it
         os.environ["TORCH_SYMMMEM_IMPLICIT_POOL"] = "0"
-        from sgdiff.kernels.triton_copy_heads import copy_heads  # Triton: imported once, here
+        from sgdiff.kernels.triton_copy_heads import HeadCopy  # Triton: imported once, here
 
-        self.copy = copy_heads
+        self.head_copy = HeadCopy
+        self.copies: dict[tuple[int, ...], HeadCopy] = {}  # by the destinations' addresses
         self.side = torch.cuda.Stream()  # the q/k/v writes, beside work the model gives (heads_to_sequence)
         self.group = group
         self.rank, self.degree = dist.get_rank(group), dist.get_world_size(group)
@@ -114,6 +114,15 @@ class SymmetricUlysses:
             if self.barrier is None:  # the first buffer's signal pads serve every exchange
                 self.barrier = SignalBarrier(handle, self.group, like.device)
         return self.buffers[key]
+
+    def copy(self, src: torch.Tensor, destinations: list[torch.Tensor], pair_stride: int) -> None:
+        """PairCopy in one Triton launch (the destinations are slots of this exchange's buffers: the
+        first call for each set, made before any capture, sets up its offset table)."""
+        key = tuple(t.data_ptr() for t in destinations)
+        if key not in self.copies:
+            self.copies[key] = self.head_copy(destinations)
+        if not self.copies[key](src, pair_stride):
+            copy_to_each(src, destinations, pair_stride)
 
     def heads_to_sequence(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Callable[[], Any] = lambda: None

@@ -49,18 +49,23 @@ def check_copy_heads(degree: int) -> None:
     """Ulysses' symmetric-memory exchange with its ranks simulated in one process (plain tensors as
     the peers' buffers), through the Triton copy and through torch's copy_: the same inboxes and
     outboxes, from strided sources as the models give them (v a slice of a fused projection, the
-    attention output SDPA's transposed [B, h, S, D])."""
-    from sgdiff.kernels.triton_copy_heads import copy_heads
-    from sgdiff.parallel.symmetric_exchange import scatter_heads, scatter_sequence
+    attention output SDPA's transposed [B, h, S, D]). Then a source off 16-byte alignment, which the
+    kernel declines (the exchange then copies with torch)."""
+    from sgdiff.kernels.triton_copy_heads import HeadCopy
+    from sgdiff.parallel.symmetric_exchange import copy_to_each, scatter_heads, scatter_sequence
+
+    def triton_copy(src: torch.Tensor, destinations: list[torch.Tensor], pair_stride: int) -> None:
+        if not HeadCopy(destinations)(src, pair_stride):
+            raise AssertionError("copy_heads declined an aligned copy")
 
     g = torch.Generator().manual_seed(degree)
-    b, s_loc, h, d = 2, 5, 2, 12  # h heads per rank; D not a power of 2
+    b, s_loc, h, d = 2, 5, 2, 16  # h heads per rank
     heads = degree * h
     fused = [torch.randn(b, s_loc, 3 * heads * d, generator=g).to(BF16) for _ in range(degree)]
     qkv = [tuple(x.unflatten(-1, (3, heads, d)).unbind(2)) for x in fused]  # strided [B, S, H, D] views
     outs = [torch.randn(b, h, degree * s_loc, d, generator=g).to(BF16).transpose(1, 2) for _ in range(degree)]
     results = []
-    for copy in (copy_heads, lambda src, dst: dst.copy_(src)):
+    for copy in (triton_copy, copy_to_each):
         inboxes = [torch.zeros(b, degree, s_loc, 3, h, d, dtype=BF16) for _ in range(degree)]
         outboxes = [torch.zeros(b, s_loc, heads, d, dtype=BF16) for _ in range(degree)]
         for rank in range(degree):
@@ -70,6 +75,9 @@ def check_copy_heads(degree: int) -> None:
     for got, expected in zip(*results, strict=True):
         if not torch.equal(got, expected) or not expected.abs().sum():
             raise AssertionError(f"copy_heads differs from torch's copy_ in the exchange of {degree} ranks")
+    shifted = fused[0].view(-1)[1 : 1 + b * s_loc * h * d].view(b, s_loc, h, d)  # 2 bytes off alignment
+    if HeadCopy([outboxes[0][:, :, :h]])(shifted, 0):
+        raise AssertionError("copy_heads took a source off 16-byte alignment")
     print(f"copy_heads in the exchange of {degree} ranks: identical")
 
 
