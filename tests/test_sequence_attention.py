@@ -51,28 +51,35 @@ def test_work_alongside_runs_while_q_k_v_travel(mode):
             assert events == ["work"]
 
 
-@pytest.mark.parametrize("degree", [2, 4])
-def test_symmetric_memory_exchange_layouts(degree):
+@pytest.mark.parametrize(("degree", "chunks"), [(2, 1), (2, 2), (4, 1), (4, 2)])
+def test_symmetric_memory_exchange_layouts(degree, chunks):
     """The symmetric-memory Ulysses exchange, its ranks simulated in one process (the peers' buffers
-    are plain tensors here): what lands in each inbox is that rank's head group of every rank's
-    tokens, in rank order, and what lands in each outbox is every head group's output for its tokens."""
+    are plain tensors here), each head group sent in `chunks` chunks: what lands in chunk c's inbox
+    is chunk c of that rank's head group, of every rank's tokens in rank order, and what lands in
+    each outbox is every head group's output (chunk by chunk) for its tokens."""
     from sgdiff.parallel.symmetric_exchange import received_sequence, scatter_heads, scatter_sequence
 
     g = torch.Generator().manual_seed(0)
-    b, s_loc, h, d = 2, 3, 2, 4  # h heads per Ulysses rank
+    b, s_loc, h, d = 2, 3, 4, 4  # h heads per Ulysses rank
+    hc = h // chunks
     qkv = [[torch.randn(b, s_loc, degree * h, d, generator=g) for _ in range(3)] for _ in range(degree)]
-    inboxes = [torch.full((b, degree, s_loc, 3, h, d), float("nan")) for _ in range(degree)]
-    for rank in range(degree):
-        scatter_heads(tuple(qkv[rank]), inboxes, rank)
-    for j in range(degree):
-        for i, got in enumerate(received_sequence(inboxes[j])):
-            expected = torch.cat([qkv[rank][i][:, :, j * h : (j + 1) * h] for rank in range(degree)], dim=1)
-            assert torch.equal(got, expected), f"rank {j} tensor {i}"
+    for c in range(chunks):
+        inboxes = [torch.full((b, degree, s_loc, 3, hc, d), float("nan")) for _ in range(degree)]
+        for rank in range(degree):
+            scatter_heads(tuple(qkv[rank]), inboxes, rank, chunk=(c, chunks))
+        for j in range(degree):
+            heads = slice(j * h + c * hc, j * h + (c + 1) * hc)
+            for i, got in enumerate(received_sequence(inboxes[j])):
+                expected = torch.cat([qkv[rank][i][:, :, heads] for rank in range(degree)], dim=1)
+                assert torch.equal(got, expected), f"rank {j} tensor {i} chunk {c}"
 
-    outs = [torch.randn(b, degree * s_loc, h, d, generator=g) for _ in range(degree)]  # per head group
+    # outs[group][c]: head group `group`'s chunk c output, every rank's tokens
+    outs = [[torch.randn(b, degree * s_loc, hc, d, generator=g) for _ in range(chunks)] for _ in range(degree)]
     outboxes = [torch.full((b, s_loc, degree * h, d), float("nan")) for _ in range(degree)]
     for rank in range(degree):
-        scatter_sequence(outs[rank], outboxes, rank)
+        for c in range(chunks):
+            scatter_sequence(outs[rank][c], outboxes, rank, chunk=(c, chunks))
     for j in range(degree):
-        expected = torch.cat([outs[group][:, j * s_loc : (j + 1) * s_loc] for group in range(degree)], dim=2)
+        tokens = slice(j * s_loc, (j + 1) * s_loc)
+        expected = torch.cat([outs[group][c][:, tokens] for group in range(degree) for c in range(chunks)], dim=2)
         assert torch.equal(outboxes[j], expected), f"rank {j}"

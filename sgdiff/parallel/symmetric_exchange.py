@@ -11,11 +11,14 @@ copy beside the peers' (kernels/triton_copy_heads.py; torch's strided copy_ stor
 element, which NVLink carries poorly, one destination after the other). A barrier closes each
 exchange (kernels/triton_signal_barrier.py: arrival counts in the signal pads).
 
-The buffers need no double buffering: a rank writes into a peer's inbox only after the barrier that
-closes the previous attention's output exchange, which the peer reaches only once its attention has
-read the inbox; likewise a rank writes into a peer's outbox only after the next q/k/v barrier, which
-the peer reaches only after using its outbox. So the output `sequence_to_heads` returns is valid until
-this rank's next attention call (models use an attention's output before they attend again)."""
+The buffers need no double buffering: a rank writes into a peer's inboxes for an attention only
+after its side stream has waited for its compute stream, which had passed the output barrier that
+closed the previous attention, which the peer reaches only once its attention has read those inboxes
+(each chunk has its own inbox). Likewise a rank writes into a peer's outbox only after the first
+chunk's barrier of that attention, which the peer reaches only after its compute stream has used the
+outbox (its side stream waits for its compute stream before the first copy). So the output
+`attention` returns is valid until this rank's next attention call (models use an attention's output
+before they attend again)."""
 
 from __future__ import annotations
 
@@ -39,13 +42,20 @@ def copy_to_each(src: torch.Tensor, destinations: list[torch.Tensor], pair_strid
 
 
 def scatter_heads(
-    tensors: tuple[torch.Tensor, ...], inboxes: list[torch.Tensor], rank: int, copy: PairCopy = copy_to_each
+    tensors: tuple[torch.Tensor, ...],
+    inboxes: list[torch.Tensor],
+    rank: int,
+    copy: PairCopy = copy_to_each,
+    chunk: tuple[int, int] = (0, 1),
 ) -> None:
     """Write head group j of each of `tensors` (q, k, v: [B, S_loc, H, D], my tokens) into rank j's
-    inbox ([B, U, S_loc, n, h, D]: source rank, its tokens, which tensor, heads), at source `rank`."""
+    inbox ([B, U, S_loc, n, h, D]: source rank, its tokens, which tensor, heads), at source `rank`.
+    chunk (c, C): only chunk c of C of every head group (h = H / U / C heads of it)."""
+    c, count = chunk
     for i, x in enumerate(tensors):
-        h = x.shape[2] // len(inboxes)
-        copy(x[:, :, :h], [inbox[:, rank, :, i] for inbox in inboxes], h * x.stride(2))
+        group = x.shape[2] // len(inboxes)  # heads per rank
+        h = group // count
+        copy(x[:, :, c * h : (c + 1) * h], [inbox[:, rank, :, i] for inbox in inboxes], group * x.stride(2))
 
 
 def received_sequence(inbox: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -53,11 +63,14 @@ def received_sequence(inbox: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(x.flatten(1, 2) for x in inbox.unbind(3))
 
 
-def scatter_sequence(out: torch.Tensor, outboxes: list[torch.Tensor], rank: int, copy: PairCopy = copy_to_each) -> None:
-    """Write rank j's tokens of `out` ([B, U*S_loc, h, D]: my head group, every rank's tokens) into rank
-    j's outbox ([B, S_loc, H, D]) at my head group's place."""
-    s, h = out.shape[1] // len(outboxes), out.shape[2]
-    copy(out[:, :s], [outbox[:, :, rank * h : (rank + 1) * h] for outbox in outboxes], s * out.stride(1))
+def scatter_sequence(
+    out: torch.Tensor, outboxes: list[torch.Tensor], rank: int, copy: PairCopy = copy_to_each, chunk: tuple = (0, 1)
+) -> None:
+    """Write rank j's tokens of `out` ([B, U*S_loc, h, D]: my head group, or chunk c of C of it, every
+    rank's tokens) into rank j's outbox ([B, S_loc, H, D]) at those heads' place."""
+    (c, count), s, h = chunk, out.shape[1] // len(outboxes), out.shape[2]
+    first = (rank * count + c) * h
+    copy(out[:, :s], [outbox[:, :, first : first + h] for outbox in outboxes], s * out.stride(1))
 
 
 def symmetric_memory_usable(group: dist.ProcessGroup) -> bool:
@@ -92,17 +105,17 @@ class SymmetricUlysses:
 
         self.head_copy = HeadCopy
         self.copies: dict[tuple[int, ...], HeadCopy] = {}  # by the destinations' addresses
-        self.side = torch.cuda.Stream()  # the q/k/v writes, beside work the model gives (heads_to_sequence)
+        self.side = torch.cuda.Stream()  # the copies and their barriers
         self.group = group
         self.rank, self.degree = dist.get_rank(group), dist.get_world_size(group)
         self.buffers: dict[tuple, list[torch.Tensor]] = {}
         self.barrier: SignalBarrier | None = None
         self.keep_alive: list = []
 
-    def boxes(self, shape: tuple[int, ...], like: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's buffer of `shape` (mine at self.rank), made on first use (a collective: every
-        rank asks for the same shapes in the same order)."""
-        key = (shape, like.dtype)
+    def boxes(self, shape: tuple[int, ...], like: torch.Tensor, tag: int = 0) -> list[torch.Tensor]:
+        """Every rank's buffer of `shape` (mine at self.rank; `tag` tells apart buffers of one shape),
+        made on first use (a collective: every rank asks for the same buffers in the same order)."""
+        key = (shape, like.dtype, tag)
         if key not in self.buffers:
             import torch.distributed._symmetric_memory as symm_mem
 
@@ -124,33 +137,50 @@ class SymmetricUlysses:
         if not self.copies[key](src, pair_stride):
             copy_to_each(src, destinations, pair_stride)
 
-    def heads_to_sequence(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Callable[[], Any] = lambda: None
-    ) -> tuple:
-        """q, k, v: [B, S_loc, H, D] -> (each [B, U*S_loc, H/U, D]: my head group of every rank's
-        tokens, work()). The writes run on a side stream while `work` (which must not touch the
-        inboxes) runs on the compute stream: GEMMs leave SMs free in their last wave, which the
-        copies take, so the exchange costs less than its own time (FLUX's single-stream MLP)."""
-        b, s, heads, d = q.shape
-        inboxes = self.boxes((b, self.degree, s, 3, heads // self.degree, d), q)
-        compute = torch.cuda.current_stream()
-        self.side.wait_stream(compute)  # q, k, v are ready
-        with torch.cuda.stream(self.side):
-            scatter_heads((q, k, v), inboxes, self.rank, self.copy)
-        done = work()
-        # (q, k, v were made on the compute stream, which now waits for the side stream's last read
-        # of them: their memory is not handed out again before that)
-        compute.wait_stream(self.side)
-        self.barrier()  # every rank's slices are in my inbox
-        return (*received_sequence(inboxes[self.rank]), done)
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attend: Callable[..., torch.Tensor],
+        work: Callable[[], Any] = lambda: None,
+        chunks: int = 1,
+    ) -> tuple[torch.Tensor, Any]:
+        """Ulysses attention: q, k, v [B, S_loc, H, D] (my tokens) -> ([B, S_loc, H, D], work()), where
+        attend(q, k, v) runs on my head group of every rank's tokens ([B, U*S_loc, h, D]).
 
-    def sequence_to_heads(self, out: torch.Tensor) -> torch.Tensor:
-        """out: [B, U*S_loc, h, D] -> [B, S_loc, U*h, D], my tokens with every head (in my outbox)."""
-        b, s_all, h, d = out.shape
-        outboxes = self.boxes((b, s_all // self.degree, h * self.degree, d), out)
-        scatter_sequence(out, outboxes, self.rank, self.copy)
-        self.barrier()
-        return outboxes[self.rank]
+        Each head group travels in `chunks` chunks (if they divide it): the copies run on a side
+        stream, so chunk c+1's q, k, v travel while chunk c's attention runs, and chunk c's output
+        travels back while chunk c+1's runs (the copies take the SMs the other kernel leaves free). `work` (which must
+        not touch the exchange's buffers: FLUX's single-stream MLP) runs on the compute stream while
+        the first chunk travels. Barriers, one per chunk's arrival and one for the outputs, run in
+        one order on every rank."""
+        b, s, heads, d = q.shape
+        group = heads // self.degree
+        chunks = chunks if group % chunks == 0 else 1
+        inboxes = [self.boxes((b, self.degree, s, 3, group // chunks, d), q, tag=c) for c in range(chunks)]
+        outboxes = self.boxes((b, s, heads, d), q)
+        compute, side = torch.cuda.current_stream(), self.side
+        side.wait_stream(compute)  # q, k, v are ready
+        arrived = []
+        with torch.cuda.stream(side):
+            for c in range(chunks):
+                scatter_heads((q, k, v), inboxes[c], self.rank, self.copy, (c, chunks))
+                self.barrier()  # chunk c of every rank is in my inbox
+                arrived.append(side.record_event())
+        done = work()
+        outs = []  # (kept until the compute stream has waited for their copies: no early reuse)
+        for c in range(chunks):
+            compute.wait_event(arrived[c])
+            outs.append(attend(*received_sequence(inboxes[c][self.rank])))  # [B, U*S_loc, h/C, D]
+            side.wait_stream(compute)
+            with torch.cuda.stream(side):
+                scatter_sequence(outs[c], outboxes, self.rank, self.copy, (c, chunks))
+        # (q, k, v and the outputs were made on the compute stream, which now waits for the side
+        # stream's last read of them: their memory is not handed out again before that)
+        compute.wait_stream(side)
+        self.barrier()  # every head group's output for my tokens is in my outbox
+        return outboxes[self.rank], done
 
 
 class SignalBarrier:
