@@ -30,12 +30,18 @@ def time_interleaved(variants: dict, warmup: int, repeat: int) -> dict[str, list
     return interleaved_times(variants, torch.device(DEVICE), warmup, repeat)
 
 
-def print_top_kernels(fn, rows: int = 15) -> None:
+def print_top_kernels(fn, rows: int = 15, show: bool = True) -> None:
+    """Profile one call of fn and print its top kernels (show=False: run it profiled, print nothing:
+    the other ranks of a parallel run, which must take part)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
     with profile(activities=activities) as prof:
         fn()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    if not show:
+        return
     sort_by = "self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60))
 

@@ -126,16 +126,12 @@ def comm_rows(device: torch.device, sizes_mb: tuple[float, ...]) -> list[dict]:
 def profile_on_rank0(fn, title: str, graphed: bool, kinds: dict[str, dict]) -> None:
     """Rank 0 prints the top kernels (eager calls) and records GPU time by kernel kind into `kinds`
     (every rank profiles: the ranks of a parallel mode wait for each other)."""
-    from bench_common import kernel_time_by_kind
-    from torch.profiler import ProfilerActivity, profile
+    from bench_common import kernel_time_by_kind, print_top_kernels
 
     if not graphed:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
         if dist.get_rank() == 0:
             print(f"--- {title}")
-            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=60))
+        print_top_kernels(fn, rows=22, show=dist.get_rank() == 0)
     kinds[title + (" graph" if graphed else "")] = kernel_time_by_kind(fn)
 
 

@@ -95,8 +95,11 @@ def sharded_attention(
         sent, arrived = sequence.InFlight.__init__, sequence.InFlight.finish
         sequence.InFlight.__init__ = lambda self, *a: (events.append("sent"), sent(self, *a))[1]
         sequence.InFlight.finish = lambda self: (events.append("arrived"), arrived(self))[1]
-        with use_attention_impl(attn):
-            out, done = attention_alongside(local(q), local(k), local(v), lambda: events.append("work") or 1)
+        try:
+            with use_attention_impl(attn):
+                out, done = attention_alongside(local(q), local(k), local(v), lambda: events.append("work") or 1)
+        finally:
+            sequence.InFlight.__init__, sequence.InFlight.finish = sent, arrived
         assert done == 1, "attention_alongside returns what the work returned"
     else:
         out = attn(local(q), local(k), local(v))  # [B, sum of local lengths, H, D]
