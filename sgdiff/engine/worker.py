@@ -3,7 +3,9 @@ parallel (parallel/), run every prompt; rank 0 writes the outputs and reports pr
 
 from __future__ import annotations
 
+import gc
 import os
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -84,20 +86,38 @@ def run_rank(spec: RankSpec, request: BatchRequest, events: PipelineEvents, on_s
         device_id=device if device.type == "cuda" else None,
     )
     try:
-        groups = build_groups(replace(request.parallel, num_gpus=spec.world_size))
-        writer = spec.rank == 0
-        runtime = replace(request.runtime, device=str(device))
-        prepared = prepare_batch(request, events if writer else NullEvents(), runtime)
-        load_for_rank(prepared.engine, groups)
-        return execute_batch(
-            prepared,
-            request,
-            on_saved if writer else (lambda path: None),
-            setup=lambda engine: make_parallel(engine, groups),
-            writer=writer,
-        )
+        report = run_batch_on_rank(spec, request, device, events, on_saved)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the last graph replay has ended
+        return report
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # the batch's objects go with its frames (below)
+        raise
     finally:
+        # Every object of the batch is gone before the process group: a CUDA graph that captured NCCL
+        # collectives (--enable-cuda-graph) and is still alive makes ncclCommDestroy wait forever
+        # (pytorch/pytorch#115388). A module and the graph wrapper that replaced its forward refer to
+        # each other (a cycle): collect them.
+        gc.collect()
         dist.destroy_process_group()
+
+
+def run_batch_on_rank(
+    spec: RankSpec, request: BatchRequest, device: torch.device, events: PipelineEvents, on_saved
+) -> BatchReport:
+    """Load the model, make it parallel, run every prompt (rank 0 writes and reports)."""
+    groups = build_groups(replace(request.parallel, num_gpus=spec.world_size))
+    writer = spec.rank == 0
+    runtime = replace(request.runtime, device=str(device))
+    prepared = prepare_batch(request, events if writer else NullEvents(), runtime)
+    load_for_rank(prepared.engine, groups)
+    return execute_batch(
+        prepared,
+        request,
+        on_saved if writer else (lambda path: None),
+        setup=lambda engine: make_parallel(engine, groups),
+        writer=writer,
+    )
 
 
 class QueueEvents:
@@ -135,8 +155,6 @@ def spawned_worker(spec: RankSpec, request: BatchRequest, queue: Any) -> None:
     except BaseException as exc:  # noqa: BLE001 - reported to the launcher, which ends the run
         user_error = isinstance(exc, UserError)
         if os.environ.get("SGDIFF_DEBUG", "") not in ("", "0") and not user_error:
-            import traceback
-
             traceback.print_exc()
         message = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
         queue.put(("error", spec.rank, message, user_error))

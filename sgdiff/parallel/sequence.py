@@ -83,15 +83,19 @@ def real_key_positions(layout: TokenLayout, shards: range, device: torch.device)
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention and its log-sum-exp. q, k, v: [B, S, H, D] -> out [B, S, H, D], lse [B, S, H] float32.
-    On CUDA cuDNN's kernel (the fastest on Hopper), else flash's."""
+    On CUDA cuDNN's kernel (the fastest on Hopper), else flash's; float32 (which both refuse) the
+    memory-efficient kernel."""
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
     if not q.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)[:2]
     elif cudnn_attention_runs(q):
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True)[:2]
         lse = lse.squeeze(-1)  # [B, H, S, 1] -> [B, H, S]
-    else:
+    elif q.dtype in (torch.float16, torch.bfloat16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
+        lse = lse[..., : q.shape[1]]  # [B, H, S rounded up to 32] -> [B, H, S]
     return out.transpose(1, 2), lse.transpose(1, 2).float()
 
 
