@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sgdiff.kernels import kernels_run_on
 from sgdiff.models.attention import AttentionImpl, sdpa_attention
 from sgdiff.parallel.groups import ParallelGroups
 from sgdiff.parallel.symmetric_exchange import SymmetricUlysses, symmetric_memory_usable
@@ -110,10 +111,31 @@ def cudnn_attention_runs(q: torch.Tensor) -> bool:
 
 def merge_partials(partials: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Softmax over all keys from attention over disjoint key blocks: weight each block's output by
-    exp(its lse - the total lse)."""
+    exp(its lse - the total lse). On CUDA one kernel for 2 to 4 blocks (kernels/lse_merge.py)."""
+    outs, lses = [o for o, _ in partials], [lse for _, lse in partials]
+    if lse_merge_runs(outs, lses):
+        from sgdiff.kernels.lse_merge import lse_merge
+
+        return lse_merge(outs, lses)
+    return merge_op_by_op(partials)
+
+
+def merge_op_by_op(partials: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """merge_partials in torch operations (float32)."""
     total = torch.logsumexp(torch.stack([lse for _, lse in partials]), dim=0)  # [B, S, H]
     out = sum(o.float() * torch.exp(lse - total)[..., None] for o, lse in partials)
     return out.to(partials[0][0].dtype)
+
+
+def lse_merge_runs(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> bool:
+    """Whether the merge kernel takes these partials: 2 to 4 of one layout, where Triton kernels run."""
+    return (
+        2 <= len(outs) <= 4
+        and kernels_run_on(outs[0])
+        and outs[0].stride(-1) == 1
+        and all(o.shape == outs[0].shape and o.stride() == outs[0].stride() for o in outs)
+        and all(lse.dtype == torch.float32 and lse.stride() == lses[0].stride() for lse in lses)
+    )
 
 
 # Ulysses splits each rank's heads into this many chunks and pipelines them: chunk c+1's all-to-all

@@ -81,6 +81,34 @@ def check_copy_heads(degree: int) -> None:
     print(f"copy_heads in the exchange of {degree} ranks: identical")
 
 
+def check_lse_merge(parts: int, dtype: torch.dtype) -> None:
+    """Ring attention's merge of `parts` partial attentions (each of the same queries over its own
+    block of keys, in attention_with_lse's transposed layouts) against the merge in torch operations
+    (float32 inside; equal but for the rounding of exp, then at most one step of dtype apart) and, in
+    float32, against one attention over all the keys."""
+    from sgdiff.kernels.lse_merge import lse_merge
+    from sgdiff.parallel.sequence import attention_with_lse, merge_op_by_op
+
+    g = torch.Generator().manual_seed(parts)
+    b, s, h, d = 2, 37, 3, 24  # sizes that are not powers of 2 (the kernel pads them)
+    q = torch.randn(b, s, h, d, generator=g)
+    blocks = [(torch.randn(b, n, h, d, generator=g) * 2, torch.randn(b, n, h, d, generator=g)) for n in (5, 19, 8, 11)]
+    partials = [(o.to(dtype), lse) for o, lse in (attention_with_lse(q, k, v) for k, v in blocks[:parts])]
+    got = lse_merge([o for o, _ in partials], [lse for _, lse in partials]).float()
+    expected = merge_op_by_op(partials).float()
+    step = 1e-6 if dtype == torch.float32 else 2.0**-7  # relative: float32 rounding / one bf16 step
+    if got.shape != (b, s, h, d) or not (got - expected).abs().le(expected.abs() * step + 1e-6).all():
+        raise AssertionError(f"lse_merge differs from the merge in torch: {(got - expected).abs().max():.3g}")
+    if dtype == torch.float32:
+        keys, values = (torch.cat([block[i] for block in blocks[:parts]], dim=1) for i in (0, 1))
+        whole = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, keys, values)))
+        if (got - whole.transpose(1, 2)).abs().max() > 1e-5:
+            raise AssertionError(
+                f"lse_merge differs from attention over all keys: {(got - whole.transpose(1, 2)).abs().max():.3g}"
+            )
+    print(f"lse_merge of {parts} partials, {dtype}: as the merge in torch")
+
+
 def seeded_bf16(model: nn.Module, seed: int) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -161,6 +189,9 @@ def main() -> None:
     check_norm_modulate()
     check_copy_heads(degree=2)
     check_copy_heads(degree=4)
+    for parts in (2, 3, 4):
+        check_lse_merge(parts, torch.float32)
+    check_lse_merge(2, BF16)
     flux_config = replace(TINY_FLUX, guidance_embeds=False)
     # 4 modulations per double-stream block, 1 per single-stream block, 1 before the output
     modulations = 4 * flux_config.num_layers + flux_config.num_single_layers + 1
