@@ -140,7 +140,6 @@ def kernel_time_by_kind(fn, calls: int = 3) -> dict[str, float]:
     plus "busy" (the union of kernel intervals), "span" (first kernel's start to last kernel's end)
     and "idle" (span - busy: the GPU waiting on the host, a peer or a dependency). Works on CUDA graph
     replays too (the profiler sees the graph's kernels)."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -148,16 +147,59 @@ def kernel_time_by_kind(fn, calls: int = 3) -> dict[str, float]:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and e.time_range.elapsed_us() > 0]
+    kernels = gpu_kernels(prof)
     kinds: dict[str, float] = {}
     for e in kernels:
         kind = kernel_kind(e.name)
         kinds[kind] = kinds.get(kind, 0.0) + e.time_range.elapsed_us() / 1e3 / calls
-    intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-    busy, reach = 0.0, float("-inf")
-    for start, end in intervals:  # the union's length, in one sweep
-        if end > reach:
-            busy += end - max(start, reach)
-            reach = end
-    span = (intervals[-1][1] - intervals[0][0]) if intervals else 0.0
-    return kinds | {"busy": busy / 1e3 / calls, "span": span / 1e3 / calls, "idle": (span - busy) / 1e3 / calls}
+    span = (max(e.time_range.end for e in kernels) - kernels[0].time_range.start) if kernels else 0.0
+    idle = sum(gap for gap, _, _ in idle_gaps(kernels))
+    return kinds | {"busy": (span - idle) / 1e3 / calls, "span": span / 1e3 / calls, "idle": idle / 1e3 / calls}
+
+
+def gpu_kernels(prof) -> list:
+    """The profile's GPU events (kernels, copies, memsets of every stream), by start time."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and e.time_range.elapsed_us() > 0]
+    return sorted(kernels, key=lambda e: e.time_range.start)
+
+
+def idle_gaps(kernels: list) -> list[tuple[float, str, str]]:
+    """Every stretch (µs) in which no stream of the GPU runs anything, between the first and the last
+    kernel, with the kernel that ended last before it and the one that starts it."""
+    gaps, reach, last = [], float("-inf"), ""
+    for e in kernels:
+        if e.time_range.start > reach and last:
+            gaps.append((e.time_range.start - reach, last, e.name))
+        if e.time_range.end > reach:
+            reach, last = e.time_range.end, e.name
+    return gaps
+
+
+def export_trace(fn, path, write: bool, rows: int = 8) -> None:
+    """Profile one call of fn and, where `write`, save its Chrome trace at `path` (every stream's
+    kernels and copies on one timeline: open it in Perfetto or chrome://tracing) and print where the
+    GPU idles longest, by the kernels around the gaps. Every rank of a parallel mode calls this (its
+    ranks wait for each other); one writes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    if not write:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
+    if DEVICE != "cuda":
+        print(f"trace: {path}")
+        return
+    gaps = idle_gaps(gpu_kernels(prof))
+    print(f"trace: {path} ({sum(g for g, _, _ in gaps) / 1e3:.2f} ms of GPU idle in {len(gaps)} gaps)")
+    by_pair: dict[tuple[str, str], list[float]] = {}
+    for gap, before, after in gaps:
+        by_pair.setdefault((before[:50], after[:50]), []).append(gap)
+    for (before, after), found in sorted(by_pair.items(), key=lambda item: -sum(item[1]))[:rows]:
+        print(f"  {sum(found) / 1e3:6.2f} ms in {len(found):4d} gaps  after {before:50}  before {after}")

@@ -11,7 +11,7 @@ agreement: relative error of the parallel step's output against the 1-GPU step's
 
     torchrun --nproc-per-node N scripts/bench_parallel.py [--cuda-graph] [--wan-model 14b]
         [--wan-size 480p 720p] [--json out.json] [--tiny] [--fake-all-to-all]
-        [--modes ulysses ring usp cfg] [--exchange nccl symmetric]
+        [--modes ulysses ring usp cfg] [--exchange nccl symmetric] [--profile] [--trace DIR]
 
 --exchange with several values runs each Ulysses mode once per exchange (NCCL's all-to-all, or
 writes into the peers' symmetric memory) and checks that both give the same output.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -189,11 +190,16 @@ def compare_modes(name: str, label: str, model, step, modes, device, args, kinds
     for graphed in (False, True) if args.cuda_graph else (False,):
         suffix = " graph" if graphed else ""
 
-        def run(fn, title: str, graphed=graphed):
+        def run(fn, title: str, graphed=graphed, suffix=suffix):
             fn = as_cuda_graph(fn, device) if graphed else fn
             result = timed(fn, device, args.warmup, args.repeat)
             if args.profile and device.type == "cuda":
                 profile_on_rank0(fn, f"{name} {title}", graphed, kinds)
+            if args.trace:
+                from bench_common import export_trace
+
+                file = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{name} {label} {title}{suffix}") + ".json"
+                export_trace(fn, args.trace / file, write=dist.get_rank() == 0)
             return result
 
         base_ms, base_host, base = run(lambda: step(None), "1 GPU")
@@ -287,6 +293,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--models", nargs="+", choices=["flux", "wan"], default=["flux", "wan"])
     parser.add_argument("--profile", action="store_true", help="top kernels, GPU time by kernel kind (CUDA)")
+    parser.add_argument("--trace", type=Path, metavar="DIR",
+                        help="rank 0's Chrome trace of one step per mode into DIR; where its GPU idles")  # fmt: skip
     parser.add_argument("--cuda-graph", action="store_true", help="FLUX also as CUDA graph replays")
     parser.add_argument("--fuse", action="store_true", help="fused projections (--enable-fused-projections)")
     parser.add_argument("--gelu", action="store_true", help="GELU in the GEMM epilogue (--enable-fused-gelu)")
