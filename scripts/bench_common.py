@@ -30,9 +30,8 @@ def time_interleaved(variants: dict, warmup: int, repeat: int) -> dict[str, list
     return interleaved_times(variants, torch.device(DEVICE), warmup, repeat)
 
 
-def print_top_kernels(fn, rows: int = 15, show: bool = True) -> None:
-    """Profile one call of fn and print its top kernels (show=False: run it profiled, print nothing:
-    the other ranks of a parallel run, which must take part)."""
+def profiled_call(fn):
+    """torch.profiler's record of one call of fn (host ops, and the GPU's kernels on CUDA)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
@@ -40,6 +39,13 @@ def print_top_kernels(fn, rows: int = 15, show: bool = True) -> None:
         fn()
         if DEVICE == "cuda":
             torch.cuda.synchronize()
+    return prof
+
+
+def print_top_kernels(fn, rows: int = 15, show: bool = True) -> None:
+    """Profile one call of fn and print its top kernels (show=False: run it profiled, print nothing:
+    the other ranks of a parallel run, which must take part)."""
+    prof = profiled_call(fn)
     if not show:
         return
     sort_by = "self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
@@ -182,13 +188,7 @@ def export_trace(fn, path, write: bool, rows: int = 8) -> None:
     kernels and copies on one timeline: open it in Perfetto or chrome://tracing) and print where the
     GPU idles longest, by the kernels around the gaps. Every rank of a parallel mode calls this (its
     ranks wait for each other); one writes."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-    with profile(activities=activities) as prof:
-        fn()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
+    prof = profiled_call(fn)
     if not write:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
