@@ -151,10 +151,10 @@ class SymmetricUlysses:
 
         Each head group travels in `chunks` chunks (if they divide it): the copies run on a side
         stream, so chunk c+1's q, k, v travel while chunk c's attention runs, and chunk c's output
-        travels back while chunk c+1's runs (the copies take the SMs the other kernel leaves free). `work` (which must
-        not touch the exchange's buffers: FLUX's single-stream MLP) runs on the compute stream while
-        the first chunk travels. Barriers, one per chunk's arrival and one for the outputs, run in
-        one order on every rank."""
+        travels back while chunk c+1's runs (the copies take the SMs the other kernel leaves free).
+        `work` (which must not touch the exchange's buffers: FLUX's single-stream MLP) runs on the
+        compute stream while the first chunk travels. Barriers, one per chunk's arrival and one for
+        the outputs, run in one order on every rank."""
         b, s, heads, d = q.shape
         group = heads // self.degree
         chunks = chunks if group % chunks == 0 else 1
