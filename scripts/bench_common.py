@@ -23,6 +23,20 @@ def time_call(fn) -> float:
     return start.elapsed_time(end)
 
 
+def join_nccl_group() -> torch.device:
+    """Under torchrun: this rank's GPU, made current, in an NCCL process group (NVLink multicast left
+    off: the symmetric-memory probes never use it, and shared hosts may forbid it)."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)
+    return device
+
+
 def time_interleaved(variants: dict, warmup: int, repeat: int) -> dict[str, list[float]]:
     """Round-robin over the variants so clock and thermal drift hit all of them alike (sgdiff bench's)."""
     from sgdiff.bench.run import interleaved_times

@@ -11,24 +11,21 @@ engine. Then the rate of each kind of copy alone. Leaves NVLink multicast off.""
 
 from __future__ import annotations
 
-import os
 import statistics
 
 import torch
 import torch.distributed as dist
 import torch.distributed._symmetric_memory as symm_mem
 import torch.nn.functional as F
+from bench_common import join_nccl_group, time_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ELEMENTS = 14 * 2**20  # bf16: 28 MB, what one FLUX Ulysses-2 attention sends to the peer
 
 
 def main() -> None:
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    rank = int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", device_id=device)
+    device = join_nccl_group()
+    rank = dist.get_rank()
     bf16 = dict(device=device, dtype=torch.bfloat16)
     q, k, v = (torch.randn(1, 12, 4608, 128, **bf16) for _ in range(3))  # [B, H, S, D]
     a, w = torch.randn(2304, 3072, **bf16), torch.randn(9216, 3072, **bf16)
@@ -64,12 +61,7 @@ def main() -> None:
             if rank in pushers:
                 push(pushers[rank], 300)  # ~25 ms of traffic: outlasts the compute
             if rank == 0:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                body()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
+                times.append(time_call(body))
             torch.cuda.synchronize()
         if rank == 0:
             print(f"{label:66} {statistics.median(times):7.2f} ms", flush=True)
@@ -85,13 +77,10 @@ def main() -> None:
     for engine in ("copy engine", "SM kernel"):
         torch.cuda.synchronize()
         dist.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(side)
-        push(engine, 50)
-        end.record(side)
-        end.synchronize()
+        with torch.cuda.stream(side):
+            ms = time_call(lambda engine=engine: push(engine, 50))
         if rank == 0:
-            rate = 50 * src.nbytes / (start.elapsed_time(end) / 1e3) / 1e9
+            rate = 50 * src.nbytes / (ms / 1e3) / 1e9
             print(f"writes into the peer by {engine}, both ranks at once: {rate:.0f} GB/s each", flush=True)
     dist.barrier()
     dist.destroy_process_group()

@@ -11,22 +11,19 @@ Leaves NVLink multicast off (TORCH_SYMM_MEM_DISABLE_MULTICAST=1)."""
 
 from __future__ import annotations
 
-import os
 import statistics
 
 import torch
 import torch.distributed as dist
 import torch.distributed._symmetric_memory as symm_mem
+from bench_common import join_nccl_group
 
 ROUNDS = 20
 
 
 def main() -> None:
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    rank = int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", device_id=device)
+    device = join_nccl_group()
+    rank = dist.get_rank()
     world = dist.get_world_size()
     bf16 = dict(device=device, dtype=torch.bfloat16)
     x, w = torch.randn(4608, 3072, **bf16), torch.randn(12288, 3072, **bf16)
