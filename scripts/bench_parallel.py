@@ -15,8 +15,9 @@ agreement: relative error of the parallel step's output against the 1-GPU step's
         [--wan-size 480p 720p] [--json out.json] [--tiny] [--fake-all-to-all]
         [--modes ulysses ring usp cfg] [--exchange nccl symmetric] [--profile] [--trace DIR]
 
---exchange with several values runs each Ulysses mode once per exchange (NCCL's all-to-all, or
-writes into the peers' symmetric memory) and checks that both give the same output.
+--exchange with several values runs each sequence-parallel mode once per exchange (NCCL's all-to-all
+and send/receive, or writes into the peers' symmetric memory) and checks that both give the same
+output.
 """
 
 from __future__ import annotations
@@ -166,10 +167,11 @@ def mode_kind(label: str) -> str:
 def with_exchanges(
     modes: list[tuple[str, ParallelConfig]], exchanges: list[str]
 ) -> list[tuple[str, ParallelConfig, str]]:
-    """Each mode with a Ulysses group once per exchange asked for (labelled when more than one)."""
+    """Each sequence-parallel mode once per exchange asked for (labelled when more than one)."""
     out = []
     for label, parallel in modes:
-        ways = exchanges if parallel.resolved().ulysses_degree > 1 else exchanges[:1]
+        resolved = parallel.resolved()
+        ways = exchanges if resolved.ulysses_degree * resolved.ring_degree > 1 else exchanges[:1]
         out += [(label + (f" {way}" if len(ways) > 1 else ""), parallel, way) for way in ways]
     return out
 
@@ -320,7 +322,7 @@ def main() -> None:
         nargs="+",
         choices=["auto", "nccl", "symmetric"],
         default=["auto"],
-        help="how Ulysses exchanges heads and tokens; several: each mode once per exchange",
+        help="how Ulysses exchanges heads and tokens and a ring its K/V blocks; several: each mode once per exchange",
     )
     parser.add_argument("--fake-all-to-all", action="store_true",
                         help="every all-to-all a local copy of its size: Ulysses with its communication hidden "

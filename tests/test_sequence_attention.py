@@ -1,8 +1,9 @@
 """Sequence-parallel attention on its own: with each rank holding its shard of every segment (FLUX's
 text and image tokens, neither divisible by the ranks), the gathered output equals attention over
 the whole sequence, for Ulysses (heads pipelined in chunks), Ring and USP, and with another
-single-GPU kernel inside (--attention-backend math); and where the symmetric-memory exchange of
-Ulysses writes each rank's slices (its GPU path runs in scripts/bench_parallel.py --exchange)."""
+single-GPU kernel inside (--attention-backend math); and where the symmetric-memory exchanges of
+Ulysses and of the ring write each rank's slices and blocks (their GPU paths run in
+scripts/bench_parallel.py --exchange)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,33 @@ def test_symmetric_memory_exchange_layouts(degree, chunks):
         tokens = slice(j * s_loc, (j + 1) * s_loc)
         expected = torch.cat([outs[group][c][:, tokens] for group in range(degree) for c in range(chunks)], dim=2)
         assert torch.equal(outboxes[j], expected), f"rank {j}"
+
+
+@pytest.mark.parametrize("degree", [2, 3, 4])
+def test_symmetric_ring_blocks_reach_every_rank_in_ring_order(degree):
+    """The symmetric-memory ring, its ranks simulated in one process (the inboxes are plain tensors
+    here): after every rank posts its K/V block, each rank's inbox holds every other rank's block in
+    that rank's slot; each rank attends the blocks in the NCCL ring's order (its own, then rank - 1,
+    ...), and the merged partials equal attention of its queries over the whole sequence."""
+    from sgdiff.parallel.sequence import attention_with_lse, merge_partials
+    from sgdiff.parallel.symmetric_ring import post_block, ring_sources
+
+    g = torch.Generator().manual_seed(degree)
+    b, s_blk, h, d = 1, 5, 3, 8
+    q, k, v = (torch.randn(b, degree * s_blk, h, d, generator=g) for _ in range(3))
+    blocks = [torch.stack([k, v])[:, :, r * s_blk : (r + 1) * s_blk] for r in range(degree)]  # [2, B, S_blk, h, D]
+    inboxes = [torch.full((degree, 2, b, s_blk, h, d), float("nan")) for _ in range(degree)]
+    for rank in range(degree):
+        post_block(blocks[rank], inboxes, rank)
+    reference = sdpa_attention(q, k, v)
+    for rank in range(degree):
+        sources = ring_sources(rank, degree)
+        assert sources == [(rank - step) % degree for step in range(degree)] and sorted(sources) == list(range(degree))
+        for source in sources[1:]:
+            assert torch.equal(inboxes[rank][source], blocks[source]), f"rank {rank}, block of {source}"
+        assert inboxes[rank][rank].isnan().all(), "a rank's own slot is never written"
+        received = [blocks[rank], *(inboxes[rank][source] for source in sources[1:])]
+        queries = q[:, rank * s_blk : (rank + 1) * s_blk]
+        out = merge_partials([attention_with_lse(queries, kv[0], kv[1]) for kv in received])
+        difference = (out - reference[:, rank * s_blk : (rank + 1) * s_blk]).abs().max().item()
+        assert difference <= 1e-5, f"rank {rank}: max abs diff {difference}"

@@ -1,5 +1,6 @@
 """Sequence-parallel attention: Ulysses (all-to-all over heads), Ring (K/V blocks passed around a
-ring, merged by log-sum-exp) and both together (USP). Installed behind models/attention.py's one
+ring, merged by log-sum-exp) and both together (USP); on one host both exchange through symmetric
+memory (symmetric_exchange.py, symmetric_ring.py). Installed behind models/attention.py's one
 entry point; parallel/plans.py shards a model's tokens before its blocks and gathers them after.
 
 A model's sequence is one or more segments (FLUX's joint attention: text tokens, then image
@@ -25,6 +26,7 @@ from sgdiff.kernels import kernels_run_on
 from sgdiff.models.attention import AttentionImpl, sdpa_attention
 from sgdiff.parallel.groups import ParallelGroups
 from sgdiff.parallel.symmetric_exchange import SymmetricUlysses, symmetric_memory_usable
+from sgdiff.parallel.symmetric_ring import SymmetricRing, ring_sources
 
 
 @dataclass(frozen=True)
@@ -187,10 +189,11 @@ class SequenceParallelAttention:
     `local_depth` (> 0 inside a cross-attention whose keys every rank holds: plain attention on the
     local queries).
 
-    exchange: how Ulysses moves heads and tokens. "auto": through symmetric memory when the Ulysses
-    group's GPUs can map each other's memory (one host; parallel/symmetric_exchange.py, faster than
-    NCCL on 2 and 4 H100s), else NCCL's all-to-all; "nccl" or "symmetric" to force one. Made by every
-    rank of the group together (a collective)."""
+    exchange: how Ulysses moves heads and tokens and how a ring moves its K/V blocks. "auto": through
+    symmetric memory where the group's GPUs can map each other's memory (one host;
+    parallel/symmetric_exchange.py and symmetric_ring.py, faster than NCCL on 2 and 4 H100s), else
+    NCCL's all-to-all and send/receive; "nccl" or "symmetric" to force one. Made by every rank of
+    the groups together (a collective)."""
 
     def __init__(self, groups: ParallelGroups, inner: AttentionImpl = sdpa_attention, exchange: str = "auto"):
         if exchange not in ("auto", "nccl", "symmetric"):
@@ -198,12 +201,18 @@ class SequenceParallelAttention:
         self.groups = groups
         self.inner = inner
         self.symmetric: SymmetricUlysses | None = None
-        u = groups.config.ulysses_degree
+        self.symmetric_ring: SymmetricRing | None = None
+        u, r = groups.config.ulysses_degree, groups.config.ring_degree
         if exchange in ("symmetric", "auto") and u > 1:
             if symmetric_memory_usable(groups.ulysses_group):
                 self.symmetric = SymmetricUlysses(groups.ulysses_group)
             elif exchange == "symmetric":
                 raise RuntimeError("the Ulysses group's GPUs cannot map each other's memory (symmetric memory)")
+        if exchange in ("symmetric", "auto") and r > 1:
+            if symmetric_memory_usable(groups.ring_group):
+                self.symmetric_ring = SymmetricRing(groups.ring_group)
+            elif exchange == "symmetric":
+                raise RuntimeError("the ring group's GPUs cannot map each other's memory (symmetric memory)")
         self.layout: TokenLayout | None = None
         self.local_depth = 0
         self.hooks: list = []  # the forward hooks that shard the models (plans.py)
@@ -258,26 +267,36 @@ class SequenceParallelAttention:
 
     def ring(self, queries: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor) -> torch.Tensor:
         """My queries against every ring rank's key block: the blocks travel round the ring (send to
-        the next rank, receive from the previous one) while I compute. A ring rank's block holds the
-        local sequences of its Ulysses group's sp ranks."""
-        g = self.groups
-        r, u = g.config.ring_degree, g.config.ulysses_degree
-        partials = []
+        the next rank, receive from the previous one; through symmetric memory every block goes to
+        every ring rank at once) while I compute. A ring rank's block holds the local sequences of its
+        Ulysses group's sp ranks."""
         kv = torch.stack([k_block, v_block])  # [2, B, U*S_loc, H/U, D]
+        if self.symmetric_ring is not None:
+            partials = self.symmetric_ring.over_blocks(kv, lambda source, block: self.block(queries, source, block))
+            return merge_partials([p for p in partials if p is not None])
+        g = self.groups
+        r = g.config.ring_degree
+        partials = []
         nxt, prev = g.ring_ranks[(g.ring_rank + 1) % r], g.ring_ranks[(g.ring_rank - 1) % r]
-        for step in range(r):
-            source = (g.ring_rank - step) % r  # whose block `kv` is
+        for step, source in enumerate(ring_sources(g.ring_rank, r)):  # source: whose block `kv` is
             pending = None
             if step < r - 1:
                 incoming = torch.empty_like(kv)
                 send = dist.P2POp(dist.isend, kv, nxt, g.ring_group)
                 pending = dist.batch_isend_irecv([send, dist.P2POp(dist.irecv, incoming, prev, g.ring_group)])
-            keep = real_key_positions(self.layout, range(source * u, (source + 1) * u), queries.device)
-            keys, values = (kv[0], kv[1]) if keep is None else (kv[0][:, keep], kv[1][:, keep])
-            if keys.shape[1]:
-                partials.append(attention_with_lse(queries, keys, values))
+            partial = self.block(queries, source, kv)
+            if partial is not None:
+                partials.append(partial)
             if pending is not None:
                 for request in pending:
                     request.wait()
                 kv = incoming
         return merge_partials(partials)
+
+    def block(self, queries: torch.Tensor, source: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Attention (and log-sum-exp) of my queries over ring rank `source`'s block kv ([2, B,
+        U*S_loc, h, D]) with its padded keys cut out; None where the block holds only padding."""
+        u = self.groups.config.ulysses_degree
+        keep = real_key_positions(self.layout, range(source * u, (source + 1) * u), queries.device)
+        keys, values = (kv[0], kv[1]) if keep is None else (kv[0][:, keep], kv[1][:, keep])
+        return attention_with_lse(queries, keys, values) if keys.shape[1] else None

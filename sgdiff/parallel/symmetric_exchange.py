@@ -92,8 +92,9 @@ def symmetric_memory_usable(group: dist.ProcessGroup) -> bool:
     return all(verdicts)
 
 
-class SymmetricUlysses:
-    """Ulysses' all-to-alls for one group, in symmetric memory allocated once per shape."""
+class SymmetricBuffers:
+    """Buffers in symmetric memory for one group of one host's ranks, allocated once per shape, and a
+    barrier in their signal pads."""
 
     def __init__(self, group: dist.ProcessGroup):
         # no NVLink multicast objects: these exchanges never use them (and shared hosts may forbid them)
@@ -101,10 +102,6 @@ class SymmetricUlysses:
         # one allocation per buffer: from torch's implicit pool a buffer may sit at an offset in a
         # shared allocation, where get_buffer's views (counted from the allocation's start) would miss it
         os.environ["TORCH_SYMMMEM_IMPLICIT_POOL"] = "0"
-        from sgdiff.kernels.triton_copy_heads import HeadCopy  # Triton: imported once, here
-
-        self.head_copy = HeadCopy
-        self.copies: dict[tuple[int, ...], HeadCopy] = {}  # by the destinations' addresses
         self.side = torch.cuda.Stream()  # the copies and their barriers
         self.group = group
         self.rank, self.degree = dist.get_rank(group), dist.get_world_size(group)
@@ -127,6 +124,17 @@ class SymmetricUlysses:
             if self.barrier is None:  # the first buffer's signal pads serve every exchange
                 self.barrier = SignalBarrier(handle, self.group, like.device)
         return self.buffers[key]
+
+
+class SymmetricUlysses(SymmetricBuffers):
+    """Ulysses' all-to-alls for one group, in symmetric memory."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        super().__init__(group)
+        from sgdiff.kernels.triton_copy_heads import HeadCopy  # Triton: imported once, here
+
+        self.head_copy = HeadCopy
+        self.copies: dict[tuple[int, ...], HeadCopy] = {}  # by the destinations' addresses
 
     def copy(self, src: torch.Tensor, destinations: list[torch.Tensor], pair_stride: int) -> None:
         """PairCopy in one Triton launch (the destinations are slots of this exchange's buffers: the
