@@ -182,6 +182,19 @@ def start_sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup, degree: i
     return InFlight(received, work, lambda r: r.permute(1, 2, 0, 3, 4))
 
 
+def symmetric_or_nccl(kind: type, group: dist.ProcessGroup | None, degree: int, exchange: str, name: str) -> Any:
+    """kind(group) (SymmetricUlysses or SymmetricRing) where `exchange` allows symmetric memory, the
+    group has several ranks and their GPUs can map each other's memory; else None (NCCL). A
+    collective over the group."""
+    if exchange == "nccl" or degree == 1:
+        return None
+    if symmetric_memory_usable(group):
+        return kind(group)
+    if exchange == "symmetric":
+        raise RuntimeError(f"the {name} group's GPUs cannot map each other's memory (symmetric memory)")
+    return None
+
+
 class SequenceParallelAttention:
     """The attention implementation of a sequence-parallel rank (an AttentionImpl).
 
@@ -200,19 +213,13 @@ class SequenceParallelAttention:
             raise ValueError(f"exchange must be auto, nccl or symmetric, not {exchange!r}")
         self.groups = groups
         self.inner = inner
-        self.symmetric: SymmetricUlysses | None = None
-        self.symmetric_ring: SymmetricRing | None = None
         u, r = groups.config.ulysses_degree, groups.config.ring_degree
-        if exchange in ("symmetric", "auto") and u > 1:
-            if symmetric_memory_usable(groups.ulysses_group):
-                self.symmetric = SymmetricUlysses(groups.ulysses_group)
-            elif exchange == "symmetric":
-                raise RuntimeError("the Ulysses group's GPUs cannot map each other's memory (symmetric memory)")
-        if exchange in ("symmetric", "auto") and r > 1:
-            if symmetric_memory_usable(groups.ring_group):
-                self.symmetric_ring = SymmetricRing(groups.ring_group)
-            elif exchange == "symmetric":
-                raise RuntimeError("the ring group's GPUs cannot map each other's memory (symmetric memory)")
+        self.symmetric: SymmetricUlysses | None = symmetric_or_nccl(
+            SymmetricUlysses, groups.ulysses_group, u, exchange, "Ulysses"
+        )
+        self.symmetric_ring: SymmetricRing | None = symmetric_or_nccl(
+            SymmetricRing, groups.ring_group, r, exchange, "ring"
+        )
         self.layout: TokenLayout | None = None
         self.local_depth = 0
         self.hooks: list = []  # the forward hooks that shard the models (plans.py)
