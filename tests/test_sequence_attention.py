@@ -114,3 +114,32 @@ def test_symmetric_ring_blocks_reach_every_rank_in_ring_order(degree):
         out = merge_partials([attention_with_lse(queries, kv[0], kv[1]) for kv in received])
         difference = (out - reference[:, rank * s_blk : (rank + 1) * s_blk]).abs().max().item()
         assert difference <= 1e-5, f"rank {rank}: max abs diff {difference}"
+
+
+@pytest.mark.parametrize(
+    ("mode", "batch", "per_head_norms", "inputs_travel"),
+    [
+        ("ulysses-2", 1, True, True),
+        ("ulysses-2", 2, True, True),
+        ("ulysses-2", 1, False, False),  # a norm over every head needs q and k whole: q, k, v travel
+        ("ulysses-4", 1, True, False),  # four ranks: q, k and v are fewer bytes than the inputs
+        ("usp-2x2", 1, True, False),
+    ],
+)
+def test_joint_attention_from_streams_equals_whole_sequence(mode, batch, per_head_norms, inputs_travel):
+    """joint_attention with the streams before their projections (FLUX's text and image, lengths the
+    ranks do not divide): under Ulysses-2 every rank's inputs travel and each rank projects all tokens
+    for its heads (parallel/input_exchange.py); elsewhere q, k and v do. Either way the gathered output
+    equals one process's, and the work alongside runs once."""
+    from sgdiff.models.streams import project_streams
+    from sgdiff.testing.distributed import joint_streams, sharded_joint_attention
+
+    streams, rope = joint_streams(SEGMENTS, batch, per_head_norms)
+    with torch.no_grad():
+        reference = sdpa_attention(*project_streams(streams, rope, 8))
+    ranks = run_on_ranks(MODES[mode], sharded_joint_attention, SEGMENTS, batch, per_head_norms)
+    for rank, (out, done, travelled) in enumerate(ranks):
+        assert travelled == inputs_travel, f"{mode} rank {rank}: inputs travelled {travelled}"
+        assert done == "work"
+        difference = (out - reference).abs().max().item()
+        assert difference <= 1e-5, f"{mode} rank {rank}: max abs diff {difference}"

@@ -1,8 +1,9 @@
 """The one attention entry point of every sgdiff model.
 
 Models call `attention(q, k, v)` (or `attention_alongside`, with independent work that an
-implementation may run while its communication travels) and nothing else; a kernel choice or
-sequence parallelism is swapped in here (see `use_attention_impl`), never inside a model.
+implementation may run while its communication travels, or `joint_attention`, with the streams
+before their q/k/v projections) and nothing else; a kernel choice or sequence parallelism is
+swapped in here (see `use_attention_impl`), never inside a model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from sgdiff.models.streams import Stream, project_streams
 
 # q, k, v: [B, S, H, D] -> out: [B, S, H, D]
 AttentionImpl = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -59,6 +62,23 @@ def attention_alongside(
         return overlapping(q, k, v, work)
     done = work()
     return _impl(q, k, v), done
+
+
+def joint_attention(
+    streams: list[Stream], rope: torch.Tensor, heads: int, work: Callable[[], Any] = lambda: None
+) -> tuple[torch.Tensor, Any]:
+    """(attention over the streams' tokens joined in order [B, sum S_i, H, D], work()), from the
+    streams before their projections (models/streams.py): q and k normed and rotated by rope
+    [sum S_i, D/2, 2]. An implementation that can project elsewhere (Ulysses-2 moves the inputs
+    instead of q, k and v: its `over_streams`) does; otherwise the streams are projected here and
+    attended as `attention_alongside` does."""
+    over_streams = getattr(_impl, "over_streams", None)
+    if over_streams is not None:
+        handled = over_streams(streams, rope, heads, work)
+        if handled is not None:
+            return handled
+    q, k, v = project_streams(streams, rope, heads)
+    return attention_alongside(q, k, v, work)
 
 
 def current_attention_impl() -> AttentionImpl:

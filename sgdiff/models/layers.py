@@ -159,18 +159,6 @@ def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
     return tuple(linear(x) for linear in linears)
 
 
-def project_then_gelu(x: torch.Tensor, *linears: nn.Linear) -> tuple:
-    """`project(x, *linears)`, with tanh GELU of the last one deferred: returns the other outputs and a
-    function that gives the last one's GELU output (so that a caller can run it alongside other work).
-    With the fused-GELU toggle the last Linear is its own GEMM with the GELU in its epilogue, run by
-    that function (the others may still be fused); without, the projection runs now, the GELU later."""
-    *first, last = linears
-    if getattr(last, "gelu_epilogue", False):
-        return (*project(x, *first), lambda: gelu_in_epilogue(x, last))
-    *outs, wide = project(x, *linears)
-    return (*outs, lambda: nn.functional.gelu(wide, approximate="tanh"))
-
-
 def linear_over_concat(linear: nn.Linear, parts: list[torch.Tensor], split: bool) -> torch.Tensor:
     """linear(cat(parts, -1)). split: no concatenated copy; each part meets its columns of the weight
     in one GEMM, accumulated into the same output (the same sum, rounded once more per extra part)."""

@@ -1,7 +1,9 @@
 """Sequence-parallel attention: Ulysses (all-to-all over heads), Ring (K/V blocks passed around a
 ring, merged by log-sum-exp) and both together (USP); on one host both exchange through symmetric
-memory (symmetric_exchange.py, symmetric_ring.py). Installed behind models/attention.py's one
-entry point; parallel/plans.py shards a model's tokens before its blocks and gathers them after.
+memory (symmetric_exchange.py, symmetric_ring.py); Ulysses-2 over a model's streams (FLUX's
+joint_attention) moves their input instead of q, k and v (input_exchange.py). Installed behind
+models/attention.py's one entry point; parallel/plans.py shards a model's tokens before its blocks
+and gathers them after.
 
 A model's sequence is one or more segments (FLUX's joint attention: text tokens, then image
 tokens; Wan: video tokens). Each segment is split on its own over the sp ranks: rank i holds
@@ -24,7 +26,9 @@ import torch.distributed as dist
 
 from sgdiff.kernels import kernels_run_on
 from sgdiff.models.attention import AttentionImpl, sdpa_attention
+from sgdiff.models.streams import Stream
 from sgdiff.parallel.groups import ParallelGroups
+from sgdiff.parallel.input_exchange import HeadWeights, gather_inputs, gather_tokens, normed_qkv, project_rank
 from sgdiff.parallel.symmetric_exchange import SymmetricUlysses, symmetric_memory_usable
 from sgdiff.parallel.symmetric_ring import SymmetricRing, ring_sources
 
@@ -220,15 +224,26 @@ class SequenceParallelAttention:
         self.symmetric_ring: SymmetricRing | None = symmetric_or_nccl(
             SymmetricRing, groups.ring_group, r, exchange, "ring"
         )
-        self.layout: TokenLayout | None = None
+        self.layout = None
         self.local_depth = 0
+        self.head_weights = HeadWeights()  # over_streams' weights: each stream's rows of my heads
         self.hooks: list = []  # the forward hooks that shard the models (plans.py)
+
+    @property
+    def layout(self) -> TokenLayout | None:
+        return self._layout
+
+    @layout.setter
+    def layout(self, layout: TokenLayout | None) -> None:
+        self._layout = layout
+        self.gathered_ropes: dict[int, tuple] = {}  # a forward's gathered rotary tables (its own)
 
     def remove(self) -> None:
         """Take the sharding hooks off the models again (they become single-GPU models)."""
         for hook in self.hooks:
             hook.remove()
         self.hooks.clear()
+        self.head_weights = HeadWeights()
 
     @torch.compiler.disable  # collectives and Python state: outside a compiled block's graph
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -264,6 +279,48 @@ class SequenceParallelAttention:
             outbound.append(start_sequence_to_heads(out, g.ulysses_group, u))
         # the chunks back in head order: [B, S_loc, U, C, h, D] -> [B, S_loc, H, D]
         return torch.stack([leaving.finish() for leaving in outbound], dim=3).view(b, s, heads, d), done
+
+    @torch.compiler.disable
+    def over_streams(self, streams: list[Stream], rope: torch.Tensor, heads: int, work: Callable[[], Any]):
+        """models/attention.py's joint_attention: under Ulysses-2 alone (no ring), with q/k norms per
+        head, each rank's streams' inputs travel instead of q, k and v, and every rank projects all
+        tokens for its heads (parallel/input_exchange.py). Returns ([B, S_loc, H, D], work()), or
+        None (nothing run) where this does not apply: the model then projects and calls `alongside`."""
+        g = self.groups
+        u, head_dim = g.config.ulysses_degree, rope.shape[-2] * 2
+        if self.layout is None or self.local_depth or u != 2 or g.config.ring_degree != 1:
+            return None
+        if not all(stream.per_head_norms(head_dim) for stream in streams):
+            return None  # (a norm over all heads needs every head of a token)
+        rank, group = g.ulysses_rank, heads // u
+        weights = [self.head_weights.get(s, slice(rank * group, (rank + 1) * group), head_dim) for s in streams]
+        every_rope = self.gathered(rope)
+        inputs = [s.x for s in streams]
+        b, s_loc = inputs[0].shape[0], sum(x.shape[1] for x in inputs)
+        buffer = inputs[0].new_empty(b, u * s_loc, 3, group, head_dim)  # my heads of every rank's tokens
+
+        def project(source: int, xs: list[torch.Tensor]) -> None:
+            project_rank(buffer, source, xs, weights)
+
+        def qkv() -> tuple[torch.Tensor, ...]:
+            return normed_qkv(buffer, streams, every_rope, u)
+
+        if self.symmetric is not None:
+            return self.symmetric.input_attention(inputs, project, qkv, self.attend, work)
+        every = gather_inputs(streams, g.ulysses_group)  # [rank][stream] -> [B, S_i, C]
+        done = work()
+        for source, xs in enumerate(every):
+            project(source, xs)
+        out = self.attend(*qkv())  # [B, U*S_loc, h, D]
+        back = start_sequence_to_heads(out, g.ulysses_group, u).finish()  # [B, S_loc, U, h, D]
+        return back.reshape(b, s_loc, heads, head_dim), done
+
+    def gathered(self, rope: torch.Tensor) -> torch.Tensor:
+        """Every Ulysses rank's rotary table (rank order, [U*S_loc, D/2, 2]), gathered once per forward."""
+        key = id(rope)
+        if key not in self.gathered_ropes:
+            self.gathered_ropes[key] = (rope, gather_tokens(rope, self.groups.ulysses_group))
+        return self.gathered_ropes[key][1]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """My Ulysses group's whole sequence is here: attention with the padded keys cut out."""

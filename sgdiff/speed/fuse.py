@@ -1,11 +1,10 @@
-"""Fused projections: the Linears a model reads the same input with (FLUX: q, k, v of each stream,
-and q, k, v with the MLP's input projection in a single-stream block; Wan: q, k, v of
-self-attention, k, v of cross-attention) run as one GEMM each (models/layers.py FusedProjection).
+"""Fused projections: the Linears a model reads the same input with (FLUX: q, k, v of each stream;
+Wan: q, k, v of self-attention, k, v of cross-attention) run as one GEMM each (models/layers.py
+FusedProjection).
 
 Fused GELU: the Linears a model feeds into tanh GELU (the MLPs' input projections) compute it in
-their GEMM's epilogue (models/layers.py gelu_in_epilogue). Such a Linear then runs as its own GEMM,
-so mark them before fusing projections: a group loses its GELU member (FLUX's single-block
-proj_mlp), which would otherwise need the plain GELU pass over its wide output.
+their GEMM's epilogue (models/layers.py gelu_in_epilogue). Such a Linear runs as its own GEMM, so
+mark them before fusing projections: a group that declared one loses it.
 
 Fused norms: q's and k's RMSNorm and rotary embedding as one Triton kernel per stream
 (models/rope.py norm_and_rope, kernels/qk_norm_rope.py), and each adaLN LayerNorm + modulation as

@@ -109,3 +109,50 @@ def sharded_attention(
         offset += seg.local
     gathered = torch.cat(whole, dim=1)
     return (gathered, events) if log_overlap else gathered
+
+
+def joint_streams(segment_lengths: tuple[int, ...], batch: int, per_head_norms: bool) -> tuple[list, torch.Tensor]:
+    """Random streams of 8 heads of 16 channels for models/attention.py's joint_attention (seeded:
+    every rank builds the same): per segment an input [B, S_i, 24], q/k/v Linears and q/k RMSNorms per
+    head (FLUX's) or over all heads (Wan's); and a rotary table [S, 8, 2]."""
+    from torch import nn
+
+    from sgdiff.models.rope import rope_frequencies
+    from sgdiff.models.streams import Stream
+
+    torch.manual_seed(0)
+    streams = []
+    for n in segment_lengths:
+        linears = tuple(nn.Linear(24, 8 * 16) for _ in range(3))
+        norms = tuple(nn.RMSNorm(16 if per_head_norms else 8 * 16, eps=1e-6) for _ in range(2))
+        for norm in norms:
+            nn.init.uniform_(norm.weight, 0.5, 1.5)
+        streams.append(Stream(torch.randn(batch, n, 24), linears, norms))
+    ids = torch.randint(0, 64, (sum(segment_lengths), 3))
+    return streams, rope_frequencies(ids, (4, 4, 8), theta=10000.0)
+
+
+def sharded_joint_attention(groups: ParallelGroups, segment_lengths: tuple[int, ...], batch: int, per_head_norms: bool):
+    """joint_attention over random streams (joint_streams) with every rank holding its shard of each
+    stream, gathered back to the whole sequence's output (a run_on_ranks function). Returns (output,
+    what the work alongside returned, whether the inputs travelled instead of q, k and v)."""
+    from sgdiff.models.attention import joint_attention, use_attention_impl
+    from sgdiff.models.streams import Stream
+    from sgdiff.parallel import sequence
+
+    streams, rope = joint_streams(segment_lengths, batch, per_head_norms)
+    segments = tuple(sequence.SequenceSplit(n, groups.sp_degree) for n in segment_lengths)
+    attn = sequence.SequenceParallelAttention(groups)
+    attn.layout = sequence.TokenLayout(segments)
+    starts = [sum(segment_lengths[:i]) for i in range(len(segments))]
+    rank = groups.sp_rank
+    local_rope = torch.cat([s.shard(rope[a : a + s.full], 0, rank) for s, a in zip(segments, starts, strict=True)])
+    local = [Stream(seg.shard(s.x, 1, rank), s.linears, s.norms) for s, seg in zip(streams, segments, strict=True)]
+    with torch.no_grad(), use_attention_impl(attn):
+        inputs_travelled = attn.over_streams(local, local_rope, 8, lambda: None) is not None
+        out, done = joint_attention(local, local_rope, 8, lambda: "work")
+    whole, offset = [], 0
+    for seg in segments:
+        whole.append(seg.gather(out[:, offset : offset + seg.local], 1, groups.sp_group))
+        offset += seg.local
+    return torch.cat(whole, dim=1), done, inputs_travelled

@@ -9,18 +9,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sgdiff.models.attention import attention, attention_alongside
+from sgdiff.models.attention import joint_attention
 from sgdiff.models.flux.config import FluxTransformerConfig
 from sgdiff.models.layers import (
     AdaModulation,
     FeedForward,
     MLPEmbedder,
+    gelu_projection,
     linear_over_concat,
-    project,
-    project_then_gelu,
     timestep_embedding,
 )
-from sgdiff.models.rope import norm_and_rope, rope_frequencies
+from sgdiff.models.rope import rope_frequencies
+from sgdiff.models.streams import Stream
 
 Rope = torch.Tensor  # [S_txt + S_img, head_dim / 2, 2] (cos, sin) of the rotations
 
@@ -57,13 +57,12 @@ class JointAttention(QKNormedProjection):
         self.to_add_out = nn.Linear(dim, dim)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = project(img, self.to_q, self.to_k, self.to_v)
-        tq, tk, tv = project(txt, self.add_q_proj, self.add_k_proj, self.add_v_proj)
         # joint sequence, text first: [B, S_txt + S_img, H, D]
-        q = norm_and_rope([(tq, self.norm_added_q), (q, self.norm_q)], rope, self.heads)
-        k = norm_and_rope([(tk, self.norm_added_k), (k, self.norm_k)], rope, self.heads)
-        v = torch.cat([tv, v], dim=1).unflatten(-1, (self.heads, -1))
-        out = attention(q, k, v).flatten(2)  # [B, S, H*D]
+        streams = [
+            Stream(txt, (self.add_q_proj, self.add_k_proj, self.add_v_proj), (self.norm_added_q, self.norm_added_k)),
+            Stream(img, (self.to_q, self.to_k, self.to_v), (self.norm_q, self.norm_k)),
+        ]
+        out = joint_attention(streams, rope, self.heads)[0].flatten(2)  # [B, S, H*D]
         txt_len = txt.shape[1]
         # contiguous halves: the projections then run the same GEMM (and rounding) as the reference at any batch
         img_out, txt_out = out[:, txt_len:].contiguous(), out[:, :txt_len].contiguous()
@@ -107,10 +106,9 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = self.norm(temb)
         h = self.norm.modulate(x, shift, scale)
         a = self.attn
-        q, k, v, mlp = project_then_gelu(h, a.to_q, a.to_k, a.to_v, self.proj_mlp)
-        q, k = norm_and_rope([(q, a.norm_q)], rope, a.heads), norm_and_rope([(k, a.norm_k)], rope, a.heads)
-        # the MLP does not need the attention: under Ulysses it runs while q, k and v travel
-        attn_out, mlp_out = attention_alongside(q, k, v.unflatten(-1, (a.heads, -1)), mlp)
+        stream = Stream(h, (a.to_q, a.to_k, a.to_v), (a.norm_q, a.norm_k))
+        # the MLP does not need the attention: under Ulysses it runs while the inputs or q, k and v travel
+        attn_out, mlp_out = joint_attention([stream], rope, a.heads, lambda: gelu_projection(h, self.proj_mlp))
         attn_out = attn_out.flatten(2)  # [B, S, H, D] -> [B, S, H*D]
         # with the GELU in proj_mlp's epilogue, proj_out reads its output where it is (no concatenation)
         split = getattr(self.proj_mlp, "gelu_epilogue", False)
@@ -162,7 +160,7 @@ class FluxTransformer(nn.Module):
             a = block.attn
             groups += [(a.to_q, a.to_k, a.to_v), (a.add_q_proj, a.add_k_proj, a.add_v_proj)]
         for block in self.single_transformer_blocks:
-            groups.append((block.attn.to_q, block.attn.to_k, block.attn.to_v, block.proj_mlp))
+            groups.append((block.attn.to_q, block.attn.to_k, block.attn.to_v))
         return groups
 
     def tanh_gelu_projections(self) -> list[nn.Linear]:
