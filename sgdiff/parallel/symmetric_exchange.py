@@ -9,7 +9,7 @@ buffers and writes its slice of every head group straight to where the peer's at
 Each tensor goes to every rank in one Triton launch that moves 16-byte vectors, the local slot's
 copy beside the peers' (kernels/triton_copy_heads.py; torch's strided copy_ stores element by
 element, which NVLink carries poorly, one destination after the other). A barrier closes each
-exchange (kernels/triton_signal_barrier.py: arrival counts in the signal pads) `input_attention`
+exchange (kernels/triton_signal_barrier.py: arrival counts in the signal pads). `input_attention`
 moves the attention's input instead of q, k and v (parallel/input_exchange.py), by memcpy.
 
 The buffers need no double buffering: a rank writes into a peer's inboxes for an attention only
