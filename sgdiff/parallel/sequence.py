@@ -224,19 +224,11 @@ class SequenceParallelAttention:
         self.symmetric_ring: SymmetricRing | None = symmetric_or_nccl(
             SymmetricRing, groups.ring_group, r, exchange, "ring"
         )
-        self.layout = None
+        self.layout: TokenLayout | None = None
         self.local_depth = 0
         self.head_weights = HeadWeights()  # over_streams' weights: each stream's rows of my heads
+        self.rope_gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # (local table, every rank's)
         self.hooks: list = []  # the forward hooks that shard the models (plans.py)
-
-    @property
-    def layout(self) -> TokenLayout | None:
-        return self._layout
-
-    @layout.setter
-    def layout(self, layout: TokenLayout | None) -> None:
-        self._layout = layout
-        self.gathered_ropes: dict[int, tuple] = {}  # a forward's gathered rotary tables (its own)
 
     def remove(self) -> None:
         """Take the sharding hooks off the models again (they become single-GPU models)."""
@@ -316,11 +308,11 @@ class SequenceParallelAttention:
         return back.reshape(b, s_loc, heads, head_dim), done
 
     def gathered(self, rope: torch.Tensor) -> torch.Tensor:
-        """Every Ulysses rank's rotary table (rank order, [U*S_loc, D/2, 2]), gathered once per forward."""
-        key = id(rope)
-        if key not in self.gathered_ropes:
-            self.gathered_ropes[key] = (rope, gather_tokens(rope, self.groups.ulysses_group))
-        return self.gathered_ropes[key][1]
+        """Every Ulysses rank's rotary table (rank order, [U*S_loc, D/2, 2]), gathered once per forward:
+        every block gets the same local table (the last one is kept, so `is` cannot match a new one)."""
+        if self.rope_gathered is None or self.rope_gathered[0] is not rope:
+            self.rope_gathered = (rope, gather_tokens(rope, self.groups.ulysses_group))
+        return self.rope_gathered[1]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """My Ulysses group's whole sequence is here: attention with the padded keys cut out."""
