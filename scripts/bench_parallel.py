@@ -13,7 +13,8 @@ agreement: relative error of the parallel step's output against the 1-GPU step's
 
     torchrun --nproc-per-node N scripts/bench_parallel.py [--cuda-graph] [--wan-model 14b]
         [--wan-size 480p 720p] [--json out.json] [--tiny] [--fake-all-to-all]
-        [--modes ulysses ring usp cfg] [--exchange nccl symmetric] [--profile] [--trace DIR]
+        [--modes ulysses ring usp cfg] [--exchange nccl symmetric] [--attention-backend auto]
+        [--profile] [--trace DIR]
 
 --exchange with several values runs each sequence-parallel mode once per exchange (NCCL's all-to-all
 and send/receive, or writes into the peers' symmetric memory) and checks that both give the same
@@ -29,7 +30,6 @@ import re
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ from sgdiff.parallel.groups import build_groups  # noqa: E402
 from sgdiff.parallel.plans import apply_sequence_parallel  # noqa: E402
 from sgdiff.pipeline.stages.denoising import guided_velocity  # noqa: E402
 from sgdiff.speed.apply import speed_up_transformer  # noqa: E402
+from sgdiff.speed.attention_backends import CHOICES, attention_backend  # noqa: E402
 from sgdiff.speed.cuda_graph import CudaGraphForward  # noqa: E402
 from sgdiff.testing.compare import relative_error  # noqa: E402
 
@@ -206,7 +207,8 @@ def compare_modes(name: str, label: str, model, step, modes, device, args, kinds
                 export_trace(fn, args.trace / file, write=dist.get_rank() == 0)
             return result
 
-        base_ms, base_host, base = run(lambda: step(None), "1 GPU")
+        with use_attention_impl(args.attention):
+            base_ms, base_host, base = run(lambda: step(None), "1 GPU")
         # every GPU ran the 1-GPU step at once; under the power cap their clocks differ by a few per
         # cent, and a parallel mode goes at the pace of the slowest
         each_gpu = [0.0] * world
@@ -225,8 +227,8 @@ def compare_modes(name: str, label: str, model, step, modes, device, args, kinds
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # NCCL allocates a new group's buffers outside torch's cache
             groups = build_groups(parallel)
-            attn = apply_sequence_parallel([model], groups, exchange=exchange) if groups.sp_degree > 1 else None
-            with use_attention_impl(attn) if attn else nullcontext():
+            attn = apply_sequence_parallel([model], groups, args.attention, exchange) if groups.sp_degree > 1 else None
+            with use_attention_impl(attn or args.attention):
                 ms, host, out = run(lambda groups=groups: step(groups), mode)
             if attn:
                 attn.remove()
@@ -312,6 +314,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="regional torch.compile (--enable-torch-compile)")
     parser.add_argument("--wan-model", choices=list(WAN_MODELS), default="1.3b")
     parser.add_argument("--wan-size", nargs="+", choices=list(WAN_SIZES), default=["480p"])
+    parser.add_argument("--attention-backend", choices=CHOICES, default="auto",
+                        help="the attention kernel, as generate's flag (cudnn: without auto's wave split)")  # fmt: skip
     parser.add_argument("--noise-floor", action="store_true", help="also 1 GPU with flash vs cuDNN (bf16 noise)")
     parser.add_argument("--comm", action="store_true", help="also time all-to-alls of the sizes FLUX Ulysses-2 sends")
     parser.add_argument(
@@ -335,6 +339,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("gloo" if args.tiny else "nccl", device_id=None if args.tiny else device)
+    args.attention = attention_backend(args.attention_backend, device, torch.bfloat16)
     flux_size = 64 if args.tiny else 1024
     results, kinds = [], {}
     with torch.inference_mode():  # (the CUDA graph wrapper replays only without autograd)

@@ -92,7 +92,7 @@ def test_symmetric_ring_blocks_reach_every_rank_in_ring_order(degree):
     here): after every rank posts its K/V block, each rank's inbox holds every other rank's block in
     that rank's slot; each rank attends the blocks in the NCCL ring's order (its own, then rank - 1,
     ...), and the merged partials equal attention of its queries over the whole sequence."""
-    from sgdiff.parallel.sequence import attention_with_lse, merge_partials
+    from sgdiff.kernels.partial_attention import attention_with_lse, merge_partials
     from sgdiff.parallel.symmetric_ring import post_block, ring_sources
 
     g = torch.Generator().manual_seed(degree)

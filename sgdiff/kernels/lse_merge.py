@@ -1,5 +1,6 @@
-"""Ring attention's log-sum-exp merge as one Triton kernel (kernels/triton_lse_merge.py), used by
-parallel/sequence.py's merge_partials on CUDA GPUs (and in Triton's interpreter by the tests)."""
+"""The log-sum-exp merge of partial attentions (ring attention's key blocks, the wave split's) as one
+Triton kernel (kernels/triton_lse_merge.py), used by kernels/partial_attention.py's merge_partials on
+CUDA GPUs (and in Triton's interpreter by the tests)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Each is an AttentionImpl: q, k, v [B, S, H, D] -> [B, S, H, D]. `auto` is the fastest correct kernel
 this device has: cuDNN's fused attention on Hopper and newer (about 1.7x SDPA's flash there,
-docs/benchmarks.md), else SDPA's own choice. Optional kernels (FlashAttention 3, SageAttention) are
+docs/benchmarks.md; split at tile waves where its last wave would be thin: speed/wave_split.py),
+else SDPA's own choice. Optional kernels (FlashAttention 3, SageAttention) are
 used only when installed; asking for one that is missing or cannot run here is a one-line error.
 """
 
@@ -19,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sgdiff.errors import UserError
 from sgdiff.models.attention import AttentionImpl, sdpa_attention
+from sgdiff.speed.wave_split import wave_split_attention
 
 
 def sdpa_only(backend: SDPBackend) -> AttentionImpl:
@@ -85,8 +87,8 @@ def check_backend_name(name: str) -> None:
 def attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionImpl:
     """The kernel `name` names, checked to run on this device and dtype with a tiny probe."""
     check_backend_name(name)
-    if name == "auto":
-        return sdpa_attention  # cuDNN first on CUDA, SDPA's fallbacks after it; SDPA's choice on the CPU
+    if name == "auto":  # cuDNN first on CUDA (split at tile waves where that helps), SDPA's choice on the CPU
+        return wave_split_attention if device.type == "cuda" else sdpa_attention
     package = OPTIONAL_PACKAGES.get(name)
     if package is not None and importlib.util.find_spec(package) is None:
         raise UserError(f"--attention-backend {name} needs the {package} package, which is not installed; use auto")

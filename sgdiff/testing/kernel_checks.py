@@ -87,7 +87,7 @@ def check_lse_merge(parts: int, dtype: torch.dtype) -> None:
     (float32 inside; equal but for the rounding of exp, then at most one step of dtype apart) and, in
     float32, against one attention over all the keys."""
     from sgdiff.kernels.lse_merge import lse_merge
-    from sgdiff.parallel.sequence import attention_with_lse, merge_op_by_op
+    from sgdiff.kernels.partial_attention import attention_with_lse, merge_op_by_op
 
     g = torch.Generator().manual_seed(parts)
     b, s, h, d = 2, 37, 3, 24  # sizes that are not powers of 2 (the kernel pads them)
@@ -107,6 +107,20 @@ def check_lse_merge(parts: int, dtype: torch.dtype) -> None:
                 f"lse_merge differs from attention over all keys: {(got - whole.transpose(1, 2)).abs().max():.3g}"
             )
     print(f"lse_merge of {parts} partials, {dtype}: as the merge in torch")
+
+
+def check_wave_split(plan: tuple[int, int], batch: int) -> None:
+    """speed/wave_split.py's split attention (the split heads' key blocks merged by the merge kernel)
+    against one attention over every head and key, float32."""
+    from sgdiff.speed.wave_split import split_attention
+
+    g = torch.Generator().manual_seed(sum(plan))
+    q, k, v = (torch.randn(batch, 36, 5, 16, generator=g) for _ in range(3))
+    got = split_attention(q, k, v, plan)
+    whole = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    if got.shape != whole.shape or (got - whole).abs().max() > 1e-5:
+        raise AssertionError(f"wave split {plan} differs from one attention: {(got - whole).abs().max():.3g}")
+    print(f"wave split, {plan[0]} of 5 heads whole, {plan[1]} key blocks, batch {batch}: as one attention")
 
 
 def seeded_bf16(model: nn.Module, seed: int) -> nn.Module:
@@ -192,6 +206,8 @@ def main() -> None:
     for parts in (2, 3, 4):
         check_lse_merge(parts, torch.float32)
     check_lse_merge(2, BF16)
+    check_wave_split((4, 3), batch=1)
+    check_wave_split((2, 4), batch=2)
     flux_config = replace(TINY_FLUX, guidance_embeds=False)
     # 4 modulations per double-stream block, 1 per single-stream block, 1 before the output
     modulations = 4 * flux_config.num_layers + flux_config.num_single_layers + 1
