@@ -5,6 +5,8 @@ by side so that their tiles fill an otherwise thin last wave of the GPU."""
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 
 from sgdiff.kernels import kernels_run_on
@@ -30,11 +32,18 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
 
 def cudnn_attention_runs(q: torch.Tensor) -> bool:
     """cuDNN's fused attention: Hopper or newer, 16-bit inputs."""
-    return (
-        torch.backends.cudnn.is_available()
-        and torch.cuda.get_device_capability(q.device) >= (9, 0)
-        and q.dtype in (torch.float16, torch.bfloat16)
-    )
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and cudnn_attention_on(q.device.index)
+
+
+@torch.compiler.assume_constant_result  # a constant to torch.compile: no graph break in a compiled block
+def cudnn_attention_on(device_index: int) -> bool:
+    """Whether cuDNN's fused attention runs on this GPU (cuDNN there, Hopper or newer)."""
+    return _cudnn_attention_on(device_index)
+
+
+@cache
+def _cudnn_attention_on(device_index: int) -> bool:
+    return torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 def merge_partials(partials: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

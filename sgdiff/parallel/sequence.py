@@ -242,7 +242,7 @@ class SequenceParallelAttention:
             return normed_qkv(buffer, streams, every_rope, u)
 
         if self.symmetric is not None:
-            return self.symmetric.input_attention(inputs, project, qkv, self.attend, work)
+            return self.symmetric.input_attention(inputs, project, qkv, self.attend_pieces, work)
         every = gather_inputs(streams, g.ulysses_group)  # [rank][stream] -> [B, S_i, C]
         done = work()
         for source, xs in enumerate(every):
@@ -260,10 +260,18 @@ class SequenceParallelAttention:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """My Ulysses group's whole sequence is here: attention with the padded keys cut out."""
-        keep = real_key_positions(self.layout, range(self.groups.config.ulysses_degree), q.device)
-        if keep is not None:
-            k, v = k[:, keep], v[:, keep]
-        return self.inner(q, k, v)
+        return self.inner(q, *self.real_keys(k, v))
+
+    def attend_pieces(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """`attend` as (first head, [B, S, h_i, D]) pieces, as the kernel gives them (the wave split's
+        whole heads and split heads: speed/wave_split.py), so that nothing copies them into one."""
+        k, v = self.real_keys(k, v)
+        pieces = getattr(self.inner, "pieces", None)
+        return pieces(q, k, v) if pieces is not None else [(0, self.inner(q, k, v))]
+
+    def real_keys(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = real_key_positions(self.layout, range(self.groups.config.ulysses_degree), k.device)
+        return (k, v) if keep is None else (k[:, keep], v[:, keep])
 
     def ring(self, queries: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor) -> torch.Tensor:
         """My queries against every ring rank's key block: the blocks travel round the ring (send to

@@ -69,8 +69,14 @@ def scatter_sequence(
 ) -> None:
     """Write rank j's tokens of `out` ([B, U*S_loc, h, D]: my head group, or chunk c of C of it, every
     rank's tokens) into rank j's outbox ([B, S_loc, H, D]) at those heads' place."""
-    (c, count), s, h = chunk, out.shape[1] // len(outboxes), out.shape[2]
-    first = (rank * count + c) * h
+    (c, count), h = chunk, out.shape[2]
+    scatter_tokens(out, outboxes, (rank * count + c) * h, copy)
+
+
+def scatter_tokens(out: torch.Tensor, outboxes: list[torch.Tensor], first: int, copy: PairCopy) -> None:
+    """Write rank j's tokens of `out` ([B, U*S_loc, h, D]) into rank j's outbox ([B, S_loc, H, D]) at
+    heads [first, first + h)."""
+    s, h = out.shape[1] // len(outboxes), out.shape[2]
     copy(out[:, :s], [outbox[:, :, first : first + h] for outbox in outboxes], s * out.stride(1))
 
 
@@ -200,16 +206,17 @@ class SymmetricUlysses(SymmetricBuffers):
         inputs: list[torch.Tensor],
         project: Callable[[int, list[torch.Tensor]], None],
         qkv: Callable[[], tuple[torch.Tensor, ...]],
-        attend: Callable[..., torch.Tensor],
+        attend: Callable[..., list[tuple[int, torch.Tensor]]],
         work: Callable[[], Any],
     ) -> tuple[torch.Tensor, Any]:
         """Ulysses attention with the input on the wire (parallel/input_exchange.py): inputs, my
         streams' [B, S_i, C] (my tokens), go to every peer's inbox by memcpy on the side stream
         while the compute stream runs `work` and project(my rank, inputs); then project(peer,
         its inputs) for each peer, qkv() gives q, k, v [B, U*S_loc, h, D] (my head group of every
-        rank's tokens), and the output travels back as in `attention`, in one piece (in head chunks
-        it was slower: 72.5-72.9 against 71.8 ms a step, FLUX.1-dev on 2 H100s).
-        Returns ([B, S_loc, H, D], work())."""
+        rank's tokens), and attend(q, k, v) gives the attention as (first head, [B, U*S_loc, h_i, D])
+        pieces (the wave split's two, speed/wave_split.py), which travel back as in `attention`, as
+        they are (in head chunks it was slower: 72.5-72.9 against 71.8 ms a step, FLUX.1-dev on 2
+        H100s). Returns ([B, S_loc, H, D], work())."""
         b, s = inputs[0].shape[0], sum(x.shape[1] for x in inputs)
         inboxes = self.boxes((self.degree, b, s, inputs[0].shape[-1]), inputs[0], tag=INPUT_TAG)
         compute, side = torch.cuda.current_stream(), self.side
@@ -228,12 +235,13 @@ class SymmetricUlysses(SymmetricBuffers):
         for peer in range(self.degree):
             if peer != self.rank:
                 project(peer, list(inboxes[self.rank][peer].split(lengths, dim=1)))
-        out = attend(*qkv())  # [B, U*S_loc, h, D]
-        _, _, group, d = out.shape
-        outboxes = self.boxes((b, s, group * self.degree, d), out)
+        pieces = attend(*qkv())  # (first head, [B, U*S_loc, h_i, D]) pieces of my head group
+        group = sum(piece.shape[2] for _, piece in pieces)
+        outboxes = self.boxes((b, s, group * self.degree, pieces[0][1].shape[-1]), pieces[0][1])
         side.wait_stream(compute)
         with torch.cuda.stream(side):
-            scatter_sequence(out, outboxes, self.rank, self.copy)
+            for first, piece in pieces:  # (each where the kernel left it: no concatenated copy)
+                scatter_tokens(piece, outboxes, self.rank * group + first, self.copy)
         return self.outputs_back(outboxes), done
 
 

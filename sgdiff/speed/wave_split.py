@@ -20,7 +20,7 @@ from functools import cache
 
 import torch
 
-from sgdiff.kernels.partial_attention import attention_with_lse, merge_partials
+from sgdiff.kernels.partial_attention import attention_with_lse, cudnn_attention_on, merge_partials
 from sgdiff.models.attention import AttentionImpl, sdpa_attention
 
 QUERY_TILE = 128  # query rows per CTA of cuDNN's Hopper attention (head dim 128)
@@ -54,10 +54,17 @@ def split_attention(
 ) -> torch.Tensor:
     """q, k, v [B, S, H, D] -> [B, S, H, D]: heads [0, main) by `inner`, the rest over their keys in
     `parts` blocks in one batched call, merged."""
+    return torch.cat([piece for _, piece in split_pieces(q, k, v, plan, inner)], dim=2)
+
+
+def split_pieces(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: tuple[int, int], inner: AttentionImpl = sdpa_attention
+) -> list[tuple[int, torch.Tensor]]:
+    """split_attention's two pieces, (first head, [B, S, h_i, D]), not yet concatenated."""
     main, parts = plan
     whole = inner(q[:, :, :main], k[:, :, :main], v[:, :, :main])
     split = blocked_keys_attention(q[:, :, main:], k[:, :, main:], v[:, :, main:], parts)
-    return torch.cat([whole, split], dim=2)
+    return [(0, whole), (main, split)]
 
 
 def blocked_keys_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: int) -> torch.Tensor:
@@ -72,7 +79,7 @@ def blocked_keys_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     return merge_partials(list(zip(outs, lses, strict=True)))
 
 
-@torch.compiler.assume_constant_result  # a constant to torch.compile (no graph break in a compiled block)
+@torch.compiler.assume_constant_result  # a constant to torch.compile: no graph break in a compiled block
 def hopper_sms(device_index: int) -> int:
     """The SM count of a GPU of compute capability 9.0 (H100, H200: the GPUs whose cuDNN tiles and
     timings the plan counts) where cuDNN's attention runs; 0 on any other."""
@@ -81,7 +88,7 @@ def hopper_sms(device_index: int) -> int:
 
 @cache
 def _hopper_sms(device_index: int) -> int:
-    if not torch.backends.cudnn.is_available() or torch.cuda.get_device_capability(device_index) != (9, 0):
+    if not cudnn_attention_on(device_index) or torch.cuda.get_device_capability(device_index) != (9, 0):
         return 0
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -98,3 +105,13 @@ def wave_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     """`--attention-backend auto`: SDPA with cuDNN first, split at tile waves where that saves time."""
     plan = plan_for(q, k)
     return sdpa_attention(q, k, v) if plan is None else split_attention(q, k, v, plan)
+
+
+def wave_split_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """wave_split_attention as (first head, [B, S, h_i, D]) pieces: for a caller that copies the output
+    on anyway (Ulysses sends it back to its tokens' ranks), one copy fewer."""
+    plan = plan_for(q, k)
+    return [(0, sdpa_attention(q, k, v))] if plan is None else split_pieces(q, k, v, plan)
+
+
+wave_split_attention.pieces = wave_split_pieces  # type: ignore[attr-defined]
