@@ -8,7 +8,7 @@ import torch
 
 from sgdiff.models.attention import sdpa_attention
 from sgdiff.speed.attention_backends import attention_backend
-from sgdiff.speed.wave_split import split_attention, wave_plan, wave_split_attention
+from sgdiff.speed.wave_split import split_attention, split_pieces, wave_plan, wave_split_attention
 
 H100_SMS = 132
 
@@ -46,3 +46,17 @@ def test_auto_backend_splits_on_cuda_and_is_sdpa_on_the_cpu():
     q = torch.randn(1, 4608, 12, 128)  # the FLUX Ulysses-2 shape, on the CPU: never split
     k = q[:, :512]  # (a short, cheap key set: the CPU path is SDPA whatever the shapes)
     assert torch.equal(wave_split_attention(q, k, k), sdpa_attention(q, k, k))
+
+
+def test_pieces_are_the_split_attention_at_their_heads():
+    """What Ulysses-2 sends back as it is (no concatenated copy): each piece at its first head."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 48, 12, 16, generator=g) for _ in range(3))
+    pieces = split_pieces(q, k, v, (11, 3))
+    assert [(first, piece.shape[2]) for first, piece in pieces] == [(0, 11), (11, 1)]
+    whole = sdpa_attention(q, k, v)
+    for first, piece in pieces:
+        assert (piece - whole[:, :, first : first + piece.shape[2]]).abs().max() < 1e-5
+    # on the CPU (no plan) the backend's pieces are one: the attention itself
+    ((first, only),) = wave_split_attention.pieces(q, k, v)
+    assert first == 0 and torch.equal(only, whole)

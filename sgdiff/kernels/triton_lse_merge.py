@@ -1,4 +1,4 @@
-"""Ring attention's merge of partial attentions in one pass (kernels/partial_attention.py, merge_partials).
+"""The merge of partial attentions in one pass (kernels/partial_attention.py, merge_partials).
 
 Each partial is the attention of the same queries over one block of keys, with its log-sum-exp; the
 softmax over all keys weights partial i by exp(lse_i - total). Done op by op that is about ten passes

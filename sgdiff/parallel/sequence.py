@@ -270,6 +270,7 @@ class SequenceParallelAttention:
         return pieces(q, k, v) if pieces is not None else [(0, self.inner(q, k, v))]
 
     def real_keys(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k and v [B, U*S_loc, h, D] without the rows that pad a segment (they never enter a softmax)."""
         keep = real_key_positions(self.layout, range(self.groups.config.ulysses_degree), k.device)
         return (k, v) if keep is None else (k[:, keep], v[:, keep])
 
