@@ -93,7 +93,8 @@ def test_symmetric_ring_blocks_reach_every_rank_in_ring_order(degree):
     that rank's slot; each rank attends the blocks in the NCCL ring's order (its own, then rank - 1,
     ...), and the merged partials equal attention of its queries over the whole sequence."""
     from sgdiff.kernels.partial_attention import attention_with_lse, merge_partials
-    from sgdiff.parallel.symmetric_ring import post_block, ring_sources
+    from sgdiff.parallel.symmetric_exchange import post_to_peers
+    from sgdiff.parallel.symmetric_ring import ring_sources
 
     g = torch.Generator().manual_seed(degree)
     b, s_blk, h, d = 1, 5, 3, 8
@@ -101,7 +102,7 @@ def test_symmetric_ring_blocks_reach_every_rank_in_ring_order(degree):
     blocks = [torch.stack([k, v])[:, :, r * s_blk : (r + 1) * s_blk] for r in range(degree)]  # [2, B, S_blk, h, D]
     inboxes = [torch.full((degree, 2, b, s_blk, h, d), float("nan")) for _ in range(degree)]
     for rank in range(degree):
-        post_block(blocks[rank], inboxes, rank)
+        post_to_peers([blocks[rank]], inboxes, rank)
     reference = sdpa_attention(q, k, v)
     for rank in range(degree):
         sources = ring_sources(rank, degree)
@@ -114,6 +115,27 @@ def test_symmetric_ring_blocks_reach_every_rank_in_ring_order(degree):
         out = merge_partials([attention_with_lse(queries, kv[0], kv[1]) for kv in received])
         difference = (out - reference[:, rank * s_blk : (rank + 1) * s_blk]).abs().max().item()
         assert difference <= 1e-5, f"rank {rank}: max abs diff {difference}"
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_posted_streams_land_in_every_peers_slot_in_order(batch):
+    """Ulysses-2's input exchange, its ranks simulated in one process: each rank's streams (text, then
+    image: [B, S_i, C]) land joined in its slot of every other rank's inbox ([U, B, S_loc, C]), and a
+    rank's own slot is never written."""
+    from sgdiff.parallel.symmetric_exchange import post_to_peers
+
+    degree, g = 3, torch.Generator().manual_seed(batch)
+    streams = [[torch.randn(batch, n, 4, generator=g) for n in (2, 5)] for _ in range(degree)]
+    inboxes = [torch.full((degree, batch, 7, 4), float("nan")) for _ in range(degree)]
+    for rank in range(degree):
+        post_to_peers(streams[rank], inboxes, rank, dim=1)
+    for rank in range(degree):
+        for source in range(degree):
+            slot = inboxes[rank][source]
+            if source == rank:
+                assert slot.isnan().all(), "a rank's own slot is never written"
+            else:
+                assert torch.equal(slot, torch.cat(streams[source], dim=1)), f"rank {rank}, streams of {source}"
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,17 @@ def scatter_heads(
         copy(x[:, :, c * h : (c + 1) * h], [inbox[:, rank, :, i] for inbox in inboxes], group * x.stride(2))
 
 
+def post_to_peers(parts: list[torch.Tensor], inboxes: list[torch.Tensor], rank: int, dim: int = 0) -> None:
+    """Copy my parts, which joined along `dim` make one slot, into my slot of every other rank's inbox
+    ([R (source), *slot]): each part lands as one block of memory where the slot's rows before `dim`
+    are one, a plain memcpy, which the copy engines carry to a peer's memory."""
+    lengths = [part.shape[dim] for part in parts]
+    for peer, inbox in enumerate(inboxes):
+        if peer != rank:
+            for part, place in zip(parts, inbox[rank].split(lengths, dim=dim), strict=True):
+                place.copy_(part)
+
+
 def received_sequence(inbox: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Each tensor's view in my inbox: [B, U, S_loc, n, h, D] -> n x [B, U*S_loc, h, D] (no copy)."""
     return tuple(x.flatten(1, 2) for x in inbox.unbind(3))
@@ -221,17 +232,14 @@ class SymmetricUlysses(SymmetricBuffers):
         inboxes = self.boxes((self.degree, b, s, inputs[0].shape[-1]), inputs[0], tag=INPUT_TAG)
         compute, side = torch.cuda.current_stream(), self.side
         side.wait_stream(compute)  # the inputs are ready
-        lengths = [x.shape[1] for x in inputs]
         with torch.cuda.stream(side):
-            for peer, inbox in enumerate(inboxes):
-                if peer != self.rank:
-                    for x, place in zip(inputs, inbox[self.rank].split(lengths, dim=1), strict=True):
-                        place.copy_(x)  # [B, S_i, C]: one block of memory when B = 1, a memcpy
+            post_to_peers(inputs, inboxes, self.rank, dim=1)  # [B, S_i, C] each: a memcpy when B = 1
             self.barrier()  # every rank's inputs are in my inbox
             arrived = side.record_event()
         done = work()
         project(self.rank, inputs)
         compute.wait_event(arrived)
+        lengths = [x.shape[1] for x in inputs]
         for peer in range(self.degree):
             if peer != self.rank:
                 project(peer, list(inboxes[self.rank][peer].split(lengths, dim=1)))

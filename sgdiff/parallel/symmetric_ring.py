@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 
-from sgdiff.parallel.symmetric_exchange import SymmetricBuffers
+from sgdiff.parallel.symmetric_exchange import SymmetricBuffers, post_to_peers
 
 Partial = TypeVar("Partial")
 
@@ -26,14 +26,6 @@ def ring_sources(rank: int, degree: int) -> list[int]:
     """The ring ranks whose blocks `rank` attends, in the order a ring passes them: its own, then
     rank - 1, rank - 2, ... (the merge adds the partials in this order, over NCCL or not)."""
     return [(rank - step) % degree for step in range(degree)]
-
-
-def post_block(kv: torch.Tensor, inboxes: list[torch.Tensor], rank: int) -> None:
-    """Copy my block kv into my slot of every other ring rank's inbox ([R (source), *kv.shape]):
-    contiguous, so each is one memcpy, which the copy engines carry to a peer's memory."""
-    for peer, inbox in enumerate(inboxes):
-        if peer != rank:
-            inbox[rank].copy_(kv)
 
 
 class SymmetricRing(SymmetricBuffers):
@@ -47,7 +39,7 @@ class SymmetricRing(SymmetricBuffers):
         compute, side = torch.cuda.current_stream(), self.side
         side.wait_stream(compute)  # kv is ready
         with torch.cuda.stream(side):
-            post_block(kv, inboxes, self.rank)
+            post_to_peers([kv], inboxes, self.rank)  # one contiguous block: a memcpy to each peer
             self.barrier()  # every block is in every inbox
             arrived = side.record_event()
         mine, *others = ring_sources(self.rank, self.degree)
