@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from sgdiff.cli.main import app
 from sgdiff.config import ParallelConfig
 from sgdiff.errors import UserError
+from sgdiff.parallel.plans import check_heads
 
 runner = CliRunner()
 SMALL = ["--height", "32", "--width", "32", "--device", "cpu", "--quiet"]
@@ -120,6 +121,21 @@ def test_parallel_degrees_must_multiply_to_the_process_count(config, message):
         config.resolved()
 
 
+@pytest.mark.parametrize(
+    "heads, ulysses, ring, advice",
+    [
+        (5, 2, 1, "pass --ring-degree 2 ("),
+        (6, 4, 1, "pass --ulysses-degree 2 --ring-degree 2"),
+        (6, 4, 2, "pass --ulysses-degree 2 --ring-degree 4"),
+    ],
+)
+def test_heads_error_names_a_split_that_fits(heads, ulysses, ring, advice):
+    with pytest.raises(UserError, match=f"must divide the model's {heads} attention heads") as caught:
+        check_heads(heads, ulysses, ring)
+    assert advice in str(caught.value)
+    check_heads(heads, 1, ulysses * ring)  # the ring alone always fits
+
+
 def test_degrees_default_as_sglang():
     assert ParallelConfig(4).resolved() == ParallelConfig(4, 4, 1, False)
     assert ParallelConfig(4, enable_cfg_parallel=True).resolved() == ParallelConfig(4, 2, 1, True)
@@ -130,7 +146,12 @@ def test_degrees_default_as_sglang():
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--num-gpus", "4"], "must divide the model's 2 attention heads"),  # tiny FLUX has 2 heads
+        # tiny FLUX has 2 heads: the error names the Ulysses x ring split of 4 ranks that fits them
+        (
+            ["--num-gpus", "4"],
+            "must divide the model's 2 attention heads; for 4 sequence-parallel ranks pass "
+            "--ulysses-degree 2 --ring-degree 2",
+        ),
         (["--num-gpus", "2", "--enable-cfg-parallel"], "runs without CFG"),
         (["--num-gpus", "2", "--ring-degree", "3"], "must divide --num-gpus 2"),
     ],

@@ -30,7 +30,8 @@ def launch(request: BatchRequest, events: PipelineEvents, on_saved: Callable[[Pa
         return run_torchrun_rank(request, events, on_saved)
     config = request.parallel.resolved()
     prepared = prepare_batch(request, NullEvents())  # the whole request is checked before any process starts
-    check_heads(prepared.engine.info.transformer_config.get("num_attention_heads", 1), config.ulysses_degree)
+    heads = prepared.engine.info.transformer_config.get("num_attention_heads", 1)
+    check_heads(heads, config.ulysses_degree, config.ring_degree)
     check_devices(request, config.num_gpus)
     return run_spawned(request, config.num_gpus, events, on_saved)
 

@@ -37,13 +37,21 @@ class ShardCache:
         return self.shards[key]
 
 
-def check_heads(heads: int, ulysses_degree: int) -> None:
+def check_heads(heads: int, ulysses_degree: int, ring_degree: int = 1) -> None:
+    """A clear error where Ulysses cannot split the model's heads evenly, naming the Ulysses x ring
+    split of the same sequence-parallel ranks that can (a ring splits the sequence, not the heads)."""
     if heads % ulysses_degree:
-        raise UserError(f"--ulysses-degree {ulysses_degree} must divide the model's {heads} attention heads")
+        ranks = ulysses_degree * ring_degree
+        fits = max(u for u in range(1, ranks + 1) if ranks % u == 0 and heads % u == 0)
+        instead = f"--ring-degree {ranks}" if fits == 1 else f"--ulysses-degree {fits} --ring-degree {ranks // fits}"
+        raise UserError(
+            f"--ulysses-degree {ulysses_degree} must divide the model's {heads} attention heads; "
+            f"for {ranks} sequence-parallel ranks pass {instead} (ring attention splits the sequence, not the heads)"
+        )
 
 
 def shard_flux(model: FluxTransformer, attn: SequenceParallelAttention, groups: ParallelGroups) -> None:
-    check_heads(model.config.num_attention_heads, groups.config.ulysses_degree)
+    check_heads(model.config.num_attention_heads, groups.config.ulysses_degree, groups.config.ring_degree)
     cache = ShardCache()
     rank, degree = groups.sp_rank, groups.sp_degree
 
@@ -80,7 +88,7 @@ def shard_flux(model: FluxTransformer, attn: SequenceParallelAttention, groups: 
 
 
 def shard_wan(model: WanTransformer, attn: SequenceParallelAttention, groups: ParallelGroups) -> None:
-    check_heads(model.config.num_attention_heads, groups.config.ulysses_degree)
+    check_heads(model.config.num_attention_heads, groups.config.ulysses_degree, groups.config.ring_degree)
     cache = ShardCache()
     rank = groups.sp_rank
 
