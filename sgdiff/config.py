@@ -8,6 +8,7 @@ A flag given explicitly wins even when it equals a default (flags arrive as None
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -69,6 +70,7 @@ STR_FIELDS = {"negative_prompt", "generator_device", "image_path", "sampler"}
 INT_LIST_FIELDS = {"dmd_timesteps"}
 BOOL_FIELDS = {"num_frames_round_down"}
 MAX_SIZE = 8192
+FLOAT32_MAX = 3.4028234663852886e38  # the scales become float32 tensors
 MAX_SEED = 2**64 - 1
 MAX_FRAMES = 1001  # ~1 minute at 16 fps; Wan is trained on 81 (121 for TI2V)
 MAX_SEQUENCE_LENGTH = 512  # T5's length in FLUX's training; diffusers refuses more too
@@ -108,6 +110,10 @@ def _valid_dmd_timesteps(steps) -> bool:
 
 def check_sampling_values(values: Mapping[str, Any]) -> None:
     """Checks that need no model; run on explicit flags before anything loads, and again after merging."""
+    for name in sorted(FLOAT_FIELDS):
+        value = values.get(name)
+        if value is not None and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number (a 32-bit float), got {value}")
     for name in ("height", "width"):
         value = values.get(name)
         if value is not None and (value <= 0 or value % SIZE_MULTIPLE or value > MAX_SIZE):

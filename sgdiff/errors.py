@@ -1,5 +1,22 @@
-"""Errors a user can cause. The CLI shows them as one line (exit code 2)."""
+"""Errors a user can cause, a worker's failure, and termination. The CLI shows each as one line
+(exit codes 2, 1 and 143)."""
+
+from __future__ import annotations
 
 
 class UserError(Exception):
     """Bad input: a flag, a file, a checkpoint. The message says what to do."""
+
+
+class WorkerFailure(RuntimeError):
+    """A worker process failed or died; the message says which and why (every worker was stopped)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (`kill`, `timeout`, a process manager): raised so that what was half done is
+    undone on the way out (a partial output file, the worker processes) instead of being left."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """A SIGTERM handler (signal.signal) that raises Terminated."""
+    raise Terminated()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,16 @@ def test_prompt_file_gives_one_prompt_per_non_blank_line(received, tmp_path):
         (["--prompt", "p", "--steps", "0"], "--num-inference-steps must be at least 1, got 0"),
         (["--prompt", "p", "--num-outputs-per-prompt", "0"], "--num-outputs-per-prompt must be at least 1"),
         (["--prompt", "p", "--true-cfg-scale", "0.5"], "--true-cfg-scale must be >= 1"),
+        (
+            ["--prompt", "p", "--guidance-scale", "inf"],
+            "--guidance-scale must be a finite number (a 32-bit float), got inf",
+        ),
+        (
+            ["--prompt", "p", "--true-cfg-scale", "-inf"],
+            "--true-cfg-scale must be a finite number (a 32-bit float), got -inf",
+        ),
+        (["--prompt", "p", "--guidance-scale", "1e308"], "--guidance-scale must be a finite number (a 32-bit float)"),
+        (["--prompt", "p", "--flow-shift", "nan"], "--flow-shift must be a finite number (a 32-bit float), got nan"),
         (["--prompt", "p", "--generator-device", "gpu"], "--generator-device must be 'cpu' or 'cuda'"),
         (["--prompt", "  "], "--prompt is empty"),
         ([], "pass --prompt TEXT or --prompt-file FILE"),
@@ -147,6 +159,20 @@ def test_output_places_are_checked_before_anything_runs(received, tmp_path):
     assert invoke("--model-path", "m", "--prompt", "p", "--no-save-output", "--output-path", str(file)).exit_code == 0
 
 
+def test_prompt_file_may_be_a_pipe(received, tmp_path):
+    """Shell scripts pass prompts as --prompt-file <(grep cat prompts.txt) or /dev/stdin: a FIFO."""
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("a red cube\n\na blue cone\n"))
+    writer.start()
+    result = invoke("--model-path", "m", "--prompt-file", str(fifo))
+    writer.join()
+    assert result.exit_code == 0, result.output
+    assert received[0][0].prompts == ["a red cube", "a blue cone"]
+    result = invoke("--model-path", "m", "--prompt-file", os.devnull)
+    assert result.exit_code == 2 and "has no prompts" in result.stderr
+
+
 def test_prompt_file_byte_order_mark_is_dropped(received, tmp_path):
     prompts = tmp_path / "bom.txt"
     prompts.write_text("a red cube\n", encoding="utf-8-sig")
@@ -184,5 +210,6 @@ def test_unsupported_pipeline_is_named(tmp_path):
 def test_debug_variable_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("SGDIFF_DEBUG", "1")
     result = invoke("--model-path", str(tmp_path / "nope"), "--prompt", "p")
-    assert result.exit_code != 0
-    assert type(result.exception).__name__ == "UserError"
+    assert result.exit_code == 2  # still bad input: the same exit code as without the variable
+    assert "Traceback (most recent call last)" in result.stderr and "sgdiff.errors.UserError" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")

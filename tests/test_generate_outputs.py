@@ -188,3 +188,11 @@ def test_max_sequence_length_sets_the_t5_tokens(tiny_flux_schnell):
     for length, flags in requests.items():
         params = engine.sampling_params("a cube", **flags)
         assert encode(["a cube"], params)["encoder_hidden_states"].shape[1] == length
+
+
+def test_overflowing_latents_are_refused_and_nothing_is_saved(tiny_flux_dev, tmp_path):
+    """A finite but enormous guidance overflows the sampled latents to NaN or infinity: no garbage picture."""
+    result = generate(tiny_flux_dev, "--prompt", "p", "--guidance-scale", "1e38", "--output-path", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert "error: the denoised latents hold NaN or infinity" in result.stderr and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []

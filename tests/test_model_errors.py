@@ -133,6 +133,7 @@ def test_scheduler_options_sgdiff_cannot_honour_are_refused(model_copy, option, 
         (["--true-cfg-scale", "4"], "--true-cfg-scale needs a --negative-prompt"),
         (["--dtype", "int8"], "--dtype int8 is not supported"),
         (["--device", "banana"], "--device banana is not a device"),
+        (["--device", "meta"], "--device meta: sgdiff runs on cpu, cuda or cuda:N"),
     ],
 )
 def test_flags_flux_would_ignore_or_cannot_use(tiny_flux_dev, args, message):

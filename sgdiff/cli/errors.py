@@ -1,9 +1,14 @@
-"""Errors a user can cause end as one line and exit code 2; SGDIFF_DEBUG=1 shows the traceback."""
+"""Errors a user can cause end as one line and exit code 2; a worker's failure, or any other error,
+as one line and exit code 1; Ctrl-C as "interrupted" (130), SIGTERM as "terminated" (143), each after
+what was half done is undone. SGDIFF_DEBUG=1 shows the traceback too."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,18 +29,26 @@ def fail(message: str, code: int = USAGE_EXIT_CODE) -> None:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn UserError (and interrupts, and out-of-memory) into one line on stderr."""
-    from sgdiff.errors import UserError
+    """Turn UserError (and a worker's failure, interrupts, termination and out-of-memory) into one line
+    on stderr."""
+    from sgdiff.errors import Terminated, UserError, WorkerFailure, raise_terminated
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         yield
     except UserError as exc:
         if debug_enabled():
-            raise
+            traceback.print_exc()
         fail(str(exc))
+    except WorkerFailure as exc:  # the workers' own tracebacks (SGDIFF_DEBUG=1) are already printed
+        fail(str(exc), code=1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+    except Terminated:
+        typer.echo("terminated", err=True)
+        raise typer.Exit(128 + signal.SIGTERM) from None
     except Exception as exc:  # noqa: BLE001 - last line of defence for a CLI
         if debug_enabled() or isinstance(exc, typer.Exit):
             raise
@@ -44,3 +57,5 @@ def user_errors() -> Iterator[None]:
         fail(f"{type(exc).__name__}: {exc} (set SGDIFF_DEBUG=1 for the traceback)", code=1)
     finally:
         sys.stdout.flush()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

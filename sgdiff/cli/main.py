@@ -42,7 +42,7 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     if prompt_file is not None:
         if prompt_file.is_dir():
             fail(f"--prompt-file {prompt_file} is a folder; give a text file with one prompt per line")
-        if not prompt_file.is_file():
+        if not prompt_file.exists():  # (a pipe is read too: --prompt-file /dev/stdin or <(grep cat prompts.txt))
             fail(f"--prompt-file {prompt_file} does not exist")
         try:
             lines = prompt_file.read_text(encoding="utf-8-sig").splitlines()  # -sig: drop a byte-order mark

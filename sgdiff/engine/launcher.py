@@ -9,8 +9,10 @@ import queue as queues
 import shutil
 import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ import torch
 from sgdiff.engine.batch import BatchReport, BatchRequest, prepare_batch
 from sgdiff.engine.ranks import under_torchrun
 from sgdiff.engine.worker import RankSpec, run_rank, spawned_worker
-from sgdiff.errors import UserError
+from sgdiff.errors import UserError, WorkerFailure
 from sgdiff.parallel.plans import check_heads
 from sgdiff.pipeline.base import NullEvents, PipelineEvents
 
@@ -60,15 +62,23 @@ def check_devices(request: BatchRequest, num_gpus: int) -> None:
 def run_spawned(request: BatchRequest, world: int, events: PipelineEvents, on_saved) -> BatchReport:
     context = torch.multiprocessing.get_context("spawn")
     messages = context.Queue()
+    # The request follows each worker's start down a pipe of its own, written by a thread: a spawned
+    # process's start-up data goes down a pipe that start() blocks on until the process has read it
+    # all (a big --prompt-file is megabytes), so a worker dying while starting would hang the launcher.
+    inboxes = [context.Pipe(duplex=False) for _ in range(world)]  # (the worker's end, the launcher's)
     rendezvous = Path(tempfile.mkdtemp(prefix="sgdiff-"))
     init = f"file://{rendezvous / 'store'}"
     workers = [
-        context.Process(target=spawned_worker, args=(RankSpec(rank, world, rank, init), request, messages))
-        for rank in range(world)
+        context.Process(target=spawned_worker, args=(RankSpec(rank, world, rank, init), inbox, messages))
+        for rank, (inbox, _) in enumerate(inboxes)
     ]
     try:
-        for worker in workers:
-            worker.start()
+        with interrupts_deferred():
+            for worker in workers:
+                worker.start()
+        for inbox, outbox in inboxes:
+            inbox.close()  # the worker has its own copy: if it dies, the send fails instead of blocking
+            threading.Thread(target=send_quietly, args=(outbox, request), daemon=True).start()
         report = relay(workers, messages, events, on_saved)
     except BaseException:
         stop(workers, graceful=False)
@@ -77,6 +87,38 @@ def run_spawned(request: BatchRequest, world: int, events: PipelineEvents, on_sa
         shutil.rmtree(rendezvous, ignore_errors=True)
     stop(workers, graceful=True)
     return report
+
+
+def send_quietly(connection, request: BatchRequest) -> None:
+    """Send a worker its request; a worker that died before reading it is the relay's to report."""
+    try:
+        connection.send(request)
+    except OSError:
+        pass
+    finally:
+        connection.close()
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """While workers start: a Ctrl-C waits until they have (then it is raised here), and they begin
+    with SIGINT blocked until spawned_worker ignores it. Ctrl-C in a terminal reaches every process of
+    the group, and a worker still importing would print a KeyboardInterrupt traceback; an interrupted
+    start() would leave a worker reading half its start-up data."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    if not (main_thread and hasattr(signal, "pthread_sigmask") and signal.getsignal(signal.SIGINT) is not None):
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # what the started processes inherit
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def relay(workers, messages, events: PipelineEvents, on_saved) -> BatchReport:
@@ -95,7 +137,7 @@ def relay(workers, messages, events: PipelineEvents, on_saved) -> BatchReport:
                 message = messages.get(timeout=1.0)
             except queues.Empty:
                 rank, code = ended[0]
-                raise RuntimeError(f"worker {rank} {describe_exit(code)}; every worker was stopped") from None
+                raise WorkerFailure(f"worker {rank} {describe_exit(code)}; every worker was stopped") from None
         kind = message[0]
         if kind == "event":
             getattr(events, message[1])(*message[2])
@@ -108,7 +150,7 @@ def relay(workers, messages, events: PipelineEvents, on_saved) -> BatchReport:
             if user_error:
                 raise UserError(text)
             raise_if_killed(workers, wait=1.0)  # a peer's death first shows up here as a broken collective
-            raise RuntimeError(f"worker {rank}: {text}")
+            raise WorkerFailure(f"worker {rank}: {text}")
 
 
 def raise_if_killed(workers, wait: float = 0.0) -> None:
@@ -117,7 +159,7 @@ def raise_if_killed(workers, wait: float = 0.0) -> None:
     while True:
         for rank, worker in enumerate(workers):
             if worker.exitcode is not None and worker.exitcode < 0:
-                raise RuntimeError(f"worker {rank} {describe_exit(worker.exitcode)}; every worker was stopped")
+                raise WorkerFailure(f"worker {rank} {describe_exit(worker.exitcode)}; every worker was stopped")
         if time.monotonic() >= deadline:
             return
         time.sleep(0.05)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from sgdiff.config import RuntimeConfig
 from sgdiff.engine.batch import BatchReport, BatchRequest, execute_batch, prepare_batch
 from sgdiff.engine.engine import Engine
-from sgdiff.errors import UserError
+from sgdiff.errors import Terminated, UserError, raise_terminated
 from sgdiff.models.attention import sdpa_attention
 from sgdiff.parallel.broadcast import share_from_rank0
 from sgdiff.parallel.cfg import apply_cfg_parallel
@@ -142,16 +143,23 @@ def stripped(report: BatchReport) -> BatchReport:
     return replace(report, results=[replace(r, images=None, videos=None, latents=None) for r in report.results])
 
 
-def spawned_worker(spec: RankSpec, request: BatchRequest, queue: Any) -> None:
-    """Entry point of a process the launcher spawned: never a traceback, always a message or a report."""
-    import signal
-
+def spawned_worker(spec: RankSpec, inbox: Any, queue: Any) -> None:
+    """Entry point of a process the launcher spawned: never a traceback, always a message or a report.
+    Its request arrives on `inbox` (a pipe's reading end), its messages go to `queue`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle: it ends every rank
+    if hasattr(signal, "pthread_sigmask"):  # (POSIX) blocked while the launcher started this process
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGTERM, raise_terminated)  # the launcher stops ranks so: undo a half-written file
     die_with_parent()
     try:
+        request: BatchRequest = inbox.recv()
+        inbox.close()
         report = run_rank(spec, request, QueueEvents(queue), lambda path: queue.put(("saved", str(path))))
         if spec.rank == 0:
             queue.put(("done", stripped(report)))
+    except Terminated:  # what was half done is undone (the exception passed through it): now end as SIGTERM ends
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
     except BaseException as exc:  # noqa: BLE001 - reported to the launcher, which ends the run
         user_error = isinstance(exc, UserError)
         if os.environ.get("SGDIFF_DEBUG", "") not in ("", "0") and not user_error:

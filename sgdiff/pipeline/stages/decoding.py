@@ -6,10 +6,20 @@ import numpy as np
 import torch
 
 from sgdiff.config import SamplingParams
+from sgdiff.errors import UserError
 from sgdiff.pipeline.base import ParallelMode, Stage, State
 
 # Model latents -> VAE latents [B, C, h, w] (undo packing, patchify, ...)
 Unpack = Callable[[torch.Tensor, SamplingParams], torch.Tensor]
+
+
+def check_finite(latents: torch.Tensor) -> None:
+    """Refuse latents that overflowed (NaN or infinity would be saved as a meaningless picture)."""
+    if not bool(torch.isfinite(latents).all()):
+        raise UserError(
+            "the denoised latents hold NaN or infinity (the numbers overflowed): lower --guidance-scale, "
+            "--true-cfg-scale or --flow-shift, or run in bf16/fp32 instead of fp16; nothing was saved"
+        )
 
 
 def to_uint8_images(decoded: torch.Tensor) -> np.ndarray:
@@ -28,6 +38,7 @@ class VaeDecodingStage(Stage):
 
     def run(self, state: State) -> None:
         config = self.vae.config
+        check_finite(state.latents)
         latents = self.unpack(state.latents, state.params)
         latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
         decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
@@ -54,6 +65,7 @@ class VideoVaeDecodingStage(Stage):
 
     def run(self, state: State) -> None:
         latents = self.finalize(state.latents, state) if self.finalize else state.latents
+        check_finite(latents)
         latents = latents.to(self.vae.dtype)  # [B, C, F, h, w]
         mean, inverse_std = latent_statistics(self.vae.config, latents)
         decoded = self.vae.decode(latents / inverse_std + mean, return_dict=False)[0]  # [B, 3, T, H, W]
