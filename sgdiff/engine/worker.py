@@ -160,6 +160,7 @@ def spawned_worker(spec: RankSpec, inbox: Any, queue: Any) -> None:
     except Terminated:  # what was half done is undone (the exception passed through it): now end as SIGTERM ends
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
+        raise SystemExit(128 + signal.SIGTERM) from None  # (should the signal not have ended it yet)
     except BaseException as exc:  # noqa: BLE001 - reported to the launcher, which ends the run
         user_error = isinstance(exc, UserError)
         if os.environ.get("SGDIFF_DEBUG", "") not in ("", "0") and not user_error:
