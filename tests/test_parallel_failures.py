@@ -105,20 +105,25 @@ def test_ctrl_c_ends_every_process(long_run):
     assert list(out.iterdir()) == []
 
 
+def two_process_run(model, out, sitecustomize: str) -> subprocess.Popen:
+    """A 2-step, 2-process run whose processes (launcher and workers) first run `sitecustomize`
+    (Python imports it at start-up from PYTHONPATH): a way to slow one moment down."""
+    site = out.parent / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(sitecustomize)
+    return sgdiff_process(
+        "--model-path", str(model), "--prompt", "a red cube", *SMALL, "--steps", "2", "--num-gpus", "2",
+        "--output-path", str(out), env={"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])},
+    )  # fmt: skip
+
+
 def test_ctrl_c_while_the_workers_start_shows_no_traceback(tiny_flux_dev, tmp_path):
     """A terminal's Ctrl-C reaches every process of the group, the workers too, while they still start
     up (made slow here: 3 s in each worker's sitecustomize, where Python already turns SIGINT into
     KeyboardInterrupt)."""
-    slow = tmp_path / "slow_start"
-    slow.mkdir()
-    (slow / "sitecustomize.py").write_text(
-        "import time\nif b'spawn_main' in open('/proc/self/cmdline', 'rb').read():\n    time.sleep(3)\n"
-    )
     out = tmp_path / "out"
-    process = sgdiff_process(
-        "--model-path", str(tiny_flux_dev), "--prompt", "a red cube", *SMALL, "--steps", "2", "--num-gpus", "2",
-        "--output-path", str(out), env={"PYTHONPATH": os.pathsep.join([str(slow), os.environ.get("PYTHONPATH", "")])},
-    )  # fmt: skip
+    slow_start = "import time\nif b'spawn_main' in open('/proc/self/cmdline', 'rb').read():\n    time.sleep(3)\n"
+    process = two_process_run(tiny_flux_dev, out, sitecustomize=slow_start)
     try:
         workers = started_workers(process, 2)
         time.sleep(1)  # inside the slow start-up
@@ -161,18 +166,13 @@ def test_a_worker_dying_at_start_with_a_big_prompt_file_ends_the_run(tiny_flux_d
 def test_ctrl_c_while_rank_0_saves_leaves_no_partial_file(tiny_flux_dev, tmp_path):
     """The launcher stops its workers by SIGTERM: rank 0, inside a save (made slow here), removes its
     partial file on the way out."""
-    slow = tmp_path / "slow_save"
-    slow.mkdir()
-    (slow / "sitecustomize.py").write_text(
+    out = tmp_path / "out"
+    slow_save = (
         "import time\nfrom PIL import Image\nsave = Image.Image.save\n"
         "def slow_save(self, *args, **kwargs):\n    save(self, *args, **kwargs)\n    time.sleep(60)\n"
         "Image.Image.save = slow_save\n"
     )
-    out = tmp_path / "out"
-    process = sgdiff_process(
-        "--model-path", str(tiny_flux_dev), "--prompt", "a red cube", *SMALL, "--steps", "2", "--num-gpus", "2",
-        "--output-path", str(out), env={"PYTHONPATH": os.pathsep.join([str(slow), os.environ.get("PYTHONPATH", "")])},
-    )  # fmt: skip
+    process = two_process_run(tiny_flux_dev, out, sitecustomize=slow_save)
     try:
         deadline = time.monotonic() + 60
         while not (out.exists() and list(out.glob(".sgdiff-*.part.png"))) and time.monotonic() < deadline:
