@@ -3,7 +3,8 @@ model with forward hooks on its blocks (the model code stays single-GPU math).
 
 FLUX: the text tokens and the image tokens are each split before the first double-stream block
 (two segments, parallel/sequence.py), the rotary table likewise; the image tokens are joined after
-the last block (the text tokens are not used after it). Wan: the video tokens
+the last block (the text tokens are not used after it). The adaLN modulation Linears, which every
+rank would run on the same temb, are split over the ranks (parallel/modulation.py). Wan: the video tokens
 (and per-token modulation, Wan2.2 TI2V) are split before the first block and joined after the last;
 cross-attention to the prompt runs on the local queries with no communication.
 """
@@ -20,6 +21,7 @@ from sgdiff.models.attention import AttentionImpl, sdpa_attention
 from sgdiff.models.flux import FluxTransformer
 from sgdiff.models.wan import WanTransformer
 from sgdiff.parallel.groups import ParallelGroups
+from sgdiff.parallel.modulation import ShardedModulation
 from sgdiff.parallel.sequence import SequenceParallelAttention, SequenceSplit, TokenLayout
 
 
@@ -84,6 +86,7 @@ def shard_flux(model: FluxTransformer, attn: SequenceParallelAttention, groups: 
     hooks = [block.register_forward_pre_hook(before_double) for block in model.transformer_blocks]
     hooks += [block.register_forward_pre_hook(before_single) for block in model.single_transformer_blocks]
     hooks.append([*model.transformer_blocks, *model.single_transformer_blocks][-1].register_forward_hook(after_last))
+    hooks.append(ShardedModulation(model, model.time_text_embed, groups.sp_group, rank, degree))
     attn.hooks += hooks
 
 

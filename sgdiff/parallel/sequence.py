@@ -172,7 +172,7 @@ class SequenceParallelAttention:
         self.local_depth = 0
         self.head_weights = HeadWeights()  # over_streams' weights: each stream's rows of my heads
         self.rope_gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # (local table, every rank's)
-        self.hooks: list = []  # the forward hooks that shard the models (plans.py)
+        self.hooks: list = []  # what plans.py put on the models (hooks, the modulation split): each has remove()
 
     def remove(self) -> None:
         """Take the sharding hooks off the models again (they become single-GPU models)."""
