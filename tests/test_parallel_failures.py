@@ -252,11 +252,11 @@ def test_degrees_default_as_sglang():
 @pytest.mark.parametrize(
     "flags, message",
     [
-        # tiny FLUX has 2 heads: the error names the Ulysses x ring split of 4 ranks that fits them
+        # tiny FLUX has 4 heads: the error names the Ulysses x ring split of 6 ranks that fits them
         (
-            ["--num-gpus", "4"],
-            "must divide the model's 2 attention heads; for 4 sequence-parallel ranks pass "
-            "--ulysses-degree 2 --ring-degree 2",
+            ["--num-gpus", "6"],
+            "must divide the model's 4 attention heads; for 6 sequence-parallel ranks pass "
+            "--ulysses-degree 2 --ring-degree 3",
         ),
         (["--num-gpus", "2", "--enable-cfg-parallel"], "runs without CFG"),
         (["--num-gpus", "2", "--ring-degree", "3"], "must divide --num-gpus 2"),

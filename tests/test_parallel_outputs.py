@@ -14,6 +14,7 @@ from sgdiff.testing.distributed import parallel_latents, run_on_ranks
 MODES = {
     "cfg-2": ParallelConfig(2, enable_cfg_parallel=True),
     "ulysses-2": ParallelConfig(2),
+    "ulysses-4": ParallelConfig(4),
     "ring-2": ParallelConfig(2, ring_degree=2),
     "ring-3": ParallelConfig(3, ring_degree=3),
     "ring-4": ParallelConfig(4, ring_degree=4),

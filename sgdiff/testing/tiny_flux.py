@@ -50,7 +50,7 @@ TRANSFORMER_CONFIG: dict[str, Any] = {
     "num_layers": 2,
     "num_single_layers": 2,
     "attention_head_dim": 16,
-    "num_attention_heads": 2,
+    "num_attention_heads": 4,  # Ulysses-4 splits them
     "joint_attention_dim": TEXT_DIM,
     "pooled_projection_dim": TEXT_DIM,
     "axes_dims_rope": (4, 6, 6),  # sums to attention_head_dim

@@ -87,7 +87,8 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 
 TEXT_DIM = 32  # UMT5 d_model = transformer text_dim
 IMAGE_DIM = 16  # CLIP vision hidden size = transformer image_dim
-HEADS, HEAD_DIM = 2, 12  # rope splits head_dim into t/h/w = 4/4/4 (h = w = 2 * (head_dim // 6))
+# 4 heads (Ulysses-4 splits them); rope splits head_dim into t/h/w = 4/4/4 (h = w = 2 * (head_dim // 6))
+HEADS, HEAD_DIM = 4, 12
 
 TRANSFORMER_CONFIG: dict[str, Any] = {
     "patch_size": (1, 2, 2),
