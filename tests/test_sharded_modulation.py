@@ -19,13 +19,14 @@ def test_each_rank_computes_its_share_of_the_modulation(config, batch):
     ranks = run_on_ranks(config, sharded_flux_modulation, batch)
     sizes = ranks[0]["sizes"]
     total, degree = sum(sizes), len(ranks)
+    share = -(-total // degree)  # rows per rank; the last rank's may be fewer
     covered = [0] * total
     for rank, result in enumerate(ranks):
         assert result["sharded"] <= 1e-5, f"rank {rank}: max abs diff {result['sharded']} from one process"
         assert result["after_remove"] == 0.0, f"rank {rank}: remove() left the model changed"
         assert result["original_calls"] == 0, f"rank {rank}: the whole modulation Linears still ran"
         computed = sum(end - first for _, first, end in result["rows"])
-        assert computed == min(-(-total // degree), total - rank * -(-total // degree)), f"rank {rank}: {computed} rows"
+        assert computed == min(share, total - rank * share), f"rank {rank} computed {computed} rows, not 1/{degree}"
         for index, first, end in result["rows"]:
             for row in range(sum(sizes[:index]) + first, sum(sizes[:index]) + end):
                 covered[row] += 1
