@@ -41,7 +41,7 @@ class ShardedModulation:
     whose output is the temb they all read) and all-gathered. `remove()` puts the Linears back."""
 
     def __init__(self, model: nn.Module, conditioning: nn.Module, group: dist.ProcessGroup, rank: int, degree: int):
-        self.group = group
+        self.group, self.degree = group, degree
         self.owners = [m for m in model.modules() if isinstance(m, AdaModulation)]
         self.linears = [m.linear for m in self.owners]
         sizes = [linear.out_features for linear in self.linears]
@@ -70,7 +70,7 @@ class ShardedModulation:
             # [rows, D] @ [D, B] -> [rows, B]: my rows of this Linear for every batch item
             torch.addmm(bias, linear.weight[first:end], e.t(), out=send[row : row + end - first])
             row += end - first
-        every = e.new_empty(dist.get_world_size(self.group) * self.share, b)  # [N * share, B]: all outputs, in order
+        every = e.new_empty(self.degree * self.share, b)  # [N * share, B]: all outputs, in order
         getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(every, send, group=self.group)
         table = every.view(1, -1) if b == 1 else every.t().contiguous()  # [B, N * share]
         for stand_in, start in zip(self.stand_ins, self.starts, strict=True):

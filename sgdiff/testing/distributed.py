@@ -159,28 +159,29 @@ def sharded_joint_attention(groups: ParallelGroups, segment_lengths: tuple[int, 
 
 
 def sharded_flux_modulation(groups: ParallelGroups, batch: int) -> dict:
-    """A small random FLUX transformer (float32, 4 heads of 16, seeded: every rank builds the same)
-    run whole, then sequence-parallel, then whole again after `remove()` (a run_on_ranks function).
+    """The tiny FLUX transformer of sgdiff/bench/parts.py with guidance (float32, seeded: every rank
+    builds the same) run whole, then sequence-parallel, then whole again after `remove()` (a
+    run_on_ranks function).
     Returns the last two outputs' largest difference from the first, the modulation rows this rank
     computed ((Linear's index, first row, end row) each), every modulation Linear's rows, and how
     often the original modulation Linears ran under sequence parallelism."""
+    from dataclasses import replace
+
+    from sgdiff.bench.parts import TINY_FLUX
     from sgdiff.models.attention import use_attention_impl
     from sgdiff.models.flux import FluxTransformer
-    from sgdiff.models.flux.config import FluxTransformerConfig
     from sgdiff.models.flux.packing import image_position_ids, text_position_ids
     from sgdiff.models.layers import AdaModulation
     from sgdiff.parallel.modulation import ShardedModulation
     from sgdiff.parallel.plans import apply_sequence_parallel
 
     torch.manual_seed(0)
-    config = FluxTransformerConfig(in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                                   num_attention_heads=4, joint_attention_dim=24, pooled_projection_dim=12,
-                                   guidance_embeds=True, axes_dims_rope=(4, 6, 6))  # fmt: skip
+    config = replace(TINY_FLUX, guidance_embeds=True)
     model = FluxTransformer(config).eval()
     inputs = dict(
-        hidden_states=torch.randn(batch, 15, 8),
-        encoder_hidden_states=torch.randn(batch, 5, 24),
-        pooled_projections=torch.randn(batch, 12),
+        hidden_states=torch.randn(batch, 15, config.in_channels),
+        encoder_hidden_states=torch.randn(batch, 5, config.joint_attention_dim),
+        pooled_projections=torch.randn(batch, config.pooled_projection_dim),
         timestep=torch.tensor([0.7, 0.3][:batch]),
         guidance=torch.tensor([3.5, 2.0][:batch]),
         img_ids=image_position_ids(3, 5),
