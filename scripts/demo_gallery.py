@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sgdiff.engine.engine import Engine  # noqa: E402
+from sgdiff.engine.runner import ModelRunner  # noqa: E402
 from sgdiff.io.image import save_png  # noqa: E402
 
 GRID_PROMPTS = [
@@ -60,10 +60,10 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    image_engine = Engine("sgdiff/demo-image")
+    image_engine = ModelRunner("sgdiff/demo-image")
     images = [image_engine.generate(image_engine.sampling_params(p)).images[0] for p in GRID_PROMPTS]
     save_png(grid(images, 4, 1), args.out / "grid.png", {"prompts": GRID_PROMPTS})
-    video_engine = Engine("sgdiff/demo-video")
+    video_engine = ModelRunner("sgdiff/demo-video")
     clips = [video_engine.generate(video_engine.sampling_params(p)).videos[0] for p in VIDEO_PROMPTS]
     first_last = [frame for clip in clips for frame in (clip[0], clip[-1])]
     save_png(grid(first_last, 2, 2), args.out / "video_first_last.png", {"prompts": VIDEO_PROMPTS})

@@ -28,7 +28,7 @@ from sgdiff.config import RuntimeConfig  # noqa: E402
 from sgdiff.demo.quality import grade_model  # noqa: E402
 from sgdiff.demo.train.image import ImageTraining, train_image_model  # noqa: E402
 from sgdiff.demo.train.video import VideoTraining, train_video_model  # noqa: E402
-from sgdiff.engine.engine import Engine  # noqa: E402
+from sgdiff.engine.runner import ModelRunner  # noqa: E402
 
 QUICK = {"vae_steps": 3, "transformer_steps": 3, "pool": 64, "batch": 4, "vae_batch": 2}
 
@@ -61,7 +61,7 @@ def main() -> None:
     record = {"model": args.model, "device": describe(device), "settings": asdict(run)}
     record.update(train(args.out, run, device, deadline, args.vae))
 
-    engine = Engine(str(args.out), runtime=RuntimeConfig(device=args.device, dtype="fp32"))
+    engine = ModelRunner(str(args.out), runtime=RuntimeConfig(device=args.device, dtype="fp32"))
     grades = {}
     for steps in [None, *args.grade_steps]:  # None: the preset's steps
         result = grade_model(engine, clip=args.model == "video", num_inference_steps=steps)

@@ -203,6 +203,16 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """What an engine loads and how it runs it: all a worker process needs to start."""
+
+    model_path: str
+    preset: str | None = None
+    runtime: RuntimeConfig = RuntimeConfig()
+    parallel: ParallelConfig = ParallelConfig()
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     description: str = ""

@@ -20,3 +20,11 @@ class Terminated(BaseException):
 def raise_terminated(signum: int, frame: object) -> None:
     """A SIGTERM handler (signal.signal) that raises Terminated."""
     raise Terminated()
+
+
+class RequestCancelled(Exception):
+    """The request was cancelled (RequestHandle.cancel): before it started, or between two steps."""
+
+
+class RequestFailed(RuntimeError):
+    """A request failed while it ran (out of memory, a broken kernel, ...); the engine takes the next one."""

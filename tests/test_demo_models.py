@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from sgdiff.cli.main import app
 from sgdiff.demo.checks import motion, read
 from sgdiff.demo.quality import PASS_RATE, grade_model
-from sgdiff.engine.engine import Engine
+from sgdiff.engine.runner import ModelRunner
 from sgdiff.models.resolve import demo_model_dir
 
 runner = CliRunner()
@@ -22,12 +22,12 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def image_engine():
-    return Engine("sgdiff/demo-image")
+    return ModelRunner("sgdiff/demo-image")
 
 
 @pytest.fixture(scope="module")
 def video_engine():
-    return Engine("sgdiff/demo-video")
+    return ModelRunner("sgdiff/demo-video")
 
 
 def test_no_model_path_generates_the_prompt_with_the_demo_model(tmp_path):
@@ -57,8 +57,8 @@ def test_num_frames_without_a_model_picks_the_demo_video_model(tmp_path):
 
 
 def test_demo_presets_follow_the_model_by_name_and_by_folder():
-    assert Engine("sgdiff/demo-image").preset.name == "demo-image"
-    assert Engine(str(demo_model_dir("sgdiff/demo-video"))).preset.name == "demo-video"  # matched by its config
+    assert ModelRunner("sgdiff/demo-image").preset.name == "demo-image"
+    assert ModelRunner(str(demo_model_dir("sgdiff/demo-video"))).preset.name == "demo-video"  # matched by its config
 
 
 def test_image_model_draws_held_out_prompts(image_engine):
@@ -88,6 +88,6 @@ def with_random_transformer(name: str, folder):
 
 @pytest.mark.parametrize("name, clip", [("sgdiff/demo-image", False), ("sgdiff/demo-video", True)])
 def test_the_checks_fail_random_weights(name, clip, tmp_path):
-    grades = grade_model(Engine(str(with_random_transformer(name, tmp_path / "model"))), clip=clip)
+    grades = grade_model(ModelRunner(str(with_random_transformer(name, tmp_path / "model"))), clip=clip)
     assert not grades.passed(), grades.summary()
     assert grades.rates["colour"] < PASS_RATE / 2, grades.summary()

@@ -14,7 +14,7 @@ from sgdiff.demo.scenes import HELD_OUT, evaluation_scenes, sample_training_scen
 from sgdiff.demo.train.image import ImageTraining, train_image_model
 from sgdiff.demo.train.loop import make_optimizer
 from sgdiff.demo.train.video import VideoTraining, train_video_model
-from sgdiff.engine.engine import Engine
+from sgdiff.engine.runner import ModelRunner
 
 FEW = {"vae_steps": 2, "vae_batch": 2, "transformer_steps": 2, "batch": 2, "pool": 16}
 
@@ -58,7 +58,7 @@ def test_image_training_saves_a_flux_pipeline_sgdiff_loads(tmp_path):
     assert record["transformer_steps"] == 2
     vae_config = json.loads((tmp_path / "image" / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != 0.18215  # measured on the training latents, not the default
-    engine = Engine(str(tmp_path / "image"))
+    engine = ModelRunner(str(tmp_path / "image"))
     assert engine.preset.name == "demo-image"
     image = engine.generate(engine.sampling_params("a red circle", num_inference_steps=2)).images[0]
     assert image.shape == (128, 128, 3)
@@ -68,7 +68,7 @@ def test_video_training_saves_a_wan_pipeline_sgdiff_loads(tmp_path):
     train_video_model(tmp_path / "video", VideoTraining(**FEW), torch.device("cpu"), math.inf)
     vae_config = json.loads((tmp_path / "video" / "vae" / "config.json").read_text())
     assert any(value != 0.0 for value in vae_config["latents_mean"])
-    engine = Engine(str(tmp_path / "video"))
+    engine = ModelRunner(str(tmp_path / "video"))
     assert engine.preset.name == "demo-video"
     video = engine.generate(engine.sampling_params("a red circle moving up", num_inference_steps=2)).videos[0]
     assert video.shape == (9, 64, 64, 3)

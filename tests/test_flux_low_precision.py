@@ -9,7 +9,7 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from sgdiff.config import RuntimeConfig
-from sgdiff.engine.engine import Engine
+from sgdiff.engine.runner import ModelRunner
 from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig
 from sgdiff.models.flux.packing import image_position_ids, text_position_ids
 from sgdiff.models.loading import build_on_meta, load_own_model, read_json
@@ -44,7 +44,7 @@ def test_transformer_close_to_diffusers(tiny_flux_dev, dtype):
 
 def test_bf16_images_match_diffusers(tiny_flux_dev):
     """Two outputs with true CFG: batch 2 through every GEMM, both CFG branches."""
-    engine = Engine(str(tiny_flux_dev), runtime=RuntimeConfig(dtype="bf16"))
+    engine = ModelRunner(str(tiny_flux_dev), runtime=RuntimeConfig(dtype="bf16"))
     request = dict(negative_prompt="blurry", true_cfg_scale=3.0, height=48, width=80, num_inference_steps=3)
     params = engine.sampling_params("a red cube", num_outputs_per_prompt=2, seed=3, **request)
     ours = engine.generate(params).images.astype(int)

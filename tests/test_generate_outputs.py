@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sgdiff.cli.main import app
-from sgdiff.engine.engine import Engine
+from sgdiff.engine.runner import ModelRunner
 from sgdiff.io.image import OutputNamer, read_png_parameters, save_png
 
 runner = CliRunner()
@@ -113,13 +113,13 @@ def test_no_save_output_writes_nothing_but_the_perf_dump(tiny_flux_dev, tmp_path
 
 def test_prompt_file_loads_the_model_once(tiny_flux_dev, tmp_path, monkeypatch):
     loads = []
-    original = Engine.load
+    original = ModelRunner.load
 
     def counting_load(self):
         loads.append(self.pipeline is None)
         original(self)
 
-    monkeypatch.setattr(Engine, "load", counting_load)
+    monkeypatch.setattr(ModelRunner, "load", counting_load)
     prompts = tmp_path / "p.txt"
     prompts.write_text("one\ntwo\nthree\n")
     perf = tmp_path / "perf.json"
@@ -171,7 +171,7 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
 
 
 def test_engine_api_without_the_cli(tiny_flux_schnell):
-    engine = Engine(str(tiny_flux_schnell))
+    engine = ModelRunner(str(tiny_flux_schnell))
     assert engine.preset.name == "flux.1-schnell"
     params = engine.sampling_params("a cube", height=48, width=32, num_outputs_per_prompt=2)
     assert params.num_inference_steps == 4  # from the schnell preset
@@ -181,7 +181,7 @@ def test_engine_api_without_the_cli(tiny_flux_schnell):
 
 
 def test_max_sequence_length_sets_the_t5_tokens(tiny_flux_schnell):
-    engine = Engine(str(tiny_flux_schnell))
+    engine = ModelRunner(str(tiny_flux_schnell))
     engine.load()
     encode = engine.pipeline.stages[1].encode
     requests = {256: {}, 512: {"max_sequence_length": 512}, 77: {"max_sequence_length": 77}}  # preset, flag, flag

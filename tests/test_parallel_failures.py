@@ -34,7 +34,7 @@ def sgdiff_process(*args: str, env: dict | None = None) -> subprocess.Popen:
 
 
 def started_workers(process: subprocess.Popen, count: int = 1, timeout: float = 60) -> list[psutil.Process]:
-    """The launcher's worker processes as soon as `count` of them exist (still starting up)."""
+    """The front's worker processes as soon as `count` of them exist (still starting up)."""
     parent = psutil.Process(process.pid)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -50,7 +50,7 @@ def all_ended(workers: list[psutil.Process]) -> bool:
 
 
 def wait_for_workers(process: subprocess.Popen, count: int, timeout: float = 60) -> list[psutil.Process]:
-    """The launcher's worker processes, once `count` of them run the denoising loop (a few seconds in)."""
+    """The front's worker processes, once `count` of them run the denoising loop (a few seconds in)."""
     parent = psutil.Process(process.pid)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -106,7 +106,7 @@ def test_ctrl_c_ends_every_process(long_run):
 
 
 def two_process_run(model, out, sitecustomize: str) -> subprocess.Popen:
-    """A 2-step, 2-process run whose processes (launcher and workers) first run `sitecustomize`
+    """A 2-step, 2-process run whose processes (front and workers) first run `sitecustomize`
     (Python imports it at start-up from PYTHONPATH): a way to slow one moment down."""
     site = out.parent / "site"
     site.mkdir()
@@ -147,7 +147,7 @@ def test_sigterm_ends_every_process_and_leaves_nothing(long_run, tmp_path):
 
 
 def test_a_worker_dying_at_start_with_a_big_prompt_file_ends_the_run(tiny_flux_dev, tmp_path):
-    """The request (20000 prompts, ~0.4 MB) must not be start-up data the launcher blocks on writing."""
+    """A worker dying while the pool starts ends the run at once, with 20000 prompts (~0.4 MB) queued."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"prompt number {i}\n" for i in range(20000)))
     process = sgdiff_process(
@@ -164,8 +164,8 @@ def test_a_worker_dying_at_start_with_a_big_prompt_file_ends_the_run(tiny_flux_d
 
 
 def test_ctrl_c_while_rank_0_saves_leaves_no_partial_file(tiny_flux_dev, tmp_path):
-    """The launcher stops its workers by SIGTERM: rank 0, inside a save (made slow here), removes its
-    partial file on the way out."""
+    """The front process writes the outputs: interrupted inside a save (made slow here), it removes
+    its partial file on the way out and stops its workers by SIGTERM."""
     out = tmp_path / "out"
     slow_save = (
         "import time\nfrom PIL import Image\nsave = Image.Image.save\n"

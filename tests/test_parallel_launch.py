@@ -43,42 +43,45 @@ def test_two_processes_write_the_single_process_image_once(launcher, tiny_flux_d
 
 
 @pytest.mark.parametrize("fails", [False, True])
-def test_the_batch_is_gone_before_the_process_group(fails, tiny_flux_dev, tmp_path, monkeypatch):
-    """A rank frees its pipeline (CUDA graphs included) before destroying the process group, after a
-    batch and after a failure: a live graph that captured NCCL collectives makes ncclCommDestroy
+def test_the_model_is_gone_before_the_process_group(fails, tiny_flux_dev, tmp_path, monkeypatch):
+    """A rank frees its model (CUDA graphs included) before destroying the process group, after
+    serving and after a failure: a live graph that captured NCCL collectives makes ncclCommDestroy
     wait forever (seen on 2 H100s with --enable-cuda-graph; pytorch/pytorch#115388)."""
-    from typer.testing import CliRunner
-
-    from sgdiff.cli import main as cli
+    from sgdiff.config import EngineConfig, RuntimeConfig
     from sgdiff.engine import worker
-    from sgdiff.pipeline.base import NullEvents
+    from sgdiff.engine.runner import ModelRunner
+    from sgdiff.engine.serve import Inbox
 
-    requests = []
-    monkeypatch.setattr(cli, "run", lambda request, quiet: requests.append(request))
-    args = ["generate", "--model-path", str(tiny_flux_dev), *REQUEST, "--output-path", str(tmp_path), "--quiet"]
-    assert CliRunner().invoke(cli.app, args).exit_code == 0
+    runtime = RuntimeConfig(device="cpu")
+    params = ModelRunner(str(tiny_flux_dev), runtime=runtime).sampling_params("a red cube", height=32, width=80)
+    inbox, reports = Inbox(), []
+    inbox.put(("run", "r1", params))
+    inbox.put(("stop",))
+    runners, alive_at_destroy = [], []
+    serve, destroy = worker.serve_requests, worker.dist.destroy_process_group
 
-    engines, alive_at_destroy = [], []
-    execute, destroy = worker.execute_batch, worker.dist.destroy_process_group
-
-    def execute_and_watch(prepared, *args, **kwargs):
-        engines.append(weakref.ref(prepared.engine))
-        report = execute(prepared, *args, **kwargs)
+    def serve_and_watch(runner, *args, **kwargs):
+        runners.append(weakref.ref(runner))
+        serve(runner, *args, **kwargs)
         if fails:
-            raise RuntimeError("a failing prompt")
-        return report
+            raise RuntimeError("a failing rank")
 
     def watched_destroy(*args, **kwargs):
-        alive_at_destroy.append(engines[0]() is not None)
+        alive_at_destroy.append(runners[0]() is not None)
         destroy(*args, **kwargs)
 
-    monkeypatch.setattr(worker, "execute_batch", execute_and_watch)
+    class Outbox:
+        put = reports.append
+
+    monkeypatch.setattr(worker, "serve_requests", serve_and_watch)
     monkeypatch.setattr(worker.dist, "destroy_process_group", watched_destroy)
     spec = worker.RankSpec(0, 1, 0, f"file://{tmp_path / 'store'}")
+    config = EngineConfig(str(tiny_flux_dev), runtime=runtime)
     if fails:
-        with pytest.raises(RuntimeError, match="a failing prompt"):
-            worker.run_rank(spec, requests[0], NullEvents(), lambda path: None)
+        with pytest.raises(RuntimeError, match="a failing rank"):
+            worker.serve_on_rank(spec, config, inbox, Outbox())
     else:
-        report = worker.run_rank(spec, requests[0], NullEvents(), lambda path: None)
-        assert len(report.results) == 1
+        worker.serve_on_rank(spec, config, inbox, Outbox())
+    kinds = [message[0] for message in reports if message[0] != "event"]
+    assert kinds == ["ready", "started", "done"]
     assert alive_at_destroy == [False]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sgdiff.config import ParallelConfig, RuntimeConfig
-from sgdiff.engine.engine import Engine
+from sgdiff.engine.runner import ModelRunner
 from sgdiff.testing.distributed import parallel_latents, run_on_ranks
 
 MODES = {
@@ -37,7 +37,7 @@ def models(tiny_flux_dev, tiny_wan):
 @pytest.fixture(scope="module")
 def single_process(models):
     def latents(model: str) -> torch.Tensor:
-        engine = Engine(models[model], runtime=RuntimeConfig(device="cpu", dtype="fp32"))
+        engine = ModelRunner(models[model], runtime=RuntimeConfig(device="cpu", dtype="fp32"))
         return engine.generate(engine.sampling_params("a red cube", **REQUESTS[model])).latents
 
     return {model: latents(model) for model in models}

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from sgdiff.config import tomllib
-from sgdiff.engine.engine import Engine
+from sgdiff.engine.runner import ModelRunner
 from sgdiff.models.attention import attention
 from sgdiff.pipeline.base import ParallelMode
 from sgdiff.pipeline.registry import PIPELINES, inspect_model
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_flux_pipeline_stages_in_order_with_parallel_modes(tiny_flux_dev):
-    engine = Engine(str(tiny_flux_dev))
+    engine = ModelRunner(str(tiny_flux_dev))
     engine.load()
     declared = [(stage.name, stage.parallel) for stage in engine.pipeline.stages]
     assert declared == [
@@ -37,7 +37,7 @@ def test_registry_reads_model_index(tiny_flux_schnell):
 
 
 def test_every_attention_call_goes_through_the_one_entry_point(tiny_flux_dev):
-    engine = Engine(str(tiny_flux_dev))
+    engine = ModelRunner(str(tiny_flux_dev))
     calls = []
 
     def recording_attention(q, k, v):

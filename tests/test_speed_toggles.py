@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from sgdiff.cli.main import app
 from sgdiff.cli.options import AttentionBackendChoice
 from sgdiff.config import RuntimeConfig, SpeedConfig
-from sgdiff.engine.engine import Engine
+from sgdiff.engine.runner import ModelRunner
 from sgdiff.errors import UserError
 from sgdiff.models.attention import use_attention_impl
 from sgdiff.speed.apply import check_speed
@@ -31,7 +31,7 @@ MATH, FLASH = "aten::_scaled_dot_product_attention_math", "aten::_scaled_dot_pro
 
 def generate_profiled(model, speed: SpeedConfig) -> tuple[torch.Tensor, dict[str, int]]:
     """Final latents of one small request, and how often it called each aten op."""
-    engine = Engine(str(model), runtime=RuntimeConfig(device="cpu", dtype="fp32", speed=speed))
+    engine = ModelRunner(str(model), runtime=RuntimeConfig(device="cpu", dtype="fp32", speed=speed))
     engine.load()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         latents = engine.generate(engine.sampling_params("a red cube", **REQUEST)).latents
@@ -84,7 +84,7 @@ def test_fused_norms_need_bf16_and_triton_on_a_gpu(monkeypatch):
 
 def test_torch_compile_compiles_each_block_kind_once(tiny_flux_dev):
     torch._dynamo.reset()
-    engine = Engine(str(tiny_flux_dev), runtime=RuntimeConfig(device="cpu", dtype="fp32"))
+    engine = ModelRunner(str(tiny_flux_dev), runtime=RuntimeConfig(device="cpu", dtype="fp32"))
     engine.load()
     reference = engine.generate(engine.sampling_params("a red cube", **REQUEST)).latents
     model = engine.pipeline.transformers[0]
@@ -100,7 +100,7 @@ def test_torch_compile_compiles_each_block_kind_once(tiny_flux_dev):
 
 def test_torch_compile_toggle_reaches_the_blocks(tiny_flux_dev):
     speed = SpeedConfig(torch_compile=True)
-    engine = Engine(str(tiny_flux_dev), runtime=RuntimeConfig(device="cpu", dtype="fp32", speed=speed))
+    engine = ModelRunner(str(tiny_flux_dev), runtime=RuntimeConfig(device="cpu", dtype="fp32", speed=speed))
     engine.load()
     model = engine.pipeline.transformers[0]
     assert all(hasattr(b.forward, "_torchdynamo_orig_callable") for b in model.single_transformer_blocks)
@@ -165,7 +165,7 @@ def generate_counting_ops(model_fixture: str, request, speed: SpeedConfig) -> tu
     model = request.getfixturevalue(model_fixture)
     model = model("t2v") if model_fixture == "tiny_wan" else model
     flags = dict(REQUEST, num_frames=5) if model_fixture == "tiny_wan" else REQUEST
-    engine = Engine(str(model), runtime=RuntimeConfig(device="cpu", dtype="fp32", speed=speed))
+    engine = ModelRunner(str(model), runtime=RuntimeConfig(device="cpu", dtype="fp32", speed=speed))
     engine.load()
     transformer = engine.pipeline.transformers[0]
     state = {name: t.clone() for name, t in transformer.state_dict().items()}

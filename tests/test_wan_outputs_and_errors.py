@@ -209,10 +209,10 @@ def test_odd_sized_video_is_padded_to_even_for_yuv420p(tmp_path):
 
 
 def test_wan_pipeline_stages_and_parallel_modes(tiny_wan):
-    from sgdiff.engine.engine import Engine
+    from sgdiff.engine.runner import ModelRunner
     from sgdiff.pipeline.base import ParallelMode
 
-    engine = Engine(str(tiny_wan("i2v")))
+    engine = ModelRunner(str(tiny_wan("i2v")))
     engine.load()
     assert [(s.name, s.parallel) for s in engine.pipeline.stages] == [
         ("input_validation", ParallelMode.ALL_RANKS),

@@ -151,7 +151,8 @@ def generate(
                 "log-sum-exp (cuDNN on Hopper, else flash): use --attention-backend auto with --ring-degree"
             )
 
-        from sgdiff.engine.batch import BatchRequest, OutputConfig
+        from sgdiff.cli.batch import BatchRequest
+        from sgdiff.io.outputs import OutputConfig
 
         request = BatchRequest(
             model_path=model_path,
@@ -186,7 +187,7 @@ def run(request, quiet: bool) -> None:
     from rich.console import Console
 
     from sgdiff.cli.progress import QuietEvents, RichProgress, show_library_warnings
-    from sgdiff.engine.batch import run_batch
+    from sgdiff.cli.batch import run_batch
     from sgdiff.engine.ranks import is_writer_rank
 
     quiet = quiet or not is_writer_rank()  # under torchrun only rank 0 speaks

@@ -57,7 +57,7 @@ def grade_clips(scenes: list[Scene], videos: list[np.ndarray]) -> Grades:
 
 
 def grade_model(engine, clip: bool, seed: int = 0, **flags: Any) -> Grades:
-    """Generate every held-out prompt with `engine` (an sgdiff Engine) at its preset (`flags`, e.g.
+    """Generate every held-out prompt with `engine` (an sgdiff ModelRunner) at its preset (`flags`, e.g.
     num_inference_steps, override it), and grade."""
     scenes = evaluation_scenes(clip)
     outputs = []

@@ -1,11 +1,13 @@
-"""One rank of a multi-GPU run: join the process group, load the model once, make its pipeline
-parallel (parallel/), run every prompt; rank 0 writes the outputs and reports progress."""
+"""One rank of an engine on several GPUs (or CPU processes): join the process group, load the model
+once, make its pipeline parallel (parallel/), then serve the front's requests until it stops the
+engine; rank 0 reports progress and results to the front."""
 
 from __future__ import annotations
 
 import gc
 import os
 import signal
+import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,16 +18,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sgdiff.config import RuntimeConfig
-from sgdiff.engine.batch import BatchReport, BatchRequest, execute_batch, prepare_batch
-from sgdiff.engine.engine import Engine
+from sgdiff.config import EngineConfig, RuntimeConfig
+from sgdiff.engine.runner import ModelRunner
+from sgdiff.engine.serve import ControlChannel, ForwardedEvents, Inbox, Outbox, describe, serve_requests
 from sgdiff.errors import Terminated, UserError, raise_terminated
 from sgdiff.models.attention import sdpa_attention
 from sgdiff.parallel.broadcast import share_from_rank0
 from sgdiff.parallel.cfg import apply_cfg_parallel
 from sgdiff.parallel.groups import ParallelGroups, build_groups
 from sgdiff.parallel.plans import apply_sequence_parallel
-from sgdiff.pipeline.base import NullEvents, PipelineEvents
+from sgdiff.pipeline.base import NullEvents
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank that stops answering ends the run, not hangs it
 
@@ -49,15 +51,15 @@ def rank_device(runtime: RuntimeConfig, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def load_for_rank(engine: Engine, groups: ParallelGroups) -> None:
+def load_for_rank(runner: ModelRunner, groups: ParallelGroups) -> None:
     """Rank 0 loads everything; the others skip the text encoders (rank 0 sends them the embeddings)."""
-    engine.load(skip=frozenset() if groups.rank == 0 else engine.info.spec.text_encoders)
+    runner.load(skip=frozenset() if groups.rank == 0 else runner.info.spec.text_encoders)
 
 
 @contextmanager
-def make_parallel(engine: Engine, groups: ParallelGroups) -> Iterator[None]:
+def make_parallel(runner: ModelRunner, groups: ParallelGroups) -> Iterator[None]:
     """Apply CFG and sequence parallelism to the loaded pipeline for the requests run in the context."""
-    pipeline = engine.pipeline
+    pipeline = runner.pipeline
     pipeline.rank = groups.rank
     pipeline.share = lambda state, fields: share_from_rank0(state, fields, groups.rank)
     if groups.config.enable_cfg_parallel:
@@ -74,8 +76,11 @@ def make_parallel(engine: Engine, groups: ParallelGroups) -> Iterator[None]:
         pipeline.attention = single
 
 
-def run_rank(spec: RankSpec, request: BatchRequest, events: PipelineEvents, on_saved) -> BatchReport:
-    device = rank_device(request.runtime, spec.local_rank)
+@contextmanager
+def process_group(spec: RankSpec, runtime: RuntimeConfig) -> Iterator[torch.device]:
+    """Join the process group on this rank's device; leave it on the way out, after every object
+    made inside (the model, its CUDA graphs) is gone."""
+    device = rank_device(runtime, spec.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
@@ -87,15 +92,14 @@ def run_rank(spec: RankSpec, request: BatchRequest, events: PipelineEvents, on_s
         device_id=device if device.type == "cuda" else None,
     )
     try:
-        report = run_batch_on_rank(spec, request, device, events, on_saved)
+        yield device
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the last graph replay has ended
-        return report
     except BaseException as exc:
-        traceback.clear_frames(exc.__traceback__)  # the batch's objects go with its frames (below)
+        traceback.clear_frames(exc.__traceback__)  # the model's objects go with its frames (below)
         raise
     finally:
-        # Every object of the batch is gone before the process group: a CUDA graph that captured NCCL
+        # Every object of the model is gone before the process group: a CUDA graph that captured NCCL
         # collectives (--enable-cuda-graph) and is still alive makes ncclCommDestroy wait forever
         # (pytorch/pytorch#115388). A module and the graph wrapper that replaced its forward refer to
         # each other (a cycle): collect them.
@@ -103,77 +107,80 @@ def run_rank(spec: RankSpec, request: BatchRequest, events: PipelineEvents, on_s
         dist.destroy_process_group()
 
 
-def run_batch_on_rank(
-    spec: RankSpec, request: BatchRequest, device: torch.device, events: PipelineEvents, on_saved
-) -> BatchReport:
-    """Load the model, make it parallel, run every prompt (rank 0 writes and reports)."""
-    groups = build_groups(replace(request.parallel, num_gpus=spec.world_size))
-    writer = spec.rank == 0
-    runtime = replace(request.runtime, device=str(device))
-    prepared = prepare_batch(request, events if writer else NullEvents(), runtime)
-    load_for_rank(prepared.engine, groups)
-    return execute_batch(
-        prepared,
-        request,
-        on_saved if writer else (lambda path: None),
-        setup=lambda engine: make_parallel(engine, groups),
-        writer=writer,
-    )
+def serve_on_rank(spec: RankSpec, config: EngineConfig, inbox: Inbox | None, outbox: Outbox) -> None:
+    """One rank of an engine on several processes: join the group, load, make the pipeline parallel,
+    then serve requests until rank 0 (which has the `inbox`) passes on the front's stop."""
+    with process_group(spec, config.runtime) as device:
+        serve_loaded(spec, config, device, inbox, outbox)
 
 
-class QueueEvents:
-    """Rank 0's progress, sent to the launching process (which draws it)."""
+def serve_loaded(spec: RankSpec, config: EngineConfig, device: torch.device, inbox: Inbox | None, outbox) -> None:
+    groups = build_groups(replace(config.parallel, num_gpus=spec.world_size))
+    control = ControlChannel()
+    runtime = replace(config.runtime, device=str(device))
+    load_events = ForwardedEvents(outbox, None) if inbox is not None else NullEvents()
+    runner = ModelRunner(config.model_path, config.preset, runtime, load_events)
+    load_for_rank(runner, groups)
+    control.barrier()  # every rank has loaded
+    with make_parallel(runner, groups):
+        if inbox is not None:
+            outbox.put(("ready", None, runner.load_seconds))
+        serve_requests(runner, control, inbox, outbox)
+
+
+class ProcessOutbox:
+    """Rank 0's messages to the front process, through a multiprocessing queue. A result travels
+    without its latents: a tensor would travel as a shared-memory handle that dies with this process."""
 
     def __init__(self, queue: Any):
         self.queue = queue
 
-    def stage_started(self, name: str) -> None:
-        self.queue.put(("event", "stage_started", (name,)))
-
-    def stage_finished(self, name: str, seconds: float) -> None:
-        self.queue.put(("event", "stage_finished", (name, seconds)))
-
-    def step_finished(self, index: int, total: int, seconds: float) -> None:
-        self.queue.put(("event", "step_finished", (index, total, seconds)))
+    def put(self, message: tuple) -> None:
+        if message[0] == "done":
+            message = (*message[:2], replace(message[2], latents=None))
+        self.queue.put(message)
 
 
-def stripped(report: BatchReport) -> BatchReport:
-    """The report without pixels or latents (written already; the launcher needs numbers). A tensor would
-    also travel as a shared-memory handle that dies with this process."""
-    return replace(report, results=[replace(r, images=None, videos=None, latents=None) for r in report.results])
+def read_front(connection: Any, inbox: Inbox) -> None:
+    """Rank 0's reader of the front's pipe (a thread): a closed pipe (the front is gone) means stop."""
+    try:
+        while True:
+            inbox.put(connection.recv())
+    except (EOFError, OSError):
+        inbox.put(("stop",))
 
 
-def spawned_worker(spec: RankSpec, inbox: Any, queue: Any) -> None:
-    """Entry point of a process the launcher spawned: never a traceback, always a message or a report.
-    Its request arrives on `inbox` (a pipe's reading end), its messages go to `queue`."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle: it ends every rank
-    if hasattr(signal, "pthread_sigmask"):  # (POSIX) blocked while the launcher started this process
+def pool_worker(spec: RankSpec, config: EngineConfig, connection: Any, queue: Any) -> None:
+    """Entry point of a process of the engine's worker pool: never a traceback, always a message.
+    Rank 0 reads the front's messages from `connection` (a pipe's reading end; None on the other
+    ranks); its reports, and any rank's fatal error, go to `queue`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front's to handle: it ends every rank
+    if hasattr(signal, "pthread_sigmask"):  # (POSIX) blocked while the front started this process
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGTERM, raise_terminated)  # the launcher stops ranks so: undo a half-written file
+    signal.signal(signal.SIGTERM, raise_terminated)  # the front stops ranks so
     die_with_parent()
     try:
-        request: BatchRequest = inbox.recv()
-        inbox.close()
-        report = run_rank(spec, request, QueueEvents(queue), lambda path: queue.put(("saved", str(path))))
-        if spec.rank == 0:
-            queue.put(("done", stripped(report)))
+        inbox = None
+        if connection is not None:
+            inbox = Inbox()
+            threading.Thread(target=read_front, args=(connection, inbox), daemon=True).start()
+        serve_on_rank(spec, config, inbox, ProcessOutbox(queue))
     except Terminated:  # what was half done is undone (the exception passed through it): now end as SIGTERM ends
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
         raise SystemExit(128 + signal.SIGTERM) from None  # (should the signal not have ended it yet)
-    except BaseException as exc:  # noqa: BLE001 - reported to the launcher, which ends the run
+    except BaseException as exc:  # noqa: BLE001 - reported to the front, which ends the pool
         user_error = isinstance(exc, UserError)
         if os.environ.get("SGDIFF_DEBUG", "") not in ("", "0") and not user_error:
             traceback.print_exc()
-        message = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
-        queue.put(("error", spec.rank, message, user_error))
+        queue.put(("fatal", None, spec.rank, describe(exc), user_error))
         queue.close()
         queue.join_thread()
         raise SystemExit(1) from None
 
 
 def die_with_parent() -> None:
-    """Linux: the kernel kills this process when the launcher dies, however it dies."""
+    """Linux: the kernel kills this process when the front process dies, however it dies."""
     try:
         import ctypes
         import signal

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from sgdiff.config import SamplingParams
+from sgdiff.errors import RequestCancelled
 from sgdiff.models.attention import AttentionImpl, current_attention_impl, use_attention_impl
 
 
@@ -50,6 +51,9 @@ class State:
     device: torch.device
     dtype: torch.dtype
     events: PipelineEvents = field(default_factory=NullEvents)
+    # asked between stages and after every denoising step: True ends the request (RequestCancelled).
+    # Under several ranks every rank asks at the same points and gets rank 0's answer.
+    should_stop: Callable[[], bool] = lambda: False
     cond: dict[str, torch.Tensor] = field(default_factory=dict)  # model inputs of the prompt branch
     uncond: dict[str, torch.Tensor] | None = None  # model inputs of the negative branch (CFG only)
     cfg_scale: float = 1.0
@@ -89,6 +93,11 @@ class OptionalStage(Stage):
             self.stage.run(state)
 
 
+def stop_if_asked(state: State) -> None:
+    if state.should_stop():
+        raise RequestCancelled("the request was cancelled")
+
+
 class ComposedPipeline:
     def __init__(
         self,
@@ -117,6 +126,7 @@ class ComposedPipeline:
 
     def run_stages(self, state: State) -> State:
         for stage in self.stages:
+            stop_if_asked(state)
             rank0_only = stage.parallel is ParallelMode.RANK0_ONLY and self.share is not None
             if rank0_only and self.rank != 0:
                 if stage.shares:

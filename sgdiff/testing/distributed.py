@@ -56,12 +56,12 @@ def parallel_latents(groups: ParallelGroups, requests: list[tuple[str, str, dict
     """A rank's final latents for each (model, prompt, flags) on a parallel pipeline, and the names of the
     components it loaded (a run_on_ranks function)."""
     from sgdiff.config import RuntimeConfig
-    from sgdiff.engine.engine import Engine
+    from sgdiff.engine.runner import ModelRunner
     from sgdiff.engine.worker import load_for_rank, make_parallel
 
     latents, loaded = [], []
     for model, prompt, flags in requests:
-        engine = Engine(model, runtime=RuntimeConfig(device="cpu", dtype="fp32"))
+        engine = ModelRunner(model, runtime=RuntimeConfig(device="cpu", dtype="fp32"))
         load_for_rank(engine, groups)  # ranks other than 0 hold no text encoder
         with make_parallel(engine, groups):
             latents.append(engine.generate(engine.sampling_params(prompt, **flags)).latents)

@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 import torch
 
-from sgdiff.pipeline.base import ParallelMode, Stage, State
+from sgdiff.pipeline.base import ParallelMode, Stage, State, stop_if_asked
 from sgdiff.pipeline.schedule import sample
 
 # denoiser(latents, timestep, inputs, state) -> velocity with the latents' shape
@@ -61,12 +61,15 @@ class DenoisingStage(Stage):
 
         def on_step(i: int) -> None:
             if state.device.type != "cuda":
-                return report(i)
-            done.append(torch.cuda.Event())
-            done[-1].record()
-            if i > 0:  # no host sync on this step: wait for the one before, so the GPU keeps a step queued
-                done[i - 1].synchronize()
-                report(i - 1)
+                report(i)
+            else:
+                done.append(torch.cuda.Event())
+                done[-1].record()
+                if i > 0:  # no host sync on this step: wait for the one before, so the GPU keeps a step queued
+                    done[i - 1].synchronize()
+                    report(i - 1)
+            if i < total - 1:  # a cancel lands here: the GPU holds at most this step's work
+                stop_if_asked(state)
 
         state.latents = sample(state.latents, state.sampler, velocity, on_step)
         if done:

@@ -1,13 +1,12 @@
-"""The engine: resolve a checkpoint, pick its preset, load its pipeline once, run requests.
-
-One process for now; the multi-GPU launcher (one worker per GPU) plugs in here and
-follows each stage's declared ParallelMode.
-"""
+"""One model in this process: resolve a checkpoint, pick its preset, check requests, load its
+pipeline once, run requests one by one. The engine (service.py) runs one of these on a thread of the
+caller's process, or one per worker process on several GPUs (worker.py)."""
 
 from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,14 +61,15 @@ class GenerationResult:
     step_seconds: list[float]
     total_seconds: float
     peak_gpu_memory_bytes: int | None  # during this request (None on CPU)
-    latents: torch.Tensor | None = None  # the final latents, before decoding
+    latents: torch.Tensor | None = None  # the final latents, before decoding (None once sent between processes)
+    peak_rss_bytes: int = 0  # of the process that ran it, so far
 
 
-class Engine:
-    """Load a model once, generate many times.
+class ModelRunner:
+    """Load a model once, generate many times, in this process.
 
-    >>> engine = Engine("black-forest-labs/FLUX.1-dev")
-    >>> result = engine.generate(engine.sampling_params("a red cube", seed=7))
+    >>> runner = ModelRunner("black-forest-labs/FLUX.1-dev")
+    >>> result = runner.generate(runner.sampling_params("a red cube", seed=7))
     """
 
     def __init__(
@@ -124,13 +124,21 @@ class Engine:
         self.pipeline = pipeline
         self.load_seconds = time.perf_counter() - start
 
-    def generate(self, params: SamplingParams) -> GenerationResult:
+    def generate(
+        self,
+        params: SamplingParams,
+        events: PipelineEvents | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> GenerationResult:
+        """Run one request; `events` (default: the runner's) hear its progress; `should_stop()`, asked
+        between stages and steps, ends it early with RequestCancelled."""
         self.load()
         on_gpu = self.device.type == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
-        state = self.pipeline(State(params=params, device=self.device, dtype=self.dtype, events=self.events))
+        state = State(params, self.device, self.dtype, events or self.events, should_stop=should_stop)
+        state = self.pipeline(state)
         return GenerationResult(
             params=params,
             images=state.images,
@@ -140,6 +148,7 @@ class Engine:
             total_seconds=time.perf_counter() - start,
             peak_gpu_memory_bytes=torch.cuda.max_memory_allocated(self.device) if on_gpu else None,
             latents=state.latents,
+            peak_rss_bytes=self.peak_rss_bytes(),
         )
 
     @staticmethod

@@ -1,0 +1,232 @@
+"""The engine: one loaded model serving many requests, from any thread, for any client (the CLI, a
+server, a Python caller). It checks each request in the caller's thread, queues it, runs one at a
+time and hands back a RequestHandle (progress events, cancel, the result as arrays). On one GPU the
+model runs on a thread of this process; on several, in a pool of worker processes started once."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from sgdiff.config import EngineConfig, ParallelConfig, RuntimeConfig, SamplingParams, SpeedConfig
+from sgdiff.engine.handle import RequestHandle
+from sgdiff.engine.ranks import under_torchrun
+from sgdiff.engine.runner import GenerationResult, ModelRunner
+from sgdiff.errors import UserError
+from sgdiff.io.input_image import prefetch
+from sgdiff.models.resolve import DEMO_IMAGE_MODEL
+from sgdiff.parallel.plans import check_heads
+from sgdiff.pipeline.base import NullEvents, PipelineEvents
+
+SPEED_OPTIONS = [f.name for f in fields(SpeedConfig)]
+
+
+@dataclass
+class GenerationOutput:
+    """What `engine(prompt)` returns, as a diffusers pipeline would: PIL images (image models) or
+    videos as lists of PIL frames (video models), and the raw result (uint8 arrays, timings)."""
+
+    images: list | None
+    videos: list[list] | None
+    result: GenerationResult
+
+    @classmethod
+    def of(cls, result: GenerationResult) -> GenerationOutput:
+        from PIL import Image
+
+        images = [Image.fromarray(np.asarray(image)) for image in result.images] if result.images is not None else None
+        videos = None
+        if result.videos is not None:
+            videos = [[Image.fromarray(np.asarray(frame)) for frame in video] for video in result.videos]
+        return cls(images, videos, result)
+
+
+class Engine:
+    """Load a model once and serve requests.
+
+    >>> engine = Engine.from_pretrained("black-forest-labs/FLUX.1-schnell")
+    >>> engine("a red cube", seed=7).images[0].save("cube.png")
+    >>> handle = engine.submit("a blue sphere", num_inference_steps=8)   # returns at once
+    >>> for event in handle.events(): ...                                # progress, step by step
+    >>> handle.result().images                                           # [N, H, W, 3] uint8
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        preset: str | None = None,
+        runtime: RuntimeConfig = RuntimeConfig(),
+        parallel: ParallelConfig = ParallelConfig(),
+        load_events: PipelineEvents | None = None,
+    ):
+        """Resolve the model and check the configuration (nothing loads yet: start() or the first
+        submit() loads). `model`: a Hub repo id, a local diffusers-format folder or an embedded demo
+        model's name (default: sgdiff/demo-image)."""
+        if under_torchrun():  # the processes torchrun started are the ranks
+            world = int(os.environ["WORLD_SIZE"])
+            if parallel.num_gpus not in (1, world):
+                raise UserError(f"--num-gpus {parallel.num_gpus} but torchrun started {world} processes")
+            parallel = replace(parallel, num_gpus=world)
+        self.parallel = parallel.resolved()
+        self.config = EngineConfig(model or DEMO_IMAGE_MODEL, preset, runtime, self.parallel)
+        self.load_events = load_events or NullEvents()
+        self.runner = ModelRunner(self.config.model_path, preset, runtime, self.load_events)
+        if self.parallel.num_gpus > 1 or under_torchrun():
+            heads = self.runner.info.transformer_config.get("num_attention_heads", 1)
+            check_heads(heads, self.parallel.ulysses_degree, self.parallel.ring_degree)
+            if not under_torchrun():
+                check_devices(runtime.device, self.parallel.num_gpus)
+        self._executor: Any = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | None = None,
+        *,
+        dtype: str | None = None,
+        device: str | None = None,
+        num_gpus: int = 1,
+        ulysses_degree: int | None = None,
+        ring_degree: int | None = None,
+        enable_cfg_parallel: bool = False,
+        preset: str | None = None,
+        **speed: Any,
+    ) -> Engine:
+        """Load `model` and return the engine, ready. `speed`: SpeedConfig's toggles by name
+        (attention_backend="auto", fused_projections, fused_gelu, fused_norms, torch_compile, cuda_graph)."""
+        unknown = sorted(set(speed) - set(SPEED_OPTIONS))
+        if unknown:
+            raise UserError(f"unknown engine option(s) {unknown}; the speed options are {SPEED_OPTIONS}")
+        runtime = RuntimeConfig(device, dtype, SpeedConfig(**speed))
+        parallel = ParallelConfig(num_gpus, ulysses_degree, ring_degree, enable_cfg_parallel)
+        engine = cls(model, preset=preset, runtime=runtime, parallel=parallel)
+        engine.start()
+        return engine
+
+    # What the engine serves.
+
+    @property
+    def output_kind(self) -> str:
+        """"image" or "video"."""
+        return self.runner.info.spec.output
+
+    @property
+    def preset_name(self) -> str | None:
+        return self.runner.preset.name if self.runner.preset else None
+
+    @property
+    def load_seconds(self) -> float:
+        return self._executor.load_seconds if self._executor is not None else 0.0
+
+    def health(self) -> str | None:
+        """None while the engine can take requests; else why not (a worker died, it is closed)."""
+        if self._closed:
+            return "the engine is closed"
+        return self._executor.health() if self._executor is not None else None
+
+    # Requests.
+
+    def request(self, prompt: str, **fields: Any) -> SamplingParams:
+        """A request checked against this model, nothing run: defaults < the preset < `fields`
+        (SamplingParams' names; None means not given). Raises UserError naming what is wrong."""
+        params = self.runner.sampling_params(prompt, **fields)
+        if self.parallel.enable_cfg_parallel and self.runner.info.spec.cfg_scale_of(params) is None:
+            raise UserError(
+                "--enable-cfg-parallel splits the prompt and negative branches of CFG, but this request runs "
+                "without CFG (Wan: --guidance-scale > 1; FLUX: --negative-prompt with --true-cfg-scale > 1)"
+            )
+        if params.image_path is not None:
+            prefetch(params.image_path)  # a URL is fetched once, here, not by every rank
+        return params
+
+    def start(self) -> None:
+        """Load the model (start the worker pool on several GPUs); returns once it can serve."""
+        with self._lock:
+            if self._closed:
+                raise UserError("the engine is closed")
+            if self._executor is not None:
+                return
+            executor = self._make_executor()
+            try:
+                executor.start()
+            except BaseException:
+                executor.close(graceful=False)
+                raise
+            self._executor = executor
+
+    def submit(self, request: str | SamplingParams, **fields: Any) -> RequestHandle:
+        """Queue a request (a prompt and its fields, or what request() returned); returns at once."""
+        params = request if isinstance(request, SamplingParams) else self.request(request, **fields)
+        self.start()
+        return self._executor.dispatcher.submit(params)
+
+    def __call__(self, prompt: str, **fields: Any) -> GenerationOutput:
+        """Generate and wait, as a diffusers pipeline call does; Ctrl-C cancels the request."""
+        handle = self.submit(prompt, **fields)
+        try:
+            return GenerationOutput.of(handle.result())
+        except KeyboardInterrupt:
+            handle.cancel()
+            raise
+
+    def follow(self) -> None:
+        """Under torchrun, on ranks other than 0: serve rank 0's requests until its engine closes."""
+        from sgdiff.engine.local import follow_torchrun
+
+        follow_torchrun(self.config, torchrun_spec())
+
+    def close(self, graceful: bool = True) -> None:
+        """Cancel what is queued or running and stop (the workers end; a later submit fails)."""
+        with self._lock:
+            self._closed = True
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.close(graceful)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self.close(graceful=kind is None)
+
+    def _make_executor(self):
+        if under_torchrun():
+            from sgdiff.engine.local import TorchrunRankExecutor
+
+            spec = torchrun_spec()
+            if spec.rank != 0:
+                raise UserError("under torchrun only rank 0 takes requests; the other ranks call Engine.follow()")
+            return TorchrunRankExecutor(self.config, spec, self.load_events)
+        if self.parallel.num_gpus > 1:
+            from sgdiff.engine.pool import WorkerPool
+
+            return WorkerPool(self.config, self.load_events)
+        from sgdiff.engine.local import LocalExecutor
+
+        return LocalExecutor(self.runner)
+
+
+def torchrun_spec():
+    from sgdiff.engine.worker import RankSpec
+
+    return RankSpec(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), "env://")
+
+
+def check_devices(device: str | None, num_gpus: int) -> None:
+    if device is not None and torch.device(device).type == "cpu":
+        return  # --device cpu --num-gpus N: N CPU processes
+    if device is not None and torch.device(device).index is not None:
+        raise UserError(f"--device {device} names one GPU; with --num-gpus give --device cuda (ranks use cuda:0..N-1)")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < num_gpus:
+        raise UserError(
+            f"--num-gpus {num_gpus} but {visible} CUDA GPU(s) are visible (for CPU processes: --device cpu)"
+        )
