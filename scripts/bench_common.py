@@ -73,6 +73,7 @@ def speed_matrix(model, call, warmup: int, repeat: int, baseline: dict | None = 
     `baseline` (name -> fn, e.g. diffusers) is timed in the same rounds as the first group. Returns
     (variant -> list of ms, {"compile_s": the first compiled call's seconds}); the toggles are the
     ones `sgdiff generate` applies (sgdiff/speed/). The model is left fused and compiled."""
+    from sgdiff.families.flux import FAMILY as FLUX
     from sgdiff.models.attention import use_attention_impl
     from sgdiff.speed.attention_backends import attention_backend
     from sgdiff.speed.compile import compile_blocks
@@ -102,13 +103,14 @@ def speed_matrix(model, call, warmup: int, repeat: int, baseline: dict | None = 
         warmup,
         repeat,
     )
-    fuse_gelu(model)  # (before fusing projections: a Linear with a GELU epilogue stays its own GEMM)
+    fusable = FLUX.fusable(model)
+    fuse_gelu(fusable)  # (before fusing projections: a Linear with a GELU epilogue stays its own GEMM)
     times |= time_interleaved(
         {"sgdiff, auto + fused GELU": under(auto, call), "sgdiff, auto + fused GELU + CUDA graph": graphed()},
         warmup,
         repeat,
     )
-    fuse_projections(model)
+    fuse_projections(fusable)
     times |= time_interleaved(
         {"sgdiff, auto + fused GELU + projections": under(auto, call), "sgdiff, auto + fused + CUDA graph": graphed()},
         warmup,

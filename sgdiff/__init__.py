@@ -1,8 +1,8 @@
 """sgdiff: fast image and video generation with diffusion transformers.
 
-    from sgdiff import Engine
-    engine = Engine.from_pretrained("black-forest-labs/FLUX.1-schnell")
-    engine("a red cube").images[0].save("cube.png")
+from sgdiff import Engine
+engine = Engine.from_pretrained("black-forest-labs/FLUX.1-schnell")
+engine("a red cube").images[0].save("cube.png")
 """
 
 __version__ = "0.1.0"

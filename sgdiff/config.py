@@ -1,17 +1,17 @@
-"""Typed configuration: what to sample, where to run, and the presets that fill defaults.
+"""Typed configuration: where and how fast to run, and the presets that fill defaults (what to
+sample is sgdiff/sampling.py).
 
 Merge order, lowest to highest, always through `merge_layers`:
-  sampling:  SAMPLING_DEFAULTS < preset [sampling] < flags given explicitly
-  schedule:  FlowMatchSchedule() < preset [schedule] < the checkpoint's scheduler_config.json
-A flag given explicitly wins even when it equals a default (flags arrive as None when not given).
+  sampling:  the family's SamplingParams defaults < preset [sampling] < values given explicitly
+  schedule:  the family's schedule defaults < preset [schedule] < the checkpoint's scheduler_config.json
+A value given explicitly wins even when it equals a default (flags arrive as None when not given).
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,123 +21,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-SIZE_MULTIPLE = 16
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """One generation request: a prompt and how to sample it."""
-
-    prompt: str
-    negative_prompt: str | None = None
-    height: int = 1024
-    width: int = 1024
-    num_inference_steps: int = 28
-    guidance_scale: float = 3.5
-    true_cfg_scale: float = 1.0
-    seed: int = 42
-    generator_device: str = "cpu"
-    num_outputs_per_prompt: int = 1
-    max_sequence_length: int = 512
-    # video models only (None: the model's preset decides)
-    num_frames: int | None = None
-    num_frames_round_down: bool = False
-    fps: int | None = None
-    guidance_scale_2: float | None = None  # Wan2.2 MoE: CFG scale of the low-noise expert
-    flow_shift: float | None = None
-    image_path: str | None = None  # image-to-video: a local file or an http(s) URL
-    # "default": the checkpoint's scheduler; "dmd": few-step DMD sampling at `dmd_timesteps` (FastWan)
-    sampler: str = "default"
-    dmd_timesteps: tuple[int, ...] | None = None
-
-    def validate(self) -> None:
-        check_sampling_values(self.__dict__)
-        if not self.prompt.strip():
-            raise UserError("the prompt is empty: pass --prompt TEXT (or a --prompt-file with non-empty lines)")
-
-
-SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)} - {"prompt"}
-SAMPLING_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(SamplingParams) if f.name in SAMPLING_FIELDS}
-
-
-INT_FIELDS = {
-    "height", "width", "num_inference_steps", "seed", "num_outputs_per_prompt", "max_sequence_length", "num_frames",
-    "fps",
-}  # fmt: skip
-FLOAT_FIELDS = {"guidance_scale", "true_cfg_scale", "guidance_scale_2", "flow_shift"}
-STR_FIELDS = {"negative_prompt", "generator_device", "image_path", "sampler"}
-INT_LIST_FIELDS = {"dmd_timesteps"}
-BOOL_FIELDS = {"num_frames_round_down"}
-MAX_SIZE = 8192
-FLOAT32_MAX = 3.4028234663852886e38  # the scales become float32 tensors
-MAX_SEED = 2**64 - 1
-MAX_FRAMES = 1001  # ~1 minute at 16 fps; Wan is trained on 81 (121 for TI2V)
-MAX_SEQUENCE_LENGTH = 512  # T5's length in FLUX's training; diffusers refuses more too
-
-
-def check_sampling_types(values: Mapping[str, Any], source: str) -> None:
-    """Values from presets and callers have the field's type (a flag parser already ensures it)."""
-    for name, value in values.items():
-        if value is None:
-            continue
-        ok = (
-            (name in INT_FIELDS and isinstance(value, int) and not isinstance(value, bool))
-            or (name in FLOAT_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool))
-            or (name in STR_FIELDS and isinstance(value, str))
-            or (name in BOOL_FIELDS and isinstance(value, bool))
-            or (
-                name in INT_LIST_FIELDS
-                and isinstance(value, (list, tuple))
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            )
-        )
-        if not ok:
-            kinds = {
-                **dict.fromkeys(INT_FIELDS, "an integer"),
-                **dict.fromkeys(FLOAT_FIELDS, "a number"),
-                **dict.fromkeys(BOOL_FIELDS, "true or false"),
-                **dict.fromkeys(INT_LIST_FIELDS, "a list of integers"),
-            }
-            kind = kinds.get(name, "a string")
-            raise UserError(f"{source}: {name} must be {kind}, got {value!r}")
-
-
-def _valid_dmd_timesteps(steps) -> bool:
-    decreasing = all(a > b for a, b in zip(steps, steps[1:], strict=False))
-    return len(steps) >= 1 and all(0 < t <= 1000 for t in steps) and decreasing
-
-
-def check_sampling_values(values: Mapping[str, Any]) -> None:
-    """Checks that need no model; run on explicit flags before anything loads, and again after merging."""
-    for name in sorted(FLOAT_FIELDS):
-        value = values.get(name)
-        if value is not None and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
-            raise UserError(f"--{name.replace('_', '-')} must be a finite number (a 32-bit float), got {value}")
-    for name in ("height", "width"):
-        value = values.get(name)
-        if value is not None and (value <= 0 or value % SIZE_MULTIPLE or value > MAX_SIZE):
-            raise UserError(f"--{name} must be a positive multiple of {SIZE_MULTIPLE} up to {MAX_SIZE}, got {value}")
-    checks = {
-        "num_inference_steps": ("--num-inference-steps must be at least 1", lambda v: v >= 1),
-        "num_outputs_per_prompt": ("--num-outputs-per-prompt must be at least 1", lambda v: v >= 1),
-        "true_cfg_scale": ("--true-cfg-scale must be >= 1", lambda v: v >= 1),
-        "max_sequence_length": (
-            f"--max-sequence-length must be between 1 and {MAX_SEQUENCE_LENGTH}",
-            lambda v: 1 <= v <= MAX_SEQUENCE_LENGTH,
-        ),
-        "seed": (f"--seed must be between 0 and {MAX_SEED}", lambda v: 0 <= v <= MAX_SEED),
-        "num_frames": (f"--num-frames must be between 1 and {MAX_FRAMES}", lambda v: 1 <= v <= MAX_FRAMES),
-        "fps": ("--fps must be between 1 and 240", lambda v: 1 <= v <= 240),
-        "guidance_scale_2": ("--guidance-scale-2 must be >= 0", lambda v: v >= 0),
-        "flow_shift": ("--flow-shift must be > 0", lambda v: v > 0),
-        "generator_device": ("--generator-device must be 'cpu' or 'cuda'", lambda v: v in ("cpu", "cuda")),
-        "sampler": ("sampler must be 'default' or 'dmd'", lambda v: v in ("default", "dmd")),
-        "dmd_timesteps": ("dmd_timesteps must be decreasing, within 1..1000", _valid_dmd_timesteps),
-    }
-    for name, (message, ok) in checks.items():
-        if values.get(name) is not None and not ok(values[name]):
-            raise UserError(f"{message}, got {values[name]}")
 
 
 @dataclass(frozen=True)
@@ -182,22 +65,25 @@ class ParallelConfig:
         all Ulysses unless a ring degree is given."""
         n = self.num_gpus
         if n < 1:
-            raise UserError(f"--num-gpus must be at least 1, got {n}")
+            raise UserError(f"`num_gpus` must be at least 1, got {n}", field="num_gpus")
         if n % self.cfg_degree:
-            raise UserError(f"--enable-cfg-parallel needs an even --num-gpus, got {n}")
+            raise UserError(f"`enable_cfg_parallel` needs an even `num_gpus`, got {n}", field="num_gpus")
         sp = n // self.cfg_degree
         cfg = " / 2 (CFG parallel)" if self.enable_cfg_parallel else ""
-        for name, value in (("--ulysses-degree", self.ulysses_degree), ("--ring-degree", self.ring_degree)):
+        for name, value in (("ulysses_degree", self.ulysses_degree), ("ring_degree", self.ring_degree)):
             if value is not None and value < 1:
-                raise UserError(f"{name} must be at least 1, got {value}")
+                raise UserError(f"`{name}` must be at least 1, got {value}", field=name)
             if value is not None and sp % value:
-                raise UserError(f"{name} {value} must divide --num-gpus {n}{cfg} = {sp} sequence-parallel ranks")
+                raise UserError(
+                    f"`{name}` {value} must divide `num_gpus` {n}{cfg} = {sp} sequence-parallel ranks", field=name
+                )
         ring = self.ring_degree or (sp // self.ulysses_degree if self.ulysses_degree else 1)
         ulysses = self.ulysses_degree or sp // ring
         if ulysses * ring != sp:
             raise UserError(
-                f"--ulysses-degree {ulysses} x --ring-degree {ring} = {ulysses * ring}, but --num-gpus {n}{cfg} "
-                f"gives {sp} sequence-parallel ranks: make them multiply to --num-gpus{cfg}"
+                f"`ulysses_degree` {ulysses} x `ring_degree` {ring} = {ulysses * ring}, but `num_gpus` {n}{cfg} "
+                f"gives {sp} sequence-parallel ranks: make them multiply to `num_gpus`{cfg}",
+                field="ulysses_degree",
             )
         return ParallelConfig(n, ulysses, ring, self.enable_cfg_parallel)
 
@@ -254,10 +140,9 @@ def _parse_preset(text: str, source: str) -> Preset:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"preset {source} is not valid TOML: {exc}") from None
-    unknown = set(raw.get("sampling", {})) - SAMPLING_FIELDS
-    if unknown:
-        raise UserError(f"preset {source}: unknown [sampling] keys {sorted(unknown)}")
-    check_sampling_types(raw.get("sampling", {}), f"preset {source} [sampling]")
+    for table in ("match", "sampling", "schedule"):
+        if not isinstance(raw.get(table, {}), dict):
+            raise UserError(f"preset {source}: [{table}] must be a table")
     return Preset(
         name=raw.get("name", Path(source).stem),
         description=raw.get("description", ""),
@@ -311,17 +196,3 @@ def select_preset(
             return preset
     matching = [p for p in presets if p.matches_config(pipeline_class, transformer_config, model_index or {})]
     return max(matching, key=lambda p: p.specificity, default=None)
-
-
-def build_sampling_params(prompt: str, preset: Preset | None, flags: Mapping[str, Any]) -> SamplingParams:
-    """The one place where defaults, the preset and explicit flags meet."""
-    unknown = set(flags) - SAMPLING_FIELDS
-    if unknown:
-        raise UserError(f"unknown sampling parameters {sorted(unknown)}; known: {sorted(SAMPLING_FIELDS)}")
-    check_sampling_types(flags, "sampling parameters")
-    values = merge_layers(SAMPLING_DEFAULTS, preset.sampling if preset else None, flags)
-    if values.get("dmd_timesteps") is not None:
-        values["dmd_timesteps"] = tuple(values["dmd_timesteps"])
-    params = SamplingParams(prompt=prompt, **{k: v for k, v in values.items() if k in SAMPLING_FIELDS})
-    params.validate()
-    return params

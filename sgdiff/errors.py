@@ -3,9 +3,31 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
+FIELD_NAME = re.compile(r"`([a-z][a-z0-9_]*)`")
+
 
 class UserError(Exception):
-    """Bad input: a flag, a file, a checkpoint. The message says what to do."""
+    """Bad input: a request's field, a file, a checkpoint. The message says what to do.
+
+    It names the fields it speaks of in backticks (`guidance_scale_2`), and `field` is the one at
+    fault, if one is: each edge spells them its own way with `render` (the CLI --guidance-scale-2, a
+    server guidance_scale_2, as OpenAI's `param`). str() spells them as they are."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.message, self.field = message, field
+
+    def render(self, spell: Callable[[str], str] = lambda name: name) -> str:
+        return FIELD_NAME.sub(lambda match: spell(match.group(1)), self.message)
+
+    def __str__(self) -> str:
+        return self.render()
+
+    def __reduce__(self):  # the field travels with the message between processes
+        return type(self), (self.message, self.field)
 
 
 class WorkerFailure(RuntimeError):

@@ -47,3 +47,25 @@ def tiny_wan(tmp_path_factory):
         return built[variant]
 
     return build
+
+
+class StepGate:
+    """Holds the model's `at`-th call (1-based) until released: a test can act at a known step of a
+    running request, however fast the model is."""
+
+    def __init__(self, at: int):
+        import threading
+
+        self.at, self.calls = at, 0
+        self.reached, self.released = threading.Event(), threading.Event()
+
+    def __call__(self, *args) -> None:
+        self.calls += 1
+        if self.calls == self.at:
+            self.reached.set()
+            assert self.released.wait(60), "the gate was never released"
+
+
+@pytest.fixture
+def step_gate():
+    return StepGate

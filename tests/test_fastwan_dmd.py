@@ -66,10 +66,12 @@ def test_fastwan_matches_the_published_dmd_algorithm(tiny_wan, tmp_path):
 
 
 def test_fastwan_preset_defaults():
-    from sgdiff.config import build_sampling_params, load_preset, select_preset
+    from sgdiff.config import load_preset, select_preset
+    from sgdiff.families.wan.sampling import WanSampling
+    from sgdiff.sampling import build_sampling_params
 
     preset = select_preset(None, "FastVideo/FastWan2.1-T2V-1.3B-Diffusers", "WanPipeline", {}, {})
-    params = build_sampling_params("p", preset, {})
+    params = build_sampling_params(WanSampling, "p", preset, {})
     assert (params.height, params.width, params.num_frames) == (448, 832, 61)
     assert (params.sampler, params.dmd_timesteps, params.flow_shift, params.num_inference_steps) == (
         "dmd", (1000, 757, 522), 8.0, 3)  # fmt: skip
@@ -79,7 +81,7 @@ def test_fastwan_preset_defaults():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--steps", "4"], "DMD sampling runs exactly 3 steps (timesteps 1000, 757, 522): drop --steps"),
+        (["--steps", "4"], "DMD sampling runs exactly 3 steps (timesteps 1000, 757, 522): drop --num-inference-steps"),
         (["--guidance-scale", "3"], "DMD sampling (FastWan) runs without CFG"),
     ],
 )

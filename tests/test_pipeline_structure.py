@@ -8,9 +8,10 @@ import torch
 
 from sgdiff.config import tomllib
 from sgdiff.engine.runner import ModelRunner
+from sgdiff.families.flux import FAMILY as FLUX
 from sgdiff.models.attention import attention
 from sgdiff.pipeline.base import ParallelMode
-from sgdiff.pipeline.registry import PIPELINES, inspect_model
+from sgdiff.pipeline.registry import inspect_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,7 @@ def test_flux_pipeline_stages_in_order_with_parallel_modes(tiny_flux_dev):
 
 def test_registry_reads_model_index(tiny_flux_schnell):
     info = inspect_model(tiny_flux_schnell)
-    assert info.pipeline_class == "FluxPipeline" and info.spec is PIPELINES["FluxPipeline"]
+    assert info.pipeline_class == "FluxPipeline" and info.family is FLUX
     assert info.transformer_config["guidance_embeds"] is False
     assert info.scheduler_config["use_dynamic_shifting"] is False
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 
-from sgdiff.config import (
-    SAMPLING_DEFAULTS,
-    build_sampling_params,
-    builtin_presets,
-    load_preset,
-    merge_layers,
-    select_preset,
-)
+from sgdiff.config import builtin_presets, load_preset, merge_layers, select_preset
 from sgdiff.errors import UserError
+from sgdiff.families.flux.sampling import FluxSampling
+from sgdiff.pipeline.registry import families
+from sgdiff.sampling import build_sampling_params, sampling_defaults, sampling_fields
+
+build_flux_params = partial(build_sampling_params, FluxSampling)
 
 DEV_CONFIG = {"guidance_embeds": True, "num_layers": 19}
 SCHNELL_CONFIG = {"guidance_embeds": False, "num_layers": 19}
@@ -53,8 +53,12 @@ def test_preset_from_toml_file(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text('name = "mine"\n[sampling]\nnum_inference_steps = 9\nheight = 512\n')
     preset = load_preset(str(path))
-    params = build_sampling_params("a cat", preset, {})
-    assert (params.num_inference_steps, params.height, params.width) == (9, 512, SAMPLING_DEFAULTS["width"])
+    params = build_flux_params("a cat", preset, {})
+    assert (params.num_inference_steps, params.height, params.width) == (
+        9,
+        512,
+        sampling_defaults(FluxSampling)["width"],
+    )
 
 
 def test_unknown_preset_names_the_choices():
@@ -66,14 +70,24 @@ def test_preset_with_unknown_key_is_refused(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[sampling]\nstepz = 3\n")
     with pytest.raises(UserError, match="unknown \\[sampling\\] keys \\['stepz'\\]"):
-        load_preset(str(path))
+        build_flux_params("p", load_preset(str(path)), {})
+
+
+def test_every_builtin_preset_fits_its_family():
+    """A built-in preset's [sampling] holds fields of the family its [match] names, of their types."""
+    for preset in builtin_presets().values():
+        if "pipeline" in preset.match:
+            family = families()[preset.match["pipeline"]]
+        else:  # matched by model id alone (FastWan): the one family whose fields it sets
+            (family,) = {f for f in families().values() if set(preset.sampling) <= sampling_fields(f.sampling)}
+        build_sampling_params(family.sampling, "p", preset, {})
 
 
 def test_explicit_flag_wins_even_when_equal_to_the_default():
     schnell = load_preset("flux.1-schnell")
     # 28 is the library default; given explicitly it must beat schnell's 4
-    assert build_sampling_params("p", schnell, {"num_inference_steps": 28}).num_inference_steps == 28
-    assert build_sampling_params("p", schnell, {}).num_inference_steps == 4
+    assert build_flux_params("p", schnell, {"num_inference_steps": 28}).num_inference_steps == 28
+    assert build_flux_params("p", schnell, {}).num_inference_steps == 4
 
 
 def test_merge_layers_ignores_none_and_later_wins():
@@ -83,21 +97,23 @@ def test_merge_layers_ignores_none_and_later_wins():
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        ({"height": 1000}, "--height must be a positive multiple of 16 up to 8192, got 1000"),
-        ({"width": 0}, "--width must be a positive multiple of 16 up to 8192, got 0"),
-        ({"num_inference_steps": 0}, "--num-inference-steps must be at least 1"),
-        ({"num_outputs_per_prompt": 0}, "--num-outputs-per-prompt must be at least 1"),
-        ({"generator_device": "tpu"}, "--generator-device must be 'cpu' or 'cuda'"),
+        ({"height": 1000}, "height must be a positive multiple of 16 up to 8192, got 1000"),
+        ({"width": 0}, "width must be a positive multiple of 16 up to 8192, got 0"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be at least 1"),
+        ({"num_outputs_per_prompt": 0}, "num_outputs_per_prompt must be at least 1"),
+        ({"generator_device": "tpu"}, "generator_device must be 'cpu' or 'cuda'"),
+        ({"true_cfg_scale": 0.5}, "true_cfg_scale must be >= 1"),
     ],
 )
 def test_bad_values_are_refused(flags, message):
-    with pytest.raises(UserError, match=message):
-        build_sampling_params("p", None, flags)
+    with pytest.raises(UserError, match=message) as caught:
+        build_flux_params("p", None, flags)
+    assert caught.value.field == next(iter(flags))  # the error names the field at fault
 
 
 def test_empty_prompt_is_refused():
     with pytest.raises(UserError, match="the prompt is empty"):
-        build_sampling_params("   ", None, {})
+        build_flux_params("   ", None, {})
 
 
 @pytest.mark.parametrize(
@@ -112,11 +128,11 @@ def test_preset_values_of_the_wrong_type_are_refused(tmp_path, toml, message):
     path = tmp_path / "typed.toml"
     path.write_text(toml)
     with pytest.raises(UserError, match=message):
-        load_preset(str(path))
+        build_flux_params("p", load_preset(str(path)), {})
 
 
 def test_library_callers_get_unknown_and_mistyped_parameters_refused():
     with pytest.raises(UserError, match="unknown sampling parameters \\['stepz'\\]"):
-        build_sampling_params("p", None, {"stepz": 3})
+        build_flux_params("p", None, {"stepz": 3})
     with pytest.raises(UserError, match="height must be an integer"):
-        build_sampling_params("p", None, {"height": 512.0})
+        build_flux_params("p", None, {"height": 512.0})

@@ -9,6 +9,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from sgdiff.config import load_preset
+from sgdiff.models.repo_configs import FLUX_SCHEDULER_CONFIGS
 from sgdiff.pipeline.schedule import (
     FlowMatchEulerSampler,
     FlowMatchSchedule,
@@ -17,13 +18,12 @@ from sgdiff.pipeline.schedule import (
     resolution_shift_mu,
     sample,
 )
-from sgdiff.testing.tiny_flux import SCHEDULER_CONFIGS
 
 
 @pytest.mark.parametrize("variant", ["dev", "schnell"])
 @pytest.mark.parametrize(("steps", "seq_len"), [(28, 4096), (4, 240), (7, 960), (50, 6000), (1, 16)])
 def test_sigmas_match_diffusers_bit_for_bit(variant, steps, seq_len):
-    config = SCHEDULER_CONFIGS[variant]
+    config = FLUX_SCHEDULER_CONFIGS[variant]
     scheduler = FlowMatchEulerDiscreteScheduler(**config)
     mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
@@ -43,12 +43,13 @@ def test_resolution_shift_grows_with_image_tokens():
 def test_presets_carry_the_checkpoint_schedules():
     for variant in ("dev", "schnell"):
         preset = load_preset(f"flux.1-{variant}")
-        assert FlowMatchSchedule.from_dict(preset.schedule) == FlowMatchSchedule.from_dict(SCHEDULER_CONFIGS[variant])
+        checkpoint = FLUX_SCHEDULER_CONFIGS[variant]
+        assert FlowMatchSchedule.from_dict(preset.schedule) == FlowMatchSchedule.from_dict(checkpoint)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_euler_sampling_matches_scheduler_steps(dtype):
-    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS["dev"])
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIGS["dev"])
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 5, 5), mu=0.8)
     g = torch.Generator().manual_seed(0)
     start = torch.randn(2, 8, 4, generator=g).to(dtype)

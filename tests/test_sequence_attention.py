@@ -3,7 +3,7 @@ text and image tokens, neither divisible by the ranks), the gathered output equa
 the whole sequence, for Ulysses (heads pipelined in chunks), Ring and USP, and with another
 single-GPU kernel inside (--attention-backend math); and where the symmetric-memory exchanges of
 Ulysses and of the ring write each rank's slices and blocks (their GPU paths run in
-scripts/bench_parallel.py --exchange)."""
+scripts/probes/bench_parallel.py --exchange)."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from typer.testing import CliRunner
 
+from sgdiff.cli.errors import flag
 from sgdiff.cli.main import app
 from sgdiff.cli.options import AttentionBackendChoice
 from sgdiff.config import RuntimeConfig, SpeedConfig
@@ -75,10 +76,12 @@ def test_toggles_this_machine_cannot_run_fail_before_loading(tiny_flux_dev, tmp_
 def test_fused_norms_need_bf16_and_triton_on_a_gpu(monkeypatch):
     # check_speed only reads the device and dtype it is given: no GPU needed to check its answers
     cuda, speed = torch.device("cuda"), SpeedConfig(fused_norms=True)
-    with pytest.raises(UserError, match=r"^--enable-fused-norms runs in bfloat16 only; the model runs in float16"):
+    with pytest.raises(UserError, match=r"^fused_norms runs in bfloat16 only; the model runs in float16") as caught:
         check_speed(speed, cuda, torch.float16)
+    assert caught.value.field == "fused_norms"  # the CLI names its flag, a server the field
+    assert caught.value.render(flag).startswith("--enable-fused-norms runs in bfloat16 only")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else spec(name, *a))
-    with pytest.raises(UserError, match=r"^--enable-fused-norms needs the triton package, which is not installed"):
+    with pytest.raises(UserError, match=r"^fused_norms needs the triton package, which is not installed"):
         check_speed(speed, cuda, torch.bfloat16)
 
 

@@ -68,7 +68,7 @@ def test_a_video_model_without_a_preset_needs_num_frames(tiny_wan):
 @pytest.mark.parametrize(
     ("variant", "args", "message"),
     [
-        ("t2v", ["--guidance-scale-2", "2"], "guidance_scale_2 (--guidance-scale-2 or a preset) is for Wan2.2 A14B"),
+        ("t2v", ["--guidance-scale-2", "2"], "--guidance-scale-2 (given or from a preset) is for Wan2.2 A14B"),
         ("t2v", ["--true-cfg-scale", "4"], "--true-cfg-scale does not apply to WanPipeline (a video model)"),
         ("t2v", ["--height", "48"], None),  # 48 is fine for Wan2.1 (multiple of 16)
         ("t2v", ["--negative-prompt", "x", "--guidance-scale", "1"], "--negative-prompt is used only with CFG"),

@@ -10,11 +10,10 @@ from sgdiff.models.loading import build_on_meta, load_own_model, read_json
 from sgdiff.models.wan import WanTransformer, WanTransformerConfig
 from sgdiff.models.wan.transformer import IGNORED_KEYS, KEEP_FP32
 from sgdiff.testing.compare import relative_error
+from sgdiff.testing.tiny_configs import WAN_TRANSFORMER
 
-TINY = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-    text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
-)  # fmt: skip
+# 2 heads: the i2v variant's added_kv_proj_dim below is their inner dim (24)
+TINY = dict(WAN_TRANSFORMER, num_attention_heads=2, in_channels=4, out_channels=4)
 VARIANTS = {
     "t2v": {},
     "i2v": {"image_dim": 24, "added_kv_proj_dim": 24},
@@ -25,7 +24,7 @@ VARIANTS = {
 @pytest.fixture(params=list(VARIANTS), scope="module")
 def saved_wan(request, tmp_path_factory):
     torch.manual_seed(0)
-    reference = WanTransformer3DModel(**TINY, **VARIANTS[request.param]).eval()
+    reference = WanTransformer3DModel(**{**TINY, **VARIANTS[request.param]}).eval()
     with torch.no_grad():  # move every weight off its init, so no zero hides an error
         for p in reference.parameters():
             p.add_(torch.randn_like(p) * 0.05)

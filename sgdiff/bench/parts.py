@@ -19,6 +19,7 @@ from sgdiff.models.loading import build_on_meta
 from sgdiff.models.wan import WanTransformer, WanTransformerConfig
 from sgdiff.models.wan.config import WAN21_T2V_1_3B, WAN21_T2V_14B
 from sgdiff.models.wan.transformer import KEEP_FP32
+from sgdiff.testing import tiny_configs
 
 # Full-size shapes of the text encoders and VAEs (the checkpoints' config.json values).
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -53,10 +54,9 @@ BENCH_MODELS = {
         BenchModel("wan2.1-t2v-14b", "wan", WAN21_T2V_14B, 480, 832, 81, 50, 2),
     )
 }
-TINY_FLUX = FluxTransformerConfig(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                                  axes_dims_rope=(4, 6, 6))  # fmt: skip
-TINY_WAN = WanTransformerConfig(num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=32, num_layers=2)
+# --tiny: the tests' tiny architectures (sgdiff/testing/tiny_configs.py)
+TINY_FLUX = FluxTransformerConfig.from_dict(tiny_configs.FLUX_TRANSFORMER)
+TINY_WAN = WanTransformerConfig.from_dict(tiny_configs.WAN_TRANSFORMER)
 TINY_SIZE = dict(height=64, width=64, frames=5)
 
 
@@ -129,19 +129,17 @@ def build_text_encoding(model: BenchModel, tiny: bool, device: torch.device) -> 
     UMT5-XXL 512), bf16."""
     import transformers
 
-    from sgdiff.testing import tiny_flux, tiny_wan
-
     bf16 = torch.bfloat16
     if model.family == "flux":
         tiny_ids = dict(vocab_size=1000, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-        clip_config = dict(tiny_flux.CLIP_CONFIG, **tiny_ids) if tiny else CLIP_L
-        t5_config = dict(tiny_flux.T5_CONFIG, vocab_size=1000) if tiny else T5_XXL
+        clip_config = dict(tiny_configs.FLUX_CLIP, **tiny_ids) if tiny else CLIP_L
+        t5_config = dict(tiny_configs.FLUX_T5, vocab_size=1000) if tiny else T5_XXL
         clip = seeded(1, bf16, device, lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**clip_config)))
         t5 = seeded(2, bf16, device, lambda: transformers.T5EncoderModel(transformers.T5Config(**t5_config)))
         clip_ids = torch.randint(0, clip_config["vocab_size"], (1, 77), device=device)
         t5_ids = torch.randint(0, t5_config["vocab_size"], (1, 512), device=device)
         return lambda: (clip(clip_ids).pooler_output, t5(t5_ids).last_hidden_state)
-    umt5_config = dict(tiny_wan.UMT5_CONFIG, vocab_size=1000) if tiny else UMT5_XXL
+    umt5_config = dict(tiny_configs.WAN_UMT5, vocab_size=1000) if tiny else UMT5_XXL
     umt5 = seeded(3, bf16, device, lambda: transformers.UMT5EncoderModel(transformers.UMT5Config(**umt5_config)))
     ids = torch.randint(0, umt5_config["vocab_size"], (1, 512), device=device)
     return lambda: umt5(ids).last_hidden_state
@@ -151,16 +149,14 @@ def build_decode(model: BenchModel, tiny: bool, size: dict, device: torch.device
     """A call that decodes one output's latents as the pipelines do (FLUX VAE in bf16; Wan VAE in float32)."""
     import diffusers
 
-    from sgdiff.testing import tiny_flux, tiny_wan
-
     if model.family == "flux":
-        config = tiny_flux.VAE_CONFIG if tiny else FLUX_VAE
+        config = tiny_configs.FLUX_VAE if tiny else FLUX_VAE
         vae = seeded(4, torch.bfloat16, device, lambda: diffusers.AutoencoderKL(**config))
         scale = 2 ** (len(vae.config.block_out_channels) - 1)
         z = torch.randn(1, vae.config.latent_channels, size["height"] // scale, size["width"] // scale,
                         device=device, dtype=torch.bfloat16)  # fmt: skip
         return lambda: vae.decode(z).sample
-    config = tiny_wan.VAE21_CONFIG if tiny else {}
+    config = tiny_configs.WAN21_VAE if tiny else {}
     vae = seeded(5, torch.float32, device, lambda: diffusers.AutoencoderKLWan(**config))
     scale = 2 ** (len(vae.config.dim_mult) - 1)
     latent = ((size["frames"] - 1) // 4 + 1, size["height"] // scale, size["width"] // scale)

@@ -28,6 +28,7 @@ from sgdiff.bench.parts import (
 from sgdiff.config import SpeedConfig
 from sgdiff.errors import UserError
 from sgdiff.models.attention import use_attention_impl
+from sgdiff.pipeline.registry import family_named
 from sgdiff.pipeline.stages.denoising import guided_velocity
 from sgdiff.speed.apply import check_speed, speed_up_transformer
 from sgdiff.speed.attention_backends import attention_backend
@@ -120,7 +121,7 @@ def run_bench(name: str, speed: SpeedConfig, tiny: bool = False, warmup: int = 2
         with FlopCounterMode(display=False) as counter, use_attention_impl(counting):
             ours(**cond)  # eager, before any toggle: every matmul and attention visible
         result["tflop_per_forward"] = counter.get_total_flops() / 1e12
-        speed_up_transformer(ours, speed)
+        speed_up_transformer(ours, speed, family_named(model.family))
         result["sgdiff_first_forward_s"] = seconds_of(sgdiff_forward, device)  # compile / capture
         result["bf16_rel_err"] = relative_error(sgdiff_forward(), expected)
         forward_ms = interleaved_ms({"diffusers": diffusers_forward, "sgdiff": sgdiff_forward}, device, warmup, repeat)

@@ -18,7 +18,7 @@ from sgdiff.engine.runner import GenerationResult
 from sgdiff.engine.service import Engine
 from sgdiff.io.files import write_atomically
 from sgdiff.io.outputs import DEFAULT_FPS, OutputConfig, output_metadata, planned_outputs, save_output
-from sgdiff.models.resolve import default_model_path
+from sgdiff.models.resolve import DEMO_IMAGE_MODEL, DEMO_VIDEO_MODEL
 from sgdiff.pipeline.base import PipelineEvents
 
 
@@ -41,6 +41,11 @@ class BatchReport:
     total_seconds: float
     peak_rss_bytes: int  # the largest of this process's and the model's process's
     output_kind: str = "image"  # or "video"
+
+
+def default_model_path(flags: dict[str, Any]) -> str:
+    """No --model-path: the embedded demo video model when --num-frames is given, else the image one."""
+    return DEMO_VIDEO_MODEL if flags.get("num_frames") is not None else DEMO_IMAGE_MODEL
 
 
 def run_batch(
@@ -78,7 +83,7 @@ def run_batch(
             for index, output in enumerate(outputs):
                 path = next(remaining)
                 metadata = output_metadata(result.params, index, **about)
-                saved.append(save_output(output, path, suffix, result.params.fps or DEFAULT_FPS, metadata))
+                saved.append(save_output(output, path, suffix, result.fps or DEFAULT_FPS, metadata))
                 on_saved(path)
         load_seconds = engine.load_seconds
     peak_rss = max([engine.runner.peak_rss_bytes(), *(r.peak_rss_bytes for r in results)])

@@ -15,6 +15,20 @@ from contextlib import contextmanager
 import typer
 
 USAGE_EXIT_CODE = 2
+# The fields (library names) whose flag is not --the-field-name.
+FLAGS = {
+    "model": "--model-path",
+    "fused_projections": "--enable-fused-projections",
+    "fused_gelu": "--enable-fused-gelu",
+    "fused_norms": "--enable-fused-norms",
+    "torch_compile": "--enable-torch-compile",
+    "cuda_graph": "--enable-cuda-graph",
+}
+
+
+def flag(field: str) -> str:
+    """The flag of `generate` that sets a field of the library's request or configuration."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 def debug_enabled() -> bool:
@@ -40,7 +54,7 @@ def user_errors() -> Iterator[None]:
     except UserError as exc:
         if debug_enabled():
             traceback.print_exc()
-        fail(str(exc))
+        fail(exc.render(flag))
     except WorkerFailure as exc:  # the workers' own tracebacks (SGDIFF_DEBUG=1) are already printed
         fail(str(exc), code=1)
     except KeyboardInterrupt:

@@ -119,7 +119,7 @@ def generate(
 ) -> None:
     """Generate images or videos from a prompt (or a file of prompts)."""
     with user_errors():
-        from sgdiff.config import ParallelConfig, RuntimeConfig, check_sampling_values
+        from sgdiff.config import ParallelConfig, RuntimeConfig
         from sgdiff.errors import UserError
 
         flags = {
@@ -141,7 +141,9 @@ def generate(
             "image_path": image_path,
         }
         flags = {k: v for k, v in flags.items() if v is not None}
-        check_sampling_values(flags)
+        from sgdiff.pipeline.registry import check_given_values
+
+        check_given_values(flags)
         prompts = read_prompts(prompt, prompt_file)
         check_outputs(save_output, output_path, output_file_name, perf_dump_path)
         parallel = ParallelConfig(num_gpus, ulysses_degree, ring_degree, enable_cfg_parallel)
@@ -186,8 +188,8 @@ def generate(
 def run(request, quiet: bool) -> None:
     from rich.console import Console
 
-    from sgdiff.cli.progress import QuietEvents, RichProgress, show_library_warnings
     from sgdiff.cli.batch import run_batch
+    from sgdiff.cli.progress import QuietEvents, RichProgress, show_library_warnings
     from sgdiff.engine.ranks import is_writer_rank
 
     quiet = quiet or not is_writer_rank()  # under torchrun only rank 0 speaks

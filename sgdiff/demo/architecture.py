@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sgdiff.models.repo_configs import FLUX_SCHEDULER_CONFIGS, WAN_SCHEDULER_CONFIG
+
 IMAGE_SIZE = 128
 VIDEO_SIZE, VIDEO_FRAMES = 64, 9
 TEXT_DIM = 64  # CLIP hidden size, T5/UMT5 d_model
@@ -60,17 +62,6 @@ T5_CONFIG: dict[str, Any] = {
     "is_encoder_decoder": False,
     "use_cache": False,
 }
-# Euler over flow-matching sigmas, no shift (FLUX.1 [schnell]'s scheduler settings)
-FLUX_SCHEDULER_CONFIG: dict[str, Any] = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "max_image_seq_len": 4096,
-    "max_shift": 1.15,
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "use_dynamic_shifting": False,
-}
-
 VIDEO_LATENT_CHANNELS = 16
 WAN_VAE_CONFIG: dict[str, Any] = {  # 4x space, 4x time: 64x64x9 -> 16x16x3x16 -> 8x8x3 = 192 video tokens
     "base_dim": 16,
@@ -125,7 +116,8 @@ def make_image_parts() -> dict[str, Any]:
         "text_encoder_2": T5EncoderModel(_t5_config(T5Config, t5_tokenizer, T5_CONFIG)),
         "transformer": FluxTransformer2DModel(**FLUX_CONFIG),
         "vae": AutoencoderKL(**IMAGE_VAE_CONFIG),
-        "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+        # Euler over flow-matching sigmas, no shift (FLUX.1 [schnell]'s scheduler settings)
+        "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIGS["schnell"]),
     }
 
 
@@ -135,7 +127,6 @@ def make_video_parts() -> dict[str, Any]:
     from transformers import UMT5Config, UMT5EncoderModel
 
     from sgdiff.demo.vocabulary import make_demo_t5_tokenizer
-    from sgdiff.testing.tiny_wan import SCHEDULER_CONFIG
 
     tokenizer = make_demo_t5_tokenizer()
     return {
@@ -143,7 +134,7 @@ def make_video_parts() -> dict[str, Any]:
         "text_encoder": UMT5EncoderModel(_t5_config(UMT5Config, tokenizer, UMT5_CONFIG)),
         "transformer": WanTransformer3DModel(**WAN_CONFIG),
         "vae": AutoencoderKLWan(**WAN_VAE_CONFIG),
-        "scheduler": UniPCMultistepScheduler(**SCHEDULER_CONFIG, flow_shift=1.0),
+        "scheduler": UniPCMultistepScheduler(**WAN_SCHEDULER_CONFIG, flow_shift=1.0),
     }
 
 

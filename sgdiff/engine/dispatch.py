@@ -2,8 +2,9 @@
 the executor reports (progress, results, failures) reaches each request's handle.
 
 Front -> executor messages: ("run", id, params), ("cancel", id), ("stop",).
-Executor -> front messages (serve.py sends them): ("event", None, kind, args) while loading, ("started", id), ("event", id, kind, args),
-("done", id, result), ("cancelled", id), ("failed", id, message, user_error)."""
+Executor -> front messages (serve.py sends them): ("event", None, kind, args) while loading,
+("started", id), ("event", id, kind, args), ("done", id, result), ("cancelled", id),
+("failed", id, UserError or text)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from sgdiff.config import SamplingParams
 from sgdiff.engine.handle import ProgressEvent, RequestHandle, RequestStatus
 from sgdiff.errors import RequestFailed, UserError, WorkerFailure
 from sgdiff.pipeline.base import NullEvents, PipelineEvents
+from sgdiff.sampling import SamplingParams
 
 
 class Dispatcher:
@@ -73,9 +74,9 @@ class Dispatcher:
                     handle._finish(RequestStatus.COMPLETED, result=rest[0])
                 elif kind == "cancelled":
                     handle._finish(RequestStatus.CANCELLED)
-                else:  # "failed"
-                    text, user_error = rest
-                    handle._finish(RequestStatus.FAILED, error=UserError(text) if user_error else RequestFailed(text))
+                else:  # "failed": the UserError itself, or what went wrong as text
+                    error = rest[0] if isinstance(rest[0], UserError) else RequestFailed(rest[0])
+                    handle._finish(RequestStatus.FAILED, error=error)
                 self._running = None
                 self._dispatch_next()
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from sgdiff.config import SamplingParams
 from sgdiff.errors import RequestCancelled
 from sgdiff.pipeline.base import PipelineEvents
+from sgdiff.sampling import SamplingParams
 
 
 class RequestStatus(str, Enum):

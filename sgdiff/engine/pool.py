@@ -39,6 +39,7 @@ class WorkerPool:
         self._ready = threading.Event()
         self._closing = False
         self._connection = None
+        self._sending = threading.Lock()  # a pipe's send is not thread-safe: callers, the reader, close()
         self._rendezvous: Path | None = None
 
     def start(self) -> None:
@@ -51,7 +52,12 @@ class WorkerPool:
         self.workers = [
             context.Process(
                 target=pool_worker,
-                args=(RankSpec(rank, self.world, rank, init), self.config, reading if rank == 0 else None, self._messages),
+                args=(
+                    RankSpec(rank, self.world, rank, init),
+                    self.config,
+                    reading if rank == 0 else None,
+                    self._messages,
+                ),
             )
             for rank in range(self.world)
         ]
@@ -83,13 +89,15 @@ class WorkerPool:
         stop(self.workers, graceful=graceful and self._error is None)
         self.dispatcher.close()
         if self._connection is not None:
-            self._connection.close()
+            with self._sending:
+                self._connection.close()
         if self._rendezvous is not None:
             shutil.rmtree(self._rendezvous, ignore_errors=True)
 
     def _send(self, message: tuple) -> None:
         try:
-            self._connection.send(message)
+            with self._sending:
+                self._connection.send(message)
         except (OSError, ValueError):
             pass  # rank 0 is gone (or the pipe closed): the reader reports why
 
@@ -111,8 +119,7 @@ class WorkerPool:
                 self.load_seconds = message[2]
                 self._ready.set()
             elif kind == "fatal":
-                _, _, rank, text, user_error = message
-                self._fail(UserError(text) if user_error else (self._killed_peer() or WorkerFailure(f"worker {rank}: {text}")))
+                self._fail(self._fatal_error(*message[2:]))
                 return
             else:
                 self.dispatcher.put(message)
@@ -124,12 +131,18 @@ class WorkerPool:
         try:  # a worker that failed sent its error before exiting: read it
             message = self._messages.get(timeout=1.0)
             if message[0] == "fatal":
-                _, _, rank, text, user_error = message
-                return UserError(text) if user_error else WorkerFailure(f"worker {rank}: {text}")
+                return self._fatal_error(*message[2:], wait=0.0)
         except (queues.Empty, EOFError, OSError):
             pass
         rank, code = ended[0]
         return WorkerFailure(f"worker {rank} {describe_exit(code)}; every worker was stopped")
+
+    def _fatal_error(self, rank: int, error: UserError | str, wait: float = KILLED_WAIT_SECONDS) -> Exception:
+        """What a worker's fatal message means: the caller's error, a peer killed by a signal (the
+        cause of the others' broken collectives), or the worker's own failure."""
+        if isinstance(error, UserError):
+            return error
+        return self._killed_peer(wait) or WorkerFailure(f"worker {rank}: {error}")
 
     def _killed_peer(self, wait: float = KILLED_WAIT_SECONDS) -> WorkerFailure | None:
         """A worker killed by a signal is the cause to report (a peer's death first shows up in the

@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from sgdiff.config import Preset, RuntimeConfig, SamplingParams, build_sampling_params, merge_layers, select_preset
+from sgdiff.config import Preset, RuntimeConfig, merge_layers, select_preset
 from sgdiff.errors import UserError
 from sgdiff.models.resolve import resolve_model_path
 from sgdiff.pipeline.base import NullEvents, PipelineEvents, State
-from sgdiff.pipeline.registry import inspect_model
+from sgdiff.pipeline.registry import family_of_field, inspect_model
+from sgdiff.sampling import SamplingParams, build_sampling_params, sampling_fields
 from sgdiff.speed.apply import apply_speed, check_speed
 
 DTYPES = {
@@ -36,11 +37,11 @@ def resolve_device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name} is not a device: use cpu, cuda or cuda:N") from None
+        raise UserError(f"`device` {name} is not a device: use cpu, cuda or cuda:N", field="device") from None
     if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: sgdiff runs on cpu, cuda or cuda:N")
+        raise UserError(f"`device` {name}: sgdiff runs on cpu, cuda or cuda:N", field="device")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+        raise UserError(f"`device` {name}: no CUDA GPU is visible; use `device` cpu", field="device")
     return device
 
 
@@ -48,7 +49,7 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise UserError(f"--dtype {name} is not supported: use bf16, fp16 or fp32")
+        raise UserError(f"`dtype` {name} is not supported: use bf16, fp16 or fp32", field="dtype")
     return DTYPES[name]
 
 
@@ -63,6 +64,7 @@ class GenerationResult:
     peak_gpu_memory_bytes: int | None  # during this request (None on CPU)
     latents: torch.Tensor | None = None  # the final latents, before decoding (None once sent between processes)
     peak_rss_bytes: int = 0  # of the process that ran it, so far
+    fps: int | None = None  # video models: frames per second the request asks for (None: the writer's default)
 
 
 class ModelRunner:
@@ -90,25 +92,27 @@ class ModelRunner:
         self.preset: Preset | None = select_preset(
             preset, model_path, self.info.pipeline_class, self.info.transformer_config, self.info.model_index
         )
-        self._rules = self.info.spec.rules(self.info)
+        self.family = self.info.family
+        self._rules = self.family.rules(self.info)
         # preset [schedule] < the checkpoint's scheduler_config.json; checked now, before any weight loads
         schedule_options = merge_layers(self.preset.schedule if self.preset else None, self.info.scheduler_config)
-        self.schedule = self.info.spec.schedule(schedule_options)
+        self.schedule = self.family.schedule(schedule_options)
         self.pipeline = None
         self.load_seconds = 0.0
 
-    def sampling_params(self, prompt: str, **flags: Any) -> SamplingParams:
-        """Defaults < preset < `flags` (None means not given); checked against this model's rules."""
-        spec = self.info.spec
-        given = {name for name, value in flags.items() if value is not None}
-        for name in sorted(given - spec.accepts):
-            flag = "--" + name.replace("_", "-")
-            kind = "an image" if spec.output == "image" else "a video"
-            raise UserError(f"{flag} does not apply to {self.info.pipeline_class} ({kind} model)")
-        params = spec.adjust(build_sampling_params(prompt, self.preset, flags))
-        spec.given_flag_rules(given, params)
+    def sampling_params(self, prompt: str, **fields: Any) -> SamplingParams:
+        """The family's defaults < the preset < `fields` (None means not given), checked against this
+        model's rules: an instance of the family's own SamplingParams dataclass."""
+        family = self.family
+        given = {name for name, value in fields.items() if value is not None}
+        for name in sorted(given - sampling_fields(family.sampling)):
+            if family_of_field(name) is not None:  # another family's field
+                kind = "an image" if family.output == "image" else "a video"
+                raise UserError(f"`{name}` does not apply to {self.info.pipeline_class} ({kind} model)", field=name)
+        params = family.adjust(build_sampling_params(family.sampling, prompt, self.preset, fields))
+        family.given_rules(given, params)
         if params.generator_device == "cuda" and self.device.type != "cuda":
-            raise UserError("--generator-device cuda needs the model on a CUDA device")
+            raise UserError("`generator_device` cuda needs the model on a CUDA device", field="generator_device")
         for rule in self._rules:
             rule(params)
         return params
@@ -119,8 +123,8 @@ class ModelRunner:
         if self.pipeline is not None:
             return
         start = time.perf_counter()
-        pipeline = self.info.spec.load(self.model_dir, self.device, self.dtype, self.schedule, self.events, skip)
-        apply_speed(pipeline, self.speed, self.attention)
+        pipeline = self.family.load(self.model_dir, self.device, self.dtype, self.schedule, self.events, skip)
+        apply_speed(pipeline, self.speed, self.attention, self.family)
         self.pipeline = pipeline
         self.load_seconds = time.perf_counter() - start
 
@@ -149,6 +153,7 @@ class ModelRunner:
             peak_gpu_memory_bytes=torch.cuda.max_memory_allocated(self.device) if on_gpu else None,
             latents=state.latents,
             peak_rss_bytes=self.peak_rss_bytes(),
+            fps=self.family.fps(params),
         )
 
     @staticmethod

@@ -108,7 +108,8 @@ class Silent:
 
 
 def describe(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+    """An error that is not the caller's (a UserError travels as it is), as one line."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def serve_requests(
@@ -149,6 +150,6 @@ def run_request(runner, control, request_id: str, params, cancelled: set[str], o
     except survive as exc:
         if os.environ.get("SGDIFF_DEBUG", "") not in ("", "0") and not isinstance(exc, UserError):
             traceback.print_exc()
-        outbox.put(("failed", request_id, describe(exc), isinstance(exc, UserError)))
+        outbox.put(("failed", request_id, exc if isinstance(exc, UserError) else describe(exc)))
         return
     outbox.put(("done", request_id, result))

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sgdiff.config import EngineConfig, ParallelConfig, RuntimeConfig, SamplingParams, SpeedConfig
+from sgdiff.config import EngineConfig, ParallelConfig, RuntimeConfig, SpeedConfig
 from sgdiff.engine.handle import RequestHandle
 from sgdiff.engine.ranks import under_torchrun
 from sgdiff.engine.runner import GenerationResult, ModelRunner
@@ -22,6 +22,7 @@ from sgdiff.io.input_image import prefetch
 from sgdiff.models.resolve import DEMO_IMAGE_MODEL
 from sgdiff.parallel.plans import check_heads
 from sgdiff.pipeline.base import NullEvents, PipelineEvents
+from sgdiff.sampling import SamplingParams
 
 SPEED_OPTIONS = [f.name for f in fields(SpeedConfig)]
 
@@ -71,7 +72,9 @@ class Engine:
         if under_torchrun():  # the processes torchrun started are the ranks
             world = int(os.environ["WORLD_SIZE"])
             if parallel.num_gpus not in (1, world):
-                raise UserError(f"--num-gpus {parallel.num_gpus} but torchrun started {world} processes")
+                raise UserError(
+                    f"`num_gpus` {parallel.num_gpus} but torchrun started {world} processes", field="num_gpus"
+                )
             parallel = replace(parallel, num_gpus=world)
         self.parallel = parallel.resolved()
         self.config = EngineConfig(model or DEMO_IMAGE_MODEL, preset, runtime, self.parallel)
@@ -115,8 +118,8 @@ class Engine:
 
     @property
     def output_kind(self) -> str:
-        """"image" or "video"."""
-        return self.runner.info.spec.output
+        """ "image" or "video"."""
+        return self.runner.family.output
 
     @property
     def preset_name(self) -> str | None:
@@ -138,13 +141,14 @@ class Engine:
         """A request checked against this model, nothing run: defaults < the preset < `fields`
         (SamplingParams' names; None means not given). Raises UserError naming what is wrong."""
         params = self.runner.sampling_params(prompt, **fields)
-        if self.parallel.enable_cfg_parallel and self.runner.info.spec.cfg_scale_of(params) is None:
+        if self.parallel.enable_cfg_parallel and self.runner.family.cfg_scale_of(params) is None:
             raise UserError(
-                "--enable-cfg-parallel splits the prompt and negative branches of CFG, but this request runs "
-                "without CFG (Wan: --guidance-scale > 1; FLUX: --negative-prompt with --true-cfg-scale > 1)"
+                "`enable_cfg_parallel` splits the prompt and negative branches of CFG, but this request runs "
+                "without CFG: give it a negative prompt and a CFG scale above 1, in the fields this model takes",
+                field="enable_cfg_parallel",
             )
-        if params.image_path is not None:
-            prefetch(params.image_path)  # a URL is fetched once, here, not by every rank
+        for image in self.runner.family.input_images(params):
+            prefetch(image)  # a URL is fetched once, here, not by every rank
         return params
 
     def start(self) -> None:
@@ -224,9 +228,13 @@ def check_devices(device: str | None, num_gpus: int) -> None:
     if device is not None and torch.device(device).type == "cpu":
         return  # --device cpu --num-gpus N: N CPU processes
     if device is not None and torch.device(device).index is not None:
-        raise UserError(f"--device {device} names one GPU; with --num-gpus give --device cuda (ranks use cuda:0..N-1)")
+        raise UserError(
+            f"`device` {device} names one GPU; with `num_gpus` give `device` cuda (ranks use cuda:0..N-1)",
+            field="device",
+        )
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if visible < num_gpus:
         raise UserError(
-            f"--num-gpus {num_gpus} but {visible} CUDA GPU(s) are visible (for CPU processes: --device cpu)"
+            f"`num_gpus` {num_gpus} but {visible} CUDA GPU(s) are visible (for CPU processes: `device` cpu)",
+            field="num_gpus",
         )

@@ -46,14 +46,14 @@ def rank_device(runtime: RuntimeConfig, local_rank: int) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         if runtime.device is not None:
-            raise UserError(f"--device {runtime.device}: no CUDA GPU is visible; use --device cpu")
+            raise UserError(f"`device` {runtime.device}: no CUDA GPU is visible; use `device` cpu", field="device")
         return torch.device("cpu")
     return torch.device("cuda", local_rank)
 
 
 def load_for_rank(runner: ModelRunner, groups: ParallelGroups) -> None:
     """Rank 0 loads everything; the others skip the text encoders (rank 0 sends them the embeddings)."""
-    runner.load(skip=frozenset() if groups.rank == 0 else runner.info.spec.text_encoders)
+    runner.load(skip=frozenset() if groups.rank == 0 else runner.family.text_encoders)
 
 
 @contextmanager
@@ -68,7 +68,9 @@ def make_parallel(runner: ModelRunner, groups: ParallelGroups) -> Iterator[None]
         yield
         return
     single = pipeline.attention
-    pipeline.attention = apply_sequence_parallel(pipeline.transformers, groups, inner=single or sdpa_attention)
+    pipeline.attention = apply_sequence_parallel(
+        pipeline.transformers, runner.family, groups, inner=single or sdpa_attention
+    )
     try:
         yield
     finally:
@@ -173,7 +175,7 @@ def pool_worker(spec: RankSpec, config: EngineConfig, connection: Any, queue: An
         user_error = isinstance(exc, UserError)
         if os.environ.get("SGDIFF_DEBUG", "") not in ("", "0") and not user_error:
             traceback.print_exc()
-        queue.put(("fatal", None, spec.rank, describe(exc), user_error))
+        queue.put(("fatal", None, spec.rank, exc if user_error else describe(exc)))
         queue.close()
         queue.join_thread()
         raise SystemExit(1) from None

@@ -21,9 +21,9 @@ def local_image_file(path: str) -> Path:
     """The file behind a local --image-path, or a one-line error."""
     local = Path(path).expanduser()
     if local.is_dir():
-        raise UserError(f"--image-path {path} is a folder; give an image file or an http(s) URL")
+        raise UserError(f"`image_path` {path} is a folder; give an image file or an http(s) URL", field="image_path")
     if not local.is_file():
-        raise UserError(f"--image-path {path} does not exist")
+        raise UserError(f"`image_path` {path} does not exist", field="image_path")
     return local
 
 
@@ -40,7 +40,9 @@ def read_image_bytes(data: bytes, source: str):
         image = Image.open(io.BytesIO(data))
         image.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
-        raise UserError(f"--image-path {source} is not an image PIL can read (PNG, JPEG, WebP, ...)") from None
+        raise UserError(
+            f"`image_path` {source} is not an image PIL can read (PNG, JPEG, WebP, ...)", field="image_path"
+        ) from None
     return image.convert("RGB")
 
 
@@ -68,7 +70,7 @@ def download(path: str) -> bytes:
             data = response.read(MAX_DOWNLOAD_BYTES + 1)
     except (urllib.error.URLError, TimeoutError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise UserError(f"--image-path {path} could not be downloaded ({reason})") from None
+        raise UserError(f"`image_path` {path} could not be downloaded ({reason})", field="image_path") from None
     if len(data) > MAX_DOWNLOAD_BYTES:
-        raise UserError(f"--image-path {path} is larger than {MAX_DOWNLOAD_BYTES // 2**20} MiB")
+        raise UserError(f"`image_path` {path} is larger than {MAX_DOWNLOAD_BYTES // 2**20} MiB", field="image_path")
     return data

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sgdiff.config import SamplingParams
 from sgdiff.errors import UserError
 from sgdiff.io.image import OutputNamer, check_output_file_name, save_png
 from sgdiff.io.video import mp4_writer_problem, save_mp4, save_png_frames
+from sgdiff.sampling import SamplingParams
 
 DEFAULT_FPS = 16
 

@@ -11,6 +11,19 @@ from torch import nn
 from sgdiff.kernels import kernels_run_on
 
 
+class Linear(nn.Linear):
+    """nn.Linear, with what the speed toggles chose for it (speed/fuse.py sets these; none by default)."""
+
+    gelu_epilogue: bool = False  # the tanh GELU that follows it computed in its GEMM's epilogue
+    fused: FusedProjection | None = None  # on a group's first Linear: the group as one GEMM (`project`)
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm of q or k, with what the speed toggles chose for it."""
+
+    rope_kernel: bool = False  # it and the rotary embedding after it as one Triton kernel (models/rope.py)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding, cosine half first. t: [B] -> [B, dim] (float32)."""
     half = dim // 2
@@ -24,8 +37,8 @@ class MLPEmbedder(nn.Module):
 
     def __init__(self, in_dim: int, dim: int, activation: str = "silu"):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,9 +59,9 @@ def gelu_in_epilogue(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def gelu_projection(x: torch.Tensor, linear: nn.Linear, approximate: str = "tanh") -> torch.Tensor:
-    """GELU of linear(x); inside the GEMM when the fused-GELU toggle marked `linear` (speed/fuse.py)."""
-    if getattr(linear, "gelu_epilogue", False):
+def gelu_projection(x: torch.Tensor, linear: Linear, approximate: str = "tanh") -> torch.Tensor:
+    """GELU of linear(x); inside the GEMM when the fused-GELU toggle chose it for `linear` (speed/fuse.py)."""
+    if linear.gelu_epilogue:
         return gelu_in_epilogue(x, linear)
     return nn.functional.gelu(linear(x), approximate=approximate)
 
@@ -56,7 +69,7 @@ def gelu_projection(x: torch.Tensor, linear: nn.Linear, approximate: str = "tanh
 class GELUProjection(nn.Module):
     def __init__(self, dim: int, inner_dim: int, approximate: str = "tanh"):
         super().__init__()
-        self.proj = nn.Linear(dim, inner_dim)
+        self.proj = Linear(dim, inner_dim)
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +83,7 @@ class FeedForward(nn.Module):
         super().__init__()
         inner_dim = inner_dim or 4 * dim
         self.net = nn.ModuleList(
-            [GELUProjection(dim, inner_dim, approximate), nn.Identity(), nn.Linear(inner_dim, out_dim or dim)]
+            [GELUProjection(dim, inner_dim, approximate), nn.Identity(), Linear(inner_dim, out_dim or dim)]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,10 +95,12 @@ class FeedForward(nn.Module):
 class AdaModulation(nn.Module):
     """SiLU -> Linear producing `chunks` modulation vectors from the conditioning [B, D]."""
 
+    norm_kernel: bool = False  # `modulate` as one Triton kernel (--enable-fused-norms; speed/fuse.py sets it)
+
     def __init__(self, dim: int, chunks: int):
         super().__init__()
         self.chunks = chunks
-        self.linear = nn.Linear(dim, chunks * dim)
+        self.linear = Linear(dim, chunks * dim)
 
     def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # emb: [B, D] -> chunks x [B, 1, D], ready to broadcast over the sequence
@@ -94,7 +109,7 @@ class AdaModulation(nn.Module):
     def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """layer_norm(x) * (1 + scale) + shift with this module's shift and scale; one Triton kernel
         with --enable-fused-norms (bf16), rounding where the ops below round."""
-        if getattr(self, "norm_kernel", False) and kernels_run_on(x) and x.dtype == torch.bfloat16:
+        if self.norm_kernel and kernels_run_on(x) and x.dtype == torch.bfloat16:
             from sgdiff.kernels.norm_modulate import norm_modulate
 
             return norm_modulate(x, shift, scale, eps=1e-6, bf16_steps=True)
@@ -113,6 +128,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class FP32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input dtype, returned in the input's dtype."""
 
+    norm_kernel: bool = False  # `modulate` as one Triton kernel (--enable-fused-norms; speed/fuse.py sets it)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
@@ -122,7 +139,7 @@ class FP32LayerNorm(nn.LayerNorm):
         """(norm(x) * (1 + scale) + shift) in float32, back in x's dtype; shift, scale: float32
         [B, 1 or S, D]. One Triton kernel with --enable-fused-norms (bf16, no affine)."""
         plain = self.weight is None and self.bias is None
-        if plain and getattr(self, "norm_kernel", False) and kernels_run_on(x) and x.dtype == torch.bfloat16:
+        if plain and self.norm_kernel and kernels_run_on(x) and x.dtype == torch.bfloat16:
             from sgdiff.kernels.norm_modulate import norm_modulate
 
             return norm_modulate(x, shift, scale, eps=self.eps, bf16_steps=False)
@@ -134,7 +151,7 @@ class FusedProjection:
     one matrix, each Linear's own weight re-pointed at its slice (parameter names, and the state dict,
     stay as they were; no extra memory). Made by speed/fuse.py; `project` uses it."""
 
-    def __init__(self, linears: tuple[nn.Linear, ...]):
+    def __init__(self, linears: tuple[Linear, ...]):
         if any(linear.bias is None for linear in linears):
             raise ValueError("FusedProjection fuses Linears that all have a bias")
         self.sizes = [linear.out_features for linear in linears]
@@ -150,10 +167,10 @@ class FusedProjection:
         return nn.functional.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
-def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
+def project(x: torch.Tensor, *linears: Linear) -> tuple[torch.Tensor, ...]:
     """Each of `linears` applied to x: one GEMM when they were fused (a FusedProjection kept on the
     first of them), else one each."""
-    fused = getattr(linears[0], "fused_projection", None)
+    fused = linears[0].fused
     if fused is not None and len(fused.sizes) == len(linears):
         return fused(x)
     return tuple(linear(x) for linear in linears)

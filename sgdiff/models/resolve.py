@@ -22,15 +22,10 @@ DEMO_IMAGE_MODEL, DEMO_VIDEO_MODEL = "sgdiff/demo-image", "sgdiff/demo-video"
 DEMO_MODEL_FOLDERS = {DEMO_IMAGE_MODEL: "image", DEMO_VIDEO_MODEL: "video"}
 
 
-def default_model_path(sampling_flags: dict) -> str:
-    """No --model-path: the embedded demo video model when frames are asked for, else the demo image model."""
-    return DEMO_VIDEO_MODEL if sampling_flags.get("num_frames") is not None else DEMO_IMAGE_MODEL
-
-
 def demo_model_dir(name: str) -> Path:
-    import sgdiff.demo
-
-    return Path(sgdiff.demo.__file__).parent / "models" / DEMO_MODEL_FOLDERS[name]
+    """The embedded model's folder, found beside this package (sgdiff/demo/models/, shipped as package
+    data) without importing sgdiff.demo."""
+    return Path(__file__).parent.parent / "demo" / "models" / DEMO_MODEL_FOLDERS[name]
 
 
 def resolve_model_path(model_path: str) -> Path:
@@ -40,11 +35,13 @@ def resolve_model_path(model_path: str) -> Path:
     if local.exists():
         if not local.is_dir():
             raise UserError(
-                f"--model-path {model_path} is a file; give the checkpoint's folder (with model_index.json)"
+                f"`model` {model_path} is a file; give the checkpoint's folder (with model_index.json)", field="model"
             )
         return local
     if not looks_like_repo_id(model_path):
-        raise UserError(f"--model-path {model_path} does not exist (and is not a Hub repo id like owner/name)")
+        raise UserError(
+            f"`model` {model_path} does not exist (and is not a Hub repo id like owner/name)", field="model"
+        )
     return _download(model_path)
 
 

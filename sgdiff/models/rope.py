@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from sgdiff.kernels import kernels_run_on
+from sgdiff.models.layers import RMSNorm
 
 
 def rope_frequencies(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float) -> torch.Tensor:
@@ -38,13 +38,13 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return rotated.flatten(-2).to(x.dtype)
 
 
-def norm_and_rope(parts: list[tuple[torch.Tensor, nn.RMSNorm]], rope: torch.Tensor, heads: int) -> torch.Tensor:
+def norm_and_rope(parts: list[tuple[torch.Tensor, RMSNorm]], rope: torch.Tensor, heads: int) -> torch.Tensor:
     """q or k of one attention: each [B, S_i, H*D] part RMSNormed by its norm (over each head's D
     channels or over all H*D, as the norm's size says), the parts joined along the sequence, then
     rotated by rope [sum S_i, D/2, 2] -> [B, sum S_i, H, D]. With --enable-fused-norms (norms
-    marked `rope_kernel`; bf16) one Triton kernel per part does all of it."""
+    with `rope_kernel` chosen; bf16) one Triton kernel per part does all of it."""
     xs, norms = [x for x, _ in parts], [norm for _, norm in parts]
-    fused = all(getattr(norm, "rope_kernel", False) and norm.weight is not None for norm in norms)
+    fused = all(norm.rope_kernel and norm.weight is not None for norm in norms)
     if fused and kernels_run_on(xs[0]) and xs[0].dtype == torch.bfloat16:
         from sgdiff.kernels.qk_norm_rope import qk_norm_rope
 

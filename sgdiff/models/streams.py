@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from sgdiff.models.layers import project
+from sgdiff.models.layers import Linear, RMSNorm, project
 from sgdiff.models.rope import norm_and_rope
 
 
@@ -25,8 +24,8 @@ class Stream:
     and v, and the RMSNorms of q and k (per head, over D, or over all H*D channels)."""
 
     x: torch.Tensor
-    linears: tuple[nn.Linear, nn.Linear, nn.Linear]
-    norms: tuple[nn.RMSNorm, nn.RMSNorm]
+    linears: tuple[Linear, Linear, Linear]
+    norms: tuple[RMSNorm, RMSNorm]
 
     def per_head_norms(self, head_dim: int) -> bool:
         return all(norm.normalized_shape[0] == head_dim for norm in self.norms)
@@ -44,7 +43,7 @@ def project_streams(streams: list[Stream], rope: torch.Tensor, heads: int) -> tu
     return q, k, v.unflatten(-1, (heads, -1))  # [B, S, H*D] -> [B, S, H, D]
 
 
-def head_rows(linears: tuple[nn.Linear, ...], heads: slice, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def head_rows(linears: tuple[Linear, ...], heads: slice, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of q's, k's and v's weights and biases that make heads `heads`, stacked: one GEMM
     of x [.., C] with them gives [.., 3 * h * D] (q, k, v of those heads). A copy (the rows of
     three Linears are not one block of memory)."""

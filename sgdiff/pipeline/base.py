@@ -11,9 +11,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from sgdiff.config import SamplingParams
 from sgdiff.errors import RequestCancelled
 from sgdiff.models.attention import AttentionImpl, current_attention_impl, use_attention_impl
+from sgdiff.sampling import SamplingParams
 
 
 class ParallelMode(Enum):

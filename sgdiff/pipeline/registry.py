@@ -1,33 +1,68 @@
-"""Which pipeline serves a checkpoint, by model_index.json's `_class_name`."""
+"""Which model family serves a checkpoint, by model_index.json's `_class_name`. The built-in
+families are the packages under sgdiff/families/, each registering itself when imported; a caller
+may register its own (register_family). Adding a family edits no file here."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sgdiff.config import SamplingParams
 from sgdiff.errors import UserError
 from sgdiff.models.loading import read_json, safetensors_files
-from sgdiff.pipeline.base import ComposedPipeline
-from sgdiff.pipeline.flux import flux_rules, load_flux_pipeline, true_cfg_scale_of
-from sgdiff.pipeline.schedule import FlowMatchSchedule
-from sgdiff.pipeline.stages.validation import ValidationRule
-from sgdiff.pipeline.wan import (
-    WanSchedule,
-    guidance_cfg,
-    load_wan_pipeline,
-    wan_adjust,
-    wan_given_flag_rules,
-    wan_rules,
-)
+from sgdiff.pipeline.family import ModelFamily
 
-COMMON_FIELDS = frozenset(
-    {"negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed", "generator_device",
-     "num_outputs_per_prompt", "max_sequence_length"}
-)  # fmt: skip
-VIDEO_FIELDS = frozenset({"num_frames", "num_frames_round_down", "fps", "flow_shift", "guidance_scale_2", "image_path"})
+_FAMILIES: dict[str, ModelFamily] = {}  # by the pipeline class it serves
+_discovered = False
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Serve `family.pipeline_classes` with `family` (a later registration of a class replaces it)."""
+    for pipeline_class in family.pipeline_classes:
+        _FAMILIES[pipeline_class] = family
+    return family
+
+
+def unregister_family(family: ModelFamily) -> None:
+    for pipeline_class in family.pipeline_classes:
+        if _FAMILIES.get(pipeline_class) is family:
+            del _FAMILIES[pipeline_class]
+
+
+def families() -> dict[str, ModelFamily]:
+    """Every registered family by the pipeline class it serves (the built-in ones imported first)."""
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        import sgdiff.families as package
+
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{module.name}")
+    return dict(_FAMILIES)
+
+
+def family_named(name: str) -> ModelFamily:
+    return next(f for f in families().values() if f.name == name)
+
+
+def family_of_field(name: str) -> ModelFamily | None:
+    """A registered family whose requests carry the field `name`."""
+    from sgdiff.sampling import sampling_fields
+
+    return next((f for f in families().values() if name in sampling_fields(f.sampling)), None)
+
+
+def check_given_values(values: Mapping[str, Any]) -> None:
+    """Values given before the model is known (flags), each checked by the rules of a family that
+    declares its field: a bad value fails before any checkpoint is looked at."""
+    from sgdiff.sampling import check_values
+
+    for name, value in values.items():
+        if (family := family_of_field(name)) is not None:
+            check_values(family.sampling, {name: value})
 
 
 @dataclass(frozen=True)
@@ -42,60 +77,8 @@ class ModelInfo:
     vae_config: dict[str, Any]
 
     @property
-    def spec(self) -> PipelineSpec:
-        return PIPELINES[self.pipeline_class]
-
-
-@dataclass(frozen=True)
-class PipelineSpec:
-    """How to build one pipeline family."""
-
-    # load(model_dir, device, dtype, schedule, events, skip) -> ComposedPipeline
-    load: Callable[..., ComposedPipeline]
-    # rules(info) -> request checks, run before any weight loads (and again by the validation stage)
-    rules: Callable[[ModelInfo], list[ValidationRule]]
-    # schedule(merged scheduler options) -> the pipeline's schedule object; refuses what it cannot honour
-    schedule: Callable[[dict[str, Any]], Any]
-    output: str  # "image" or "video"
-    accepts: frozenset[str]  # the sampling parameters this pipeline uses; a flag outside them is refused
-    adjust: Callable[[SamplingParams], SamplingParams] = lambda params: params
-    # given_flag_rules(names of the flags given explicitly, params): refuse flags this request would ignore
-    given_flag_rules: Callable[[set[str], SamplingParams], None] = lambda given, params: None
-    # the request's CFG scale, or None when it runs without CFG (then CFG parallel has nothing to split)
-    cfg_scale_of: Callable[[SamplingParams], float | None] = lambda params: None
-    # components only the text encoding stage uses (ranks other than 0 do not load them)
-    text_encoders: frozenset[str] = frozenset({"text_encoder"})
-
-
-WAN_SPEC = PipelineSpec(
-    load=load_wan_pipeline,
-    rules=lambda info: wan_rules(
-        info.transformer_config,
-        info.model_index,
-        info.vae_config,
-        ((info.model_dir / "transformer").is_dir(), (info.model_dir / "transformer_2").is_dir()),
-    ),  # fmt: skip
-    schedule=WanSchedule.from_dict,
-    output="video",
-    accepts=COMMON_FIELDS | VIDEO_FIELDS,
-    adjust=wan_adjust,
-    given_flag_rules=wan_given_flag_rules,
-    cfg_scale_of=guidance_cfg,
-)
-
-PIPELINES: dict[str, PipelineSpec] = {
-    "FluxPipeline": PipelineSpec(
-        load=load_flux_pipeline,
-        rules=lambda info: flux_rules(info.transformer_config),
-        schedule=FlowMatchSchedule.from_dict,
-        output="image",
-        accepts=COMMON_FIELDS | {"true_cfg_scale"},
-        cfg_scale_of=true_cfg_scale_of,
-        text_encoders=frozenset({"text_encoder", "text_encoder_2"}),
-    ),
-    "WanPipeline": WAN_SPEC,
-    "WanImageToVideoPipeline": WAN_SPEC,  # one pipeline: the checkpoint's parts decide what it does
-}
+    def family(self) -> ModelFamily:
+        return families()[self.pipeline_class]
 
 
 def inspect_model(model_dir: Path) -> ModelInfo:
@@ -105,8 +88,8 @@ def inspect_model(model_dir: Path) -> ModelInfo:
         raise UserError(f"{model_dir} has no model_index.json: give a diffusers-format checkpoint folder")
     index = read_json(index_path)
     pipeline_class = str(index.get("_class_name", ""))
-    if pipeline_class not in PIPELINES:
-        supported = ", ".join(sorted(PIPELINES))
+    if pipeline_class not in families():
+        supported = ", ".join(sorted(families()))
         raise UserError(f"pipeline '{pipeline_class}' in {index_path} is not supported (supported: {supported})")
     check_components(model_dir, index)
     scheduler_path = model_dir / "scheduler" / "scheduler_config.json"

@@ -10,6 +10,7 @@ from sgdiff.config import SpeedConfig
 from sgdiff.errors import UserError
 from sgdiff.models.attention import AttentionImpl
 from sgdiff.pipeline.base import ComposedPipeline
+from sgdiff.pipeline.family import ModelFamily
 from sgdiff.speed.attention_backends import attention_backend
 from sgdiff.speed.compile import compile_blocks
 from sgdiff.speed.cuda_graph import CudaGraphForward
@@ -19,7 +20,9 @@ from sgdiff.speed.fuse import fuse_gelu, fuse_norms, fuse_projections
 def check_speed(speed: SpeedConfig, device: torch.device, dtype: torch.dtype) -> AttentionImpl:
     """Toggles this device cannot honour fail here, before anything loads; returns the attention kernel."""
     if speed.cuda_graph and device.type != "cuda":
-        raise UserError(f"--enable-cuda-graph needs a CUDA GPU; the model runs on {device.type}: drop the flag")
+        raise UserError(
+            f"`cuda_graph` needs a CUDA GPU; the model runs on {device.type}: drop `cuda_graph`", field="cuda_graph"
+        )
     if speed.fused_norms:
         check_fused_norms(device, dtype)
     return attention_backend(speed.attention_backend, device, dtype)
@@ -28,27 +31,35 @@ def check_speed(speed: SpeedConfig, device: torch.device, dtype: torch.dtype) ->
 def check_fused_norms(device: torch.device, dtype: torch.dtype) -> None:
     if device.type != "cuda":
         raise UserError(
-            f"--enable-fused-norms runs a Triton kernel on CUDA GPUs; the model runs on {device.type}: drop the flag"
+            f"`fused_norms` runs a Triton kernel on CUDA GPUs; the model runs on {device.type}: drop `fused_norms`",
+            field="fused_norms",
         )
     if dtype != torch.bfloat16:
         dtype_name = str(dtype).removeprefix("torch.")
-        raise UserError(f"--enable-fused-norms runs in bfloat16 only; the model runs in {dtype_name}: drop the flag")
+        raise UserError(
+            f"`fused_norms` runs in bfloat16 only; the model runs in {dtype_name}: drop `fused_norms`",
+            field="fused_norms",
+        )
     if importlib.util.find_spec("triton") is None:
-        raise UserError("--enable-fused-norms needs the triton package, which is not installed: drop the flag")
+        raise UserError(
+            "`fused_norms` needs the triton package, which is not installed: drop `fused_norms`", field="fused_norms"
+        )
 
 
-def apply_speed(pipeline: ComposedPipeline, speed: SpeedConfig, attention: AttentionImpl) -> None:
+def apply_speed(pipeline: ComposedPipeline, speed: SpeedConfig, attention: AttentionImpl, family: ModelFamily) -> None:
     pipeline.attention = attention
     for model in pipeline.transformers:
-        speed_up_transformer(model, speed)
+        speed_up_transformer(model, speed, family)
 
 
-def speed_up_transformer(model: torch.nn.Module, speed: SpeedConfig) -> None:
-    """The toggles that change a transformer itself (the attention kernel is the pipeline's)."""
+def speed_up_transformer(model: torch.nn.Module, speed: SpeedConfig, family: ModelFamily) -> None:
+    """The toggles that change a transformer itself (the attention kernel is the pipeline's); the
+    family says what in `model` may be fused."""
+    groups = family.fusable(model)
     if speed.fused_gelu:  # before fusing projections: a Linear with a GELU epilogue is its own GEMM
-        fuse_gelu(model)
+        fuse_gelu(groups)
     if speed.fused_projections:
-        fuse_projections(model)
+        fuse_projections(groups)
     if speed.fused_norms:
         fuse_norms(model)
     if speed.torch_compile:

@@ -81,7 +81,7 @@ CHOICES = ("auto", *BACKENDS)
 
 def check_backend_name(name: str) -> None:
     if name not in CHOICES:
-        raise UserError(f"--attention-backend {name!r} is not one of: {', '.join(CHOICES)}")
+        raise UserError(f"`attention_backend` {name!r} is not one of: {', '.join(CHOICES)}", field="attention_backend")
 
 
 def attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionImpl:
@@ -91,7 +91,10 @@ def attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> At
         return wave_split_attention if device.type == "cuda" else sdpa_attention
     package = OPTIONAL_PACKAGES.get(name)
     if package is not None and importlib.util.find_spec(package) is None:
-        raise UserError(f"--attention-backend {name} needs the {package} package, which is not installed; use auto")
+        raise UserError(
+            f"`attention_backend` {name} needs the {package} package, which is not installed; use auto",
+            field="attention_backend",
+        )
     impl = BACKENDS[name]
     q = torch.randn(1, 8, 2, 64, device=device, dtype=dtype)
     try:
@@ -99,6 +102,7 @@ def attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> At
     except RuntimeError as exc:  # SDPA: "No viable backend ..."; the traceback with SGDIFF_DEBUG=1
         dtype_name = str(dtype).removeprefix("torch.")
         raise UserError(
-            f"--attention-backend {name} cannot run on {device.type} in {dtype_name}; use auto or another backend"
+            f"`attention_backend` {name} cannot run on {device.type} in {dtype_name}; use auto or another backend",
+            field="attention_backend",
         ) from exc
     return impl

@@ -117,14 +117,15 @@ def joint_streams(segment_lengths: tuple[int, ...], batch: int, per_head_norms: 
     head (FLUX's) or over all heads (Wan's); and a rotary table [S, 8, 2]."""
     from torch import nn
 
+    from sgdiff.models.layers import Linear, RMSNorm
     from sgdiff.models.rope import rope_frequencies
     from sgdiff.models.streams import Stream
 
     torch.manual_seed(0)
     streams = []
     for n in segment_lengths:
-        linears = tuple(nn.Linear(24, 8 * 16) for _ in range(3))
-        norms = tuple(nn.RMSNorm(16 if per_head_norms else 8 * 16, eps=1e-6) for _ in range(2))
+        linears = tuple(Linear(24, 8 * 16) for _ in range(3))
+        norms = tuple(RMSNorm(16 if per_head_norms else 8 * 16, eps=1e-6) for _ in range(2))
         for norm in norms:
             nn.init.uniform_(norm.weight, 0.5, 1.5)
         streams.append(Stream(torch.randn(batch, n, 24), linears, norms))
@@ -168,6 +169,7 @@ def sharded_flux_modulation(groups: ParallelGroups, batch: int) -> dict:
     from dataclasses import replace
 
     from sgdiff.bench.parts import TINY_FLUX
+    from sgdiff.families.flux import FAMILY as FLUX
     from sgdiff.models.attention import use_attention_impl
     from sgdiff.models.flux import FluxTransformer
     from sgdiff.models.flux.packing import image_position_ids, text_position_ids
@@ -194,7 +196,7 @@ def sharded_flux_modulation(groups: ParallelGroups, batch: int) -> dict:
     with torch.no_grad():
         whole = model(**inputs)
         calls.clear()
-        attn = apply_sequence_parallel([model], groups)
+        attn = apply_sequence_parallel([model], FLUX, groups)
         (modulation,) = [hook for hook in attn.hooks if isinstance(hook, ShardedModulation)]
         with use_attention_impl(attn):
             sharded = model(**inputs)

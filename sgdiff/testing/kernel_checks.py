@@ -16,7 +16,7 @@ from sgdiff.kernels.norm_modulate import norm_modulate
 from sgdiff.kernels.qk_norm_rope import qk_norm_rope
 from sgdiff.models.flux import FluxTransformer
 from sgdiff.models.flux.packing import image_position_ids, text_position_ids
-from sgdiff.models.layers import AdaModulation, FP32LayerNorm
+from sgdiff.models.layers import AdaModulation, FP32LayerNorm, RMSNorm
 from sgdiff.models.rope import norm_and_rope, rope_frequencies
 from sgdiff.models.wan import WanTransformer
 from sgdiff.speed.compile import repeated_blocks
@@ -32,7 +32,7 @@ def check_qk_norm_rope(heads: int, head_dim: int, per_head: bool) -> None:
     width = heads * head_dim
     text = torch.randn(2, 5, 3 * width, generator=g).to(BF16)[..., width : 2 * width]
     image = (torch.randn(2, 7, width, generator=g) * 4).to(BF16)
-    norms = [nn.RMSNorm(head_dim if per_head else width, eps=1e-6, dtype=BF16) for _ in range(2)]
+    norms = [RMSNorm(head_dim if per_head else width, eps=1e-6, dtype=BF16) for _ in range(2)]
     for norm in norms:
         nn.init.normal_(norm.weight, 1.0, 0.3, generator=g)
     ids = torch.cat([text_position_ids(5), image_position_ids(1, 7)])

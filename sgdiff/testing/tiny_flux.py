@@ -2,98 +2,24 @@
 
 The model is structurally a real FLUX.1 pipeline (same classes, same folder layout
 as the black-forest-labs repos, same scheduler configs) but every network is a few
-kilobytes of random weights, so it only ever generates noise. Tokenizers are made
-in code from an in-memory vocabulary; nothing is downloaded.
+kilobytes of random weights (the architectures of tiny_configs.py), so it only ever
+generates noise. Tokenizers are made in code from an in-memory vocabulary; nothing is
+downloaded.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 from sgdiff.demo.vocabulary import byte_level_alphabet
+from sgdiff.models.repo_configs import FLUX_SCHEDULER_CONFIGS
 from sgdiff.pipeline.components import quiet_libraries
-
-# scheduler/scheduler_config.json of black-forest-labs/FLUX.1-dev and FLUX.1-schnell.
-SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
-    "dev": {
-        "base_image_seq_len": 256,
-        "base_shift": 0.5,
-        "max_image_seq_len": 4096,
-        "max_shift": 1.15,
-        "num_train_timesteps": 1000,
-        "shift": 3.0,
-        "use_dynamic_shifting": True,
-    },
-    "schnell": {
-        "base_image_seq_len": 256,
-        "base_shift": 0.5,
-        "max_image_seq_len": 4096,
-        "max_shift": 1.15,
-        "num_train_timesteps": 1000,
-        "shift": 1.0,
-        "use_dynamic_shifting": False,
-    },
-}
-
-TEXT_DIM = 32  # CLIP hidden size (pooled projection) and T5 d_model (joint attention)
-VAE_LATENT_CHANNELS = 4
-
-TRANSFORMER_CONFIG: dict[str, Any] = {
-    "patch_size": 1,
-    "in_channels": 4 * VAE_LATENT_CHANNELS,  # FluxPipeline packs 2x2 latent patches
-    "num_layers": 2,
-    "num_single_layers": 2,
-    "attention_head_dim": 16,
-    "num_attention_heads": 4,  # Ulysses-4 splits them
-    "joint_attention_dim": TEXT_DIM,
-    "pooled_projection_dim": TEXT_DIM,
-    "axes_dims_rope": (4, 6, 6),  # sums to attention_head_dim
-}
-
-VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    "block_out_channels": (8, 16),  # vae_scale_factor = 2
-    "layers_per_block": 1,
-    "latent_channels": VAE_LATENT_CHANNELS,
-    "norm_num_groups": 4,
-    "sample_size": 32,
-    "scaling_factor": 0.3611,
-    "shift_factor": 0.1159,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
-
-CLIP_CONFIG: dict[str, Any] = {
-    "hidden_size": TEXT_DIM,
-    "intermediate_size": 37,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "max_position_embeddings": 77,
-    "projection_dim": TEXT_DIM,
-    "hidden_act": "quick_gelu",
-}
-
-T5_CONFIG: dict[str, Any] = {
-    "d_model": TEXT_DIM,
-    "d_kv": 8,
-    "d_ff": 37,
-    "num_layers": 2,
-    "num_heads": 2,
-    "feed_forward_proj": "gated-gelu",
-    "relative_attention_num_buckets": 8,
-    "relative_attention_max_distance": 16,
-    "is_encoder_decoder": False,
-    "use_cache": False,
-}
+from sgdiff.testing.tiny_configs import FLUX_CLIP, FLUX_T5, FLUX_TRANSFORMER, FLUX_VAE
 
 CLIP_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("e", "r</w>"), ("o", "n</w>")]
 T5_WORDS = ["the", "a", "an", "of", "on", "in", "and", "red", "cube", "table", "photo"]
@@ -123,7 +49,7 @@ def make_clip_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **CLIP_CONFIG,
+        **FLUX_CLIP,
     )
     torch.manual_seed(seed)
     return CLIPTextModel(config).eval()
@@ -135,7 +61,7 @@ def make_t5_text_encoder(tokenizer: T5Tokenizer, seed: int) -> T5EncoderModel:
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
-        **T5_CONFIG,
+        **FLUX_T5,
     )
     torch.manual_seed(seed)
     return T5EncoderModel(config).eval()
@@ -143,21 +69,21 @@ def make_t5_text_encoder(tokenizer: T5Tokenizer, seed: int) -> T5EncoderModel:
 
 def make_transformer(variant: str, seed: int) -> FluxTransformer2DModel:
     torch.manual_seed(seed)
-    return FluxTransformer2DModel(guidance_embeds=variant == "dev", **TRANSFORMER_CONFIG).eval()
+    return FluxTransformer2DModel(guidance_embeds=variant == "dev", **FLUX_TRANSFORMER).eval()
 
 
 def make_vae(seed: int) -> AutoencoderKL:
     torch.manual_seed(seed)
-    return AutoencoderKL(**VAE_CONFIG).eval()
+    return AutoencoderKL(**FLUX_VAE).eval()
 
 
 def make_pipeline(variant: str = "dev", seed: int = 0) -> FluxPipeline:
     """Assemble the tiny pipeline in memory (nothing is written)."""
-    if variant not in SCHEDULER_CONFIGS:
-        raise ValueError(f"variant must be one of {sorted(SCHEDULER_CONFIGS)}, got {variant!r}")
+    if variant not in FLUX_SCHEDULER_CONFIGS:
+        raise ValueError(f"variant must be one of {sorted(FLUX_SCHEDULER_CONFIGS)}, got {variant!r}")
     tokenizer, tokenizer_2 = make_clip_tokenizer(), make_t5_tokenizer()
     return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS[variant]),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIGS[variant]),
         text_encoder=make_clip_text_encoder(tokenizer, seed),
         tokenizer=tokenizer,
         text_encoder_2=make_t5_text_encoder(tokenizer_2, seed + 1),

@@ -65,7 +65,7 @@ def train_video_model(
     `vae_from`: a folder with an already trained VAE of this architecture: it is reused, not trained."""
     from diffusers import AutoencoderKLWan, WanPipeline
 
-    from sgdiff.testing.tiny_wan import REAL_CLASS_NAMES
+    from sgdiff.models.repo_configs import WAN_CLASS_NAMES
 
     torch.manual_seed(run.seed)
     generator = torch.Generator(device).manual_seed(run.seed)
@@ -96,7 +96,7 @@ def train_video_model(
     steps, progress = train_transformer(parts, pool, latents, run, generator, deadline)
     with quiet_libraries():
         pipe = WanPipeline(**parts).to("cpu", torch.float16)
-        pipe.register_to_config(tokenizer=REAL_CLASS_NAMES["tokenizer"])
+        pipe.register_to_config(tokenizer=WAN_CLASS_NAMES["tokenizer"])
         pipe.save_pretrained(out, safe_serialization=True)
     return {
         "vae_steps": run.vae_steps if vae_from is None else f"reused from {vae_from}",

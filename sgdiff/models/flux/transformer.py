@@ -14,7 +14,9 @@ from sgdiff.models.flux.config import FluxTransformerConfig
 from sgdiff.models.layers import (
     AdaModulation,
     FeedForward,
+    Linear,
     MLPEmbedder,
+    RMSNorm,
     gelu_projection,
     linear_over_concat,
     timestep_embedding,
@@ -36,11 +38,11 @@ class QKNormedProjection(nn.Module):
     def __init__(self, dim: int, head_dim: int):
         super().__init__()
         self.heads = dim // head_dim
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
-        self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
-        self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
+        self.to_q = Linear(dim, dim)
+        self.to_k = Linear(dim, dim)
+        self.to_v = Linear(dim, dim)
+        self.norm_q = RMSNorm(head_dim, eps=1e-6)
+        self.norm_k = RMSNorm(head_dim, eps=1e-6)
 
 
 class JointAttention(QKNormedProjection):
@@ -48,13 +50,13 @@ class JointAttention(QKNormedProjection):
 
     def __init__(self, dim: int, head_dim: int):
         super().__init__(dim, head_dim)
-        self.add_q_proj = nn.Linear(dim, dim)
-        self.add_k_proj = nn.Linear(dim, dim)
-        self.add_v_proj = nn.Linear(dim, dim)
-        self.norm_added_q = nn.RMSNorm(head_dim, eps=1e-6)
-        self.norm_added_k = nn.RMSNorm(head_dim, eps=1e-6)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-        self.to_add_out = nn.Linear(dim, dim)
+        self.add_q_proj = Linear(dim, dim)
+        self.add_k_proj = Linear(dim, dim)
+        self.add_v_proj = Linear(dim, dim)
+        self.norm_added_q = RMSNorm(head_dim, eps=1e-6)
+        self.norm_added_k = RMSNorm(head_dim, eps=1e-6)
+        self.to_out = nn.ModuleList([Linear(dim, dim)])
+        self.to_add_out = Linear(dim, dim)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         # joint sequence, text first: [B, S_txt + S_img, H, D]
@@ -99,8 +101,8 @@ class SingleStreamBlock(nn.Module):
         super().__init__()
         self.norm = AdaModulation(dim, 3)
         self.attn = QKNormedProjection(dim, head_dim)
-        self.proj_mlp = nn.Linear(dim, dim * mlp_ratio)
-        self.proj_out = nn.Linear(dim + dim * mlp_ratio, dim)
+        self.proj_mlp = Linear(dim, dim * mlp_ratio)
+        self.proj_out = Linear(dim + dim * mlp_ratio, dim)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, rope: Rope) -> torch.Tensor:
         shift, scale, gate = self.norm(temb)
@@ -111,7 +113,7 @@ class SingleStreamBlock(nn.Module):
         attn_out, mlp_out = joint_attention([stream], rope, a.heads, lambda: gelu_projection(h, self.proj_mlp))
         attn_out = attn_out.flatten(2)  # [B, S, H, D] -> [B, S, H*D]
         # with the GELU in proj_mlp's epilogue, proj_out reads its output where it is (no concatenation)
-        split = getattr(self.proj_mlp, "gelu_epilogue", False)
+        split = self.proj_mlp.gelu_epilogue
         return clip_fp16(x + gate * linear_over_concat(self.proj_out, [attn_out, mlp_out], split))
 
 
@@ -143,30 +145,15 @@ class FluxTransformer(nn.Module):
         self.config = config
         dim, head_dim = config.inner_dim, config.attention_head_dim
         self.time_text_embed = TimeTextEmbedding(dim, config.pooled_projection_dim, config.guidance_embeds)
-        self.context_embedder = nn.Linear(config.joint_attention_dim, dim)
-        self.x_embedder = nn.Linear(config.in_channels, dim)
+        self.context_embedder = Linear(config.joint_attention_dim, dim)
+        self.x_embedder = Linear(config.in_channels, dim)
         self.transformer_blocks = nn.ModuleList(DoubleStreamBlock(dim, head_dim) for _ in range(config.num_layers))
         self.single_transformer_blocks = nn.ModuleList(
             SingleStreamBlock(dim, head_dim) for _ in range(config.num_single_layers)
         )
         self.norm_out = AdaModulation(dim, 2)
         out_features = config.patch_size**2 * config.output_channels
-        self.proj_out = nn.Linear(dim, out_features)
-
-    def fusable_projections(self) -> list[tuple[nn.Linear, ...]]:
-        """The groups of Linears that always read the same input, in the order `project` is called with."""
-        groups = []
-        for block in self.transformer_blocks:
-            a = block.attn
-            groups += [(a.to_q, a.to_k, a.to_v), (a.add_q_proj, a.add_k_proj, a.add_v_proj)]
-        for block in self.single_transformer_blocks:
-            groups.append((block.attn.to_q, block.attn.to_k, block.attn.to_v))
-        return groups
-
-    def tanh_gelu_projections(self) -> list[nn.Linear]:
-        """The Linears whose output goes straight into tanh GELU (the MLPs' input projections)."""
-        linears = [ff.net[0].proj for block in self.transformer_blocks for ff in (block.ff, block.ff_context)]
-        return linears + [block.proj_mlp for block in self.single_transformer_blocks]
+        self.proj_out = Linear(dim, out_features)
 
     def forward(
         self,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sgdiff.models.attention import attention
-from sgdiff.models.layers import FeedForward, FP32LayerNorm, MLPEmbedder, project, timestep_embedding
+from sgdiff.models.layers import FeedForward, FP32LayerNorm, Linear, MLPEmbedder, RMSNorm, project, timestep_embedding
 from sgdiff.models.rope import norm_and_rope, rope_frequencies
 from sgdiff.models.wan.config import WanTransformerConfig
 
@@ -37,16 +37,16 @@ class WanAttention(nn.Module):
     def __init__(self, dim: int, heads: int, eps: float, image_kv: bool = False):
         super().__init__()
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-        self.norm_q = nn.RMSNorm(dim, eps=eps)
-        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.to_q = Linear(dim, dim)
+        self.to_k = Linear(dim, dim)
+        self.to_v = Linear(dim, dim)
+        self.to_out = nn.ModuleList([Linear(dim, dim)])
+        self.norm_q = RMSNorm(dim, eps=eps)
+        self.norm_k = RMSNorm(dim, eps=eps)
         if image_kv:
-            self.add_k_proj = nn.Linear(dim, dim)
-            self.add_v_proj = nn.Linear(dim, dim)
-            self.norm_added_k = nn.RMSNorm(dim, eps=eps)
+            self.add_k_proj = Linear(dim, dim)
+            self.add_v_proj = Linear(dim, dim)
+            self.norm_added_k = RMSNorm(dim, eps=eps)
 
     def heads_of(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(2, (self.heads, -1))  # [B, S, H*D] -> [B, S, H, D]
@@ -125,7 +125,7 @@ class WanConditionEmbedder(nn.Module):
         dim = config.inner_dim
         self.freq_dim = config.freq_dim
         self.time_embedder = MLPEmbedder(config.freq_dim, dim)
-        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.time_proj = Linear(dim, 6 * dim)
         self.text_embedder = MLPEmbedder(config.text_dim, dim, activation="gelu_tanh")
         self.image_embedder = (
             WanImageEmbedding(config.image_dim, dim, config.pos_embed_seq_len) if config.image_dim else None
@@ -152,19 +152,8 @@ class WanTransformer(nn.Module):
         self.condition_embedder = WanConditionEmbedder(config)
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.norm_out = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
-        self.proj_out = nn.Linear(dim, config.out_channels * math.prod(config.patch_size))
+        self.proj_out = Linear(dim, config.out_channels * math.prod(config.patch_size))
         self.scale_shift_table = nn.Parameter(torch.empty(1, 2, dim))
-
-    def fusable_projections(self) -> list[tuple[nn.Linear, ...]]:
-        """The groups of Linears that always read the same input, in the order `project` is called with."""
-        groups = []
-        for block in self.blocks:
-            groups += [(block.attn1.to_q, block.attn1.to_k, block.attn1.to_v), (block.attn2.to_k, block.attn2.to_v)]
-        return groups
-
-    def tanh_gelu_projections(self) -> list[nn.Linear]:
-        """The Linears whose output goes straight into tanh GELU (each block's FFN input projection)."""
-        return [block.ffn.net[0].proj for block in self.blocks]
 
     def forward(
         self,

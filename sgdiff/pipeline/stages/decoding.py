@@ -5,9 +5,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from sgdiff.config import SamplingParams
 from sgdiff.errors import UserError
 from sgdiff.pipeline.base import ParallelMode, Stage, State
+from sgdiff.sampling import SamplingParams
 
 # Model latents -> VAE latents [B, C, h, w] (undo packing, patchify, ...)
 Unpack = Callable[[torch.Tensor, SamplingParams], torch.Tensor]
@@ -17,8 +17,8 @@ def check_finite(latents: torch.Tensor) -> None:
     """Refuse latents that overflowed (NaN or infinity would be saved as a meaningless picture)."""
     if not bool(torch.isfinite(latents).all()):
         raise UserError(
-            "the denoised latents hold NaN or infinity (the numbers overflowed): lower --guidance-scale, "
-            "--true-cfg-scale or --flow-shift, or run in bf16/fp32 instead of fp16; nothing was saved"
+            "the denoised latents hold NaN or infinity (the numbers overflowed): lower `guidance_scale` (or the "
+            "model's other guidance scales and shift), or run in bf16/fp32 instead of fp16; nothing was saved"
         )
 
 

@@ -4,8 +4,8 @@ from collections.abc import Callable
 
 import torch
 
-from sgdiff.config import SamplingParams
 from sgdiff.pipeline.base import ParallelMode, Stage, State
+from sgdiff.sampling import SamplingParams
 
 # Shape of the initial noise for a request, e.g. [N, C, H/8, W/8] for an image model.
 NoiseShape = Callable[[SamplingParams], tuple[int, ...]]

@@ -4,8 +4,8 @@ from collections.abc import Callable
 
 import torch
 
-from sgdiff.config import SamplingParams
 from sgdiff.pipeline.base import ParallelMode, Stage, State
+from sgdiff.sampling import SamplingParams
 
 # encode(prompts, params) -> model inputs, each with a leading batch dim of len(prompts)
 PromptEncoder = Callable[[list[str], SamplingParams], dict[str, torch.Tensor]]

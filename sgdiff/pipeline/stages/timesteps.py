@@ -3,9 +3,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sgdiff.config import SamplingParams
 from sgdiff.pipeline.base import ParallelMode, Stage, State
 from sgdiff.pipeline.schedule import FlowMatchEulerSampler, FlowMatchSchedule, flow_match_sigmas
+from sgdiff.sampling import SamplingParams
 
 
 class FlowMatchTimestepsStage(Stage):

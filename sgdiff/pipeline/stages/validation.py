@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from sgdiff.config import SamplingParams
 from sgdiff.pipeline.base import ParallelMode, Stage, State
+from sgdiff.sampling import SamplingParams
 
 ValidationRule = Callable[[SamplingParams], None]  # raises UserError
 

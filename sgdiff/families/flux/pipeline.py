@@ -8,8 +8,7 @@ from typing import Any
 
 import torch
 
-from sgdiff.config import SamplingParams
-from sgdiff.errors import UserError
+from sgdiff.families.flux.sampling import FluxSampling, flux_rules, true_cfg_scale_of
 from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig
 from sgdiff.models.flux.packing import image_position_ids, pack_latents, text_position_ids, unpack_latents
 from sgdiff.models.loading import build_on_meta, load_own_model, read_json
@@ -27,29 +26,8 @@ from sgdiff.pipeline.stages.denoising import DenoisingStage
 from sgdiff.pipeline.stages.latents import LatentsStage
 from sgdiff.pipeline.stages.text_encoding import TextEncodingStage
 from sgdiff.pipeline.stages.timesteps import FlowMatchTimestepsStage
-from sgdiff.pipeline.stages.validation import InputValidationStage, ValidationRule
+from sgdiff.pipeline.stages.validation import InputValidationStage
 from sgdiff.pipeline.text_encoders import ClipPooledEncoder, T5SequenceEncoder
-
-
-def flux_rules(transformer_config: dict) -> list[ValidationRule]:
-    """Requests that FLUX would silently ignore are refused instead."""
-
-    def guidance_needs_embedding(params: SamplingParams) -> None:
-        # the value may come from --guidance-scale or from a preset, so name neither as the culprit
-        if not transformer_config.get("guidance_embeds") and params.guidance_scale:
-            raise UserError(
-                f"guidance_scale is {params.guidance_scale:g}, but this FLUX model (schnell-like) has no guidance "
-                "embedding: pass --guidance-scale 0 or --preset flux.1-schnell (true CFG: --negative-prompt with "
-                "--true-cfg-scale)"
-            )
-
-    def true_cfg_pairs(params: SamplingParams) -> None:
-        if params.negative_prompt is not None and params.true_cfg_scale <= 1:
-            raise UserError("--negative-prompt is used only with true CFG: add --true-cfg-scale > 1 (e.g. 4)")
-        if params.negative_prompt is None and params.true_cfg_scale > 1:
-            raise UserError("--true-cfg-scale needs a --negative-prompt (FLUX runs true CFG against it)")
-
-    return [guidance_needs_embedding, true_cfg_pairs]
 
 
 class FluxLatentGeometry:
@@ -59,23 +37,23 @@ class FluxLatentGeometry:
         self.vae_scale_factor = vae_scale_factor
         self.latent_channels = latent_channels
 
-    def latent_size(self, params: SamplingParams) -> tuple[int, int]:
+    def latent_size(self, params: FluxSampling) -> tuple[int, int]:
         step = self.vae_scale_factor * 2  # the VAE, then 2x2 packing
         return 2 * (params.height // step), 2 * (params.width // step)
 
-    def image_seq_len(self, params: SamplingParams) -> int:
+    def image_seq_len(self, params: FluxSampling) -> int:
         h, w = self.latent_size(params)
         return (h // 2) * (w // 2)
 
-    def noise_shape(self, params: SamplingParams) -> tuple[int, ...]:
+    def noise_shape(self, params: FluxSampling) -> tuple[int, ...]:
         return (params.num_outputs_per_prompt, self.latent_channels, *self.latent_size(params))
 
-    def pack(self, noise: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, dict]:
+    def pack(self, noise: torch.Tensor, params: FluxSampling) -> tuple[torch.Tensor, dict]:
         h, w = self.latent_size(params)
         img_ids = image_position_ids(h // 2, w // 2).to(device=noise.device, dtype=noise.dtype)
         return pack_latents(noise), {"img_ids": img_ids}
 
-    def unpack(self, tokens: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    def unpack(self, tokens: torch.Tensor, params: FluxSampling) -> torch.Tensor:
         return unpack_latents(tokens, *self.latent_size(params))
 
 
@@ -83,7 +61,7 @@ class FluxPromptEncoder:
     def __init__(self, clip: ClipPooledEncoder, t5: T5SequenceEncoder, dtype: torch.dtype):
         self.clip, self.t5, self.dtype = clip, t5, dtype
 
-    def __call__(self, prompts: list[str], params: SamplingParams) -> dict[str, torch.Tensor]:
+    def __call__(self, prompts: list[str], params: FluxSampling) -> dict[str, torch.Tensor]:
         pooled = self.clip(prompts).to(self.dtype)
         sequence = self.t5(prompts, params.max_sequence_length).to(self.dtype)
         return {"pooled_projections": pooled, "encoder_hidden_states": sequence}
@@ -110,10 +88,6 @@ class FluxDenoiser:
             txt_ids=txt_ids,
             guidance=guidance,
         )
-
-
-def true_cfg_scale_of(params: SamplingParams) -> float | None:
-    return params.true_cfg_scale if params.negative_prompt is not None and params.true_cfg_scale > 1 else None
 
 
 @dataclass

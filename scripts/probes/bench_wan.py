@@ -6,7 +6,7 @@ very same tensors, bf16 parity is checked, and one forward at 832x480x81 (21 lat
 tokens, 512 text tokens) is timed with the two models taking turns. Then the float32 Wan VAE
 decodes 81 frames at 480p, as sgdiff's pipeline does.
 
-    python scripts/bench_wan.py [--sizes 1.3b 14b] [--json out.json] [--tiny]
+    python scripts/probes/bench_wan.py [--sizes 1.3b 14b] [--json out.json] [--tiny]
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+SCRIPTS = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(SCRIPTS), str(SCRIPTS.parent)]  # bench_common (scripts/) and sgdiff from this checkout
 
 from bench_common import DEVICE, print_top_kernels, speed_matrix, time_call, time_interleaved  # noqa: E402
 

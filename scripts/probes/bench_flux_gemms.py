@@ -1,6 +1,6 @@
 """FLUX.1-dev's GEMMs at one GPU's rows and at a Ulysses rank's share (one CUDA GPU)
 
-    python scripts/bench_flux_gemms.py [--ranks 2]
+    python scripts/probes/bench_flux_gemms.py [--ranks 2]
 
 Times each GEMM of a FLUX.1-dev 1024x1024 forward through cuBLAS as the model runs it with every
 toggle (torch.addmm; torch._addmm_activation for the MLPs' GELU epilogue), by CUDA events, median of
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: bench_common
 from bench_common import time_call  # noqa: E402
 
 DIM, MLP = 3072, 12288

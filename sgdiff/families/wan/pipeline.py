@@ -3,15 +3,15 @@ switched at `boundary_ratio`), diffusers' Wan VAE and the scheduler named in the
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sgdiff.config import SamplingParams
 from sgdiff.errors import UserError
-from sgdiff.io.input_image import check_image_path
+from sgdiff.families.wan.image_conditioning import WanImageConditioningStage
+from sgdiff.families.wan.sampling import WanSampling, guidance_cfg, wan_rules
 from sgdiff.models.loading import build_on_meta, load_own_model, read_json
 from sgdiff.models.wan import WanTransformer, WanTransformerConfig
 from sgdiff.models.wan.transformer import IGNORED_KEYS, KEEP_FP32
@@ -27,7 +27,6 @@ from sgdiff.pipeline.components import (
 from sgdiff.pipeline.schedule import DmdSampler, SchedulerSampler
 from sgdiff.pipeline.stages.decoding import VideoVaeDecodingStage
 from sgdiff.pipeline.stages.denoising import DenoisingStage
-from sgdiff.pipeline.stages.image_conditioning import WanImageConditioningStage
 from sgdiff.pipeline.stages.latents import LatentsStage, seeded_noise
 from sgdiff.pipeline.stages.text_encoding import TextEncodingStage
 from sgdiff.pipeline.stages.timesteps import SamplerStage
@@ -36,7 +35,6 @@ from sgdiff.pipeline.text_encoders import UMT5SequenceEncoder
 
 # The schedulers diffusers' Wan checkpoints name, and the config key each uses for the flow shift.
 SCHEDULERS = {"UniPCMultistepScheduler": "flow_shift", "FlowMatchEulerDiscreteScheduler": "shift"}
-VAE_TEMPORAL_FACTOR = 4  # both Wan VAEs: 4k+1 frames -> k+1 latent frames
 
 
 @dataclass(frozen=True)
@@ -54,113 +52,13 @@ class WanSchedule:
         return cls(class_name, {k: v for k, v in raw.items() if not k.startswith("_")})
 
     def make(self, flow_shift: float | None) -> Any:
-        """A fresh scheduler instance (schedulers hold per-request state), with --flow-shift applied."""
+        """A fresh scheduler instance (schedulers hold per-request state), with the request's flow shift."""
         import diffusers
 
         config = dict(self.config)
         if flow_shift is not None:
             config[SCHEDULERS[self.class_name]] = flow_shift
         return getattr(diffusers, self.class_name).from_config(config)
-
-
-def round_frames_down(num_frames: int) -> int:
-    return (num_frames - 1) // VAE_TEMPORAL_FACTOR * VAE_TEMPORAL_FACTOR + 1
-
-
-def wan_adjust(params: SamplingParams) -> SamplingParams:
-    """--num-frames-round-down: the nearest valid frame count below the one asked for."""
-    if params.num_frames_round_down and params.num_frames is not None and params.num_frames % VAE_TEMPORAL_FACTOR != 1:
-        return replace(params, num_frames=round_frames_down(params.num_frames))
-    return params
-
-
-def wan_rules(
-    transformer_config: dict[str, Any],
-    model_index: dict[str, Any],
-    vae_config: dict[str, Any],
-    experts: tuple[bool, bool] = (True, False),
-) -> list[ValidationRule]:
-    """`experts`: whether transformer/ and transformer_2/ exist in the checkpoint."""
-    patch = transformer_config.get("patch_size", (1, 2, 2))
-    spatial = int(vae_config.get("scale_factor_spatial", 8))
-    multiples = {"height": spatial * int(patch[1]), "width": spatial * int(patch[2])}
-    if int(vae_config.get("scale_factor_temporal", VAE_TEMPORAL_FACTOR)) != VAE_TEMPORAL_FACTOR:
-        raise UserError("this Wan VAE does not compress time by 4, which sgdiff's Wan pipeline assumes")
-
-    def frames_are_4k_plus_1(params: SamplingParams) -> None:
-        if params.num_frames is None:
-            raise UserError("this video model needs --num-frames (its preset sets none)")
-        if params.num_frames % VAE_TEMPORAL_FACTOR != 1:
-            lower = round_frames_down(params.num_frames)
-            raise UserError(
-                f"--num-frames must be 4k+1 (e.g. {lower} or {lower + 4}), got {params.num_frames}; "
-                "or pass --num-frames-round-down"
-            )
-
-    def size_fits_patches(params: SamplingParams) -> None:
-        for name, value in (("height", params.height), ("width", params.width)):
-            if value % multiples[name]:
-                raise UserError(f"--{name} must be a multiple of {multiples[name]} for this model, got {value}")
-
-    def second_guidance_needs_two_experts(params: SamplingParams) -> None:
-        if params.guidance_scale_2 is not None and model_index.get("boundary_ratio") is None:
-            raise UserError(
-                "guidance_scale_2 (--guidance-scale-2 or a preset) is for Wan2.2 A14B; this model has one expert"
-            )
-
-    image_to_video = model_index.get("_class_name") == "WanImageToVideoPipeline"
-    takes_image = image_to_video or bool(model_index.get("expand_timesteps"))  # TI2V does both
-
-    def image_fits_the_model(params: SamplingParams) -> None:
-        if image_to_video and params.image_path is None:
-            raise UserError("this image-to-video model needs --image-path (a file or an http(s) URL)")
-        if params.image_path is not None:
-            if not takes_image:
-                raise UserError("--image-path: this model makes video from text only; use an I2V or TI2V checkpoint")
-            check_image_path(params.image_path)
-
-    two_experts = model_index.get("boundary_ratio") is not None
-    image_cross_attention = transformer_config.get("image_dim") is not None
-
-    def experts_are_there(params: SamplingParams) -> None:
-        if two_experts and not all(experts):
-            raise UserError("this Wan2.2 checkpoint sets boundary_ratio but lacks transformer/ or transformer_2/")
-        if not two_experts and not experts[0]:
-            raise UserError("this Wan checkpoint has no transformer/ folder")
-
-    def text_length_fits_image_attention(params: SamplingParams) -> None:
-        # the reference splits the context at 512 text tokens: another length would not be the same model
-        if image_cross_attention and params.max_sequence_length != 512:
-            raise UserError("--max-sequence-length must stay 512 for Wan2.1 I2V (its image attention expects it)")
-
-    def dmd_is_complete(params: SamplingParams) -> None:
-        if params.sampler != "dmd":
-            return
-        if two_experts or model_index.get("expand_timesteps") or image_to_video:
-            raise UserError("DMD sampling (FastWan) is for single-expert Wan2.1 T2V checkpoints only")
-        if params.dmd_timesteps is None:
-            raise UserError("DMD sampling needs dmd_timesteps in the preset (e.g. [1000, 757, 522])")
-        if params.num_inference_steps != len(params.dmd_timesteps):
-            steps = ", ".join(map(str, params.dmd_timesteps))
-            raise UserError(
-                f"DMD sampling runs exactly {len(params.dmd_timesteps)} steps (timesteps {steps}): drop --steps"
-            )
-        if params.guidance_scale > 1:
-            raise UserError("DMD sampling (FastWan) runs without CFG: drop --guidance-scale or set it to 1")
-
-    return [
-        frames_are_4k_plus_1, size_fits_patches, second_guidance_needs_two_experts, image_fits_the_model,
-        experts_are_there, text_length_fits_image_attention, dmd_is_complete,
-    ]  # fmt: skip
-
-
-def wan_given_flag_rules(given: set[str], params: SamplingParams) -> None:
-    """Flags that a request without CFG would silently ignore are refused."""
-    if params.guidance_scale > 1:
-        return
-    for name, flag in (("negative_prompt", "--negative-prompt"), ("guidance_scale_2", "--guidance-scale-2")):
-        if name in given:
-            raise UserError(f"{flag} is used only with CFG: add --guidance-scale > 1 (e.g. 5)")
 
 
 @dataclass
@@ -182,13 +80,13 @@ class WanVideoGeometry:
         self.temporal = vae_config.scale_factor_temporal
         self.latent_channels = latent_channels
 
-    def noise_shape(self, params: SamplingParams) -> tuple[int, ...]:
+    def noise_shape(self, params: WanSampling) -> tuple[int, ...]:
         frames = (params.num_frames - 1) // self.temporal + 1
         size = (params.height // self.spatial, params.width // self.spatial)
         return (params.num_outputs_per_prompt, self.latent_channels, frames, *size)
 
     @staticmethod
-    def as_latents(noise: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, dict]:
+    def as_latents(noise: torch.Tensor, params: WanSampling) -> tuple[torch.Tensor, dict]:
         return noise, {}
 
 
@@ -196,7 +94,7 @@ class WanPromptEncoder:
     def __init__(self, encoder: UMT5SequenceEncoder, dtype: torch.dtype):
         self.encoder, self.dtype = encoder, dtype
 
-    def __call__(self, prompts: list[str], params: SamplingParams) -> dict[str, torch.Tensor]:
+    def __call__(self, prompts: list[str], params: WanSampling) -> dict[str, torch.Tensor]:
         return {"encoder_hidden_states": self.encoder(prompts, params.max_sequence_length).to(self.dtype)}
 
 
@@ -251,10 +149,6 @@ def model_dtype(parts: WanComponents) -> torch.dtype:
     """The dtype diffusers calls the transformer's: that of its first parameter (the patch embedding)."""
     model = parts.transformer if parts.transformer is not None else parts.transformer_2
     return model.patch_embedding.weight.dtype
-
-
-def guidance_cfg(params: SamplingParams) -> float | None:
-    return params.guidance_scale if params.guidance_scale > 1 else None
 
 
 def make_sampler(state: State, schedule: WanSchedule):

@@ -1,6 +1,6 @@
 """What a cross-stream edge costs inside a replayed CUDA graph (1 CUDA GPU)
 
-    python scripts/bench_graph_edges.py
+    python scripts/probes/bench_graph_edges.py
 
 Ulysses through symmetric memory forks its copies onto a side stream and joins them back ~6 times per
 attention. Captures 200 rounds of a ~2 us kernel: on one stream; moved to a side stream (a fork

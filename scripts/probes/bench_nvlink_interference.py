@@ -1,6 +1,6 @@
 """Does NVLink traffic slow the compute beside it? (2 CUDA GPUs of one host)
 
-    torchrun --nproc-per-node 2 scripts/bench_nvlink_interference.py
+    torchrun --nproc-per-node 2 scripts/probes/bench_nvlink_interference.py
 
 Rank 0 times, by CUDA events (median of 5 rounds), 100 cuDNN attentions of FLUX.1-dev Ulysses-2's
 size (4608 tokens, 12 heads, D 128) and 50 GEMMs of its q/k/v projection (2304 x 9216 x 3072, bf16),
@@ -12,13 +12,17 @@ engine. Then the rate of each kind of copy alone. Leaves NVLink multicast off.""
 from __future__ import annotations
 
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed._symmetric_memory as symm_mem
 import torch.nn.functional as F
-from bench_common import join_nccl_group, time_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: bench_common
+from bench_common import join_nccl_group, time_call  # noqa: E402
 
 ELEMENTS = 14 * 2**20  # bf16: 28 MB, what one FLUX Ulysses-2 attention sends to the peer
 

@@ -6,7 +6,7 @@ tensors as diffusers' FluxTransformer2DModel. Each pipeline makes the same reque
 steps, guidance, CPU-generator seed); the script reports how close the images are and times whole
 generations, the two pipelines taking turns.
 
-    python scripts/bench_flux_pipeline.py [--height 1024 --width 1024 --steps 28] [--json out.json]
+    python scripts/probes/bench_flux_pipeline.py [--height 1024 --width 1024 --steps 28] [--json out.json]
 
 Needs a CUDA GPU with ~45 GB free and diffusers installed.
 """
@@ -23,24 +23,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+SCRIPTS = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(SCRIPTS), str(SCRIPTS.parent)]  # bench_flux_transformer (scripts/) and sgdiff from this checkout
 
 from bench_flux_transformer import DEVICE, build_models  # noqa: E402
 
 from sgdiff.bench.parts import CLIP_L, FLUX_VAE, T5_XXL  # noqa: E402
-from sgdiff.config import SamplingParams  # noqa: E402
+from sgdiff.families.flux.pipeline import FluxComponents, compose_flux_pipeline  # noqa: E402
+from sgdiff.families.flux.sampling import FluxSampling  # noqa: E402
+from sgdiff.models.repo_configs import FLUX_SCHEDULER_CONFIGS  # noqa: E402
 from sgdiff.pipeline.base import State  # noqa: E402
-from sgdiff.pipeline.flux import FluxComponents, compose_flux_pipeline  # noqa: E402
 from sgdiff.pipeline.schedule import FlowMatchSchedule  # noqa: E402
 from sgdiff.pipeline.stages.latents import seeded_noise  # noqa: E402
-from sgdiff.testing.tiny_flux import (  # noqa: E402
-    CLIP_CONFIG,
-    SCHEDULER_CONFIGS,
-    T5_CONFIG,
-    VAE_CONFIG,
-    make_clip_tokenizer,
-    make_t5_tokenizer,
-)
+from sgdiff.testing import tiny_configs  # noqa: E402
+from sgdiff.testing.tiny_flux import make_clip_tokenizer, make_t5_tokenizer  # noqa: E402
 
 
 def build_parts(tiny: bool):
@@ -49,7 +45,10 @@ def build_parts(tiny: bool):
 
     tokenizer, tokenizer_2 = make_clip_tokenizer(), make_t5_tokenizer()  # tiny vocabularies: ids fit the real ones
     reference_transformer, transformer = build_models(tiny)
-    clip_config, t5_config, vae_config = (CLIP_CONFIG, T5_CONFIG, VAE_CONFIG) if tiny else (CLIP_L, T5_XXL, FLUX_VAE)
+    if tiny:
+        clip_config, t5_config, vae_config = tiny_configs.FLUX_CLIP, tiny_configs.FLUX_T5, tiny_configs.FLUX_VAE
+    else:
+        clip_config, t5_config, vae_config = CLIP_L, T5_XXL, FLUX_VAE
     vocab = {"vocab_size": len(tokenizer)} if tiny else {}
     torch.manual_seed(1)
     torch.set_default_dtype(torch.bfloat16)
@@ -87,7 +86,7 @@ def main() -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     parts, reference_transformer = build_parts(args.tiny)
-    dev_schedule = SCHEDULER_CONFIGS["dev"]
+    dev_schedule = FLUX_SCHEDULER_CONFIGS["dev"]
     reference = FluxPipeline(
         FlowMatchEulerDiscreteScheduler(**dev_schedule),
         parts.vae,
@@ -99,7 +98,7 @@ def main() -> None:
     )
     reference.set_progress_bar_config(disable=True)
     ours = compose_flux_pipeline(parts, FlowMatchSchedule.from_dict(dev_schedule))
-    params = SamplingParams(
+    params = FluxSampling(
         prompt="a cat holding a sign that says hello world",
         height=args.height,
         width=args.width,
@@ -129,7 +128,7 @@ def main() -> None:
     # noise from a CUDA generator is drawn as diffusers draws it too (--generator-device cuda)
     from diffusers.utils.torch_utils import randn_tensor
 
-    cuda_params = SamplingParams(prompt="x", seed=5, generator_device=DEVICE)
+    cuda_params = FluxSampling(prompt="x", seed=5, generator_device=DEVICE)
     shape = (1, 16, args.height // 8, args.width // 8)
     ours_noise = seeded_noise(shape, cuda_params, torch.bfloat16, device)
     cuda_generator = torch.Generator(DEVICE).manual_seed(5)

@@ -11,7 +11,7 @@ GPU's 1-GPU time, and the speed-up against the slowest GPU's ("slowest": GPUs un
 clock a few per cent apart, and a parallel mode runs at the slowest one's pace). bf16
 agreement: relative error of the parallel step's output against the 1-GPU step's.
 
-    torchrun --nproc-per-node N scripts/bench_parallel.py [--cuda-graph] [--wan-model 14b]
+    torchrun --nproc-per-node N scripts/probes/bench_parallel.py [--cuda-graph] [--wan-model 14b]
         [--wan-size 480p 720p] [--json out.json] [--tiny] [--fake-all-to-all]
         [--modes ulysses ring usp cfg] [--exchange nccl symmetric] [--attention-backend auto]
         [--profile] [--trace DIR]
@@ -30,38 +30,39 @@ import re
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+SCRIPTS = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(SCRIPTS), str(SCRIPTS.parent)]  # bench_common (scripts/) and sgdiff from this checkout
 
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from sgdiff.bench.parts import BENCH_MODELS, transformer_inputs  # noqa: E402
+from sgdiff.bench.parts import BENCH_MODELS, TINY_FLUX, TINY_WAN, transformer_inputs  # noqa: E402
 from sgdiff.config import ParallelConfig, SpeedConfig  # noqa: E402
 from sgdiff.models.attention import use_attention_impl  # noqa: E402
-from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig  # noqa: E402
+from sgdiff.models.flux import FluxTransformer  # noqa: E402
 from sgdiff.models.flux.config import FLUX_DEV  # noqa: E402
 from sgdiff.models.loading import build_on_meta  # noqa: E402
-from sgdiff.models.wan import WanTransformer, WanTransformerConfig  # noqa: E402
+from sgdiff.models.wan import WanTransformer  # noqa: E402
 from sgdiff.models.wan.config import WAN21_T2V_1_3B, WAN21_T2V_14B  # noqa: E402
 from sgdiff.parallel.cfg import CfgParallelBranches  # noqa: E402
 from sgdiff.parallel.groups import build_groups  # noqa: E402
 from sgdiff.parallel.plans import apply_sequence_parallel  # noqa: E402
+from sgdiff.pipeline.registry import family_named  # noqa: E402
 from sgdiff.pipeline.stages.denoising import guided_velocity  # noqa: E402
 from sgdiff.speed.apply import speed_up_transformer  # noqa: E402
 from sgdiff.speed.attention_backends import CHOICES, attention_backend  # noqa: E402
 from sgdiff.speed.cuda_graph import CudaGraphForward  # noqa: E402
 from sgdiff.testing.compare import relative_error  # noqa: E402
 
-TINY_FLUX = FluxTransformerConfig(
-    num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=8, joint_attention_dim=32,
-    pooled_projection_dim=32, axes_dims_rope=(4, 6, 6), guidance_embeds=True,
-)  # fmt: skip
-TINY_WAN = WanTransformerConfig(num_attention_heads=8, attention_head_dim=12, text_dim=32, ffn_dim=32, num_layers=2)
+# --tiny: sgdiff bench's tiny models with 8 heads (Ulysses-8 splits them), FLUX with guidance as dev's
+TINY_FLUX_8 = replace(TINY_FLUX, num_attention_heads=8, guidance_embeds=True)
+TINY_WAN_8 = replace(TINY_WAN, num_attention_heads=8)
 WAN_MODELS = {"1.3b": ("Wan2.1-T2V-1.3B", WAN21_T2V_1_3B), "14b": ("Wan2.1-T2V-14B", WAN21_T2V_14B)}
 WAN_SIZES = {"480p": dict(frames=81, height=480, width=832), "720p": dict(frames=81, height=720, width=1280)}
 WAN_CFG = 5.0
@@ -182,8 +183,12 @@ def prepared(model: torch.nn.Module, args) -> torch.nn.Module:
     graph is this script's own --cuda-graph, around a whole step)."""
     speed = SpeedConfig(fused_projections=args.fuse, fused_gelu=args.gelu, fused_norms=args.norms,
                         torch_compile=args.compile)  # fmt: skip
-    speed_up_transformer(model, speed)
+    speed_up_transformer(model, speed, family_of(model))
     return model
+
+
+def family_of(model: torch.nn.Module):
+    return family_named("flux" if isinstance(model, FluxTransformer) else "wan")
 
 
 def compare_modes(name: str, label: str, model, step, modes, device, args, kinds: dict) -> list[dict]:
@@ -227,7 +232,9 @@ def compare_modes(name: str, label: str, model, step, modes, device, args, kinds
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # NCCL allocates a new group's buffers outside torch's cache
             groups = build_groups(parallel)
-            attn = apply_sequence_parallel([model], groups, args.attention, exchange) if groups.sp_degree > 1 else None
+            family = family_of(model)
+            sharded = groups.sp_degree > 1
+            attn = apply_sequence_parallel([model], family, groups, args.attention, exchange) if sharded else None
             with use_attention_impl(attn or args.attention):
                 ms, host, out = run(lambda groups=groups: step(groups), mode)
             if attn:
@@ -345,12 +352,12 @@ def main() -> None:
     with torch.inference_mode():  # (the CUDA graph wrapper replays only without autograd)
         comm = comm_rows(device, (1.0, 14.0, 42.0)) if args.comm else []
     if "flux" in args.models:
-        results += bench_flux(TINY_FLUX if args.tiny else FLUX_DEV, flux_size, device, args, kinds)
+        results += bench_flux(TINY_FLUX_8 if args.tiny else FLUX_DEV, flux_size, device, args, kinds)
     if "wan" in args.models:
         name, config = WAN_MODELS[args.wan_model]
         for size in args.wan_size:
             shape = dict(frames=9, height=48, width=64) if args.tiny else WAN_SIZES[size]  # tiny: 3x6x8 latents
-            results += bench_wan(name, TINY_WAN if args.tiny else config, shape, device, args, kinds)
+            results += bench_wan(name, TINY_WAN_8 if args.tiny else config, shape, device, args, kinds)
     if dist.get_rank() == 0:
         card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(f"\n{card}, torch {torch.__version__}, {dist.get_world_size()} ranks")

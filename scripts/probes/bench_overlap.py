@@ -1,6 +1,6 @@
 """Does an all-to-all hide behind a GEMM? (2+ CUDA GPUs of one host)
 
-    torchrun --nproc-per-node 2 scripts/bench_overlap.py
+    torchrun --nproc-per-node 2 scripts/probes/bench_overlap.py
 
 Times, by CUDA events (median of 20 rounds, every rank in step), FLUX.1-dev's single-block MLP GEMM
 (4608 x 3072 @ 3072 x 12288, bf16) and the all-to-all Ulysses-2 sends for a block's q, k and v
@@ -12,11 +12,15 @@ Leaves NVLink multicast off (TORCH_SYMM_MEM_DISABLE_MULTICAST=1)."""
 from __future__ import annotations
 
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed._symmetric_memory as symm_mem
-from bench_common import join_nccl_group
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: bench_common
+from bench_common import join_nccl_group  # noqa: E402
 
 ROUNDS = 20
 

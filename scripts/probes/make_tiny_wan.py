@@ -10,7 +10,7 @@ Variants mirror the real Wan-AI diffusers repos:
     i2v-a14b  Wan2.2-I2V-A14B       WanImageToVideoPipeline, two transformers, boundary_ratio 0.9
     ti2v      Wan2.2-TI2V-5B        WanPipeline, Wan2.2 VAE, expand_timesteps
 
-    python scripts/make_tiny_wan.py OUT_DIR [--variant t2v|i2v|t2v-a14b|i2v-a14b|ti2v] [--seed N]
+    python scripts/probes/make_tiny_wan.py OUT_DIR [--variant t2v|i2v|t2v-a14b|i2v-a14b|ti2v] [--seed N]
 """
 
 from __future__ import annotations

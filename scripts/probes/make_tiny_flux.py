@@ -3,7 +3,7 @@
 The model has RANDOM weights and generates noise: it exists only to test loading,
 scheduling and the generation loop quickly on a CPU, never to make real images.
 
-    python scripts/make_tiny_flux.py OUT_DIR [--variant dev|schnell] [--seed N] [--shard-transformer]
+    python scripts/probes/make_tiny_flux.py OUT_DIR [--variant dev|schnell] [--seed N] [--shard-transformer]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from sgdiff.config import SamplingParams
+from sgdiff.families.wan.sampling import WanSampling
 from sgdiff.io.input_image import load_image
 from sgdiff.pipeline.base import ParallelMode, Stage, State
 from sgdiff.pipeline.stages.decoding import latent_statistics
@@ -66,7 +66,7 @@ class WanImageConditioningStage(Stage):
             condition = torch.cat([mask.to(condition.device), condition], dim=1)
         state.shared["image_condition"] = condition.repeat(params.num_outputs_per_prompt, 1, 1, 1, 1)
 
-    def clip_features(self, image, params: SamplingParams, device: torch.device) -> torch.Tensor:
+    def clip_features(self, image, params: WanSampling, device: torch.device) -> torch.Tensor:
         inputs = self.image_processor(images=image, return_tensors="pt").to(device)
         hidden = self.image_encoder(**inputs, output_hidden_states=True).hidden_states[-2]
         return hidden.repeat(params.num_outputs_per_prompt, 1, 1).to(self.dtype)

@@ -1,0 +1,2 @@
+"""The built-in model families, one package each; importing a package registers its family
+(sgdiff/pipeline/registry.py imports them all)."""

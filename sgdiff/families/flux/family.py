@@ -1,0 +1,61 @@
+"""FLUX.1 [dev] and [schnell] as a model family: what it loads, the fields its requests carry, its
+rules, its schedule, its shard plan and the groups its transformer offers the speed toggles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sgdiff.families.flux.sampling import FluxSampling, flux_rules, true_cfg_scale_of
+from sgdiff.models.flux import FluxTransformer
+from sgdiff.pipeline.base import ComposedPipeline, PipelineEvents
+from sgdiff.pipeline.family import FusableGroups, ModelFamily
+from sgdiff.pipeline.schedule import FlowMatchSchedule
+
+
+class FluxFamily(ModelFamily):
+    name = "flux"
+    pipeline_classes = ("FluxPipeline",)
+    output = "image"
+    sampling = FluxSampling
+    text_encoders = frozenset({"text_encoder", "text_encoder_2"})
+
+    def schedule(self, options: dict[str, Any]) -> FlowMatchSchedule:
+        return FlowMatchSchedule.from_dict(options)
+
+    def rules(self, info) -> list:
+        return flux_rules(info.transformer_config)
+
+    def load(
+        self,
+        model_dir: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        schedule: FlowMatchSchedule,
+        events: PipelineEvents,
+        skip: frozenset[str],
+    ) -> ComposedPipeline:
+        from sgdiff.families.flux.pipeline import load_flux_pipeline
+
+        return load_flux_pipeline(model_dir, device, dtype, schedule, events, skip)
+
+    def cfg_scale_of(self, params: FluxSampling) -> float | None:
+        return true_cfg_scale_of(params)
+
+    def shard(self, model: FluxTransformer, attention, groups) -> None:
+        from sgdiff.families.flux.shard import shard_flux
+
+        shard_flux(model, attention, groups)
+
+    def fusable(self, model: FluxTransformer) -> FusableGroups:
+        projections = []
+        for block in model.transformer_blocks:
+            a = block.attn
+            projections += [(a.to_q, a.to_k, a.to_v), (a.add_q_proj, a.add_k_proj, a.add_v_proj)]
+        for block in model.single_transformer_blocks:
+            projections.append((block.attn.to_q, block.attn.to_k, block.attn.to_v))
+        gelu = [ff.net[0].proj for block in model.transformer_blocks for ff in (block.ff, block.ff_context)]
+        gelu += [block.proj_mlp for block in model.single_transformer_blocks]
+        return FusableGroups(projections, gelu)

@@ -1,0 +1,96 @@
+"""The one interface a model family declares: how it loads, which sampling fields its requests carry
+(its own SamplingParams dataclass), its request rules, its schedule, its shard plan for sequence
+parallelism and the groups its transformers offer the speed toggles. Generic code asks the family
+and never names a family's field.
+
+A family is one folder under sgdiff/families/ (its transformer's math under sgdiff/models/) whose
+__init__ registers it (pipeline/registry.py finds the folder); a caller may register one of its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from sgdiff.errors import UserError
+from sgdiff.pipeline.base import ComposedPipeline, PipelineEvents
+from sgdiff.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from sgdiff.parallel.groups import ParallelGroups
+    from sgdiff.parallel.sequence import SequenceParallelAttention
+    from sgdiff.pipeline.registry import ModelInfo
+    from sgdiff.pipeline.stages.validation import ValidationRule
+
+
+@dataclass
+class FusableGroups:
+    """What one transformer offers the speed toggles (speed/fuse.py applies them)."""
+
+    # Linears that always read the same input, in the order models/layers.py `project` takes them
+    projections: list[tuple[nn.Linear, ...]] = field(default_factory=list)
+    # Linears whose output goes straight into tanh GELU (the MLPs' input projections)
+    gelu_projections: list[nn.Linear] = field(default_factory=list)
+
+
+class ModelFamily:
+    """Subclass, fill in the class attributes and the methods the family needs, and register an
+    instance (registry.register_family)."""
+
+    name: str = ""
+    pipeline_classes: tuple[str, ...] = ()  # the model_index.json `_class_name`s it serves
+    output: str = "image"  # or "video"
+    sampling: type[SamplingParams] = SamplingParams  # the fields its requests may carry
+    text_encoders: frozenset[str] = frozenset({"text_encoder"})  # parts only rank 0 loads
+
+    def schedule(self, options: dict[str, Any]) -> Any:
+        """The schedule object from the merged scheduler options (preset < checkpoint); refuses what
+        it cannot honour, before any weight loads."""
+        raise NotImplementedError
+
+    def rules(self, info: ModelInfo) -> list[ValidationRule]:
+        """Request checks from the checkpoint's configs, run before any weight loads (and again by
+        the pipeline's validation stage)."""
+        return []
+
+    def load(
+        self,
+        model_dir: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        schedule: Any,
+        events: PipelineEvents,
+        skip: frozenset[str],
+    ) -> ComposedPipeline:
+        """The loaded pipeline; `skip` names components this process never runs (None in their place)."""
+        raise NotImplementedError
+
+    def adjust(self, params: SamplingParams) -> SamplingParams:
+        """A request's values made final (e.g. a frame count rounded as asked)."""
+        return params
+
+    def given_rules(self, given: set[str], params: SamplingParams) -> None:
+        """Refuse fields given explicitly (`given`) that this request would silently ignore."""
+
+    def cfg_scale_of(self, params: SamplingParams) -> float | None:
+        """The request's CFG scale, or None when it runs without CFG (CFG parallel has nothing to split)."""
+        return None
+
+    def input_images(self, params: SamplingParams) -> list[str]:
+        """The images (paths or URLs) the request reads, fetched once by the engine before it runs."""
+        return []
+
+    def fps(self, params: SamplingParams) -> int | None:
+        """Frames per second of a video request's output (None: image models, or the writer's default)."""
+        return None
+
+    def shard(self, model: nn.Module, attention: SequenceParallelAttention, groups: ParallelGroups) -> None:
+        """Split and join `model`'s tokens for sequence parallelism: forward hooks added to
+        `attention.hooks` (parallel/plans.py has the shared pieces)."""
+        raise UserError(f"sequence parallelism is not available for {self.name} models", field="ulysses_degree")
+
+    def fusable(self, model: nn.Module) -> FusableGroups:
+        return FusableGroups()

@@ -1,0 +1,139 @@
+"""What a request asks for: the sampling fields every model family shares (SamplingParams), which a
+family extends with a dataclass of its own, and the one place where defaults, a preset and the
+caller's values meet (`build_sampling_params`).
+
+A field's rule is declared beside it (`checked`), its type is its annotation: generic code checks
+any family's fields without naming one. Errors name fields in backticks (sgdiff.errors.UserError)."""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cache
+from typing import Any
+
+from sgdiff.config import Preset, merge_layers
+from sgdiff.errors import UserError
+
+SIZE_MULTIPLE = 16
+MAX_SIZE = 8192
+FLOAT32_MAX = 3.4028234663852886e38  # the scales become float32 tensors
+MAX_SEED = 2**64 - 1
+MAX_SEQUENCE_LENGTH = 512  # T5's length in FLUX's training; diffusers refuses more too
+
+
+def checked(default: Any, ok: Callable[[Any], bool], rule: str) -> Any:
+    """A dataclass field whose given values must pass `ok`; `rule` completes "`name` ..." (e.g.
+    "must be at least 1") in the error for one that does not."""
+    return field(default=default, metadata={"check": (ok, rule)})
+
+
+def _size_ok(value: int) -> bool:
+    return 0 < value <= MAX_SIZE and value % SIZE_MULTIPLE == 0
+
+
+SIZE_RULE = f"must be a positive multiple of {SIZE_MULTIPLE} up to {MAX_SIZE}"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One generation request: a prompt and how to sample it (the fields every family has)."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    height: int = checked(1024, _size_ok, SIZE_RULE)
+    width: int = checked(1024, _size_ok, SIZE_RULE)
+    num_inference_steps: int = checked(28, lambda v: v >= 1, "must be at least 1")
+    guidance_scale: float = 3.5
+    seed: int = checked(42, lambda v: 0 <= v <= MAX_SEED, f"must be between 0 and {MAX_SEED}")
+    generator_device: str = checked("cpu", lambda v: v in ("cpu", "cuda"), "must be 'cpu' or 'cuda'")
+    num_outputs_per_prompt: int = checked(1, lambda v: v >= 1, "must be at least 1")
+    max_sequence_length: int = checked(
+        512, lambda v: 1 <= v <= MAX_SEQUENCE_LENGTH, f"must be between 1 and {MAX_SEQUENCE_LENGTH}"
+    )
+
+    def validate(self) -> None:
+        check_values(type(self), self.__dict__)
+        if not self.prompt.strip():
+            raise UserError("the prompt is empty: describe what to generate in `prompt`", field="prompt")
+
+
+KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", tuple: "a list of integers"}
+
+
+@cache
+def field_kinds(cls: type[SamplingParams]) -> dict[str, type]:
+    """Each field's type as its annotation says (None allowed or not aside): int, float, str, bool or
+    tuple (of ints)."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        kinds[name] = typing.get_origin(hint) or hint
+    return kinds
+
+
+def sampling_fields(cls: type[SamplingParams]) -> frozenset[str]:
+    """The fields a caller or preset may set (the prompt comes on its own)."""
+    return frozenset(f.name for f in fields(cls)) - {"prompt"}
+
+
+def sampling_defaults(cls: type[SamplingParams]) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(cls) if f.name != "prompt" and f.default is not MISSING}
+
+
+def _type_ok(kind: type, value: Any) -> bool:
+    if isinstance(value, bool) and kind is not bool:
+        return False
+    if kind is float:
+        return isinstance(value, (int, float))
+    if kind is tuple:
+        return isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return isinstance(value, kind)
+
+
+def check_types(cls: type[SamplingParams], values: Mapping[str, Any], source: str) -> None:
+    """Values from presets and callers have their field's type (a flag parser already ensures it)."""
+    kinds = field_kinds(cls)
+    for name, value in values.items():
+        if value is not None and name in kinds and not _type_ok(kinds[name], value):
+            raise UserError(f"{source}: `{name}` must be {KINDS[kinds[name]]}, got {value!r}", field=name)
+
+
+def check_values(cls: type[SamplingParams], values: Mapping[str, Any]) -> None:
+    """Every rule `cls` declares, and finite 32-bit floats, for the values that are set."""
+    kinds = field_kinds(cls)
+    for f in fields(cls):
+        value = values.get(f.name)
+        if value is None:
+            continue
+        if kinds[f.name] is float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise UserError(f"`{f.name}` must be a finite number (a 32-bit float), got {value}", field=f.name)
+        if "check" in f.metadata:
+            ok, rule = f.metadata["check"]
+            if not ok(value):
+                raise UserError(f"`{f.name}` {rule}, got {value}", field=f.name)
+
+
+def build_sampling_params(
+    cls: type[SamplingParams], prompt: str, preset: Preset | None, given: Mapping[str, Any]
+) -> SamplingParams:
+    """The one place where defaults, the preset and the caller's values meet:
+    `cls`'s defaults < the preset's [sampling] < `given` (None in `given` means not given)."""
+    known = sampling_fields(cls)
+    if unknown := sorted(set(given) - known):
+        raise UserError(f"unknown sampling parameters {unknown}; known: {sorted(known)}", field=unknown[0])
+    check_types(cls, given, "sampling parameters")
+    from_preset = preset.sampling if preset else {}
+    if unknown := sorted(set(from_preset) - known):
+        raise UserError(f"preset {preset.name}: unknown [sampling] keys {unknown} (known: {sorted(known)})")
+    check_types(cls, from_preset, f"preset {preset.name if preset else ''} [sampling]")
+    values = merge_layers(sampling_defaults(cls), from_preset, given)
+    kinds = field_kinds(cls)
+    values = {k: tuple(v) if kinds[k] is tuple and v is not None else v for k, v in values.items()}
+    params = cls(prompt=prompt, **values)
+    params.validate()
+    return params
