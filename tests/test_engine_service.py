@@ -85,6 +85,19 @@ def test_a_pool_serves_requests_in_a_row_without_restarting(pool_engine, single_
     assert pool_engine.health() is None
 
 
+def test_a_request_the_pool_cannot_finish_fails_alone(pool_engine, single_images):
+    """A caller's error found while a request runs (here: latents overflowing at decode, on rank 0)
+    fails that request with its message; the same workers serve the next one."""
+    before = [process.pid for process in worker_processes(pool_engine)]
+    handle = pool_engine.submit("p", height=32, width=32, num_inference_steps=2, guidance_scale=1e38)
+    with pytest.raises(UserError, match="the denoised latents hold NaN or infinity"):
+        handle.result(timeout=120)
+    assert handle.status is RequestStatus.FAILED and pool_engine.health() is None
+    prompt, fields = REQUESTS[0]
+    assert_same_pixels(pool_engine.submit(prompt, **fields).result(timeout=120).images, single_images[0])
+    assert [process.pid for process in worker_processes(pool_engine)] == before
+
+
 def cancel_at_step(handle, step: int) -> list[int]:
     """Cancel `handle` once its step `step` has finished; returns the steps it reported."""
     steps = []
