@@ -112,26 +112,49 @@ def test_image_path_on_an_image_model_is_refused(tiny_flux_dev, picture):
     assert result.exit_code == 2 and "--image-path does not apply to FluxPipeline" in result.stderr
 
 
-def test_image_from_an_http_url(tiny_wan, picture, tmp_path):
-    """A URL is downloaded (here from a server on loopback) and gives the same video as the file."""
+@pytest.fixture
+def served_picture(picture):
+    """The picture's URL on a server on loopback, and the list of paths it was asked for."""
     import functools
     import http.server
     import threading
 
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(picture.parent))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/{picture.name}"
-        videos = []
-        for name, source in (("from_url", url), ("from_file", str(picture))):
-            output = ["--output-format", "png", "--output-path", str(tmp_path), "--output-file-name", name, "-q"]
-            args = ["generate", "--model-path", str(tiny_wan("i2v")), *FLAGS, "--image-path", source, *output]
-            result = runner.invoke(app, args)
-            assert result.exit_code == 0, result.output
-            videos.append(read_png_frames(tmp_path / name))
-    finally:
-        server.shutdown()
-    assert np.array_equal(videos[0], videos[1])
+    asked: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(picture.parent))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{picture.name}", asked
+    server.shutdown()
+
+
+def generate_video(model, image: str, out: Path, name: str, *extra: str) -> np.ndarray:
+    output = ["--output-format", "png", "--output-path", str(out), "--output-file-name", name, "-q"]
+    result = runner.invoke(
+        app, ["generate", "--model-path", str(model), *FLAGS, "--image-path", image, *output, *extra]
+    )
+    assert result.exit_code == 0, result.output
+    return read_png_frames(out / name)
+
+
+def test_image_from_an_http_url(tiny_wan, picture, served_picture, tmp_path):
+    """A URL is downloaded once and gives the same video as the file; on two processes too (the
+    front fetches the image once and sends its bytes to every rank)."""
+    url, asked = served_picture
+    from_file = generate_video(tiny_wan("i2v"), str(picture), tmp_path, "from_file")
+    assert np.array_equal(generate_video(tiny_wan("i2v"), url, tmp_path, "from_url"), from_file)
+    assert len(asked) == 1
+    from sgdiff.io.input_image import _download_checked
+
+    _download_checked.cache_clear()  # (the run above left it there: this run downloads it again, once)
+    two = generate_video(tiny_wan("i2v"), url, tmp_path, "two", "--num-gpus", "2", "--device", "cpu")
+    assert np.abs(two.astype(int) - from_file.astype(int)).max() <= 1 and len(asked) == 2  # not by the workers

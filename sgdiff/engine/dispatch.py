@@ -1,7 +1,7 @@
 """The front's side of an executor: requests wait in submission order, one runs at a time, and what
 the executor reports (progress, results, failures) reaches each request's handle.
 
-Front -> executor messages: ("run", id, params), ("cancel", id), ("stop",).
+Front -> executor messages: ("run", id, params, inputs), ("cancel", id), ("stop",).
 Executor -> front messages (serve.py sends them): ("event", None, kind, args) while loading,
 ("started", id), ("event", id, kind, args), ("done", id, result), ("cancelled", id),
 ("failed", id, UserError or text)."""
@@ -29,16 +29,19 @@ class Dispatcher:
         self._lock = threading.RLock()
         self._queue: deque[RequestHandle] = deque()
         self._running: RequestHandle | None = None
+        self._inputs: dict[str, dict[str, bytes]] = {}  # of the queued requests, by id
         self._ids = itertools.count()
         self._prefix = f"req-{os.getpid():x}-"
         self.failure: str | None = None  # why the executor can take no more requests
 
-    def submit(self, params: SamplingParams) -> RequestHandle:
+    def submit(self, params: SamplingParams, inputs: dict[str, bytes] | None = None) -> RequestHandle:
+        """Queue a request; `inputs`: the bytes of its input files by path (sent along with it)."""
         handle = RequestHandle(f"{self._prefix}{next(self._ids)}", params, self.cancel)
         with self._lock:
             if self.failure is not None:
                 raise WorkerFailure(f"the engine cannot take requests: {self.failure}")
             self._queue.append(handle)
+            self._inputs[handle.id] = inputs or {}
             self._dispatch_next()
         return handle
 
@@ -46,6 +49,7 @@ class Dispatcher:
         with self._lock:
             if handle in self._queue:
                 self._queue.remove(handle)
+                self._inputs.pop(handle.id, None)
                 handle._finish(RequestStatus.CANCELLED)
             elif handle is self._running:
                 self._send(("cancel", handle.id))
@@ -91,6 +95,7 @@ class Dispatcher:
             self.failure = self.failure or "the engine is closed"
             handles = [*([self._running] if self._running else []), *self._queue]
             self._queue.clear()
+            self._inputs.clear()
             self._running = None
         for handle in handles:
             handle._finish(RequestStatus.CANCELLED)
@@ -101,6 +106,7 @@ class Dispatcher:
             self.failure = str(error)
             handles = [*([self._running] if self._running else []), *self._queue]
             self._queue.clear()
+            self._inputs.clear()
             self._running = None
         for handle in handles:
             handle._finish(RequestStatus.FAILED, error=error)
@@ -109,4 +115,4 @@ class Dispatcher:
         if self._running is not None or not self._queue or self.failure is not None:
             return
         self._running = self._queue.popleft()
-        self._send(("run", self._running.id, self._running.params))
+        self._send(("run", self._running.id, self._running.params, self._inputs.pop(self._running.id)))

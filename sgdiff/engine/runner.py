@@ -133,15 +133,17 @@ class ModelRunner:
         params: SamplingParams,
         events: PipelineEvents | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        inputs: dict[str, bytes] | None = None,
     ) -> GenerationResult:
         """Run one request; `events` (default: the runner's) hear its progress; `should_stop()`, asked
-        between stages and steps, ends it early with RequestCancelled."""
+        between stages and steps, ends it early with RequestCancelled; `inputs`: the bytes of its
+        input files, by path, as the engine fetched them (a file not among them is read here)."""
         self.load()
         on_gpu = self.device.type == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
-        state = State(params, self.device, self.dtype, events or self.events, should_stop=should_stop)
+        state = State(params, self.device, self.dtype, events or self.events, should_stop, inputs or {})
         state = self.pipeline(state)
         return GenerationResult(
             params=params,

@@ -130,20 +130,21 @@ def serve_requests(
         if message[0] == "stop":
             return
         if message[0] == "run":
-            _, request_id, params = message
+            _, request_id, params, inputs = message
             cancelled = inbox.cancelled if leader else set()
             try:
-                run_request(runner, control, request_id, params, cancelled, outbox, survive)
+                run_request(runner, control, (request_id, params, inputs), cancelled, outbox, survive)
             finally:
                 cancelled.discard(request_id)
 
 
-def run_request(runner, control, request_id: str, params, cancelled: set[str], outbox: Outbox, survive) -> None:
+def run_request(runner, control, request: tuple, cancelled: set[str], outbox: Outbox, survive) -> None:
+    """`request`: (id, params, the bytes of its input files by path)."""
+    request_id, params, inputs = request
     outbox.put(("started", request_id))
     try:
-        result = runner.generate(
-            params, ForwardedEvents(outbox, request_id), should_stop=lambda: control.decide(request_id in cancelled)
-        )
+        events = ForwardedEvents(outbox, request_id)
+        result = runner.generate(params, events, lambda: control.decide(request_id in cancelled), inputs)
     except RequestCancelled:
         outbox.put(("cancelled", request_id))
         return

@@ -18,7 +18,7 @@ from sgdiff.engine.handle import RequestHandle
 from sgdiff.engine.ranks import under_torchrun
 from sgdiff.engine.runner import GenerationResult, ModelRunner
 from sgdiff.errors import UserError
-from sgdiff.io.input_image import prefetch
+from sgdiff.io.input_image import fetch
 from sgdiff.models.resolve import DEMO_IMAGE_MODEL
 from sgdiff.parallel.plans import check_heads
 from sgdiff.pipeline.base import NullEvents, PipelineEvents
@@ -147,8 +147,8 @@ class Engine:
                 "without CFG: give it a negative prompt and a CFG scale above 1, in the fields this model takes",
                 field="enable_cfg_parallel",
             )
-        for image in self.runner.family.input_images(params):
-            prefetch(image)  # a URL is fetched once, here, not by every rank
+        for path in self.runner.family.input_images(params):
+            fetch(path)  # a bad file or URL fails here, before anything loads or runs
         return params
 
     def start(self) -> None:
@@ -169,8 +169,10 @@ class Engine:
     def submit(self, request: str | SamplingParams, **fields: Any) -> RequestHandle:
         """Queue a request (a prompt and its fields, or what request() returned); returns at once."""
         params = request if isinstance(request, SamplingParams) else self.request(request, **fields)
+        # its input files, read (downloaded) once here: every rank gets these very bytes
+        inputs = {path: fetch(path) for path in self.runner.family.input_images(params)}
         self.start()
-        return self._executor.dispatcher.submit(params)
+        return self._executor.dispatcher.submit(params, inputs)
 
     def __call__(self, prompt: str, **fields: Any) -> GenerationOutput:
         """Generate and wait, as a diffusers pipeline call does; Ctrl-C cancels the request."""

@@ -1,10 +1,15 @@
-"""Input images for image-to-video: a local file or an http(s) URL, read into an RGB PIL image."""
+"""Input images for image-to-video: a local file or an http(s) URL, read into an RGB PIL image.
+
+The engine fetches a request's input files once, in the process that took the request (`fetch`), and
+sends their bytes with it: every rank reads the same image, and a URL is downloaded once."""
 
 from __future__ import annotations
 
 import io
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 
 from sgdiff.errors import UserError
@@ -46,22 +51,25 @@ def read_image_bytes(data: bytes, source: str):
     return image.convert("RGB")
 
 
-_downloaded: dict[str, bytes] = {}
+@lru_cache(maxsize=4)  # a request checked, then submitted: one download (a few recent images kept)
+def _download_checked(url: str) -> bytes:
+    data = download(url)
+    read_image_bytes(data, url)
+    return data
 
 
-def prefetch(path: str) -> None:
-    """Download a URL now (once), so a bad URL fails before any weights load; load_image reuses it."""
-    if is_url(path) and path not in _downloaded:
-        _downloaded[path] = download(path)
-        read_image_bytes(_downloaded[path], path)
+def fetch(path: str) -> bytes:
+    """The bytes of the image at `path` (file or URL), checked to be an image PIL can read."""
+    if is_url(path):
+        return _download_checked(path)
+    data = local_image_file(path).read_bytes()
+    read_image_bytes(data, path)
+    return data
 
 
-def load_image(path: str):
-    """The image at `path` (file or URL) as RGB."""
-    if not is_url(path):
-        return read_image_bytes(local_image_file(path).read_bytes(), path)
-    data = _downloaded[path] if path in _downloaded else download(path)
-    return read_image_bytes(data, path)
+def load_image(path: str, fetched: Mapping[str, bytes]):
+    """The image at `path` as RGB: from the bytes fetched for the request when it has them."""
+    return read_image_bytes(fetched[path] if path in fetched else fetch(path), path)
 
 
 def download(path: str) -> bytes:

@@ -54,6 +54,7 @@ class State:
     # asked between stages and after every denoising step: True ends the request (RequestCancelled).
     # Under several ranks every rank asks at the same points and gets rank 0's answer.
     should_stop: Callable[[], bool] = lambda: False
+    inputs: dict[str, bytes] = field(default_factory=dict)  # the request's input files (images) by path
     cond: dict[str, torch.Tensor] = field(default_factory=dict)  # model inputs of the prompt branch
     uncond: dict[str, torch.Tensor] | None = None  # model inputs of the negative branch (CFG only)
     cfg_scale: float = 1.0

@@ -46,7 +46,7 @@ class WanImageConditioningStage(Stage):
         from diffusers.video_processor import VideoProcessor
 
         params = state.params
-        image = load_image(params.image_path)
+        image = load_image(params.image_path, state.inputs)
         if self.image_encoder is not None:
             state.shared["encoder_hidden_states_image"] = self.clip_features(image, params, state.device)
         spatial = self.vae.config.scale_factor_spatial
