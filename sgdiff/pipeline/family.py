@@ -3,8 +3,8 @@
 parallelism and the groups its transformers offer the speed toggles. Generic code asks the family
 and never names a family's field.
 
-A family is one folder under sgdiff/families/ (its transformer's math under sgdiff/models/) whose
-__init__ registers it (pipeline/registry.py finds the folder); a caller may register one of its own."""
+A family is one folder under sgdiff/families/ (its transformer's math in it, or under sgdiff/models/)
+whose __init__ registers it (pipeline/registry.py finds the folder); a caller may register its own."""
 
 from __future__ import annotations
 
