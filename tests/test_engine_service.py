@@ -115,12 +115,15 @@ def test_cancel_stops_a_request_after_the_step_in_hand(local_engine, single_imag
     try:
         handle = local_engine.submit("a red cube", height=32, width=32, num_inference_steps=20)
         assert gate.reached.wait(30)
+        queued = local_engine.submit("a red cube", height=32, width=32, num_inference_steps=1)
+        assert local_engine.pending() == 2 and queued.status is RequestStatus.QUEUED
         handle.cancel()  # during step 6 of 20
         gate.released.set()
         steps = [event.step[0] for event in handle.events() if event.step]
     finally:
         hook.remove()
     assert handle.status is RequestStatus.CANCELLED and steps == [1, 2, 3, 4, 5, 6]
+    assert queued.result(timeout=60).images.shape == (1, 32, 32, 3) and local_engine.pending() == 0
     with pytest.raises(RequestCancelled):
         handle.result()
     prompt, fields = REQUESTS[0]

@@ -120,7 +120,6 @@ def generate(
     """Generate images or videos from a prompt (or a file of prompts)."""
     with user_errors():
         from sgdiff.config import ParallelConfig, RuntimeConfig
-        from sgdiff.errors import UserError
 
         flags = {
             "negative_prompt": negative_prompt,
@@ -147,11 +146,6 @@ def generate(
         prompts = read_prompts(prompt, prompt_file)
         check_outputs(save_output, output_path, output_file_name, perf_dump_path)
         parallel = ParallelConfig(num_gpus, ulysses_degree, ring_degree, enable_cfg_parallel)
-        if parallel.resolved().ring_degree > 1 and attention_backend.value != "auto":
-            raise UserError(  # a ring merges partial attentions by their log-sum-exp: its own kernels
-                f"--attention-backend {attention_backend.value} cannot run ring attention, which needs each block's "
-                "log-sum-exp (cuDNN on Hopper, else flash): use --attention-backend auto with --ring-degree"
-            )
 
         from sgdiff.cli.batch import BatchRequest
         from sgdiff.io.outputs import OutputConfig

@@ -77,6 +77,13 @@ class Engine:
                 )
             parallel = replace(parallel, num_gpus=world)
         self.parallel = parallel.resolved()
+        backend = runtime.speed.attention_backend
+        if self.parallel.ring_degree > 1 and backend != "auto":
+            raise UserError(  # a ring merges partial attentions by their log-sum-exp: its own kernels
+                f"`attention_backend` {backend} cannot run ring attention, which needs each block's log-sum-exp "
+                "(cuDNN on Hopper, else flash): use `attention_backend` auto with `ring_degree`",
+                field="attention_backend",
+            )
         self.config = EngineConfig(model or DEMO_IMAGE_MODEL, preset, runtime, self.parallel)
         self.load_events = load_events or NullEvents()
         self.runner = ModelRunner(self.config.model_path, preset, runtime, self.load_events)
@@ -118,7 +125,7 @@ class Engine:
 
     @property
     def output_kind(self) -> str:
-        """ "image" or "video"."""
+        """What the model makes: image or video."""
         return self.runner.family.output
 
     @property
@@ -134,6 +141,10 @@ class Engine:
         if self._closed:
             return "the engine is closed"
         return self._executor.health() if self._executor is not None else None
+
+    def pending(self) -> int:
+        """Requests queued or running (a server's queue depth)."""
+        return self._executor.dispatcher.pending() if self._executor is not None else 0
 
     # Requests.
 
