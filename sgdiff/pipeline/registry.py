@@ -14,6 +14,7 @@ from typing import Any
 from sgdiff.errors import UserError
 from sgdiff.models.loading import read_json, safetensors_files
 from sgdiff.pipeline.family import ModelFamily
+from sgdiff.sampling import check_values, sampling_fields
 
 _FAMILIES: dict[str, ModelFamily] = {}  # by the pipeline class it serves
 _discovered = False
@@ -50,16 +51,12 @@ def family_named(name: str) -> ModelFamily:
 
 def family_of_field(name: str) -> ModelFamily | None:
     """A registered family whose requests carry the field `name`."""
-    from sgdiff.sampling import sampling_fields
-
     return next((f for f in families().values() if name in sampling_fields(f.sampling)), None)
 
 
 def check_given_values(values: Mapping[str, Any]) -> None:
     """Values given before the model is known (flags), each checked by the rules of a family that
     declares its field: a bad value fails before any checkpoint is looked at."""
-    from sgdiff.sampling import check_values
-
     for name, value in values.items():
         if (family := family_of_field(name)) is not None:
             check_values(family.sampling, {name: value})
