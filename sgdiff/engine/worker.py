@@ -167,6 +167,10 @@ def pool_worker(spec: RankSpec, config: EngineConfig, connection: Any, queue: An
             inbox = Inbox()
             threading.Thread(target=read_front, args=(connection, inbox), daemon=True).start()
         serve_on_rank(spec, config, inbox, ProcessOutbox(queue))
+        # Served and stopped: nothing is left half done. Should leaving take longer than the front's
+        # grace period (torch.compile's worker processes are shut down at exit), its SIGTERM just ends
+        # this process, without a traceback from inside an exit handler.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     except Terminated:  # what was half done is undone (the exception passed through it): now end as SIGTERM ends
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
