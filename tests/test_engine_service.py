@@ -217,6 +217,17 @@ def test_from_pretrained_returns_pil_images_as_diffusers_does(tiny_flux_dev, sin
         engine.submit("a red cube")
 
 
+def test_a_video_model_gives_videos_of_pil_frames(tiny_wan):
+    from PIL import Image
+
+    with Engine.from_pretrained(str(tiny_wan("t2v")), device="cpu", dtype="fp32") as engine:
+        output = engine("a red cube", height=32, width=32, num_frames=5, num_inference_steps=2, fps=8)
+    assert output.images is None and len(output.videos) == 1 and len(output.videos[0]) == 5
+    assert all(isinstance(frame, Image.Image) and frame.size == (32, 32) for frame in output.videos[0])
+    frames = np.stack([np.asarray(frame) for frame in output.videos[0]])
+    assert np.array_equal(frames, output.result.videos[0]) and output.result.fps == 8
+
+
 def test_from_pretrained_refuses_an_unknown_option(tiny_flux_dev):
     with pytest.raises(UserError, match=r"unknown engine option\(s\) \['torch_compiler'\]"):
         Engine.from_pretrained(str(tiny_flux_dev), device="cpu", torch_compiler=True)
