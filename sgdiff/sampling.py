@@ -127,10 +127,11 @@ def build_sampling_params(
     if unknown := sorted(set(given) - known):
         raise UserError(f"unknown sampling parameters {unknown}; known: {sorted(known)}", field=unknown[0])
     check_types(cls, given, "sampling parameters")
-    from_preset = preset.sampling if preset else {}
-    if unknown := sorted(set(from_preset) - known):
-        raise UserError(f"preset {preset.name}: unknown [sampling] keys {unknown} (known: {sorted(known)})")
-    check_types(cls, from_preset, f"preset {preset.name if preset else ''} [sampling]")
+    if preset is not None:
+        if unknown := sorted(set(preset.sampling) - known):
+            raise UserError(f"preset {preset.name}: unknown [sampling] keys {unknown} (known: {sorted(known)})")
+        check_types(cls, preset.sampling, f"preset {preset.name} [sampling]")
+    from_preset = preset.sampling if preset is not None else {}
     values = merge_layers(sampling_defaults(cls), from_preset, given)
     kinds = field_kinds(cls)
     values = {k: tuple(v) if kinds[k] is tuple and v is not None else v for k, v in values.items()}

@@ -8,7 +8,7 @@ import threading
 from sgdiff.config import EngineConfig
 from sgdiff.engine.dispatch import Dispatcher
 from sgdiff.engine.runner import ModelRunner
-from sgdiff.engine.serve import Inbox, OneRank, serve_requests
+from sgdiff.engine.serve import Inbox, OneRank, Silent, describe, serve_requests
 from sgdiff.engine.worker import RankSpec, serve_on_rank
 from sgdiff.errors import UserError, WorkerFailure
 from sgdiff.pipeline.base import PipelineEvents
@@ -80,7 +80,7 @@ class TorchrunRankExecutor:
         try:
             serve_on_rank(self.spec, self.config, self.inbox, self)
         except Exception as exc:  # noqa: BLE001 - this rank can serve no more: say why to every caller
-            self._error = exc if isinstance(exc, UserError) else WorkerFailure(f"rank 0: {type(exc).__name__}: {exc}")
+            self._error = exc if isinstance(exc, UserError) else WorkerFailure(f"rank 0: {describe(exc)}")
             self.dispatcher.fail_all(self._error)
         finally:
             self._ready.set()
@@ -94,8 +94,6 @@ class TorchrunRankExecutor:
 
 def follow_torchrun(config: EngineConfig, spec: RankSpec) -> None:
     """A torchrun rank other than 0: load, then run rank 0's requests with it until it stops."""
-    from sgdiff.engine.serve import Silent
-
     serve_on_rank(spec, config, None, Silent())
 
 

@@ -3,14 +3,10 @@ rules, its schedule, its shard plan and the groups its transformer offers the sp
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-import torch
-
+from sgdiff.families.flux.pipeline import load_flux_pipeline
 from sgdiff.families.flux.sampling import FluxSampling, flux_rules, true_cfg_scale_of
+from sgdiff.families.flux.shard import shard_flux
 from sgdiff.models.flux import FluxTransformer
-from sgdiff.pipeline.base import ComposedPipeline, PipelineEvents
 from sgdiff.pipeline.family import FusableGroups, ModelFamily
 from sgdiff.pipeline.schedule import FlowMatchSchedule
 
@@ -21,33 +17,13 @@ class FluxFamily(ModelFamily):
     output = "image"
     sampling = FluxSampling
     text_encoders = frozenset({"text_encoder", "text_encoder_2"})
-
-    def schedule(self, options: dict[str, Any]) -> FlowMatchSchedule:
-        return FlowMatchSchedule.from_dict(options)
+    schedule = staticmethod(FlowMatchSchedule.from_dict)
+    load = staticmethod(load_flux_pipeline)
+    cfg_scale_of = staticmethod(true_cfg_scale_of)
+    shard = staticmethod(shard_flux)
 
     def rules(self, info) -> list:
         return flux_rules(info.transformer_config)
-
-    def load(
-        self,
-        model_dir: Path,
-        device: torch.device,
-        dtype: torch.dtype,
-        schedule: FlowMatchSchedule,
-        events: PipelineEvents,
-        skip: frozenset[str],
-    ) -> ComposedPipeline:
-        from sgdiff.families.flux.pipeline import load_flux_pipeline
-
-        return load_flux_pipeline(model_dir, device, dtype, schedule, events, skip)
-
-    def cfg_scale_of(self, params: FluxSampling) -> float | None:
-        return true_cfg_scale_of(params)
-
-    def shard(self, model: FluxTransformer, attention, groups) -> None:
-        from sgdiff.families.flux.shard import shard_flux
-
-        shard_flux(model, attention, groups)
 
     def fusable(self, model: FluxTransformer) -> FusableGroups:
         projections = []

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-import torch
-
+from sgdiff.families.wan.pipeline import WanSchedule, load_wan_pipeline
 from sgdiff.families.wan.sampling import WanSampling, guidance_cfg, wan_adjust, wan_given_rules, wan_rules
+from sgdiff.families.wan.shard import shard_wan
 from sgdiff.models.wan import WanTransformer
-from sgdiff.pipeline.base import ComposedPipeline, PipelineEvents
 from sgdiff.pipeline.family import FusableGroups, ModelFamily
 
 
@@ -19,37 +15,16 @@ class WanFamily(ModelFamily):
     pipeline_classes = ("WanPipeline", "WanImageToVideoPipeline")
     output = "video"
     sampling = WanSampling
-
-    def schedule(self, options: dict[str, Any]):
-        from sgdiff.families.wan.pipeline import WanSchedule
-
-        return WanSchedule.from_dict(options)
+    schedule = staticmethod(WanSchedule.from_dict)
+    load = staticmethod(load_wan_pipeline)
+    adjust = staticmethod(wan_adjust)
+    given_rules = staticmethod(wan_given_rules)
+    cfg_scale_of = staticmethod(guidance_cfg)
+    shard = staticmethod(shard_wan)
 
     def rules(self, info) -> list:
         experts = ((info.model_dir / "transformer").is_dir(), (info.model_dir / "transformer_2").is_dir())
         return wan_rules(info.transformer_config, info.model_index, info.vae_config, experts)
-
-    def load(
-        self,
-        model_dir: Path,
-        device: torch.device,
-        dtype: torch.dtype,
-        schedule: Any,
-        events: PipelineEvents,
-        skip: frozenset[str],
-    ) -> ComposedPipeline:
-        from sgdiff.families.wan.pipeline import load_wan_pipeline
-
-        return load_wan_pipeline(model_dir, device, dtype, schedule, events, skip)
-
-    def adjust(self, params: WanSampling) -> WanSampling:
-        return wan_adjust(params)
-
-    def given_rules(self, given: set[str], params: WanSampling) -> None:
-        wan_given_rules(given, params)
-
-    def cfg_scale_of(self, params: WanSampling) -> float | None:
-        return guidance_cfg(params)
 
     def input_images(self, params: WanSampling) -> list[str]:
         return [params.image_path] if params.image_path is not None else []
@@ -57,16 +32,10 @@ class WanFamily(ModelFamily):
     def fps(self, params: WanSampling) -> int | None:
         return params.fps
 
-    def shard(self, model: WanTransformer, attention, groups) -> None:
-        from sgdiff.families.wan.shard import shard_wan
-
-        shard_wan(model, attention, groups)
-
     def fusable(self, model: WanTransformer) -> FusableGroups:
         projections = []
         for block in model.blocks:
-            projections += [
-                (block.attn1.to_q, block.attn1.to_k, block.attn1.to_v),
-                (block.attn2.to_k, block.attn2.to_v),
-            ]
+            self_attention, cross_attention = block.attn1, block.attn2
+            projections.append((self_attention.to_q, self_attention.to_k, self_attention.to_v))
+            projections.append((cross_attention.to_k, cross_attention.to_v))
         return FusableGroups(projections, [block.ffn.net[0].proj for block in model.blocks])
