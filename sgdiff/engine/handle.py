@@ -58,6 +58,7 @@ class RequestHandle:
         self._status = RequestStatus.QUEUED
         self._result: Any = None
         self._error: BaseException | None = None
+        self._listeners: list[Callable[[RequestHandle], None]] = []
 
     @property
     def status(self) -> RequestStatus:
@@ -77,6 +78,13 @@ class RequestHandle:
         denoising step (its status becomes cancelled); a finished one is left as it is."""
         if not self.done():
             self._cancel(self)
+
+    def add_listener(self, listener: Callable[[RequestHandle], None]) -> None:
+        """Call `listener(handle)` at each change (running, a progress event, finished), on the engine's
+        thread: it must return at once (e.g. hand the news to an event loop). Called once at once too."""
+        with self._condition:
+            self._listeners.append(listener)
+        listener(self)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the request has finished (True) or `timeout` seconds have passed (False)."""
@@ -117,11 +125,13 @@ class RequestHandle:
         with self._condition:
             self._status = RequestStatus.RUNNING
             self._condition.notify_all()
+        self._tell()
 
     def _add_event(self, event: ProgressEvent) -> None:
         with self._condition:
             self._events.append(event)
             self._condition.notify_all()
+        self._tell()
 
     def _finish(self, status: RequestStatus, result: Any = None, error: BaseException | None = None) -> None:
         with self._condition:
@@ -131,3 +141,8 @@ class RequestHandle:
                 error = RequestCancelled(f"request {self.id} was cancelled")
             self._status, self._result, self._error = status, result, error
             self._condition.notify_all()
+        self._tell()
+
+    def _tell(self) -> None:
+        for listener in list(self._listeners):
+            listener(self)
