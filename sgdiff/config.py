@@ -89,6 +89,26 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class BatchingConfig:
+    """Dynamic request batching: requests that can share a forward pass (the model family says which)
+    and arrive within `delay_ms` of the oldest waiting one run as one batch of up to `max_batch_size`.
+    max_batch_size 1: every request runs alone."""
+
+    max_batch_size: int = 1
+    delay_ms: float = 0.0
+
+    def __post_init__(self):
+        size, delay = self.max_batch_size, self.delay_ms
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise UserError(f"`max_batch_size` must be an integer of at least 1, got {size!r}", field="max_batch_size")
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay < float("inf"):
+            raise UserError(
+                f"`batching_delay_ms` must be a finite number of milliseconds >= 0, got {delay!r}",
+                field="batching_delay_ms",
+            )
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """What an engine loads and how it runs it: all a worker process needs to start."""
 
@@ -96,6 +116,7 @@ class EngineConfig:
     preset: str | None = None
     runtime: RuntimeConfig = RuntimeConfig()
     parallel: ParallelConfig = ParallelConfig()
+    batching: BatchingConfig = BatchingConfig()
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ class GenerationResult:
     latents: torch.Tensor | None = None  # the final latents, before decoding (None once sent between processes)
     peak_rss_bytes: int = 0  # of the process that ran it, so far
     fps: int | None = None  # video models: frames per second the request asks for (None: the writer's default)
+    batch_size: int = 1  # how many requests ran in the batch this one was part of
 
 
 class ModelRunner:
@@ -139,23 +140,52 @@ class ModelRunner:
         between stages and steps, ends it early with RequestCancelled; `inputs`: the bytes of its
         input files, by path, as the engine fetched them (a file not among them is read here)."""
         self.load()
-        on_gpu = self.device.type == "cuda"
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self._reset_peak_memory()
         start = time.perf_counter()
         state = State(params, self.device, self.dtype, events or self.events, should_stop, inputs or {})
         state = self.pipeline(state)
+        return self._result(state, time.perf_counter() - start, batch_size=1)
+
+    def generate_batch(
+        self,
+        params_list: list[SamplingParams],
+        events_list: list[PipelineEvents],
+        should_stop: Callable[[], bool] = lambda: False,
+        inputs_list: list[dict[str, bytes]] | None = None,
+    ) -> list[GenerationResult]:
+        """Run requests that share a batch key (ModelFamily.batch_key) as one batch: each keeps its
+        prompt, seed, progress `events` and result. `should_stop()`: True ends the whole batch (the
+        engine asks it so when every member is cancelled)."""
+        self.load()
+        self._reset_peak_memory()
+        start = time.perf_counter()
+        inputs_list = inputs_list or [{} for _ in params_list]
+        states = [
+            State(params, self.device, self.dtype, events, should_stop, inputs)
+            for params, events, inputs in zip(params_list, events_list, inputs_list, strict=True)
+        ]
+        states = self.pipeline.run_batch(states)
+        seconds = time.perf_counter() - start
+        return [self._result(state, seconds, batch_size=len(states)) for state in states]
+
+    def _reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _result(self, state: State, seconds: float, batch_size: int) -> GenerationResult:
+        on_gpu = self.device.type == "cuda"
         return GenerationResult(
-            params=params,
+            params=state.params,
             images=state.images,
             videos=state.videos,
             stage_seconds=state.stage_seconds,
             step_seconds=state.step_seconds,
-            total_seconds=time.perf_counter() - start,
+            total_seconds=seconds,
             peak_gpu_memory_bytes=torch.cuda.max_memory_allocated(self.device) if on_gpu else None,
             latents=state.latents,
             peak_rss_bytes=self.peak_rss_bytes(),
-            fps=self.family.fps(params),
+            fps=self.family.fps(state.params),
+            batch_size=batch_size,
         )
 
     @staticmethod

@@ -13,6 +13,7 @@ import torch
 
 from sgdiff.errors import RequestCancelled
 from sgdiff.models.attention import AttentionImpl, current_attention_impl, use_attention_impl
+from sgdiff.pipeline.batch import merge_states, split_outputs
 from sgdiff.sampling import SamplingParams
 
 
@@ -74,6 +75,9 @@ class Stage:
     name: str = "stage"
     parallel: ParallelMode = ParallelMode.ALL_RANKS
     shares: tuple[str, ...] = ()  # RANK0_ONLY: the State fields the other ranks need from it
+    # True: it can run once on the merged State of a batch of requests (pipeline/batch.py); the
+    # stages before the first batchable one run on each request's own State
+    batchable: bool = False
 
     def run(self, state: State) -> None:
         raise NotImplementedError
@@ -88,6 +92,7 @@ class OptionalStage(Stage):
         self.name = stage.name
         self.parallel = stage.parallel
         self.shares = stage.shares
+        self.batchable = stage.batchable
 
     def run(self, state: State) -> None:
         if self.applies(state.params):
@@ -123,10 +128,24 @@ class ComposedPipeline:
 
     def __call__(self, state: State) -> State:
         with torch.inference_mode(), use_attention_impl(self.attention or current_attention_impl()):
-            return self.run_stages(state)
+            return self.run_stages(state, self.stages)
 
-    def run_stages(self, state: State) -> State:
-        for stage in self.stages:
+    def run_batch(self, states: list[State]) -> list[State]:
+        """Several requests as one batch (their family's batch key agrees): the stages before the first
+        batchable one run on each request's own State, the rest once on their merged rows; each State
+        gets its own outputs back. Every rank runs the same batch through the same stages."""
+        first = next((i for i, stage in enumerate(self.stages) if stage.batchable), len(self.stages))
+        assert first < len(self.stages) and all(stage.batchable for stage in self.stages[first:]), self.stage_names
+        with torch.inference_mode(), use_attention_impl(self.attention or current_attention_impl()):
+            for state in states:
+                self.run_stages(state, self.stages[:first])
+            rows = [state.latents.shape[0] for state in states]
+            merged = self.run_stages(merge_states(states), self.stages[first:])
+        split_outputs(merged, states, rows)
+        return states
+
+    def run_stages(self, state: State, stages: list[Stage]) -> State:
+        for stage in stages:
             stop_if_asked(state)
             rank0_only = stage.parallel is ParallelMode.RANK0_ONLY and self.share is not None
             if rank0_only and self.rank != 0:

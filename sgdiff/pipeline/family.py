@@ -8,6 +8,7 @@ whose __init__ registers it (pipeline/registry.py finds the folder); a caller ma
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,12 @@ class ModelFamily:
 
     def cfg_scale_of(self, params: SamplingParams) -> float | None:
         """The request's CFG scale, or None when it runs without CFG (CFG parallel has nothing to split)."""
+        return None
+
+    def batch_key(self, params: SamplingParams) -> Hashable | None:
+        """Requests with equal keys may run as one batch (pipeline/batch.py): they differ only in what
+        each row of the batch holds (prompt, negative prompt, seed), never in what every row shares
+        (size, steps, guidance, ...). None: this request always runs alone (the default)."""
         return None
 
     def input_images(self, params: SamplingParams) -> list[str]:

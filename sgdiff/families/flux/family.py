@@ -4,7 +4,7 @@ rules, its schedule, its shard plan and the groups its transformer offers the sp
 from __future__ import annotations
 
 from sgdiff.families.flux.pipeline import load_flux_pipeline
-from sgdiff.families.flux.sampling import FluxSampling, flux_rules, true_cfg_scale_of
+from sgdiff.families.flux.sampling import FluxSampling, flux_batch_key, flux_rules, true_cfg_scale_of
 from sgdiff.families.flux.shard import shard_flux
 from sgdiff.models.flux import FluxTransformer
 from sgdiff.pipeline.family import FusableGroups, ModelFamily
@@ -20,6 +20,7 @@ class FluxFamily(ModelFamily):
     schedule = staticmethod(FlowMatchSchedule.from_dict)
     load = staticmethod(load_flux_pipeline)
     cfg_scale_of = staticmethod(true_cfg_scale_of)
+    batch_key = staticmethod(flux_batch_key)
     shard = staticmethod(shard_flux)
 
     def rules(self, info) -> list:

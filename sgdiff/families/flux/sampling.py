@@ -3,7 +3,8 @@ would silently ignore."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, replace
 
 from sgdiff.errors import UserError
 from sgdiff.pipeline.stages.validation import ValidationRule
@@ -43,3 +44,9 @@ def flux_rules(transformer_config: dict) -> list[ValidationRule]:
 
 def true_cfg_scale_of(params: FluxSampling) -> float | None:
     return params.true_cfg_scale if params.negative_prompt is not None and params.true_cfg_scale > 1 else None
+
+
+def flux_batch_key(params: FluxSampling) -> Hashable:
+    """FLUX requests share a batch when all but their rows agree: the prompt, the negative prompt and
+    the seed are each row's own; whether a negative prompt is given decides true CFG, so it is not."""
+    return replace(params, prompt="", negative_prompt=None, seed=0), params.negative_prompt is not None

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from sgdiff.families.wan.pipeline import WanSchedule, load_wan_pipeline
-from sgdiff.families.wan.sampling import WanSampling, guidance_cfg, wan_adjust, wan_given_rules, wan_rules
+from sgdiff.families.wan.sampling import (
+    WanSampling,
+    guidance_cfg,
+    wan_adjust,
+    wan_batch_key,
+    wan_given_rules,
+    wan_rules,
+)
 from sgdiff.families.wan.shard import shard_wan
 from sgdiff.models.wan import WanTransformer
 from sgdiff.pipeline.family import FusableGroups, ModelFamily
@@ -20,6 +27,7 @@ class WanFamily(ModelFamily):
     adjust = staticmethod(wan_adjust)
     given_rules = staticmethod(wan_given_rules)
     cfg_scale_of = staticmethod(guidance_cfg)
+    batch_key = staticmethod(wan_batch_key)
     shard = staticmethod(shard_wan)
 
     def rules(self, info) -> list:

@@ -3,6 +3,7 @@ checkpoint cannot do or would silently ignore."""
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -152,3 +153,12 @@ def wan_given_rules(given: set[str], params: WanSampling) -> None:
 
 def guidance_cfg(params: WanSampling) -> float | None:
     return params.guidance_scale if params.guidance_scale > 1 else None
+
+
+def wan_batch_key(params: WanSampling) -> Hashable | None:
+    """Text-to-video requests share a batch when all but their rows agree (prompt, negative prompt,
+    seed; the fps only labels the output). Never batched: a request with an input image (its
+    conditioning is per request) or with DMD sampling (it re-noises from its own seeded stream)."""
+    if params.image_path is not None or params.sampler == "dmd":
+        return None
+    return replace(params, prompt="", negative_prompt=None, seed=0, fps=None)

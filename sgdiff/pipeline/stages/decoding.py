@@ -31,6 +31,7 @@ def to_uint8_images(decoded: torch.Tensor) -> np.ndarray:
 class VaeDecodingStage(Stage):
     name = "decoding"
     parallel = ParallelMode.RANK0_ONLY
+    batchable = True
 
     def __init__(self, vae: torch.nn.Module, unpack: Unpack):
         self.vae = vae
@@ -58,6 +59,7 @@ class VideoVaeDecodingStage(Stage):
 
     name = "decoding"
     parallel = ParallelMode.RANK0_ONLY
+    batchable = True
 
     def __init__(self, vae: torch.nn.Module, finalize: Callable[[torch.Tensor, State], torch.Tensor] | None = None):
         self.vae = vae

@@ -29,6 +29,7 @@ class DenoisingStage(Stage):
 
     name = "denoising"
     parallel = ParallelMode.CFG_SPLIT
+    batchable = True  # every row is denoised alike: a batch's rows run as one
 
     def __init__(self, denoiser: Denoiser, cfg_scale_at: CfgScaleAt | None = None):
         self.denoiser = denoiser
