@@ -55,7 +55,7 @@ def test_the_model_is_gone_before_the_process_group(fails, tiny_flux_dev, tmp_pa
     runtime = RuntimeConfig(device="cpu")
     params = ModelRunner(str(tiny_flux_dev), runtime=runtime).sampling_params("a red cube", height=32, width=80)
     inbox, reports = Inbox(), []
-    inbox.put(("run", "r1", params, {}))
+    inbox.put(("run", [("r1", params, {})]))
     inbox.put(("stop",))
     runners, alive_at_destroy = [], []
     serve, destroy = worker.serve_requests, worker.dist.destroy_process_group

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import threading
 
-from sgdiff.config import EngineConfig
-from sgdiff.engine.dispatch import Dispatcher
+from sgdiff.config import BatchingConfig, EngineConfig
+from sgdiff.engine.dispatch import BatchKey, Dispatcher
 from sgdiff.engine.runner import ModelRunner
 from sgdiff.engine.serve import Inbox, OneRank, Silent, describe, serve_requests
 from sgdiff.engine.worker import RankSpec, serve_on_rank
@@ -18,12 +18,12 @@ STOP_WAIT_SECONDS = 30.0  # closing: how long to wait for the request in hand to
 
 class LocalExecutor:
     """One process: start() loads the model in the caller's thread (Ctrl-C and errors reach the caller
-    as they happen), then a thread serves the requests. Any request's error fails that request alone."""
+    as they happen), then a thread serves the requests. Any batch's error fails that batch alone."""
 
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, batching: BatchingConfig = BatchingConfig()):
         self.runner = runner
         self.inbox = Inbox()
-        self.dispatcher = Dispatcher(self.inbox.put, runner.events)
+        self.dispatcher = Dispatcher(self.inbox.put, runner.events, batching, runner.family.batch_key)
         self.thread: threading.Thread | None = None
 
     @property
@@ -51,10 +51,10 @@ class TorchrunRankExecutor:
     """Rank 0 of a torchrun launch, in the process that took the request: a thread joins the process
     group, loads, and serves; the other ranks run `follow_torchrun` in their main thread."""
 
-    def __init__(self, config: EngineConfig, spec: RankSpec, load_events: PipelineEvents):
+    def __init__(self, config: EngineConfig, spec: RankSpec, load_events: PipelineEvents, batch_key: BatchKey):
         self.config, self.spec = config, spec
         self.inbox = Inbox()
-        self.dispatcher = Dispatcher(self.inbox.put, load_events)
+        self.dispatcher = Dispatcher(self.inbox.put, load_events, config.batching, batch_key)
         self.load_seconds = 0.0
         self.thread: threading.Thread | None = None
         self._ready = threading.Event()

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from sgdiff.config import EngineConfig
-from sgdiff.engine.dispatch import Dispatcher
+from sgdiff.engine.dispatch import BatchKey, Dispatcher, never_batched
 from sgdiff.engine.worker import RankSpec, pool_worker
 from sgdiff.errors import UserError, WorkerFailure
 from sgdiff.pipeline.base import PipelineEvents
@@ -29,10 +29,11 @@ KILLED_WAIT_SECONDS = 1.0  # after a worker's error: how long to look for a peer
 
 
 class WorkerPool:
-    def __init__(self, config: EngineConfig, load_events: PipelineEvents):
+    def __init__(self, config: EngineConfig, load_events: PipelineEvents, batch_key: BatchKey | None = None):
+        """`batch_key`: which requests may share a batch (the model family's; None: never batched)."""
         self.config = config
         self.world = config.parallel.num_gpus
-        self.dispatcher = Dispatcher(self._send, load_events)
+        self.dispatcher = Dispatcher(self._send, load_events, config.batching, batch_key or never_batched)
         self.load_seconds = 0.0
         self.workers: list = []
         self._error: Exception | None = None  # why the pool stopped

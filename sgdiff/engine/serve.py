@@ -1,7 +1,7 @@
 """The executing side of an engine: every rank runs `serve_requests` over its loaded model until the
 front says stop. Rank 0 reads the front's messages (dispatch.py lists them) and passes each on to
-the other ranks; whether to cancel the running request is rank 0's decision too, shared at every
-point the pipeline asks, so that every rank stops after the same step."""
+the other ranks; whether to cancel the running batch of requests is rank 0's decision too, shared at
+every point the pipeline asks, so that every rank stops after the same step."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class Outbox(Protocol):
 
 
 class Inbox:
-    """Rank 0's messages from the front: a cancel is noted at once (the running request asks for it
+    """Rank 0's messages from the front: a cancel is noted at once (the running batch asks for it
     between steps); every other message waits its turn."""
 
     def __init__(self):
@@ -119,9 +119,9 @@ def serve_requests(
     outbox: Outbox,
     survive: tuple[type[BaseException], ...] = (UserError,),
 ) -> None:
-    """Run the front's requests one by one until it says stop. Rank 0 has the `inbox` and reports to
-    `outbox`; the other ranks (inbox None) follow it. A request that raises one of `survive` fails
-    alone; any other error ends the serving (on several ranks the others may wait in a collective)."""
+    """Run the front's batches of requests one by one until it says stop. Rank 0 has the `inbox` and
+    reports to `outbox`; the other ranks (inbox None) follow it. A batch that raises one of `survive`
+    fails alone; any other error ends the serving (on several ranks the others may wait in a collective)."""
     leader = inbox is not None
     if not leader:
         outbox = Silent()
@@ -130,27 +130,43 @@ def serve_requests(
         if message[0] == "stop":
             return
         if message[0] == "run":
-            _, request_id, params, inputs = message
+            requests = message[1]
             cancelled = inbox.cancelled if leader else set()
             try:
-                run_request(runner, control, (request_id, params, inputs), cancelled, outbox, survive)
+                run_batch(runner, control, requests, cancelled, outbox, survive)
             finally:
-                cancelled.discard(request_id)
+                cancelled.difference_update(request_id for request_id, _, _ in requests)
 
 
-def run_request(runner, control, request: tuple, cancelled: set[str], outbox: Outbox, survive) -> None:
-    """`request`: (id, params, the bytes of its input files by path)."""
-    request_id, params, inputs = request
-    outbox.put(("started", request_id))
+def run_batch(runner, control, requests: list[tuple], cancelled: set[str], outbox: Outbox, survive) -> None:
+    """`requests`: (id, params, the bytes of its input files by path) of each member of the batch. One
+    request runs the single-request path; several share one pass through the pipeline. The batch stops
+    (every member cancelled) when every member's id is in `cancelled`: rank 0's word for every rank."""
+    ids = [request_id for request_id, _, _ in requests]
+    for request_id in ids:
+        outbox.put(("started", request_id))
+
+    def should_stop() -> bool:
+        return control.decide(all(request_id in cancelled for request_id in ids))
+
     try:
-        events = ForwardedEvents(outbox, request_id)
-        result = runner.generate(params, events, lambda: control.decide(request_id in cancelled), inputs)
+        if len(requests) == 1:
+            (request_id, params, inputs) = requests[0]
+            results = [runner.generate(params, ForwardedEvents(outbox, request_id), should_stop, inputs)]
+        else:
+            params_list = [params for _, params, _ in requests]
+            events_list = [ForwardedEvents(outbox, request_id) for request_id in ids]
+            inputs_list = [inputs for _, _, inputs in requests]
+            results = runner.generate_batch(params_list, events_list, should_stop, inputs_list)
     except RequestCancelled:
-        outbox.put(("cancelled", request_id))
+        for request_id in ids:
+            outbox.put(("cancelled", request_id))
         return
     except survive as exc:
         if os.environ.get("SGDIFF_DEBUG", "") not in ("", "0") and not isinstance(exc, UserError):
             traceback.print_exc()
-        outbox.put(("failed", request_id, exc if isinstance(exc, UserError) else describe(exc)))
+        for request_id in ids:
+            outbox.put(("failed", request_id, exc if isinstance(exc, UserError) else describe(exc)))
         return
-    outbox.put(("done", request_id, result))
+    for request_id, result in zip(ids, results, strict=True):
+        outbox.put(("done", request_id, result))

@@ -1,7 +1,8 @@
 """The engine: one loaded model serving many requests, from any thread, for any client (the CLI, a
 server, a Python caller). It checks each request in the caller's thread, queues it, runs one at a
-time and hands back a RequestHandle (progress events, cancel, the result as arrays). On one GPU the
-model runs on a thread of this process; on several, in a pool of worker processes started once."""
+time (or, with BatchingConfig, requests that can share a forward pass as one batch) and hands back a
+RequestHandle (progress events, cancel, the result as arrays). On one GPU the model runs on a thread
+of this process; on several, in a pool of worker processes started once."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sgdiff.config import EngineConfig, ParallelConfig, RuntimeConfig, SpeedConfig
+from sgdiff.config import BatchingConfig, EngineConfig, ParallelConfig, RuntimeConfig, SpeedConfig
 from sgdiff.engine.handle import RequestHandle
 from sgdiff.engine.ranks import under_torchrun
 from sgdiff.engine.runner import GenerationResult, ModelRunner
@@ -65,10 +66,12 @@ class Engine:
         runtime: RuntimeConfig = RuntimeConfig(),
         parallel: ParallelConfig = ParallelConfig(),
         load_events: PipelineEvents | None = None,
+        batching: BatchingConfig = BatchingConfig(),
     ):
         """Resolve the model and check the configuration (nothing loads yet: start() or the first
         submit() loads). `model`: a Hub repo id, a local diffusers-format folder or an embedded demo
-        model's name (default: sgdiff/demo-image)."""
+        model's name (default: sgdiff/demo-image). `batching`: requests that may share a forward pass
+        (the model family decides which) and arrive within its delay run as one batch."""
         if under_torchrun():  # the processes torchrun started are the ranks
             world = int(os.environ["WORLD_SIZE"])
             if parallel.num_gpus not in (1, world):
@@ -84,7 +87,7 @@ class Engine:
                 "(cuDNN on Hopper, else flash): use `attention_backend` auto with `ring_degree`",
                 field="attention_backend",
             )
-        self.config = EngineConfig(model or DEMO_IMAGE_MODEL, preset, runtime, self.parallel)
+        self.config = EngineConfig(model or DEMO_IMAGE_MODEL, preset, runtime, self.parallel, batching)
         self.load_events = load_events or NullEvents()
         self.runner = ModelRunner(self.config.model_path, preset, runtime, self.load_events)
         if self.parallel.num_gpus > 1 or under_torchrun():
@@ -108,16 +111,20 @@ class Engine:
         ring_degree: int | None = None,
         enable_cfg_parallel: bool = False,
         preset: str | None = None,
+        max_batch_size: int = 1,
+        batching_delay_ms: float = 0.0,
         **speed: Any,
     ) -> Engine:
-        """Load `model` and return the engine, ready. `speed`: SpeedConfig's toggles by name
-        (attention_backend="auto", fused_projections, fused_gelu, fused_norms, torch_compile, cuda_graph)."""
+        """Load `model` and return the engine, ready. `max_batch_size`, `batching_delay_ms`: BatchingConfig
+        (1: every request runs alone). `speed`: SpeedConfig's toggles by name (attention_backend="auto",
+        fused_projections, fused_gelu, fused_norms, torch_compile, cuda_graph)."""
         unknown = sorted(set(speed) - set(SPEED_OPTIONS))
         if unknown:
             raise UserError(f"unknown engine option(s) {unknown}; the speed options are {SPEED_OPTIONS}")
         runtime = RuntimeConfig(device, dtype, SpeedConfig(**speed))
         parallel = ParallelConfig(num_gpus, ulysses_degree, ring_degree, enable_cfg_parallel)
-        engine = cls(model, preset=preset, runtime=runtime, parallel=parallel)
+        batching = BatchingConfig(max_batch_size, batching_delay_ms)
+        engine = cls(model, preset=preset, runtime=runtime, parallel=parallel, batching=batching)
         engine.start()
         return engine
 
@@ -221,14 +228,14 @@ class Engine:
             spec = torchrun_spec()
             if spec.rank != 0:
                 raise UserError("under torchrun only rank 0 takes requests; the other ranks call Engine.follow()")
-            return TorchrunRankExecutor(self.config, spec, self.load_events)
+            return TorchrunRankExecutor(self.config, spec, self.load_events, self.runner.family.batch_key)
         if self.parallel.num_gpus > 1:
             from sgdiff.engine.pool import WorkerPool
 
-            return WorkerPool(self.config, self.load_events)
+            return WorkerPool(self.config, self.load_events, self.runner.family.batch_key)
         from sgdiff.engine.local import LocalExecutor
 
-        return LocalExecutor(self.runner)
+        return LocalExecutor(self.runner, self.config.batching)
 
 
 def torchrun_spec():
