@@ -10,7 +10,9 @@ import typer
 from sgdiff import __version__
 from sgdiff.cli import options as opt
 from sgdiff.cli.bench import bench
+from sgdiff.cli.engine_flags import EngineFlags, with_engine_flags
 from sgdiff.cli.errors import fail, user_errors
+from sgdiff.cli.serve import serve
 
 app = typer.Typer(
     name="sgdiff",
@@ -77,6 +79,7 @@ def check_outputs(save_output: bool, output_path: Path, file_name: str | None, p
 
 
 @app.command()
+@with_engine_flags
 def generate(
     model_path: opt.ModelPath = None,
     prompt: opt.Prompt = None,
@@ -104,22 +107,12 @@ def generate(
     output_format: opt.OutputFormat = None,
     perf_dump_path: opt.PerfDumpPath = None,
     quiet: opt.Quiet = False,
-    dtype: opt.Dtype = None,
-    device: opt.Device = None,
-    num_gpus: opt.NumGpus = 1,
-    ulysses_degree: opt.UlyssesDegree = None,
-    ring_degree: opt.RingDegree = None,
-    enable_cfg_parallel: opt.EnableCfgParallel = False,
-    attention_backend: opt.AttentionBackend = opt.AttentionBackendChoice.auto,
-    enable_fused_projections: opt.EnableFusedProjections = False,
-    enable_fused_gelu: opt.EnableFusedGelu = False,
-    enable_fused_norms: opt.EnableFusedNorms = False,
-    enable_torch_compile: opt.EnableTorchCompile = False,
-    enable_cuda_graph: opt.EnableCudaGraph = False,
+    server: opt.Server = None,
+    engine: EngineFlags = EngineFlags(),
 ) -> None:
     """Generate images or videos from a prompt (or a file of prompts)."""
     with user_errors():
-        from sgdiff.config import ParallelConfig, RuntimeConfig
+        from sgdiff.io.outputs import OutputConfig
 
         flags = {
             "negative_prompt": negative_prompt,
@@ -145,36 +138,24 @@ def generate(
         check_given_values(flags)
         prompts = read_prompts(prompt, prompt_file)
         check_outputs(save_output, output_path, output_file_name, perf_dump_path)
-        parallel = ParallelConfig(num_gpus, ulysses_degree, ring_degree, enable_cfg_parallel)
+        output = OutputConfig(
+            save_output, output_path, output_file_name, perf_dump_path, output_format.value if output_format else None
+        )
+        if server is not None:
+            from sgdiff.cli.remote import RemoteRequest, run_remote
 
+            run_remote(RemoteRequest(server, model_path, prompts, flags, output, preset, engine.given()), quiet)
+            return
         from sgdiff.cli.batch import BatchRequest
-        from sgdiff.io.outputs import OutputConfig
 
         request = BatchRequest(
             model_path=model_path,
             prompts=prompts,
             sampling_flags=flags,
             preset=preset,
-            runtime=RuntimeConfig(
-                device=device,
-                dtype=dtype,
-                speed=opt.speed_config(
-                    attention_backend,
-                    enable_fused_projections,
-                    enable_fused_gelu,
-                    enable_fused_norms,
-                    enable_torch_compile,
-                    enable_cuda_graph,
-                ),
-            ),
-            parallel=parallel,
-            output=OutputConfig(
-                save_output,
-                output_path,
-                output_file_name,
-                perf_dump_path,
-                output_format.value if output_format else None,
-            ),
+            runtime=engine.runtime(),
+            parallel=engine.parallel(),
+            output=output,
         )
         run(request, quiet)
 
@@ -204,6 +185,7 @@ def run(request, quiet: bool) -> None:
 
 
 app.command()(bench)
+app.command()(serve)
 
 
 def main() -> None:

@@ -279,3 +279,14 @@ def speed_config(attention_backend: AttentionBackendChoice, projections: bool, g
 
     return SpeedConfig(attention_backend.value, fused_projections=projections, fused_gelu=gelu, fused_norms=norms,
                        torch_compile=compile_, cuda_graph=graph)  # fmt: skip
+
+
+Server = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        help="Send the requests to a running `sgdiff serve` at this URL (e.g. http://127.0.0.1:30000) instead of "
+        "loading a model here; the outputs are written here as usual. The API key: SGDIFF_API_KEY.",
+        rich_help_panel=MODEL,
+    ),
+]

@@ -58,7 +58,7 @@ class RequestHandle:
         self._status = RequestStatus.QUEUED
         self._result: Any = None
         self._error: BaseException | None = None
-        self._listeners: list[Callable[[RequestHandle], None]] = []
+        self._listeners: list[Callable[[RequestHandle, ProgressEvent | None], None]] = []
 
     @property
     def status(self) -> RequestStatus:
@@ -79,12 +79,13 @@ class RequestHandle:
         if not self.done():
             self._cancel(self)
 
-    def add_listener(self, listener: Callable[[RequestHandle], None]) -> None:
-        """Call `listener(handle)` at each change (running, a progress event, finished), on the engine's
-        thread: it must return at once (e.g. hand the news to an event loop). Called once at once too."""
+    def add_listener(self, listener: Callable[[RequestHandle, ProgressEvent | None], None]) -> None:
+        """Call `listener(handle, event)` at each change: a progress event (`event`), or the status
+        (running, finished: `event` None). It runs on the engine's thread and must return at once (e.g.
+        hand the news to an event loop). It is called once at once too, with None."""
         with self._condition:
             self._listeners.append(listener)
-        listener(self)
+        listener(self, None)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the request has finished (True) or `timeout` seconds have passed (False)."""
@@ -131,7 +132,7 @@ class RequestHandle:
         with self._condition:
             self._events.append(event)
             self._condition.notify_all()
-        self._tell()
+        self._tell(event)
 
     def _finish(self, status: RequestStatus, result: Any = None, error: BaseException | None = None) -> None:
         with self._condition:
@@ -143,6 +144,6 @@ class RequestHandle:
             self._condition.notify_all()
         self._tell()
 
-    def _tell(self) -> None:
+    def _tell(self, event: ProgressEvent | None = None) -> None:
         for listener in list(self._listeners):
-            listener(self)
+            listener(self, event)

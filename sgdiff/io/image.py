@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, PngImagePlugin
@@ -19,10 +20,21 @@ PARAMETERS_KEY = "sgdiff"
 
 def save_png(image: np.ndarray, path: Path, parameters: dict[str, Any]) -> Path:
     """image: [H, W, 3] uint8. The parameters are stored as JSON under the `sgdiff` text key."""
+    write_atomically(path, lambda handle: write_png(image, handle, parameters))
+    return path
+
+
+def png_bytes(image: np.ndarray, parameters: dict[str, Any]) -> bytes:
+    """The PNG save_png writes, in memory (what a server sends)."""
+    buffer = io.BytesIO()
+    write_png(image, buffer, parameters)
+    return buffer.getvalue()
+
+
+def write_png(image: np.ndarray, handle: BinaryIO, parameters: dict[str, Any]) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, json.dumps(parameters, sort_keys=True))
-    write_atomically(path, lambda handle: Image.fromarray(image).save(handle, format="PNG", pnginfo=info))
-    return path
+    Image.fromarray(image).save(handle, format="PNG", pnginfo=info)
 
 
 def read_png_parameters(path: Path) -> dict[str, Any]:

@@ -1,0 +1,84 @@
+"""The flags that say how a model runs (dtype, device, parallelism, speed toggles), defined once and
+added to every command that runs one (`generate`, `serve`) by `with_engine_flags`."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+from sgdiff.cli import options as opt
+
+# (parameter name, its Typer option, its default), in the order --help lists them
+ENGINE_OPTIONS = (
+    ("dtype", opt.Dtype, None),
+    ("device", opt.Device, None),
+    ("num_gpus", opt.NumGpus, 1),
+    ("ulysses_degree", opt.UlyssesDegree, None),
+    ("ring_degree", opt.RingDegree, None),
+    ("enable_cfg_parallel", opt.EnableCfgParallel, False),
+    ("attention_backend", opt.AttentionBackend, opt.AttentionBackendChoice.auto),
+    ("enable_fused_projections", opt.EnableFusedProjections, False),
+    ("enable_fused_gelu", opt.EnableFusedGelu, False),
+    ("enable_fused_norms", opt.EnableFusedNorms, False),
+    ("enable_torch_compile", opt.EnableTorchCompile, False),
+    ("enable_cuda_graph", opt.EnableCudaGraph, False),
+)
+
+
+@dataclass(frozen=True)
+class EngineFlags:
+    dtype: str | None = None
+    device: str | None = None
+    num_gpus: int = 1
+    ulysses_degree: int | None = None
+    ring_degree: int | None = None
+    enable_cfg_parallel: bool = False
+    attention_backend: opt.AttentionBackendChoice = opt.AttentionBackendChoice.auto
+    enable_fused_projections: bool = False
+    enable_fused_gelu: bool = False
+    enable_fused_norms: bool = False
+    enable_torch_compile: bool = False
+    enable_cuda_graph: bool = False
+
+    def runtime(self):
+        from sgdiff.config import RuntimeConfig
+
+        speed = opt.speed_config(
+            self.attention_backend,
+            self.enable_fused_projections,
+            self.enable_fused_gelu,
+            self.enable_fused_norms,
+            self.enable_torch_compile,
+            self.enable_cuda_graph,
+        )
+        return RuntimeConfig(device=self.device, dtype=self.dtype, speed=speed)
+
+    def parallel(self):
+        from sgdiff.config import ParallelConfig
+
+        return ParallelConfig(self.num_gpus, self.ulysses_degree, self.ring_degree, self.enable_cfg_parallel)
+
+    def given(self) -> list[str]:
+        """The flags set to something other than their default, as typed (--dtype, ...)."""
+        defaults = EngineFlags()
+        return [
+            "--" + f.name.replace("_", "-") for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)
+        ]
+
+
+def with_engine_flags(command: Callable) -> Callable:
+    """Give a Typer command every engine flag; it receives them as one `engine: EngineFlags` argument."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "engine"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, annotation, default in ENGINE_OPTIONS]  # fmt: skip
+
+    @functools.wraps(command)
+    def run(**given):
+        engine = EngineFlags(**{name: given.pop(name) for name, _, _ in ENGINE_OPTIONS})
+        return command(**given, engine=engine)
+
+    run.__signature__ = inspect.Signature([*(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own), *added])
+    run.__annotations__ = {p.name: p.annotation for p in [*own, *added]}
+    return run

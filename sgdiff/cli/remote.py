@@ -1,0 +1,156 @@
+"""`sgdiff generate --server URL`: the same flags and output files, but the model runs in a server
+(`sgdiff serve`) that is already loaded, so a shell loop over prompts pays no load per call. Images
+come back as PNGs (their metadata written by the server), videos as MP4 jobs polled to the end."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from sgdiff.cli.errors import FLAGS, fail, flag
+from sgdiff.errors import UserError
+from sgdiff.io.files import write_atomically
+from sgdiff.io.image import OutputNamer, check_output_file_name
+from sgdiff.io.outputs import OutputConfig, output_suffix
+
+POLL_SECONDS = 0.25
+API_FLAGS = {**FLAGS, "n": "--num-outputs-per-prompt", "input_reference": "--image-path", "size": "--height/--width"}
+
+
+@dataclass(frozen=True)
+class RemoteRequest:
+    server: str
+    model_path: str | None
+    prompts: list[str]
+    sampling_flags: dict[str, Any]
+    output: OutputConfig
+    preset: str | None = None
+    engine_flags: tuple[str, ...] | list[str] = ()
+
+
+class ServerClient:
+    def __init__(self, url: str):
+        import httpx
+
+        if not url.startswith(("http://", "https://")):
+            fail(f"--server {url}: give the server's URL, e.g. http://127.0.0.1:30000")
+        key = os.environ.get("SGDIFF_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(30.0, read=None))
+        self.errors = (httpx.HTTPError,)
+
+    def call(self, method: str, path: str, **kwargs) -> Any:
+        """The answer's JSON (or bytes for content); a refusal ends the run with the server's message."""
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except self.errors as exc:
+            fail(f"cannot reach the server at {self.url} ({exc}): is `sgdiff serve` running there?", code=1)
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+                message = UserError(error["message"]).render(lambda name: API_FLAGS.get(name, flag(name)))
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {response.status_code}: {response.text[:200]}"
+            fail(f"the server refused: {message}", code=2 if response.status_code < 500 else 1)
+        return response.content if response.headers.get("content-type", "").startswith("video/") else response.json()
+
+
+def run_remote(request: RemoteRequest, quiet: bool) -> None:
+    if request.engine_flags:
+        fail(f"{request.engine_flags[0]} sets how a model runs here; with --server the server's own settings apply: "
+             "leave it out (or restart the server with it)")  # fmt: skip
+    if request.preset is not None:
+        fail("--preset picks a model's defaults here; with --server the server's preset applies: leave it out")
+    client = ServerClient(request.server)
+    card = client.call("GET", "/v1/models")["data"][0]
+    if request.model_path is not None and request.model_path != card["id"]:
+        fail(f"--model-path {request.model_path}, but the server at {client.url} serves {card['id']}")
+    kind = card["output"]
+    out = request.output
+    try:
+        suffix = output_suffix(kind, out.output_format)
+    except UserError as exc:
+        fail(str(exc))
+    if suffix == "":
+        fail("--output-format png writes a video as PNG frames, which only a local run makes; with --server "
+             "videos come as MP4: leave --output-format out")  # fmt: skip
+    if out.output_file_name is not None and (problem := check_output_file_name(out.output_file_name, suffix)):
+        fail(problem)
+    flags = dict(request.sampling_flags)
+    n = flags.pop("num_outputs_per_prompt", 1)
+    if kind == "video" and n != 1:
+        fail("--num-outputs-per-prompt: with --server each video is its own job; run the command once per video")
+    namer = OutputNamer(out.output_path, out.output_file_name, n * len(request.prompts), suffix)
+    start, reports = time.perf_counter(), []
+    for prompt in request.prompts:
+        if kind == "image":
+            outputs, report = remote_images(client, prompt, n, flags)
+        else:
+            outputs, report = remote_video(client, prompt, flags, quiet)
+        reports.append(report)
+        seed = report["request"]["seed"]
+        for index, content in enumerate(outputs):
+            path = namer.next_path(prompt, seed, index, n)
+            if out.save_output:
+                write_atomically(path, lambda handle, content=content: handle.write(content))
+                typer.echo(str(path))
+    total = time.perf_counter() - start
+    if out.perf_dump_path is not None:
+        dump = {"server": client.url, "model": card["id"], "total_seconds": total, "requests": reports}
+        write_atomically(out.perf_dump_path, lambda handle: handle.write(json.dumps(dump, indent=2).encode()))
+    if not quiet:
+        count = n * len(request.prompts)
+        typer.echo(f"generated {count} {kind}(s) in {total:.1f} s on {client.url}", err=True)
+
+
+def remote_images(client: ServerClient, prompt: str, n: int, flags: dict[str, Any]) -> tuple[list[bytes], dict]:
+    body = {"prompt": prompt, "n": n, "response_format": "b64_json", **flags}
+    answer = client.call("POST", "/v1/images/generations", json=body)
+    return [base64.b64decode(item["b64_json"]) for item in answer["data"]], answer["sgdiff"]
+
+
+def remote_video(client: ServerClient, prompt: str, flags: dict[str, Any], quiet: bool) -> tuple[list[bytes], dict]:
+    flags = dict(flags)
+    image_path = flags.pop("image_path", None)
+    if image_path is not None:
+        path = Path(image_path)
+        if not path.is_file():
+            fail(f"--image-path {image_path}: no such file (with --server the image is uploaded from here)")
+        form = {name: str(value) for name, value in {"prompt": prompt, **flags}.items()}
+        job = client.call("POST", "/v1/videos", data=form, files={"input_reference": (path.name, path.read_bytes())})
+    else:
+        job = client.call("POST", "/v1/videos", json={"prompt": prompt, **flags})
+    try:
+        job = follow_job(client, job, quiet)
+    except KeyboardInterrupt:
+        client.call("DELETE", f"/v1/videos/{job['id']}")  # the server stops its GPU work too
+        raise
+    if job["status"] != "completed":
+        error = (job.get("error") or {}).get("message", job["status"])
+        fail(f"the server's job {job['id']} {job['status']}: {error}", code=1)
+    content = client.call("GET", f"/v1/videos/{job['id']}/content")
+    return [content], {"request": {"seed": job["seed"]}, "job": job}
+
+
+def follow_job(client: ServerClient, job: dict, quiet: bool) -> dict:
+    """Poll the job until it has finished, drawing its denoising steps."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=quiet) as progress:
+        task = progress.add_task(f"{job['id']} queued", total=None)
+        while job["status"] in ("queued", "in_progress"):
+            time.sleep(POLL_SECONDS)
+            job = client.call("GET", f"/v1/videos/{job['id']}")
+            done, total = job.get("denoising_step"), job.get("denoising_steps")
+            progress.update(task, description=f"{job['id']} {job['status']}", completed=done or 0, total=total)
+    return job
