@@ -1,6 +1,10 @@
-"""What a client of `sgdiff serve` waits for: one request's latency against the engine's own
-generation time for it, and throughput one request at a time against C at once (batched by the
-server, and optionally against a second server that does not batch).
+"""What a client of `sgdiff serve` waits for, measured as the client sees it (HTTP, one persistent
+connection per client thread):
+
+- server A, no batching (the default): one request's latency against the engine's own generation
+  time for it; throughput one request at a time, and with C clients at once;
+- server B, --max-batch-size C: a burst of C requests (one batch: its engine time against C single
+  requests), then throughput with C clients at once.
 
     python scripts/bench_server.py                                   # the demo image model on the CPU
     python scripts/bench_server.py --model-path /ckpt/flux-dev --device cuda --size 1024x1024 \
@@ -14,6 +18,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,40 +27,55 @@ import httpx
 
 from sgdiff.testing.server import ServerProcess
 
+clients = threading.local()
+
 
 def one(url: str, prompt: str, seed: int, args) -> dict:
+    if not hasattr(clients, "http"):
+        clients.http = httpx.Client(timeout=3600)
     body = {"prompt": prompt, "seed": seed, "size": args.size, "num_inference_steps": args.steps}
     start = time.perf_counter()
-    response = httpx.post(f"{url}/v1/images/generations", json=body, timeout=3600)
+    response = clients.http.post(f"{url}/v1/images/generations", json=body)
     wall = time.perf_counter() - start
     response.raise_for_status()
     extras = response.json()["sgdiff"]
-    return {"wall": wall, "generation": extras["generation_seconds"], "batch": extras["batch_size"]}
+    return {"wall": wall, "generation": extras["generation_seconds"], "encode": extras["encode_seconds"],
+            "server": extras["server_seconds"], "batch": extras["batch_size"]}  # fmt: skip
 
 
 def run(url: str, count: int, concurrency: int, args, first_seed: int) -> tuple[float, list[dict]]:
-    """`count` requests, `concurrency` at a time: (requests per second, each one's numbers)."""
+    """`count` requests from `concurrency` clients: (requests per second, each one's numbers)."""
     prompts = [(f"a photo of object number {i}", first_seed + i) for i in range(count)]
-    start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
+        start = time.perf_counter()
         answers = list(pool.map(lambda ps: one(url, *ps, args), prompts))
     return count / (time.perf_counter() - start), answers
 
 
-def measure(server_args: list[str], args, folder: Path, batched: bool) -> dict:
-    batching = ["--max-batch-size", str(args.concurrency if batched else 1), "--batching-delay-ms", str(args.delay)]
-    with ServerProcess([*server_args, *batching, "--max-queue", "256"], folder / "state", folder / "log.txt",
-                       device=args.device) as server:  # fmt: skip
-        run(server.url, 2, 1, args, 1000)  # warm: first-call costs (compiling, allocator) are not the server's
-        run(server.url, args.concurrency, args.concurrency, args, 2000)
-        numbers = {}
-        if batched:
-            _, alone = run(server.url, args.latency_requests, 1, args, 3000)
-            numbers["latency_wall"] = statistics.mean(a["wall"] for a in alone)
-            numbers["latency_generation"] = statistics.mean(a["generation"] for a in alone)
-            numbers["one_at_a_time"], _ = run(server.url, args.requests, 1, args, 4000)
-        numbers["concurrent"], answers = run(server.url, args.requests, args.concurrency, args, 5000)
-        numbers["batch_sizes"] = sorted({a["batch"] for a in answers})
+def server(server_args: list[str], args, folder: Path, batch: int) -> ServerProcess:
+    batching = ["--max-batch-size", str(batch), "--batching-delay-ms", str(args.delay), "--max-queue", "256"]
+    return ServerProcess([*server_args, *batching], folder / "state", folder / "log.txt", device=args.device)
+
+
+def mean(answers: list[dict], key: str) -> float:
+    return statistics.mean(a[key] for a in answers)
+
+
+def measure(server_args: list[str], args, folder: Path) -> dict:
+    c, numbers = args.concurrency, {}
+    with server(server_args, args, folder / "a", batch=1) as a:
+        run(a.url, 2, 1, args, 1000)  # warm: first-call costs (allocator, kernels' plans) are not the server's
+        _, alone = run(a.url, args.latency_requests, 1, args, 2000)
+        numbers.update({f"latency_{key}": mean(alone, key) for key in ("wall", "generation", "encode", "server")})
+        numbers["one_at_a_time"], _ = run(a.url, args.requests, 1, args, 3000)
+        numbers["unbatched_concurrent"], _ = run(a.url, args.requests, c, args, 4000)
+    with server(server_args, args, folder / "b", batch=c) as b:
+        run(b.url, c, c, args, 5000)  # warm the batched shapes
+        _, burst = run(b.url, c, c, args, 6000)
+        numbers["burst_batch_sizes"] = sorted({x["batch"] for x in burst})
+        numbers["burst_generation"] = max(x["generation"] for x in burst)
+        numbers["batched_concurrent"], answers = run(b.url, args.requests, c, args, 7000)
+        numbers["batch_sizes"] = [x["batch"] for x in answers]
     return numbers
 
 
@@ -68,37 +88,33 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--latency-requests", type=int, default=3)
-    parser.add_argument("--delay", type=float, default=20.0, help="--batching-delay-ms")
-    parser.add_argument("--compare-unbatched", action="store_true", help="also a server without batching, at C")
+    parser.add_argument("--delay", type=float, default=50.0, help="--batching-delay-ms of server B")
     parser.add_argument("--serve-arg", action="append", default=[], help="passed on to sgdiff serve (repeat)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    server_args = ["--model-path", args.model_path, *args.serve_arg]
     with tempfile.TemporaryDirectory() as tmp:
-        batched = measure(server_args, args, Path(tmp) / "batched", batched=True)
-        unbatched = (
-            measure(server_args, args, Path(tmp) / "unbatched", batched=False) if args.compare_unbatched else None
-        )
+        n = measure(["--model-path", args.model_path, *args.serve_arg], args, Path(tmp))
     c = args.concurrency
     rows = [
-        ("latency of one request, client wall (s)", f"{batched['latency_wall']:.3f}"),
-        ("the engine's generation time for it (s)", f"{batched['latency_generation']:.3f}"),
-        ("latency over generation", f"{batched['latency_wall'] / batched['latency_generation']:.3f}"),
-        ("throughput one at a time (req/s)", f"{batched['one_at_a_time']:.3f}"),
-        (f"throughput at {c}, batching up to {c} (req/s)", f"{batched['concurrent']:.3f} {batched['batch_sizes']}"),
-        (f"batched at {c} over one at a time", f"{batched['concurrent'] / batched['one_at_a_time']:.2f}x"),
+        ("A: one request, client wall (s)", f"{n['latency_wall']:.3f}"),
+        ("A: the engine's generation time for it (s)", f"{n['latency_generation']:.3f}"),
+        ("A: of which PNG encoding / in the server (s)", f"{n['latency_encode']:.3f} / {n['latency_server']:.3f}"),
+        ("A: latency over generation", f"{n['latency_wall'] / n['latency_generation']:.3f}"),
+        ("A: throughput one at a time (req/s)", f"{n['one_at_a_time']:.3f}"),
+        (f"A: throughput, {c} clients, no batching (req/s)", f"{n['unbatched_concurrent']:.3f}"),
+        (f"B: a burst of {c}: batch sizes, engine time (s)", f"{n['burst_batch_sizes']} {n['burst_generation']:.3f}"),
+        (f"B: {c} in one batch over {c} alone (engine time)",
+         f"{c * n['latency_generation'] / n['burst_generation']:.2f}x"),
+        (f"B: throughput, {c} clients, batching (req/s)", f"{n['batched_concurrent']:.3f}"),
+        ("B: batch sizes seen", " ".join(map(str, n["batch_sizes"]))),
+        ("B batched over A one at a time", f"{n['batched_concurrent'] / n['one_at_a_time']:.2f}x"),
+        (f"B batched over A at {c} clients", f"{n['batched_concurrent'] / n['unbatched_concurrent']:.2f}x"),
     ]  # fmt: skip
-    if unbatched:
-        rows += [
-            (f"throughput at {c}, no batching (req/s)", f"{unbatched['concurrent']:.3f}"),
-            (f"batched at {c} over unbatched at {c}", f"{batched['concurrent'] / unbatched['concurrent']:.2f}x"),
-        ]
     print(f"\n{args.model_path} {args.size} {args.steps} steps on {args.device}, {args.requests} requests")
     for name, value in rows:
-        print(f"  {name:<48} {value}")
+        print(f"  {name:<52} {value}")
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "batched": batched,
-                                         "unbatched": unbatched}, indent=2, default=str))  # fmt: skip
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **n}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The README stays true to the code: its CLI tables list exactly the flags `generate` and `bench` have, and
+"""The README stays true to the code: its CLI tables list exactly the flags `generate`, `bench` and `serve` have, and
 CI runs the README's test command."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def readme_table_flags(name: str) -> set[str]:
     return {flag for row in rows for flag in re.findall(r"`(--[a-z0-9-]+)`", row.split("|")[1])}
 
 
-@pytest.mark.parametrize("name", ["generate", "bench"])
+@pytest.mark.parametrize("name", ["generate", "bench", "serve"])
 def test_readme_cli_table_matches_the_command(name):
     assert readme_table_flags(name) == command_flags(name)
 

@@ -11,7 +11,9 @@ import httpx
 import imageio.v3 as iio
 import numpy as np
 import openai
+import psutil
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from sgdiff.cli.main import app
@@ -119,8 +121,6 @@ def test_an_input_reference_is_checked(server, tmp_path):
         client.videos.create(model=MODEL, prompt="x", input_reference=("a.png", b"not an image", "image/png"))
     assert not_an_image.value.body["param"] == "input_reference"
     png = tmp_path / "red.png"
-    from PIL import Image
-
     Image.new("RGB", (64, 64), "red").save(png)
     with pytest.raises(openai.BadRequestError) as text_only:
         client.videos.create(model=MODEL, prompt="x", input_reference=png)
@@ -147,3 +147,47 @@ def test_jobs_survive_kill_9(tmp_path):
         assert interrupted.status == "failed" and "interrupted" in interrupted.error.message
         again = wait_for(client, queued.id, lambda v: v.status in ("completed", "failed"))
         assert again.status == "completed" and frames_of(client.videos.download_content(queued.id).read()).any()
+
+
+def test_image_to_video_takes_an_uploaded_first_frame(tiny_wan, tmp_path):
+    """Multipart with `input_reference`: the video equals `sgdiff generate --image-path`'s, and
+    another image gives another video."""
+    model = str(tiny_wan("i2v"))
+    y, x = np.mgrid[0:40, 0:48]
+    first, other = tmp_path / "first.png", tmp_path / "other.png"
+    Image.fromarray(np.stack([x * 5, y * 6, (x + y) * 3], axis=-1).astype(np.uint8)).save(first)
+    Image.fromarray(np.stack([y * 6, (x + y) * 3, x * 5], axis=-1).astype(np.uint8)).save(other)
+    fields = {"num_frames": 5, "num_inference_steps": 3, "seed": 4, "guidance_scale": 4.0, "negative_prompt": "blurry"}
+    with ServerProcess(["--model-path", model], tmp_path / "state", tmp_path / "log.txt") as server:
+        client = server.openai()
+        videos = []
+        for picture in (first, other):
+            job = client.videos.create(model=model, prompt="a red cube", size="32x32", input_reference=picture,
+                                       extra_body=fields)  # fmt: skip
+            assert wait_for(client, job.id, lambda v: v.status in ("completed", "failed")).status == "completed"
+            videos.append(frames_of(client.videos.download_content(job.id).read()))
+        with pytest.raises(openai.BadRequestError) as missing:
+            client.videos.create(model=model, prompt="a red cube", size="32x32", extra_body=fields)
+        assert missing.value.body["param"] == "input_reference"
+    args = ["generate", "--model-path", model, "--prompt", "a red cube", "--negative-prompt", "blurry", "--height",
+            "32", "--width", "32", "--num-frames", "5", "--steps", "3", "--seed", "4", "--guidance-scale", "4.0",
+            "--image-path", str(first), "--device", "cpu", "--output-path", str(tmp_path / "local"),
+            "--output-file-name", "v", "--quiet"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(videos[0], frames_of((tmp_path / "local" / "v.mp4").read_bytes()))
+    assert np.abs(videos[0].astype(int) - videos[1].astype(int)).max() > 20
+
+
+def test_kill_9_leaves_no_worker_process(tiny_flux_dev, tmp_path):
+    """A server over a pool of 2 worker processes: killed with SIGKILL, its workers end too."""
+    args = ["--model-path", str(tiny_flux_dev), "--num-gpus", "2"]
+    with ServerProcess(args, tmp_path / "state", tmp_path / "log.txt") as server:
+        workers = psutil.Process(server.process.pid).children(recursive=True)
+        workers = [w for w in workers if "resource_tracker" not in " ".join(w.cmdline())]
+        assert len(workers) == 2
+        request = {"prompt": "a red circle", "num_inference_steps": 2, "size": "32x32"}
+        assert httpx.post(f"{server.url}/v1/images/generations", json=request, timeout=60).status_code == 200
+        server.kill()
+    _, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive

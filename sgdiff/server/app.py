@@ -73,12 +73,12 @@ def create_app(core: ServerCore, api_key: str | None) -> FastAPI:
         return {"object": "list", "data": [card]}
 
     @api.post("/v1/images/generations")
-    async def generate_images(request: Request) -> dict[str, Any]:
+    async def generate_images(request: Request) -> JSONResponse:
         body = await read_request(request, core.limits.max_body_bytes, files=())
         return await run_images(request, body)
 
     @api.post("/v1/images/edits")
-    async def edit_images(request: Request) -> dict[str, Any]:
+    async def edit_images(request: Request) -> JSONResponse:
         body = await read_request(request, core.limits.max_body_bytes, files=("image", "image[]"))
         if core.output_kind != "image" or not takes_image(core):
             where = "POST /v1/videos" if core.output_kind == "video" else "POST /v1/images/generations"
@@ -95,7 +95,7 @@ def create_app(core: ServerCore, api_key: str | None) -> FastAPI:
         finally:
             path.unlink(missing_ok=True)
 
-    async def run_images(request: Request, body: Body, rename: dict[str, str] | None = None) -> dict[str, Any]:
+    async def run_images(request: Request, body: Body, rename: dict[str, str] | None = None) -> JSONResponse:
         prompt, renames = core.take(body, "image")
         renames.update(rename or {}, num_outputs_per_prompt="n")
         response_format = body.fields.pop("response_format", None) or "b64_json"
@@ -108,7 +108,7 @@ def create_app(core: ServerCore, api_key: str | None) -> FastAPI:
         n = take_int(body, "n", 1, 1, core.limits.max_n, "the server's --max-n")
         body.fields["num_outputs_per_prompt"] = n
         params, _ = core.params(prompt, body, renames)
-        return await core.images(params, response_format, str(request.base_url))
+        return JSONResponse(await core.images(params, response_format, str(request.base_url)))
 
     @api.get("/v1/images/files/{name}")
     def image_file(name: str) -> FileResponse:
@@ -135,7 +135,7 @@ def create_app(core: ServerCore, api_key: str | None) -> FastAPI:
             path = core.store.input_path(job_id)
             path.write_bytes(checked_image(references[0], "input_reference"))
             body.fields[IMAGE_FIELD] = str(path)
-            rename[IMAGE_FIELD] = "input_reference"
+        rename[IMAGE_FIELD] = "input_reference"  # (an image-to-video model without one: its error names it)
         seconds = body.fields.pop("seconds", None)
         if seconds is not None:
             frames_for(core, prompt, body, rename, seconds)

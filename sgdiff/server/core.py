@@ -166,7 +166,7 @@ class ServerCore:
         if handle.status is RequestStatus.COMPLETED:
             result: GenerationResult = handle.result()
             self.recent_seconds = result.total_seconds
-            self.metrics.batch_size.observe(getattr(result, "batch_size", 1))
+            self.metrics.batch_size.observe(result.batch_size)
             if result.peak_gpu_memory_bytes is not None:
                 self.metrics.peak_gpu_memory.set(result.peak_gpu_memory_bytes)
 
@@ -191,27 +191,28 @@ class ServerCore:
             raise ApiError(503, "the request was cancelled: the server is shutting down", None, "cancelled") from None
         except Exception as exc:  # noqa: BLE001 - the engine's failure, said in one line
             raise ApiError(500, f"generation failed: {exc}", None, "generation_failed") from None
-        data = await asyncio.to_thread(self._encode_images, result, response_format, base_url)
+        encoding = time.monotonic()
+        images = range(len(result.images))  # each PNG on its own thread (zlib lets go of the GIL)
+        data = await asyncio.gather(
+            *(asyncio.to_thread(self._encode, result, i, response_format, base_url) for i in images)
+        )
+        extras = self.timings(result)
+        extras.update(encode_seconds=time.monotonic() - encoding, server_seconds=time.monotonic() - started)
         return {
             "created": int(time.time()),
-            "data": data,
+            "data": list(data),
             "output_format": "png",
             "size": f"{params.width}x{params.height}",
-            "sgdiff": self.timings(result),
+            "sgdiff": extras,
         }
 
-    def _encode_images(self, result: GenerationResult, response_format: str, base_url: str) -> list[dict]:
-        data = []
-        for index, image in enumerate(result.images):
-            png = png_bytes(image, output_metadata(result.params, index, **self.about))
-            if response_format == "url":
-                image_id = "img_" + secrets.token_hex(IMAGE_ID_HEX // 2)
-                path = self.images_dir / f"{image_id}.png"
-                path.write_bytes(png)
-                data.append({"url": f"{base_url}v1/images/files/{image_id}.png", "revised_prompt": None})
-            else:
-                data.append({"b64_json": base64.b64encode(png).decode(), "revised_prompt": None})
-        return data
+    def _encode(self, result: GenerationResult, index: int, response_format: str, base_url: str) -> dict[str, Any]:
+        png = png_bytes(result.images[index], output_metadata(result.params, index, **self.about))
+        if response_format == "b64_json":
+            return {"b64_json": base64.b64encode(png).decode(), "revised_prompt": None}
+        image_id = "img_" + secrets.token_hex(IMAGE_ID_HEX // 2)
+        (self.images_dir / f"{image_id}.png").write_bytes(png)
+        return {"url": f"{base_url}v1/images/files/{image_id}.png", "revised_prompt": None}
 
     def timings(self, result: GenerationResult) -> dict[str, Any]:
         """sgdiff's extras beside OpenAI's fields: the request as run, and where its time went."""
@@ -221,7 +222,7 @@ class ServerCore:
             "stage_seconds": result.stage_seconds,
             "step_seconds": result.step_seconds,
             "peak_gpu_memory_bytes": result.peak_gpu_memory_bytes,
-            "batch_size": getattr(result, "batch_size", 1),
+            "batch_size": result.batch_size,
         }
 
     # Video jobs.
@@ -250,6 +251,8 @@ class ServerCore:
             if h.status is RequestStatus.RUNNING and event is None:
                 self.store.update(job_id, "in_progress")
             elif h.done():
+                if h.status is RequestStatus.COMPLETED:
+                    self.store.update(job_id, "in_progress", progress=99)  # until its MP4 is written
                 self.live.pop(job_id)
                 self.finished("videos", h, started)
                 self.loop.create_task(self._finish_job(job_id, h))
@@ -268,6 +271,9 @@ class ServerCore:
             await asyncio.to_thread(save_mp4, video, path, result.fps or DEFAULT_FPS, metadata)
         except Exception as exc:  # noqa: BLE001 - the job failed: its record says why
             self.store.update(job_id, "failed", error={"code": "generation_failed", "message": str(exc)})
+            return
+        if self.store.get(job_id) is None:  # deleted while its MP4 was being written
+            path.unlink(missing_ok=True)
             return
         self.store.update(job_id, "completed", progress=100)
 

@@ -16,7 +16,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         Gauge("sgdiff_queue_depth", "Requests accepted and not finished (queued or running).",
               registry=self.registry).set_function(queue_depth)  # fmt: skip
-        Gauge("sgdiff_gpu_memory_allocated_bytes", "GPU memory the engine's tensors hold now (0 on the CPU).",
+        Gauge("sgdiff_gpu_memory_allocated_bytes", "GPU memory the engine's tensors hold in this process now (0 "
+              "on the CPU, and with --num-gpus > 1 whose workers hold it: see sgdiff_gpu_peak_memory_bytes).",
               registry=self.registry).set_function(gpu_memory)  # fmt: skip
         self.requests = Counter(
             "sgdiff_requests", "Requests by endpoint and outcome (completed, failed, cancelled, rejected, invalid).",

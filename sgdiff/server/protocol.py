@@ -107,7 +107,7 @@ def take_model(body: Body, served: str) -> None:
 
 def refuse_unsupported(body: Body) -> None:
     for name in UNSUPPORTED:
-        if body.fields.get(name) not in (None, "auto"):
+        if body.fields.get(name) not in (None, "auto", False):  # (e.g. "stream": false asks for what is done)
             raise ApiError(400, f"`{name}` is not supported by sgdiff's models; leave it out", name, "unsupported")
     for name in UNSUPPORTED:
         body.fields.pop(name, None)
