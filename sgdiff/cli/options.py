@@ -34,7 +34,7 @@ ModelPath = Annotated[
     typer.Option(
         "--model-path",
         help="Hub repo id (owner/name) or a local diffusers-format folder; default: the embedded demo model "
-        "sgdiff/demo-image, or sgdiff/demo-video when --num-frames is given.",
+        "sgdiff/demo-image (generate: sgdiff/demo-video when --num-frames is given).",
         rich_help_panel=MODEL,
     ),
 ]

@@ -154,8 +154,10 @@ class ServerCore:
         def heard(h: RequestHandle, event: ProgressEvent | None) -> None:
             if event is not None and event.step is not None:
                 self.metrics.step_seconds.observe(event.args[2])
-            if not loop.is_closed():  # (the server stopped: a restart finds the job in the store)
+            try:
                 loop.call_soon_threadsafe(on_change, h, event)
+            except RuntimeError:  # the loop is closed: the server stopped (a restart finds the job in the store)
+                pass
 
         handle.add_listener(heard)
 
