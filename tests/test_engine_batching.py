@@ -162,11 +162,15 @@ def test_a_lone_request_runs_after_the_delay_and_one_within_it_joins(flux_engine
 
 
 def test_cancelling_one_member_leaves_the_others_running(flux_engine, step_gate):
+    """It ends at once, and after the step in hand its rows leave the batch: the GPU does no more of it."""
     gate = step_gate(at=6)
     fields = dict(SMALL, num_inference_steps=8)
     prompts = ["a red cube", "a blue sphere", "a green cone"]
     params = [flux_engine.request(prompt, seed=seed, **fields) for seed, prompt in enumerate(prompts)]
-    hook = flux_engine.runner.pipeline.transformers[0].register_forward_pre_hook(gate)
+    transformer = flux_engine.runner.pipeline.transformers[0]
+    rows = []  # the rows of each forward
+    hook = transformer.register_forward_pre_hook(gate)
+    counting = transformer.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     try:
         handles = [flux_engine.submit(p) for p in params]
         assert gate.reached.wait(30)  # step 6 of the batch, held
@@ -177,10 +181,38 @@ def test_cancelling_one_member_leaves_the_others_running(flux_engine, step_gate)
         results = [handles[i].result(timeout=60) for i in (0, 2)]
     finally:
         hook.remove()
+        counting.remove()
     with pytest.raises(RequestCancelled):
         handles[1].result()
     assert [event.step[0] for event in handles[1].events() if event.step] == [1, 2, 3, 4, 5]
+    assert rows == [3] * 6 + [2] * 2  # steps 7 and 8 without the cancelled member's row
     assert_as_alone(flux_engine, [params[0], params[2]], results, [3, 3])
+
+
+def test_a_member_leaves_a_multistep_schedulers_batch_and_the_others_keep_their_pixels(tiny_wan, step_gate):
+    """Wan's UniPC keeps state of each row across steps: a dropped member's rows leave it too."""
+    with Engine(str(tiny_wan("t2v")), runtime=CPU, batching=BatchingConfig(3, 1000)) as engine:
+        cfg = dict(VIDEO, num_inference_steps=5, guidance_scale=5.0)
+        prompts = ["a red cube", "a blue sphere", "a green cone"]
+        params = [engine.request(p, negative_prompt="blurry", seed=s, **cfg) for s, p in enumerate(prompts)]
+        engine.start()
+        gate = step_gate(at=5)  # step 3's prompt branch (CFG: two forwards a step)
+        transformer = engine.runner.pipeline.transformers[0]
+        rows = []
+        hook = transformer.register_forward_pre_hook(gate)
+        counting = transformer.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+        try:
+            handles = [engine.submit(p) for p in params]
+            assert gate.reached.wait(60)
+            handles[0].cancel()
+            gate.released.set()
+            results = [handles[i].result(timeout=120) for i in (1, 2)]
+        finally:
+            hook.remove()
+            counting.remove()
+        assert handles[0].status is RequestStatus.CANCELLED
+        assert rows == [3] * 6 + [2] * 4  # steps 4 and 5 (two forwards each) without its row
+        assert_as_alone(engine, params[1:], results, [3, 3])
 
 
 def test_cancelling_every_member_stops_the_batch_after_the_step_in_hand(flux_engine, step_gate):
@@ -212,7 +244,15 @@ def test_a_batch_on_a_two_process_pool_gives_the_pixels_of_one_request_alone(tin
             pool.request("a green cone", seed=3, **SMALL),
         ]
         results = [handle.result(timeout=120) for handle in [pool.submit(p) for p in params]]
-    assert_as_alone(flux_engine, params, results, [3, 3, 3])
+        assert_as_alone(flux_engine, params, results, [3, 3, 3])
+        # a member cancelled mid-batch leaves it on both ranks after the same step (rank 0's word)
+        long = [pool.request(p.prompt, seed=p.seed, **dict(SMALL, num_inference_steps=60)) for p in params]
+        handles = [pool.submit(p) for p in long]
+        next(event for event in handles[1].events() if event.step)
+        handles[1].cancel()
+        results = [handles[i].result(timeout=120) for i in (0, 2)]
+    assert handles[1].status is RequestStatus.CANCELLED
+    assert_as_alone(flux_engine, [long[0], long[2]], results, [3, 3])
 
 
 VIDEO = dict(height=32, width=32, num_frames=5, num_inference_steps=3)

@@ -150,23 +150,29 @@ class ModelRunner:
         self,
         params_list: list[SamplingParams],
         events_list: list[PipelineEvents],
-        should_stop: Callable[[], bool] = lambda: False,
+        cancelled: Callable[[], list[bool]] | None = None,
         inputs_list: list[dict[str, bytes]] | None = None,
-    ) -> list[GenerationResult]:
+    ) -> list[GenerationResult | None]:
         """Run requests that share a batch key (ModelFamily.batch_key) as one batch: each keeps its
-        prompt, seed, progress `events` and result. `should_stop()`: True ends the whole batch (the
-        engine asks it so when every member is cancelled)."""
+        prompt, seed, progress `events` and result. `cancelled()`: each member's wish to stop, asked
+        between stages and steps; a member that wishes so while others go on is dropped from the batch
+        after the step in hand (its result None), every member wishing so ends the batch
+        (RequestCancelled)."""
         self.load()
         self._reset_peak_memory()
         start = time.perf_counter()
+        cancelled = cancelled or (lambda: [False] * len(params_list))
         inputs_list = inputs_list or [{} for _ in params_list]
         states = [
-            State(params, self.device, self.dtype, events, should_stop, inputs)
+            State(params, self.device, self.dtype, events, lambda: all(cancelled()), inputs)
             for params, events, inputs in zip(params_list, events_list, inputs_list, strict=True)
         ]
-        states = self.pipeline.run_batch(states)
+        states = self.pipeline.run_batch(states, cancelled)
         seconds = time.perf_counter() - start
-        return [self._result(state, seconds, batch_size=len(states)) for state in states]
+        return [
+            self._result(state, seconds, batch_size=len(states)) if state.latents is not None else None
+            for state in states
+        ]
 
     def _reset_peak_memory(self) -> None:
         if self.device.type == "cuda":

@@ -54,6 +54,9 @@ class OneRank:
     def decide(self, flag: bool) -> bool:
         return flag
 
+    def decide_each(self, flags: list[bool]) -> list[bool]:
+        return flags
+
     def barrier(self) -> None:
         pass
 
@@ -79,6 +82,12 @@ class ControlChannel:
         self.flag.fill_(int(flag))
         self.dist.broadcast(self.flag, src=0, group=self.group)
         return bool(self.flag.item())
+
+    def decide_each(self, flags: list[bool]) -> list[bool]:
+        """Rank 0's flags (one per member of a batch) on every rank."""
+        values = torch.tensor([int(flag) for flag in flags], dtype=torch.int32)
+        self.dist.broadcast(values, src=0, group=self.group)
+        return [bool(value) for value in values.tolist()]
 
     def barrier(self) -> None:
         self.dist.barrier(group=self.group)
@@ -140,24 +149,26 @@ def serve_requests(
 
 def run_batch(runner, control, requests: list[tuple], cancelled: set[str], outbox: Outbox, survive) -> None:
     """`requests`: (id, params, the bytes of its input files by path) of each member of the batch. One
-    request runs the single-request path; several share one pass through the pipeline. The batch stops
-    (every member cancelled) when every member's id is in `cancelled`: rank 0's word for every rank."""
+    request runs the single-request path; several share one pass through the pipeline. Whether each
+    member is cancelled (its id in `cancelled`) is rank 0's word for every rank: a member cancelled
+    while others go on leaves the batch after the step in hand, every member cancelled stops it."""
     ids = [request_id for request_id, _, _ in requests]
     for request_id in ids:
         outbox.put(("started", request_id))
 
-    def should_stop() -> bool:
-        return control.decide(all(request_id in cancelled for request_id in ids))
+    def wishes() -> list[bool]:
+        return control.decide_each([request_id in cancelled for request_id in ids])
 
     try:
         if len(requests) == 1:
             (request_id, params, inputs) = requests[0]
-            results = [runner.generate(params, ForwardedEvents(outbox, request_id), should_stop, inputs)]
+            events = ForwardedEvents(outbox, request_id)
+            results = [runner.generate(params, events, lambda: control.decide(request_id in cancelled), inputs)]
         else:
             params_list = [params for _, params, _ in requests]
             events_list = [ForwardedEvents(outbox, request_id) for request_id in ids]
             inputs_list = [inputs for _, _, inputs in requests]
-            results = runner.generate_batch(params_list, events_list, should_stop, inputs_list)
+            results = runner.generate_batch(params_list, events_list, wishes, inputs_list)
     except RequestCancelled:
         for request_id in ids:
             outbox.put(("cancelled", request_id))
@@ -169,4 +180,4 @@ def run_batch(runner, control, requests: list[tuple], cancelled: set[str], outbo
             outbox.put(("failed", request_id, exc if isinstance(exc, UserError) else describe(exc)))
         return
     for request_id, result in zip(ids, results, strict=True):
-        outbox.put(("done", request_id, result))
+        outbox.put(("done", request_id, result) if result is not None else ("cancelled", request_id))

@@ -13,7 +13,7 @@ import torch
 
 from sgdiff.errors import RequestCancelled
 from sgdiff.models.attention import AttentionImpl, current_attention_impl, use_attention_impl
-from sgdiff.pipeline.batch import merge_states, split_outputs
+from sgdiff.pipeline.batch import BatchRows, merge_states, split_outputs
 from sgdiff.sampling import SamplingParams
 
 
@@ -56,6 +56,9 @@ class State:
     # Under several ranks every rank asks at the same points and gets rank 0's answer.
     should_stop: Callable[[], bool] = lambda: False
     inputs: dict[str, bytes] = field(default_factory=dict)  # the request's input files (images) by path
+    # A batch (pipeline/batch.py), asked after every denoising step but the last: the indices of the rows
+    # to go on with once some members are cancelled (None: every row). Same points and answers on every rank.
+    rows_to_keep: Callable[[], torch.Tensor | None] = lambda: None
     cond: dict[str, torch.Tensor] = field(default_factory=dict)  # model inputs of the prompt branch
     uncond: dict[str, torch.Tensor] | None = None  # model inputs of the negative branch (CFG only)
     cfg_scale: float = 1.0
@@ -130,18 +133,19 @@ class ComposedPipeline:
         with torch.inference_mode(), use_attention_impl(self.attention or current_attention_impl()):
             return self.run_stages(state, self.stages)
 
-    def run_batch(self, states: list[State]) -> list[State]:
+    def run_batch(self, states: list[State], cancelled: Callable[[], list[bool]]) -> list[State]:
         """Several requests as one batch (their family's batch key agrees): the stages before the first
         batchable one run on each request's own State, the rest once on their merged rows; each State
-        gets its own outputs back. Every rank runs the same batch through the same stages."""
+        gets its own outputs back (none for a member dropped because `cancelled()`, each member's wish,
+        said so while others went on). Every rank runs the same batch through the same stages."""
         first = next((i for i, stage in enumerate(self.stages) if stage.batchable), len(self.stages))
         assert first < len(self.stages) and all(stage.batchable for stage in self.stages[first:]), self.stage_names
         with torch.inference_mode(), use_attention_impl(self.attention or current_attention_impl()):
             for state in states:
                 self.run_stages(state, self.stages[:first])
-            rows = [state.latents.shape[0] for state in states]
-            merged = self.run_stages(merge_states(states), self.stages[first:])
-        split_outputs(merged, states, rows)
+            rows = BatchRows([state.latents.shape[0] for state in states], cancelled)
+            merged = self.run_stages(merge_states(states, rows), self.stages[first:])
+        split_outputs(merged, states, rows.final_counts())
         return states
 
     def run_stages(self, state: State, stages: list[Stage]) -> State:

@@ -7,6 +7,7 @@ member's params, sampler and CFG scale, and the `shared` inputs all members have
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -56,15 +57,52 @@ def check_mergeable(states: list[State]) -> None:
         assert state.cfg_scale == first.cfg_scale and state.cond.keys() == first.cond.keys()
 
 
-def merge_states(states: list[State]) -> State:
+class BatchRows:
+    """Which members of a running batch are still wanted, and where their rows are. `cancelled()`: each
+    member's wish, in member order (rank 0's word on every rank); asked once per question."""
+
+    def __init__(self, counts: list[int], cancelled: Callable[[], list[bool]]):
+        self.counts = counts  # each member's rows, in member order
+        self.alive = [True] * len(counts)
+        self.cancelled = cancelled
+
+    def all_cancelled(self) -> bool:
+        return all(self.cancelled())
+
+    def rows_to_keep(self) -> torch.Tensor | None:
+        """The indices, among the rows running now, of the members still wanted, once some newly are
+        not (None: no change; every member cancelled is the stop's business, not this)."""
+        wishes = self.cancelled()
+        dropped = [i for i, (alive, cancel) in enumerate(zip(self.alive, wishes, strict=True)) if alive and cancel]
+        if not dropped or all(wishes):
+            return None
+        kept, start = [], 0
+        for i, count in enumerate(self.counts):
+            if not self.alive[i]:
+                continue
+            if i not in dropped:
+                kept.extend(range(start, start + count))
+            start += count
+        for i in dropped:
+            self.alive[i] = False
+        return torch.tensor(kept, dtype=torch.long)
+
+    def final_counts(self) -> list[int]:
+        """The rows each member has at the end: its own, or none once dropped."""
+        return [count if alive else 0 for count, alive in zip(self.counts, self.alive, strict=True)]
+
+
+def merge_states(states: list[State], rows: BatchRows) -> State:
     """One State for the batched stages: the members' rows (latents, prompt and negative inputs)
-    concatenated along dim 0; events go to every member; it stops when every member asks to."""
+    concatenated along dim 0; events go to every member; it stops when every member asks to, and goes
+    on without the rows of members cancelled while others are still wanted."""
     check_mergeable(states)
     first = states[0]
     return replace(
         first,
         events=FanOutEvents([state.events for state in states]),
-        should_stop=lambda: all(state.should_stop() for state in states),
+        should_stop=rows.all_cancelled,
+        rows_to_keep=rows.rows_to_keep,
         inputs={path: data for state in states for path, data in state.inputs.items()},
         cond=concat_rows([state.cond for state in states]),
         uncond=None if first.uncond is None else concat_rows([state.uncond for state in states]),
@@ -80,13 +118,14 @@ def merge_states(states: list[State]) -> State:
 
 def split_outputs(merged: State, states: list[State], rows: list[int]) -> None:
     """The batch's outputs back to its members, `rows[i]` rows each in member order (images
-    [N, H, W, 3], videos [N, T, H, W, 3], latents); each member gets the batched stages' seconds."""
+    [N, H, W, 3], videos [N, T, H, W, 3], latents; a member dropped from the batch has 0 rows and no
+    outputs); each member gets the batched stages' seconds."""
     start = 0
     for state, count in zip(states, rows, strict=True):
         end = start + count
-        state.latents = merged.latents[start:end] if merged.latents is not None else None
-        state.images = merged.images[start:end] if merged.images is not None else None
-        state.videos = merged.videos[start:end] if merged.videos is not None else None
+        for name in ("latents", "images", "videos"):
+            value = getattr(merged, name)
+            setattr(state, name, value[start:end] if value is not None and count else None)
         state.stage_seconds.update(merged.stage_seconds)
         state.step_seconds.extend(merged.step_seconds)
         start = end

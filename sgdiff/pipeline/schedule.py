@@ -94,6 +94,9 @@ class Sampler(Protocol):
 
     def step(self, velocity: torch.Tensor, index: int, latents: torch.Tensor) -> torch.Tensor: ...
 
+    def keep_rows(self, rows: torch.Tensor, batch: int) -> None:
+        """A batch goes on with `rows` (indices) of its `batch` rows: drop the others' state."""
+
 
 class FlowMatchEulerSampler:
     """Euler steps over flow-matching sigmas (FLUX): timesteps are sigma * 1000."""
@@ -104,6 +107,9 @@ class FlowMatchEulerSampler:
 
     def step(self, velocity: torch.Tensor, index: int, latents: torch.Tensor) -> torch.Tensor:
         return euler_step(latents, velocity, self.sigmas[index], self.sigmas[index + 1])
+
+    def keep_rows(self, rows: torch.Tensor, batch: int) -> None:
+        pass  # no state between steps
 
 
 class SchedulerSampler:
@@ -118,6 +124,21 @@ class SchedulerSampler:
 
     def step(self, velocity: torch.Tensor, index: int, latents: torch.Tensor) -> torch.Tensor:
         return self.scheduler.step(velocity, self.timesteps[index], latents, return_dict=False)[0]
+
+    def keep_rows(self, rows: torch.Tensor, batch: int) -> None:
+        """The scheduler's per-row state (UniPC's model outputs and last sample: tensors shaped like the
+        latents, [batch, ...]) cut to `rows`; its schedule (1-D sigmas, timesteps) is left as it is."""
+        for name, value in vars(self.scheduler).items():
+            if is_rows(value, batch):
+                setattr(self.scheduler, name, value[rows.to(value.device)])
+            elif isinstance(value, list) and any(is_rows(item, batch) for item in value):
+                setattr(self.scheduler, name, [item[rows.to(item.device)] if is_rows(item, batch) else item
+                                               for item in value])  # fmt: skip
+
+
+def is_rows(value: Any, batch: int) -> bool:
+    """A tensor with a row per latent of the batch ([batch, C, ...]), not a 1-D schedule."""
+    return isinstance(value, torch.Tensor) and value.ndim >= 3 and value.shape[0] == batch
 
 
 class DmdSampler:
@@ -137,6 +158,9 @@ class DmdSampler:
     def sigma(self, t: torch.Tensor) -> float:
         return float(self.grid_sigmas[torch.argmin((self.grid_timesteps - float(t)).abs())])
 
+    def keep_rows(self, rows: torch.Tensor, batch: int) -> None:
+        raise NotImplementedError("DMD draws one request's noise stream: its requests are never batched")
+
     def step(self, velocity: torch.Tensor, index: int, latents: torch.Tensor) -> torch.Tensor:
         clean = latents.float() - self.sigma(self.timesteps[index]) * velocity.float()
         if index == len(self.timesteps) - 1:
@@ -147,7 +171,9 @@ class DmdSampler:
 
 # velocity_fn(latents, timestep, step_index) -> predicted velocity, same shape as latents
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-StepCallback = Callable[[int], None]
+# on_step(step_index) after each step; it may return the indices of the rows to go on with (a batch
+# whose members were cancelled), None: all of them
+StepCallback = Callable[[int], "torch.Tensor | None"]
 
 
 def sample(
@@ -156,6 +182,8 @@ def sample(
     """The denoising loop: one velocity and one sampler step per timestep, `on_step(i)` after each."""
     for i, t in enumerate(sampler.timesteps):
         latents = sampler.step(velocity_fn(latents, t, i), i, latents)
-        if on_step is not None:
-            on_step(i)
+        rows = on_step(i) if on_step is not None else None
+        if rows is not None:
+            sampler.keep_rows(rows, latents.shape[0])
+            latents = latents[rows.to(latents.device)]  # [B, ...] -> [len(rows), ...]
     return latents

@@ -40,6 +40,15 @@ class DenoisingStage(Stage):
         cond_inputs = {**state.shared, **state.cond}
         uncond_inputs = {**state.shared, **state.uncond} if state.uncond is not None else None
 
+        def keep(rows: torch.Tensor) -> None:
+            """A batch goes on with `rows`: the prompt and negative inputs (a row per latent) cut alike."""
+            nonlocal cond_inputs, uncond_inputs
+            state.cond = {k: v[rows.to(v.device)] for k, v in state.cond.items()}
+            cond_inputs = {**state.shared, **state.cond}
+            if state.uncond is not None:
+                state.uncond = {k: v[rows.to(v.device)] for k, v in state.uncond.items()}
+                uncond_inputs = {**state.shared, **state.uncond}
+
         def velocity(latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
             if uncond_inputs is None:
                 return self.denoiser(latents, t, cond_inputs, state)
@@ -60,7 +69,7 @@ class DenoisingStage(Stage):
             state.events.step_finished(i, total, now - last)
             last = now
 
-        def on_step(i: int) -> None:
+        def on_step(i: int) -> torch.Tensor | None:
             if state.device.type != "cuda":
                 report(i)
             else:
@@ -71,6 +80,11 @@ class DenoisingStage(Stage):
                     report(i - 1)
             if i < total - 1:  # a cancel lands here: the GPU holds at most this step's work
                 stop_if_asked(state)
+                rows = state.rows_to_keep()  # a batch whose members were cancelled goes on without their rows
+                if rows is not None:
+                    keep(rows)
+                return rows
+            return None
 
         state.latents = sample(state.latents, state.sampler, velocity, on_step)
         if done:
