@@ -89,15 +89,18 @@ def create_app(core: ServerCore, api_key: str | None) -> FastAPI:
             raise ApiError(400, f"give exactly one `image` file part (got {len(images)})", "image", "invalid_value")
         path = core.images_dir / f"input_{new_id()}.img"
         path.write_bytes(checked_image(images[0], "image"))
-        body.fields[IMAGE_FIELD] = str(path)
         try:
-            return await run_images(request, body, {IMAGE_FIELD: "image"})
+            return await run_images(request, body, str(path))
         finally:
             path.unlink(missing_ok=True)
 
-    async def run_images(request: Request, body: Body, rename: dict[str, str] | None = None) -> JSONResponse:
+    async def run_images(request: Request, body: Body, image: str | None = None) -> JSONResponse:
+        """`image`: where the server put an uploaded image to edit."""
         prompt, renames = core.take(body, "image")
-        renames.update(rename or {}, num_outputs_per_prompt="n")
+        renames.update(num_outputs_per_prompt="n")
+        if image is not None:
+            body.fields[IMAGE_FIELD] = image
+            renames[IMAGE_FIELD] = "image"
         response_format = body.fields.pop("response_format", None) or "b64_json"
         if response_format not in ("b64_json", "url"):
             raise ApiError(400, f"`response_format` must be \"b64_json\" or \"url\", got {response_format!r}",
