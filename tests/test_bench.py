@@ -50,3 +50,23 @@ def test_bench_full_size_needs_a_gpu(tmp_path):
         "error: sgdiff bench builds full-size models and needs a CUDA GPU; --tiny checks it on a CPU"
     )
     assert not (tmp_path / "b.json").exists()
+
+
+def test_bench_e2e_times_both_sides_as_fresh_processes(tmp_path):
+    """--e2e on the tiny checkpoint (written once): `sgdiff generate` with the speed flags given, and the
+    diffusers script, each as its own process; the phases of each add up to no more than its wall time."""
+    out, checkpoint = tmp_path / "e2e.json", tmp_path / "checkpoint"
+    args = ["bench", "--model", "flux.1-dev", "--e2e", "--tiny", "--warmup", "0", "--repeat", "1", "--prompts", "2",
+            "--checkpoint-dir", str(checkpoint), "--json", str(out), "--enable-fused-gelu"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert (checkpoint / "model_index.json").is_file() and data["checkpoint_gb"] > 0
+    assert data["speed_flags"] == ["--enable-fused-gelu"] and data["prompts"] == 2
+    sgdiff, diffusers = data["runs"]["sgdiff"][0], data["runs"]["diffusers"][0]
+    assert set(sgdiff["phases"]) == {"start-up", "load", "text", "denoise", "decode", "write"}
+    assert set(diffusers["phases"]) == {"start-up", "load", "text + denoise + decode", "write"}
+    for run in (sgdiff, diffusers):
+        assert all(seconds >= 0 for seconds in run["phases"].values()) and run["phases"]["load"] > 0
+        assert sum(run["phases"].values()) <= run["wall"] + 1e-6
+    assert sgdiff["phases"]["denoise"] > 0 and "shell -> file" in result.output

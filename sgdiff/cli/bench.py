@@ -31,20 +31,57 @@ def bench(
     enable_fused_norms: opt.EnableFusedNorms = False,
     enable_torch_compile: opt.EnableTorchCompile = False,
     enable_cuda_graph: opt.EnableCudaGraph = False,
+    e2e: Annotated[
+        bool,
+        typer.Option(
+            "--e2e",
+            help="Shell to file: `sgdiff generate` and a diffusers script as "
+            "fresh processes on a checkpoint written to disk (FLUX.1); --warmup and --repeat count whole "
+            "runs of each.",
+        ),
+    ] = False,  # fmt: skip
+    prompts: Annotated[int, typer.Option("--prompts", min=1, help="--e2e: prompts per process.")] = 1,
+    cold: Annotated[bool, typer.Option("--cold", help="--e2e: drop the page cache before each run (root).")] = False,
+    checkpoint_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint-dir",
+            help="--e2e: where the checkpoint is written once and reused (default: ~/.cache/sgdiff/bench/MODEL).",
+        ),
+    ] = None,  # fmt: skip
 ) -> None:
     """sgdiff against diffusers on the same random weights, inputs and GPU: ms per forward and per
-    step, text encoding, VAE decode, end to end, memory, TFLOP/s, bf16 agreement."""
+    step, text encoding, VAE decode, the sum of those, memory, TFLOP/s, bf16 agreement; or, with
+    --e2e, what a user waits for from the shell to the file."""
     with user_errors():
         if json_path is not None and not json_path.parent.is_dir():
             from sgdiff.errors import UserError
 
             raise UserError(f"--json {json_path}: the folder {json_path.parent} does not exist")
-        from sgdiff.bench.run import render, run_bench
         from sgdiff.io.files import write_atomically
 
         speed = opt.speed_config(attention_backend, enable_fused_projections, enable_fused_gelu, enable_fused_norms,
                                  enable_torch_compile, enable_cuda_graph)  # fmt: skip
-        result = run_bench(model.value, speed, tiny=tiny, warmup=warmup, repeat=repeat)
-        typer.echo(render(result))
+        if e2e:
+            from sgdiff.bench.end_to_end import render_end_to_end, run_end_to_end
+
+            folder = checkpoint_dir or Path.home() / ".cache" / "sgdiff" / "bench" / (model.value + "-tiny" * tiny)
+            result = run_end_to_end(model.value, folder, tiny=tiny, prompts=prompts, warmup=warmup, repeat=repeat,
+                                    cold=cold, speed_flags=speed_flags(speed))  # fmt: skip
+            typer.echo(render_end_to_end(result))
+        else:
+            from sgdiff.bench.run import render, run_bench
+
+            result = run_bench(model.value, speed, tiny=tiny, warmup=warmup, repeat=repeat)
+            typer.echo(render(result))
         if json_path is not None:
             write_atomically(json_path, lambda f: f.write(json.dumps(result, indent=1).encode()))
+
+
+def speed_flags(speed) -> list[str]:
+    """The speed options as `sgdiff generate` flags (what --e2e runs it with)."""
+    from sgdiff.cli.errors import flag
+
+    flags = [] if speed.attention_backend == "auto" else ["--attention-backend", speed.attention_backend]
+    toggles = ("fused_projections", "fused_gelu", "fused_norms", "torch_compile", "cuda_graph")
+    return flags + [flag(name) for name in toggles if getattr(speed, name)]

@@ -1,0 +1,169 @@
+"""`sgdiff bench --e2e`: what a user waits for, from the shell to the file. A checkpoint is written to
+disk once; then `sgdiff generate` and a plain diffusers script (`from_pretrained(...).to(device)`, one
+call per prompt, `.save`) run as fresh processes in turns, with the page cache warm (after untimed
+runs) or dropped before each run (`cold`, needs root). Each side's phases come from the process
+itself: sgdiff's --perf-dump-path, the script's own clock."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sgdiff.bench.checkpoint import ensure_checkpoint
+from sgdiff.bench.parts import BENCH_MODELS
+from sgdiff.errors import UserError
+
+PROMPTS = ["a cat holding a sign that says hello", "a red cube on a wooden table", "a lighthouse at dusk",
+           "a bowl of ramen, studio photo"]  # fmt: skip
+TINY = dict(height=64, width=64, steps=4)
+SEQUENCE_LENGTH = {"flux.1-dev": 512, "flux.1-schnell": 256}  # the presets' (diffusers' default is 512 for both)
+
+# The diffusers side, as a user writes it; prints its phases as JSON on its last line.
+DIFFUSERS_SCRIPT = """
+import json, sys, time
+start = time.perf_counter()
+import torch
+from diffusers import DiffusionPipeline
+imported = time.perf_counter()
+a = json.loads(sys.argv[1])
+dtype = torch.bfloat16 if a["device"] == "cuda" else torch.float32
+pipe = DiffusionPipeline.from_pretrained(a["model"], torch_dtype=dtype).to(a["device"])
+pipe.set_progress_bar_config(disable=True)
+loaded = time.perf_counter()
+called = 0.0
+written = 0.0
+for index, prompt in enumerate(a["prompts"]):
+    t0 = time.perf_counter()
+    image = pipe(prompt, height=a["height"], width=a["width"], num_inference_steps=a["steps"],
+                 max_sequence_length=a["max_sequence_length"],
+                 generator=torch.Generator("cpu").manual_seed(42)).images[0]
+    if a["device"] == "cuda":
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    image.save(f"{a['out']}/diffusers_{index}.png")
+    called += t1 - t0
+    written += time.perf_counter() - t1
+print(json.dumps({"imports": imported - start, "load": loaded - imported, "generate": called, "write": written,
+                  "in_script": time.perf_counter() - start}))
+"""
+
+
+@dataclass
+class Run:
+    wall: float  # shell -> file: the process from spawn to exit, its files written
+    phases: dict[str, float]
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as exc:
+        raise UserError(f"`cold` drops the page cache, which needs root ({exc.strerror})", field="cold") from None
+
+
+def timed(command: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} ... failed ({done.returncode}): {done.stderr[-2000:]}")
+    return wall, done.stdout
+
+
+def run_sgdiff(model: Path, prompts: list[str], size: dict, device: str, speed_flags: list[str], out: Path) -> Run:
+    prompt_file, perf = out / "prompts.txt", out / "perf.json"
+    prompt_file.write_text("\n".join(prompts) + "\n")
+    command = [sys.executable, "-c", "from sgdiff.cli.main import main; main()", "generate", "--model-path",
+               str(model), "--prompt-file", str(prompt_file), "--height", str(size["height"]), "--width",
+               str(size["width"]), "--steps", str(size["steps"]), "--max-sequence-length",
+               str(size["max_sequence_length"]), "--device", device, "--output-path", str(out / "sgdiff"),
+               "--perf-dump-path", str(perf), "--quiet", *speed_flags]  # fmt: skip
+    wall, _ = timed(command)
+    dump = json.loads(perf.read_text())
+    requests = dump["requests"]
+    stage = lambda name: sum(r["stage_seconds"].get(name, 0.0) for r in requests)  # noqa: E731
+    in_requests = sum(r["total_seconds"] for r in requests)
+    return Run(wall, {
+        "start-up": wall - dump["total_seconds"],  # the interpreter, imports, checks, exit
+        "load": dump["load_seconds"],
+        "text": stage("text_encoding"),
+        "denoise": stage("denoising"),
+        "decode": stage("decoding"),
+        "write": dump["total_seconds"] - dump["load_seconds"] - in_requests,
+    })  # fmt: skip
+
+
+def run_diffusers(model: Path, prompts: list[str], size: dict, device: str, out: Path) -> Run:
+    args = dict(model=str(model), prompts=prompts, device=device, out=str(out), **size)
+    wall, stdout = timed([sys.executable, "-c", DIFFUSERS_SCRIPT, json.dumps(args)])
+    p = json.loads(stdout.strip().splitlines()[-1])
+    return Run(wall, {"start-up": wall - p["in_script"] + p["imports"], "load": p["load"],
+                      "text + denoise + decode": p["generate"], "write": p["write"]})  # fmt: skip
+
+
+def run_end_to_end(name: str, checkpoint_dir: Path, *, tiny: bool, prompts: int, warmup: int, repeat: int,
+                   cold: bool, speed_flags: list[str]) -> dict:  # fmt: skip
+    """Both sides `warmup` times untimed, then `repeat` timed rounds in turns; the median of each."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = BENCH_MODELS[name]
+    start = time.perf_counter()
+    checkpoint = ensure_checkpoint(name, checkpoint_dir, tiny)
+    written = time.perf_counter() - start
+    size = dict(TINY) if tiny else dict(height=model.height, width=model.width, steps=model.steps)
+    size["max_sequence_length"] = SEQUENCE_LENGTH[name]
+    chosen = (PROMPTS * prompts)[:prompts]
+    runs: dict[str, list[Run]] = {"diffusers": [], "sgdiff": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(warmup + repeat):
+            for side in ("diffusers", "sgdiff"):
+                out = Path(tmp) / f"{side}-{round_}"
+                out.mkdir()
+                if cold:
+                    drop_page_cache()
+                if side == "sgdiff":
+                    run = run_sgdiff(checkpoint, chosen, size, device, speed_flags, out)
+                else:
+                    run = run_diffusers(checkpoint, chosen, size, device, out)
+                if round_ >= warmup:
+                    runs[side].append(run)
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return {
+        "model": name, "tiny": tiny, "device": device_name, "prompts": prompts, "cold": cold,
+        "checkpoint": str(checkpoint), "checkpoint_gb": folder_bytes(checkpoint) / 1e9,
+        "checkpoint_written_seconds": written, "speed_flags": speed_flags, **size,
+        "runs": {side: [vars(run) for run in side_runs] for side, side_runs in runs.items()},
+    }  # fmt: skip
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def render_end_to_end(result: dict) -> str:
+    def median(side: str, key: str | None = None) -> float:
+        runs = result["runs"][side]
+        return statistics.median(run["wall"] if key is None else run["phases"][key] for run in runs)
+
+    cache = "cold page cache" if result["cold"] else "warm page cache"
+    flags = " ".join(result["speed_flags"]) or "defaults"
+    lines = [
+        f"{result['model']}{' (tiny)' if result['tiny'] else ''} on {result['device']}: {result['prompts']} "
+        f"prompt(s), {result['height']}x{result['width']}, {result['steps']} steps, {cache}; sgdiff {flags}; "
+        f"median of {len(result['runs']['sgdiff'])}",
+        f"  shell -> file      diffusers {median('diffusers'):8.2f} s   sgdiff {median('sgdiff'):8.2f} s   "
+        f"{median('diffusers') / median('sgdiff'):.2f}x",
+    ]
+    for side in ("diffusers", "sgdiff"):
+        phases = result["runs"][side][0]["phases"]
+        lines.append(f"  {side:<9} " + ", ".join(f"{key} {median(side, key):.2f} s" for key in phases))
+    return "\n".join(lines)
