@@ -1,21 +1,23 @@
 """Find a diffusers-format checkpoint and load its parts, safetensors only.
 
 Our own models are built on the meta device and get their weights with
-`load_state_dict(assign=True)`: no random init, no second copy in memory.
+`load_state_dict(assign=True)`: no random init, no second copy in memory; the files are read in
+parallel straight onto the device (fast_load.py).
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from sgdiff.errors import UserError
+from sgdiff.models.fast_load import READERS, read_safetensors
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -66,18 +68,18 @@ def safetensors_files(folder: Path) -> list[Path]:
 def load_state_dict(
     folder: Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", keep_fp32: tuple[str, ...] = ()
 ) -> dict[str, torch.Tensor]:
-    """All tensors of a component, each cast and moved as it is read: at most one tensor in flight,
-    never a second full copy of the checkpoint. Floating tensors whose name has a component in
-    `keep_fp32` (e.g. "norm1" in "blocks.0.norm1.weight") stay float32."""
+    """All tensors of a component, read shard by shard straight onto `device` (models/fast_load.py:
+    parallel reads, pinned staging on CUDA) and cast there where `dtype` differs. Floating tensors
+    whose name has a component in `keep_fp32` (e.g. "norm1" in "blocks.0.norm1.weight") stay float32."""
+    device = torch.device(device)
     state: dict[str, torch.Tensor] = {}
-    for path in safetensors_files(folder):
-        with safe_open(path, framework="pt", device="cpu") as shard:
-            for name in shard.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
-                tensor = shard.get_tensor(name)
+    with ThreadPoolExecutor(READERS, thread_name_prefix="sgdiff-read") as pool:
+        for path in safetensors_files(folder):
+            for name, tensor in read_safetensors(path, device, pool).items():
                 cast = tensor.dtype
                 if tensor.is_floating_point() and dtype is not None:
                     cast = torch.float32 if set(name.split(".")) & set(keep_fp32) else dtype
-                state[name] = tensor.to(device=device, dtype=cast)
+                state[name] = tensor if tensor.dtype == cast else tensor.to(cast)
     return state
 
 
