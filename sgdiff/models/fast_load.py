@@ -74,18 +74,19 @@ def read_data(path: Path, start: int, size: int, device: torch.device, pool: Thr
         if device.type != "cuda":
             read_parallel(fd, data, start, pool)
             return data
+        stream = torch.cuda.current_stream(device)  # the copies, and the events after them, on `device`
         staging = [torch.empty(min(CHUNK_BYTES, size), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        copied = [None, None]  # the event after each staging buffer's last copy to the GPU
+        copied: list[torch.cuda.Event | None] = [None, None]  # after each staging buffer's last copy
         for index, offset in enumerate(range(0, size, CHUNK_BYTES)):
             count = min(CHUNK_BYTES, size - offset)
             buffer = staging[index % 2]
             if copied[index % 2] is not None:
                 copied[index % 2].synchronize()  # its previous chunk has reached the GPU
             read_parallel(fd, buffer[:count], start + offset, pool)
-            data[offset : offset + count].copy_(buffer[:count], non_blocking=True)
-            copied[index % 2] = torch.cuda.Event()
-            copied[index % 2].record()
-        torch.cuda.current_stream(device).synchronize()
+            with torch.cuda.stream(stream):
+                data[offset : offset + count].copy_(buffer[:count], non_blocking=True)
+            copied[index % 2] = stream.record_event()
+        stream.synchronize()
         return data
     finally:
         os.close(fd)
