@@ -4,15 +4,13 @@ and reader boundaries; a truncated or foreign file is refused in one line."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from sgdiff.errors import UserError
 from sgdiff.models import fast_load
-from sgdiff.models.fast_load import read_safetensors
+from sgdiff.models.fast_load import Reader, read_safetensors
 from sgdiff.models.loading import load_state_dict
 
 
@@ -35,8 +33,8 @@ def test_the_reader_gives_what_safetensors_gives(tmp_path, monkeypatch, chunk):
     monkeypatch.setattr(fast_load, "CHUNK_BYTES", chunk)
     path = tmp_path / "model.safetensors"
     save_file(tensors(), path, metadata={"format": "pt"})
-    with ThreadPoolExecutor(fast_load.READERS) as pool:
-        ours = read_safetensors(path, torch.device("cpu"), pool)
+    with Reader(torch.device("cpu")) as reader:
+        ours = read_safetensors(path, reader)
     theirs = load_file(path)
     assert ours.keys() == theirs.keys()
     for name, tensor in theirs.items():
@@ -58,12 +56,12 @@ def test_a_truncated_or_foreign_file_is_refused(tmp_path):
     path = tmp_path / "model.safetensors"
     save_file(tensors(), path)
     path.write_bytes(path.read_bytes()[:-10])
-    with ThreadPoolExecutor(2) as pool:
+    with Reader(torch.device("cpu")) as reader:
         with pytest.raises(UserError, match="is truncated"):
-            read_safetensors(path, torch.device("cpu"), pool)
+            read_safetensors(path, reader)
         path.write_bytes(b"\x00" * 64)
         with pytest.raises(UserError, match="is not a safetensors file"):
-            read_safetensors(path, torch.device("cpu"), pool)
+            read_safetensors(path, reader)
 
 
 def test_a_tensor_at_an_unaligned_offset_is_read_right(tmp_path):
@@ -77,6 +75,6 @@ def test_a_tensor_at_an_unaligned_offset_is_read_right(tmp_path):
     raw = json.dumps(header).encode()
     path = tmp_path / "odd.safetensors"
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + odd + halves.view(torch.uint8).numpy().tobytes())
-    with ThreadPoolExecutor(2) as pool:
-        ours = read_safetensors(path, torch.device("cpu"), pool)
+    with Reader(torch.device("cpu")) as reader:
+        ours = read_safetensors(path, reader)
     assert ours["a"].tolist() == [1, 2, 3] and torch.equal(ours["b"], halves)

@@ -9,7 +9,6 @@ import argparse
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sgdiff.models.fast_load import READERS, read_safetensors  # noqa: E402
+from sgdiff.models.fast_load import Reader, read_safetensors  # noqa: E402
 
 
 def main() -> None:
@@ -44,8 +43,8 @@ def main() -> None:
     old_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(READERS) as pool:
-        new = read_safetensors(args.path, device, pool)
+    with Reader(device) as reader:
+        new = read_safetensors(args.path, reader)
     torch.cuda.synchronize()
     new_seconds = time.perf_counter() - start
     assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in old), "the tensors differ"

@@ -66,8 +66,30 @@ def read_parallel(fd: int, into: torch.Tensor, offset: int, pool: ThreadPoolExec
         future.result()
 
 
-def read_data(path: Path, start: int, size: int, device: torch.device, pool: ThreadPoolExecutor) -> torch.Tensor:
-    """The file's `size` data bytes from `start`, as one uint8 tensor on `device`."""
+class Reader:
+    """The threads that read, and (on CUDA) the two pinned staging buffers, made once for many files."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="sgdiff-read")
+        self.staging: list[torch.Tensor] = []
+
+    def pinned(self) -> list[torch.Tensor]:
+        if not self.staging:
+            self.staging = [torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        return self.staging
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown()
+        self.staging = []
+
+
+def read_data(path: Path, start: int, size: int, reader: Reader) -> torch.Tensor:
+    """The file's `size` data bytes from `start`, as one uint8 tensor on the reader's device."""
+    device, pool = reader.device, reader.pool
     data = torch.empty(size, dtype=torch.uint8, device=device)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -75,7 +97,7 @@ def read_data(path: Path, start: int, size: int, device: torch.device, pool: Thr
             read_parallel(fd, data, start, pool)
             return data
         stream = torch.cuda.current_stream(device)  # the copies, and the events after them, on `device`
-        staging = [torch.empty(min(CHUNK_BYTES, size), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        staging = reader.pinned()
         copied: list[torch.cuda.Event | None] = [None, None]  # after each staging buffer's last copy
         for index, offset in enumerate(range(0, size, CHUNK_BYTES)):
             count = min(CHUNK_BYTES, size - offset)
@@ -100,11 +122,11 @@ def typed_view(data: torch.Tensor, dtype: torch.dtype, shape: list[int], begin: 
     return raw.view(dtype).view(shape)
 
 
-def read_safetensors(path: Path, device: torch.device, pool: ThreadPoolExecutor) -> dict[str, torch.Tensor]:
-    """Every tensor of the file on `device`, as stored (views of one buffer holding the file's data)."""
+def read_safetensors(path: Path, reader: Reader) -> dict[str, torch.Tensor]:
+    """Every tensor of the file on the reader's device, as stored (views of one buffer of its data)."""
     start, entries = read_header(path)
     size = max((end for _, _, _, end in entries.values()), default=0)
     if start + size > path.stat().st_size:
         raise UserError(f"{path} is truncated: its header promises {start + size} bytes, it has {path.stat().st_size}")
-    data = read_data(path, start, size, device, pool)
+    data = read_data(path, start, size, reader)
     return {name: typed_view(data, *entry) for name, entry in entries.items()}

@@ -8,7 +8,6 @@ parallel straight onto the device (fast_load.py).
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from sgdiff.errors import UserError
-from sgdiff.models.fast_load import READERS, read_safetensors
+from sgdiff.models.fast_load import Reader, read_safetensors
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -71,11 +70,10 @@ def load_state_dict(
     """All tensors of a component, read shard by shard straight onto `device` (models/fast_load.py:
     parallel reads, pinned staging on CUDA) and cast there where `dtype` differs. Floating tensors
     whose name has a component in `keep_fp32` (e.g. "norm1" in "blocks.0.norm1.weight") stay float32."""
-    device = torch.device(device)
     state: dict[str, torch.Tensor] = {}
-    with ThreadPoolExecutor(READERS, thread_name_prefix="sgdiff-read") as pool:
+    with Reader(torch.device(device)) as reader:
         for path in safetensors_files(folder):
-            for name, tensor in read_safetensors(path, device, pool).items():
+            for name, tensor in read_safetensors(path, reader).items():
                 cast = tensor.dtype
                 if tensor.is_floating_point() and dtype is not None:
                     cast = torch.float32 if set(name.split(".")) & set(keep_fp32) else dtype
