@@ -4,14 +4,17 @@ of a torchrun launch (the other ranks follow it, serve.py)."""
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 from sgdiff.config import BatchingConfig, EngineConfig
 from sgdiff.engine.dispatch import BatchKey, Dispatcher
 from sgdiff.engine.runner import ModelRunner
 from sgdiff.engine.serve import Inbox, OneRank, Silent, describe, serve_requests
-from sgdiff.engine.worker import RankSpec, serve_on_rank
 from sgdiff.errors import UserError, WorkerFailure
 from sgdiff.pipeline.base import PipelineEvents
+
+if TYPE_CHECKING:  # (worker.py brings torch.distributed and parallel/: imported by the torchrun paths only)
+    from sgdiff.engine.worker import RankSpec
 
 STOP_WAIT_SECONDS = 30.0  # closing: how long to wait for the request in hand to reach its next step
 
@@ -78,6 +81,8 @@ class TorchrunRankExecutor:
 
     def _serve(self) -> None:
         try:
+            from sgdiff.engine.worker import serve_on_rank
+
             serve_on_rank(self.spec, self.config, self.inbox, self)
         except Exception as exc:  # noqa: BLE001 - this rank can serve no more: say why to every caller
             self._error = exc if isinstance(exc, UserError) else WorkerFailure(f"rank 0: {describe(exc)}")
@@ -94,6 +99,8 @@ class TorchrunRankExecutor:
 
 def follow_torchrun(config: EngineConfig, spec: RankSpec) -> None:
     """A torchrun rank other than 0: load, then run rank 0's requests with it until it stops."""
+    from sgdiff.engine.worker import serve_on_rank
+
     serve_on_rank(spec, config, None, Silent())
 
 

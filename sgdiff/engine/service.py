@@ -21,7 +21,6 @@ from sgdiff.engine.runner import GenerationResult, ModelRunner
 from sgdiff.errors import UserError
 from sgdiff.io.input_image import fetch
 from sgdiff.models.resolve import DEMO_IMAGE_MODEL
-from sgdiff.parallel.plans import check_heads
 from sgdiff.pipeline.base import NullEvents, PipelineEvents
 from sgdiff.sampling import SamplingParams
 
@@ -91,6 +90,8 @@ class Engine:
         self.load_events = load_events or NullEvents()
         self.runner = ModelRunner(self.config.model_path, preset, runtime, self.load_events)
         if self.parallel.num_gpus > 1 or under_torchrun():
+            from sgdiff.parallel.plans import check_heads  # (parallel/ is imported by several processes only)
+
             heads = self.runner.info.transformer_config.get("num_attention_heads", 1)
             check_heads(heads, self.parallel.ulysses_degree, self.parallel.ring_degree)
             if not under_torchrun():

@@ -8,6 +8,7 @@ whose __init__ registers it (pipeline/registry.py finds the folder); a caller ma
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,22 @@ class FusableGroups:
     projections: list[tuple[nn.Linear, ...]] = field(default_factory=list)
     # Linears whose output goes straight into tanh GELU (the MLPs' input projections)
     gelu_projections: list[nn.Linear] = field(default_factory=list)
+
+
+class imported_when_used:  # noqa: N801 - used as a decorator-like descriptor, spelled as a function
+    """A family's function that lives in a heavier module of its folder (its pipeline, its shard plan),
+    imported when it is first used: finding a checkpoint's family imports no other family's code.
+
+    >>> load = imported_when_used("sgdiff.families.wan.pipeline", "load_wan_pipeline")"""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name  # name may be dotted: "WanSchedule.from_dict"
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        value = importlib.import_module(self.module)
+        for part in self.name.split("."):
+            value = getattr(value, part)
+        return value
 
 
 class ModelFamily:

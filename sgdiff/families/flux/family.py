@@ -3,12 +3,14 @@ rules, its schedule, its shard plan and the groups its transformer offers the sp
 
 from __future__ import annotations
 
-from sgdiff.families.flux.pipeline import load_flux_pipeline
+from typing import TYPE_CHECKING
+
 from sgdiff.families.flux.sampling import FluxSampling, flux_batch_key, flux_rules, true_cfg_scale_of
-from sgdiff.families.flux.shard import shard_flux
-from sgdiff.models.flux import FluxTransformer
-from sgdiff.pipeline.family import FusableGroups, ModelFamily
+from sgdiff.pipeline.family import FusableGroups, ModelFamily, imported_when_used
 from sgdiff.pipeline.schedule import FlowMatchSchedule
+
+if TYPE_CHECKING:
+    from sgdiff.models.flux import FluxTransformer
 
 
 class FluxFamily(ModelFamily):
@@ -18,10 +20,10 @@ class FluxFamily(ModelFamily):
     sampling = FluxSampling
     text_encoders = frozenset({"text_encoder", "text_encoder_2"})
     schedule = staticmethod(FlowMatchSchedule.from_dict)
-    load = staticmethod(load_flux_pipeline)
+    load = imported_when_used("sgdiff.families.flux.pipeline", "load_flux_pipeline")
     cfg_scale_of = staticmethod(true_cfg_scale_of)
     batch_key = staticmethod(flux_batch_key)
-    shard = staticmethod(shard_flux)
+    shard = imported_when_used("sgdiff.families.flux.shard", "shard_flux")
 
     def rules(self, info) -> list:
         return flux_rules(info.transformer_config)

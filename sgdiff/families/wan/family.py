@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from sgdiff.families.wan.pipeline import WanSchedule, load_wan_pipeline
+from typing import TYPE_CHECKING
+
 from sgdiff.families.wan.sampling import (
     WanSampling,
     guidance_cfg,
@@ -11,9 +12,10 @@ from sgdiff.families.wan.sampling import (
     wan_given_rules,
     wan_rules,
 )
-from sgdiff.families.wan.shard import shard_wan
-from sgdiff.models.wan import WanTransformer
-from sgdiff.pipeline.family import FusableGroups, ModelFamily
+from sgdiff.pipeline.family import FusableGroups, ModelFamily, imported_when_used
+
+if TYPE_CHECKING:
+    from sgdiff.models.wan import WanTransformer
 
 
 class WanFamily(ModelFamily):
@@ -22,13 +24,13 @@ class WanFamily(ModelFamily):
     pipeline_classes = ("WanPipeline", "WanImageToVideoPipeline")
     output = "video"
     sampling = WanSampling
-    schedule = staticmethod(WanSchedule.from_dict)
-    load = staticmethod(load_wan_pipeline)
+    schedule = imported_when_used("sgdiff.families.wan.pipeline", "WanSchedule.from_dict")
+    load = imported_when_used("sgdiff.families.wan.pipeline", "load_wan_pipeline")
     adjust = staticmethod(wan_adjust)
     given_rules = staticmethod(wan_given_rules)
     cfg_scale_of = staticmethod(guidance_cfg)
     batch_key = staticmethod(wan_batch_key)
-    shard = staticmethod(shard_wan)
+    shard = imported_when_used("sgdiff.families.wan.shard", "shard_wan")
 
     def rules(self, info) -> list:
         experts = ((info.model_dir / "transformer").is_dir(), (info.model_dir / "transformer_2").is_dir())
