@@ -28,6 +28,7 @@ SEQUENCE_LENGTH = {"flux.1-dev": 512, "flux.1-schnell": 256}  # the presets' (di
 # The diffusers side, as a user writes it; prints its phases as JSON on its last line.
 DIFFUSERS_SCRIPT = """
 import json, sys, time
+began = time.clock_gettime(time.CLOCK_BOOTTIME)
 start = time.perf_counter()
 import torch
 from diffusers import DiffusionPipeline
@@ -51,7 +52,7 @@ for index, prompt in enumerate(a["prompts"]):
     called += t1 - t0
     written += time.perf_counter() - t1
 print(json.dumps({"imports": imported - start, "load": loaded - imported, "generate": called, "write": written,
-                  "in_script": time.perf_counter() - start}))
+                  "began": began, "ended": time.clock_gettime(time.CLOCK_BOOTTIME)}))
 """
 
 
@@ -59,6 +60,7 @@ print(json.dumps({"imports": imported - start, "load": loaded - imported, "gener
 class Run:
     wall: float  # shell -> file: the process from spawn to exit, its files written
     phases: dict[str, float]
+    load_parts: dict[str, float] | None = None  # sgdiff: seconds of each component's load
 
 
 def drop_page_cache() -> None:
@@ -69,13 +71,15 @@ def drop_page_cache() -> None:
         raise UserError(f"`cold` drops the page cache, which needs root ({exc.strerror})", field="cold") from None
 
 
-def timed(command: list[str]) -> tuple[float, str]:
+def timed(command: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, the boot clock at spawn, stdout) of a process that must succeed."""
+    spawned = time.clock_gettime(time.CLOCK_BOOTTIME)
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])} ... failed ({done.returncode}): {done.stderr[-2000:]}")
-    return wall, done.stdout
+    return wall, spawned, done.stdout
 
 
 def run_sgdiff(model: Path, prompts: list[str], size: dict, device: str, speed_flags: list[str], out: Path) -> Run:
@@ -86,27 +90,32 @@ def run_sgdiff(model: Path, prompts: list[str], size: dict, device: str, speed_f
                str(size["width"]), "--steps", str(size["steps"]), "--max-sequence-length",
                str(size["max_sequence_length"]), "--device", device, "--output-path", str(out / "sgdiff"),
                "--perf-dump-path", str(perf), "--quiet", *speed_flags]  # fmt: skip
-    wall, _ = timed(command)
+    wall, _, _ = timed(command)
     dump = json.loads(perf.read_text())
     requests = dump["requests"]
     stage = lambda name: sum(r["stage_seconds"].get(name, 0.0) for r in requests)  # noqa: E731
     in_requests = sum(r["total_seconds"] for r in requests)
+    before, at_dump = dump.get("process_age_at_start"), dump.get("process_age_at_dump")
+    if before is None or at_dump is None:  # no /proc: the interpreter, imports, checks and exit together
+        before, at_dump = wall - dump["total_seconds"], wall
     return Run(wall, {
-        "start-up": wall - dump["total_seconds"],  # the interpreter, imports, checks, exit
+        "start-up": before,  # the interpreter, imports, checks
         "load": dump["load_seconds"],
         "text": stage("text_encoding"),
         "denoise": stage("denoising"),
         "decode": stage("decoding"),
         "write": dump["total_seconds"] - dump["load_seconds"] - in_requests,
-    })  # fmt: skip
+        "exit": wall - at_dump,  # after the perf dump: freeing memory, the interpreter's end
+    }, dump.get("load_part_seconds"))  # fmt: skip
 
 
 def run_diffusers(model: Path, prompts: list[str], size: dict, device: str, out: Path) -> Run:
     args = dict(model=str(model), prompts=prompts, device=device, out=str(out), **size)
-    wall, stdout = timed([sys.executable, "-c", DIFFUSERS_SCRIPT, json.dumps(args)])
+    wall, spawned, stdout = timed([sys.executable, "-c", DIFFUSERS_SCRIPT, json.dumps(args)])
     p = json.loads(stdout.strip().splitlines()[-1])
-    return Run(wall, {"start-up": wall - p["in_script"] + p["imports"], "load": p["load"],
-                      "text + denoise + decode": p["generate"], "write": p["write"]})  # fmt: skip
+    return Run(wall, {"start-up": p["began"] - spawned + p["imports"], "load": p["load"],
+                      "text + denoise + decode": p["generate"], "write": p["write"],
+                      "exit": wall - (p["ended"] - spawned)})  # fmt: skip
 
 
 def run_end_to_end(name: str, checkpoint_dir: Path, *, tiny: bool, prompts: int, warmup: int, repeat: int,

@@ -33,6 +33,36 @@ class BatchRequest:
     parallel: ParallelConfig = ParallelConfig()
 
 
+class LoadTimes:
+    """Passes a pipeline's events on and keeps the seconds of each 'load <part>' stage (the perf dump's)."""
+
+    def __init__(self, events: PipelineEvents):
+        self.events = events
+        self.seconds: dict[str, float] = {}
+
+    def stage_started(self, name: str) -> None:
+        self.events.stage_started(name)
+
+    def stage_finished(self, name: str, seconds: float) -> None:
+        if name.startswith("load "):
+            self.seconds[name.removeprefix("load ")] = seconds
+        self.events.stage_finished(name, seconds)
+
+    def step_finished(self, index: int, total: int, seconds: float) -> None:
+        self.events.step_finished(index, total, seconds)
+
+
+def process_age_seconds() -> float | None:
+    """Seconds since this process was spawned (Linux: /proc), so that the perf dump can tell the time
+    before sgdiff's own clock starts (interpreter, imports, checks) from the time after it."""
+    try:
+        fields_after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields_after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, in ticks after boot
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 @dataclass
 class BatchReport:
     results: list[GenerationResult]
@@ -41,6 +71,8 @@ class BatchReport:
     total_seconds: float
     peak_rss_bytes: int  # the largest of this process's and the model's process's
     output_kind: str = "image"  # or "video"
+    load_parts: dict[str, float] = field(default_factory=dict)  # seconds of each component's load
+    started_at_process_age: float | None = None  # seconds after spawn when run_batch began
 
 
 def default_model_path(flags: dict[str, Any]) -> str:
@@ -52,7 +84,8 @@ def run_batch(
     request: BatchRequest, events: PipelineEvents, on_saved: Callable[[Path], None] = lambda p: None
 ) -> BatchReport:
     """Every prompt of `request` through one engine; the outputs written here as each finishes."""
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), process_age_seconds()
+    events = load_times = LoadTimes(events)
     model_path = request.model_path or default_model_path(request.sampling_flags)
     with Engine(
         model_path, preset=request.preset, runtime=request.runtime, parallel=request.parallel, load_events=events
@@ -87,7 +120,10 @@ def run_batch(
                 on_saved(path)
         load_seconds = engine.load_seconds
     peak_rss = max([engine.runner.peak_rss_bytes(), *(r.peak_rss_bytes for r in results)])
-    report = BatchReport(results, saved, load_seconds, time.perf_counter() - start, peak_rss, engine.output_kind)
+    report = BatchReport(
+        results, saved, load_seconds, time.perf_counter() - start, peak_rss, engine.output_kind,
+        load_times.seconds, started_at,
+    )  # fmt: skip
     if request.output.perf_dump_path is not None:
         write_perf_dump(report, engine, request.output.perf_dump_path)
     return report
@@ -99,7 +135,12 @@ def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
         "device": str(engine.runner.device),
         "dtype": str(engine.runner.dtype).removeprefix("torch."),
         "load_seconds": report.load_seconds,
+        "load_part_seconds": report.load_parts,
         "total_seconds": report.total_seconds,
+        # seconds after the process was spawned (Linux): before run_batch began (interpreter, imports,
+        # checks), and now, with everything written but this file; null where unknown
+        "process_age_at_start": report.started_at_process_age,
+        "process_age_at_dump": process_age_seconds(),
         "peak_rss_bytes": report.peak_rss_bytes,  # whole run, loading included
         "requests": [
             {
