@@ -70,4 +70,5 @@ def test_bench_e2e_times_both_sides_as_fresh_processes(tmp_path):
         assert all(seconds >= 0 for seconds in run["phases"].values()) and run["phases"]["load"] > 0
         assert sum(run["phases"].values()) <= run["wall"] + 0.02  # the kernel counts a process's start in 10 ms ticks
     assert sgdiff["phases"]["denoise"] > 0 and "shell -> file" in result.output
-    assert set(sgdiff["load_parts"]) == {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae"}
+    parts = {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae"}
+    assert set(sgdiff["load_parts"]) == parts

@@ -78,3 +78,107 @@ def test_a_tensor_at_an_unaligned_offset_is_read_right(tmp_path):
     with Reader(torch.device("cpu")) as reader:
         ours = read_safetensors(path, reader)
     assert ours["a"].tolist() == [1, 2, 3] and torch.equal(ours["b"], halves)
+
+
+LIBRARY_PARTS = [  # (checkpoint, folder, class): every library model a family loads
+    ("flux", "text_encoder", "transformers.CLIPTextModel"),
+    ("flux", "text_encoder_2", "transformers.T5EncoderModel"),
+    ("flux", "vae", "diffusers.AutoencoderKL"),
+    ("wan-i2v", "text_encoder", "transformers.UMT5EncoderModel"),
+    ("wan-i2v", "vae", "diffusers.AutoencoderKLWan"),
+    ("wan-i2v", "image_encoder", "transformers.CLIPVisionModelWithProjection"),
+]
+
+
+@pytest.mark.parametrize(("checkpoint", "folder", "class_path"), LIBRARY_PARTS)
+def test_library_models_read_by_sgdiff_equal_the_librarys_own_load(tiny_flux_dev, tiny_wan, checkpoint, folder,
+                                                                   class_path):  # fmt: skip
+    """Text encoders, VAEs and the image encoder built with their parameters on meta and given the
+    tensors sgdiff read: the same parameters and dtypes (bf16; at float16 T5's `wo` stays float32), the
+    same buffers the checkpoint does not hold (CLIP's position ids), the same ties as the library's
+    from_pretrained."""
+    import importlib
+
+    from sgdiff.pipeline.components import read_library_model
+
+    module, name = class_path.split(".")
+    cls = getattr(importlib.import_module(module), name)
+    path = (tiny_flux_dev if checkpoint == "flux" else tiny_wan("i2v")) / folder
+    dtype = torch.float16 if name == "T5EncoderModel" else torch.bfloat16
+    ours = read_library_model(cls, path, dtype, torch.device("cpu"))
+    assert ours is not None, "sgdiff's reader should take this checkpoint"
+    theirs = cls.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    for kind in ("named_parameters", "named_buffers"):
+        ours_, theirs_ = dict(getattr(ours, kind)()), dict(getattr(theirs, kind)())
+        assert ours_.keys() == theirs_.keys(), kind
+        for key, tensor in theirs_.items():
+            assert ours_[key].dtype == tensor.dtype and torch.equal(ours_[key], tensor), key
+    if name == "T5EncoderModel":
+        assert ours.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+        assert ours.encoder.embed_tokens.weight is ours.shared.weight or torch.equal(
+            ours.encoder.embed_tokens.weight, ours.shared.weight
+        )
+
+
+def test_a_checkpoint_with_other_names_goes_through_the_librarys_loader(tiny_flux_dev, tmp_path):
+    """Names the model does not have (an older layout the library would rename): sgdiff's reader
+    declines, and the library's from_pretrained loads it."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    from sgdiff.pipeline.components import load_library_model, read_library_model
+
+    folder = tmp_path / "text_encoder"
+    shutil.copytree(tiny_flux_dev / "text_encoder", folder)
+    (weights,) = folder.glob("*.safetensors")
+    state = load_file(weights)
+    state["text_model.extra.weight"] = torch.zeros(2)
+    save_file(state, weights)
+    assert read_library_model(CLIPTextModel, folder, torch.float32, torch.device("cpu")) is None
+    model = load_library_model(CLIPTextModel, folder, torch.float32, torch.device("cpu"))
+    reference = CLIPTextModel.from_pretrained(tiny_flux_dev / "text_encoder")
+    ids = torch.tensor([[1, 5, 9, 2]])
+    assert torch.equal(model(ids).pooler_output, reference(ids).pooler_output)
+
+
+def test_parts_load_side_by_side_and_a_failure_surfaces_after_all_stopped():
+    """Each part on its own thread, each timed as 'load <name>'; a part that fails raises its own error,
+    once the others have finished (none is left loading in the background)."""
+    import threading
+    import time
+
+    from sgdiff.pipeline.components import load_side_by_side
+
+    class Recorder:
+        def __init__(self):
+            self.finished: list[str] = []
+
+        def stage_started(self, name):
+            pass
+
+        def stage_finished(self, name, seconds):
+            self.finished.append(name)
+
+        def step_finished(self, index, total, seconds):
+            pass
+
+    both_running = threading.Barrier(2, timeout=10)  # passes only if the two parts run at once
+    events = Recorder()
+    parts = load_side_by_side(events, torch.device("cpu"), {
+        "a": lambda: (both_running.wait(), "A")[1], "b": lambda: (both_running.wait(), "B")[1], "c": None,
+    })  # fmt: skip
+    assert parts == {"a": "A", "b": "B", "c": None} and sorted(events.finished) == ["load a", "load b"]
+
+    def slow() -> str:
+        time.sleep(0.3)
+        return "done"
+
+    def broken() -> None:
+        raise UserError("the vae folder is broken")
+
+    events = Recorder()
+    with pytest.raises(UserError, match="the vae folder is broken"):
+        load_side_by_side(events, torch.device("cpu"), {"transformer": slow, "vae": broken})
+    assert events.finished == ["load transformer"]  # it had finished when the error came

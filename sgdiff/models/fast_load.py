@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -67,12 +70,14 @@ def read_parallel(fd: int, into: torch.Tensor, offset: int, pool: ThreadPoolExec
 
 
 class Reader:
-    """The threads that read, and (on CUDA) the two pinned staging buffers, made once for many files."""
+    """The threads that read, and (on CUDA) the two pinned staging buffers, made once for many files.
+    One file is read at a time (`lock`): parts loading side by side share the disk and the bus."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="sgdiff-read")
         self.staging: list[torch.Tensor] = []
+        self.lock = threading.Lock()
 
     def pinned(self) -> list[torch.Tensor]:
         if not self.staging:
@@ -87,31 +92,62 @@ class Reader:
         self.staging = []
 
 
+_shared: dict[torch.device, tuple[Reader, int]] = {}  # device -> (its reader, how many users hold it)
+_shared_lock = threading.Lock()
+
+
+@contextmanager
+def shared_reader(device: torch.device) -> Iterator[Reader]:
+    """The one Reader of `device` while anyone holds it (its pinned buffers are made once for every part
+    of a model loading side by side), closed when the last holder lets go."""
+    with _shared_lock:
+        reader, users = _shared.get(device, (None, 0))
+        if reader is None:
+            reader = Reader(device)
+        _shared[device] = (reader, users + 1)
+    try:
+        yield reader
+    finally:
+        with _shared_lock:
+            reader, users = _shared[device]
+            if users == 1:
+                del _shared[device]
+                reader.__exit__()
+            else:
+                _shared[device] = (reader, users - 1)
+
+
 def read_data(path: Path, start: int, size: int, reader: Reader) -> torch.Tensor:
     """The file's `size` data bytes from `start`, as one uint8 tensor on the reader's device."""
-    device, pool = reader.device, reader.pool
-    data = torch.empty(size, dtype=torch.uint8, device=device)
+    data = torch.empty(size, dtype=torch.uint8, device=reader.device)
     fd = os.open(path, os.O_RDONLY)
     try:
-        if device.type != "cuda":
-            read_parallel(fd, data, start, pool)
-            return data
-        stream = torch.cuda.current_stream(device)  # the copies, and the events after them, on `device`
-        staging = reader.pinned()
-        copied: list[torch.cuda.Event | None] = [None, None]  # after each staging buffer's last copy
-        for index, offset in enumerate(range(0, size, CHUNK_BYTES)):
-            count = min(CHUNK_BYTES, size - offset)
-            buffer = staging[index % 2]
-            if copied[index % 2] is not None:
-                copied[index % 2].synchronize()  # its previous chunk has reached the GPU
-            read_parallel(fd, buffer[:count], start + offset, pool)
-            with torch.cuda.stream(stream):
-                data[offset : offset + count].copy_(buffer[:count], non_blocking=True)
-            copied[index % 2] = stream.record_event()
-        stream.synchronize()
+        with reader.lock:
+            if reader.device.type == "cuda":
+                copy_through_staging(fd, data, start, reader)
+            else:
+                read_parallel(fd, data, start, reader.pool)
         return data
     finally:
         os.close(fd)
+
+
+def copy_through_staging(fd: int, data: torch.Tensor, start: int, reader: Reader) -> None:
+    """Fill the CUDA tensor `data` from the file at `start`, chunk by chunk through the two pinned
+    buffers: the next chunk is read while the last one is copied."""
+    stream = torch.cuda.current_stream(reader.device)  # the copies, and the events after them, on `device`
+    staging = reader.pinned()
+    copied: list[torch.cuda.Event | None] = [None, None]  # after each staging buffer's last copy
+    for index, offset in enumerate(range(0, data.numel(), CHUNK_BYTES)):
+        count = min(CHUNK_BYTES, data.numel() - offset)
+        buffer = staging[index % 2]
+        if copied[index % 2] is not None:
+            copied[index % 2].synchronize()  # its previous chunk has reached the GPU
+        read_parallel(fd, buffer[:count], start + offset, reader.pool)
+        with torch.cuda.stream(stream):
+            data[offset : offset + count].copy_(buffer[:count], non_blocking=True)
+        copied[index % 2] = stream.record_event()
+    stream.synchronize()
 
 
 def typed_view(data: torch.Tensor, dtype: torch.dtype, shape: list[int], begin: int, end: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sgdiff.errors import UserError
-from sgdiff.models.fast_load import Reader, read_safetensors
+from sgdiff.models.fast_load import read_safetensors, shared_reader
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -71,7 +71,7 @@ def load_state_dict(
     parallel reads, pinned staging on CUDA) and cast there where `dtype` differs. Floating tensors
     whose name has a component in `keep_fp32` (e.g. "norm1" in "blocks.0.norm1.weight") stay float32."""
     state: dict[str, torch.Tensor] = {}
-    with Reader(torch.device(device)) as reader:
+    with shared_reader(torch.device(device)) as reader:
         for path in safetensors_files(folder):
             for name, tensor in read_safetensors(path, reader).items():
                 cast = tensor.dtype

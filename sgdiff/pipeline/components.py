@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,8 @@ from typing import Any
 import torch
 
 from sgdiff.errors import UserError
-from sgdiff.models.loading import safetensors_files
+from sgdiff.models.fast_load import shared_reader
+from sgdiff.models.loading import load_state_dict, safetensors_files
 from sgdiff.pipeline.base import PipelineEvents
 
 
@@ -49,11 +52,86 @@ def load_tokenizer(folder: Path):
 
 
 def load_library_model(cls, folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """A transformers or diffusers model (text encoder, VAE) from its folder; pickle-only weights are refused."""
+    """A transformers or diffusers model (text encoder, VAE) from its folder, its weights read by sgdiff's
+    reader straight onto `device`; through the library's own loader where the checkpoint's names differ
+    from the model's (e.g. an old layout the library renames). Pickle-only weights are refused."""
     safetensors_files(require_folder(folder))
     with quiet_libraries():
-        model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True)
-    return model.to(device).eval().requires_grad_(False)
+        model = read_library_model(cls, folder, dtype, device)
+        if model is None:
+            model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True).to(device)
+    return model.eval().requires_grad_(False)
+
+
+_building = threading.Lock()  # one construction at a time patches nn.Module.register_parameter
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (neither allocated nor initialised);
+    their buffers are made as usual, so the ones no checkpoint holds (position ids, ...) are right."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    with _building:
+        torch.nn.Module.register_parameter = on_meta
+        try:
+            yield
+        finally:
+            torch.nn.Module.register_parameter = register
+
+
+def read_library_model(cls, folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module | None:
+    """`cls` built from its config with its parameters on meta, then given the checkpoint's tensors as
+    read (load_state_dict(assign=True)): floating ones in `dtype` except the modules the library keeps in
+    float32, as its from_pretrained does. None where the names do not match."""
+    with parameters_on_meta():
+        if hasattr(cls, "load_config"):  # diffusers ModelMixin
+            model = cls.from_config(cls.load_config(folder))
+        else:  # transformers PreTrainedModel
+            model = cls(cls.config_class.from_pretrained(folder))
+    state = load_state_dict(folder, dtype, device, kept_in_fp32(model, dtype))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        return None
+    for target, source in (getattr(model, "_tied_weights_keys", None) or {}).items():
+        if {target, source} & set(missing) == {target}:  # a tied copy the checkpoint leaves out
+            prefix, _, leaf = target.rpartition(".")
+            setattr(model.get_submodule(prefix), leaf, model.get_parameter(source))
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return None
+    return model.to(device)
+
+
+def kept_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> tuple[str, ...]:
+    """The module names whose weights the library's from_pretrained leaves in float32 at `dtype`:
+    diffusers' `_keep_in_fp32_modules` always; transformers' at float16 only (T5's `wo`), and its
+    `_keep_in_fp32_modules_strict` at float16 and bfloat16."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if hasattr(model, "_keep_in_fp32_modules_strict"):  # transformers
+        keep = (keep if dtype == torch.float16 else set()) | set(model._keep_in_fp32_modules_strict or ())
+        keep = keep if dtype in (torch.float16, torch.bfloat16) else set()
+    return tuple(sorted(keep))
+
+
+def load_side_by_side(
+    events: PipelineEvents, device: torch.device, loaders: dict[str, Callable[[], Any] | None]
+) -> dict[str, Any]:
+    """Every part's loader on its own thread, timed as 'load <name>' (None: a part not loaded): while one
+    part's file is read, another is built, cast or tokenised; the files share one reader. The first
+    failure is raised once every loader has stopped."""
+    with quiet_libraries(), shared_reader(device), ThreadPoolExecutor(len(loaders)) as pool:
+        futures = {
+            name: pool.submit(timed_load, events, name, load) for name, load in loaders.items() if load is not None
+        }
+        failures = [f.exception() for f in futures.values() if f.exception() is not None]
+    if failures:
+        raise failures[0]
+    return {name: futures[name].result() if name in futures else None for name in loaders}
 
 
 def timed_load(events: PipelineEvents, name: str, load: Callable[[], Any]) -> Any:
@@ -63,11 +141,6 @@ def timed_load(events: PipelineEvents, name: str, load: Callable[[], Any]) -> An
     part = load()
     events.stage_finished(f"load {name}", time.perf_counter() - start)
     return part
-
-
-def timed_load_unless_skipped(events: PipelineEvents, skip: frozenset[str], name: str, load: Callable[[], Any]) -> Any:
-    """timed_load, or None when `name` is one of the components this process does not load."""
-    return None if name in skip else timed_load(events, name, load)
 
 
 def loaded_modules(parts: Any) -> tuple[str, ...]:

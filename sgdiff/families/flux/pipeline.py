@@ -15,10 +15,9 @@ from sgdiff.models.loading import build_on_meta, load_own_model, read_json
 from sgdiff.pipeline.base import ComposedPipeline, PipelineEvents, State
 from sgdiff.pipeline.components import (
     load_library_model,
+    load_side_by_side,
     load_tokenizer,
     loaded_modules,
-    timed_load,
-    timed_load_unless_skipped,
 )
 from sgdiff.pipeline.schedule import FlowMatchSchedule
 from sgdiff.pipeline.stages.decoding import VaeDecodingStage
@@ -115,28 +114,22 @@ def load_flux_components(
     from transformers import CLIPTextModel, T5EncoderModel
 
     config = FluxTransformerConfig.from_dict(read_json(model_dir / "transformer" / "config.json"))
-    return FluxComponents(
-        tokenizer=timed_load(events, "tokenizer", lambda: load_tokenizer(model_dir / "tokenizer")),
-        text_encoder=timed_load_unless_skipped(
-            events,
-            skip,
-            "text_encoder",
-            lambda: load_library_model(CLIPTextModel, model_dir / "text_encoder", dtype, device),
+    unless_skipped = lambda name, load: None if name in skip else load  # noqa: E731  (None: not loaded)
+    parts = load_side_by_side(events, device, {
+        "tokenizer": lambda: load_tokenizer(model_dir / "tokenizer"),
+        "text_encoder": unless_skipped(
+            "text_encoder", lambda: load_library_model(CLIPTextModel, model_dir / "text_encoder", dtype, device)
         ),
-        tokenizer_2=timed_load(events, "tokenizer_2", lambda: load_tokenizer(model_dir / "tokenizer_2")),
-        text_encoder_2=timed_load_unless_skipped(
-            events,
-            skip,
-            "text_encoder_2",
-            lambda: load_library_model(T5EncoderModel, model_dir / "text_encoder_2", dtype, device),
+        "tokenizer_2": lambda: load_tokenizer(model_dir / "tokenizer_2"),
+        "text_encoder_2": unless_skipped(
+            "text_encoder_2", lambda: load_library_model(T5EncoderModel, model_dir / "text_encoder_2", dtype, device)
         ),
-        transformer=timed_load(
-            events,
-            "transformer",
-            lambda: load_own_model(build_on_meta(FluxTransformer, config), model_dir / "transformer", dtype, device),
+        "transformer": lambda: load_own_model(
+            build_on_meta(FluxTransformer, config), model_dir / "transformer", dtype, device
         ),
-        vae=timed_load(events, "vae", lambda: load_library_model(AutoencoderKL, model_dir / "vae", dtype, device)),
-    )
+        "vae": lambda: load_library_model(AutoencoderKL, model_dir / "vae", dtype, device),
+    })  # fmt: skip
+    return FluxComponents(**parts)
 
 
 def compose_flux_pipeline(parts: FluxComponents, schedule: FlowMatchSchedule) -> ComposedPipeline:

@@ -3,6 +3,7 @@ switched at `boundary_ratio`), diffusers' Wan VAE and the scheduler named in the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,10 @@ from sgdiff.models.wan.transformer import IGNORED_KEYS, KEEP_FP32
 from sgdiff.pipeline.base import ComposedPipeline, OptionalStage, PipelineEvents, State
 from sgdiff.pipeline.components import (
     load_library_model,
+    load_side_by_side,
     load_tokenizer,
     loaded_modules,
     quiet_libraries,
-    timed_load,
-    timed_load_unless_skipped,
 )
 from sgdiff.pipeline.schedule import DmdSampler, SchedulerSampler
 from sgdiff.pipeline.stages.decoding import VideoVaeDecodingStage
@@ -192,26 +192,22 @@ def load_wan_components(
 
     index = read_json(model_dir / "model_index.json")
 
-    def expert(name: str) -> WanTransformer | None:
-        if not (model_dir / name).is_dir():
-            return None
-        return timed_load(events, name, lambda: load_wan_transformer(model_dir / name, dtype, device))
+    def expert(name: str) -> Callable[[], WanTransformer] | None:  # MoE checkpoints have two
+        return (lambda: load_wan_transformer(model_dir / name, dtype, device)) if (model_dir / name).is_dir() else None
 
-    return WanComponents(
-        tokenizer=timed_load(events, "tokenizer", lambda: load_tokenizer(model_dir / "tokenizer")),
-        text_encoder=timed_load_unless_skipped(
-            events,
-            skip,
-            "text_encoder",
-            lambda: load_library_model(UMT5EncoderModel, model_dir / "text_encoder", dtype, device),
+    parts = load_side_by_side(events, device, {
+        "tokenizer": lambda: load_tokenizer(model_dir / "tokenizer"),
+        "text_encoder": None if "text_encoder" in skip else (
+            lambda: load_library_model(UMT5EncoderModel, model_dir / "text_encoder", dtype, device)
         ),
-        transformer=expert("transformer"),
-        transformer_2=expert("transformer_2"),
+        "transformer": expert("transformer"),
+        "transformer_2": expert("transformer_2"),
         # float32, as diffusers' Wan examples load it (small next to the transformer)
-        vae=timed_load(
-            events, "vae", lambda: load_library_model(AutoencoderKLWan, model_dir / "vae", torch.float32, device)
-        ),
-        image_encoder=load_image_encoder(model_dir, index, dtype, device, events),
+        "vae": lambda: load_library_model(AutoencoderKLWan, model_dir / "vae", torch.float32, device),
+        "image_encoder": image_encoder_loader(model_dir, index, device),
+    })  # fmt: skip
+    return WanComponents(
+        **parts,
         image_processor=load_image_processor(model_dir, index),
         boundary_ratio=index.get("boundary_ratio"),
         expand_timesteps=bool(index.get("expand_timesteps", False)),
@@ -221,7 +217,8 @@ def load_wan_components(
 IMAGE_ENCODERS = ("CLIPVisionModel", "CLIPVisionModelWithProjection")
 
 
-def load_image_encoder(model_dir: Path, index: dict, dtype, device, events: PipelineEvents):
+def image_encoder_loader(model_dir: Path, index: dict, device: torch.device) -> Callable[[], Any] | None:
+    """How to load the checkpoint's CLIP image encoder (I2V), or None where it has none."""
     entry = index.get("image_encoder")
     if not isinstance(entry, list) or entry[1] is None:
         return None
@@ -231,8 +228,7 @@ def load_image_encoder(model_dir: Path, index: dict, dtype, device, events: Pipe
 
     cls = getattr(transformers, entry[1])
     # float32, as diffusers' I2V examples load it (small); its features are cast to the transformer's dtype
-    folder = model_dir / "image_encoder"
-    return timed_load(events, "image_encoder", lambda: load_library_model(cls, folder, torch.float32, device))
+    return lambda: load_library_model(cls, model_dir / "image_encoder", torch.float32, device)
 
 
 def load_image_processor(model_dir: Path, index: dict):
