@@ -182,3 +182,31 @@ def test_parts_load_side_by_side_and_a_failure_surfaces_after_all_stopped():
     with pytest.raises(UserError, match="the vae folder is broken"):
         load_side_by_side(events, torch.device("cpu"), {"transformer": slow, "vae": broken})
     assert events.finished == ["load transformer"]  # it had finished when the error came
+
+
+def test_a_part_given_its_weights_while_another_is_built_keeps_them(tiny_flux_dev):
+    """Building a library model puts its parameters on meta; a model another thread gives its weights
+    at that moment keeps real ones."""
+    import threading
+
+    from transformers import CLIPTextModel
+
+    from sgdiff.pipeline.components import parameters_on_meta
+
+    inside, done = threading.Event(), threading.Event()
+
+    def build() -> None:
+        with parameters_on_meta():
+            inside.set()
+            done.wait(10)
+
+    builder = threading.Thread(target=build)
+    builder.start()
+    inside.wait(10)
+    try:
+        model = CLIPTextModel.from_pretrained(tiny_flux_dev / "text_encoder")
+        layer = torch.nn.Linear(2, 2)
+    finally:
+        done.set()
+        builder.join()
+    assert not any(p.is_meta for p in (*model.parameters(), *layer.parameters()))

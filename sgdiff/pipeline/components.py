@@ -68,12 +68,14 @@ _building = threading.Lock()  # one construction at a time patches nn.Module.reg
 
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device (neither allocated nor initialised);
-    their buffers are made as usual, so the ones no checkpoint holds (position ids, ...) are right."""
+    """Modules this thread builds inside get their parameters on the meta device (neither allocated nor
+    initialised); their buffers are made as usual, so the ones no checkpoint holds (position ids, ...)
+    are right. Other threads (a part given its weights meanwhile) register parameters as usual."""
     register = torch.nn.Module.register_parameter
+    builder = threading.get_ident()
 
     def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
+        if param is not None and param.device.type != "meta" and threading.get_ident() == builder:
             param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
         register(module, name, param)
 
