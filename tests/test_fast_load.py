@@ -210,3 +210,23 @@ def test_a_part_given_its_weights_while_another_is_built_keeps_them(tiny_flux_de
         done.set()
         builder.join()
     assert not any(p.is_meta for p in (*model.parameters(), *layer.parameters()))
+
+
+def test_builds_on_several_threads_leave_register_parameter_as_it_was():
+    import threading
+
+    from sgdiff.pipeline.components import parameters_on_meta
+
+    original = torch.nn.Module.register_parameter
+
+    def build() -> None:
+        for _ in range(50):
+            with parameters_on_meta():
+                assert torch.nn.Linear(2, 2).weight.is_meta
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert torch.nn.Module.register_parameter is original and not torch.nn.Linear(2, 2).weight.is_meta

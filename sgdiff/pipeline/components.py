@@ -71,7 +71,6 @@ def parameters_on_meta() -> Iterator[None]:
     """Modules this thread builds inside get their parameters on the meta device (neither allocated nor
     initialised); their buffers are made as usual, so the ones no checkpoint holds (position ids, ...)
     are right. Other threads (a part given its weights meanwhile) register parameters as usual."""
-    register = torch.nn.Module.register_parameter
     builder = threading.get_ident()
 
     def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
@@ -80,6 +79,7 @@ def parameters_on_meta() -> Iterator[None]:
         register(module, name, param)
 
     with _building:
+        register = torch.nn.Module.register_parameter  # read under the lock: the original, never a patch
         torch.nn.Module.register_parameter = on_meta
         try:
             yield
