@@ -25,12 +25,14 @@ else:  # pragma: no cover
 
 @dataclass(frozen=True)
 class SpeedConfig:
-    """The speed toggles (sgdiff/speed/apply.py applies them, in one place)."""
+    """The speed toggles (sgdiff/speed/apply.py applies them, in one place). The fusions left at None are
+    decided for the device (speed/apply.py resolve_speed): on where they run and are faster, a CUDA GPU
+    in bfloat16; True insists (an error where one cannot run), False turns one off."""
 
     attention_backend: str = "auto"  # a name of speed/attention_backends.py
-    fused_projections: bool = False  # Linears reading the same input as one GEMM
-    fused_gelu: bool = False  # the MLPs' tanh GELU inside the GEMM that feeds it (cuBLASLt epilogue)
-    fused_norms: bool = False  # q/k RMSNorm + RoPE, adaLN LayerNorm + modulation: Triton kernels (CUDA, bf16)
+    fused_projections: bool | None = None  # Linears reading the same input as one GEMM
+    fused_gelu: bool | None = None  # the MLPs' tanh GELU inside the GEMM that feeds it (cuBLASLt epilogue)
+    fused_norms: bool | None = None  # q/k RMSNorm + RoPE, adaLN LayerNorm + modulation: Triton kernels (CUDA, bf16)
     torch_compile: bool = False  # regional: each repeated transformer block compiled once
     cuda_graph: bool = False  # the transformer's forward replayed as a CUDA graph
 

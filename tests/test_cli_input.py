@@ -79,6 +79,10 @@ def test_speed_flags_map_to_the_speed_config(received):
     result = invoke("--model-path", "m", "--prompt", "p", *flags.split())
     assert result.exit_code == 0, result.output
     assert received[1][0].runtime.speed == SpeedConfig("flex", True, True, True, True, True)
+    flags = "--disable-fused-projections --disable-fused-gelu --disable-fused-norms"
+    result = invoke("--model-path", "m", "--prompt", "p", *flags.split())
+    assert result.exit_code == 0, result.output
+    assert received[2][0].runtime.speed == SpeedConfig(fused_projections=False, fused_gelu=False, fused_norms=False)
 
 
 def test_prompt_file_gives_one_prompt_per_non_blank_line(received, tmp_path):

@@ -17,7 +17,7 @@ from sgdiff.config import RuntimeConfig, SpeedConfig
 from sgdiff.engine.runner import ModelRunner
 from sgdiff.errors import UserError
 from sgdiff.models.attention import use_attention_impl
-from sgdiff.speed.apply import check_speed
+from sgdiff.speed.apply import check_speed, resolve_speed
 from sgdiff.speed.attention_backends import CHOICES
 from sgdiff.speed.compile import compile_blocks
 from sgdiff.speed.cuda_graph import CapturedForward, CudaGraphForward
@@ -83,6 +83,29 @@ def test_fused_norms_need_bf16_and_triton_on_a_gpu(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else spec(name, *a))
     with pytest.raises(UserError, match=r"^fused_norms needs the triton package, which is not installed"):
         check_speed(speed, cuda, torch.bfloat16)
+
+
+def test_fusions_are_on_by_default_on_a_gpu_in_bf16_only(monkeypatch):
+    """None (no flag) means on where a fusion is never slower: fused GELU and norms on a CUDA GPU in
+    bf16 (norms with Triton), fused projections there only with compile; off on the CPU or in float32;
+    a flag given either way wins."""
+    cuda, cpu, bf16 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16
+    on = lambda speed: {n for n in ("fused_projections", "fused_gelu", "fused_norms") if getattr(speed, n)}  # noqa: E731
+    assert on(resolve_speed(SpeedConfig(), cuda, bf16)) == {"fused_gelu", "fused_norms"}
+    assert on(resolve_speed(SpeedConfig(torch_compile=True), cuda, bf16)) == {"fused_projections", "fused_gelu",
+                                                                              "fused_norms"}  # fmt: skip
+    assert on(resolve_speed(SpeedConfig(torch_compile=True), cuda, torch.float32)) == set()
+    assert on(resolve_speed(SpeedConfig(torch_compile=True), cpu, bf16)) == set()
+    off = SpeedConfig(fused_projections=False, fused_gelu=False, fused_norms=False, torch_compile=True)
+    assert on(resolve_speed(off, cuda, bf16)) == set()
+    assert on(resolve_speed(SpeedConfig(fused_gelu=True), cpu, torch.float32)) == {"fused_gelu"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else spec(name, *a))
+    assert on(resolve_speed(SpeedConfig(), cuda, bf16)) == {"fused_gelu"}
+
+
+def test_a_runner_on_the_cpu_runs_the_plain_path_by_default(tiny_flux_dev):
+    runner_ = ModelRunner(str(tiny_flux_dev), runtime=RuntimeConfig(device="cpu", dtype="fp32"))
+    assert (runner_.speed.fused_projections, runner_.speed.fused_gelu, runner_.speed.fused_norms) == (False,) * 3
 
 
 def test_torch_compile_compiles_each_block_kind_once(tiny_flux_dev):

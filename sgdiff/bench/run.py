@@ -30,7 +30,7 @@ from sgdiff.errors import UserError
 from sgdiff.models.attention import use_attention_impl
 from sgdiff.pipeline.registry import family_named
 from sgdiff.pipeline.stages.denoising import guided_velocity
-from sgdiff.speed.apply import check_speed, speed_up_transformer
+from sgdiff.speed.apply import check_speed, resolve_speed, speed_up_transformer
 from sgdiff.speed.attention_backends import attention_backend
 from sgdiff.testing.compare import relative_error
 
@@ -94,6 +94,7 @@ def run_bench(name: str, speed: SpeedConfig, tiny: bool = False, warmup: int = 2
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type != "cuda" and not tiny:
         raise UserError("sgdiff bench builds full-size models and needs a CUDA GPU; --tiny checks it on a CPU")
+    speed = resolve_speed(speed, device, torch.bfloat16)  # the defaults `sgdiff generate` would choose
     attention = check_speed(speed, device, torch.bfloat16)
     size = TINY_SIZE if tiny else dict(height=model.height, width=model.width, frames=model.frames)
     peak_tflops = matmul_tflops(device)

@@ -26,9 +26,9 @@ def bench(
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls first.")] = 2,
     repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed calls; the median is reported.")] = 5,
     attention_backend: opt.AttentionBackend = opt.AttentionBackendChoice.auto,
-    enable_fused_projections: opt.EnableFusedProjections = False,
-    enable_fused_gelu: opt.EnableFusedGelu = False,
-    enable_fused_norms: opt.EnableFusedNorms = False,
+    enable_fused_projections: opt.EnableFusedProjections = None,
+    enable_fused_gelu: opt.EnableFusedGelu = None,
+    enable_fused_norms: opt.EnableFusedNorms = None,
     enable_torch_compile: opt.EnableTorchCompile = False,
     enable_cuda_graph: opt.EnableCudaGraph = False,
     e2e: Annotated[
@@ -84,4 +84,6 @@ def speed_flags(speed) -> list[str]:
 
     flags = [] if speed.attention_backend == "auto" else ["--attention-backend", speed.attention_backend]
     toggles = ("fused_projections", "fused_gelu", "fused_norms", "torch_compile", "cuda_graph")
-    return flags + [flag(name) for name in toggles if getattr(speed, name)]
+    flags += [flag(name) for name in toggles if getattr(speed, name)]
+    return flags + [flag(name).replace("--enable-", "--disable-") for name in toggles if getattr(speed, name) is False
+                    and name in ("fused_projections", "fused_gelu", "fused_norms")]  # fmt: skip

@@ -19,9 +19,9 @@ ENGINE_OPTIONS = (
     ("ring_degree", opt.RingDegree, None),
     ("enable_cfg_parallel", opt.EnableCfgParallel, False),
     ("attention_backend", opt.AttentionBackend, opt.AttentionBackendChoice.auto),
-    ("enable_fused_projections", opt.EnableFusedProjections, False),
-    ("enable_fused_gelu", opt.EnableFusedGelu, False),
-    ("enable_fused_norms", opt.EnableFusedNorms, False),
+    ("enable_fused_projections", opt.EnableFusedProjections, None),
+    ("enable_fused_gelu", opt.EnableFusedGelu, None),
+    ("enable_fused_norms", opt.EnableFusedNorms, None),
     ("enable_torch_compile", opt.EnableTorchCompile, False),
     ("enable_cuda_graph", opt.EnableCudaGraph, False),
 )
@@ -36,9 +36,9 @@ class EngineFlags:
     ring_degree: int | None = None
     enable_cfg_parallel: bool = False
     attention_backend: opt.AttentionBackendChoice = opt.AttentionBackendChoice.auto
-    enable_fused_projections: bool = False
-    enable_fused_gelu: bool = False
-    enable_fused_norms: bool = False
+    enable_fused_projections: bool | None = None  # None: on for a CUDA GPU in bf16
+    enable_fused_gelu: bool | None = None  # None: on for a CUDA GPU in bf16
+    enable_fused_norms: bool | None = None  # None: on for a CUDA GPU in bf16
     enable_torch_compile: bool = False
     enable_cuda_graph: bool = False
 

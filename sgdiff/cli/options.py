@@ -229,28 +229,30 @@ AttentionBackend = Annotated[
     ),
 ]
 EnableFusedProjections = Annotated[
-    bool,
+    bool | None,
     typer.Option(
-        "--enable-fused-projections",
-        help="Run the projections that read the same input (q, k, v; FLUX's single-block MLP input) as one GEMM.",
+        "--enable-fused-projections/--disable-fused-projections",
+        help="Run the projections that read the same input (q, k, v; FLUX's single-block MLP input) as one GEMM. "
+        "Default: on with --enable-torch-compile on a CUDA GPU in bf16, off otherwise (eagerly it is slower).",
         rich_help_panel=SPEED,
     ),
 ]
 EnableFusedGelu = Annotated[
-    bool,
+    bool | None,
     typer.Option(
-        "--enable-fused-gelu",
+        "--enable-fused-gelu/--disable-fused-gelu",
         help="Compute the MLPs' GELU inside the GEMM that feeds it (cuBLASLt epilogue on CUDA): one pass less "
-        "over the widest activation.",
+        "over the widest activation. Default: on for a CUDA GPU in bf16, off elsewhere.",
         rich_help_panel=SPEED,
     ),
 ]
 EnableFusedNorms = Annotated[
-    bool,
+    bool | None,
     typer.Option(
-        "--enable-fused-norms",
+        "--enable-fused-norms/--disable-fused-norms",
         help="Run q's and k's RMSNorm and rotary embedding as one Triton kernel per stream, and each adaLN "
-        "LayerNorm + modulation as one more (CUDA, bf16).",
+        "LayerNorm + modulation as one more (CUDA, bf16). Default: on for a CUDA GPU in bf16 with Triton, "
+        "off elsewhere.",
         rich_help_panel=SPEED,
     ),
 ]
@@ -272,8 +274,8 @@ EnableCudaGraph = Annotated[
 ]
 
 
-def speed_config(attention_backend: AttentionBackendChoice, projections: bool, gelu: bool, norms: bool, compile_: bool,
-                 graph: bool):  # fmt: skip
+def speed_config(attention_backend: AttentionBackendChoice, projections: bool | None, gelu: bool | None,
+                 norms: bool | None, compile_: bool, graph: bool):  # fmt: skip
     """The speed flags, shared by `generate` and `bench`, as the library's SpeedConfig."""
     from sgdiff.config import SpeedConfig
 

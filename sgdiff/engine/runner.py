@@ -19,7 +19,7 @@ from sgdiff.models.resolve import resolve_model_path
 from sgdiff.pipeline.base import NullEvents, PipelineEvents, State
 from sgdiff.pipeline.registry import family_of_field, inspect_model
 from sgdiff.sampling import SamplingParams, build_sampling_params, sampling_fields
-from sgdiff.speed.apply import apply_speed, check_speed
+from sgdiff.speed.apply import apply_speed, check_speed, resolve_speed
 
 DTYPES = {
     "bf16": torch.bfloat16,
@@ -86,7 +86,7 @@ class ModelRunner:
         self.events = events or NullEvents()
         self.device = resolve_device(runtime.device)
         self.dtype = resolve_dtype(runtime.dtype, self.device)
-        self.speed = runtime.speed
+        self.speed = resolve_speed(runtime.speed, self.device, self.dtype)
         self.attention = check_speed(self.speed, self.device, self.dtype)
         self.model_dir = resolve_model_path(model_path)
         self.info = inspect_model(self.model_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 
 import torch
 
@@ -16,9 +17,26 @@ from sgdiff.speed.compile import compile_blocks
 from sgdiff.speed.cuda_graph import CudaGraphForward
 from sgdiff.speed.fuse import fuse_gelu, fuse_norms, fuse_projections
 
+DEFAULT_ON = ("fused_projections", "fused_gelu", "fused_norms")  # None: on where they run and are faster
+
+
+def resolve_speed(speed: SpeedConfig, device: torch.device, dtype: torch.dtype) -> SpeedConfig:
+    """The toggles left at None decided for this device, on where they are never slower and stay within
+    bf16 noise (docs/benchmarks.md, "Speed toggles by default"): the fused GELU and norms on a CUDA GPU in
+    bfloat16 (the norms also need Triton); the fused projections there too, but only with
+    torch.compile (eagerly their strided outputs make a forward slower). Off elsewhere."""
+    gpu_bf16 = device.type == "cuda" and dtype == torch.bfloat16
+    default = {
+        "fused_projections": gpu_bf16 and speed.torch_compile,
+        "fused_gelu": gpu_bf16,
+        "fused_norms": gpu_bf16 and importlib.util.find_spec("triton") is not None,
+    }
+    return replace(speed, **{name: default[name] for name in DEFAULT_ON if getattr(speed, name) is None})
+
 
 def check_speed(speed: SpeedConfig, device: torch.device, dtype: torch.dtype) -> AttentionImpl:
-    """Toggles this device cannot honour fail here, before anything loads; returns the attention kernel."""
+    """Toggles this device cannot honour fail here, before anything loads (`speed` resolved: no None);
+    returns the attention kernel."""
     if speed.cuda_graph and device.type != "cuda":
         raise UserError(
             f"`cuda_graph` needs a CUDA GPU; the model runs on {device.type}: drop `cuda_graph`", field="cuda_graph"
