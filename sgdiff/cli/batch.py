@@ -20,6 +20,7 @@ from sgdiff.io.files import write_atomically
 from sgdiff.io.outputs import DEFAULT_FPS, OutputConfig, output_metadata, planned_outputs, save_output
 from sgdiff.models.resolve import DEMO_IMAGE_MODEL, DEMO_VIDEO_MODEL
 from sgdiff.pipeline.base import PipelineEvents
+from sgdiff.speed.apply import speed_report
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
         # checks), and now, with everything written but this file; null where unknown
         "process_age_at_start": report.started_at_process_age,
         "process_age_at_dump": process_age_seconds(),
+        "speed": speed_report(engine.runner.pipeline, engine.runner.speed) if engine.runner.pipeline else None,
         "peak_rss_bytes": report.peak_rss_bytes,  # whole run, loading included
         "requests": [
             {

@@ -84,3 +84,17 @@ def speed_up_transformer(model: torch.nn.Module, speed: SpeedConfig, family: Mod
         compile_blocks(model)
     if speed.cuda_graph:
         model.forward = CudaGraphForward(model.forward)
+
+
+def speed_report(pipeline: ComposedPipeline, speed: SpeedConfig) -> dict:
+    """What the toggles did in this process, for the perf dump: the toggles as resolved, torch.compile's
+    use of its on-disk cache, the seconds spent capturing CUDA graphs."""
+    report: dict = {name: getattr(speed, name) for name in speed.__dataclass_fields__}
+    if speed.torch_compile:
+        from sgdiff.speed.compile import compile_cache_stats
+
+        report["torch_compile_cache"] = compile_cache_stats()
+    if speed.cuda_graph:
+        forwards = [model.forward for model in pipeline.transformers]
+        report["cuda_graph_capture_seconds"] = sum(getattr(f, "capture_seconds", 0.0) for f in forwards)
+    return report

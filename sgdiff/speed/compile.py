@@ -5,8 +5,13 @@ kernel; sequence-parallel attention (collectives) runs outside the compiled grap
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
+
+import sgdiff
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
@@ -22,8 +27,48 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     1.3e-2 relative error against diffusers, beyond the 1e-2 agreement sgdiff keeps)."""
     import torch._inductor.config as inductor_config
 
+    use_compile_cache(next(model.parameters()).device)
     inductor_config.emulate_precision_casts = True
     blocks = repeated_blocks(model)
     for block in blocks:
         block.forward = torch.compile(block.forward, backend=backend, dynamic=False)
     return len(blocks)
+
+
+def compile_cache_dir(device: torch.device) -> Path:
+    """Where torch.compile's work is kept between processes: the user's cache dir (XDG_CACHE_HOME or
+    ~/.cache)/sgdiff/torch-compile/, one folder per torch and sgdiff version and device. Inside, torch's
+    own caches key each compiled graph by its code, shapes, dtypes and config."""
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    key = f"torch-{torch.__version__}-sgdiff-{sgdiff.__version__}-{device_name}"
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "sgdiff" / "torch-compile" / "".join(c if c.isalnum() or c in "-._+" else "_" for c in key)
+
+
+def use_compile_cache(device: torch.device) -> str:
+    """Point inductor's on-disk caches (compiled graphs, AOTAutograd, Triton kernels) at
+    compile_cache_dir, unless the user chose a folder (TORCHINDUCTOR_CACHE_DIR); a second process then
+    loads what the first compiled instead of compiling it again. Returns the folder."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # inductor writes its default there on first use
+    folder = chosen if chosen and chosen != default_cache_dir() else str(compile_cache_dir(device))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder  # read by inductor whenever it looks for its caches
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    return folder
+
+
+def compile_cache_stats() -> dict[str, int | str]:
+    """This process's use of the on-disk caches so far (torch's own counters)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""),
+        "graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+        "graph_cache_misses": counters["inductor"]["fxgraph_cache_miss"],
+        "autograd_cache_hits": counters["aot_autograd"]["autograd_cache_hit"],
+        "autograd_cache_misses": counters["aot_autograd"]["autograd_cache_miss"],
+    }

@@ -9,6 +9,7 @@ calls the same graph twice per step)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,7 @@ class CudaGraphForward:
         self.forward = forward
         self.capture = capture
         self.graphs: dict[tuple, CapturedForward] = {}
+        self.capture_seconds = 0.0  # warm-up call and capture, every signature so far
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = tree_flatten((args, kwargs))
@@ -71,7 +73,9 @@ class CudaGraphForward:
         key = (str(spec), signature(leaves), current_attention_impl())  # holds the impl: no id reuse
         captured = self.graphs.get(key)
         if captured is None:
+            start = time.perf_counter()
             captured = self.graphs[key] = self.capture(self.forward, args, kwargs)
+            self.capture_seconds += time.perf_counter() - start
         for static, x in zip(captured.inputs, tensors, strict=True):
             static.copy_(x)
         captured.replay()
