@@ -10,6 +10,7 @@ from functools import cache
 import torch
 
 from sgdiff.kernels import kernels_run_on
+from sgdiff.speed.compile import constant_under_compile
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +36,7 @@ def cudnn_attention_runs(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and cudnn_attention_on(q.device.index)
 
 
-@torch.compiler.assume_constant_result  # a constant to torch.compile: no graph break in a compiled block
+@constant_under_compile  # no graph break in a compiled block
 def cudnn_attention_on(device_index: int) -> bool:
     """Whether cuDNN's fused attention runs on this GPU (cuDNN there, Hopper or newer)."""
     return _cudnn_attention_on(device_index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,11 +21,15 @@ from sgdiff.pipeline.base import PipelineEvents
 
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """Silence transformers'/diffusers' progress bars and advice while sgdiff draws its own progress."""
-    import diffusers.utils.logging as diffusers_logging
+    """Silence transformers'/diffusers' progress bars and advice while sgdiff draws its own progress
+    (diffusers' only where something imported it: a FLUX request never needs it)."""
     import transformers.utils.logging as transformers_logging
 
-    libraries = (transformers_logging, diffusers_logging)
+    libraries = [transformers_logging]
+    if "diffusers" in sys.modules:
+        import diffusers.utils.logging as diffusers_logging
+
+        libraries.append(diffusers_logging)
     before = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
     for lib in libraries:
         lib.set_verbosity_error()

@@ -13,6 +13,16 @@ from torch import nn
 
 import sgdiff
 
+CONSTANTS: list = []  # functions whose result torch.compile may take as a constant (constant_under_compile)
+
+
+def constant_under_compile(fn):
+    """Mark `fn` (a pure function of its arguments, e.g. a GPU property) as a constant to torch.compile,
+    so a compiled block does not break its graph at it. The mark is put on when something is compiled:
+    torch.compiler's decorator imports torch._dynamo (1.6 s), which a run without compile never needs."""
+    CONSTANTS.append(fn)
+    return fn
+
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """The blocks a transformer repeats: the items of its module lists."""
@@ -28,6 +38,8 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     import torch._inductor.config as inductor_config
 
     use_compile_cache(next(model.parameters()).device)
+    for fn in CONSTANTS:
+        torch.compiler.assume_constant_result(fn)  # marks `fn` itself
     inductor_config.emulate_precision_casts = True
     blocks = repeated_blocks(model)
     for block in blocks:

@@ -22,6 +22,7 @@ import torch
 
 from sgdiff.kernels.partial_attention import attention_with_lse, cudnn_attention_on, merge_partials
 from sgdiff.models.attention import AttentionImpl, sdpa_attention
+from sgdiff.speed.compile import constant_under_compile
 
 QUERY_TILE = 128  # query rows per CTA of cuDNN's Hopper attention (head dim 128)
 MAX_PARTS = 4  # key blocks of the split heads: the merge kernel takes up to 4 partials
@@ -79,7 +80,7 @@ def blocked_keys_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     return merge_partials(list(zip(outs, lses, strict=True)))
 
 
-@torch.compiler.assume_constant_result  # a constant to torch.compile: no graph break in a compiled block
+@constant_under_compile  # no graph break in a compiled block
 def hopper_sms(device_index: int) -> int:
     """The SM count of a GPU of compute capability 9.0 (H100, H200: the GPUs whose cuDNN tiles and
     timings the plan counts) where cuDNN's attention runs; 0 on any other."""
