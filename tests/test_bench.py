@@ -72,3 +72,17 @@ def test_bench_e2e_times_both_sides_as_fresh_processes(tmp_path):
     assert sgdiff["phases"]["denoise"] > 0 and "shell -> file" in result.output
     parts = {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae"}
     assert set(sgdiff["load_parts"]) == parts
+
+
+def test_bench_e2e_runs_a_video_model_to_an_mp4_on_both_sides(tmp_path):
+    """--e2e for Wan2.1-T2V-1.3B (tiny): both sides sample the same frames with CFG and write an MP4."""
+    out, checkpoint = tmp_path / "e2e.json", tmp_path / "checkpoint"
+    args = ["bench", "--model", "wan2.1-t2v-1.3b", "--e2e", "--tiny", "--warmup", "0", "--repeat", "1",
+            "--checkpoint-dir", str(checkpoint), "--json", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert (data["num_frames"], data["guidance_scale"], data["fps"]) == (9, 5.0, 16)
+    sgdiff, diffusers = data["runs"]["sgdiff"][0], data["runs"]["diffusers"][0]
+    assert set(sgdiff["load_parts"]) == {"tokenizer", "text_encoder", "transformer", "vae"}
+    assert sgdiff["phases"]["denoise"] > 0 and diffusers["phases"]["write"] > 0 and sgdiff["phases"]["write"] > 0

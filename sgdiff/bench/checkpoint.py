@@ -1,7 +1,8 @@
-"""Checkpoints on disk for the end-to-end benchmark: a full-size FLUX.1 with random weights in
-diffusers' layout (speed does not depend on weight values; no weights can be downloaded here), or the
-tests' tiny one. Tokenizers are made in code (their ids fit the real vocabularies); every other part
-has the real architecture, in bf16. Full size needs a CUDA GPU (~35 GB free) and ~34 GB of disk."""
+"""Checkpoints on disk for the end-to-end benchmark: a full-size FLUX.1 or Wan2.1-T2V-1.3B with random
+weights in diffusers' layout (speed does not depend on weight values; no weights can be downloaded
+here), or the tests' tiny one. Tokenizers are made in code (their ids fit the real vocabularies); every
+other part has the real architecture, in bf16 (Wan's VAE in float32, as the Wan-AI repos store it).
+Full size needs a CUDA GPU and disk: FLUX.1 ~34 GB, Wan2.1-1.3B ~14 GB."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from sgdiff.bench.parts import BENCH_MODELS, CLIP_L, FLUX_VAE, T5_XXL, diffusers_kwargs, seeded
+from sgdiff.bench.parts import BENCH_MODELS, CLIP_L, FLUX_VAE, T5_XXL, UMT5_XXL, diffusers_kwargs, seeded
 from sgdiff.errors import UserError
-from sgdiff.models.repo_configs import FLUX_SCHEDULER_CONFIGS
+from sgdiff.models.repo_configs import FLUX_SCHEDULER_CONFIGS, WAN_SCHEDULER_CONFIG
 from sgdiff.testing.tiny_flux import make_clip_tokenizer, make_t5_tokenizer
 
-CHECKPOINT_MODELS = ("flux.1-dev", "flux.1-schnell")
+CHECKPOINT_MODELS = ("flux.1-dev", "flux.1-schnell", "wan2.1-t2v-1.3b")
 
 
 def flux_pipeline(name: str, device: torch.device):
@@ -39,6 +40,23 @@ def flux_pipeline(name: str, device: torch.device):
     )
 
 
+def wan_pipeline(name: str, device: torch.device):
+    """diffusers' WanPipeline of `name` at full size, random weights (bf16; the VAE float32), on `device`;
+    its scheduler's flow shift is the preset's (3.0 at 480p), so both sides sample alike."""
+    import diffusers
+    import transformers
+
+    umt5 = transformers.UMT5Config(**UMT5_XXL)
+    return diffusers.WanPipeline(
+        tokenizer=make_t5_tokenizer(),
+        text_encoder=seeded(3, torch.bfloat16, device, lambda: transformers.UMT5EncoderModel(umt5)),
+        transformer=seeded(0, torch.bfloat16, device, lambda: diffusers.WanTransformer3DModel(
+            **diffusers_kwargs(BENCH_MODELS[name].config))),
+        vae=seeded(5, torch.float32, device, lambda: diffusers.AutoencoderKLWan()),
+        scheduler=diffusers.UniPCMultistepScheduler(**WAN_SCHEDULER_CONFIG, flow_shift=3.0),
+    )  # fmt: skip
+
+
 def ensure_checkpoint(name: str, folder: Path, tiny: bool) -> Path:
     """`folder` holding the checkpoint (written once: a folder with a model_index.json is reused)."""
     if (folder / "model_index.json").is_file():
@@ -46,11 +64,16 @@ def ensure_checkpoint(name: str, folder: Path, tiny: bool) -> Path:
     if name not in CHECKPOINT_MODELS:
         raise UserError(f"the end-to-end benchmark writes {list(CHECKPOINT_MODELS)} checkpoints, not {name}",
                         field="model")  # fmt: skip
+    if tiny and name.startswith("wan"):
+        from sgdiff.testing.tiny_wan import build_tiny_wan
+
+        return build_tiny_wan(folder, variant="t2v")
     if tiny:
         from sgdiff.testing.tiny_flux import build_tiny_flux
 
         return build_tiny_flux(folder, variant="dev" if name == "flux.1-dev" else "schnell")
     if not torch.cuda.is_available():
         raise UserError("a full-size checkpoint is built on a CUDA GPU (~35 GB): run on one, or use `tiny`")
-    flux_pipeline(name, torch.device("cuda")).save_pretrained(folder, safe_serialization=True)
+    build = wan_pipeline if name.startswith("wan") else flux_pipeline
+    build(name, torch.device("cuda")).save_pretrained(folder, safe_serialization=True)
     return folder

@@ -23,7 +23,10 @@ from sgdiff.errors import UserError
 PROMPTS = ["a cat holding a sign that says hello", "a red cube on a wooden table", "a lighthouse at dusk",
            "a bowl of ramen, studio photo"]  # fmt: skip
 TINY = dict(height=64, width=64, steps=4)
-SEQUENCE_LENGTH = {"flux.1-dev": 512, "flux.1-schnell": 256}  # the presets' (diffusers' default is 512 for both)
+TINY_FRAMES = 9
+SEQUENCE_LENGTH = {"flux.1-dev": 512, "flux.1-schnell": 256, "wan2.1-t2v-1.3b": 512}  # the presets' (diffusers: 512)
+WAN_GUIDANCE = 5.0  # both sides (the preset's is 3.0; diffusers' default 5.0): CFG, two forwards a step
+FPS = 16
 
 # The diffusers side, as a user writes it; prints its phases as JSON on its last line.
 DIFFUSERS_SCRIPT = """
@@ -32,6 +35,7 @@ began = time.clock_gettime(time.CLOCK_BOOTTIME)
 start = time.perf_counter()
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils import export_to_video
 imported = time.perf_counter()
 a = json.loads(sys.argv[1])
 dtype = torch.bfloat16 if a["device"] == "cuda" else torch.float32
@@ -42,13 +46,19 @@ called = 0.0
 written = 0.0
 for index, prompt in enumerate(a["prompts"]):
     t0 = time.perf_counter()
-    image = pipe(prompt, height=a["height"], width=a["width"], num_inference_steps=a["steps"],
-                 max_sequence_length=a["max_sequence_length"],
-                 generator=torch.Generator("cpu").manual_seed(42)).images[0]
+    kwargs = dict(height=a["height"], width=a["width"], num_inference_steps=a["steps"],
+                  max_sequence_length=a["max_sequence_length"], generator=torch.Generator("cpu").manual_seed(42))
+    if a.get("num_frames"):
+        frames = pipe(prompt, num_frames=a["num_frames"], guidance_scale=a["guidance_scale"], **kwargs).frames[0]
+    else:
+        image = pipe(prompt, **kwargs).images[0]
     if a["device"] == "cuda":
         torch.cuda.synchronize()
     t1 = time.perf_counter()
-    image.save(f"{a['out']}/diffusers_{index}.png")
+    if a.get("num_frames"):
+        export_to_video(frames, f"{a['out']}/diffusers_{index}.mp4", fps=a["fps"])
+    else:
+        image.save(f"{a['out']}/diffusers_{index}.png")
     called += t1 - t0
     written += time.perf_counter() - t1
 print(json.dumps({"imports": imported - start, "load": loaded - imported, "generate": called, "write": written,
@@ -91,6 +101,9 @@ def run_sgdiff(model: Path, prompts: list[str], size: dict, device: str, speed_f
                str(size["width"]), "--steps", str(size["steps"]), "--max-sequence-length",
                str(size["max_sequence_length"]), "--device", device, "--output-path", str(out / "sgdiff"),
                "--perf-dump-path", str(perf), "--quiet", *speed_flags]  # fmt: skip
+    if size.get("num_frames"):
+        command += ["--num-frames", str(size["num_frames"]), "--guidance-scale", str(size["guidance_scale"]),
+                    "--fps", str(size["fps"])]  # fmt: skip
     wall, _, _ = timed(command)
     dump = json.loads(perf.read_text())
     requests = dump["requests"]
@@ -131,6 +144,8 @@ def run_end_to_end(name: str, checkpoint_dir: Path, *, tiny: bool, prompts: int,
     written = time.perf_counter() - start
     size = dict(TINY) if tiny else dict(height=model.height, width=model.width, steps=model.steps)
     size["max_sequence_length"] = SEQUENCE_LENGTH[name]
+    if model.frames is not None:  # a video: an MP4 on each side
+        size.update(num_frames=TINY_FRAMES if tiny else model.frames, guidance_scale=WAN_GUIDANCE, fps=FPS)
     chosen = (PROMPTS * prompts)[:prompts]
     runs: dict[str, list[Run]] = {"diffusers": [], "sgdiff": []}
     with tempfile.TemporaryDirectory() as tmp:
