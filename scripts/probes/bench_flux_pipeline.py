@@ -31,6 +31,7 @@ from bench_flux_transformer import DEVICE, build_models  # noqa: E402
 from sgdiff.bench.parts import CLIP_L, FLUX_VAE, T5_XXL  # noqa: E402
 from sgdiff.families.flux.pipeline import FluxComponents, compose_flux_pipeline  # noqa: E402
 from sgdiff.families.flux.sampling import FluxSampling  # noqa: E402
+from sgdiff.models.image_vae import ImageVaeConfig, ImageVaeDecoder  # noqa: E402
 from sgdiff.models.repo_configs import FLUX_SCHEDULER_CONFIGS  # noqa: E402
 from sgdiff.pipeline.base import State  # noqa: E402
 from sgdiff.pipeline.schedule import FlowMatchSchedule  # noqa: E402
@@ -63,9 +64,12 @@ def build_parts(tiny: bool):
         )
         t5 = T5EncoderModel(T5Config(pad_token_id=0, eos_token_id=1, **{**t5_config, "vocab_size": 32128}))
         vae = AutoencoderKL(**vae_config)
+        decoder = ImageVaeDecoder(ImageVaeConfig.from_dict(dict(vae.config)))  # sgdiff's, on the same weights
     torch.set_default_dtype(torch.float32)
-    parts = FluxComponents(tokenizer, clip.eval(), tokenizer_2, t5.eval(), transformer, vae.eval())
-    return parts, reference_transformer
+    decoding = {k: v for k, v in vae.state_dict().items() if not k.startswith(("encoder.", "quant_conv."))}
+    decoder.load_state_dict(decoding)
+    parts = FluxComponents(tokenizer, clip.eval(), tokenizer_2, t5.eval(), transformer, decoder.eval())
+    return parts, reference_transformer, vae.eval()
 
 
 def sync() -> None:
@@ -85,11 +89,11 @@ def main() -> None:
 
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    parts, reference_transformer = build_parts(args.tiny)
+    parts, reference_transformer, reference_vae = build_parts(args.tiny)
     dev_schedule = FLUX_SCHEDULER_CONFIGS["dev"]
     reference = FluxPipeline(
         FlowMatchEulerDiscreteScheduler(**dev_schedule),
-        parts.vae,
+        reference_vae,
         parts.text_encoder,
         parts.tokenizer,
         parts.text_encoder_2,

@@ -35,9 +35,8 @@ def bench(
         bool,
         typer.Option(
             "--e2e",
-            help="Shell to file: `sgdiff generate` and a diffusers script as "
-            "fresh processes on a checkpoint written to disk (FLUX.1, Wan2.1-T2V-1.3B); --warmup and --repeat count whole "
-            "runs of each.",
+            help="Shell to file: `sgdiff generate` and a diffusers script as fresh processes on a checkpoint "
+            "written to disk (FLUX.1, Wan2.1-T2V-1.3B); --warmup and --repeat count whole runs of each.",
         ),
     ] = False,  # fmt: skip
     prompts: Annotated[int, typer.Option("--prompts", min=1, help="--e2e: prompts per process.")] = 1,

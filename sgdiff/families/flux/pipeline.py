@@ -11,6 +11,7 @@ import torch
 from sgdiff.families.flux.sampling import FluxSampling, flux_rules, true_cfg_scale_of
 from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig
 from sgdiff.models.flux.packing import image_position_ids, pack_latents, text_position_ids, unpack_latents
+from sgdiff.models.image_vae import ImageVaeConfig, ImageVaeDecoder
 from sgdiff.models.loading import build_on_meta, load_own_model, read_json
 from sgdiff.pipeline.base import ComposedPipeline, PipelineEvents, State
 from sgdiff.pipeline.components import (
@@ -89,6 +90,9 @@ class FluxDenoiser:
         )
 
 
+VAE_UNUSED = ("encoder", "quant_conv")  # checkpoint tensors of the VAE's encoding half
+
+
 @dataclass
 class FluxComponents:
     """The loaded parts of a FLUX.1 checkpoint (diffusers' component names)."""
@@ -98,7 +102,7 @@ class FluxComponents:
     tokenizer_2: Any
     text_encoder_2: torch.nn.Module | None  # transformers T5EncoderModel
     transformer: FluxTransformer
-    vae: torch.nn.Module  # diffusers AutoencoderKL
+    vae: ImageVaeDecoder
 
 
 def load_flux_components(
@@ -110,10 +114,11 @@ def load_flux_components(
 ) -> FluxComponents:
     """`skip`: component names not to load (None in their place), e.g. the text encoders on ranks that
     receive the prompt embeddings from rank 0."""
-    from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, T5EncoderModel
 
     config = FluxTransformerConfig.from_dict(read_json(model_dir / "transformer" / "config.json"))
+    vae_config_path = model_dir / "vae" / "config.json"
+    vae_config = ImageVaeConfig.from_dict(read_json(vae_config_path), source=str(vae_config_path))
     unless_skipped = lambda name, load: None if name in skip else load  # noqa: E731  (None: not loaded)
     parts = load_side_by_side(events, device, {
         "tokenizer": lambda: load_tokenizer(model_dir / "tokenizer"),
@@ -127,7 +132,9 @@ def load_flux_components(
         "transformer": lambda: load_own_model(
             build_on_meta(FluxTransformer, config), model_dir / "transformer", dtype, device
         ),
-        "vae": lambda: load_library_model(AutoencoderKL, model_dir / "vae", dtype, device),
+        "vae": lambda: load_own_model(  # the encoder is never run: its weights stay unread
+            build_on_meta(ImageVaeDecoder, vae_config), model_dir / "vae", dtype, device, ignored=VAE_UNUSED
+        ),
     })  # fmt: skip
     return FluxComponents(**parts)
 

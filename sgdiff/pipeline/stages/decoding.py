@@ -42,7 +42,7 @@ class VaeDecodingStage(Stage):
         check_finite(state.latents)
         latents = self.unpack(state.latents, state.params)
         latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
-        decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        decoded = self.vae.decode(latents.to(self.vae.dtype))  # [B, 3, H, W]
         state.images = to_uint8_images(decoded)
 
 
