@@ -42,6 +42,34 @@ def test_the_reader_gives_what_safetensors_gives(tmp_path, monkeypatch, chunk):
         assert torch.equal(ours[name], tensor), name
 
 
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 20])  # chunks cutting tensors anywhere, and one for all
+def test_the_gpu_path_puts_every_byte_of_every_chunk_where_it_belongs(tmp_path, chunk):
+    """The CUDA path's plan (chunk_copies), carried out here on the CPU: each staged chunk's bytes,
+    copied where the plan says, rebuild every tensor exactly."""
+    path = tmp_path / "model.safetensors"
+    save_file(tensors(), path)
+    start, entries = fast_load.read_header(path)
+    data = path.read_bytes()[start:]
+    size = max(end for _, _, _, end in entries.values())
+    ours = {name: torch.zeros(shape, dtype=dtype) for name, (dtype, shape, _, _) in entries.items()}
+    for offset in range(0, size, chunk):
+        staged = torch.frombuffer(bytearray(data[offset : offset + chunk]), dtype=torch.uint8)
+        for name, low, high, at in fast_load.chunk_copies(entries, offset, min(chunk, size - offset)):
+            fast_load.raw_bytes(ours[name])[low:high].copy_(staged[at : at + high - low])
+    for name, tensor in load_file(path).items():
+        assert torch.equal(ours[name], tensor), name
+
+
+def test_every_tensor_read_has_memory_of_its_own(tmp_path):
+    """No tensor keeps another's bytes alive: a weight later cast or fused frees what it replaced."""
+    path = tmp_path / "model.safetensors"
+    save_file(tensors(), path)
+    with Reader(torch.device("cpu")) as reader:
+        ours = read_safetensors(path, reader)
+    for tensor in ours.values():
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
 def test_load_state_dict_casts_and_keeps_fp32_where_asked(tmp_path):
     folder = tmp_path / "transformer"
     folder.mkdir()

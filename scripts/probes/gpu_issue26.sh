@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
-# On the GPU machine, one call for issue 26: start-up probe, the safetensors reader against safe_open,
-# `sgdiff bench --e2e` one prompt with defaults (one warm-up round, one timed), then with
-# --enable-torch-compile (the warm-up round fills the compile cache, the timed round loads from it).
+# On the GPU machine, one call for issue 26 (fits 600 s): the start-up probe, the safetensors reader
+# against safe_open, `sgdiff bench --e2e` FLUX.1-dev one prompt with defaults (a warm-up round, a timed
+# one), Wan2.1-T2V-1.3B one round, then FLUX with --enable-torch-compile (the warm-up round fills the
+# compile cache, the timed round loads from it) in whatever time is left. A table of every JSON last.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-bash scripts/probes/start_up.sh
+SECONDS=0
+bash scripts/probes/start_up.sh > /dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD
-timeout 120 python scripts/probes/load_speed.py --gb 8 2>&1 | tee "$OUT/load_speed.txt"
-timeout 240 bash scripts/probes/gpu_e2e.sh quick
-B="python -c 'from sgdiff.cli.main import main; main()' bench --model flux.1-dev --e2e --checkpoint-dir /tmp/flux-dev-e2e"
-eval timeout 200 $B --warmup 1 --repeat 1 --enable-torch-compile --json "$OUT/e2e-compile.json" 2>&1 | tee "$OUT/log-compile.txt"
+timeout 90 python scripts/probes/load_speed.py --gb 8 > "$OUT/load_speed.txt" 2>&1
+B="python -c 'from sgdiff.cli.main import main; main()' bench --e2e"
+eval timeout 230 $B --model flux.1-dev --checkpoint-dir /tmp/flux-dev-e2e --warmup 1 --repeat 1 --json "$OUT/e2e-flux.json" > "$OUT/log-flux.txt" 2>&1
+echo "flux done at $SECONDS s"
+eval timeout $((500 - SECONDS)) $B --model wan2.1-t2v-1.3b --checkpoint-dir /tmp/wan-e2e --warmup 0 --repeat 1 --json "$OUT/e2e-wan.json" > "$OUT/log-wan.txt" 2>&1
+echo "wan done at $SECONDS s"
+if [ $SECONDS -lt 470 ]; then
+  eval timeout $((580 - SECONDS)) $B --model flux.1-dev --checkpoint-dir /tmp/flux-dev-e2e --warmup 1 --repeat 1 --enable-torch-compile --json "$OUT/e2e-compile.json" > "$OUT/log-compile.txt" 2>&1
+fi
+cat "$OUT/log-start-up.txt" | tail -32; cat "$OUT/load_speed.txt" | tail -4
 for f in "$OUT"/e2e-*.json; do
-  python -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], d['device'], d['speed_flags']); [print(' ', s, round(r['wall'],2), {k: round(v,2) for k,v in r['phases'].items()}, r.get('load_parts'), r.get('speed')) for s,rs in d['runs'].items() for r in rs]" "$f"
+  python -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], d['device'], d['speed_flags'], 'ckpt written', round(d['checkpoint_written_seconds'],1)); [print(' ', s, round(r['wall'],2), {k: round(v,2) for k,v in r['phases'].items()}, {k: round(v,2) for k,v in (r.get('load_parts') or {}).items()}, r.get('speed')) for s,rs in d['runs'].items() for r in rs]" "$f"
 done
+tail -5 "$OUT"/log-*.txt

@@ -1,13 +1,14 @@
 """Reading a safetensors file at the pace of the machine: its header parsed here (the format is a
 little-endian length, a JSON header, then the raw bytes of every tensor), the data read by several
-threads at once into one buffer on the target device, and every tensor a view of that buffer in its
-own dtype and shape. On CUDA the bytes pass through two pinned staging buffers, so that reading the
-next chunk overlaps copying the last one to the GPU (pinned host-to-device copies run at the bus's
-rate, pageable ones at a fraction of it). Nothing is unpickled; nothing is copied twice."""
+threads at once straight into each tensor's own memory on the target device. On CUDA the bytes pass
+through two pinned staging buffers, so that reading the next chunk overlaps copying the last one to
+the GPU (pinned host-to-device copies run at the bus's rate, pageable ones at a fraction of it).
+Nothing is unpickled; nothing is copied twice."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -27,9 +28,10 @@ DTYPES = {
 CHUNK_BYTES = 256 * 2**20  # one staging buffer (CUDA); each reader thread takes a slice of it
 READERS = 8
 MAX_HEADER_BYTES = 100 * 2**20
+Entry = tuple[torch.dtype, list[int], int, int]  # dtype, shape, begin, end (offsets into the data)
 
 
-def read_header(path: Path) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]]]:
+def read_header(path: Path) -> tuple[int, dict[str, Entry]]:
     """(where the data starts, {name: (dtype, shape, begin, end)}) with offsets into the data."""
     with open(path, "rb") as handle:
         length = int.from_bytes(handle.read(8), "little")
@@ -117,52 +119,74 @@ def shared_reader(device: torch.device) -> Iterator[Reader]:
                 _shared[device] = (reader, users - 1)
 
 
-def read_data(path: Path, start: int, size: int, reader: Reader) -> torch.Tensor:
-    """The file's `size` data bytes from `start`, as one uint8 tensor on the reader's device."""
-    data = torch.empty(size, dtype=torch.uint8, device=reader.device)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with reader.lock:
-            if reader.device.type == "cuda":
-                copy_through_staging(fd, data, start, reader)
-            else:
-                read_parallel(fd, data, start, reader.pool)
-        return data
-    finally:
-        os.close(fd)
+def raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as a flat uint8 tensor (the same memory)."""
+    return tensor.reshape(-1).view(torch.uint8)
 
 
-def copy_through_staging(fd: int, data: torch.Tensor, start: int, reader: Reader) -> None:
-    """Fill the CUDA tensor `data` from the file at `start`, chunk by chunk through the two pinned
-    buffers: the next chunk is read while the last one is copied."""
+def read_into_tensors(fd: int, start: int, entries: dict[str, Entry], tensors: dict[str, torch.Tensor],
+                      pool: ThreadPoolExecutor) -> None:  # fmt: skip
+    """Fill CPU `tensors` from the file: every tensor, in slices of at most CHUNK_BYTES, side by side."""
+    pieces = []
+    for name, (_, _, begin, end) in entries.items():
+        raw = raw_bytes(tensors[name])
+        for offset in range(0, end - begin, CHUNK_BYTES):
+            pieces.append((raw[offset : offset + CHUNK_BYTES], start + begin + offset))
+    for future in [pool.submit(read_range, fd, into, at) for into, at in pieces]:
+        future.result()
+
+
+def chunk_copies(entries: dict[str, Entry], offset: int, count: int) -> list[tuple[str, int, int, int]]:
+    """What of data bytes [offset, offset + count) goes where: (tensor name, from its byte, to its
+    byte, from the chunk's byte) for every tensor that overlaps the chunk."""
+    copies = []
+    for name, (_, _, begin, end) in entries.items():
+        low, high = max(begin, offset), min(end, offset + count)  # this tensor's bytes in the chunk
+        if low < high:
+            copies.append((name, low - begin, high - begin, low - offset))
+    return copies
+
+
+def copy_through_staging(fd: int, start: int, entries: dict[str, Entry], tensors: dict[str, torch.Tensor],
+                         reader: Reader) -> None:  # fmt: skip
+    """Fill CUDA `tensors` from the file, chunk by chunk through the two pinned buffers: the next chunk
+    is read while the last one's bytes are copied on to the tensors they belong to."""
     stream = torch.cuda.current_stream(reader.device)  # the copies, and the events after them, on `device`
     staging = reader.pinned()
-    copied: list[torch.cuda.Event | None] = [None, None]  # after each staging buffer's last copy
-    for index, offset in enumerate(range(0, data.numel(), CHUNK_BYTES)):
-        count = min(CHUNK_BYTES, data.numel() - offset)
+    copied: list[torch.cuda.Event | None] = [None, None]  # after each staging buffer's last copies
+    size = max((end for _, _, _, end in entries.values()), default=0)
+    for index, offset in enumerate(range(0, size, CHUNK_BYTES)):
+        count = min(CHUNK_BYTES, size - offset)
         buffer = staging[index % 2]
         if copied[index % 2] is not None:
             copied[index % 2].synchronize()  # its previous chunk has reached the GPU
         read_parallel(fd, buffer[:count], start + offset, reader.pool)
         with torch.cuda.stream(stream):
-            data[offset : offset + count].copy_(buffer[:count], non_blocking=True)
+            for name, low, high, at in chunk_copies(entries, offset, count):
+                raw_bytes(tensors[name])[low:high].copy_(buffer[at : at + high - low], non_blocking=True)
         copied[index % 2] = stream.record_event()
     stream.synchronize()
 
 
-def typed_view(data: torch.Tensor, dtype: torch.dtype, shape: list[int], begin: int, end: int) -> torch.Tensor:
-    """Bytes [begin, end) of `data` as a tensor of `dtype` and `shape` (a copy where they are unaligned)."""
-    raw = data[begin:end]
-    if begin % dtype.itemsize:
-        raw = raw.clone()
-    return raw.view(dtype).view(shape)
-
-
 def read_safetensors(path: Path, reader: Reader) -> dict[str, torch.Tensor]:
-    """Every tensor of the file on the reader's device, as stored (views of one buffer of its data)."""
+    """Every tensor of the file on the reader's device, as stored: each its own allocation (so that one
+    replaced later, cast or fused, frees its memory), filled straight from the file."""
     start, entries = read_header(path)
     size = max((end for _, _, _, end in entries.values()), default=0)
     if start + size > path.stat().st_size:
         raise UserError(f"{path} is truncated: its header promises {start + size} bytes, it has {path.stat().st_size}")
-    data = read_data(path, start, size, reader)
-    return {name: typed_view(data, *entry) for name, entry in entries.items()}
+    for name, (dtype, shape, begin, end) in entries.items():
+        if end - begin != dtype.itemsize * math.prod(shape):
+            raise UserError(f"{path}: tensor {name} has {end - begin} bytes, its shape and dtype need more or fewer")
+    device = reader.device
+    tensors = {name: torch.empty(shape, dtype=dtype, device=device) for name, (dtype, shape, _, _) in entries.items()}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with reader.lock:
+            if reader.device.type == "cuda":
+                copy_through_staging(fd, start, entries, tensors, reader)
+            else:
+                read_into_tensors(fd, start, entries, tensors, reader.pool)
+    finally:
+        os.close(fd)
+    return tensors
