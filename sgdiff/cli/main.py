@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -160,12 +162,15 @@ def generate(
         run(request, quiet)
 
 
+FINISHED = {"cleanly": False}  # `run` sets it when every output is written and the engine is closed
+
+
 def run(request, quiet: bool) -> None:
     from rich.console import Console
 
     from sgdiff.cli.batch import run_batch
     from sgdiff.cli.progress import QuietEvents, RichProgress, show_library_warnings
-    from sgdiff.engine.ranks import is_writer_rank
+    from sgdiff.engine.ranks import is_writer_rank, under_torchrun
 
     quiet = quiet or not is_writer_rank()  # under torchrun only rank 0 speaks
     console = Console(stderr=True)
@@ -182,6 +187,7 @@ def run(request, quiet: bool) -> None:
             f"generated {outputs} {kind}(s) in {report.total_seconds:.1f} s "
             f"(load {report.load_seconds:.1f} s{per_step}); saved {len(report.saved)}"
         )
+    FINISHED["cleanly"] = not under_torchrun()  # torchrun's ranks leave through their process group
 
 
 app.command()(bench)
@@ -189,4 +195,14 @@ app.command()(serve)
 
 
 def main() -> None:
-    app()
+    """The `sgdiff` command. After a generate that finished cleanly the process leaves at once, without
+    the interpreter's teardown (freeing every module and tensor one by one: 0.6 s of a demo run on the
+    CPU machine, more with a model on a GPU); everything is written, closed and flushed by then."""
+    try:
+        app()
+    except SystemExit as exit_:
+        if FINISHED["cleanly"] and exit_.code in (0, None):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        raise
