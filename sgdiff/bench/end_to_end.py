@@ -132,6 +132,41 @@ def run_diffusers(model: Path, prompts: list[str], size: dict, device: str, out:
                       "exit": wall - (p["ended"] - spawned)})  # fmt: skip
 
 
+def machine_rates(checkpoint: Path, device: str) -> dict[str, float]:
+    """What this machine allows, measured now, to set the loads against: reading the checkpoint's
+    weight files (8 threads, page cache as the runs left it; GB/s), and on CUDA copying pinned host
+    memory to the GPU (GB/s)."""
+    import torch
+
+    from sgdiff.models import fast_load
+
+    files = sorted(checkpoint.rglob("*.safetensors"))
+    total = sum(path.stat().st_size for path in files)
+    buffer = torch.empty(fast_load.CHUNK_BYTES, dtype=torch.uint8)
+    start = time.perf_counter()
+    with fast_load.Reader(torch.device("cpu")) as reader:
+        for path in files:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for offset in range(0, path.stat().st_size, fast_load.CHUNK_BYTES):
+                    count = min(fast_load.CHUNK_BYTES, path.stat().st_size - offset)
+                    fast_load.read_parallel(fd, buffer[:count], offset, reader.pool)
+            finally:
+                os.close(fd)
+    rates = {"read_gb_per_s": total / 1e9 / (time.perf_counter() - start)}
+    if device == "cuda":
+        pinned = torch.empty(2**30, dtype=torch.uint8, pin_memory=True)
+        target = torch.empty_like(pinned, device="cuda")
+        target.copy_(pinned)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(5):
+            target.copy_(pinned, non_blocking=True)
+        torch.cuda.synchronize()
+        rates["pinned_to_gpu_gb_per_s"] = 5 * 2**30 / 1e9 / (time.perf_counter() - start)
+    return rates
+
+
 def run_end_to_end(name: str, checkpoint_dir: Path, *, tiny: bool, prompts: int, warmup: int, repeat: int,
                    cold: bool, speed_flags: list[str]) -> dict:  # fmt: skip
     """Both sides `warmup` times untimed, then `repeat` timed rounds in turns; the median of each."""
@@ -162,10 +197,11 @@ def run_end_to_end(name: str, checkpoint_dir: Path, *, tiny: bool, prompts: int,
                 if round_ >= warmup:
                     runs[side].append(run)
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    rates = machine_rates(checkpoint, device)
     return {
         "model": name, "tiny": tiny, "device": device_name, "prompts": prompts, "cold": cold,
         "checkpoint": str(checkpoint), "checkpoint_gb": folder_bytes(checkpoint) / 1e9,
-        "checkpoint_written_seconds": written, "speed_flags": speed_flags, **size,
+        "checkpoint_written_seconds": written, "speed_flags": speed_flags, "machine": rates, **size,
         "runs": {side: [vars(run) for run in side_runs] for side, side_runs in runs.items()},
     }  # fmt: skip
 
@@ -191,4 +227,11 @@ def render_end_to_end(result: dict) -> str:
     for side in ("diffusers", "sgdiff"):
         phases = result["runs"][side][0]["phases"]
         lines.append(f"  {side:<9} " + ", ".join(f"{key} {median(side, key):.2f} s" for key in phases))
+    gb, machine = result["checkpoint_gb"], result["machine"]
+    copy = machine.get("pinned_to_gpu_gb_per_s")
+    lines.append(
+        f"  load     {gb:.1f} GB: diffusers {gb / median('diffusers', 'load'):.1f} GB/s, sgdiff "
+        f"{gb / median('sgdiff', 'load'):.1f} GB/s; this machine reads the files at {machine['read_gb_per_s']:.1f} GB/s"
+        + (f" and copies pinned memory to the GPU at {copy:.1f} GB/s" if copy else "")
+    )
     return "\n".join(lines)
