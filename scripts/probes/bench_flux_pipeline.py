@@ -1,10 +1,10 @@
 """FLUX.1-dev end to end: sgdiff's pipeline vs diffusers' FluxPipeline on the same full-size
 random-weight parts (CLIP-L, T5-XXL, the 12B transformer, the FLUX VAE), same GPU, same run.
 
-Both pipelines share the text encoders and the VAE; sgdiff's transformer is given the very same
-tensors as diffusers' FluxTransformer2DModel. Each pipeline makes the same request (prompt, size,
-steps, guidance, CPU-generator seed); the script reports how close the images are and times whole
-generations, the two pipelines taking turns.
+sgdiff's transformer and text encoders are given the very same tensors as diffusers' FluxTransformer2DModel
+and transformers' CLIPTextModel / T5EncoderModel, its VAE decoder the AutoencoderKL's decoding weights. Each
+pipeline makes the same request (prompt, size, steps, guidance, CPU-generator seed); the script reports how
+close the images are and times whole generations, the two pipelines taking turns.
 
     python scripts/probes/bench_flux_pipeline.py [--height 1024 --width 1024 --steps 28] [--json out.json]
 
@@ -28,7 +28,7 @@ sys.path[:0] = [str(SCRIPTS), str(SCRIPTS.parent)]  # bench_flux_transformer (sc
 
 from bench_flux_transformer import DEVICE, build_models  # noqa: E402
 
-from sgdiff.bench.parts import CLIP_L, FLUX_VAE, T5_XXL  # noqa: E402
+from sgdiff.bench.parts import CLIP_L, FLUX_VAE, T5_XXL, sgdiff_text_encoder  # noqa: E402
 from sgdiff.families.flux.pipeline import FluxComponents, compose_flux_pipeline  # noqa: E402
 from sgdiff.families.flux.sampling import FluxSampling  # noqa: E402
 from sgdiff.models.image_vae import ImageVaeConfig, ImageVaeDecoder  # noqa: E402
@@ -68,8 +68,9 @@ def build_parts(tiny: bool):
     torch.set_default_dtype(torch.float32)
     decoding = {k: v for k, v in vae.state_dict().items() if not k.startswith(("encoder.", "quant_conv."))}
     decoder.load_state_dict(decoding)
-    parts = FluxComponents(tokenizer, clip.eval(), tokenizer_2, t5.eval(), transformer, decoder.eval())
-    return parts, reference_transformer, vae.eval()
+    own_clip, own_t5 = sgdiff_text_encoder(clip), sgdiff_text_encoder(t5)
+    parts = FluxComponents(tokenizer, own_clip, tokenizer_2, own_t5, transformer, decoder.eval())
+    return parts, (clip.eval(), t5.eval()), reference_transformer, vae.eval()
 
 
 def sync() -> None:
@@ -89,14 +90,14 @@ def main() -> None:
 
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    parts, reference_transformer, reference_vae = build_parts(args.tiny)
+    parts, (reference_clip, reference_t5), reference_transformer, reference_vae = build_parts(args.tiny)
     dev_schedule = FLUX_SCHEDULER_CONFIGS["dev"]
     reference = FluxPipeline(
         FlowMatchEulerDiscreteScheduler(**dev_schedule),
         reference_vae,
-        parts.text_encoder,
+        reference_clip,
         parts.tokenizer,
-        parts.text_encoder_2,
+        reference_t5,
         parts.tokenizer_2,
         reference_transformer,
     )

@@ -1,8 +1,9 @@
 """The models `sgdiff bench` builds: full-size architectures with random weights (speed does not
 depend on weight values), or tiny ones (--tiny) to check the benchmark itself on a CPU.
 
-Each transformer is built once as diffusers' model; sgdiff's gets the very same tensors (no copy).
-The text encoders (transformers) and VAEs (diffusers) are the ones both pipelines run."""
+Each transformer is built once as diffusers' model; sgdiff's gets the very same tensors (no copy), and so
+do FLUX's text encoders (transformers' for diffusers, sgdiff's own). Wan's text encoder (transformers' UMT5)
+and the VAEs (diffusers') are timed once for both pipelines."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig
 from sgdiff.models.flux.config import FLUX_DEV, FLUX_SCHNELL
 from sgdiff.models.flux.packing import image_position_ids, text_position_ids
 from sgdiff.models.loading import build_on_meta
+from sgdiff.models.text_encoders import ClipTextConfig, ClipTextEncoder, T5Encoder, T5EncoderConfig
 from sgdiff.models.wan import WanTransformer, WanTransformerConfig
 from sgdiff.models.wan.config import WAN21_T2V_1_3B, WAN21_T2V_14B
 from sgdiff.models.wan.transformer import KEEP_FP32
@@ -124,9 +126,25 @@ def transformer_inputs(model: BenchModel, transformer, size: dict, device: torch
     )
 
 
-def build_text_encoding(model: BenchModel, tiny: bool, device: torch.device) -> Callable[[], Any]:
-    """A call that encodes one prompt as the pipelines do (FLUX: CLIP-L 77 tokens + T5-XXL 512; Wan:
-    UMT5-XXL 512), bf16."""
+def sgdiff_text_encoder(reference: torch.nn.Module) -> torch.nn.Module:
+    """sgdiff's text encoder on the very tensors of transformers' `reference` (CLIPTextModel, T5EncoderModel
+    or UMT5EncoderModel), no copy."""
+    raw = reference.config.to_dict()
+    state = reference.state_dict()
+    if raw.get("model_type") == "clip_text_model":
+        ours = build_on_meta(ClipTextEncoder, ClipTextConfig.from_dict(raw))
+        ours.text_model.load_state_dict(state, strict=True, assign=True)  # transformers 5's names: no `text_model.`
+    else:
+        ours = build_on_meta(T5Encoder, T5EncoderConfig.from_dict(raw))
+        tied = {name for name in state if name.startswith("encoder.embed_tokens.")}  # `shared`, again
+        ours.load_state_dict({k: v for k, v in state.items() if k not in tied}, strict=True, assign=True)
+    return ours.eval().requires_grad_(False)
+
+
+def build_text_encoding(model: BenchModel, tiny: bool, device: torch.device) -> dict[str, Callable[[], Any]]:
+    """Per implementation, a call that encodes one prompt as its pipeline does (FLUX: CLIP-L 77 tokens + T5-XXL
+    512, transformers' models for diffusers and sgdiff's own on the same tensors; Wan: UMT5-XXL 512,
+    transformers' for both: only "diffusers" is given), bf16."""
     import transformers
 
     bf16 = torch.bfloat16
@@ -138,11 +156,15 @@ def build_text_encoding(model: BenchModel, tiny: bool, device: torch.device) -> 
         t5 = seeded(2, bf16, device, lambda: transformers.T5EncoderModel(transformers.T5Config(**t5_config)))
         clip_ids = torch.randint(0, clip_config["vocab_size"], (1, 77), device=device)
         t5_ids = torch.randint(0, t5_config["vocab_size"], (1, 512), device=device)
-        return lambda: (clip(clip_ids).pooler_output, t5(t5_ids).last_hidden_state)
+        own_clip, own_t5 = sgdiff_text_encoder(clip), sgdiff_text_encoder(t5)
+        return {
+            "diffusers": lambda: (clip(clip_ids).pooler_output, t5(t5_ids).last_hidden_state),
+            "sgdiff": lambda: (own_clip(clip_ids).pooler_output, own_t5(t5_ids).last_hidden_state),
+        }
     umt5_config = dict(tiny_configs.WAN_UMT5, vocab_size=1000) if tiny else UMT5_XXL
     umt5 = seeded(3, bf16, device, lambda: transformers.UMT5EncoderModel(transformers.UMT5Config(**umt5_config)))
     ids = torch.randint(0, umt5_config["vocab_size"], (1, 512), device=device)
-    return lambda: umt5(ids).last_hidden_state
+    return {"diffusers": lambda: umt5(ids).last_hidden_state}
 
 
 def build_decode(model: BenchModel, tiny: bool, size: dict, device: torch.device) -> Callable[[], Any]:

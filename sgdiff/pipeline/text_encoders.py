@@ -1,14 +1,68 @@
-"""Prompt encoders over transformers' text models, tokenising as diffusers' pipelines do."""
+"""Prompt encoders over the text models, tokenising as diffusers' pipelines do, and the loading of sgdiff's
+own text encoders (models/text_encoders.py) from a checkpoint's folder.
+
+The encoders call a model as transformers' text models are called (`model(ids)` or `model(ids, mask)`, reading
+`.pooler_output` / `.last_hidden_state`), so transformers' models (the demo's training, Wan's UMT5) fit too."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
-from sgdiff.pipeline.components import quiet_libraries
+from sgdiff.models.fast_load import read_header
+from sgdiff.models.loading import build_on_meta, load_own_model, read_json, safetensors_files
+from sgdiff.models.text_encoders import ClipTextConfig, ClipTextEncoder, T5Encoder, T5EncoderConfig
+from sgdiff.pipeline.components import load_tokenizer, quiet_libraries, require_folder
 
 log = logging.getLogger(__name__)
+
+CLIP_UNUSED = ("position_ids",)  # a buffer older transformers saved (arange), recomputed in the forward
+# the tied copy of `shared` (transformers' T5EncoderModel may save it too), and what a whole T5's file adds
+T5_UNUSED = ("embed_tokens", "decoder", "lm_head")
+
+
+def checkpoint_names(folder: Path) -> set[str]:
+    """The tensor names in a component folder's safetensors files (their headers only)."""
+    return {name for path in safetensors_files(folder) for name in read_header(path)[1]}
+
+
+def load_clip_text_encoder(folder: Path, dtype: torch.dtype, device: torch.device) -> ClipTextEncoder:
+    """sgdiff's CLIPTextModel from a `text_encoder/` folder. transformers 4 saved the weights under
+    `text_model.` (FLUX.1's files), transformers 5 saves them without it: either loads."""
+    config_path = require_folder(folder) / "config.json"
+    model = build_on_meta(ClipTextEncoder, ClipTextConfig.from_dict(read_json(config_path), source=str(config_path)))
+    prefixed = any(name.startswith("text_model.") for name in checkpoint_names(folder))
+    load_own_model(model if prefixed else model.text_model, folder, dtype, device, ignored=CLIP_UNUSED)
+    return model.eval().requires_grad_(False)
+
+
+def load_t5_encoder(folder: Path, dtype: torch.dtype, device: torch.device) -> T5Encoder:
+    """sgdiff's T5EncoderModel (UMT5EncoderModel for a "umt5" config) from a `text_encoder_2/`-like folder;
+    the feed-forwards' `wo` stay float32 at float16, as transformers' from_pretrained keeps them."""
+    config_path = require_folder(folder) / "config.json"
+    model = build_on_meta(T5Encoder, T5EncoderConfig.from_dict(read_json(config_path), source=str(config_path)))
+    keep = ("wo",) if dtype == torch.float16 else ()  # T5's _keep_in_fp32_modules (components.kept_in_fp32)
+    return load_own_model(model, folder, dtype, device, keep_fp32=keep, ignored=T5_UNUSED)
+
+
+def load_tokenizer_alone(folder: Path):
+    """A `tokenizer/` folder's tokenizer as AutoTokenizer makes it for such a folder (no config.json, no remote
+    code): the class its tokenizer_config.json names ("Fast" dropped, as transformers 5 does), imported alone.
+    AutoTokenizer itself imports transformers' model registry, its generation code and with it torch._dynamo
+    (about 1 s). A folder that is not so plain goes through AutoTokenizer (components.load_tokenizer)."""
+    import transformers
+
+    config_path = require_folder(folder) / "tokenizer_config.json"
+    raw = read_json(config_path) if config_path.is_file() else {}
+    name = raw.get("tokenizer_class")
+    plain = isinstance(name, str) and "auto_map" not in raw and not (folder / "config.json").exists()
+    tokenizer_class = getattr(transformers, name.removesuffix("Fast"), None) if plain else None
+    if not (isinstance(tokenizer_class, type) and tokenizer_class.__module__.startswith("transformers.models.")):
+        return load_tokenizer(folder)
+    with quiet_libraries():
+        return tokenizer_class.from_pretrained(folder)
 
 
 def tokenize_padded(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
@@ -23,7 +77,7 @@ def tokenize_padded(tokenizer, prompts: list[str], max_length: int) -> torch.Ten
 
 
 class ClipPooledEncoder:
-    """CLIP text model -> pooled embedding [B, D] (prompt padded to the tokenizer's 77 tokens)."""
+    """CLIP text model -> pooled embedding [B, D] (prompt padded to the tokenizer's 77 tokens, causal mask only)."""
 
     def __init__(self, tokenizer, model: torch.nn.Module):
         self.tokenizer = tokenizer
@@ -36,7 +90,7 @@ class ClipPooledEncoder:
         return tokenize_padded(self.tokenizer, prompts, self.tokenizer.model_max_length)
 
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids.to(self.model.device), output_hidden_states=False).pooler_output
+        return self.model(ids.to(self.model.device)).pooler_output
 
 
 class T5SequenceEncoder:
@@ -53,7 +107,7 @@ class T5SequenceEncoder:
         return tokenize_padded(self.tokenizer, prompts, max_length)
 
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids.to(self.model.device), output_hidden_states=False)[0]
+        return self.model(ids.to(self.model.device)).last_hidden_state
 
 
 def clean_prompt(text: str) -> str:

@@ -14,12 +14,7 @@ from sgdiff.models.flux.packing import image_position_ids, pack_latents, text_po
 from sgdiff.models.image_vae import ImageVaeConfig, ImageVaeDecoder
 from sgdiff.models.loading import build_on_meta, load_own_model, read_json
 from sgdiff.pipeline.base import ComposedPipeline, PipelineEvents, State
-from sgdiff.pipeline.components import (
-    load_library_model,
-    load_side_by_side,
-    load_tokenizer,
-    loaded_modules,
-)
+from sgdiff.pipeline.components import load_side_by_side, loaded_modules
 from sgdiff.pipeline.schedule import FlowMatchSchedule
 from sgdiff.pipeline.stages.decoding import VaeDecodingStage
 from sgdiff.pipeline.stages.denoising import DenoisingStage
@@ -27,7 +22,13 @@ from sgdiff.pipeline.stages.latents import LatentsStage
 from sgdiff.pipeline.stages.text_encoding import TextEncodingStage
 from sgdiff.pipeline.stages.timesteps import FlowMatchTimestepsStage
 from sgdiff.pipeline.stages.validation import InputValidationStage
-from sgdiff.pipeline.text_encoders import ClipPooledEncoder, T5SequenceEncoder
+from sgdiff.pipeline.text_encoders import (
+    ClipPooledEncoder,
+    T5SequenceEncoder,
+    load_clip_text_encoder,
+    load_t5_encoder,
+    load_tokenizer_alone,
+)
 
 
 class FluxLatentGeometry:
@@ -98,9 +99,9 @@ class FluxComponents:
     """The loaded parts of a FLUX.1 checkpoint (diffusers' component names)."""
 
     tokenizer: Any
-    text_encoder: torch.nn.Module | None  # transformers CLIPTextModel (None where not loaded)
+    text_encoder: torch.nn.Module | None  # sgdiff's ClipTextEncoder (None where not loaded)
     tokenizer_2: Any
-    text_encoder_2: torch.nn.Module | None  # transformers T5EncoderModel
+    text_encoder_2: torch.nn.Module | None  # sgdiff's T5Encoder
     transformer: FluxTransformer
     vae: ImageVaeDecoder
 
@@ -114,20 +115,18 @@ def load_flux_components(
 ) -> FluxComponents:
     """`skip`: component names not to load (None in their place), e.g. the text encoders on ranks that
     receive the prompt embeddings from rank 0."""
-    from transformers import CLIPTextModel, T5EncoderModel
-
     config = FluxTransformerConfig.from_dict(read_json(model_dir / "transformer" / "config.json"))
     vae_config_path = model_dir / "vae" / "config.json"
     vae_config = ImageVaeConfig.from_dict(read_json(vae_config_path), source=str(vae_config_path))
     unless_skipped = lambda name, load: None if name in skip else load  # noqa: E731  (None: not loaded)
     parts = load_side_by_side(events, device, {
-        "tokenizer": lambda: load_tokenizer(model_dir / "tokenizer"),
+        "tokenizer": lambda: load_tokenizer_alone(model_dir / "tokenizer"),
         "text_encoder": unless_skipped(
-            "text_encoder", lambda: load_library_model(CLIPTextModel, model_dir / "text_encoder", dtype, device)
+            "text_encoder", lambda: load_clip_text_encoder(model_dir / "text_encoder", dtype, device)
         ),
-        "tokenizer_2": lambda: load_tokenizer(model_dir / "tokenizer_2"),
+        "tokenizer_2": lambda: load_tokenizer_alone(model_dir / "tokenizer_2"),
         "text_encoder_2": unless_skipped(
-            "text_encoder_2", lambda: load_library_model(T5EncoderModel, model_dir / "text_encoder_2", dtype, device)
+            "text_encoder_2", lambda: load_t5_encoder(model_dir / "text_encoder_2", dtype, device)
         ),
         "transformer": lambda: load_own_model(
             build_on_meta(FluxTransformer, config), model_dir / "transformer", dtype, device
