@@ -37,3 +37,13 @@ def test_signal_barrier_holds_every_rank_until_all_arrive():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "exit codes [0, 0, 0]; values seen before they arrived [0, 0, 0]" in done.stdout, done.stdout
     assert "pads [[0, 6, 6], [6, 0, 6], [6, 6, 0]]" in done.stdout, done.stdout
+
+
+def test_running_the_fused_kernels_eagerly_imports_no_compiler():
+    """The kernels launch directly: torch.library's Triton ops (which import torch._dynamo and inductor,
+    seconds in a fresh process) are registered only when something is compiled."""
+    code = ("import sys, sgdiff.kernels.triton_norm_modulate, sgdiff.kernels.triton_qk_norm_rope; "
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -17,6 +17,8 @@ def qk_norm_rope(
     """parts: [B, S_i, H*D] bf16 (rows may be strided: slices of a fused projection), each RMSNormed
     with its weight ([D]: per head; [H*D]: over all heads), joined along the sequence and rotated by
     rope [sum S_i, D/2, 2] (cos, sin; float32) -> [B, sum S_i, H, D] contiguous."""
-    from sgdiff.kernels.triton_qk_norm_rope import qk_norm_rope as kernel_op
+    if torch.compiler.is_compiling():  # the op speed/compile.py registered (kernels/compiled_ops.py)
+        return torch.ops.sgdiff.qk_norm_rope(parts, weights, rope.contiguous(), heads, eps)
+    from sgdiff.kernels.triton_qk_norm_rope import qk_norm_rope as launch
 
-    return kernel_op(parts, weights, rope.contiguous(), heads, eps)
+    return launch(parts, weights, rope.contiguous(), heads, eps)

@@ -1,11 +1,13 @@
-"""The Triton side of norm_modulate.py (imported only when the kernel runs: Triton is a GPU package)."""
+"""The Triton side of norm_modulate.py (imported only when the kernel runs: Triton is a GPU package).
+Launched directly; kernels/compiled_ops.py registers the same launch as an op for torch.compile."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 
 @triton.jit
@@ -41,17 +43,18 @@ def norm_modulate_kernel(
     tl.store(out_ptr + (b * S + s) * N + cols, out, mask=mask)
 
 
-@triton_op("sgdiff::norm_modulate", mutates_args=())
 def norm_modulate(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, bf16_steps: bool
-) -> torch.Tensor:
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, bf16_steps: bool,
+    wrap: Callable = lambda kernel: kernel,
+) -> torch.Tensor:  # fmt: skip
+    """The kernel over x's rows; `wrap`: how to launch it (torch.compile's op wraps it for tracing)."""
     batch, rows, width = x.shape
     out = torch.empty(batch, rows, width, device=x.device, dtype=torch.bfloat16)
     shift, scale = shift.expand(batch, rows, width), scale.expand(batch, rows, width)
     if shift.stride() != scale.stride():
         shift, scale = shift.contiguous(), scale.contiguous()
     block = triton.next_power_of_2(width)
-    wrap_triton(norm_modulate_kernel)[(batch * rows,)](
+    wrap(norm_modulate_kernel)[(batch * rows,)](
         x, x.stride(0), x.stride(1), shift, scale, shift.stride(0), shift.stride(1), out,
         rows, eps, N=width, BLOCK=block, BF16_STEPS=bf16_steps, num_warps=8 if block >= 4096 else 4,
     )  # fmt: skip

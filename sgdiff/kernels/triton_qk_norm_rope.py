@@ -1,11 +1,13 @@
-"""The Triton side of qk_norm_rope.py (imported only when the kernel runs: Triton is a GPU package)."""
+"""The Triton side of qk_norm_rope.py (imported only when the kernel runs: Triton is a GPU package).
+Launched directly; kernels/compiled_ops.py registers the same launch as an op for torch.compile."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 
 @triton.jit
@@ -42,17 +44,18 @@ def norm_rope_kernel(
     tl.store(out_ptr + b * out_batch_stride + row * H * D + heads * D + dims, out, mask=mask)
 
 
-@triton_op("sgdiff::qk_norm_rope", mutates_args=())
 def qk_norm_rope(
-    parts: list[torch.Tensor], weights: list[torch.Tensor], rope: torch.Tensor, heads: int, eps: float
-) -> torch.Tensor:
+    parts: list[torch.Tensor], weights: list[torch.Tensor], rope: torch.Tensor, heads: int, eps: float,
+    wrap: Callable = lambda kernel: kernel,
+) -> torch.Tensor:  # fmt: skip
+    """The kernel over each part's rows; `wrap`: how to launch it (torch.compile's op wraps it for tracing)."""
     batch, width = parts[0].shape[0], parts[0].shape[-1]
     total = sum(part.shape[1] for part in parts)
     out = torch.empty(batch, total, heads, width // heads, device=parts[0].device, dtype=torch.bfloat16)
     first_row = 0
     for part, weight in zip(parts, weights, strict=True):
         rows = part.shape[1]
-        wrap_triton(norm_rope_kernel)[(batch * rows,)](
+        wrap(norm_rope_kernel)[(batch * rows,)](
             part, part.stride(0), part.stride(1), weight, rope, out, out.stride(0),
             rows, first_row, eps, H=heads, HB=triton.next_power_of_2(heads), D=width // heads,
             DB=triton.next_power_of_2(width // heads), PER_HEAD=weight.numel() * heads == width, num_warps=4,

@@ -5,6 +5,7 @@ kernel; sequence-parallel attention (collectives) runs outside the compiled grap
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     use_compile_cache(next(model.parameters()).device)
     for fn in CONSTANTS:
         torch.compiler.assume_constant_result(fn)  # marks `fn` itself
+    if importlib.util.find_spec("triton") is not None:
+        import sgdiff.kernels.compiled_ops  # noqa: F401  (the fused kernels as ops inductor can trace)
     inductor_config.emulate_precision_casts = True
     blocks = repeated_blocks(model)
     for block in blocks:
