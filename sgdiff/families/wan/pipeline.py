@@ -20,7 +20,6 @@ from sgdiff.pipeline.base import ComposedPipeline, OptionalStage, PipelineEvents
 from sgdiff.pipeline.components import (
     load_library_model,
     load_side_by_side,
-    load_tokenizer,
     loaded_modules,
     quiet_libraries,
 )
@@ -31,7 +30,7 @@ from sgdiff.pipeline.stages.latents import LatentsStage, seeded_noise
 from sgdiff.pipeline.stages.text_encoding import TextEncodingStage
 from sgdiff.pipeline.stages.timesteps import SamplerStage
 from sgdiff.pipeline.stages.validation import InputValidationStage, ValidationRule
-from sgdiff.pipeline.text_encoders import UMT5SequenceEncoder
+from sgdiff.pipeline.text_encoders import UMT5SequenceEncoder, load_t5_encoder, load_tokenizer_alone
 
 # The schedulers diffusers' Wan checkpoints name, and the config key each uses for the flow shift.
 SCHEDULERS = {"UniPCMultistepScheduler": "flow_shift", "FlowMatchEulerDiscreteScheduler": "shift"}
@@ -64,7 +63,7 @@ class WanSchedule:
 @dataclass
 class WanComponents:
     tokenizer: Any
-    text_encoder: torch.nn.Module | None  # transformers UMT5EncoderModel (None where not loaded)
+    text_encoder: torch.nn.Module | None  # sgdiff's T5Encoder of a UMT5 config (None where not loaded)
     transformer: WanTransformer | None  # high-noise expert for Wan2.2 A14B
     transformer_2: WanTransformer | None  # low-noise expert (Wan2.2 A14B only)
     vae: torch.nn.Module  # diffusers AutoencoderKLWan, float32
@@ -188,7 +187,6 @@ def load_wan_components(
 ) -> WanComponents:
     """`skip`: component names not to load (None in their place)."""
     from diffusers import AutoencoderKLWan
-    from transformers import UMT5EncoderModel
 
     index = read_json(model_dir / "model_index.json")
 
@@ -196,9 +194,9 @@ def load_wan_components(
         return (lambda: load_wan_transformer(model_dir / name, dtype, device)) if (model_dir / name).is_dir() else None
 
     parts = load_side_by_side(events, device, {
-        "tokenizer": lambda: load_tokenizer(model_dir / "tokenizer"),
+        "tokenizer": lambda: load_tokenizer_alone(model_dir / "tokenizer"),
         "text_encoder": None if "text_encoder" in skip else (
-            lambda: load_library_model(UMT5EncoderModel, model_dir / "text_encoder", dtype, device)
+            lambda: load_t5_encoder(model_dir / "text_encoder", dtype, device)
         ),
         "transformer": expert("transformer"),
         "transformer_2": expert("transformer_2"),
