@@ -72,6 +72,7 @@ class Run:
     phases: dict[str, float]
     load_parts: dict[str, float] | None = None  # sgdiff: seconds of each component's load
     speed: dict | None = None  # sgdiff: the toggles as resolved, compile cache use, CUDA graph capture
+    step_seconds: list[float] | None = None  # sgdiff: every denoising step of the first prompt
 
 
 def drop_page_cache() -> None:
@@ -120,7 +121,7 @@ def run_sgdiff(model: Path, prompts: list[str], size: dict, device: str, speed_f
         "decode": stage("decoding"),
         "write": dump["total_seconds"] - dump["load_seconds"] - in_requests,
         "exit": wall - at_dump,  # after the perf dump: freeing memory, the interpreter's end
-    }, dump.get("load_part_seconds"), dump.get("speed"))  # fmt: skip
+    }, dump.get("load_part_seconds"), dump.get("speed"), requests[0]["step_seconds"])  # fmt: skip
 
 
 def run_diffusers(model: Path, prompts: list[str], size: dict, device: str, out: Path) -> Run:
