@@ -1,4 +1,4 @@
-"""sgdiff's text encoders (models/text_encoders.py) against transformers' CLIPTextModel, T5EncoderModel and
+"""sgdiff's text encoders (models/text/) against transformers' CLIPTextModel, T5EncoderModel and
 UMT5EncoderModel on the same weights: outputs (fp32, CPU, with and without padding masks), which parameters
 each dtype keeps in float32, the checkpoint layouts they load, the checkpoints and configs they refuse, and
 that a FLUX request imports none of transformers' modeling code."""
@@ -256,5 +256,5 @@ def test_a_flux_request_imports_no_transformers_model_code(tmp_path):
     done = subprocess.run([sys.executable, "-c", IMPORTS, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     modules = set(json.loads(done.stdout.strip().splitlines()[-1]))
-    assert "sgdiff.models.text_encoders" in modules and "transformers.models.clip.tokenization_clip" in modules
+    assert "sgdiff.models.text.t5" in modules and "transformers.models.clip.tokenization_clip" in modules
     assert sorted(modules & set(NOT_IMPORTED)) == []

@@ -17,7 +17,7 @@ from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig
 from sgdiff.models.flux.config import FLUX_DEV, FLUX_SCHNELL
 from sgdiff.models.flux.packing import image_position_ids, text_position_ids
 from sgdiff.models.loading import build_on_meta
-from sgdiff.models.text_encoders import ClipTextConfig, ClipTextEncoder, T5Encoder, T5EncoderConfig
+from sgdiff.models.text import ClipTextConfig, ClipTextEncoder, T5Encoder, T5EncoderConfig
 from sgdiff.models.wan import WanTransformer, WanTransformerConfig
 from sgdiff.models.wan.config import WAN21_T2V_1_3B, WAN21_T2V_14B
 from sgdiff.models.wan.transformer import KEEP_FP32

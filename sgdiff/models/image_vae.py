@@ -2,8 +2,8 @@
 latents [B, C_lat, h, w] -> pixels [B, C_out, H, W] in about [-1, 1].
 
 Math only. Parameter names match diffusers' AutoencoderKL (`decoder.*`, `post_quant_conv`), so its
-checkpoint loads with `load_state_dict(assign=True)`; the encoder and `quant_conv` are not built (their
-checkpoint tensors are left unread by the loader).
+checkpoint loads with `load_state_dict(assign=True)`; the encoder and `quant_conv` are not built (the
+loader drops their checkpoint tensors).
 
     post_quant_conv (1x1, optional) -> conv_in -> mid block (resnet, attention, resnet)
       -> up blocks (resnets, then 2x nearest upsampling + conv except the last) -> GroupNorm, SiLU, conv_out

@@ -1,5 +1,5 @@
 """Prompt encoders over the text models, tokenising as diffusers' pipelines do, and the loading of sgdiff's
-own text encoders (models/text_encoders.py) from a checkpoint's folder.
+own text encoders (models/text/) from a checkpoint's folder.
 
 The encoders call a model as transformers' text models are called (`model(ids)` or `model(ids, mask)`, reading
 `.pooler_output` / `.last_hidden_state`), so transformers' models (the demo's training, Wan's UMT5) fit too."""
@@ -13,7 +13,7 @@ import torch
 
 from sgdiff.models.fast_load import read_header
 from sgdiff.models.loading import build_on_meta, load_own_model, read_json, safetensors_files
-from sgdiff.models.text_encoders import ClipTextConfig, ClipTextEncoder, T5Encoder, T5EncoderConfig
+from sgdiff.models.text import ClipTextConfig, ClipTextEncoder, T5Encoder, T5EncoderConfig
 from sgdiff.pipeline.components import load_tokenizer, quiet_libraries, require_folder
 
 log = logging.getLogger(__name__)
