@@ -186,6 +186,15 @@ def test_t5_ignores_the_tied_embedding_copy(tmp_path):
     assert_parity(load_t5_encoder(folder, torch.float32, CPU), reference, *t5_inputs())
 
 
+def test_t5_takes_the_embedding_from_the_encoders_copy_when_the_file_has_only_that(tmp_path):
+    reference = t5_reference("t5", seed=7)
+    folder = saved(reference, tmp_path)
+    state = load_file(folder / "model.safetensors")
+    state["encoder.embed_tokens.weight"] = state.pop("shared.weight")
+    save_file(state, folder / "model.safetensors")
+    assert_parity(load_t5_encoder(folder, torch.float32, CPU), reference, *t5_inputs())
+
+
 def assert_one_line(error: pytest.ExceptionInfo, *parts: str) -> None:
     message = str(error.value)
     assert "\n" not in message and all(part in message for part in parts), message

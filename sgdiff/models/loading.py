@@ -88,10 +88,13 @@ def load_own_model(
     device: torch.device,
     keep_fp32: tuple[str, ...] = (),
     ignored: tuple[str, ...] = (),
+    renamed: dict[str, str] | None = None,
 ) -> nn.Module:
     """Give a meta-device `model` the weights in `folder` (strict: every name must match, except
-    checkpoint tensors with a name component in `ignored`, which no computation uses)."""
+    checkpoint tensors with a name component in `ignored`, which no computation uses). `renamed`:
+    checkpoint names the model knows by another name (applied first)."""
     state = load_state_dict(folder, dtype, device, keep_fp32)
+    state = {(renamed or {}).get(k, k): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not set(k.split(".")) & set(ignored)}
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 CLIP_UNUSED = ("position_ids",)  # a buffer older transformers saved (arange), recomputed in the forward
 # the tied copy of `shared` (transformers' T5EncoderModel may save it too), and what a whole T5's file adds
 T5_UNUSED = ("embed_tokens", "decoder", "lm_head")
+TIED_COPY = "encoder.embed_tokens.weight"
 
 
 def checkpoint_names(folder: Path) -> set[str]:
@@ -44,7 +45,10 @@ def load_t5_encoder(folder: Path, dtype: torch.dtype, device: torch.device) -> T
     config_path = require_folder(folder) / "config.json"
     model = build_on_meta(T5Encoder, T5EncoderConfig.from_dict(read_json(config_path), source=str(config_path)))
     keep = ("wo",) if dtype == torch.float16 else ()  # T5's _keep_in_fp32_modules (components.kept_in_fp32)
-    return load_own_model(model, folder, dtype, device, keep_fp32=keep, ignored=T5_UNUSED)
+    names = checkpoint_names(folder)
+    # a file that holds the embedding only as the encoder's copy: that copy is `shared`
+    renamed = {TIED_COPY: "shared.weight"} if "shared.weight" not in names and TIED_COPY in names else None
+    return load_own_model(model, folder, dtype, device, keep_fp32=keep, ignored=T5_UNUSED, renamed=renamed)
 
 
 def load_tokenizer_alone(folder: Path):
