@@ -4,6 +4,9 @@ and reader boundaries; a truncated or foreign file is refused in one line."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -258,3 +261,48 @@ def test_builds_on_several_threads_leave_register_parameter_as_it_was():
     for thread in threads:
         thread.join()
     assert torch.nn.Module.register_parameter is original and not torch.nn.Linear(2, 2).weight.is_meta
+
+
+def test_when_a_part_fails_the_others_stop_reading(tmp_path, monkeypatch):
+    """A broken part ends the load at once: the part still reading gives up at its next chunk instead of
+    reading its whole file first, and the broken part's own error is what the user sees."""
+    from sgdiff.pipeline.components import load_side_by_side
+
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    save_file({f"w{i}": torch.zeros(16, 1024) for i in range(64)}, folder / "model.safetensors")  # 4 MB
+    monkeypatch.setattr(fast_load, "CHUNK_BYTES", 4096)  # 1024 pieces
+    pieces, started = [], threading.Event()
+    read = fast_load.read_range
+
+    def slow_read(fd, into, offset):
+        started.set()
+        time.sleep(0.005)
+        pieces.append(offset)
+        read(fd, into, offset)
+
+    monkeypatch.setattr(fast_load, "read_range", slow_read)
+
+    def broken() -> None:
+        started.wait(10)  # fail once the other part reads
+        raise UserError("the vae folder is broken")
+
+    class Events:
+        def __init__(self):
+            self.finished = []
+
+        def stage_started(self, name):
+            pass
+
+        def stage_finished(self, name, seconds):
+            self.finished.append(name)
+
+        def step_finished(self, index, total, seconds):
+            pass
+
+    events = Events()
+    with pytest.raises(UserError, match="the vae folder is broken"):
+        load_side_by_side(events, torch.device("cpu"), {
+            "transformer": lambda: load_state_dict(folder, torch.float32), "vae": broken,
+        })  # fmt: skip
+    assert events.finished == [] and 0 < len(pieces) < 1024 // 4  # gave up long before the end

@@ -52,6 +52,10 @@ def read_header(path: Path) -> tuple[int, dict[str, Entry]]:
     return 8 + length, entries
 
 
+class LoadingStopped(Exception):
+    """A read given up: another part of the model failed, or the user interrupted the load."""
+
+
 def read_range(fd: int, into: torch.Tensor, offset: int) -> None:
     """Fill the uint8 CPU tensor `into` from the file at `offset` (os.preadv lets go of the GIL)."""
     view = memoryview(into.numpy())
@@ -80,6 +84,11 @@ class Reader:
         self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="sgdiff-read")
         self.staging: list[torch.Tensor] = []
         self.lock = threading.Lock()
+        self.stop = threading.Event()  # set: every read in progress gives up at its next chunk
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise LoadingStopped("the load was given up")
 
     def pinned(self) -> list[torch.Tensor]:
         if not self.staging:
@@ -125,14 +134,19 @@ def raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def read_into_tensors(fd: int, start: int, entries: dict[str, Entry], tensors: dict[str, torch.Tensor],
-                      pool: ThreadPoolExecutor) -> None:  # fmt: skip
+                      reader: Reader) -> None:  # fmt: skip
     """Fill CPU `tensors` from the file: every tensor, in slices of at most CHUNK_BYTES, side by side."""
     pieces = []
     for name, (_, _, begin, end) in entries.items():
         raw = raw_bytes(tensors[name])
         for offset in range(0, end - begin, CHUNK_BYTES):
             pieces.append((raw[offset : offset + CHUNK_BYTES], start + begin + offset))
-    for future in [pool.submit(read_range, fd, into, at) for into, at in pieces]:
+
+    def read_piece(into: torch.Tensor, at: int) -> None:
+        reader.check()
+        read_range(fd, into, at)
+
+    for future in [reader.pool.submit(read_piece, into, at) for into, at in pieces]:
         future.result()
 
 
@@ -156,6 +170,7 @@ def copy_through_staging(fd: int, start: int, entries: dict[str, Entry], tensors
     copied: list[torch.cuda.Event | None] = [None, None]  # after each staging buffer's last copies
     size = max((end for _, _, _, end in entries.values()), default=0)
     for index, offset in enumerate(range(0, size, CHUNK_BYTES)):
+        reader.check()
         count = min(CHUNK_BYTES, size - offset)
         buffer = staging[index % 2]
         if copied[index % 2] is not None:
@@ -183,10 +198,11 @@ def read_safetensors(path: Path, reader: Reader) -> dict[str, torch.Tensor]:
     fd = os.open(path, os.O_RDONLY)
     try:
         with reader.lock:
+            reader.check()
             if reader.device.type == "cuda":
                 copy_through_staging(fd, start, entries, tensors, reader)
             else:
-                read_into_tensors(fd, start, entries, tensors, reader.pool)
+                read_into_tensors(fd, start, entries, tensors, reader)
     finally:
         os.close(fd)
     return tensors

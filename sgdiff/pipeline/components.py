@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from sgdiff.errors import UserError
-from sgdiff.models.fast_load import shared_reader
+from sgdiff.models.fast_load import LoadingStopped, shared_reader
 from sgdiff.models.loading import load_state_dict, safetensors_files
 from sgdiff.pipeline.base import PipelineEvents
 
@@ -129,15 +129,25 @@ def load_side_by_side(
     events: PipelineEvents, device: torch.device, loaders: dict[str, Callable[[], Any] | None]
 ) -> dict[str, Any]:
     """Every part's loader on its own thread, timed as 'load <name>' (None: a part not loaded): while one
-    part's file is read, another is built, cast or tokenised; the files share one reader. The first
-    failure is raised once every loader has stopped."""
-    with quiet_libraries(), shared_reader(device), ThreadPoolExecutor(len(loaders)) as pool:
+    part's file is read, another is built, cast or tokenised; the files share one reader. When a part
+    fails, or the user interrupts, the others give up at their next chunk; the first failure is raised
+    once every loader has stopped."""
+    with quiet_libraries(), shared_reader(device) as reader:
+        pool = ThreadPoolExecutor(len(loaders))
         futures = {
             name: pool.submit(timed_load, events, name, load) for name, load in loaders.items() if load is not None
         }
-        failures = [f.exception() for f in futures.values() if f.exception() is not None]
+        try:
+            if wait(futures.values(), return_when=FIRST_EXCEPTION).not_done:
+                reader.stop.set()  # a part failed: the others stop reading
+        except BaseException:  # Ctrl-C while the parts load
+            reader.stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    failures = [f.exception() for f in futures.values() if f.exception() is not None]
     if failures:
-        raise failures[0]
+        raise next((e for e in failures if not isinstance(e, LoadingStopped)), failures[0])
     return {name: futures[name].result() if name in futures else None for name in loaders}
 
 
