@@ -22,8 +22,8 @@ DEFAULT_ON = ("fused_projections", "fused_gelu", "fused_norms")  # None: on wher
 
 def resolve_speed(speed: SpeedConfig, device: torch.device, dtype: torch.dtype) -> SpeedConfig:
     """The toggles left at None decided for this device, on where they are never slower and stay within
-    bf16 noise (docs/benchmarks.md, "Speed toggles by default"): the fused GELU and norms on a CUDA GPU in
-    bfloat16 (the norms also need Triton); the fused projections there too, but only with
+    bf16 noise (docs/benchmark-log.md, run T: every toggle in turn): the fused GELU and norms on a CUDA
+    GPU in bfloat16 (the norms also need Triton); the fused projections there too, but only with
     torch.compile (eagerly their strided outputs make a forward slower). Off elsewhere."""
     gpu_bf16 = device.type == "cuda" and dtype == torch.bfloat16
     default = {
