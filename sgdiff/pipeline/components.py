@@ -15,7 +15,7 @@ import torch
 
 from sgdiff.errors import UserError
 from sgdiff.models.fast_load import LoadingStopped, shared_reader
-from sgdiff.models.loading import load_state_dict, safetensors_files
+from sgdiff.models.loading import load_state_dict, read_json, safetensors_files
 from sgdiff.pipeline.base import PipelineEvents
 
 
@@ -50,10 +50,23 @@ def require_folder(folder: Path) -> Path:
 
 
 def load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
+    """A `tokenizer/` folder's tokenizer as AutoTokenizer makes it. For a plain folder (no config.json, no
+    remote code) the class its tokenizer_config.json names ("Fast" dropped, as transformers 5 does) is
+    imported alone: AutoTokenizer itself imports transformers' model registry, its generation code and
+    with it torch._dynamo (about 1 s). Any other folder goes through AutoTokenizer."""
+    import transformers
 
+    config_path = require_folder(folder) / "tokenizer_config.json"
+    raw = read_json(config_path) if config_path.is_file() else {}
+    name = raw.get("tokenizer_class")
+    plain = isinstance(name, str) and "auto_map" not in raw and not (folder / "config.json").exists()
+    tokenizer_class = getattr(transformers, name.removesuffix("Fast"), None) if plain else None
+    if not (isinstance(tokenizer_class, type) and tokenizer_class.__module__.startswith("transformers.models.")):
+        from transformers import AutoTokenizer
+
+        tokenizer_class = AutoTokenizer
     with quiet_libraries():
-        return AutoTokenizer.from_pretrained(require_folder(folder))
+        return tokenizer_class.from_pretrained(folder)
 
 
 def load_library_model(cls, folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:

@@ -14,7 +14,7 @@ import torch
 from sgdiff.models.fast_load import read_header
 from sgdiff.models.loading import build_on_meta, load_own_model, read_json, safetensors_files
 from sgdiff.models.text import ClipTextConfig, ClipTextEncoder, T5Encoder, T5EncoderConfig
-from sgdiff.pipeline.components import load_tokenizer, quiet_libraries, require_folder
+from sgdiff.pipeline.components import quiet_libraries, require_folder
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +49,6 @@ def load_t5_encoder(folder: Path, dtype: torch.dtype, device: torch.device) -> T
     # a file that holds the embedding only as the encoder's copy: that copy is `shared`
     renamed = {TIED_COPY: "shared.weight"} if "shared.weight" not in names and TIED_COPY in names else None
     return load_own_model(model, folder, dtype, device, keep_fp32=keep, ignored=T5_UNUSED, renamed=renamed)
-
-
-def load_tokenizer_alone(folder: Path):
-    """A `tokenizer/` folder's tokenizer as AutoTokenizer makes it for such a folder (no config.json, no remote
-    code): the class its tokenizer_config.json names ("Fast" dropped, as transformers 5 does), imported alone.
-    AutoTokenizer itself imports transformers' model registry, its generation code and with it torch._dynamo
-    (about 1 s). A folder that is not so plain goes through AutoTokenizer (components.load_tokenizer)."""
-    import transformers
-
-    config_path = require_folder(folder) / "tokenizer_config.json"
-    raw = read_json(config_path) if config_path.is_file() else {}
-    name = raw.get("tokenizer_class")
-    plain = isinstance(name, str) and "auto_map" not in raw and not (folder / "config.json").exists()
-    tokenizer_class = getattr(transformers, name.removesuffix("Fast"), None) if plain else None
-    if not (isinstance(tokenizer_class, type) and tokenizer_class.__module__.startswith("transformers.models.")):
-        return load_tokenizer(folder)
-    with quiet_libraries():
-        return tokenizer_class.from_pretrained(folder)
 
 
 def tokenize_padded(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:

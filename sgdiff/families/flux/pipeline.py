@@ -14,7 +14,7 @@ from sgdiff.models.flux.packing import image_position_ids, pack_latents, text_po
 from sgdiff.models.image_vae import ImageVaeConfig, ImageVaeDecoder
 from sgdiff.models.loading import build_on_meta, load_own_model, read_json
 from sgdiff.pipeline.base import ComposedPipeline, PipelineEvents, State
-from sgdiff.pipeline.components import load_side_by_side, loaded_modules
+from sgdiff.pipeline.components import load_side_by_side, load_tokenizer, loaded_modules
 from sgdiff.pipeline.schedule import FlowMatchSchedule
 from sgdiff.pipeline.stages.decoding import VaeDecodingStage
 from sgdiff.pipeline.stages.denoising import DenoisingStage
@@ -27,7 +27,6 @@ from sgdiff.pipeline.text_encoders import (
     T5SequenceEncoder,
     load_clip_text_encoder,
     load_t5_encoder,
-    load_tokenizer_alone,
 )
 
 
@@ -120,11 +119,11 @@ def load_flux_components(
     vae_config = ImageVaeConfig.from_dict(read_json(vae_config_path), source=str(vae_config_path))
     unless_skipped = lambda name, load: None if name in skip else load  # noqa: E731  (None: not loaded)
     parts = load_side_by_side(events, device, {
-        "tokenizer": lambda: load_tokenizer_alone(model_dir / "tokenizer"),
+        "tokenizer": lambda: load_tokenizer(model_dir / "tokenizer"),
         "text_encoder": unless_skipped(
             "text_encoder", lambda: load_clip_text_encoder(model_dir / "text_encoder", dtype, device)
         ),
-        "tokenizer_2": lambda: load_tokenizer_alone(model_dir / "tokenizer_2"),
+        "tokenizer_2": lambda: load_tokenizer(model_dir / "tokenizer_2"),
         "text_encoder_2": unless_skipped(
             "text_encoder_2", lambda: load_t5_encoder(model_dir / "text_encoder_2", dtype, device)
         ),

@@ -20,6 +20,7 @@ from sgdiff.pipeline.base import ComposedPipeline, OptionalStage, PipelineEvents
 from sgdiff.pipeline.components import (
     load_library_model,
     load_side_by_side,
+    load_tokenizer,
     loaded_modules,
     quiet_libraries,
 )
@@ -30,7 +31,7 @@ from sgdiff.pipeline.stages.latents import LatentsStage, seeded_noise
 from sgdiff.pipeline.stages.text_encoding import TextEncodingStage
 from sgdiff.pipeline.stages.timesteps import SamplerStage
 from sgdiff.pipeline.stages.validation import InputValidationStage, ValidationRule
-from sgdiff.pipeline.text_encoders import UMT5SequenceEncoder, load_t5_encoder, load_tokenizer_alone
+from sgdiff.pipeline.text_encoders import UMT5SequenceEncoder, load_t5_encoder
 
 # The schedulers diffusers' Wan checkpoints name, and the config key each uses for the flow shift.
 SCHEDULERS = {"UniPCMultistepScheduler": "flow_shift", "FlowMatchEulerDiscreteScheduler": "shift"}
@@ -194,7 +195,7 @@ def load_wan_components(
         return (lambda: load_wan_transformer(model_dir / name, dtype, device)) if (model_dir / name).is_dir() else None
 
     parts = load_side_by_side(events, device, {
-        "tokenizer": lambda: load_tokenizer_alone(model_dir / "tokenizer"),
+        "tokenizer": lambda: load_tokenizer(model_dir / "tokenizer"),
         "text_encoder": None if "text_encoder" in skip else (
             lambda: load_t5_encoder(model_dir / "text_encoder", dtype, device)
         ),
