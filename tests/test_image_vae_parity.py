@@ -20,6 +20,7 @@ from sgdiff.errors import UserError
 from sgdiff.families.flux.pipeline import VAE_UNUSED
 from sgdiff.models.image_vae import ImageVaeConfig, ImageVaeDecoder
 from sgdiff.models.loading import build_on_meta, load_own_model, read_json
+from sgdiff.testing.compare import max_relative_error, randomize_weights
 from sgdiff.testing.tiny_configs import FLUX_VAE
 
 TOLERANCE = 1e-5  # max |ours - reference| / max |reference|
@@ -36,29 +37,9 @@ WIDE_VAE = {  # post_quant_conv on, no mid-block attention, 3 resnets per up blo
 }
 
 
-def max_relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-
-
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every tensor its own random values (norm scales and biases too, so that a swapped name shows),
-    weights scaled by 1/sqrt(fan-in) so that activations stay of order one through the decoder."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.3 * noise)
-            else:
-                p.copy_(noise / p[0].numel() ** 0.5)
-    return model.eval()
-
-
 def reference_vae(config: dict, seed: int) -> AutoencoderKL:
     torch.manual_seed(seed)
-    return randomize(AutoencoderKL(**config), seed)
+    return randomize_weights(AutoencoderKL(**config), seed)
 
 
 def ours_like(reference: AutoencoderKL) -> ImageVaeDecoder:

@@ -16,7 +16,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 from sgdiff.errors import UserError
-from sgdiff.pipeline.text_encoders import load_clip_text_encoder, load_t5_encoder, load_tokenizer_alone
+from sgdiff.pipeline.components import load_tokenizer
+from sgdiff.pipeline.text_encoders import load_clip_text_encoder, load_t5_encoder
+from sgdiff.testing.compare import max_relative_error, randomize_weights
 from sgdiff.testing.tiny_configs import WAN_UMT5
 from sgdiff.testing.tiny_flux import (
     make_clip_text_encoder,
@@ -32,26 +34,7 @@ PROMPTS = ["a photo of the red cube on an old table", "the"]
 T5_LENGTH = 16  # FLUX pads T5 to 256/512; a short max length keeps the test small
 
 
-def max_relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-
-
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every tensor its own random values (norm scales and biases too, so a swapped name shows); matrices
-    scaled by 1/sqrt(fan-in) so activations stay of order one; embeddings and position biases of order one."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.3 * noise)
-            elif "embedding" in name or "shared" in name or "relative_attention_bias" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(noise / p.shape[-1] ** 0.5)
-    return model.eval()
+EMBEDDINGS = ("embedding", "shared", "relative_attention_bias")  # of order one, like the trained models'
 
 
 def clip_reference(seed: int, **config) -> CLIPTextModel:
@@ -60,19 +43,19 @@ def clip_reference(seed: int, **config) -> CLIPTextModel:
         setattr(model.config, key, value)
     if config:  # rebuilt from the changed config
         model = CLIPTextModel(model.config)
-    return randomize(model, seed)
+    return randomize_weights(model, seed, EMBEDDINGS)
 
 
 def t5_reference(kind: str, seed: int) -> torch.nn.Module:
     tokenizer = make_t5_tokenizer()
     if kind == "umt5":
         config = UMT5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, **WAN_UMT5)
-        return randomize(UMT5EncoderModel(config), seed)
+        return randomize_weights(UMT5EncoderModel(config), seed, EMBEDDINGS)
     model = make_t5_text_encoder(tokenizer, seed)
     if kind == "t5-relu":  # the original T5's plain feed-forward
         model.config.feed_forward_proj, model.config.dense_act_fn, model.config.is_gated_act = "relu", "relu", False
         model = T5EncoderModel(model.config)
-    return randomize(model, seed)
+    return randomize_weights(model, seed, EMBEDDINGS)
 
 
 def saved(model: torch.nn.Module, folder: Path) -> Path:
@@ -239,7 +222,7 @@ def test_an_unsupported_config_is_refused_in_one_line(kind, change, message, tmp
 
 @pytest.mark.parametrize("folder", ["tokenizer", "tokenizer_2"])
 def test_the_tokenizer_loaded_alone_is_autotokenizers(tiny_flux_dev, folder):
-    alone, auto = load_tokenizer_alone(tiny_flux_dev / folder), AutoTokenizer.from_pretrained(tiny_flux_dev / folder)
+    alone, auto = load_tokenizer(tiny_flux_dev / folder), AutoTokenizer.from_pretrained(tiny_flux_dev / folder)
     assert type(alone) is type(auto)
     kwargs = dict(padding="max_length", max_length=min(auto.model_max_length, 32), truncation=True)
     assert alone(PROMPTS, **kwargs).input_ids == auto(PROMPTS, **kwargs).input_ids

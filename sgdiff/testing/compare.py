@@ -9,3 +9,27 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref||, in float64."""
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def max_relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|, in float64."""
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def randomize_weights(model: torch.nn.Module, seed: int, unscaled: tuple[str, ...] = ()) -> torch.nn.Module:
+    """Every parameter its own random values (norm scales and biases too, so that a swapped name shows):
+    norm weights near 1, biases small, other weights scaled by 1/sqrt(fan-in) so that activations stay of
+    order one; parameters whose name holds one of `unscaled` (embeddings, say) of order one."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.3 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.3 * noise)
+            elif any(part in name for part in unscaled):
+                p.copy_(noise)
+            else:
+                p.copy_(noise / p[0].numel() ** 0.5)
+    return model.eval()
