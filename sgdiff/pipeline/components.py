@@ -133,8 +133,8 @@ def kept_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> tuple[str, ...]:
     `_keep_in_fp32_modules_strict` at float16 and bfloat16."""
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     if hasattr(model, "_keep_in_fp32_modules_strict"):  # transformers
-        keep = (keep if dtype == torch.float16 else set()) | set(model._keep_in_fp32_modules_strict or ())
-        keep = keep if dtype in (torch.float16, torch.bfloat16) else set()
+        strict = set(model._keep_in_fp32_modules_strict or ())
+        keep = {torch.float16: keep | strict, torch.bfloat16: strict}.get(dtype, set())
     return tuple(sorted(keep))
 
 
