@@ -47,17 +47,17 @@ def test_the_reader_gives_what_safetensors_gives(tmp_path, monkeypatch, chunk):
 
 @pytest.mark.parametrize("chunk", [7, 64, 1 << 20])  # chunks cutting tensors anywhere, and one for all
 def test_the_gpu_path_puts_every_byte_of_every_chunk_where_it_belongs(tmp_path, chunk):
-    """The CUDA path's plan (chunk_copies), carried out here on the CPU: each staged chunk's bytes,
+    """The CUDA path's plan (Layout.chunk_copies), carried out here on the CPU: each staged chunk's bytes,
     copied where the plan says, rebuild every tensor exactly."""
     path = tmp_path / "model.safetensors"
     save_file(tensors(), path)
     start, entries = fast_load.read_header(path)
     data = path.read_bytes()[start:]
-    size = max(end for _, _, _, end in entries.values())
+    layout = fast_load.Layout(entries)
     ours = {name: torch.zeros(shape, dtype=dtype) for name, (dtype, shape, _, _) in entries.items()}
-    for offset in range(0, size, chunk):
+    for offset in range(0, layout.size, chunk):
         staged = torch.frombuffer(bytearray(data[offset : offset + chunk]), dtype=torch.uint8)
-        for name, low, high, at in fast_load.chunk_copies(entries, offset, min(chunk, size - offset)):
+        for name, low, high, at in layout.chunk_copies(offset, min(chunk, layout.size - offset)):
             fast_load.raw_bytes(ours[name])[low:high].copy_(staged[at : at + high - low])
     for name, tensor in load_file(path).items():
         assert torch.equal(ours[name], tensor), name

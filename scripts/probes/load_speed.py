@@ -1,7 +1,8 @@
 """On a GPU: sgdiff's safetensors reader (models/fast_load.py) against safe_open + .to(cuda) per tensor
-(the loader before it) on one file of bf16 weights, page cache warm; the tensors must be equal.
+(the loader before it) on one file of bf16 weights, page cache warm; the tensors must be equal. Also
+the reader with other thread counts and chunk sizes, and the CUDA allocations alone.
 
-    python scripts/probes/load_speed.py [--gb 8]"""
+    python scripts/probes/load_speed.py [--gb 8 | --path FILE] [--variants 8x32,16x32,8x64]"""
 
 from __future__ import annotations
 
@@ -17,40 +18,59 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sgdiff.models.fast_load import Reader, read_safetensors  # noqa: E402
+from sgdiff.models import fast_load  # noqa: E402
+
+
+def timed(work) -> tuple[float, object]:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = work()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def read_with(readers: int, chunk_mb: int, path: Path) -> dict[str, torch.Tensor]:
+    fast_load.READERS, fast_load.CHUNK_BYTES = readers, chunk_mb * 2**20
+    with fast_load.Reader(torch.device("cuda")) as reader:
+        return fast_load.read_safetensors(path, reader)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gb", type=float, default=8.0)
     parser.add_argument("--path", type=Path, default=Path("/tmp/load_speed.safetensors"))
+    parser.add_argument("--variants", default="8x32,16x32,8x64,16x16,4x64")  # reader threads x chunk MB
     args = parser.parse_args()
     device = torch.device("cuda")
-    count = int(args.gb * 1e9 / (3072 * 12288 * 2))
-    weights = {
-        f"blocks.{i}.weight": torch.randn(3072, 12288, device=device, dtype=torch.bfloat16) for i in range(count)
-    }
-    save_file({k: v.cpu() for k, v in weights.items()}, args.path)
-    del weights
+    if not args.path.exists():
+        count = int(args.gb * 1e9 / (3072 * 12288 * 2))
+        weights = {f"blocks.{i}.weight": torch.randn(3072, 12288, dtype=torch.bfloat16) for i in range(count)}
+        save_file(weights, args.path)
+        del weights
     size = os.path.getsize(args.path) / 1e9
     os.system(f"cat {args.path} > /dev/null")  # the page cache holds it (as a second load would find it)
+    _, entries = fast_load.read_header(args.path)
+    print(f"{torch.cuda.get_device_name()}: {args.path.name}, {size:.1f} GB, {len(entries)} tensors, page cache warm")
 
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    with safe_open(args.path, framework="pt", device="cpu") as shard:
-        old = {name: shard.get_tensor(name).to(device) for name in shard.keys()}  # noqa: SIM118
-    torch.cuda.synchronize()
-    old_seconds = time.perf_counter() - start
+    seconds, _ = timed(lambda: [torch.empty(s, dtype=d, device=device) for d, s, _, _ in entries.values()])
+    torch.cuda.empty_cache()
+    print(f"  CUDA allocations alone              {seconds:6.2f} s")
+    seconds, old = timed(lambda: read_old(args.path, device))
+    torch.cuda.empty_cache()
+    print(f"  safe_open + .to(cuda) per tensor    {seconds:6.2f} s  {size / seconds:5.1f} GB/s")
+    for variant in args.variants.split(","):
+        readers, chunk_mb = (int(x) for x in variant.split("x"))
+        seconds, new = timed(lambda: read_with(readers, chunk_mb, args.path))  # noqa: B023
+        assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in old), "the tensors differ"
+        del new
+        torch.cuda.empty_cache()
+        rate = f"{seconds:6.2f} s  {size / seconds:5.1f} GB/s"
+        print(f"  sgdiff, {readers:2} lanes x {chunk_mb:3} MB chunks   {rate}  (equal)")
 
-    start = time.perf_counter()
-    with Reader(device) as reader:
-        new = read_safetensors(args.path, reader)
-    torch.cuda.synchronize()
-    new_seconds = time.perf_counter() - start
-    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in old), "the tensors differ"
-    print(f"{torch.cuda.get_device_name()}: {size:.1f} GB file, page cache warm")
-    print(f"  safe_open + .to(cuda) per tensor   {old_seconds:6.2f} s  {size / old_seconds:5.1f} GB/s")
-    print(f"  sgdiff fast_load                   {new_seconds:6.2f} s  {size / new_seconds:5.1f} GB/s  (equal tensors)")
+
+def read_old(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    with safe_open(path, framework="pt", device="cpu") as shard:
+        return {name: shard.get_tensor(name).to(device) for name in shard.keys()}  # noqa: SIM118
 
 
 if __name__ == "__main__":

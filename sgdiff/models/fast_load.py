@@ -1,12 +1,14 @@
 """Reading a safetensors file at the pace of the machine: its header parsed here (the format is a
 little-endian length, a JSON header, then the raw bytes of every tensor), the data read by several
-threads at once straight into each tensor's own memory on the target device. On CUDA the bytes pass
-through two pinned staging buffers, so that reading the next chunk overlaps copying the last one to
-the GPU (pinned host-to-device copies run at the bus's rate, pageable ones at a fraction of it).
+threads at once straight into each tensor's own memory on the target device. On CUDA each reader
+thread is a lane of its own: it reads a chunk into one of its two pinned staging buffers and copies it
+on to the GPU on its own stream, so that the lanes keep the disk and the bus busy without waiting for
+each other (pinned host-to-device copies run at the bus's rate, pageable ones at a fraction of it).
 Nothing is unpickled; nothing is copied twice."""
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -25,8 +27,8 @@ DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
-CHUNK_BYTES = 256 * 2**20  # one staging buffer (CUDA); each reader thread takes a slice of it
-READERS = 8
+CHUNK_BYTES = 32 * 2**20  # one piece read at a time by one thread (on CUDA: one staging buffer)
+READERS = 8  # reader threads (on CUDA: lanes, each with two staging buffers and a stream)
 MAX_HEADER_BYTES = 100 * 2**20
 Entry = tuple[torch.dtype, list[int], int, int]  # dtype, shape, begin, end (offsets into the data)
 
@@ -67,22 +69,24 @@ def read_range(fd: int, into: torch.Tensor, offset: int) -> None:
         done += got
 
 
-def read_parallel(fd: int, into: torch.Tensor, offset: int, pool: ThreadPoolExecutor) -> None:
-    """`into` (uint8, CPU) from the file at `offset`, READERS slices read side by side."""
-    step = max(1, -(-into.numel() // READERS))
-    slices = [(start, min(start + step, into.numel())) for start in range(0, into.numel(), step)]
-    for future in [pool.submit(read_range, fd, into[a:b], offset + a) for a, b in slices]:
-        future.result()
+class Lane:
+    """One CUDA reader thread's own: two pinned staging buffers, the stream that copies them on to the
+    GPU, and the event after each buffer's last copies (None: free)."""
+
+    def __init__(self, device: torch.device):
+        self.buffers = [torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.stream = torch.cuda.Stream(device)
+        self.copied: list[torch.cuda.Event | None] = [None, None]
 
 
 class Reader:
-    """The threads that read, and (on CUDA) the two pinned staging buffers, made once for many files.
-    One file is read at a time (`lock`): parts loading side by side share the disk and the bus."""
+    """The threads that read (on CUDA with their lanes, made once for many files). One file is read at a
+    time (`lock`): parts loading side by side share the disk and the bus."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="sgdiff-read")
-        self.staging: list[torch.Tensor] = []
+        self.lanes: list[Lane | None] = [None] * READERS  # made by their own thread on first use
         self.lock = threading.Lock()
         self.stop = threading.Event()  # set: every read in progress gives up at its next chunk
 
@@ -90,17 +94,17 @@ class Reader:
         if self.stop.is_set():
             raise LoadingStopped("the load was given up")
 
-    def pinned(self) -> list[torch.Tensor]:
-        if not self.staging:
-            self.staging = [torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        return self.staging
+    def lane(self, index: int) -> Lane:
+        if self.lanes[index] is None:
+            self.lanes[index] = Lane(self.device)
+        return self.lanes[index]
 
     def __enter__(self) -> Reader:
         return self
 
     def __exit__(self, *exc) -> None:
         self.pool.shutdown()
-        self.staging = []
+        self.lanes = [None] * READERS
 
 
 _shared: dict[torch.device, tuple[Reader, int]] = {}  # device -> (its reader, how many users hold it)
@@ -150,37 +154,60 @@ def read_into_tensors(fd: int, start: int, entries: dict[str, Entry], tensors: d
         future.result()
 
 
-def chunk_copies(entries: dict[str, Entry], offset: int, count: int) -> list[tuple[str, int, int, int]]:
-    """What of data bytes [offset, offset + count) goes where: (tensor name, from its byte, to its
-    byte, from the chunk's byte) for every tensor that overlaps the chunk."""
-    copies = []
-    for name, (_, _, begin, end) in entries.items():
-        low, high = max(begin, offset), min(end, offset + count)  # this tensor's bytes in the chunk
-        if low < high:
-            copies.append((name, low - begin, high - begin, low - offset))
-    return copies
+class Layout:
+    """Where each tensor's bytes lie in the data, sorted, to say quickly what a chunk holds."""
+
+    def __init__(self, entries: dict[str, Entry]):
+        self.spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items() if end > begin)
+        self.begins = [begin for begin, _, _ in self.spans]
+        self.size = max((end for _, end, _ in self.spans), default=0)
+
+    def chunk_copies(self, offset: int, count: int) -> list[tuple[str, int, int, int]]:
+        """What of data bytes [offset, offset + count) goes where: (tensor name, from its byte, to its
+        byte, from the chunk's byte) for every tensor that overlaps the chunk."""
+        copies = []
+        first = max(0, bisect.bisect_right(self.begins, offset) - 1)  # the last tensor to begin at or before it
+        for begin, end, name in self.spans[first:]:
+            if begin >= offset + count:
+                break
+            low, high = max(begin, offset), min(end, offset + count)  # this tensor's bytes in the chunk
+            if low < high:
+                copies.append((name, low - begin, high - begin, low - offset))
+        return copies
 
 
 def copy_through_staging(fd: int, start: int, entries: dict[str, Entry], tensors: dict[str, torch.Tensor],
                          reader: Reader) -> None:  # fmt: skip
-    """Fill CUDA `tensors` from the file, chunk by chunk through the two pinned buffers: the next chunk
-    is read while the last one's bytes are copied on to the tensors they belong to."""
-    stream = torch.cuda.current_stream(reader.device)  # the copies, and the events after them, on `device`
-    staging = reader.pinned()
-    copied: list[torch.cuda.Event | None] = [None, None]  # after each staging buffer's last copies
-    size = max((end for _, _, _, end in entries.values()), default=0)
-    for index, offset in enumerate(range(0, size, CHUNK_BYTES)):
-        reader.check()
-        count = min(CHUNK_BYTES, size - offset)
-        buffer = staging[index % 2]
-        if copied[index % 2] is not None:
-            copied[index % 2].synchronize()  # its previous chunk has reached the GPU
-        read_parallel(fd, buffer[:count], start + offset, reader.pool)
-        with torch.cuda.stream(stream):
-            for name, low, high, at in chunk_copies(entries, offset, count):
-                raw_bytes(tensors[name])[low:high].copy_(buffer[at : at + high - low], non_blocking=True)
-        copied[index % 2] = stream.record_event()
-    stream.synchronize()
+    """Fill CUDA `tensors` from the file: lane k takes chunks k, k + READERS, ... and, for each, waits
+    until the staging buffer it takes has reached the GPU, reads the chunk into it and queues its bytes'
+    copies on to the tensors they belong to on the lane's stream. Every lane's copies are done on return."""
+    layout = Layout(entries)
+    failed = threading.Event()  # a lane failed: the others stop too
+
+    def run_lane(index: int) -> None:
+        lane = reader.lane(index)
+        try:
+            for turn, offset in enumerate(range(index * CHUNK_BYTES, layout.size, READERS * CHUNK_BYTES)):
+                reader.check()
+                if failed.is_set():
+                    return
+                count, side = min(CHUNK_BYTES, layout.size - offset), turn % 2
+                if lane.copied[side] is not None:
+                    lane.copied[side].synchronize()  # its previous chunk has reached the GPU
+                buffer = lane.buffers[side]
+                read_range(fd, buffer[:count], start + offset)
+                with torch.cuda.stream(lane.stream):
+                    for name, low, high, at in layout.chunk_copies(offset, count):
+                        raw_bytes(tensors[name])[low:high].copy_(buffer[at : at + high - low], non_blocking=True)
+                    lane.copied[side] = lane.stream.record_event()
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            lane.stream.synchronize()  # the tensors are whole before anyone uses them (also after a failure)
+
+    for future in [reader.pool.submit(run_lane, index) for index in range(READERS)]:
+        future.result()
 
 
 def read_safetensors(path: Path, reader: Reader) -> dict[str, torch.Tensor]:
