@@ -72,6 +72,7 @@ def test_bench_e2e_times_both_sides_as_fresh_processes(tmp_path):
     assert sgdiff["phases"]["denoise"] > 0 and "shell -> file" in result.output
     parts = {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae"}
     assert set(sgdiff["load_parts"]) == parts
+    assert all(0 <= began <= ended <= sgdiff["phases"]["load"] + 0.01 for began, ended in sgdiff["load_parts"].values())
     assert data["machine"]["read_gb_per_s"] > 0 and "this machine reads the files at" in result.output
 
 

@@ -306,3 +306,55 @@ def test_when_a_part_fails_the_others_stop_reading(tmp_path, monkeypatch):
             "transformer": lambda: load_state_dict(folder, torch.float32), "vae": broken,
         })  # fmt: skip
     assert events.finished == [] and 0 < len(pieces) < 1024 // 4  # gave up long before the end
+
+
+def test_quiet_libraries_is_one_silence_shared_by_threads_and_gives_back_the_callers_settings():
+    """Parts loading side by side each silence transformers: the first to leave must not bring its advice
+    back while another still loads; the last puts back what the caller had."""
+    import logging
+
+    import transformers.utils.logging as transformers_logging
+
+    from sgdiff.pipeline.components import quiet_libraries
+
+    transformers_logging.set_verbosity_info()
+    transformers_logging.enable_progress_bar()
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def first() -> None:
+        with quiet_libraries():
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(10)
+        with quiet_libraries():
+            second_in.set()
+            first_out.wait(10)
+            seen.append((transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()))
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert seen == [(logging.ERROR, False)]  # still silent after the first left
+        assert transformers_logging.get_verbosity() == logging.INFO and transformers_logging.is_progress_bar_enabled()
+    finally:
+        transformers_logging.set_verbosity_warning()
+
+
+def test_quiet_libraries_imports_no_library():
+    """Silencing transformers would import it (about 1 s): a FLUX load never needs its modelling code."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom sgdiff.pipeline.components import quiet_libraries\n"
+        "with quiet_libraries(): pass\nprint(sorted(m for m in ('transformers', 'diffusers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]"]

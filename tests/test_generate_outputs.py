@@ -115,9 +115,9 @@ def test_prompt_file_loads_the_model_once(tiny_flux_dev, tmp_path, monkeypatch):
     loads = []
     original = ModelRunner.load
 
-    def counting_load(self):
+    def counting_load(self, **kwargs):
         loads.append(self.pipeline is None)
-        original(self)
+        original(self, **kwargs)
 
     monkeypatch.setattr(ModelRunner, "load", counting_load)
     prompts = tmp_path / "p.txt"

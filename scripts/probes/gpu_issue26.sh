@@ -38,6 +38,6 @@ done
 echo "== done at $SECONDS s"
 for f in "$OUT"/first_step.txt "$OUT"/load_speed.txt; do [ -f "$f" ] && { echo "== $f"; grep -v "^ *aten::\|^---\|^Name\|^Self" "$f" | head -40; }; done
 for f in "$OUT"/e2e-*.json; do
-  python -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], d['device'], d['speed_flags'], 'ckpt written', round(d['checkpoint_written_seconds'],1)); [print(' ', s, round(r['wall'],2), {k: round(v,2) for k,v in r['phases'].items()}, {k: round(v,2) for k,v in (r.get('load_parts') or {}).items()}, r.get('speed'), [round(x, 3) for x in (r.get('step_seconds') or [])[:3]], round(sorted(r.get('step_seconds') or [0])[len(r.get('step_seconds') or [0])//2], 4)) for s,rs in d['runs'].items() for r in rs]; print('  machine', d.get('machine'))" "$f"
+  python -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], d['device'], d['speed_flags'], 'ckpt written', round(d['checkpoint_written_seconds'],1)); [print(' ', s, round(r['wall'],2), {k: round(v,2) for k,v in r['phases'].items()}, r.get('load_parts'), r.get('speed'), [round(x, 3) for x in (r.get('step_seconds') or [])[:3]], round(sorted(r.get('step_seconds') or [0])[len(r.get('step_seconds') or [0])//2], 4)) for s,rs in d['runs'].items() for r in rs]; print('  machine', d.get('machine'))" "$f"
 done
 for f in "$OUT"/log-*.txt; do echo "== $f"; tail -n 4 "$f"; done

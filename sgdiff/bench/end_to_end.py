@@ -71,7 +71,8 @@ print(json.dumps({"imports": imported - start, "load": loaded - imported, "gener
 class Run:
     wall: float  # shell -> file: the process from spawn to exit, its files written
     phases: dict[str, float]
-    load_parts: dict[str, float] | None = None  # sgdiff: seconds of each component's load
+    load_parts: dict[str, list[float]] | None = None  # sgdiff: each component's [began, ended] load, in
+    # seconds after the load began
     speed: dict | None = None  # sgdiff: the toggles as resolved, compile cache use, CUDA graph capture
     step_seconds: list[float] | None = None  # sgdiff: every denoising step of the first prompt
 
@@ -122,7 +123,14 @@ def run_sgdiff(model: Path, prompts: list[str], size: dict, device: str, speed_f
         "decode": stage("decoding"),
         "write": dump["total_seconds"] - dump["load_seconds"] - in_requests,
         "exit": wall - at_dump,  # after the perf dump: freeing memory, the interpreter's end
-    }, dump.get("load_part_seconds"), dump.get("speed"), requests[0]["step_seconds"])  # fmt: skip
+    }, load_spans(dump), dump.get("speed"), requests[0]["step_seconds"])  # fmt: skip
+
+
+def load_spans(dump: dict) -> dict[str, list[float]] | None:
+    """Each part's [began, ended] load from a perf dump, in seconds after the load began."""
+    if dump.get("load_began") is None:
+        return None
+    return {name: [round(t - dump["load_began"], 3) for t in span] for name, span in dump["load_part_spans"].items()}
 
 
 def run_diffusers(model: Path, prompts: list[str], size: dict, device: str, out: Path) -> Run:

@@ -35,18 +35,21 @@ class BatchRequest:
 
 
 class LoadTimes:
-    """Passes a pipeline's events on and keeps the seconds of each 'load <part>' stage (the perf dump's)."""
+    """Passes a pipeline's events on and keeps when each 'load <part>' stage began and ended, in seconds
+    after `start` (perf_counter): the perf dump's, to see which part held the load up."""
 
-    def __init__(self, events: PipelineEvents):
-        self.events = events
-        self.seconds: dict[str, float] = {}
+    def __init__(self, events: PipelineEvents, start: float):
+        self.events, self.start = events, start
+        self.spans: dict[str, list[float]] = {}
 
     def stage_started(self, name: str) -> None:
+        if name.startswith("load "):
+            self.spans[name.removeprefix("load ")] = [time.perf_counter() - self.start]
         self.events.stage_started(name)
 
     def stage_finished(self, name: str, seconds: float) -> None:
         if name.startswith("load "):
-            self.seconds[name.removeprefix("load ")] = seconds
+            self.spans[name.removeprefix("load ")].append(time.perf_counter() - self.start)
         self.events.stage_finished(name, seconds)
 
     def step_finished(self, index: int, total: int, seconds: float) -> None:
@@ -72,7 +75,8 @@ class BatchReport:
     total_seconds: float
     peak_rss_bytes: int  # the largest of this process's and the model's process's
     output_kind: str = "image"  # or "video"
-    load_parts: dict[str, float] = field(default_factory=dict)  # seconds of each component's load
+    load_parts: dict[str, list[float]] = field(default_factory=dict)  # each component's [began, ended] load
+    load_began: float | None = None  # when the load began (all in seconds after run_batch began)
     started_at_process_age: float | None = None  # seconds after spawn when run_batch began
 
 
@@ -86,7 +90,7 @@ def run_batch(
 ) -> BatchReport:
     """Every prompt of `request` through one engine; the outputs written here as each finishes."""
     start, started_at = time.perf_counter(), process_age_seconds()
-    events = load_times = LoadTimes(events)
+    events = load_times = LoadTimes(events, start)
     model_path = request.model_path or default_model_path(request.sampling_flags)
     with Engine(
         model_path, preset=request.preset, runtime=request.runtime, parallel=request.parallel, load_events=events
@@ -96,7 +100,8 @@ def run_batch(
         if under_torchrun() and os.environ["RANK"] != "0":
             engine.follow()  # rank 0 takes the requests and writes; this rank computes with it
             return BatchReport([], [], 0.0, time.perf_counter() - start, engine.runner.peak_rss_bytes())
-        engine.start()
+        load_began = time.perf_counter() - start
+        engine.start(warm_up=all_params[0])
         handles = [engine.submit(params) for params in all_params]
         about = {
             "model": model_path,
@@ -123,7 +128,7 @@ def run_batch(
     peak_rss = max([engine.runner.peak_rss_bytes(), *(r.peak_rss_bytes for r in results)])
     report = BatchReport(
         results, saved, load_seconds, time.perf_counter() - start, peak_rss, engine.output_kind,
-        load_times.seconds, started_at,
+        load_times.spans, load_began, started_at,
     )  # fmt: skip
     if request.output.perf_dump_path is not None:
         write_perf_dump(report, engine, request.output.perf_dump_path)
@@ -136,7 +141,9 @@ def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
         "device": str(engine.runner.device),
         "dtype": str(engine.runner.dtype).removeprefix("torch."),
         "load_seconds": report.load_seconds,
-        "load_part_seconds": report.load_parts,
+        # seconds after run_batch began (process_age_at_start): the load's start, each part's [began, ended]
+        "load_began": report.load_began,
+        "load_part_spans": report.load_parts,
         "total_seconds": report.total_seconds,
         # seconds after the process was spawned (Linux): before run_batch began (interpreter, imports,
         # checks), and now, with everything written but this file; null where unknown

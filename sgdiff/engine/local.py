@@ -12,6 +12,7 @@ from sgdiff.engine.runner import ModelRunner
 from sgdiff.engine.serve import Inbox, OneRank, Silent, describe, serve_requests
 from sgdiff.errors import UserError, WorkerFailure
 from sgdiff.pipeline.base import PipelineEvents
+from sgdiff.sampling import SamplingParams
 
 if TYPE_CHECKING:  # (worker.py brings torch.distributed and parallel/: imported by the torchrun paths only)
     from sgdiff.engine.worker import RankSpec
@@ -23,8 +24,11 @@ class LocalExecutor:
     """One process: start() loads the model in the caller's thread (Ctrl-C and errors reach the caller
     as they happen), then a thread serves the requests. Any batch's error fails that batch alone."""
 
-    def __init__(self, runner: ModelRunner, batching: BatchingConfig = BatchingConfig()):
+    def __init__(
+        self, runner: ModelRunner, batching: BatchingConfig = BatchingConfig(), warm_up: SamplingParams | None = None
+    ):
         self.runner = runner
+        self.warm_up = warm_up  # a request like those to come: the kernels warm up at its shapes while loading
         self.inbox = Inbox()
         self.dispatcher = Dispatcher(self.inbox.put, runner.events, batching, runner.family.batch_key)
         self.thread: threading.Thread | None = None
@@ -34,7 +38,7 @@ class LocalExecutor:
         return self.runner.load_seconds
 
     def start(self) -> None:
-        self.runner.load()
+        self.runner.load(warm_up=self.warm_up)
         self.thread = threading.Thread(
             target=serve_requests,
             args=(self.runner, OneRank(), self.inbox, self.dispatcher, (Exception,)),

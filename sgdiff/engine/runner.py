@@ -20,6 +20,7 @@ from sgdiff.pipeline.base import NullEvents, PipelineEvents, State
 from sgdiff.pipeline.registry import family_of_field, inspect_model
 from sgdiff.sampling import SamplingParams, build_sampling_params, sampling_fields
 from sgdiff.speed.apply import apply_speed, check_speed, resolve_speed
+from sgdiff.speed.warm_up import start_warm_up, warms_up
 
 DTYPES = {
     "bf16": torch.bfloat16,
@@ -118,16 +119,34 @@ class ModelRunner:
             rule(params)
         return params
 
-    def load(self, skip: frozenset[str] = frozenset()) -> None:
+    def load(self, skip: frozenset[str] = frozenset(), warm_up: SamplingParams | None = None) -> None:
         """Load every component once; `skip` names components this process never runs (e.g. the text
-        encoders on the ranks that receive the prompt embeddings from rank 0)."""
+        encoders on the ranks that receive the prompt embeddings from rank 0). On a GPU the kernels warm
+        up meanwhile (speed/warm_up.py) at the shapes of `warm_up` (default: the model's defaults)."""
         if self.pipeline is not None:
             return
         start = time.perf_counter()
-        pipeline = self.family.load(self.model_dir, self.device, self.dtype, self.schedule, self.events, skip)
+        warming = None
+        if warms_up(self.device, self.speed) and (params := warm_up or self.default_request()) is not None:
+            warming = start_warm_up(
+                self.family, self.info, params, self.device, self.dtype, self.speed, self.attention, self.events
+            )
+        try:
+            pipeline = self.family.load(self.model_dir, self.device, self.dtype, self.schedule, self.events, skip)
+        finally:
+            if warming is not None:
+                warming.join()
         apply_speed(pipeline, self.speed, self.attention, self.family)
         self.pipeline = pipeline
         self.load_seconds = time.perf_counter() - start
+
+    def default_request(self) -> SamplingParams | None:
+        """A request with every field at this model's default (None where the model has no such request,
+        e.g. one that needs an input image)."""
+        try:
+            return self.sampling_params("a default request")
+        except UserError:
+            return None
 
     def generate(
         self,

@@ -170,14 +170,15 @@ class Engine:
             fetch(path)  # a bad file or URL fails here, before anything loads or runs
         return params
 
-    def start(self) -> None:
-        """Load the model (start the worker pool on several GPUs); returns once it can serve."""
+    def start(self, warm_up: SamplingParams | None = None) -> None:
+        """Load the model (start the worker pool on several GPUs); returns once it can serve. `warm_up`: a
+        request like those to come (one GPU: the kernels warm up at its shapes while the model loads)."""
         with self._lock:
             if self._closed:
                 raise UserError("the engine is closed")
             if self._executor is not None:
                 return
-            executor = self._make_executor()
+            executor = self._make_executor(warm_up)
             try:
                 executor.start()
             except BaseException:
@@ -222,7 +223,7 @@ class Engine:
     def __exit__(self, kind, value, traceback) -> None:
         self.close(graceful=kind is None)
 
-    def _make_executor(self):
+    def _make_executor(self, warm_up: SamplingParams | None):
         if under_torchrun():
             from sgdiff.engine.local import TorchrunRankExecutor
 
@@ -236,7 +237,7 @@ class Engine:
             return WorkerPool(self.config, self.load_events, self.runner.family.batch_key)
         from sgdiff.engine.local import LocalExecutor
 
-        return LocalExecutor(self.runner, self.config.batching)
+        return LocalExecutor(self.runner, self.config.batching, warm_up)
 
 
 def torchrun_spec():

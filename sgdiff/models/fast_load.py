@@ -27,8 +27,8 @@ DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
-CHUNK_BYTES = 32 * 2**20  # one piece read at a time by one thread (on CUDA: one staging buffer)
-READERS = 8  # reader threads (on CUDA: lanes, each with two staging buffers and a stream)
+CHUNK_BYTES = 16 * 2**20  # one piece read at a time by one thread (on CUDA: one staging buffer)
+READERS = 16  # reader threads (on CUDA: lanes, each with two staging buffers and a stream)
 MAX_HEADER_BYTES = 100 * 2**20
 Entry = tuple[torch.dtype, list[int], int, int]  # dtype, shape, begin, end (offsets into the data)
 

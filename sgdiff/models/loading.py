@@ -74,11 +74,34 @@ def load_state_dict(
     with shared_reader(torch.device(device)) as reader:
         for path in safetensors_files(folder):
             for name, tensor in read_safetensors(path, reader).items():
-                cast = tensor.dtype
-                if tensor.is_floating_point() and dtype is not None:
-                    cast = torch.float32 if set(name.split(".")) & set(keep_fp32) else dtype
+                cast = dtype_after_load(name, tensor.dtype, dtype, keep_fp32)
                 state[name] = tensor if tensor.dtype == cast else tensor.to(cast)
     return state
+
+
+def dtype_after_load(
+    name: str, stored: torch.dtype, dtype: torch.dtype | None, keep_fp32: tuple[str, ...]
+) -> torch.dtype:
+    """The dtype load_state_dict gives tensor `name` stored as `stored`."""
+    if not stored.is_floating_point or dtype is None:
+        return stored
+    return torch.float32 if set(name.split(".")) & set(keep_fp32) else dtype
+
+
+def with_empty_weights(
+    model: nn.Module, dtype: torch.dtype, device: torch.device, keep_fp32: tuple[str, ...] = ()
+) -> nn.Module:
+    """A meta-device `model` given uninitialised weights on `device`, each in the dtype load_own_model
+    would give it: a model whose numbers do not matter (the kernels' warm-up, speed/warm_up.py)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        cast = dtype_after_load(name, tensor.dtype, dtype, keep_fp32)
+        if cast != tensor.dtype:  # on meta: costs nothing
+            prefix, _, leaf = name.rpartition(".")
+            cast_tensor = tensor.to(cast)
+            if isinstance(tensor, nn.Parameter):
+                cast_tensor = nn.Parameter(cast_tensor, requires_grad=False)
+            setattr(model.get_submodule(prefix), leaf, cast_tensor)  # a buffer stays (non-)persistent
+    return model.to_empty(device=device).eval().requires_grad_(False)
 
 
 def load_own_model(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 import threading
 import time
@@ -18,29 +19,42 @@ from sgdiff.models.fast_load import LoadingStopped, shared_reader
 from sgdiff.models.loading import load_state_dict, read_json, safetensors_files
 from sgdiff.pipeline.base import PipelineEvents
 
+LIBRARIES = ("transformers", "diffusers")  # whose logging and progress bars sgdiff silences
+_silenced: dict[str, list] = {}  # library -> [holders, its verbosity before, its bars on before]
+_silence_lock = threading.Lock()
+
 
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """Silence transformers'/diffusers' progress bars and advice while sgdiff draws its own progress
-    (diffusers' only where something imported it: a FLUX request never needs it)."""
-    import transformers.utils.logging as transformers_logging
-
-    libraries = [transformers_logging]
-    if "diffusers" in sys.modules:
-        import diffusers.utils.logging as diffusers_logging
-
-        libraries.append(diffusers_logging)
-    before = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
-    for lib in libraries:
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
+    """Silence transformers'/diffusers' progress bars and advice while sgdiff draws its own progress:
+    those already imported (silencing one would import it, ~1 s for transformers; code that imports
+    one enters this after its import). Threads and nested uses share one silence: the first to enter
+    takes the caller's settings, the last to leave puts them back."""
+    with _silence_lock:
+        names = [name for name in LIBRARIES if name in sys.modules]
+        for name in names:
+            if name not in _silenced:
+                lib = library_logging(name)
+                _silenced[name] = [0, lib.get_verbosity(), lib.is_progress_bar_enabled()]
+                lib.set_verbosity_error()
+                lib.disable_progress_bar()
+            _silenced[name][0] += 1
     try:
         yield
     finally:
-        for lib, (verbosity, bars) in zip(libraries, before, strict=True):
-            lib.set_verbosity(verbosity)
-            if bars:  # as the caller had it
-                lib.enable_progress_bar()
+        with _silence_lock:
+            for name in names:
+                _silenced[name][0] -= 1
+                if _silenced[name][0] == 0:
+                    _, verbosity, bars = _silenced.pop(name)
+                    lib = library_logging(name)
+                    lib.set_verbosity(verbosity)
+                    if bars:  # as the caller had it
+                        lib.enable_progress_bar()
+
+
+def library_logging(name: str):
+    return importlib.import_module(f"{name}.utils.logging")
 
 
 def require_folder(folder: Path) -> Path:

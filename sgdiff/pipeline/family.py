@@ -9,7 +9,7 @@ whose __init__ registers it (pipeline/registry.py finds the folder); a caller ma
 from __future__ import annotations
 
 import importlib
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,3 +118,16 @@ class ModelFamily:
 
     def fusable(self, model: nn.Module) -> FusableGroups:
         return FusableGroups()
+
+    def warm_up(
+        self,
+        info: ModelInfo,
+        params: SamplingParams,
+        device: torch.device,
+        dtype: torch.dtype,
+        prepare: Callable[[nn.Module], None],
+    ) -> None:
+        """Run once the kernels a request like `params` runs in its denoising steps, on a transformer of
+        one block of each kind with uninitialised weights (`prepare` gives it the speed toggles), so that
+        their first calls (Triton's loading, CUDA's lazy loading, cuBLAS and cuDNN plans) are paid while
+        the checkpoint loads (speed/warm_up.py). Families without one: nothing."""

@@ -24,6 +24,7 @@ class FluxFamily(ModelFamily):
     cfg_scale_of = staticmethod(true_cfg_scale_of)
     batch_key = staticmethod(flux_batch_key)
     shard = imported_when_used("sgdiff.families.flux.shard", "shard_flux")
+    warm_up = imported_when_used("sgdiff.families.flux.warm_up", "warm_up_flux")
 
     def rules(self, info) -> list:
         return flux_rules(info.transformer_config)

@@ -31,6 +31,7 @@ class WanFamily(ModelFamily):
     cfg_scale_of = staticmethod(guidance_cfg)
     batch_key = staticmethod(wan_batch_key)
     shard = imported_when_used("sgdiff.families.wan.shard", "shard_wan")
+    warm_up = imported_when_used("sgdiff.families.wan.warm_up", "warm_up_wan")
 
     def rules(self, info) -> list:
         experts = ((info.model_dir / "transformer").is_dir(), (info.model_dir / "transformer_2").is_dir())

@@ -236,10 +236,10 @@ def load_image_processor(model_dir: Path, index: dict):
         return None
     if entry[1] != "CLIPImageProcessor":
         raise UserError(f"image processor {entry[1]} is not supported (supported: CLIPImageProcessor)")
-    with quiet_libraries():  # without torchvision transformers advises at import; its PIL version serves
-        from transformers import CLIPImageProcessor
+    import transformers  # (quiet_libraries silences what is imported)
 
-        return CLIPImageProcessor.from_pretrained(model_dir / "image_processor")
+    with quiet_libraries():  # without torchvision transformers advises at import; its PIL version serves
+        return transformers.CLIPImageProcessor.from_pretrained(model_dir / "image_processor")
 
 
 def compose_wan_pipeline(parts: WanComponents, schedule: WanSchedule, rules: list[ValidationRule]) -> ComposedPipeline:
