@@ -5,6 +5,7 @@ each kind; and a warm-up that fails leaves the load alone."""
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -16,39 +17,43 @@ from sgdiff.pipeline.base import NullEvents
 from sgdiff.speed.warm_up import start_warm_up, warms_up
 
 
-def recorder(shapes: set):
-    """Hooks for a model's Linears and an attention impl that note the shapes they see."""
+@contextmanager
+def recording(shapes: set, leave_out: set):
+    """Note the input shape of every Linear that runs (but those in `leave_out`) and of every attention
+    through the entry point, while open."""
 
     def note_linear(module, inputs, output) -> None:
-        shapes.add(("linear", module.out_features, tuple(inputs[0].shape)))
-
-    def hook(model: torch.nn.Module) -> None:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.register_forward_hook(note_linear)
+        if isinstance(module, torch.nn.Linear) and module not in leave_out:
+            shapes.add(("linear", module.out_features, tuple(inputs[0].shape)))
 
     def attention(q, k, v):
         shapes.add(("attention", tuple(q.shape), tuple(k.shape)))
         return sdpa_attention(q, k, v)
 
-    return hook, attention
+    hook = torch.nn.modules.module.register_module_forward_hook(note_linear)
+    try:
+        with use_attention_impl(attention):
+            yield attention
+    finally:
+        hook.remove()
 
 
 @pytest.mark.parametrize("model", ["flux", "wan"])
 def test_the_warm_up_runs_the_shapes_of_the_request(model, tiny_flux_dev, tiny_wan):
+    """Text encoders and transformer: the same Linear input shapes and attention shapes as the request's
+    text encoding and denoising (the VAE's left out: its decoding is not warmed up)."""
     path = tiny_flux_dev if model == "flux" else tiny_wan("t2v")
     runner = ModelRunner(str(path), runtime=RuntimeConfig(device="cpu"))
     fields = {"height": 48, "width": 32, "num_inference_steps": 1, "num_outputs_per_prompt": 2}
     params = runner.sampling_params("a red cube", **fields, **({"num_frames": 5} if model == "wan" else {}))
     runner.load()
+    vae = set(runner.pipeline.stages[-1].vae.modules())
     request_shapes, warm_up_shapes = set(), set()
-    hook, runner.pipeline.attention = recorder(request_shapes)
-    for transformer in runner.pipeline.transformers:
-        hook(transformer)
-    runner.generate(params)
-    hook, attention = recorder(warm_up_shapes)
-    with use_attention_impl(attention), torch.inference_mode():
-        runner.family.warm_up(runner.info, params, runner.device, runner.dtype, hook)
+    with recording(request_shapes, vae) as attention:
+        runner.pipeline.attention = attention
+        runner.generate(params)
+    with recording(warm_up_shapes, vae), torch.inference_mode():
+        runner.family.warm_up(runner.info, params, runner.device, runner.dtype, lambda transformer: None)
     assert any(kind == "attention" for kind, *_ in warm_up_shapes)
     assert warm_up_shapes == request_shapes
 

@@ -7,12 +7,13 @@ The encoders call a model as transformers' text models are called (`model(ids)` 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from sgdiff.models.fast_load import read_header
-from sgdiff.models.loading import build_on_meta, load_own_model, read_json, safetensors_files
+from sgdiff.models.loading import build_on_meta, load_own_model, read_json, safetensors_files, with_empty_weights
 from sgdiff.models.text import ClipTextConfig, ClipTextEncoder, T5Encoder, T5EncoderConfig
 from sgdiff.pipeline.components import quiet_libraries, require_folder
 
@@ -135,3 +136,25 @@ class UMT5SequenceEncoder:
         hidden = self.model(ids, mask).last_hidden_state  # [B, L, D]
         keep = (torch.arange(ids.shape[1], device=hidden.device)[None, :] < mask.sum(dim=1)[:, None])[..., None]
         return torch.where(keep, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+
+
+def warm_up_clip_text_encoder(folder: Path, dtype: torch.dtype, device: torch.device, rows: int) -> None:
+    """One forward of a one-layer copy of the folder's CLIP text encoder, uninitialised, at the length
+    prompts are padded to: the kernels' warm-up (speed/warm_up.py)."""
+    config_path = require_folder(folder) / "config.json"
+    config = ClipTextConfig.from_dict(read_json(config_path), source=str(config_path))
+    config = replace(config, num_hidden_layers=1)
+    model = with_empty_weights(build_on_meta(ClipTextEncoder, config), dtype, device)
+    model(torch.zeros(rows, config.max_position_embeddings, dtype=torch.long, device=device))
+
+
+def warm_up_t5_encoder(folder: Path, dtype: torch.dtype, device: torch.device, rows: int, length: int,
+                       masked: bool) -> None:  # fmt: skip
+    """As warm_up_clip_text_encoder, for a T5 / UMT5 encoder at `length` tokens (`masked`: called with an
+    attention mask, as UMT5SequenceEncoder calls it)."""
+    config_path = require_folder(folder) / "config.json"
+    config = T5EncoderConfig.from_dict(read_json(config_path), source=str(config_path))
+    keep = ("wo",) if dtype == torch.float16 else ()  # as load_t5_encoder
+    model = with_empty_weights(build_on_meta(T5Encoder, replace(config, num_layers=1)), dtype, device, keep)
+    ids = torch.zeros(rows, length, dtype=torch.long, device=device)
+    model(ids, torch.ones_like(ids) if masked else None)

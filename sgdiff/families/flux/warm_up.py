@@ -1,5 +1,5 @@
-"""FLUX.1's kernel warm-up (ModelFamily.warm_up): one forward of a transformer with one block of each kind
-at the request's shapes, while the checkpoint loads."""
+"""FLUX.1's kernel warm-up (ModelFamily.warm_up): one forward of each text encoder with one layer and of a
+transformer with one block of each kind, at the request's shapes, while the checkpoint loads."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig
 from sgdiff.models.flux.packing import image_position_ids, text_position_ids
 from sgdiff.models.image_vae import ImageVaeConfig
 from sgdiff.models.loading import build_on_meta, with_empty_weights
+from sgdiff.pipeline.text_encoders import warm_up_clip_text_encoder, warm_up_t5_encoder
 
 
 def warm_up_flux(info, params: FluxSampling, device: torch.device, dtype: torch.dtype,
@@ -26,6 +27,9 @@ def warm_up_flux(info, params: FluxSampling, device: torch.device, dtype: torch.
     geometry = FluxLatentGeometry(2 ** (len(vae.block_out_channels) - 1), config.in_channels // 4)
     rows, (h, w) = params.num_outputs_per_prompt, geometry.latent_size(params)
     guidance = torch.zeros(rows, device=device) if config.guidance_embeds else None
+    # the text encoders take the request's one prompt
+    warm_up_clip_text_encoder(info.model_dir / "text_encoder", dtype, device, 1)
+    warm_up_t5_encoder(info.model_dir / "text_encoder_2", dtype, device, 1, params.max_sequence_length, masked=False)
     model(
         torch.zeros(rows, geometry.image_seq_len(params), config.in_channels, device=device, dtype=dtype),
         torch.zeros(rows, params.max_sequence_length, config.joint_attention_dim, device=device, dtype=dtype),

@@ -1,5 +1,5 @@
-"""Wan's kernel warm-up (ModelFamily.warm_up): one forward of a one-block transformer at the request's
-shapes, while the checkpoint loads."""
+"""Wan's kernel warm-up (ModelFamily.warm_up): one forward of a one-layer UMT5 encoder and of a one-block
+transformer at the request's shapes, while the checkpoint loads."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from sgdiff.families.wan.sampling import WanSampling
 from sgdiff.models.loading import build_on_meta, with_empty_weights
 from sgdiff.models.wan import WanTransformer, WanTransformerConfig
 from sgdiff.models.wan.transformer import KEEP_FP32
+from sgdiff.pipeline.text_encoders import warm_up_t5_encoder
 
 CLIP_IMAGE_TOKENS = 257  # the CLIP image features an I2V transformer attends to
 
@@ -33,5 +34,6 @@ def warm_up_wan(info, params: WanSampling, device: torch.device, dtype: torch.dt
     image = None
     if config.image_dim is not None:
         image = torch.zeros(rows, CLIP_IMAGE_TOKENS, config.image_dim, device=device, dtype=dtype)
+    warm_up_t5_encoder(info.model_dir / "text_encoder", dtype, device, 1, params.max_sequence_length, masked=True)
     text = torch.zeros(rows, params.max_sequence_length, config.text_dim, device=device, dtype=dtype)
     model(latents, timestep, text, image)
