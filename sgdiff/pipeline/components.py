@@ -63,22 +63,26 @@ def require_folder(folder: Path) -> Path:
     return folder
 
 
+_importing = threading.Lock()  # tokenizers loading side by side import their classes one at a time
+
+
 def load_tokenizer(folder: Path):
     """A `tokenizer/` folder's tokenizer as AutoTokenizer makes it. For a plain folder (no config.json, no
     remote code) the class its tokenizer_config.json names ("Fast" dropped, as transformers 5 does) is
     imported alone: AutoTokenizer itself imports transformers' model registry, its generation code and
     with it torch._dynamo (about 1 s). Any other folder goes through AutoTokenizer."""
-    import transformers
-
     config_path = require_folder(folder) / "tokenizer_config.json"
     raw = read_json(config_path) if config_path.is_file() else {}
     name = raw.get("tokenizer_class")
     plain = isinstance(name, str) and "auto_map" not in raw and not (folder / "config.json").exists()
-    tokenizer_class = getattr(transformers, name.removesuffix("Fast"), None) if plain else None
-    if not (isinstance(tokenizer_class, type) and tokenizer_class.__module__.startswith("transformers.models.")):
-        from transformers import AutoTokenizer
+    with _importing:  # two threads inside transformers' lazy imports at once pull in its model registry
+        import transformers
 
-        tokenizer_class = AutoTokenizer
+        tokenizer_class = getattr(transformers, name.removesuffix("Fast"), None) if plain else None
+        if not (isinstance(tokenizer_class, type) and tokenizer_class.__module__.startswith("transformers.models.")):
+            from transformers import AutoTokenizer
+
+            tokenizer_class = AutoTokenizer
     with quiet_libraries():
         return tokenizer_class.from_pretrained(folder)
 

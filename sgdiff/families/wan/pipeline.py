@@ -1,10 +1,11 @@
 """Wan 2.1 / 2.2 text-to-video: UMT5 text, sgdiff's Wan transformer (two for the 2.2 MoE models,
-switched at `boundary_ratio`), diffusers' Wan VAE and the scheduler named in the checkpoint."""
+switched at `boundary_ratio`), the Wan VAE (sgdiff's decoder for text-to-video; diffusers' whole VAE
+where an input image is encoded too) and the scheduler named in the checkpoint."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from sgdiff.errors import UserError
 from sgdiff.families.wan.image_conditioning import WanImageConditioningStage
 from sgdiff.families.wan.sampling import WanSampling, guidance_cfg, wan_rules
 from sgdiff.models.loading import build_on_meta, load_own_model, read_json
+from sgdiff.models.video_vae import ENCODER_PARTS, VideoVaeConfig, VideoVaeDecoder
 from sgdiff.models.wan import WanTransformer, WanTransformerConfig
 from sgdiff.models.wan.transformer import IGNORED_KEYS, KEEP_FP32
 from sgdiff.pipeline.base import ComposedPipeline, OptionalStage, PipelineEvents, State
@@ -67,7 +69,7 @@ class WanComponents:
     text_encoder: torch.nn.Module | None  # sgdiff's T5Encoder of a UMT5 config (None where not loaded)
     transformer: WanTransformer | None  # high-noise expert for Wan2.2 A14B
     transformer_2: WanTransformer | None  # low-noise expert (Wan2.2 A14B only)
-    vae: torch.nn.Module  # diffusers AutoencoderKLWan, float32
+    vae: torch.nn.Module  # float32: sgdiff's VideoVaeDecoder (text-to-video) or diffusers' AutoencoderKLWan
     image_encoder: torch.nn.Module | None = None  # Wan2.1 I2V: transformers CLIP vision model
     image_processor: Any = None
     boundary_ratio: float | None = None
@@ -187,8 +189,6 @@ def load_wan_components(
     skip: frozenset[str] = frozenset(),
 ) -> WanComponents:
     """`skip`: component names not to load (None in their place)."""
-    from diffusers import AutoencoderKLWan
-
     index = read_json(model_dir / "model_index.json")
 
     def expert(name: str) -> Callable[[], WanTransformer] | None:  # MoE checkpoints have two
@@ -201,8 +201,7 @@ def load_wan_components(
         ),
         "transformer": expert("transformer"),
         "transformer_2": expert("transformer_2"),
-        # float32, as diffusers' Wan examples load it (small next to the transformer)
-        "vae": lambda: load_library_model(AutoencoderKLWan, model_dir / "vae", torch.float32, device),
+        "vae": vae_loader(model_dir / "vae", index, device),
         "image_encoder": image_encoder_loader(model_dir, index, device),
     })  # fmt: skip
     return WanComponents(
@@ -211,6 +210,35 @@ def load_wan_components(
         boundary_ratio=index.get("boundary_ratio"),
         expand_timesteps=bool(index.get("expand_timesteps", False)),
     )
+
+
+def takes_image(index: dict) -> bool:
+    """Whether the checkpoint encodes an input image with its VAE: I2V always, TI2V (`expand_timesteps`)
+    when given one; as `wan_rules` decides which requests may carry `image_path`."""
+    return index.get("_class_name") == "WanImageToVideoPipeline" or bool(index.get("expand_timesteps"))
+
+
+def vae_loader(folder: Path, index: dict, device: torch.device) -> Callable[[], torch.nn.Module]:
+    """How to load the VAE, in float32 as diffusers' Wan examples do (small next to the transformer):
+    text-to-video decodes only, with sgdiff's decoder (no diffusers import); a checkpoint that takes an
+    image needs the encoder too: diffusers' AutoencoderKLWan."""
+    if not takes_image(index):
+        return lambda: load_video_vae_decoder(folder, device)
+    from diffusers import AutoencoderKLWan
+
+    return lambda: load_library_model(AutoencoderKLWan, folder, torch.float32, device)
+
+
+def load_video_vae_decoder(folder: Path, device: torch.device) -> VideoVaeDecoder:
+    config_path = folder / "config.json"
+    config = VideoVaeConfig.from_dict(read_json(config_path), source=str(config_path))
+    model = build_on_meta(VideoVaeDecoder, config)
+    return load_own_model(model, folder, torch.float32, device, ignored=ENCODER_PARTS)
+
+
+def vae_settings(config: Any) -> dict[str, Any]:
+    """The VAE's config as a dict: our decoder's dataclass or diffusers' FrozenDict."""
+    return asdict(config) if is_dataclass(config) else dict(config)
 
 
 IMAGE_ENCODERS = ("CLIPVisionModel", "CLIPVisionModelWithProjection")
@@ -275,5 +303,5 @@ def load_wan_pipeline(
     reference = parts.transformer if parts.transformer is not None else parts.transformer_2
     index = read_json(model_dir / "model_index.json")
     experts = (parts.transformer is not None, parts.transformer_2 is not None)
-    rules = wan_rules(asdict(reference.config), index, dict(parts.vae.config), experts)
+    rules = wan_rules(asdict(reference.config), index, vae_settings(parts.vae.config), experts)
     return compose_wan_pipeline(parts, schedule, rules)
