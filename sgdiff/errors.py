@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import sys
+import threading
 from collections.abc import Callable
 
 FIELD_NAME = re.compile(r"`([a-z][a-z0-9_]*)`")
+REDELIVERY_SECONDS = 0.05  # a swallowed SIGTERM comes again after this
 
 
 class UserError(Exception):
@@ -42,6 +47,30 @@ class Terminated(BaseException):
 def raise_terminated(signum: int, frame: object) -> None:
     """A SIGTERM handler (signal.signal) that raises Terminated."""
     raise Terminated()
+
+
+def redeliver_swallowed_termination(unraisable) -> None:
+    """sys.unraisablehook: a Terminated raised while a finaliser (`__del__`) ran is swallowed by Python,
+    which would print it as 'Exception ignored in ...'; the SIGTERM comes again instead, a moment later
+    (from a thread: raised now, it would land in this hook), to be raised where it ends the process."""
+    if isinstance(unraisable.exc_value, Terminated):
+        threading.Timer(REDELIVERY_SECONDS, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
+def raise_on_sigterm() -> tuple:
+    """From now on SIGTERM raises Terminated in the main thread (call it there), even one that arrives
+    inside a finaliser; returns what restore_sigterm puts back."""
+    previous = signal.signal(signal.SIGTERM, raise_terminated), sys.unraisablehook
+    sys.unraisablehook = redeliver_swallowed_termination
+    return previous
+
+
+def restore_sigterm(previous: tuple) -> None:
+    handler, hook = previous
+    signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
+    sys.unraisablehook = hook
 
 
 class RequestCancelled(Exception):

@@ -268,3 +268,30 @@ def test_bad_parallel_requests_fail_before_starting(tiny_flux_dev, tmp_path, fla
     result = runner.invoke(app, ["generate", *model, "--prompt", "p", *SMALL, *flags, "--output-path", str(tmp_path)])
     assert result.exit_code == 2 and message in result.output, result.output
     assert {child.pid for child in psutil.Process().children()} <= before  # no worker was started
+
+
+SIGTERM_IN_A_FINALISER = """
+import signal, sys, time
+from sgdiff.errors import Terminated, raise_on_sigterm
+raise_on_sigterm()
+
+class Finalised:
+    def __del__(self):
+        signal.raise_signal(signal.SIGTERM)  # the handler runs inside this finaliser
+        sum(range(1000))
+
+try:
+    finalised = Finalised()
+    del finalised
+    time.sleep(10)  # the process goes on working; the SIGTERM comes again meanwhile
+    print("went on")
+except Terminated:
+    print("terminated")
+"""
+
+
+def test_a_sigterm_that_lands_in_a_finaliser_still_ends_the_process_quietly():
+    """Python swallows an exception raised inside `__del__` (printing 'Exception ignored in ...'): a
+    SIGTERM whose handler ran there must still end the process, without that text on stderr."""
+    done = subprocess.run([sys.executable, "-c", SIGTERM_IN_A_FINALISER], capture_output=True, text=True, timeout=60)
+    assert (done.stdout, done.stderr) == ("terminated\n", "")

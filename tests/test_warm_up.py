@@ -64,7 +64,9 @@ def test_a_failing_warm_up_is_logged_and_leaves_the_caller_alone(tiny_flux_dev):
     messages = []
     handler = logging.Handler()
     handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger("sgdiff.speed.warm_up").addHandler(handler)  # (the CLI's tests stop sgdiff's propagating)
+    logger = logging.getLogger("sgdiff.speed.warm_up")  # (the CLI's tests set sgdiff's level and propagation)
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
 
     def fails(*args) -> None:
         raise RuntimeError("CUDA out of memory")
@@ -76,7 +78,8 @@ def test_a_failing_warm_up_is_logged_and_leaves_the_caller_alone(tiny_flux_dev):
         thread.join(10)
     finally:
         del runner.family.warm_up
-        logging.getLogger("sgdiff.speed.warm_up").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
     assert not thread.is_alive()
     assert messages == [
         "the kernels' warm-up failed (CUDA out of memory); the first denoising step pays their first calls"

@@ -45,10 +45,10 @@ def fail(message: str, code: int = USAGE_EXIT_CODE) -> None:
 def user_errors() -> Iterator[None]:
     """Turn UserError (and a worker's failure, interrupts, termination and out-of-memory) into one line
     on stderr."""
-    from sgdiff.errors import Terminated, UserError, WorkerFailure, raise_terminated
+    from sgdiff.errors import Terminated, UserError, WorkerFailure, raise_on_sigterm, restore_sigterm
 
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
+    previous = raise_on_sigterm() if main_thread else None
     try:
         yield
     except UserError as exc:
@@ -72,4 +72,4 @@ def user_errors() -> Iterator[None]:
     finally:
         sys.stdout.flush()
         if main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            restore_sigterm(previous)

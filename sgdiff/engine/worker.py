@@ -21,7 +21,7 @@ import torch.distributed as dist
 from sgdiff.config import EngineConfig, RuntimeConfig
 from sgdiff.engine.runner import ModelRunner
 from sgdiff.engine.serve import ControlChannel, ForwardedEvents, Inbox, Outbox, describe, serve_requests
-from sgdiff.errors import Terminated, UserError, raise_terminated
+from sgdiff.errors import Terminated, UserError, raise_on_sigterm
 from sgdiff.models.attention import sdpa_attention
 from sgdiff.parallel.broadcast import share_from_rank0
 from sgdiff.parallel.cfg import apply_cfg_parallel
@@ -159,7 +159,7 @@ def pool_worker(spec: RankSpec, config: EngineConfig, connection: Any, queue: An
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front's to handle: it ends every rank
     if hasattr(signal, "pthread_sigmask"):  # (POSIX) blocked while the front started this process
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGTERM, raise_terminated)  # the front stops ranks so
+    raise_on_sigterm()  # the front stops ranks so
     die_with_parent()
     try:
         inbox = None
