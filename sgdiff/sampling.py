@@ -57,8 +57,27 @@ class SamplingParams:
 
     def validate(self) -> None:
         check_values(type(self), self.__dict__)
+        for name, kind in field_kinds(type(self)).items():
+            if kind is str:
+                check_text(name, getattr(self, name))
         if not self.prompt.strip():
             raise UserError("the prompt is empty: describe what to generate in `prompt`", field="prompt")
+
+
+def check_text(name: str, value: str | None) -> None:
+    """Refuse text that is no text: bytes that are not UTF-8 (a shell's $'\\xff' arrives as the lone
+    surrogate U+DCFF) or other lone surrogates (JSON's "\\ud800"), which no tokenizer takes."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = ord(value[exc.start])
+        escaped_byte = 0xDC80 <= bad <= 0xDCFF  # how Python hands on a byte that is not UTF-8
+        what = f"byte 0x{bad - 0xDC00:02x}" if escaped_byte else f"U+{bad:04X}"
+        raise UserError(
+            f"`{name}` is not valid UTF-8: {what} at character {exc.start + 1}; pass the text in UTF-8", field=name
+        ) from None
 
 
 KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", tuple: "a list of integers"}
