@@ -237,3 +237,26 @@ def test_local_looking_path_is_not_sent_to_the_hub(tmp_path):
     result = run_cli("generate", "--model-path", "./models/flux", "--prompt", "p", env=env)
     assert result.returncode == 2
     assert "--model-path ./models/flux does not exist" in result.stderr
+
+
+def test_a_tensor_of_the_wrong_shape_is_named_before_loading(model_copy):
+    """Headers carry shapes: a tensor that does not fit the model built from config.json is refused with
+    its file and name (exit 2), not as a raw size-mismatch RuntimeError."""
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted((model_copy / "transformer").glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].flatten()[:-1].clone()  # one value short, and flat
+    save_file(tensors, shard)
+    result = generate(model_copy, "--prompt", "p")
+    assert_one_line_error(result, f"{shard}: tensor {name} has shape [", after_progress=True)
+    assert "FluxTransformer built from config.json needs" in result.output
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a safetensors file"])
+def test_a_broken_weight_file_is_named(model_copy, damage):
+    vae = model_copy / "vae" / "diffusion_pytorch_model.safetensors"
+    data = vae.read_bytes()
+    vae.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x07" * 64)
+    assert_one_line_error(generate(model_copy, "--prompt", "p"), f"{vae}", after_progress=True)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sgdiff.errors import UserError
-from sgdiff.models.fast_load import read_safetensors, shared_reader
+from sgdiff.models.fast_load import read_header, read_safetensors, shared_reader
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -115,17 +115,43 @@ def load_own_model(
 ) -> nn.Module:
     """Give a meta-device `model` the weights in `folder` (strict: every name must match, except
     checkpoint tensors with a name component in `ignored`, which no computation uses). `renamed`:
-    checkpoint names the model knows by another name (applied first)."""
-    state = load_state_dict(folder, dtype, device, keep_fp32)
-    state = {(renamed or {}).get(k, k): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not set(k.split(".")) & set(ignored)}
+    checkpoint names the model knows by another name (applied first). The files' headers are checked
+    against the model before a byte of weights is read."""
+    stored = {(renamed or {}).get(k, k): v for k, v in stored_tensors(folder).items()}
+    stored = {k: v for k, v in stored.items() if not set(k.split(".")) & set(ignored)}
     expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    missing, unexpected = sorted(expected - stored.keys()), sorted(stored.keys() - expected)
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise UserError(f"{folder}: weights do not match {type(model).__name__} ({detail})")
+    check_shapes(model, stored)
+    state = load_state_dict(folder, dtype, device, keep_fp32)
+    state = {(renamed or {}).get(k, k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k in expected}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def stored_tensors(folder: Path) -> dict[str, tuple[Path, list[int]]]:
+    """Every tensor of a component's safetensors files as their headers describe it: name -> (file,
+    shape). Reads the headers only."""
+    return {
+        name: (path, shape)
+        for path in safetensors_files(folder)
+        for name, (_, shape, _, _) in read_header(path)[1].items()
+    }
+
+
+def check_shapes(model: nn.Module, stored: dict[str, tuple[Path, list[int]]]) -> None:
+    """Refuse a stored tensor whose shape is not the one `model` (built from its config) has, naming the
+    file and the tensor, before anything is read."""
+    for name, wanted in model.state_dict().items():
+        if name in stored and list(wanted.shape) != stored[name][1]:
+            path, shape = stored[name]
+            raise UserError(
+                f"{path}: tensor {name} has shape {shape}, but {type(model).__name__} built from config.json "
+                f"needs {list(wanted.shape)}: the weights and the config.json beside them do not belong together"
+            )
 
 
 def build_on_meta(factory, *args: Any) -> nn.Module:

@@ -16,7 +16,7 @@ import torch
 
 from sgdiff.errors import UserError
 from sgdiff.models.fast_load import LoadingStopped, shared_reader
-from sgdiff.models.loading import load_state_dict, read_json, safetensors_files
+from sgdiff.models.loading import check_shapes, load_state_dict, read_json, safetensors_files, stored_tensors
 from sgdiff.pipeline.base import PipelineEvents
 
 LIBRARIES = ("transformers", "diffusers")  # whose logging and progress bars sgdiff silences
@@ -132,6 +132,7 @@ def read_library_model(cls, folder: Path, dtype: torch.dtype, device: torch.devi
             model = cls.from_config(cls.load_config(folder))
         else:  # transformers PreTrainedModel
             model = cls(cls.config_class.from_pretrained(folder))
+    check_shapes(model, stored_tensors(folder))  # before a byte is read: the file and tensor named
     state = load_state_dict(folder, dtype, device, kept_in_fp32(model, dtype))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
