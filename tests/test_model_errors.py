@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,6 +202,35 @@ def test_uncached_repo_id_offline_is_one_line(tmp_path):
     assert result.returncode == 2
     assert "someone/not-cached is not in the local HF cache" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+UNREACHABLE_HUB = "http://127.0.0.1:9"  # nothing listens on the discard port: connections are refused
+
+
+def test_an_unreachable_hub_fails_at_once_and_names_the_demo_model_meant(tmp_path):
+    """Not told it is offline, huggingface_hub retries for ~25 s before giving up: sgdiff sees that the
+    Hub cannot be reached and asks the cache alone."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "empty"), "HF_ENDPOINT": UNREACHABLE_HUB}
+    env = {k: v for k, v in env.items() if k not in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy")}
+    start = time.perf_counter()
+    result = run_cli("generate", "--model-path", "sgdiff/demo-imag", "--prompt", "p", env=env)
+    assert time.perf_counter() - start < 15
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.strip().endswith(
+        "is not in the local HF cache and the Hub cannot be reached (offline?): "
+        "download it first or pass a local folder; did you mean sgdiff/demo-image?"
+    )
+
+
+def test_a_cached_repo_resolves_when_the_hub_cannot_be_reached(tiny_flux_dev, tmp_path):
+    code = "import sys; from sgdiff.models.resolve import resolve_model_path; print(resolve_model_path(sys.argv[1]))"
+    fake_hub_cache(tmp_path / "hf", "someone/cached", tiny_flux_dev)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": UNREACHABLE_HUB}
+    env = {k: v for k, v in env.items() if k not in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy")}
+    done = subprocess.run([sys.executable, "-c", code, "someone/cached"], env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (Path(done.stdout.strip()) / "model_index.json").is_file()
 
 
 # the files of black-forest-labs/FLUX.1-dev, abridged: the two root checkpoints are 24 GB sgdiff never reads

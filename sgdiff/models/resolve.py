@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sgdiff.errors import UserError
 
@@ -52,9 +56,29 @@ def hub_patterns(model_index: dict) -> list[str]:
     return ["model_index.json"] + [f"{name}/{pattern}" for name in components for pattern in COMPONENT_FILE_PATTERNS]
 
 
+HUB_PROBE_SECONDS = 3.0  # how long a connection to the Hub may take before sgdiff calls it unreachable
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable(endpoint: str) -> bool:
+    """Whether the Hub at `endpoint` surely cannot be reached: its name does not resolve or a connection
+    is refused or times out. huggingface_hub would retry for ~25 s first. Behind a proxy nothing is
+    probed (the proxy may reach what this machine cannot)."""
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return False
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError:  # no such name, refused, unreachable, timed out
+        return True
+    return False
+
+
 def _download(repo_id: str) -> Path:
-    """Fetch (or find in the HF cache) a repo; honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE."""
-    from huggingface_hub import hf_hub_download, snapshot_download
+    """Fetch (or find in the HF cache) a repo; honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE. Where the
+    Hub cannot be reached the cache alone answers, at once."""
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -63,12 +87,13 @@ def _download(repo_id: str) -> Path:
         RevisionNotFoundError,
     )
 
+    offline = constants.HF_HUB_OFFLINE or hub_unreachable(constants.ENDPOINT)
     try:
-        index_path = hf_hub_download(repo_id, "model_index.json")
+        index_path = hf_hub_download(repo_id, "model_index.json", local_files_only=offline)
         model_index = json.loads(Path(index_path).read_text(encoding="utf-8"))
         if not isinstance(model_index, dict):
             raise UserError(f"{repo_id}: model_index.json is not a JSON object")
-        return Path(snapshot_download(repo_id, allow_patterns=hub_patterns(model_index)))
+        return Path(snapshot_download(repo_id, allow_patterns=hub_patterns(model_index), local_files_only=offline))
     except GatedRepoError:
         raise UserError(f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
@@ -78,9 +103,15 @@ def _download(repo_id: str) -> Path:
     except LocalEntryNotFoundError:
         raise UserError(
             f"{repo_id} is not in the local HF cache and the Hub cannot be reached (offline?): "
-            "download it first or pass a local folder"
+            f"download it first or pass a local folder{demo_hint(repo_id)}"
         ) from None
     except EntryNotFoundError:
         raise UserError(f"{repo_id} has no model_index.json: it is not a diffusers-format repo") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{repo_id}: model_index.json is not valid JSON") from None
+
+
+def demo_hint(repo_id: str) -> str:
+    """'; did you mean sgdiff/demo-image?' for a name close to an embedded model's, else ''."""
+    close = difflib.get_close_matches(repo_id, DEMO_MODEL_FOLDERS, n=1)
+    return f"; did you mean {close[0]}?" if close else ""
