@@ -184,7 +184,7 @@ def presets_dir() -> Path:
 def builtin_presets() -> dict[str, Preset]:
     presets = {}
     for path in sorted(presets_dir().glob("*.toml")):
-        preset = _parse_preset(path.read_text(), path.name)
+        preset = _parse_preset(path.read_text(encoding="utf-8"), path.name)
         presets[preset.name] = preset
     return presets
 
@@ -196,10 +196,22 @@ def load_preset(name_or_path: str) -> Preset:
         return presets[name_or_path]
     path = Path(name_or_path).expanduser()
     if path.suffix == ".toml":
-        if not path.is_file():
-            raise UserError(f"preset file {path} does not exist")
-        return _parse_preset(path.read_text(), str(path))
+        return read_preset_file(path)
     raise UserError(f"unknown preset '{name_or_path}': choose one of {', '.join(presets)} or give a .toml file")
+
+
+def read_preset_file(path: Path) -> Preset:
+    if path.is_dir():
+        raise UserError(f"preset {path} is a folder: give a .toml file")
+    if not path.is_file():
+        raise UserError(f"preset file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"preset {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"preset {path} cannot be read ({exc.strerror})") from None
+    return _parse_preset(text, str(path))
 
 
 def select_preset(
@@ -209,13 +221,34 @@ def select_preset(
     transformer_config: Mapping[str, Any],
     model_index: Mapping[str, Any] | None = None,
 ) -> Preset | None:
-    """--preset wins; then a preset naming this model id; then the most specific one matching the
-    checkpoint's config (its transformer config and model_index.json)."""
-    if explicit:
-        return load_preset(explicit)
-    presets = list(builtin_presets().values())
-    for preset in presets:
-        if preset.matches_model_id(model_path):
-            return preset
-    matching = [p for p in presets if p.matches_config(pipeline_class, transformer_config, model_index or {})]
-    return max(matching, key=lambda p: p.specificity, default=None)
+    """The model's own preset: one naming this model id, else the most specific one matching the
+    checkpoint's config (its transformer config and model_index.json). --preset, when given, wins: a
+    built-in one stands alone, a .toml file builds on the model's own preset (its values over it). A
+    preset made for another pipeline is refused."""
+    presets = builtin_presets()
+    own = next((p for p in presets.values() if p.matches_model_id(model_path)), None)
+    if own is None:
+        matching = [
+            p for p in presets.values() if p.matches_config(pipeline_class, transformer_config, model_index or {})
+        ]
+        own = max(matching, key=lambda p: p.specificity, default=None)
+    if not explicit:
+        return own
+    chosen = load_preset(explicit)
+    meant_for = chosen.match.get("pipeline")
+    if meant_for is not None and meant_for != pipeline_class:
+        fitting = [name for name, p in presets.items() if p.match.get("pipeline") == pipeline_class]
+        raise UserError(
+            f"preset {chosen.name} is for {meant_for} models, and this checkpoint is a {pipeline_class}: "
+            f"{'choose ' + ', '.join(fitting) if fitting else 'leave --preset out'}",
+            field="preset",
+        )
+    if explicit in presets or own is None:
+        return chosen
+    return Preset(
+        name=chosen.name,
+        description=chosen.description or own.description,
+        match=chosen.match or own.match,
+        sampling=merge_layers(own.sampling, chosen.sampling),
+        schedule=merge_layers(own.schedule, chosen.schedule),
+    )

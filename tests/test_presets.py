@@ -136,3 +136,43 @@ def test_library_callers_get_unknown_and_mistyped_parameters_refused():
         build_flux_params("p", None, {"stepz": 3})
     with pytest.raises(UserError, match="height must be an integer"):
         build_flux_params("p", None, {"height": 512.0})
+
+
+def test_a_preset_file_builds_on_the_models_own_preset(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text("[sampling]\nnum_inference_steps = 9\n")
+    preset = select_preset(str(path), "/models/my-finetune", "FluxPipeline", SCHNELL_CONFIG)
+    schnell = load_preset("flux.1-schnell")
+    assert preset.sampling == {**schnell.sampling, "num_inference_steps": 9}  # not the library defaults
+    assert preset.schedule == schnell.schedule
+
+
+def test_a_preset_for_another_pipeline_is_refused_by_what_it_is_for():
+    with pytest.raises(UserError, match="preset wan2.1-t2v-1.3b is for WanPipeline models, and this checkpoint is a "
+                                        "FluxPipeline: choose .*flux.1-dev, flux.1-schnell") as caught:  # fmt: skip
+        select_preset("wan2.1-t2v-1.3b", "/m", "FluxPipeline", DEV_CONFIG)
+    assert caught.value.field == "preset"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "is a folder: give a .toml file"),
+        (b"[sampling]\n# \xff\xfe\n", "is not UTF-8 text"),
+    ],
+)
+def test_a_preset_file_that_is_no_text_file_is_named(tmp_path, content, message):
+    path = tmp_path / "mine.toml"
+    path.mkdir() if content is None else path.write_bytes(content)
+    with pytest.raises(UserError, match=f"preset {path} {message}"):
+        load_preset(str(path))
+
+
+def test_a_schedule_value_of_the_wrong_kind_is_refused_though_the_checkpoint_wins(tiny_flux_dev, tmp_path):
+    from sgdiff.config import RuntimeConfig
+    from sgdiff.engine.runner import ModelRunner
+
+    path = tmp_path / "mine.toml"
+    path.write_text('[schedule]\nshift = "abc"\n')
+    with pytest.raises(UserError, match="preset mine: \\[schedule\\] scheduler option shift must be float, got 'abc'"):
+        ModelRunner(str(tiny_flux_dev), preset=str(path), runtime=RuntimeConfig(device="cpu"))

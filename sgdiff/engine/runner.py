@@ -99,6 +99,11 @@ class ModelRunner:
         # preset [schedule] < the checkpoint's scheduler_config.json; checked now, before any weight loads
         schedule_options = merge_layers(self.preset.schedule if self.preset else None, self.info.scheduler_config)
         self.schedule = self.family.schedule(schedule_options)
+        if self.preset is not None and self.preset.schedule:  # its own values too, though the checkpoint's win
+            try:
+                self.family.schedule(self.preset.schedule)
+            except UserError as exc:
+                raise UserError(f"preset {self.preset.name}: [schedule] {exc}") from None
         self.pipeline = None
         self.load_seconds = 0.0
 
