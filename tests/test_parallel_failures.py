@@ -295,3 +295,18 @@ def test_a_sigterm_that_lands_in_a_finaliser_still_ends_the_process_quietly():
     SIGTERM whose handler ran there must still end the process, without that text on stderr."""
     done = subprocess.run([sys.executable, "-c", SIGTERM_IN_A_FINALISER], capture_output=True, text=True, timeout=60)
     assert (done.stdout, done.stderr) == ("terminated\n", "")
+
+
+@pytest.mark.parametrize("when", ["while the workers start", "while they denoise"])
+def test_a_killed_front_takes_its_workers_and_their_folder_along(long_run, tmp_path, when):
+    """SIGKILL leaves the front no say: its workers see it gone (whatever they are doing, however early)
+    and end within seconds, removing the rendezvous folder the front made for them."""
+    process, _ = long_run
+    workers = started_workers(process, 2) if when == "while the workers start" else wait_for_workers(process, 2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=30)
+    deadline = time.monotonic() + 20
+    while not all_ended(workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all_ended(workers), [w.pid for w in workers if w.is_running()]
+    assert list((tmp_path / "tmp").iterdir()) == []

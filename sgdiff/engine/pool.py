@@ -6,6 +6,7 @@ pool says why it is unhealthy."""
 
 from __future__ import annotations
 
+import os
 import queue as queues
 import shutil
 import signal
@@ -54,7 +55,7 @@ class WorkerPool:
             context.Process(
                 target=pool_worker,
                 args=(
-                    RankSpec(rank, self.world, rank, init),
+                    RankSpec(rank, self.world, rank, init, os.getpid(), str(self._rendezvous)),
                     self.config,
                     reading if rank == 0 else None,
                     self._messages,

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +31,7 @@ from sgdiff.parallel.groups import ParallelGroups, build_groups
 from sgdiff.parallel.plans import apply_sequence_parallel
 from sgdiff.pipeline.base import NullEvents
 
+PARENT_CHECK_SECONDS = 0.2  # how often a spawned worker looks whether its front still runs
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank that stops answering ends the run, not hangs it
 
 
@@ -38,6 +41,8 @@ class RankSpec:
     world_size: int
     local_rank: int
     init_method: str  # file://... (spawned) or env:// (torchrun)
+    parent_pid: int | None = None  # the front that spawned this rank (None: torchrun's)
+    leftovers: str | None = None  # a folder the front made for its workers, removed should it die
 
 
 def rank_device(runtime: RuntimeConfig, local_rank: int) -> torch.device:
@@ -160,7 +165,7 @@ def pool_worker(spec: RankSpec, config: EngineConfig, connection: Any, queue: An
     if hasattr(signal, "pthread_sigmask"):  # (POSIX) blocked while the front started this process
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     raise_on_sigterm()  # the front stops ranks so
-    die_with_parent()
+    die_with_parent(spec.parent_pid, spec.leftovers)
     try:
         inbox = None
         if connection is not None:
@@ -176,6 +181,7 @@ def pool_worker(spec: RankSpec, config: EngineConfig, connection: Any, queue: An
         os.kill(os.getpid(), signal.SIGTERM)
         raise SystemExit(128 + signal.SIGTERM) from None  # (should the signal not have ended it yet)
     except BaseException as exc:  # noqa: BLE001 - reported to the front, which ends the pool
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the front, told by another rank, may end this one now
         user_error = isinstance(exc, UserError)
         if os.environ.get("SGDIFF_DEBUG", "") not in ("", "0") and not user_error:
             traceback.print_exc()
@@ -185,12 +191,19 @@ def pool_worker(spec: RankSpec, config: EngineConfig, connection: Any, queue: An
         raise SystemExit(1) from None
 
 
-def die_with_parent() -> None:
-    """Linux: the kernel kills this process when the front process dies, however it dies."""
-    try:
-        import ctypes
-        import signal
+def die_with_parent(parent_pid: int | None, leftovers: str | None) -> None:
+    """End this worker when the front process is gone, however it ended (SIGKILL and the OOM killer
+    included) and whatever this process is doing at the time (starting up, inside a collective): a
+    thread watches for it, removes what the front made for its workers (`leftovers`, the rendezvous
+    folder) and kills this process. None: a torchrun rank, whose agent watches it."""
+    if parent_pid is None:
+        return
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_SECONDS)
+        if leftovers is not None:
+            shutil.rmtree(leftovers, ignore_errors=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="sgdiff-parent-watch", daemon=True).start()
