@@ -240,5 +240,4 @@ def test_a_text_to_video_load_imports_no_diffusers(tiny_wan):
     vae, shape, after_load, after_generate = json.loads(done.stdout.strip().splitlines()[-1])
     assert vae == "VideoVaeDecoder" and shape == [1, 5, 32, 32, 3]
     assert after_load == []
-    # a request still builds the checkpoint's scheduler with diffusers (UniPC), but no diffusers model
-    assert [m for m in after_generate if m.startswith("diffusers.models")] == []
+    assert after_generate == []  # the checkpoint's UniPC scheduler is sgdiff's own (sgdiff/families/wan/unipc.py)

@@ -3,7 +3,9 @@
 Sigmas run from 1 (pure noise) to 0 (the image); the model predicts the velocity
 v = noise - x0, and one Euler step is x <- x + (sigma_next - sigma) * v.
 FLUX shifts the sigmas towards the noisy end, more for larger images (`mu` grows
-linearly with the number of image tokens); FLUX.1-schnell uses a fixed shift.
+linearly with the number of image tokens); FLUX.1-schnell uses a fixed shift. Wan's
+Euler configs let the scheduler space the sigmas itself (`flow_match_spaced_sigmas`);
+Wan's UniPC is in families/wan/unipc.py.
 """
 
 from __future__ import annotations
@@ -80,6 +82,24 @@ def flow_match_sigmas(num_steps: int, image_seq_len: int, schedule: FlowMatchSch
     return torch.cat([torch.from_numpy(sigmas).float(), torch.zeros(1)])
 
 
+def flow_match_grid(schedule: FlowMatchSchedule) -> torch.Tensor:
+    """[num_train_timesteps] float32 training sigmas from 1 down to 1 / num_train_timesteps, shifted
+    (without dynamic shifting): the grid diffusers' FlowMatchEulerDiscreteScheduler builds at init."""
+    n = schedule.num_train_timesteps
+    sigmas = torch.from_numpy(np.linspace(1, n, n, dtype=np.float32)[::-1].copy()) / n
+    return schedule.shift * sigmas / (1 + (schedule.shift - 1) * sigmas)
+
+
+def flow_match_spaced_sigmas(num_steps: int, schedule: FlowMatchSchedule) -> torch.Tensor:
+    """[num_steps + 1] float32 sigmas ending with 0, as the scheduler spaces them itself when the pipeline
+    gives none (Wan): evenly from the grid's first to its last sigma (already shifted), then shifted again,
+    in float64 as diffusers does. No dynamic shifting."""
+    grid, n = flow_match_grid(schedule), schedule.num_train_timesteps
+    sigmas = np.linspace(grid[0].item() * n, grid[-1].item() * n, num_steps) / n
+    sigmas = schedule.shift * sigmas / (1 + (schedule.shift - 1) * sigmas)
+    return torch.cat([torch.from_numpy(sigmas).to(torch.float32), torch.zeros(1)])
+
+
 def euler_step(
     latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
 ) -> torch.Tensor:
@@ -113,8 +133,9 @@ class FlowMatchEulerSampler:
 
 
 class SchedulerSampler:
-    """A diffusers scheduler instance driving the loop (Wan reuses the library's UniPC scheduler).
-    Schedulers keep state between steps, so each request gets its own instance."""
+    """A diffusers scheduler instance driving the loop: for Wan's scheduler configs that sgdiff's own
+    samplers (families/wan/unipc.py, Euler) do not implement. Schedulers keep state between steps, so
+    each request gets its own instance."""
 
     def __init__(self, scheduler: Any, num_steps: int, device: torch.device):
         self.scheduler = scheduler

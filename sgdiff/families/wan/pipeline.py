@@ -14,6 +14,7 @@ import torch
 from sgdiff.errors import UserError
 from sgdiff.families.wan.image_conditioning import WanImageConditioningStage
 from sgdiff.families.wan.sampling import WanSampling, guidance_cfg, wan_rules
+from sgdiff.families.wan.unipc import UniPCConfig, UniPCSampler
 from sgdiff.models.loading import build_on_meta, load_own_model, read_json
 from sgdiff.models.video_vae import ENCODER_PARTS, VideoVaeConfig, VideoVaeDecoder
 from sgdiff.models.wan import WanTransformer, WanTransformerConfig
@@ -26,7 +27,15 @@ from sgdiff.pipeline.components import (
     loaded_modules,
     quiet_libraries,
 )
-from sgdiff.pipeline.schedule import DmdSampler, SchedulerSampler
+from sgdiff.pipeline.schedule import (
+    DmdSampler,
+    FlowMatchEulerSampler,
+    FlowMatchSchedule,
+    Sampler,
+    SchedulerSampler,
+    flow_match_grid,
+    flow_match_spaced_sigmas,
+)
 from sgdiff.pipeline.stages.decoding import VideoVaeDecodingStage
 from sgdiff.pipeline.stages.denoising import DenoisingStage
 from sgdiff.pipeline.stages.latents import LatentsStage, seeded_noise
@@ -53,14 +62,40 @@ class WanSchedule:
             raise UserError(f"scheduler {class_name} is not supported for Wan (supported: {', '.join(SCHEDULERS)})")
         return cls(class_name, {k: v for k, v in raw.items() if not k.startswith("_")})
 
-    def make(self, flow_shift: float | None) -> Any:
-        """A fresh scheduler instance (schedulers hold per-request state), with the request's flow shift."""
+    def with_shift(self, flow_shift: float | None) -> dict[str, Any]:
+        """The config with the request's flow shift, where it gives one."""
+        return {**self.config, SCHEDULERS[self.class_name]: flow_shift} if flow_shift is not None else self.config
+
+    def sampler(self, flow_shift: float | None, num_steps: int, device: torch.device) -> Sampler:
+        """A fresh sampler (it holds per-request state): sgdiff's own UniPC or Euler where it implements
+        the config (every Wan-AI checkpoint's), else diffusers' scheduler class as named."""
+        config = self.with_shift(flow_shift)
+        if self.class_name == "UniPCMultistepScheduler":
+            unipc = UniPCConfig.from_dict(config)
+            if unipc is not None:
+                return UniPCSampler(unipc, num_steps, device)
+        else:
+            euler = own_euler_schedule(config)
+            if euler is not None:
+                sigmas = flow_match_spaced_sigmas(num_steps, euler)
+                return FlowMatchEulerSampler(sigmas.to(device), euler.num_train_timesteps)
+        return SchedulerSampler(self.library_scheduler(config), num_steps, device)
+
+    def library_scheduler(self, config: dict[str, Any]) -> Any:
+        """diffusers' scheduler instance for a config sgdiff's own samplers do not implement."""
         import diffusers
 
-        config = dict(self.config)
-        if flow_shift is not None:
-            config[SCHEDULERS[self.class_name]] = flow_shift
         return getattr(diffusers, self.class_name).from_config(config)
+
+
+def own_euler_schedule(config: dict[str, Any]) -> FlowMatchSchedule | None:
+    """A FlowMatchEulerDiscreteScheduler config as sgdiff's schedule, or None where it has options sgdiff's
+    Euler does not implement (dynamic shifting included: Wan's pipeline passes no `mu`)."""
+    try:
+        schedule = FlowMatchSchedule.from_dict(config)
+    except UserError:
+        return None
+    return None if schedule.use_dynamic_shifting else schedule
 
 
 @dataclass
@@ -153,20 +188,18 @@ def model_dtype(parts: WanComponents) -> torch.dtype:
     return model.patch_embedding.weight.dtype
 
 
-def make_sampler(state: State, schedule: WanSchedule):
+def make_sampler(state: State, schedule: WanSchedule) -> Sampler:
     """The checkpoint's scheduler, or few-step DMD sampling when the preset asks for it (FastWan)."""
     params = state.params
     if params.sampler != "dmd":
-        return SchedulerSampler(schedule.make(params.flow_shift), params.num_inference_steps, state.device)
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
+        return schedule.sampler(params.flow_shift, params.num_inference_steps, state.device)
     shift = params.flow_shift or schedule.config.get(SCHEDULERS[schedule.class_name], 1.0)
-    grid = FlowMatchEulerDiscreteScheduler(shift=shift)  # the shifted 1000-step training grid
+    grid = flow_match_grid(FlowMatchSchedule(shift=shift))  # the shifted 1000-step training grid, [1000]
 
     def draw_noise(shape: tuple[int, ...]) -> torch.Tensor:
         return seeded_noise(shape, params, torch.float32, state.device, state.generator)
 
-    return DmdSampler(params.dmd_timesteps, grid.timesteps, grid.sigmas[:-1], draw_noise)
+    return DmdSampler(params.dmd_timesteps, grid * 1000, grid, draw_noise)
 
 
 def keep_given_first_frame(latents: torch.Tensor, state: State) -> torch.Tensor:
