@@ -1,5 +1,5 @@
-"""Errors a user can cause, a worker's failure, and termination. The CLI shows each as one line
-(exit codes 2, 1 and 143)."""
+"""Errors a user can cause, an output that cannot be written, a worker's failure, and termination.
+The CLI shows each as one line (exit codes 2, 1, 1 and 143)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ class UserError(Exception):
 
     def __reduce__(self):  # the field travels with the message between processes
         return type(self), (self.message, self.field)
+
+
+class WriteFailed(OSError):
+    """An output could not be written (a full disk, a failed encoder); the message names the file and
+    says why, in plain words. Nothing partial was left: no half-written file, no folder made for it.
+    `errno` is the cause's, where it has one."""
 
 
 class WorkerFailure(RuntimeError):

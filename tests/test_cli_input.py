@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -93,6 +94,9 @@ def test_prompt_file_gives_one_prompt_per_non_blank_line(received, tmp_path):
     assert received[0][0].prompts == ["a red cube", "a blue sphere"]
 
 
+NO_CONTROL = "{} must not hold line breaks or control characters (found {})"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -128,6 +132,12 @@ def test_prompt_file_gives_one_prompt_per_non_blank_line(received, tmp_path):
         (["--prompt", "p", "--prompt-file", "x.txt"], "give --prompt or --prompt-file, not both"),
         (["--prompt-file", "does-not-exist.txt"], "--prompt-file does-not-exist.txt does not exist"),
         (["--prompt", "p", "--output-file-name", "a/b.png"], "--output-file-name takes a plain file name"),
+        # one path per line on stdout: a line break or control character in a name would break it
+        (["--prompt", "p", "--output-file-name", "a\nb.png"], NO_CONTROL.format("--output-file-name", r"'\n'")),
+        (["--prompt", "p", "--output-file-name", "a\tb"], NO_CONTROL.format("--output-file-name", r"'\t'")),
+        (["--prompt", "p", "--output-file-name", "\x1b[31mred"], NO_CONTROL.format("--output-file-name", r"'\x1b'")),
+        (["--prompt", "p", "--output-file-name", "a\u2028b"], NO_CONTROL.format("--output-file-name", r"'\u2028'")),
+        (["--prompt", "p", "--output-path", "out\rdir"], NO_CONTROL.format("--output-path", r"'\r'")),
     ],
 )
 def test_bad_input_is_one_line_with_exit_code_2(received, args, message):
@@ -161,6 +171,73 @@ def test_output_places_are_checked_before_anything_runs(received, tmp_path):
     assert not received
     # without saving, the output folder is never written, so it is not checked
     assert invoke("--model-path", "m", "--prompt", "p", "--no-save-output", "--output-path", str(file)).exit_code == 0
+
+
+def one_line_usage_error(result, pattern: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert re.fullmatch(f"error: {pattern}\n", result.stderr), result.stderr
+    assert result.stdout == "" and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_output_places_are_probed_before_loading(received, tmp_path):
+    """Each place is tried (a temp file made and removed there) before the model loads: a place the
+    checks of names and types pass but the file system refuses ends the run up front, exit 2."""
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    broken = tmp_path / "broken"
+    nowhere = tmp_path / "nowhere"
+    broken.symlink_to(nowhere)
+    long_name = "p" * 300
+    cases = [
+        (
+            ["--output-path", "/proc/x"],
+            r"--output-path /proc/x: (cannot create the folder /proc/x|/proc is not writable)",
+        ),
+        (["--output-path", "/proc"], r"--output-path /proc(: cannot create files in /proc| is not writable)"),
+        (
+            ["--perf-dump-path", "/proc/p.json"],
+            r"--perf-dump-path /proc/p.json: (cannot create files in /proc|/proc is not writable)",
+        ),
+        (["--output-path", str(loop)], f"--output-path {re.escape(str(loop))} is a symbolic link loop"),
+        (
+            ["--output-path", str(loop / "sub")],
+            f"--output-path {re.escape(str(loop / 'sub'))}: {re.escape(str(loop))} is a symbolic link loop",
+        ),
+        (
+            ["--perf-dump-path", str(loop / "p.json")],
+            f"--perf-dump-path {re.escape(str(loop / 'p.json'))}: {re.escape(str(loop))} is a symbolic link loop",
+        ),
+        (
+            ["--output-path", str(broken)],
+            f"--output-path {re.escape(str(broken))} is a broken symbolic link \\(to {re.escape(str(nowhere))}\\)",
+        ),
+        (
+            ["--perf-dump-path", str(tmp_path / f"{long_name}.json")],
+            r"--perf-dump-path: the file name is too long \(at most 200 bytes\)",
+        ),
+        (
+            ["--output-path", str(tmp_path / long_name)],
+            f"--output-path {re.escape(str(tmp_path / long_name))}: the path or a name in it is too long",
+        ),
+    ]
+    for args, pattern in cases:
+        one_line_usage_error(invoke("--model-path", "m", "--prompt", "p", *args), pattern)
+    assert not received
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "loop"]  # nothing made, nothing left
+
+
+def test_probing_output_places_leaves_nothing(received, tmp_path):
+    """Folders that do not exist yet are made to be tried, then removed: the run makes them when it writes."""
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "old.png").write_bytes(b"old")
+    for out, perf in [(tmp_path / "a" / "b" / "c", tmp_path / "p" / "q" / "perf.json"), (tmp_path / "kept", None)]:
+        perf_args = ["--perf-dump-path", str(perf)] if perf else []
+        result = invoke("--model-path", "m", "--prompt", "p", "--output-path", str(out), *perf_args)
+        assert result.exit_code == 0, result.output
+    assert len(received) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["old.png"]
 
 
 def test_prompt_file_may_be_a_pipe(received, tmp_path):

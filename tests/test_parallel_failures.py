@@ -185,7 +185,7 @@ def test_ctrl_c_while_rank_0_saves_leaves_no_partial_file(tiny_flux_dev, tmp_pat
         process.kill()
         process.wait()
     assert code == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr
-    assert all_ended(workers) and list(out.iterdir()) == []
+    assert all_ended(workers) and not out.exists()  # nor the folder the save made
 
 
 def test_an_exception_in_the_workers_is_one_line(tiny_flux_dev, tmp_path):

@@ -1,6 +1,7 @@
-"""Errors a user can cause end as one line and exit code 2; a worker's failure, or any other error,
-as one line and exit code 1; Ctrl-C as "interrupted" (130), SIGTERM as "terminated" (143), each after
-what was half done is undone. SGDIFF_DEBUG=1 shows the traceback too."""
+"""Errors a user can cause end as one line and exit code 2; an output that cannot be written (a full
+disk), a worker's failure, or any other error, as one line and exit code 1; Ctrl-C as "interrupted"
+(130), SIGTERM as "terminated" (143), each after what was half done is undone. SGDIFF_DEBUG=1 shows
+the traceback too."""
 
 from __future__ import annotations
 
@@ -43,9 +44,9 @@ def fail(message: str, code: int = USAGE_EXIT_CODE) -> None:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn UserError (and a worker's failure, interrupts, termination and out-of-memory) into one line
-    on stderr."""
-    from sgdiff.errors import Terminated, UserError, WorkerFailure, raise_on_sigterm, restore_sigterm
+    """Turn UserError (and an output that cannot be written, a worker's failure, interrupts, termination
+    and out-of-memory) into one line on stderr."""
+    from sgdiff.errors import Terminated, UserError, WorkerFailure, WriteFailed, raise_on_sigterm, restore_sigterm
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = raise_on_sigterm() if main_thread else None
@@ -55,6 +56,10 @@ def user_errors() -> Iterator[None]:
         if debug_enabled():
             traceback.print_exc()
         fail(exc.render(flag))
+    except WriteFailed as exc:  # a full disk, a failed encoder: nothing partial was left
+        if debug_enabled():
+            traceback.print_exc()
+        fail(str(exc), code=1)
     except WorkerFailure as exc:  # the workers' own tracebacks (SGDIFF_DEBUG=1) are already printed
         fail(str(exc), code=1)
     except KeyboardInterrupt:

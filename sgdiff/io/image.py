@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from sgdiff.io.files import MAX_FILE_NAME_BYTES, write_atomically
+from sgdiff.io.files import MAX_FILE_NAME_BYTES, control_character, write_atomically
 
 PARAMETERS_KEY = "sgdiff"
 
@@ -71,6 +71,8 @@ def split_name(file_name: str, suffix: str) -> tuple[str, str]:
 def check_output_file_name(file_name: str, suffix: str | None = None) -> str | None:
     """A message saying what is wrong with --output-file-name, or None. With `suffix` (".png",
     ".mp4", or "" for a folder of frames) the name must not carry another media extension."""
+    if (char := control_character(file_name)) is not None:
+        return f"--output-file-name must not hold line breaks or control characters (found {char!r})"
     if "/" in file_name or os.sep in file_name:
         return "--output-file-name takes a plain file name; put folders in --output-path"
     stem = file_name
