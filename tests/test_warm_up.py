@@ -58,7 +58,19 @@ def test_the_warm_up_runs_the_shapes_of_the_request(model, tiny_flux_dev, tiny_w
     assert warm_up_shapes == request_shapes
 
 
+class StageEvents(NullEvents):
+    def __init__(self):
+        self.stages = []
+
+    def stage_started(self, name: str) -> None:
+        self.stages.append(f"started {name}")
+
+    def stage_finished(self, name: str, seconds: float) -> None:
+        self.stages.append(f"finished {name}")
+
+
 def test_a_failing_warm_up_is_logged_and_leaves_the_caller_alone(tiny_flux_dev):
+    """The progress line it started ends too (the CLI would show it spinning otherwise)."""
     runner = ModelRunner(str(tiny_flux_dev), runtime=RuntimeConfig(device="cpu"))
     params = runner.sampling_params("a red cube")
     messages = []
@@ -73,14 +85,15 @@ def test_a_failing_warm_up_is_logged_and_leaves_the_caller_alone(tiny_flux_dev):
 
     runner.family.warm_up = fails  # (this instance only)
     try:
+        events = StageEvents()
         thread = start_warm_up(runner.family, runner.info, params, runner.device, runner.dtype, runner.speed,
-                               runner.attention, NullEvents())  # fmt: skip
+                               runner.attention, events)  # fmt: skip
         thread.join(10)
     finally:
         del runner.family.warm_up
         logger.removeHandler(handler)
         logger.setLevel(logging.NOTSET)
-    assert not thread.is_alive()
+    assert not thread.is_alive() and events.stages == ["started load kernels", "finished load kernels"]
     assert messages == [
         "the kernels' warm-up failed (CUDA out of memory); the first denoising step pays their first calls"
     ]

@@ -1,14 +1,16 @@
-"""The kernels' warm-up: while a checkpoint loads, a thread runs one forward of a small copy of its
-transformer (one block of each kind, uninitialised weights, the same speed toggles and attention) at the
-shapes of the request to come. The first call of each kernel costs far more than the next ones (Triton
-loads its compiled kernels, CUDA loads the modules of torch's kernels lazily, cuBLAS and cuDNN pick their
-plans): about 0.7 s of FLUX.1's first step on an H100 (docs/benchmark-log.md), paid here instead,
-alongside the reading of the weights."""
+"""The kernels' warm-up: while a checkpoint loads, a thread runs one forward of small copies of its
+models (text encoders of one layer; a transformer of one block of each kind, with the same speed toggles
+and attention; uninitialised weights) at the shapes of the request to come. The first call of each
+kernel costs far more than the next ones (Triton loads its compiled kernels, CUDA loads the modules of
+torch's kernels lazily, cuBLAS and cuDNN pick their plans): about 0.7 s of FLUX.1's first step and
+0.4 s of its text encoding on an H100 (docs/benchmark-log.md, run FE), paid here instead, alongside the
+reading of the weights."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import replace
 
 import torch
@@ -16,9 +18,9 @@ import torch
 from sgdiff.config import SpeedConfig
 from sgdiff.models.attention import AttentionImpl, use_attention_impl
 from sgdiff.pipeline.base import PipelineEvents
-from sgdiff.pipeline.components import timed_load
 from sgdiff.pipeline.family import ModelFamily
 from sgdiff.sampling import SamplingParams
+from sgdiff.speed.apply import speed_up_transformer
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,6 @@ def start_warm_up(
     eager = replace(speed, cuda_graph=False)  # the graph's capture is the real model's
 
     def prepare(model: torch.nn.Module) -> None:
-        from sgdiff.speed.apply import speed_up_transformer
-
         speed_up_transformer(model, eager, family)
 
     def warm_up() -> None:
@@ -56,10 +56,13 @@ def start_warm_up(
             torch.cuda.synchronize(device)
 
     def run() -> None:
+        events.stage_started("load kernels")
+        start = time.perf_counter()
         try:
-            timed_load(events, "kernels", warm_up)
+            warm_up()
         except Exception as exc:  # noqa: BLE001 - a warm-up is an optimisation, never the request's failure
             log.warning("the kernels' warm-up failed (%s); the first denoising step pays their first calls", exc)
+        events.stage_finished("load kernels", time.perf_counter() - start)
 
     thread = threading.Thread(target=run, name="sgdiff-warm-up", daemon=True)
     thread.start()
