@@ -8,9 +8,11 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from sgdiff import __version__
 from sgdiff.cli.main import app
 from sgdiff.engine.runner import ModelRunner
 from sgdiff.io.image import OutputNamer, read_png_parameters, save_png
@@ -97,7 +99,10 @@ def test_no_save_output_writes_nothing_but_the_perf_dump(tiny_flux_dev, tmp_path
     assert result.exit_code == 0, result.output
     assert not out.exists()
     dump = json.loads(perf.read_text())
+    assert dump["schema_version"] == 2 and dump["gpu"] is None  # (the CPU)
+    assert dump["versions"]["sgdiff"] == __version__ and dump["versions"]["torch"] == torch.__version__
     request = dump["requests"][0]
+    assert (request["seed"], request["num_frames"], request["fps"]) == (42, None, None)
     assert list(request["stage_seconds"]) == [
         "input_validation",
         "text_encoding",
@@ -196,3 +201,12 @@ def test_overflowing_latents_are_refused_and_nothing_is_saved(tiny_flux_dev, tmp
     assert result.exit_code == 2, result.output
     assert "error: the denoised latents hold NaN or infinity" in result.stderr and "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_video_perf_dump_says_its_frames_and_fps(tmp_path):
+    perf = tmp_path / "perf.json"
+    args = ["generate", "--prompt", "a red circle moving up", "--num-frames", "9", "--steps", "1", "--fps", "8"]
+    result = CliRunner().invoke(app, [*args, "--no-save-output", "--perf-dump-path", str(perf)])
+    assert result.exit_code == 0, result.output
+    request = json.loads(perf.read_text())["requests"][0]
+    assert (request["num_frames"], request["fps"], request["seed"]) == (9, 8, 42)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sgdiff import __version__
 from sgdiff.config import ParallelConfig, RuntimeConfig
 from sgdiff.engine.ranks import under_torchrun
@@ -135,10 +137,17 @@ def run_batch(
     return report
 
 
+PERF_DUMP_SCHEMA = 2  # 2: versions, gpu, load spans, and each request's seed, frames and fps
+
+
 def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
+    device = engine.runner.device
     dump = {
+        "schema_version": PERF_DUMP_SCHEMA,
+        "versions": library_versions(),
         "model": engine.config.model_path,
-        "device": str(engine.runner.device),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "dtype": str(engine.runner.dtype).removeprefix("torch."),
         "load_seconds": report.load_seconds,
         # seconds after run_batch began (process_age_at_start): the load's start, each part's [began, ended]
@@ -157,6 +166,9 @@ def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
                 "height": r.params.height,
                 "width": r.params.width,
                 "num_inference_steps": r.params.num_inference_steps,
+                "seed": r.params.seed,
+                "num_frames": getattr(r.params, "num_frames", None),  # video models
+                "fps": (r.fps or DEFAULT_FPS) if r.videos is not None else None,  # as written
                 "num_outputs": len(r.images if r.videos is None else r.videos),
                 "total_seconds": r.total_seconds,
                 "stage_seconds": r.stage_seconds,
@@ -167,3 +179,16 @@ def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
         ],
     }
     write_atomically(path, lambda handle: handle.write(json.dumps(dump, indent=2).encode()))
+
+
+def library_versions() -> dict[str, str | None]:
+    """sgdiff's and the libraries' versions (None: not installed), read without importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions: dict[str, str | None] = {"sgdiff": __version__}
+    for name in ("torch", "diffusers", "transformers"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
