@@ -298,14 +298,14 @@ def test_a_sigterm_that_lands_in_a_finaliser_still_ends_the_process_quietly():
 
 
 @pytest.mark.parametrize("when", ["while the workers start", "while they denoise"])
-def test_a_killed_front_takes_its_workers_and_their_folder_along(long_run, tmp_path, when):
+def test_a_killed_front_takes_its_workers_and_their_rendezvous_along(long_run, tmp_path, when):
     """SIGKILL leaves the front no say: its workers see it gone (whatever they are doing, however early)
-    and end within seconds, removing the rendezvous folder the front made for them."""
+    and end within seconds, removing the rendezvous file (none is made by workers that end before it)."""
     process, _ = long_run
     workers = started_workers(process, 2) if when == "while the workers start" else wait_for_workers(process, 2)
     os.kill(process.pid, signal.SIGKILL)
-    process.communicate(timeout=30)
-    deadline = time.monotonic() + 20
+    process.wait(timeout=30)  # (not its pipes: the workers hold them until they end)
+    deadline = time.monotonic() + 60  # a worker still importing torch on a busy machine sees it once imported
     while not all_ended(workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert all_ended(workers), [w.pid for w in workers if w.is_running()]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import queue as queues
-import shutil
+import secrets
 import signal
 import tempfile
 import threading
@@ -49,8 +49,10 @@ class WorkerPool:
         context = torch.multiprocessing.get_context("spawn")
         self._messages = context.Queue()
         reading, self._connection = context.Pipe(duplex=False)
-        self._rendezvous = Path(tempfile.mkdtemp(prefix="sgdiff-"))
-        init = f"file://{self._rendezvous / 'store'}"
+        # the workers' rendezvous: a file the first of them creates (a worker that never gets that far
+        # leaves nothing), removed by close() or, should this process die, by the workers' watchdogs
+        self._rendezvous = Path(tempfile.gettempdir()) / f"sgdiff-{secrets.token_hex(8)}.store"
+        init = f"file://{self._rendezvous}"
         self.workers = [
             context.Process(
                 target=pool_worker,
@@ -94,7 +96,7 @@ class WorkerPool:
             with self._sending:
                 self._connection.close()
         if self._rendezvous is not None:
-            shutil.rmtree(self._rendezvous, ignore_errors=True)
+            self._rendezvous.unlink(missing_ok=True)
 
     def _send(self, message: tuple) -> None:
         try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 import signal
 import threading
 import time
@@ -15,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,7 +42,7 @@ class RankSpec:
     local_rank: int
     init_method: str  # file://... (spawned) or env:// (torchrun)
     parent_pid: int | None = None  # the front that spawned this rank (None: torchrun's)
-    leftovers: str | None = None  # a folder the front made for its workers, removed should it die
+    leftovers: str | None = None  # a file of the front's for its workers (the rendezvous), removed should it die
 
 
 def rank_device(runtime: RuntimeConfig, local_rank: int) -> torch.device:
@@ -194,8 +194,8 @@ def pool_worker(spec: RankSpec, config: EngineConfig, connection: Any, queue: An
 def die_with_parent(parent_pid: int | None, leftovers: str | None) -> None:
     """End this worker when the front process is gone, however it ended (SIGKILL and the OOM killer
     included) and whatever this process is doing at the time (starting up, inside a collective): a
-    thread watches for it, removes what the front made for its workers (`leftovers`, the rendezvous
-    folder) and kills this process. None: a torchrun rank, whose agent watches it."""
+    thread watches for it, removes what was made for the workers (`leftovers`, the rendezvous file) and
+    kills this process. None: a torchrun rank, whose agent watches it."""
     if parent_pid is None:
         return
 
@@ -203,7 +203,7 @@ def die_with_parent(parent_pid: int | None, leftovers: str | None) -> None:
         while os.getppid() == parent_pid:
             time.sleep(PARENT_CHECK_SECONDS)
         if leftovers is not None:
-            shutil.rmtree(leftovers, ignore_errors=True)
+            Path(leftovers).unlink(missing_ok=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="sgdiff-parent-watch", daemon=True).start()
