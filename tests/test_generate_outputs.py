@@ -210,3 +210,13 @@ def test_a_video_perf_dump_says_its_frames_and_fps(tmp_path):
     assert result.exit_code == 0, result.output
     request = json.loads(perf.read_text())["requests"][0]
     assert (request["num_frames"], request["fps"], request["seed"]) == (9, 8, 42)
+
+
+def test_the_progress_of_several_prompts_says_whose_lines_they_are(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    args = ["generate", "--prompt-file", str(prompts), "--steps", "2", "--output-path", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args, terminal_width=120)
+    assert result.exit_code == 0, result.output
+    labels = re.findall(r"\[(\d)/2\] (denoised|decoded)", result.output)
+    assert labels == [("1", "denoised"), ("1", "decoded"), ("2", "denoised"), ("2", "decoded")]

@@ -57,6 +57,9 @@ class LoadTimes:
     def step_finished(self, index: int, total: int, seconds: float) -> None:
         self.events.step_finished(index, total, seconds)
 
+    def request_started(self, index: int, total: int) -> None:
+        self.events.request_started(index, total)
+
 
 def process_age_seconds() -> float | None:
     """Seconds since this process was spawned (Linux: /proc), so that the perf dump can tell the time
@@ -113,7 +116,8 @@ def run_batch(
         }
         remaining = iter(paths)
         results, saved = [], []
-        for handle in handles:
+        for number, handle in enumerate(handles, start=1):
+            events.request_started(number, len(handles))
             for event in handle.events():
                 event.replay(events)
             result = handle.result()

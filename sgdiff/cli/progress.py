@@ -26,6 +26,7 @@ class RichProgress:
         )
         self._tasks: dict[str, int] = {}
         self._started = False
+        self._request = ""  # "[2/4] " while the second of four prompts' lines are drawn
 
     def __enter__(self) -> RichProgress:
         return self
@@ -40,27 +41,33 @@ class RichProgress:
             self.progress.start()
             self._started = True
 
+    def request_started(self, index: int, total: int) -> None:
+        """The lines that follow belong to prompt `index` (from 1) of `total`: said on each, when several."""
+        self._request = f"[{index}/{total}] " if total > 1 else ""
+
     def stage_started(self, name: str) -> None:
         self._start()
-        if name.startswith("load ") or name == "decoding":
+        if name.startswith("load "):
             self._tasks[name] = self.progress.add_task(name.replace("load ", "loading "), total=1)
+        elif name == "decoding":
+            self._tasks[name] = self.progress.add_task(f"{self._request}decoding", total=1)
 
     def stage_finished(self, name: str, seconds: float) -> None:
         task = self._tasks.pop(name, None)
         if task is None:
             return
         if name == "denoising":
-            self.progress.update(task, description=f"denoised ({seconds:.2f} s)")
+            self.progress.update(task, description=f"{self._request}denoised ({seconds:.2f} s)")
         else:
-            label = name.replace("load ", "loaded ") if name.startswith("load ") else "decoded"
+            label = name.replace("load ", "loaded ") if name.startswith("load ") else f"{self._request}decoded"
             self.progress.update(task, completed=1, description=f"{label} ({seconds:.2f} s)")
 
     def step_finished(self, index: int, total: int, seconds: float) -> None:
         self._start()
         task = self._tasks.get("denoising")
         if task is None:
-            task = self._tasks["denoising"] = self.progress.add_task("denoising", total=total)
-        self.progress.update(task, completed=index + 1, description=f"denoising ({seconds:.2f} s/step)")
+            task = self._tasks["denoising"] = self.progress.add_task(f"{self._request}denoising", total=total)
+        self.progress.update(task, completed=index + 1, description=f"{self._request}denoising ({seconds:.2f} s/step)")
 
 
 class QuietEvents(NullEvents):

@@ -34,6 +34,9 @@ class PipelineEvents(Protocol):
 
 
 class NullEvents:
+    def request_started(self, index: int, total: int) -> None:
+        """(A display's: the events that follow are prompt `index`, from 1, of `total`.)"""
+
     def stage_started(self, name: str) -> None:
         pass
 
