@@ -22,6 +22,8 @@ SIZE_MULTIPLE = 16
 MAX_SIZE = 8192
 FLOAT32_MAX = 3.4028234663852886e38  # the scales become float32 tensors
 MAX_SEED = 2**64 - 1
+MAX_STEPS = 1000  # the schedules' training grid has 1000 timesteps: more steps only repeat them
+MAX_OUTPUTS_PER_PROMPT = 64  # one batch on the device; more, and the command would only run out of memory
 MAX_SEQUENCE_LENGTH = 512  # T5's length in FLUX's training; diffusers refuses more too
 
 
@@ -46,11 +48,13 @@ class SamplingParams:
     negative_prompt: str | None = None
     height: int = checked(1024, _size_ok, SIZE_RULE)
     width: int = checked(1024, _size_ok, SIZE_RULE)
-    num_inference_steps: int = checked(28, lambda v: v >= 1, "must be at least 1")
+    num_inference_steps: int = checked(28, lambda v: 1 <= v <= MAX_STEPS, f"must be between 1 and {MAX_STEPS}")
     guidance_scale: float = 3.5
     seed: int = checked(42, lambda v: 0 <= v <= MAX_SEED, f"must be between 0 and {MAX_SEED}")
     generator_device: str = checked("cpu", lambda v: v in ("cpu", "cuda"), "must be 'cpu' or 'cuda'")
-    num_outputs_per_prompt: int = checked(1, lambda v: v >= 1, "must be at least 1")
+    num_outputs_per_prompt: int = checked(
+        1, lambda v: 1 <= v <= MAX_OUTPUTS_PER_PROMPT, f"must be between 1 and {MAX_OUTPUTS_PER_PROMPT}"
+    )
     max_sequence_length: int = checked(
         512, lambda v: 1 <= v <= MAX_SEQUENCE_LENGTH, f"must be between 1 and {MAX_SEQUENCE_LENGTH}"
     )

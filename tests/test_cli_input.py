@@ -113,8 +113,10 @@ NO_CONTROL = "{} must not hold line breaks or control characters (found {})"
         (["--prompt", "p", "--output-file-name", " "], "--output-file-name needs a name before the extension"),
         (["--prompt", "p", "--output-file-name", "x" * 300], "--output-file-name is too long"),
         (["--prompt-file", "."], "--prompt-file . is a folder"),
-        (["--prompt", "p", "--steps", "0"], "--num-inference-steps must be at least 1, got 0"),
-        (["--prompt", "p", "--num-outputs-per-prompt", "0"], "--num-outputs-per-prompt must be at least 1"),
+        (["--prompt", "p", "--steps", "0"], "--num-inference-steps must be between 1 and 1000, got 0"),
+        (["--prompt", "p", "--num-outputs-per-prompt", "0"], "--num-outputs-per-prompt must be between 1 and 64"),
+        (["--prompt", "p", "--steps", "1000000000000"], "--num-inference-steps must be between 1 and 1000"),
+        (["--prompt", "p", "--num-outputs-per-prompt", "100000"], "--num-outputs-per-prompt must be between 1 and 64"),
         (["--prompt", "p", "--true-cfg-scale", "0.5"], "--true-cfg-scale must be >= 1"),
         (
             ["--prompt", "p", "--guidance-scale", "inf"],
@@ -294,3 +296,14 @@ def test_debug_variable_shows_the_traceback(tmp_path, monkeypatch):
     assert result.exit_code == 2  # still bad input: the same exit code as without the variable
     assert "Traceback (most recent call last)" in result.stderr and "sgdiff.errors.UserError" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_a_prompt_file_over_the_limit_is_refused_before_planning(received, tmp_path):
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("a red circle\n" * (cli.MAX_PROMPTS + 1))
+    result = invoke("--prompt-file", str(prompts))
+    assert result.exit_code == 2 and not received
+    assert result.output.strip() == (
+        f"error: --prompt-file {prompts} has {cli.MAX_PROMPTS + 1} prompts; a run takes at most {cli.MAX_PROMPTS}: "
+        "split it"
+    )

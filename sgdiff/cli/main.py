@@ -40,6 +40,9 @@ def root(
     """sgdiff: image and video generation with diffusion transformers."""
 
 
+MAX_PROMPTS = 10_000  # a run's paths and requests are planned up front: beyond this, split the file
+
+
 def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     if prompt is not None and prompt_file is not None:
         fail("give --prompt or --prompt-file, not both")
@@ -57,6 +60,8 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
         prompts = [line.strip() for line in lines if line.strip()]
         if not prompts:
             fail(f"--prompt-file {prompt_file} has no prompts (one per line)")
+        if len(prompts) > MAX_PROMPTS:
+            fail(f"--prompt-file {prompt_file} has {len(prompts)} prompts; a run takes at most {MAX_PROMPTS}: split it")
         return prompts
     if prompt is None:
         fail("pass --prompt TEXT or --prompt-file FILE")
