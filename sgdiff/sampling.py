@@ -22,7 +22,7 @@ SIZE_MULTIPLE = 16
 MAX_SIZE = 8192
 FLOAT32_MAX = 3.4028234663852886e38  # the scales become float32 tensors
 MAX_SEED = 2**64 - 1
-MAX_STEPS = 1000  # the schedules' training grid has 1000 timesteps: more steps only repeat them
+MAX_STEPS = 10_000  # a guard against typos (the schedules' training grids have 1000 timesteps)
 MAX_OUTPUTS_PER_PROMPT = 64  # one batch on the device; more, and the command would only run out of memory
 MAX_SEQUENCE_LENGTH = 512  # T5's length in FLUX's training; diffusers refuses more too
 

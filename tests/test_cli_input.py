@@ -113,9 +113,9 @@ NO_CONTROL = "{} must not hold line breaks or control characters (found {})"
         (["--prompt", "p", "--output-file-name", " "], "--output-file-name needs a name before the extension"),
         (["--prompt", "p", "--output-file-name", "x" * 300], "--output-file-name is too long"),
         (["--prompt-file", "."], "--prompt-file . is a folder"),
-        (["--prompt", "p", "--steps", "0"], "--num-inference-steps must be between 1 and 1000, got 0"),
+        (["--prompt", "p", "--steps", "0"], "--num-inference-steps must be between 1 and 10000, got 0"),
         (["--prompt", "p", "--num-outputs-per-prompt", "0"], "--num-outputs-per-prompt must be between 1 and 64"),
-        (["--prompt", "p", "--steps", "1000000000000"], "--num-inference-steps must be between 1 and 1000"),
+        (["--prompt", "p", "--steps", "1000000000000"], "--num-inference-steps must be between 1 and 10000"),
         (["--prompt", "p", "--num-outputs-per-prompt", "100000"], "--num-outputs-per-prompt must be between 1 and 64"),
         (["--prompt", "p", "--true-cfg-scale", "0.5"], "--true-cfg-scale must be >= 1"),
         (

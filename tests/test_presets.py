@@ -99,7 +99,7 @@ def test_merge_layers_ignores_none_and_later_wins():
     [
         ({"height": 1000}, "height must be a positive multiple of 16 up to 8192, got 1000"),
         ({"width": 0}, "width must be a positive multiple of 16 up to 8192, got 0"),
-        ({"num_inference_steps": 0}, "num_inference_steps must be between 1 and 1000"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be between 1 and 10000"),
         ({"num_outputs_per_prompt": 0}, "num_outputs_per_prompt must be between 1 and 64"),
         ({"generator_device": "tpu"}, "generator_device must be 'cpu' or 'cuda'"),
         ({"true_cfg_scale": 0.5}, "true_cfg_scale must be >= 1"),

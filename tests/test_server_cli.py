@@ -70,7 +70,7 @@ def test_a_perf_dump_records_the_servers_timings(server, tmp_path):
         (["--num-gpus", "2"], "--num-gpus sets how a model runs here"),
         (["--preset", "demo-image"], "--preset picks a model's defaults here"),
         (["--model-path", "black-forest-labs/FLUX.1-dev"], "serves sgdiff/demo-image"),
-        (["--steps", "0"], "--num-inference-steps must be between 1 and 1000"),
+        (["--steps", "0"], "--num-inference-steps must be between 1 and 10000"),
         (["--num-frames", "9"], "--num-frames does not apply"),
         (["--output-format", "mp4"], "--output-format mp4 is for video models"),
     ],
