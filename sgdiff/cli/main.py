@@ -40,7 +40,7 @@ def root(
     """sgdiff: image and video generation with diffusion transformers."""
 
 
-MAX_PROMPTS = 10_000  # a run's paths and requests are planned up front: beyond this, split the file
+MAX_PROMPTS = 100_000  # a run's paths and requests are planned up front: beyond this, split the file
 
 
 def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
