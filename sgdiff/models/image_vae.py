@@ -69,7 +69,6 @@ class ImageVaeConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "the VAE config") -> ImageVaeConfig:
         known = config_fields(cls, raw)
-        known.pop("source", None)
         return cls(**known, source=source)
 
     @property

@@ -23,8 +23,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 def config_fields(cls, raw: dict[str, Any]) -> dict[str, Any]:
     """The keys of a diffusers config.json that dataclass `cls` declares (diffusers adds `_class_name`,
-    `_diffusers_version`, ...), with JSON lists turned into tuples."""
-    known = {f.name for f in fields(cls)}
+    `_diffusers_version`, ...), with JSON lists turned into tuples. A field `source` (where the config
+    came from, for messages) is sgdiff's own: a file's key of that name is not taken."""
+    known = {f.name for f in fields(cls)} - {"source"}
     return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in known}
 
 

@@ -44,7 +44,6 @@ class ClipTextConfig:
         if model_type != "clip_text_model":
             raise UserError(f"{source}: model_type '{model_type}' is not a CLIP text model ('clip_text_model')")
         known = config_fields(cls, raw)
-        known.pop("source", None)
         eos = known.get("eos_token_id", cls.eos_token_id)
         if isinstance(eos, tuple) and len(eos) == 1:  # a list of one id pools as that id
             eos = known["eos_token_id"] = eos[0]

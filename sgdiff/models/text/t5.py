@@ -59,7 +59,6 @@ class T5EncoderConfig:
         if raw.get("is_decoder"):
             raise UserError(f"{source}: is_decoder is true; sgdiff's T5 encoder runs the bidirectional encoder only")
         known = {**(UMT5_DEFAULTS if model_type == "umt5" else {}), **config_fields(cls, raw)}
-        known.pop("source", None)
         proj = known.get("feed_forward_proj", cls.feed_forward_proj)
         parts = proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):

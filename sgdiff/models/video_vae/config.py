@@ -64,7 +64,6 @@ class VideoVaeConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "the VAE config") -> VideoVaeConfig:
         known = config_fields(cls, raw)
-        known.pop("source", None)
         return cls(**known, source=source)
 
     @property
