@@ -358,3 +358,23 @@ def test_quiet_libraries_imports_no_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]"]
+
+
+def test_tensors_not_wanted_are_not_read(tmp_path, monkeypatch):
+    """A VAE's encoder (never run) stays on disk: its bytes are not read, its tensors not made."""
+    path = tmp_path / "model.safetensors"
+    save_file(tensors(), path)
+    start, entries = fast_load.read_header(path)
+    unwanted = entries["b.weight"]
+    reads = []
+    read = fast_load.read_range
+    monkeypatch.setattr(
+        fast_load, "read_range", lambda fd, into, at: (reads.append((at, at + into.numel())), read(fd, into, at))
+    )
+    with Reader(torch.device("cpu")) as reader:
+        ours = read_safetensors(path, reader, wanted=lambda name: name != "b.weight")
+    assert set(ours) == set(tensors()) - {"b.weight"}
+    theirs = load_file(path)
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    low, high = start + unwanted[2], start + unwanted[3]
+    assert not any(a < high and low < b for a, b in reads)  # no read touched its bytes

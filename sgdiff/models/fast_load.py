@@ -13,7 +13,7 @@ import json
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -192,12 +192,15 @@ def copy_through_staging(fd: int, start: int, entries: dict[str, Entry], tensors
                 if failed.is_set():
                     return
                 count, side = min(CHUNK_BYTES, layout.size - offset), turn % 2
+                copies = layout.chunk_copies(offset, count)
+                if not copies:  # only tensors not asked for: not read
+                    continue
                 if lane.copied[side] is not None:
                     lane.copied[side].synchronize()  # its previous chunk has reached the GPU
                 buffer = lane.buffers[side]
                 read_range(fd, buffer[:count], start + offset)
                 with torch.cuda.stream(lane.stream):
-                    for name, low, high, at in layout.chunk_copies(offset, count):
+                    for name, low, high, at in copies:
                         raw_bytes(tensors[name])[low:high].copy_(buffer[at : at + high - low], non_blocking=True)
                     lane.copied[side] = lane.stream.record_event()
         except BaseException:
@@ -210,9 +213,12 @@ def copy_through_staging(fd: int, start: int, entries: dict[str, Entry], tensors
         future.result()
 
 
-def read_safetensors(path: Path, reader: Reader) -> dict[str, torch.Tensor]:
-    """Every tensor of the file on the reader's device, as stored: each its own allocation (so that one
-    replaced later, cast or fused, frees its memory), filled straight from the file."""
+def read_safetensors(
+    path: Path, reader: Reader, wanted: Callable[[str], bool] = lambda name: True
+) -> dict[str, torch.Tensor]:
+    """The file's tensors that are `wanted` (by name; the others' bytes are not read) on the reader's
+    device, as stored: each its own allocation (so that one replaced later, cast or fused, frees its
+    memory), filled straight from the file."""
     start, entries = read_header(path)
     size = max((end for _, _, _, end in entries.values()), default=0)
     if start + size > path.stat().st_size:
@@ -220,6 +226,7 @@ def read_safetensors(path: Path, reader: Reader) -> dict[str, torch.Tensor]:
     for name, (dtype, shape, begin, end) in entries.items():
         if end - begin != dtype.itemsize * math.prod(shape):
             raise UserError(f"{path}: tensor {name} has {end - begin} bytes, its shape and dtype need more or fewer")
+    entries = {name: entry for name, entry in entries.items() if wanted(name)}
     device = reader.device
     tensors = {name: torch.empty(shape, dtype=dtype, device=device) for name, (dtype, shape, _, _) in entries.items()}
     fd = os.open(path, os.O_RDONLY)

@@ -8,6 +8,7 @@ parallel straight onto the device (fast_load.py).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,11 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def load_state_dict(
-    folder: Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", keep_fp32: tuple[str, ...] = ()
+    folder: Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    keep_fp32: tuple[str, ...] = (),
+    wanted: Callable[[str], bool] = lambda name: True,
 ) -> dict[str, torch.Tensor]:
     """All tensors of a component, read shard by shard straight onto `device` (models/fast_load.py:
     parallel reads, pinned staging on CUDA) and cast there where `dtype` differs. Floating tensors
@@ -74,7 +79,7 @@ def load_state_dict(
     state: dict[str, torch.Tensor] = {}
     with shared_reader(torch.device(device)) as reader:
         for path in safetensors_files(folder):
-            for name, tensor in read_safetensors(path, reader).items():
+            for name, tensor in read_safetensors(path, reader, wanted).items():
                 cast = dtype_after_load(name, tensor.dtype, dtype, keep_fp32)
                 state[name] = tensor if tensor.dtype == cast else tensor.to(cast)
     return state
@@ -126,9 +131,9 @@ def load_own_model(
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise UserError(f"{folder}: weights do not match {type(model).__name__} ({detail})")
     check_shapes(model, stored)
-    state = load_state_dict(folder, dtype, device, keep_fp32)
+    used = lambda name: (renamed or {}).get(name, name) in expected  # noqa: E731  (the ignored ones stay unread)
+    state = load_state_dict(folder, dtype, device, keep_fp32, used)
     state = {(renamed or {}).get(k, k): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if k in expected}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
