@@ -119,6 +119,7 @@ class EngineConfig:
     runtime: RuntimeConfig = RuntimeConfig()
     parallel: ParallelConfig = ParallelConfig()
     batching: BatchingConfig = BatchingConfig()
+    revision: str | None = None  # of a Hub repo id: a branch, tag or commit hash (None: its main)
 
 
 @dataclass(frozen=True)

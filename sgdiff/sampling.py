@@ -118,12 +118,14 @@ def _type_ok(kind: type, value: Any) -> bool:
     return isinstance(value, kind)
 
 
-def check_types(cls: type[SamplingParams], values: Mapping[str, Any], source: str) -> None:
-    """Values from presets and callers have their field's type (a flag parser already ensures it)."""
+def check_types(cls: type[SamplingParams], values: Mapping[str, Any], source: str = "") -> None:
+    """Values from presets and callers have their field's type (a flag parser already ensures it);
+    `source`, where they came from, opens the error."""
     kinds = field_kinds(cls)
     for name, value in values.items():
         if value is not None and name in kinds and not _type_ok(kinds[name], value):
-            raise UserError(f"{source}: `{name}` must be {KINDS[kinds[name]]}, got {value!r}", field=name)
+            where = f"{source}: " if source else ""
+            raise UserError(f"{where}`{name}` must be {KINDS[kinds[name]]}, got {value!r}", field=name)
 
 
 def check_values(cls: type[SamplingParams], values: Mapping[str, Any]) -> None:

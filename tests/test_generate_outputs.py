@@ -88,6 +88,7 @@ def test_png_holds_the_generation_parameters(tiny_flux_dev, tmp_path):
     assert params["prompt"] == "a cube" and params["seed"] == 5 and params["model"] == str(tiny_flux_dev)
     assert (params["height"], params["width"], params["num_inference_steps"]) == (32, 32, 2)
     assert params["dtype"] == "float32" and params["preset"] == "flux.1-dev"
+    assert (params["model_revision"], params["model_commit"]) == (None, None)  # not from the Hub
     assert Image.open(path).size == (32, 32)
 
 
@@ -99,7 +100,8 @@ def test_no_save_output_writes_nothing_but_the_perf_dump(tiny_flux_dev, tmp_path
     assert result.exit_code == 0, result.output
     assert not out.exists()
     dump = json.loads(perf.read_text())
-    assert dump["schema_version"] == 2 and dump["gpu"] is None  # (the CPU)
+    assert dump["schema_version"] == 3 and dump["gpu"] is None  # (the CPU)
+    assert (dump["model_revision"], dump["model_commit"]) == (None, None)  # a folder of one's own
     assert dump["versions"]["sgdiff"] == __version__ and dump["versions"]["torch"] == torch.__version__
     request = dump["requests"][0]
     assert (request["seed"], request["num_frames"], request["fps"]) == (42, None, None)

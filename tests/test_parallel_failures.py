@@ -310,3 +310,25 @@ def test_a_killed_front_takes_its_workers_and_their_rendezvous_along(long_run, t
         time.sleep(0.1)
     assert all_ended(workers), [w.pid for w in workers if w.is_running()]
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_sigterm_inside_one_long_kernel_ends_the_run_at_once(tmp_path):
+    """One process, its engine thread inside a single step that takes minutes (the demo model at 4096²
+    on the CPU): SIGTERM ends the run within seconds, 143 and 'terminated', without waiting for the step
+    and without C++'s 'terminate called without an active exception' abort (exit 134) on the way out."""
+    out = tmp_path / "out"
+    process = sgdiff_process(
+        "--prompt", "a red cube", "--height", "4096", "--width", "4096", "--steps", "1", "--device", "cpu",
+        "--output-path", str(out),
+    )  # fmt: skip
+    try:
+        time.sleep(10)  # start-up and loading take ~3 s here; then the one step runs for over a minute
+        assert process.poll() is None, process.communicate()
+        process.send_signal(signal.SIGTERM)
+        code, stderr = ended_within(process, 6)
+    finally:
+        process.kill()
+        process.wait()
+    assert code == 143 and stderr.strip().splitlines()[-1] == "terminated", stderr
+    assert "terminate called" not in stderr
+    assert not out.exists() or list(out.iterdir()) == []

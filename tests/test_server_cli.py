@@ -48,6 +48,40 @@ def test_generate_with_a_server_writes_what_a_local_run_writes(server, tmp_path)
         assert read_png_parameters(here) == read_png_parameters(there)
 
 
+def test_generate_with_a_server_honours_each_line_of_a_json_lines_file(server, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a red circle", "seed": 3, "height": 64, "width": 32}\n'
+                       '{"prompt": "a red circle", "num_inference_steps": 2}\n')  # fmt: skip
+    remote = generate("--server", server.url, "--prompt-file", str(prompts), "--output-path", str(tmp_path / "remote"),
+                      *FLAGS)  # fmt: skip
+    local = generate("--device", "cpu", "--prompt-file", str(prompts), "--output-path", str(tmp_path / "local"),
+                     *FLAGS)  # fmt: skip
+    assert remote.exit_code == 0 and local.exit_code == 0, remote.output + local.output
+    assert remote.stdout.split() == [str(tmp_path / "remote" / name) for name in local_order(local.stdout)]
+    names = local_order(local.stdout)
+    assert len(set(names)) == 2
+    for name in names:
+        here, there = tmp_path / "local" / name, tmp_path / "remote" / name
+        assert np.array_equal(np.asarray(Image.open(here)), np.asarray(Image.open(there)))
+        assert read_png_parameters(here) == read_png_parameters(there)
+    first, second = (read_png_parameters(tmp_path / "local" / name) for name in names)
+    assert (first["seed"], first["height"], first["width"], first["num_inference_steps"]) == (3, 64, 32, 4)
+    assert (second["seed"], second["num_inference_steps"]) == (9, 2)
+
+
+def test_generate_with_a_server_names_the_line_it_cannot_honour(server, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a dot"}\n{"prompt": "a dot", "num_frames": 9}\n')
+    result = generate("--server", server.url, "--prompt-file", str(prompts), "--output-path", str(tmp_path), *FLAGS)
+    assert result.exit_code == 2 and not list(tmp_path.glob("*.png"))
+    assert (
+        result.stderr == f'error: {prompts}:2: "num_frames" does not apply to the server\'s model, which makes images\n'
+    )
+    prompts.write_text('{"prompt": "a dot", "num_inference_steps": 300}\n')
+    result = generate("--server", server.url, "--prompt-file", str(prompts), "--output-path", str(tmp_path), *FLAGS)
+    assert result.exit_code == 2 and result.stderr.startswith(f'error: {prompts}:1: the server refused: "num_inference')
+
+
 def local_order(stdout: str) -> list[str]:
     return [line.rsplit("/", 1)[-1] for line in stdout.split()]
 
@@ -69,6 +103,7 @@ def test_a_perf_dump_records_the_servers_timings(server, tmp_path):
         (["--dtype", "bf16"], "--dtype sets how a model runs here"),
         (["--num-gpus", "2"], "--num-gpus sets how a model runs here"),
         (["--preset", "demo-image"], "--preset picks a model's defaults here"),
+        (["--revision", "main"], "--revision picks the model's version here"),
         (["--model-path", "black-forest-labs/FLUX.1-dev"], "serves sgdiff/demo-image"),
         (["--steps", "0"], "--num-inference-steps must be between 1 and 10000"),
         (["--num-frames", "9"], "--num-frames does not apply"),

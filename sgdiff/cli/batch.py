@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from sgdiff import __version__
+from sgdiff.cli.prompts import PromptLine
 from sgdiff.config import ParallelConfig, RuntimeConfig
 from sgdiff.engine.ranks import under_torchrun
 from sgdiff.engine.runner import GenerationResult
@@ -22,6 +23,7 @@ from sgdiff.io.files import write_atomically
 from sgdiff.io.outputs import DEFAULT_FPS, OutputConfig, output_metadata, planned_outputs, save_output
 from sgdiff.models.resolve import DEMO_IMAGE_MODEL, DEMO_VIDEO_MODEL
 from sgdiff.pipeline.base import PipelineEvents
+from sgdiff.sampling import SamplingParams
 from sgdiff.speed.apply import speed_report
 
 
@@ -34,6 +36,8 @@ class BatchRequest:
     runtime: RuntimeConfig = RuntimeConfig()
     output: OutputConfig = OutputConfig()
     parallel: ParallelConfig = ParallelConfig()
+    revision: str | None = None  # of a Hub repo id given as model_path: a branch, tag or commit hash
+    prompt_lines: list[PromptLine] = field(default_factory=list)  # a JSON Lines file: each prompt's own fields
 
 
 class LoadTimes:
@@ -85,9 +89,11 @@ class BatchReport:
     started_at_process_age: float | None = None  # seconds after spawn when run_batch began
 
 
-def default_model_path(flags: dict[str, Any]) -> str:
-    """No --model-path: the embedded demo video model when --num-frames is given, else the image one."""
-    return DEMO_VIDEO_MODEL if flags.get("num_frames") is not None else DEMO_IMAGE_MODEL
+def default_model_path(flags: dict[str, Any], lines: list[PromptLine] = ()) -> str:
+    """No --model-path: the embedded demo video model when --num-frames (or a prompt file's line's
+    num_frames) is given, else the image one."""
+    frames = [flags.get("num_frames"), *(line.fields.get("num_frames") for line in lines)]
+    return DEMO_VIDEO_MODEL if any(n is not None for n in frames) else DEMO_IMAGE_MODEL
 
 
 def run_batch(
@@ -96,12 +102,14 @@ def run_batch(
     """Every prompt of `request` through one engine; the outputs written here as each finishes."""
     start, started_at = time.perf_counter(), process_age_seconds()
     events = load_times = LoadTimes(events, start)
-    model_path = request.model_path or default_model_path(request.sampling_flags)
+    model_path = request.model_path or default_model_path(request.sampling_flags, request.prompt_lines)
     with Engine(
-        model_path, preset=request.preset, runtime=request.runtime, parallel=request.parallel, load_events=events
-    ) as engine:
-        all_params = [engine.request(prompt, **request.sampling_flags) for prompt in request.prompts]
-        suffix, paths = planned_outputs(all_params, request.output, engine.output_kind)
+        model_path, preset=request.preset, runtime=request.runtime, parallel=request.parallel, load_events=events,
+        revision=request.revision,
+    ) as engine:  # fmt: skip
+        all_params = requested(engine, request)
+        name_fields = [line.name_fields for line in request.prompt_lines] or None
+        suffix, paths = planned_outputs(all_params, request.output, engine.output_kind, name_fields)
         if under_torchrun() and os.environ["RANK"] != "0":
             engine.follow()  # rank 0 takes the requests and writes; this rank computes with it
             return BatchReport([], [], 0.0, time.perf_counter() - start, engine.runner.peak_rss_bytes())
@@ -110,6 +118,8 @@ def run_batch(
         handles = [engine.submit(params) for params in all_params]
         about = {
             "model": model_path,
+            "model_revision": request.revision,  # as given (None: the repo's main, or not a repo)
+            "model_commit": engine.model_commit,  # the Hub commit loaded (None: a folder of one's own)
             "preset": engine.preset_name,
             "dtype": str(engine.runner.dtype).removeprefix("torch."),
             "sgdiff_version": __version__,
@@ -141,7 +151,20 @@ def run_batch(
     return report
 
 
-PERF_DUMP_SCHEMA = 2  # 2: versions, gpu, load spans, and each request's seed, frames and fps
+def requested(engine: Engine, request: BatchRequest) -> list[SamplingParams]:
+    """Each prompt's request checked by the engine (nothing loads): the flags, and over them the fields
+    of its line of a JSON Lines prompt file, whose errors name that line."""
+    if not request.prompt_lines:
+        return [engine.request(prompt, **request.sampling_flags) for prompt in request.prompts]
+    params = []
+    for prompt, line in zip(request.prompts, request.prompt_lines, strict=True):
+        with line.blamed():
+            params.append(engine.request(prompt, **{**request.sampling_flags, **line.fields}))
+    return params
+
+
+# 2: versions, gpu, load spans, and each request's seed, frames and fps; 3: model_revision, model_commit
+PERF_DUMP_SCHEMA = 3
 
 
 def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
@@ -150,6 +173,8 @@ def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
         "schema_version": PERF_DUMP_SCHEMA,
         "versions": library_versions(),
         "model": engine.config.model_path,
+        "model_revision": engine.revision,  # --revision as given (null: none)
+        "model_commit": engine.model_commit,  # the Hub commit loaded (null: a local folder, not a HF cache snapshot)
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "dtype": str(engine.runner.dtype).removeprefix("torch."),

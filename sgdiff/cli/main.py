@@ -14,6 +14,7 @@ from sgdiff.cli import options as opt
 from sgdiff.cli.bench import bench
 from sgdiff.cli.engine_flags import EngineFlags, with_engine_flags
 from sgdiff.cli.errors import fail, user_errors
+from sgdiff.cli.prompts import MAX_PROMPTS, PromptLine, read_prompt_file  # noqa: F401 - MAX_PROMPTS: read here too
 from sgdiff.cli.serve import serve
 
 app = typer.Typer(
@@ -40,34 +41,17 @@ def root(
     """sgdiff: image and video generation with diffusion transformers."""
 
 
-MAX_PROMPTS = 100_000  # a run's paths and requests are planned up front: beyond this, split the file
-
-
-def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
+def read_prompts(prompt: str | None, prompt_file: Path | None) -> tuple[list[str], list[PromptLine]]:
+    """The prompts and, from a JSON Lines --prompt-file, each one's line (its own fields); else no lines."""
     if prompt is not None and prompt_file is not None:
         fail("give --prompt or --prompt-file, not both")
     if prompt_file is not None:
-        if prompt_file.is_dir():
-            fail(f"--prompt-file {prompt_file} is a folder; give a text file with one prompt per line")
-        if not prompt_file.exists():  # (a pipe is read too: --prompt-file /dev/stdin or <(grep cat prompts.txt))
-            fail(f"--prompt-file {prompt_file} does not exist")
-        try:
-            lines = prompt_file.read_text(encoding="utf-8-sig").splitlines()  # -sig: drop a byte-order mark
-        except UnicodeDecodeError:
-            fail(f"--prompt-file {prompt_file} is not UTF-8 text")
-        except OSError as exc:
-            fail(f"--prompt-file {prompt_file} cannot be read ({exc.strerror})")
-        prompts = [line.strip() for line in lines if line.strip()]
-        if not prompts:
-            fail(f"--prompt-file {prompt_file} has no prompts (one per line)")
-        if len(prompts) > MAX_PROMPTS:
-            fail(f"--prompt-file {prompt_file} has {len(prompts)} prompts; a run takes at most {MAX_PROMPTS}: split it")
-        return prompts
+        return read_prompt_file(prompt_file)
     if prompt is None:
         fail("pass --prompt TEXT or --prompt-file FILE")
     if not prompt.strip():
         fail("--prompt is empty: describe the image to generate")
-    return [prompt]
+    return [prompt], []
 
 
 def check_outputs(save_output: bool, output_path: Path, file_name: str | None, perf_dump_path: Path | None) -> None:
@@ -89,6 +73,7 @@ def check_outputs(save_output: bool, output_path: Path, file_name: str | None, p
 @with_engine_flags
 def generate(
     model_path: opt.ModelPath = None,
+    revision: opt.Revision = None,
     prompt: opt.Prompt = None,
     prompt_file: opt.PromptFile = None,
     negative_prompt: opt.NegativePrompt = None,
@@ -143,7 +128,7 @@ def generate(
         from sgdiff.pipeline.registry import check_given_values
 
         check_given_values(flags)
-        prompts = read_prompts(prompt, prompt_file)
+        prompts, lines = read_prompts(prompt, prompt_file)
         check_outputs(save_output, output_path, output_file_name, perf_dump_path)
         output = OutputConfig(
             save_output, output_path, output_file_name, perf_dump_path, output_format.value if output_format else None
@@ -151,7 +136,8 @@ def generate(
         if server is not None:
             from sgdiff.cli.remote import RemoteRequest, run_remote
 
-            run_remote(RemoteRequest(server, model_path, prompts, flags, output, preset, engine.given()), quiet)
+            remote = RemoteRequest(server, model_path, prompts, flags, output, preset, engine.given(), lines, revision)
+            run_remote(remote, quiet)
             return
         from sgdiff.cli.batch import BatchRequest
 
@@ -163,6 +149,8 @@ def generate(
             runtime=engine.runtime(),
             parallel=engine.parallel(),
             output=output,
+            revision=revision,
+            prompt_lines=lines,
         )
         run(request, quiet)
 
@@ -202,12 +190,29 @@ app.command()(serve)
 def main() -> None:
     """The `sgdiff` command. After a generate that finished cleanly the process leaves at once, without
     the interpreter's teardown (freeing every module and tensor one by one: 0.6 s of a demo run on the
-    CPU machine, more with a model on a GPU); everything is written, closed and flushed by then."""
+    CPU machine, more with a model on a GPU); everything is written, closed and flushed by then. After
+    Ctrl-C or SIGTERM it leaves the same way, once the half-written files are removed and the workers
+    stopped: the engine's thread may still be inside one long kernel, and C++'s static destructors would
+    abort under it ('terminate called without an active exception', exit 134)."""
     try:
         app()
     except SystemExit as exit_:
-        if FINISHED["cleanly"] and exit_.code in (0, None):
+        interrupted = exit_.code in INTERRUPTED_EXIT_CODES and engine_thread_busy()
+        if (FINISHED["cleanly"] and exit_.code in (0, None)) or interrupted:
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(0)
+            os._exit(exit_.code or 0)
         raise
+
+
+INTERRUPTED_EXIT_CODES = (130, 143)  # Ctrl-C, SIGTERM (cli/errors.py)
+
+
+def engine_thread_busy() -> bool:
+    """Whether a thread of this process still runs the model (engine/local.py, speed/warm_up.py)."""
+    import threading
+
+    return any(t.name in MODEL_THREADS and t.is_alive() for t in threading.enumerate())
+
+
+MODEL_THREADS = ("sgdiff-engine", "sgdiff-rank0", "sgdiff-warm-up")

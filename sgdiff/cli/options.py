@@ -19,7 +19,7 @@ class OutputFormatChoice(str, Enum):
 
 AttentionBackendChoice = Enum(  # the names of sgdiff/speed/attention_backends.py (a test keeps them equal)
     "AttentionBackendChoice",
-    {name: name for name in ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "flex", "fa3", "sage")},
+    {name: name for name in ("auto", "fa", "sdpa", "cudnn", "flash", "efficient", "math", "flex", "fa3", "sage")},
     type=str,
 )
 
@@ -38,6 +38,14 @@ ModelPath = Annotated[
         rich_help_panel=MODEL,
     ),
 ]
+Revision = Annotated[
+    str | None,
+    typer.Option(
+        "--revision",
+        help="With a Hub repo id as --model-path: the branch, tag or commit hash to load (default: main).",
+        rich_help_panel=MODEL,
+    ),
+]
 PresetName = Annotated[
     str | None,
     typer.Option(
@@ -51,7 +59,8 @@ PromptFile = Annotated[
     Path | None,
     typer.Option(
         "--prompt-file",
-        help="File with one prompt per line; the model loads once and every prompt runs.",
+        help='File with one prompt per line (FILE.jsonl: one JSON object per line, with "prompt" and its own '
+        "seed, size, ...); the model loads once and every prompt runs.",
         rich_help_panel=SAMPLING,
     ),
 ]
@@ -222,8 +231,9 @@ AttentionBackend = Annotated[
     AttentionBackendChoice,
     typer.Option(
         "--attention-backend",
-        help="Attention kernel: auto (the fastest this GPU has: cuDNN on Hopper), sdpa (PyTorch's choice), "
-        "cudnn, flash, efficient, math, flex (compiled flex attention), fa3 (FlashAttention 3) and sage "
+        help="Attention kernel: auto (the fastest this GPU has: cuDNN on Hopper, or FlashAttention where installed "
+        "and measured faster), fa (FlashAttention: pip install 'sgdiff\\[flash]'), sdpa (PyTorch's choice), cudnn, "
+        "flash (SDPA's), efficient, math, flex (compiled flex attention), fa3 (FlashAttention 3) and sage "
         "(SageAttention) when installed.",
         rich_help_panel=SPEED,
     ),

@@ -8,13 +8,14 @@ import base64
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from sgdiff.cli.errors import FLAGS, fail, flag
+from sgdiff.cli.prompts import PromptLine, fields_for_output
 from sgdiff.errors import UserError
 from sgdiff.io.files import write_atomically
 from sgdiff.io.image import OutputNamer, check_output_file_name
@@ -33,6 +34,13 @@ class RemoteRequest:
     output: OutputConfig
     preset: str | None = None
     engine_flags: tuple[str, ...] | list[str] = ()
+    prompt_lines: list[PromptLine] = field(default_factory=list)  # a JSON Lines file: each prompt's own fields
+    revision: str | None = None
+
+
+def api_flag(name: str) -> str:
+    """How the CLI names a field of the server's API in an error."""
+    return API_FLAGS.get(name, flag(name))
 
 
 class ServerClient:
@@ -47,8 +55,9 @@ class ServerClient:
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(30.0, read=None))
         self.errors = (httpx.HTTPError,)
 
-    def call(self, method: str, path: str, **kwargs) -> Any:
-        """The answer's JSON (or bytes for content); a refusal ends the run with the server's message."""
+    def call(self, method: str, path: str, line: PromptLine | None = None, **kwargs) -> Any:
+        """The answer's JSON (or bytes for content); a refusal ends the run with the server's message
+        (naming `line`, the prompt file's line of the request, and its fields as the line spells them)."""
         try:
             response = self.http.request(method, path, **kwargs)
         except self.errors as exc:
@@ -56,10 +65,12 @@ class ServerClient:
         if response.status_code >= 400:
             try:
                 error = response.json()["error"]
-                message = UserError(error["message"]).render(lambda name: API_FLAGS.get(name, flag(name)))
+                spell = (lambda name: line.spell(name, api_flag)) if line is not None else api_flag
+                message = UserError(error["message"]).render(spell)
             except (ValueError, KeyError, TypeError):
                 message = f"HTTP {response.status_code}: {response.text[:200]}"
-            fail(f"the server refused: {message}", code=2 if response.status_code < 500 else 1)
+            where = f"{line.origin}: " if line is not None else ""
+            fail(f"{where}the server refused: {message}", code=2 if response.status_code < 500 else 1)
         return response.content if response.headers.get("content-type", "").startswith("video/") else response.json()
 
 
@@ -69,11 +80,18 @@ def run_remote(request: RemoteRequest, quiet: bool) -> None:
              "leave it out (or restart the server with it)")  # fmt: skip
     if request.preset is not None:
         fail("--preset picks a model's defaults here; with --server the server's preset applies: leave it out")
+    if request.revision is not None:
+        fail("--revision picks the model's version here; with --server the server's model applies: leave it out "
+             "(or restart the server with it)")  # fmt: skip
     client = ServerClient(request.server)
     card = client.call("GET", "/v1/models")["data"][0]
     if request.model_path is not None and request.model_path != card["id"]:
         fail(f"--model-path {request.model_path}, but the server at {client.url} serves {card['id']}")
     kind = card["output"]
+    takes = fields_for_output(kind)
+    for line in request.prompt_lines:  # the server checks the rest as each request comes
+        if misfit := next((name for name in line.fields if name not in takes), None):
+            fail(f'{line.origin}: "{misfit}" does not apply to the server\'s model, which makes {kind}s')
     out = request.output
     try:
         suffix = output_suffix(kind, out.output_format)
@@ -90,34 +108,41 @@ def run_remote(request: RemoteRequest, quiet: bool) -> None:
         fail("--num-outputs-per-prompt: with --server each video is its own job; run the command once per video")
     namer = OutputNamer(out.output_path, out.output_file_name, n * len(request.prompts), suffix)
     start, reports = time.perf_counter(), []
-    for prompt in request.prompts:
+    lines = request.prompt_lines or [None] * len(request.prompts)
+    for prompt, line in zip(request.prompts, lines, strict=True):
+        fields = {**flags, **line.fields} if line is not None else flags
         if kind == "image":
-            outputs, report = remote_images(client, prompt, n, flags)
+            outputs, report = remote_images(client, prompt, n, fields, line)
         else:
-            outputs, report = remote_video(client, prompt, flags, quiet)
+            outputs, report = remote_video(client, prompt, fields, quiet, line)
         reports.append(report)
         seed = report["request"]["seed"]
         for index, content in enumerate(outputs):
-            path = namer.next_path(prompt, seed, index, n)
+            path = namer.next_path(prompt, seed, index, n, line.name_fields if line is not None else None)
             if out.save_output:
                 write_atomically(path, lambda handle, content=content: handle.write(content))
                 typer.echo(str(path))
     total = time.perf_counter() - start
     if out.perf_dump_path is not None:
-        dump = {"server": client.url, "model": card["id"], "total_seconds": total, "requests": reports}
+        dump = {"server": client.url, "model": card["id"], "model_revision": card.get("revision"),
+                "model_commit": card.get("commit"), "total_seconds": total, "requests": reports}  # fmt: skip
         write_atomically(out.perf_dump_path, lambda handle: handle.write(json.dumps(dump, indent=2).encode()))
     if not quiet:
         count = n * len(request.prompts)
         typer.echo(f"generated {count} {kind}(s) in {total:.1f} s on {client.url}", err=True)
 
 
-def remote_images(client: ServerClient, prompt: str, n: int, flags: dict[str, Any]) -> tuple[list[bytes], dict]:
+def remote_images(
+    client: ServerClient, prompt: str, n: int, flags: dict[str, Any], line: PromptLine | None = None
+) -> tuple[list[bytes], dict]:
     body = {"prompt": prompt, "n": n, "response_format": "b64_json", **flags}
-    answer = client.call("POST", "/v1/images/generations", json=body)
+    answer = client.call("POST", "/v1/images/generations", line, json=body)
     return [base64.b64decode(item["b64_json"]) for item in answer["data"]], answer["sgdiff"]
 
 
-def remote_video(client: ServerClient, prompt: str, flags: dict[str, Any], quiet: bool) -> tuple[list[bytes], dict]:
+def remote_video(
+    client: ServerClient, prompt: str, flags: dict[str, Any], quiet: bool, line: PromptLine | None = None
+) -> tuple[list[bytes], dict]:
     flags = dict(flags)
     image_path = flags.pop("image_path", None)
     if image_path is not None:
@@ -125,9 +150,10 @@ def remote_video(client: ServerClient, prompt: str, flags: dict[str, Any], quiet
         if not path.is_file():
             fail(f"--image-path {image_path}: no such file (with --server the image is uploaded from here)")
         form = {name: str(value) for name, value in {"prompt": prompt, **flags}.items()}
-        job = client.call("POST", "/v1/videos", data=form, files={"input_reference": (path.name, path.read_bytes())})
+        upload = {"input_reference": (path.name, path.read_bytes())}
+        job = client.call("POST", "/v1/videos", line, data=form, files=upload)
     else:
-        job = client.call("POST", "/v1/videos", json={"prompt": prompt, **flags})
+        job = client.call("POST", "/v1/videos", line, json={"prompt": prompt, **flags})
     try:
         job = follow_job(client, job, quiet)
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ def default_state_dir() -> Path:
 @with_engine_flags
 def serve(
     model_path: opt.ModelPath = None,
+    revision: opt.Revision = None,
     preset: opt.PresetName = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.", rich_help_panel=SERVER)] = "127.0.0.1",
     port: Annotated[
@@ -108,4 +109,4 @@ def serve(
         limits = ServerLimits(max_queue, int(max_body_mb * 2**20), max_n, max_size, max_frames, max_steps)
         config = ServeConfig(host, port, state_dir or default_state_dir(), api_key, limits, quiet)
         run_server(model_path, preset, engine.runtime(), engine.parallel(),
-                   BatchingConfig(max_batch_size, batching_delay_ms), config)  # fmt: skip
+                   BatchingConfig(max_batch_size, batching_delay_ms), config, revision)  # fmt: skip

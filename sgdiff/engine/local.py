@@ -51,7 +51,7 @@ class LocalExecutor:
         return self.dispatcher.failure
 
     def close(self, graceful: bool = True) -> None:
-        stop_serving(self.dispatcher, self.inbox, self.thread)
+        stop_serving(self.dispatcher, self.inbox, self.thread, graceful)
 
 
 class TorchrunRankExecutor:
@@ -98,7 +98,7 @@ class TorchrunRankExecutor:
         return self.dispatcher.failure
 
     def close(self, graceful: bool = True) -> None:
-        stop_serving(self.dispatcher, self.inbox, self.thread)
+        stop_serving(self.dispatcher, self.inbox, self.thread, graceful)
 
 
 def follow_torchrun(config: EngineConfig, spec: RankSpec) -> None:
@@ -108,10 +108,12 @@ def follow_torchrun(config: EngineConfig, spec: RankSpec) -> None:
     serve_on_rank(spec, config, None, Silent())
 
 
-def stop_serving(dispatcher: Dispatcher, inbox: Inbox, thread: threading.Thread | None) -> None:
-    """Cancel what is queued or running, tell the serving thread to stop, and wait for it a while."""
+def stop_serving(dispatcher: Dispatcher, inbox: Inbox, thread: threading.Thread | None, graceful: bool = True) -> None:
+    """Cancel what is queued or running and tell the serving thread to stop; wait for it a while when
+    `graceful` (not on the way out of Ctrl-C, SIGTERM or an error: one kernel of a huge request can run
+    for minutes, and the daemon thread stops at its next step, or with the process)."""
     dispatcher.cancel_all()
     inbox.put(("stop",))
-    if thread is not None:
+    if thread is not None and graceful:
         thread.join(timeout=STOP_WAIT_SECONDS)
     dispatcher.close()

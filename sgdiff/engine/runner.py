@@ -15,7 +15,7 @@ import torch
 
 from sgdiff.config import Preset, RuntimeConfig, merge_layers, select_preset
 from sgdiff.errors import UserError
-from sgdiff.models.resolve import resolve_model_path
+from sgdiff.models.resolve import is_hub_repo, resolve_model_path, snapshot_commit
 from sgdiff.pipeline.base import NullEvents, PipelineEvents, State
 from sgdiff.pipeline.registry import family_of_field, inspect_model
 from sgdiff.sampling import SamplingParams, build_sampling_params, sampling_fields
@@ -82,14 +82,18 @@ class ModelRunner:
         preset: str | None = None,
         runtime: RuntimeConfig = RuntimeConfig(),
         events: PipelineEvents | None = None,
+        revision: str | None = None,
     ):
+        """`revision`: a branch, tag or commit hash of the Hub repo `model_path` names (default: main)."""
         self.model_path = model_path
         self.events = events or NullEvents()
         self.device = resolve_device(runtime.device)
         self.dtype = resolve_dtype(runtime.dtype, self.device)
         self.speed = resolve_speed(runtime.speed, self.device, self.dtype)
         self.attention = check_speed(self.speed, self.device, self.dtype)
-        self.model_dir = resolve_model_path(model_path)
+        self.from_hub = is_hub_repo(model_path)
+        self.model_dir = resolve_model_path(model_path, revision)
+        self.model_commit = snapshot_commit(self.model_dir)  # the Hub commit loaded (None: not a HF cache snapshot)
         self.info = inspect_model(self.model_dir)
         self.preset: Preset | None = select_preset(
             preset, model_path, self.info.pipeline_class, self.info.transformer_config, self.info.model_index

@@ -66,11 +66,13 @@ class Engine:
         parallel: ParallelConfig = ParallelConfig(),
         load_events: PipelineEvents | None = None,
         batching: BatchingConfig = BatchingConfig(),
+        revision: str | None = None,
     ):
         """Resolve the model and check the configuration (nothing loads yet: start() or the first
         submit() loads). `model`: a Hub repo id, a local diffusers-format folder or an embedded demo
-        model's name (default: sgdiff/demo-image). `batching`: requests that may share a forward pass
-        (the model family decides which) and arrive within its delay run as one batch."""
+        model's name (default: sgdiff/demo-image). `revision`: a branch, tag or commit hash of a Hub
+        repo id (default: its main; refused for a folder). `batching`: requests that may share a forward
+        pass (the model family decides which) and arrive within its delay run as one batch."""
         if under_torchrun():  # the processes torchrun started are the ranks
             world = int(os.environ["WORLD_SIZE"])
             if parallel.num_gpus not in (1, world):
@@ -86,9 +88,13 @@ class Engine:
                 "(cuDNN on Hopper, else flash): use `attention_backend` auto with `ring_degree`",
                 field="attention_backend",
             )
-        self.config = EngineConfig(model or DEMO_IMAGE_MODEL, preset, runtime, self.parallel, batching)
+        self.revision = revision
+        self.config = EngineConfig(model or DEMO_IMAGE_MODEL, preset, runtime, self.parallel, batching, revision)
         self.load_events = load_events or NullEvents()
-        self.runner = ModelRunner(self.config.model_path, preset, runtime, self.load_events)
+        self.runner = ModelRunner(self.config.model_path, preset, runtime, self.load_events, revision)
+        if self.runner.from_hub and self.runner.model_commit is not None:
+            # worker processes load the very commit resolved here, even if its branch moves meanwhile
+            self.config = replace(self.config, revision=self.runner.model_commit)
         if self.parallel.num_gpus > 1 or under_torchrun():
             from sgdiff.parallel.plans import check_heads  # (parallel/ is imported by several processes only)
 
@@ -112,6 +118,7 @@ class Engine:
         ring_degree: int | None = None,
         enable_cfg_parallel: bool = False,
         preset: str | None = None,
+        revision: str | None = None,
         max_batch_size: int = 1,
         batching_delay_ms: float = 0.0,
         **speed: Any,
@@ -125,7 +132,7 @@ class Engine:
         runtime = RuntimeConfig(device, dtype, SpeedConfig(**speed))
         parallel = ParallelConfig(num_gpus, ulysses_degree, ring_degree, enable_cfg_parallel)
         batching = BatchingConfig(max_batch_size, batching_delay_ms)
-        engine = cls(model, preset=preset, runtime=runtime, parallel=parallel, batching=batching)
+        engine = cls(model, preset=preset, runtime=runtime, parallel=parallel, batching=batching, revision=revision)
         engine.start()
         return engine
 
@@ -139,6 +146,12 @@ class Engine:
     @property
     def preset_name(self) -> str | None:
         return self.runner.preset.name if self.runner.preset else None
+
+    @property
+    def model_commit(self) -> str | None:
+        """The Hub commit the model was loaded from (its HF cache snapshot's name); None for a folder that
+        is not such a snapshot (an embedded demo model, a checkpoint of one's own)."""
+        return self.runner.model_commit
 
     @property
     def load_seconds(self) -> float:

@@ -126,7 +126,7 @@ def serve_loaded(spec: RankSpec, config: EngineConfig, device: torch.device, inb
     control = ControlChannel()
     runtime = replace(config.runtime, device=str(device))
     load_events = ForwardedEvents(outbox, None) if inbox is not None else NullEvents()
-    runner = ModelRunner(config.model_path, config.preset, runtime, load_events)
+    runner = ModelRunner(config.model_path, config.preset, runtime, load_events, config.revision)
     load_for_rank(runner, groups)
     control.barrier()  # every rank has loaded
     with make_parallel(runner, groups):

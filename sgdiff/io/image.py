@@ -8,6 +8,7 @@ import json
 import os
 import re
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -51,9 +52,13 @@ def slugify(text: str, max_length: int = 48) -> str:
     return slug[:max_length].rstrip("-") or "image"
 
 
-def default_stem(prompt: str, seed: int) -> str:
-    """<prompt-slug>-<hash>_<seed>: readable, and distinct for distinct prompts ("a cube" vs "A cube!")."""
-    digest = hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:6]
+def default_stem(prompt: str, seed: int, own_fields: Mapping[str, Any] | None = None) -> str:
+    """<prompt-slug>-<hash>_<seed>: readable, and distinct for distinct prompts ("a cube" vs "A cube!").
+    `own_fields` (a prompt file's line's own size, steps, ...) go into the hash too, so that lines of the
+    same prompt and seed that differ there get files of their own; without them the name is the one
+    `--prompt` and `--seed` give."""
+    named = json.dumps([prompt, own_fields], sort_keys=True) if own_fields else prompt
+    digest = hashlib.sha1(named.encode("utf-8")).hexdigest()[:6]
     return f"{slugify(prompt)}-{digest}_{seed}"
 
 
@@ -109,13 +114,20 @@ class OutputNamer:
         self.suffix = suffix
         self.count = 0
 
-    def next_path(self, prompt: str, seed: int, index_in_prompt: int, outputs_per_prompt: int) -> Path:
+    def next_path(
+        self,
+        prompt: str,
+        seed: int,
+        index_in_prompt: int,
+        outputs_per_prompt: int,
+        own_fields: Mapping[str, Any] | None = None,
+    ) -> Path:
         if self.file_name:
             stem, suffix = split_name(self.file_name, self.suffix)
             if self.total_outputs > 1:
                 stem = f"{stem}_{self.count}"
         else:
-            stem, suffix = default_stem(prompt, seed), self.suffix
+            stem, suffix = default_stem(prompt, seed, own_fields), self.suffix
             if outputs_per_prompt > 1:
                 stem = f"{stem}_{index_in_prompt}"
         self.count += 1

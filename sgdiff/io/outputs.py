@@ -3,8 +3,10 @@ the request's parameters as metadata, at paths all checked before any weight loa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from sgdiff.errors import UserError
 from sgdiff.io.image import OutputNamer, check_output_file_name, save_png
@@ -31,24 +33,36 @@ def output_suffix(output_kind: str, output_format: str | None) -> str:
     return ".png" if output_kind == "image" else (".mp4" if fmt == "mp4" else "")
 
 
-def planned_outputs(all_params: list[SamplingParams], out: OutputConfig, output_kind: str) -> tuple[str, list[Path]]:
-    """The suffix and every path a run will write, in order, checked before any weight loads."""
+def planned_outputs(
+    all_params: list[SamplingParams],
+    out: OutputConfig,
+    output_kind: str,
+    name_fields: list[Mapping[str, Any]] | None = None,
+) -> tuple[str, list[Path]]:
+    """The suffix and every path a run will write, in order, checked before any weight loads.
+    `name_fields`: per request, the fields that set it apart from another of the same prompt and seed (a
+    prompt file's line's own), folded into its default name (OutputNamer)."""
     suffix = output_suffix(output_kind, out.output_format)
     if out.output_file_name is not None and (problem := check_output_file_name(out.output_file_name, suffix)):
         raise UserError(problem)
     if out.save_output and suffix == ".mp4" and (problem := mp4_writer_problem()):
         raise UserError(problem)
-    return suffix, output_paths(all_params, out, suffix) if out.save_output else []
+    return suffix, output_paths(all_params, out, suffix, name_fields) if out.save_output else []
 
 
-def output_paths(all_params: list[SamplingParams], out: OutputConfig, suffix: str) -> list[Path]:
+def output_paths(
+    all_params: list[SamplingParams],
+    out: OutputConfig,
+    suffix: str,
+    name_fields: list[Mapping[str, Any]] | None = None,
+) -> list[Path]:
     """A folder of frames must not land on a file, a file not on a folder."""
     namer = OutputNamer(
         out.output_path, out.output_file_name, sum(p.num_outputs_per_prompt for p in all_params), suffix
     )
     paths = [
-        namer.next_path(p.prompt, p.seed, index, p.num_outputs_per_prompt)
-        for p in all_params
+        namer.next_path(p.prompt, p.seed, index, p.num_outputs_per_prompt, own)
+        for p, own in zip(all_params, name_fields or [None] * len(all_params), strict=True)
         for index in range(p.num_outputs_per_prompt)
     ]
     for path in paths:

@@ -1,4 +1,5 @@
-"""Turn --model-path into a local diffusers-format folder (a Hub repo id is downloaded)."""
+"""Turn --model-path (and --revision) into a local diffusers-format folder (a Hub repo id is downloaded),
+and tell which commit of a Hub repo that folder holds."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from urllib.parse import urlsplit
 from sgdiff.errors import UserError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
 # What one diffusers component folder needs: configs, tokenizer files and safetensors (never pickles).
 COMPONENT_FILE_PATTERNS = ("*.json", "*.txt", "*.model", "*.safetensors")
 
@@ -32,8 +34,20 @@ def demo_model_dir(name: str) -> Path:
     return Path(__file__).parent.parent / "demo" / "models" / DEMO_MODEL_FOLDERS[name]
 
 
-def resolve_model_path(model_path: str) -> Path:
+def is_hub_repo(model_path: str) -> bool:
+    """Whether resolve_model_path takes `model_path` as a Hub repo id: no embedded model, no existing path."""
+    return model_path not in DEMO_MODEL_FOLDERS and not Path(model_path).expanduser().exists()
+
+
+def resolve_model_path(model_path: str, revision: str | None = None) -> Path:
+    """The folder of `model_path`: an embedded demo model, a local folder, or a Hub repo id fetched (or
+    found in the HF cache) at `revision` (a branch, tag or commit hash; default: the repo's main)."""
+    if revision is not None:
+        check_revision(revision)
     if model_path in DEMO_MODEL_FOLDERS:
+        if revision is not None:
+            raise UserError(f"`revision` picks a version of a Hub repo; {model_path} is an embedded demo model: "
+                            "leave `revision` out", field="revision")  # fmt: skip
         return demo_model_dir(model_path)
     local = Path(model_path).expanduser()
     if local.exists():
@@ -41,12 +55,30 @@ def resolve_model_path(model_path: str) -> Path:
             raise UserError(
                 f"`model` {model_path} is a file; give the checkpoint's folder (with model_index.json)", field="model"
             )
+        if revision is not None:
+            raise UserError(f"`revision` picks a version of a Hub repo; {model_path} is a local folder: leave "
+                            "`revision` out, or give the repo id (owner/name) instead", field="revision")  # fmt: skip
         return local
     if not looks_like_repo_id(model_path):
         raise UserError(
             f"`model` {model_path} does not exist (and is not a Hub repo id like owner/name)", field="model"
         )
-    return _download(model_path)
+    return _download(model_path, revision)
+
+
+def check_revision(revision: str) -> None:
+    """A branch, tag or commit hash as git allows them (no spaces, control characters or '..')."""
+    if not revision.strip():
+        raise UserError("`revision` is empty: give a branch, tag or commit hash, or leave it out", field="revision")
+    if ".." in revision or any(c.isspace() or not c.isprintable() or c in "~^:?*[\\" for c in revision):
+        raise UserError(f"`revision` {revision!r} is not a branch, tag or commit hash", field="revision")
+
+
+def snapshot_commit(folder: Path) -> str | None:
+    """The commit a folder holds when it is a snapshot in the HF cache (.../snapshots/<40-hex commit>,
+    what a Hub repo id resolves to), else None."""
+    real = folder.resolve()
+    return real.name if real.parent.name == "snapshots" and COMMIT_HASH.match(real.name) else None
 
 
 def hub_patterns(model_index: dict) -> list[str]:
@@ -75,9 +107,10 @@ def hub_unreachable(endpoint: str) -> bool:
     return False
 
 
-def _download(repo_id: str) -> Path:
-    """Fetch (or find in the HF cache) a repo; honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE. Where the
-    Hub cannot be reached the cache alone answers, at once."""
+def _download(repo_id: str, revision: str | None = None) -> Path:
+    """Fetch (or find in the HF cache) a repo at `revision`; honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE.
+    Where the Hub cannot be reached the cache alone answers, at once. model_index.json decides what else
+    is fetched, from the very commit it came from (a branch that moves meanwhile changes nothing)."""
     from huggingface_hub import constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -88,27 +121,43 @@ def _download(repo_id: str) -> Path:
     )
 
     offline = constants.HF_HUB_OFFLINE or hub_unreachable(constants.ENDPOINT)
+    at = f" at revision {revision}" if revision is not None else ""
     try:
-        index_path = hf_hub_download(repo_id, "model_index.json", local_files_only=offline)
-        model_index = json.loads(Path(index_path).read_text(encoding="utf-8"))
+        index_path = Path(hf_hub_download(repo_id, "model_index.json", revision=revision, local_files_only=offline))
+        model_index = json.loads(index_path.read_text(encoding="utf-8"))
         if not isinstance(model_index, dict):
             raise UserError(f"{repo_id}: model_index.json is not a JSON object")
-        return Path(snapshot_download(repo_id, allow_patterns=hub_patterns(model_index), local_files_only=offline))
+        commit = snapshot_commit(index_path.parent) or revision
+        return Path(snapshot_download(repo_id, revision=commit, allow_patterns=hub_patterns(model_index),
+                                      local_files_only=offline))  # fmt: skip
     except GatedRepoError:
         raise UserError(f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
         raise UserError(f"no local folder '{repo_id}' and no Hub repo of that name (private? set HF_TOKEN)") from None
     except RevisionNotFoundError:
-        raise UserError(f"{repo_id}: revision not found on the Hub") from None
+        raise UserError(f"{repo_id} has no revision {revision or 'main'} on the Hub: give one of its branches, "
+                        "tags or commit hashes as `revision`", field="revision") from None  # fmt: skip
     except LocalEntryNotFoundError:
+        if revision is not None and cached_repo(constants.HF_HUB_CACHE, repo_id):
+            raise UserError(
+                f"{repo_id}{at} is not in the local HF cache (other revisions are) and the Hub cannot be reached "
+                f"(offline?): download that revision first, or give one that is cached as `revision`",
+                field="revision",
+            ) from None
         raise UserError(
-            f"{repo_id} is not in the local HF cache and the Hub cannot be reached (offline?): "
+            f"{repo_id}{at} is not in the local HF cache and the Hub cannot be reached (offline?): "
             f"download it first or pass a local folder{demo_hint(repo_id)}"
         ) from None
     except EntryNotFoundError:
-        raise UserError(f"{repo_id} has no model_index.json: it is not a diffusers-format repo") from None
+        raise UserError(f"{repo_id}{at} has no model_index.json: it is not a diffusers-format repo") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{repo_id}: model_index.json is not valid JSON") from None
+
+
+def cached_repo(cache: str | os.PathLike, repo_id: str) -> bool:
+    """Whether the HF cache holds some snapshot of `repo_id`."""
+    snapshots = Path(cache) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
 
 
 def demo_hint(repo_id: str) -> str:

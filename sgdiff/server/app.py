@@ -69,7 +69,8 @@ def create_app(core: ServerCore, api_key: str | None) -> FastAPI:
 
     @api.get("/v1/models")
     def models() -> dict[str, Any]:
-        card = {"id": core.model_id, "object": "model", "created": 0, "owned_by": "sgdiff", "output": core.output_kind}
+        card = {"id": core.model_id, "object": "model", "created": 0, "owned_by": "sgdiff", "output": core.output_kind,
+                "revision": core.engine.revision, "commit": core.engine.model_commit}  # fmt: skip
         return {"object": "list", "data": [card]}
 
     @api.post("/v1/images/generations")

@@ -58,8 +58,10 @@ class ServerCore:
         self.live: dict[str, RequestHandle] = {}  # the video jobs queued or running, by id
         self.loop: asyncio.AbstractEventLoop | None = None
         self.recent_seconds = 0.0  # how long the last request took (Retry-After's estimate)
-        self.about = {
+        self.about = {  # what each written PNG and MP4 records, as `sgdiff generate` writes it
             "model": model_id,
+            "model_revision": engine.revision,
+            "model_commit": engine.model_commit,
             "preset": engine.preset_name,
             "dtype": str(engine.runner.dtype).removeprefix("torch."),
             "sgdiff_version": __version__,

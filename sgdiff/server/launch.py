@@ -45,6 +45,7 @@ def run_server(
     parallel: ParallelConfig,
     batching: BatchingConfig,
     config: ServeConfig,
+    revision: str | None = None,
 ) -> None:
     import uvicorn
     from rich.console import Console
@@ -67,7 +68,7 @@ def run_server(
     try:
         with events:
             engine = Engine(model_id, preset=preset, runtime=runtime, parallel=parallel, load_events=events,
-                            batching=batching)  # fmt: skip
+                            batching=batching, revision=revision)  # fmt: skip
             engine.start()
         core = ServerCore(engine, state_dir, config.limits, model_id)
         try:
