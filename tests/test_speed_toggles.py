@@ -27,6 +27,7 @@ spec = importlib.util.find_spec
 REQUEST = dict(height=32, width=32, num_inference_steps=2)
 
 
+FA_MISSING = "error: --attention-backend fa needs FlashAttention, which is not installed: pip install 'sgdiff[flash]'"
 MATH, FLASH = "aten::_scaled_dot_product_attention_math", "aten::_scaled_dot_product_flash_attention_for_cpu"
 
 
@@ -60,6 +61,7 @@ def test_attention_backend_names_match_the_cli():
     [
         (["--attention-backend", "cudnn"], "error: --attention-backend cudnn cannot run on cpu in float32"),
         (["--attention-backend", "fa3"], "error: --attention-backend fa3 needs the flash_attn_interface package"),
+        (["--attention-backend", "fa"], FA_MISSING),
         (["--enable-cuda-graph"], "error: --enable-cuda-graph needs a CUDA GPU; the model runs on cpu"),
         (["--enable-fused-norms"], "error: --enable-fused-norms runs a Triton kernel on CUDA GPUs; the model runs on"),
     ],

@@ -27,7 +27,7 @@ from sgdiff.bench.parts import (
 )
 from sgdiff.config import SpeedConfig
 from sgdiff.errors import UserError
-from sgdiff.models.attention import use_attention_impl
+from sgdiff.models.attention import sdpa_attention, use_attention_impl
 from sgdiff.pipeline.registry import family_named
 from sgdiff.pipeline.stages.denoising import guided_velocity
 from sgdiff.speed.apply import check_speed, resolve_speed, speed_up_transformer
@@ -118,7 +118,8 @@ def run_bench(name: str, speed: SpeedConfig, tiny: bool = False, warmup: int = 2
     result: dict[str, Any] = {"model": name, "size": size, "steps": model.steps, "tiny": tiny}
     with torch.inference_mode():
         expected = diffusers_forward()
-        counting = attention if device.type == "cuda" else attention_backend("math", device, torch.bfloat16)
+        # SDPA's kernels, whose FLOPs the counter knows (FlashAttention's it cannot see; math would not fit a GPU)
+        counting = sdpa_attention if device.type == "cuda" else attention_backend("math", device, torch.bfloat16)
         with FlopCounterMode(display=False) as counter, use_attention_impl(counting):
             ours(**cond)  # eager, before any toggle: every matmul and attention visible
         result["tflop_per_forward"] = counter.get_total_flops() / 1e12
@@ -155,6 +156,9 @@ def run_bench(name: str, speed: SpeedConfig, tiny: bool = False, warmup: int = 2
     result["card"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result["torch"] = torch.__version__
     result["speed"] = {f: getattr(speed, f) for f in speed.__dataclass_fields__}
+    result["attention"] = getattr(attention, "__name__", type(attention).__name__)
+    choices = getattr(attention, "choices", None)  # auto with FlashAttention installed: what it measured
+    result["attention_choices"] = choices() if choices is not None else None
     return result
 
 
@@ -192,4 +196,7 @@ def render(result: dict[str, Any]) -> str:
     lines.append(f"FLOPs per forward (counted): {result['tflop_per_forward']:.4g} T{floor}")
     lines.append(f"bf16 rel err, sgdiff vs diffusers: {result['bf16_rel_err']:.2e}; "
                  f"sgdiff's first forward (compile, capture): {result['sgdiff_first_forward_s']:.1f} s")  # fmt: skip
+    for choice in result.get("attention_choices") or []:
+        times = ", ".join(f"{name} {ms:.3f}" for name, ms in choice["ms"].items())
+        lines.append(f"attention (auto) at q {choice['q']}, k {choice['k']}: {choice['kernel']} (ms per call: {times})")
     return "\n".join(lines)

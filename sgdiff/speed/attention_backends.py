@@ -3,8 +3,10 @@
 Each is an AttentionImpl: q, k, v [B, S, H, D] -> [B, S, H, D]. `auto` is the fastest correct kernel
 this device has: cuDNN's fused attention on Hopper and newer (about 1.7x SDPA's flash there,
 docs/benchmarks.md; split at tile waves where its last wave would be thin: speed/wave_split.py),
-else SDPA's own choice. Optional kernels (FlashAttention 3, SageAttention) are
-used only when installed; asking for one that is missing or cannot run here is a one-line error.
+else SDPA's own choice; where FlashAttention is installed, that or FlashAttention, whichever is measured
+faster at each shape (speed/auto_attention.py). Optional kernels (FlashAttention: `fa`, the newest one
+installed for the GPU, speed/flash_attention.py; `fa3`; SageAttention) are used only when installed; asking
+for one that is missing or cannot run here is a one-line error.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ BACKENDS: dict[str, AttentionImpl] = {
     "sage": sage,
 }
 OPTIONAL_PACKAGES = {"fa3": "flash_attn_interface", "sage": "sageattention"}
-CHOICES = ("auto", *BACKENDS)
+CHOICES = ("auto", "fa", *BACKENDS)  # auto and fa: a kernel for the device (attention_backend)
 
 
 def check_backend_name(name: str) -> None:
@@ -85,10 +87,15 @@ def check_backend_name(name: str) -> None:
 
 
 def attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionImpl:
-    """The kernel `name` names, checked to run on this device and dtype with a tiny probe."""
+    """The kernel `name` names, checked to run on this device and dtype with a tiny probe (`fa`: by what is
+    installed and the GPU, speed/flash_attention.py)."""
     check_backend_name(name)
     if name == "auto":  # cuDNN first on CUDA (split at tile waves where that helps), SDPA's choice on the CPU
-        return wave_split_attention if device.type == "cuda" else sdpa_attention
+        return auto_attention(device, dtype)
+    if name == "fa":
+        from sgdiff.speed.flash_attention import check_flash, flash_attention
+
+        return flash_attention(check_flash(device, dtype))
     package = OPTIONAL_PACKAGES.get(name)
     if package is not None and importlib.util.find_spec(package) is None:
         raise UserError(
@@ -106,3 +113,19 @@ def attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> At
             field="attention_backend",
         ) from exc
     return impl
+
+
+def auto_attention(device: torch.device, dtype: torch.dtype) -> AttentionImpl:
+    """`auto`: SDPA's choice on the CPU; on CUDA cuDNN split at tile waves, measured against FlashAttention at
+    each shape where a FlashAttention for this GPU is installed (speed/auto_attention.py)."""
+    if device.type != "cuda":
+        return sdpa_attention
+    from sgdiff.speed.flash_attention import kernel_for
+
+    kernel = kernel_for(device, dtype)
+    if kernel is None:
+        return wave_split_attention
+    from sgdiff.speed.auto_attention import MeasuredAttention
+    from sgdiff.speed.flash_attention import flash_attention
+
+    return MeasuredAttention({"cudnn": wave_split_attention, kernel.name: flash_attention(kernel)})

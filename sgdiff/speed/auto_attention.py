@@ -1,0 +1,154 @@
+"""`--attention-backend auto` on a CUDA GPU where FlashAttention is installed (speed/flash_attention.py):
+cuDNN's fused attention (split at tile waves, speed/wave_split.py) or FlashAttention, whichever is faster
+on this GPU at each shape, measured rather than assumed. Without FlashAttention `auto` is
+wave_split_attention itself and nothing here runs.
+
+The first call at a new (q shape, k shape, dtype, device) times the candidates on random inputs of that
+shape (their own generator: the run's random numbers stay as they were): a few untimed calls each (FA4
+compiles its kernel at its first), then rounds of CUDA-event timings taken in turns; the winner is kept
+for the process. FlashAttention must beat cuDNN by MARGIN, so that timing noise does not flip the choice
+from run to run. A candidate that fails there (a broken install) is dropped with a warning.
+
+Timing needs real kernels, run eagerly. In a CUDA graph's capture, under a dispatch mode (FlopCounterMode,
+fake tensors) or inside a torch.compile trace a shape not measured yet runs cuDNN, not remembered, so a
+later eager call measures it. A block compiled by speed/compile.py is the exception: there the choice is a
+constant of the graph (constant_under_compile), taken by running the measurement at trace time.
+
+The two round differently (both accumulate in float32; bf16 outputs differ by ~4e-3 relative): where their
+times are close, the choice, and so an output's last bits, can differ between processes. `cudnn` or `fa`
+fix the kernel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import statistics
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from sgdiff.models.attention import AttentionImpl
+from sgdiff.speed.compile import constant_under_compile
+
+log = logging.getLogger(__name__)
+
+MARGIN = 0.97  # another kernel wins only in under 97% of the default's (cuDNN's) time
+WARMUP = 2  # untimed calls of each candidate
+ROUNDS = 5  # timed samples of each, in turns; the median counts
+CALLS = 3  # back-to-back calls per sample (the launches overlap the GPU's work, as in a forward)
+
+Key = tuple  # (q shape, k shape, dtype, device)
+Timer = Callable[[Callable[[], object]], float]  # ms per call of a function
+CHOOSERS: weakref.WeakValueDictionary[int, MeasuredAttention] = weakref.WeakValueDictionary()  # by number
+NUMBERS = itertools.count()
+
+
+def cuda_ms(fn: Callable[[], object]) -> float:
+    """ms per call of CALLS back-to-back calls of `fn`, by CUDA events on the current stream."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(CALLS):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / CALLS
+
+
+class MeasuredAttention:
+    """An AttentionImpl that runs, at each shape, the fastest of `candidates` (name -> kernel; the first
+    is the default, the one kept unless another beats it by MARGIN)."""
+
+    def __init__(self, candidates: dict[str, AttentionImpl], timer: Timer = cuda_ms):
+        self.candidates = dict(candidates)
+        self.default = next(iter(self.candidates))
+        self.timer = timer
+        self.winners: dict[Key, str] = {}
+        self.timings: dict[Key, dict[str, float]] = {}  # median ms per call of each candidate
+        self.number = next(NUMBERS)  # what measured_winner is given: a plain int is a constant to torch.compile
+        CHOOSERS[self.number] = self
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.candidates[self.choose(q, k)](q, k, v)
+
+    def pieces(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """(first head, [B, S, h_i, D]) pieces, as the chosen kernel gives them (parallel/sequence.py)."""
+        kernel = self.candidates[self.choose(q, k)]
+        pieces = getattr(kernel, "pieces", None)
+        return pieces(q, k, v) if pieces is not None else [(0, kernel(q, k, v))]
+
+    def choose(self, q: torch.Tensor, k: torch.Tensor) -> str:
+        if torch.compiler.is_compiling() and not marked_constant():  # traced into a graph: no timing there
+            return self.winners.get((tuple(q.shape), tuple(k.shape), q.dtype, q.device), self.default)
+        return measured_winner(self.number, tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, q.device.index)
+
+    def measure(self, key: Key) -> str:
+        """Time every candidate at `key`'s shapes; the winner's name."""
+        q_shape, k_shape, dtype, device = key
+        generator = torch.Generator(device).manual_seed(0)
+        q, k, v = (torch.randn(s, generator=generator, device=device, dtype=dtype) for s in (q_shape, k_shape, k_shape))
+        runs = {}
+        for name, kernel in list(self.candidates.items()):
+            try:
+                for _ in range(WARMUP):
+                    kernel(q, k, v)
+            except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is left out, not the run's failure
+                if name == self.default:
+                    raise
+                log.warning("attention: %s cannot run (%s); auto leaves it out", name, exc)
+                del self.candidates[name]
+                continue
+            runs[name] = lambda kernel=kernel: kernel(q, k, v)
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(ROUNDS):
+            for name, run in runs.items():
+                times[name].append(self.timer(run))
+        ms = self.timings[key] = {name: statistics.median(t) for name, t in times.items()}
+        best = min(ms, key=ms.__getitem__)
+        winner = best if ms[best] < MARGIN * ms[self.default] else self.default
+        log.info("attention at q %s, k %s, %s: %s (ms per call: %s)", list(q_shape), list(k_shape), dtype, winner,
+                 ", ".join(f"{name} {t:.3f}" for name, t in ms.items()))  # fmt: skip
+        return winner
+
+    def choices(self) -> list[dict]:
+        """What was measured and chosen so far, for reports (`sgdiff bench`)."""
+        return [
+            {"q": list(q), "k": list(k), "dtype": str(dtype).removeprefix("torch."), "ms": self.timings.get(key, {}),
+             "kernel": winner}
+            for key, winner in self.winners.items()
+            for q, k, dtype, _ in [key]
+        ]  # fmt: skip
+
+
+@constant_under_compile  # a compiled block takes the choice as a constant: measured at trace time, no graph break
+def measured_winner(
+    number: int, q_shape: tuple, k_shape: tuple, dtype: torch.dtype, device_type: str, device_index: int | None
+) -> str:
+    """The kernel chooser `number` runs at these shapes: measured at the first call that can time kernels."""
+    chooser = CHOOSERS[number]
+    key = (q_shape, k_shape, dtype, torch.device(device_type, device_index))
+    winner = chooser.winners.get(key)
+    if winner is None:
+        if not can_measure():
+            return chooser.default
+        with torch.no_grad():
+            winner = chooser.winners[key] = chooser.measure(key)
+    return winner
+
+
+def can_measure() -> bool:
+    """Whether kernels run for real here and now: not traced into a graph (except as compile_blocks' constant),
+    not under a dispatch mode, not inside a CUDA graph's capture."""
+    if torch.compiler.is_compiling() and not marked_constant():
+        return False
+    if is_in_torch_dispatch_mode():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def marked_constant() -> bool:
+    """Whether torch.compile takes measured_winner as a constant (compile_blocks marked it): then it runs it
+    for real while tracing, instead of tracing into it."""
+    return getattr(measured_winner, "_dynamo_marked_constant", False)
