@@ -2,6 +2,8 @@
 # On the GPU machine, one call for issue 26 (fits 600 s). STEPS picks, in order, from:
 #   first_step  where the first denoising step's extra time goes (scripts/probes/first_step.py)
 #   flux        `sgdiff bench --e2e` FLUX.1-dev, one prompt, defaults (a warm-up round, a timed one)
+#   variants    load configurations side by side, sgdiff alone, FLUX one prompt (scripts/probes/load_variants.py;
+#               after flux, whose checkpoint it reuses)
 #   load        the reader's variants on the FLUX transformer's largest file (scripts/probes/load_speed.py)
 #   four        FLUX.1-dev, four prompts in one process, one timed round
 #   cold        FLUX.1-dev one prompt with the page cache dropped before each run (needs root)
@@ -25,6 +27,8 @@ for step in $STEPS; do
   case $step in
     first_step) timeout "$(left)" python scripts/probes/first_step.py > "$OUT/first_step.txt" 2>&1 ;;
     flux) eval timeout "$(left)" $B $FLUX --warmup 1 --repeat 1 --json "$OUT/e2e-flux.json" > "$OUT/log-flux.txt" 2>&1 ;;
+    variants) timeout "$(left)" python scripts/probes/load_variants.py --checkpoint /tmp/flux-dev-e2e \
+                --rounds "${VARIANT_ROUNDS:-2}" --json "$OUT/variants.json" > "$OUT/variants.txt" 2>&1 ;;
     load) timeout "$(left)" python scripts/probes/load_speed.py \
             --path "$(ls -S /tmp/flux-dev-e2e/transformer/*.safetensors | head -1)" > "$OUT/load_speed.txt" 2>&1 ;;
     four) eval timeout "$(left)" $B $FLUX --prompts 4 --warmup 0 --repeat 1 --json "$OUT/e2e-four.json" > "$OUT/log-four.txt" 2>&1 ;;
@@ -36,7 +40,7 @@ for step in $STEPS; do
   esac
 done
 echo "== done at $SECONDS s"
-for f in "$OUT"/first_step.txt "$OUT"/load_speed.txt; do [ -f "$f" ] && { echo "== $f"; grep -v "^ *aten::\|^---\|^Name\|^Self" "$f" | head -40; }; done
+for f in "$OUT"/first_step.txt "$OUT"/load_speed.txt "$OUT"/variants.txt; do [ -f "$f" ] && { echo "== $f"; grep -v "^ *aten::\|^---\|^Name\|^Self" "$f" | head -40; }; done
 for f in "$OUT"/e2e-*.json; do
   python -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], d['device'], d['speed_flags'], 'ckpt written', round(d['checkpoint_written_seconds'],1)); [print(' ', s, round(r['wall'],2), {k: round(v,2) for k,v in r['phases'].items()}, r.get('load_parts'), r.get('speed'), [round(x, 3) for x in (r.get('step_seconds') or [])[:3]], round(sorted(r.get('step_seconds') or [0])[len(r.get('step_seconds') or [0])//2], 4)) for s,rs in d['runs'].items() for r in rs]; print('  machine', d.get('machine'))" "$f"
 done

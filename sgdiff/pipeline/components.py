@@ -67,10 +67,26 @@ _importing = threading.Lock()  # tokenizers loading side by side import their cl
 
 
 def load_tokenizer(folder: Path):
-    """A `tokenizer/` folder's tokenizer as AutoTokenizer makes it. For a plain folder (no config.json, no
-    remote code) the class its tokenizer_config.json names ("Fast" dropped, as transformers 5 does) is
-    imported alone: AutoTokenizer itself imports transformers' model registry, its generation code and
-    with it torch._dynamo (about 1 s). Any other folder goes through AutoTokenizer."""
+    """A `tokenizer/` folder's tokenizer as AutoTokenizer makes it: from sgdiff's cache of it when this
+    folder's was built before (pipeline/tokenizers.py: no transformers import), else built by
+    transformers and, when it is a fast tokenizer, kept in that cache for the next process."""
+    from sgdiff.pipeline.tokenizers import cached_tokenizer_path, is_fast, keep, read_cached
+
+    kept_at = cached_tokenizer_path(require_folder(folder))
+    cached = read_cached(kept_at)
+    if cached is not None:
+        return cached
+    tokenizer = build_tokenizer(folder)
+    if is_fast(tokenizer):
+        keep(kept_at, tokenizer)
+    return tokenizer
+
+
+def build_tokenizer(folder: Path):
+    """The tokenizer as transformers builds it. For a plain folder (no config.json, no remote code) the
+    class its tokenizer_config.json names ("Fast" dropped, as transformers 5 does) is imported alone:
+    AutoTokenizer itself imports transformers' model registry, its generation code and with it
+    torch._dynamo (about 1 s). Any other folder goes through AutoTokenizer."""
     config_path = require_folder(folder) / "tokenizer_config.json"
     raw = read_json(config_path) if config_path.is_file() else {}
     name = raw.get("tokenizer_class")

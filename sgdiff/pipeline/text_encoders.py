@@ -58,9 +58,14 @@ def tokenize_padded(tokenizer, prompts: list[str], max_length: int) -> torch.Ten
         full_length = max(len(x) for x in tokenizer(prompts).input_ids)
     if full_length > max_length:
         log.warning(
-            "the prompt has %d tokens; %s keeps the first %d", full_length, type(tokenizer).__name__, max_length
+            "the prompt has %d tokens; %s keeps the first %d", full_length, tokenizer_name(tokenizer), max_length
         )
     return ids.input_ids
+
+
+def tokenizer_name(tokenizer) -> str:
+    """The transformers class a tokenizer is (or, from sgdiff's cache, stands for)."""
+    return getattr(tokenizer, "name", None) or type(tokenizer).__name__
 
 
 class ClipPooledEncoder:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import sgdiff
+from sgdiff.cache import cache_root
 
 CONSTANTS: list = []  # functions whose result torch.compile may take as a constant (constant_under_compile)
 
@@ -56,8 +57,7 @@ def compile_cache_dir(device: torch.device) -> Path:
     own caches key each compiled graph by its code, shapes, dtypes and config."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     key = f"torch-{torch.__version__}-sgdiff-{sgdiff.__version__}-{device_name}"
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "sgdiff" / "torch-compile" / "".join(c if c.isalnum() or c in "-._+" else "_" for c in key)
+    return cache_root() / "torch-compile" / "".join(c if c.isalnum() or c in "-._+" else "_" for c in key)
 
 
 def use_compile_cache(device: torch.device) -> str:
