@@ -52,3 +52,15 @@ def test_readme_starts_with_the_two_commands(tmp_path):
     result = CliRunner().invoke(app, [*shlex.split(generate)[1:], "--output-path", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert len(list(tmp_path.glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("name", ["generate", "bench", "serve"])
+def test_help_at_80_columns_shows_every_flag_whole(name):
+    """Nothing cut short (`--enable-fused-projec…`) and no `<bool>` after a plain flag."""
+    result = CliRunner().invoke(app, [name, "--help"], terminal_width=80, env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    text = result.output
+    assert "…" not in text and "<bool>" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    shown = set(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", text))
+    assert command_flags(name) <= shown, sorted(command_flags(name) - shown)

@@ -72,6 +72,23 @@ def test_default_names_come_from_prompt_and_seed(tmp_path):
     assert namer.next_path("猫", 1, 0, 1).name != namer.next_path("犬", 1, 0, 1).name
 
 
+def test_runs_that_differ_only_in_steps_or_frames_keep_their_own_files(tmp_path):
+    """Default names hash what a run was given besides prompt and seed: --steps 1 and --steps 2 (or two
+    frame counts) write two files; the same command again overwrites its own file."""
+    video = ["--model-path", "sgdiff/demo-video", "--prompt", "a red ball", "--height", "32", "--width", "32",
+             "--seed", "3", "--output-path", str(tmp_path)]  # fmt: skip
+    runs = [["--steps", "1", "--num-frames", "5"], ["--steps", "2", "--num-frames", "5"],
+            ["--steps", "1", "--num-frames", "9"], ["--steps", "1", "--num-frames", "5"]]  # fmt: skip
+    written = []
+    for flags in runs:
+        result = runner.invoke(app, ["generate", *video, *flags, "--quiet"])
+        assert result.exit_code == 0, result.output
+        written.append(result.output.strip())
+    assert len(set(written[:3])) == 3 and written[3] == written[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({os.path.basename(w) for w in written})
+    assert all(re.fullmatch(r"a-red-ball-[0-9a-f]{6}_3\.mp4", os.path.basename(w)) for w in written)
+
+
 def test_output_file_name_keeps_its_extension(tmp_path):
     assert OutputNamer(tmp_path, "x.PNG", 1).next_path("p", 1, 0, 1).name == "x.PNG"
     assert OutputNamer(tmp_path, "x.v2", 1).next_path("p", 1, 0, 1).name == "x.v2.png"

@@ -15,6 +15,7 @@ import torch
 
 from sgdiff import __version__
 from sgdiff.cli.prompts import PromptLine
+from sgdiff.cli.prompts import name_fields as names_of
 from sgdiff.config import ParallelConfig, RuntimeConfig
 from sgdiff.engine.ranks import under_torchrun
 from sgdiff.engine.runner import GenerationResult
@@ -108,7 +109,8 @@ def run_batch(
         revision=request.revision,
     ) as engine:  # fmt: skip
         all_params = requested(engine, request)
-        name_fields = [line.name_fields for line in request.prompt_lines] or None
+        lines = request.prompt_lines or [None] * len(request.prompts)
+        name_fields = [names_of(request.sampling_flags, line, model_path) for line in lines]
         suffix, paths = planned_outputs(all_params, request.output, engine.output_kind, name_fields)
         if under_torchrun() and os.environ["RANK"] != "0":
             engine.follow()  # rank 0 takes the requests and writes; this rank computes with it

@@ -23,6 +23,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's own help layout: it wraps every flag's name and text at any width, where rich's tables cut
+    # them at 80 columns (`--enable-fused-projec…`) and Typer 0.29's adds `<bool>` to plain flags
+    rich_markup_mode=None,
 )
 
 

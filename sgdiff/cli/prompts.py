@@ -42,11 +42,20 @@ class PromptLine:
         except UserError as exc:
             raise UserError(f"{self.origin}: {exc.render(self.spell)}", field=exc.field) from None
 
-    @property
-    def name_fields(self) -> dict[str, Any]:
-        """The fields that tell this line's output file apart from another line's with the same prompt and
-        seed (the seed is in the name already)."""
-        return {name: value for name, value in self.fields.items() if name != "seed"}
+
+# Given fields that do not change the images (how many there are: each gets its own _k name already)
+NOT_IN_NAMES = ("seed", "num_outputs_per_prompt")
+
+
+def name_fields(flags: dict[str, Any], line: PromptLine | None, model: str) -> dict[str, Any]:
+    """What sets a request's default file name apart besides its prompt and seed: the model it runs on (as
+    named: --model-path, its default, or the server's) and every sampling field given explicitly (the
+    flags, then the prompt file line's own). Runs that differ in any of them (steps, frames, size, model,
+    ...) write files of their own; the same command again writes the same files. Local and --server runs
+    name alike: both know the same flags and model."""
+    fields = {**flags, **(line.fields if line is not None else {}), "model": model}
+    return {name: str(value) if isinstance(value, Path) else value for name, value in fields.items()
+            if name not in NOT_IN_NAMES}  # fmt: skip
 
 
 def read_prompt_file(path: Path) -> tuple[list[str], list[PromptLine]]:

@@ -16,6 +16,7 @@ import typer
 
 from sgdiff.cli.errors import FLAGS, fail, flag
 from sgdiff.cli.prompts import PromptLine, fields_for_output
+from sgdiff.cli.prompts import name_fields as names_of
 from sgdiff.errors import UserError
 from sgdiff.io.files import write_atomically
 from sgdiff.io.image import OutputNamer, check_output_file_name
@@ -118,7 +119,7 @@ def run_remote(request: RemoteRequest, quiet: bool) -> None:
         reports.append(report)
         seed = report["request"]["seed"]
         for index, content in enumerate(outputs):
-            path = namer.next_path(prompt, seed, index, n, line.name_fields if line is not None else None)
+            path = namer.next_path(prompt, seed, index, n, names_of(request.sampling_flags, line, card["id"]))
             if out.save_output:
                 write_atomically(path, lambda handle, content=content: handle.write(content))
                 typer.echo(str(path))

@@ -54,10 +54,10 @@ def slugify(text: str, max_length: int = 48) -> str:
 
 def default_stem(prompt: str, seed: int, own_fields: Mapping[str, Any] | None = None) -> str:
     """<prompt-slug>-<hash>_<seed>: readable, and distinct for distinct prompts ("a cube" vs "A cube!").
-    `own_fields` (a prompt file's line's own size, steps, ...) go into the hash too, so that lines of the
-    same prompt and seed that differ there get files of their own; without them the name is the one
-    `--prompt` and `--seed` give."""
-    named = json.dumps([prompt, own_fields], sort_keys=True) if own_fields else prompt
+    `own_fields` (what else the request was given: flags, a prompt file line's own fields, the model; see
+    cli/prompts.py name_fields) go into the hash too, so that requests of the same prompt and seed that
+    differ there get files of their own; without them the name is the one `--prompt` and `--seed` give."""
+    named = json.dumps([prompt, own_fields], sort_keys=True, default=str) if own_fields else prompt
     digest = hashlib.sha1(named.encode("utf-8")).hexdigest()[:6]
     return f"{slugify(prompt)}-{digest}_{seed}"
 
