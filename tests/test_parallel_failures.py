@@ -260,9 +260,17 @@ def test_degrees_default_as_sglang():
         ),
         (["--num-gpus", "2", "--enable-cfg-parallel"], "runs without CFG"),
         (["--num-gpus", "2", "--ring-degree", "3"], "must divide --num-gpus 2"),
+        (
+            ["--num-gpus", "4"],  # (usable_cores is 2 here): four copies of the model on two cores
+            "--num-gpus 4 CPU processes, but this machine gives sgdiff 2 cores: each process holds a copy of the "
+            "model and they wait on each other at every step; give at most 2 (or set "
+            "SGDIFF_ALLOW_MORE_PROCESSES_THAN_CORES=1 to start them anyway)",
+        ),
     ],
 )
-def test_bad_parallel_requests_fail_before_starting(tiny_flux_dev, tmp_path, flags, message):
+def test_bad_parallel_requests_fail_before_starting(tiny_flux_dev, tmp_path, flags, message, monkeypatch):
+    monkeypatch.setattr("sgdiff.engine.service.usable_cores", lambda: 2)
+    monkeypatch.delenv("SGDIFF_ALLOW_MORE_PROCESSES_THAN_CORES", raising=False)
     model = ["--model-path", str(tiny_flux_dev)]
     before = {child.pid for child in psutil.Process().children()}  # (multiprocessing's resource tracker stays)
     result = runner.invoke(app, ["generate", *model, "--prompt", "p", *SMALL, *flags, "--output-path", str(tmp_path)])

@@ -38,6 +38,7 @@ def test_two_processes_write_the_single_process_image_once(launcher, tiny_flux_d
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [str(tmp_path / "a.png")]  # rank 0 alone prints the path
     assert sum("generated 1 image(s)" in line for line in result.stderr.splitlines()) == 1
+    assert "resource_tracker" not in result.stderr  # no "leaked semaphore objects" warning after the exit
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
     assert np.array_equal(iio.imread(tmp_path / "a.png"), single)
 

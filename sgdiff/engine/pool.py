@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,6 +44,8 @@ class WorkerPool:
         self._connection = None
         self._sending = threading.Lock()  # a pipe's send is not thread-safe: callers, the reader, close()
         self._rendezvous: Path | None = None
+        self._reader: threading.Thread | None = None
+        self._messages: Any = None
 
     def start(self) -> None:
         """Start every worker and wait until all have loaded; a worker's failure is raised here."""
@@ -70,7 +73,8 @@ class WorkerPool:
                 for worker in self.workers:
                     worker.start()
             reading.close()  # rank 0 has its own copy: if it dies, a send fails instead of blocking
-            threading.Thread(target=self._read, name="sgdiff-pool-reader", daemon=True).start()
+            self._reader = threading.Thread(target=self._read, name="sgdiff-pool-reader", daemon=True)
+            self._reader.start()
             while not self._ready.wait(0.1):
                 if self._error is not None:
                     raise self._error
@@ -97,6 +101,17 @@ class WorkerPool:
                 self._connection.close()
         if self._rendezvous is not None:
             self._rendezvous.unlink(missing_ok=True)
+        self._release_queue()
+
+    def _release_queue(self) -> None:
+        """Close the workers' queue once its reader has left, and drop it: its three named semaphores are
+        unlinked now. Left to the interpreter's exit, which `sgdiff generate` skips (cli/main.py), they
+        would make multiprocessing's resource tracker warn of 'leaked semaphore objects' on stderr."""
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=1.0)
+        if self._messages is not None and (self._reader is None or not self._reader.is_alive()):
+            self._messages.close()
+            self._messages = None
 
     def _send(self, message: tuple) -> None:
         try:

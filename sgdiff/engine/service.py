@@ -259,9 +259,28 @@ def torchrun_spec():
     return RankSpec(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), "env://")
 
 
+# set to 1: --device cpu --num-gpus may start more processes than the machine has cores
+ALLOW_MORE_PROCESSES_THAN_CORES = "SGDIFF_ALLOW_MORE_PROCESSES_THAN_CORES"
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may run on (taskset, cgroups' cpusets)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def check_devices(device: str | None, num_gpus: int) -> None:
-    if device is not None and torch.device(device).type == "cpu":
-        return  # --device cpu --num-gpus N: N CPU processes
+    if device is not None and torch.device(device).type == "cpu":  # --device cpu --num-gpus N: N CPU processes
+        cores = usable_cores()
+        if num_gpus > cores and os.environ.get(ALLOW_MORE_PROCESSES_THAN_CORES) != "1":
+            raise UserError(
+                f"`num_gpus` {num_gpus} CPU processes, but this machine gives sgdiff {cores} cores: each process "
+                f"holds a copy of the model and they wait on each other at every step; give at most {cores} "
+                f"(or set {ALLOW_MORE_PROCESSES_THAN_CORES}=1 to start them anyway)",
+                field="num_gpus",
+            )
+        return
     if device is not None and torch.device(device).index is not None:
         raise UserError(
             f"`device` {device} names one GPU; with `num_gpus` give `device` cuda (ranks use cuda:0..N-1)",
