@@ -39,6 +39,10 @@ def _size_ok(value: int) -> bool:
 
 SIZE_RULE = f"must be a positive multiple of {SIZE_MULTIPLE} up to {MAX_SIZE}"
 
+# What a family's functions take where generic code calls them (stage callbacks, ModelFamily's methods): the
+# family's own SamplingParams subclass. Typed Any, since a function of a subclass is no function of SamplingParams.
+FamilyParams = Any
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -61,7 +65,7 @@ class SamplingParams:
 
     def validate(self) -> None:
         check_values(type(self), self.__dict__)
-        for name, kind in field_kinds(type(self)).items():
+        for name, kind in field_kinds(type(self)).items():  # type: ignore[arg-type]  # mypy bug: a class is Hashable
             if kind is str:
                 check_text(name, getattr(self, name))
         if not self.prompt.strip():
@@ -121,7 +125,7 @@ def _type_ok(kind: type, value: Any) -> bool:
 def check_types(cls: type[SamplingParams], values: Mapping[str, Any], source: str = "") -> None:
     """Values from presets and callers have their field's type (a flag parser already ensures it);
     `source`, where they came from, opens the error."""
-    kinds = field_kinds(cls)
+    kinds = field_kinds(cls)  # type: ignore[arg-type]  # mypy bug: a class is Hashable
     for name, value in values.items():
         if value is not None and name in kinds and not _type_ok(kinds[name], value):
             where = f"{source}: " if source else ""
@@ -130,7 +134,7 @@ def check_types(cls: type[SamplingParams], values: Mapping[str, Any], source: st
 
 def check_values(cls: type[SamplingParams], values: Mapping[str, Any]) -> None:
     """Every rule `cls` declares, and finite 32-bit floats, for the values that are set."""
-    kinds = field_kinds(cls)
+    kinds = field_kinds(cls)  # type: ignore[arg-type]  # mypy bug: a class is Hashable
     for f in fields(cls):
         value = values.get(f.name)
         if value is None:
@@ -158,7 +162,7 @@ def build_sampling_params(
         check_types(cls, preset.sampling, f"preset {preset.name} [sampling]")
     from_preset = preset.sampling if preset is not None else {}
     values = merge_layers(sampling_defaults(cls), from_preset, given)
-    kinds = field_kinds(cls)
+    kinds = field_kinds(cls)  # type: ignore[arg-type]  # mypy bug: a class is Hashable
     values = {k: tuple(v) if kinds[k] is tuple and v is not None else v for k, v in values.items()}
     params = cls(prompt=prompt, **values)
     params.validate()

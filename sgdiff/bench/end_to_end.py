@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sgdiff.bench.checkpoint import ensure_checkpoint
 from sgdiff.bench.parts import BENCH_MODELS
@@ -192,7 +193,7 @@ def run_end_to_end(name: str, checkpoint_dir: Path, *, tiny: bool, prompts: int,
     start = time.perf_counter()
     checkpoint = ensure_checkpoint(name, checkpoint_dir, tiny)
     written = time.perf_counter() - start
-    size = dict(TINY) if tiny else dict(height=model.height, width=model.width, steps=model.steps)
+    size: dict[str, Any] = dict(TINY) if tiny else dict(height=model.height, width=model.width, steps=model.steps)
     size["max_sequence_length"] = SEQUENCE_LENGTH[name]
     if model.frames is not None:  # a video: an MP4 on each side
         size.update(num_frames=TINY_FRAMES if tiny else model.frames, guidance_scale=WAN_GUIDANCE, fps=FPS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,13 +23,16 @@ from sgdiff.models.wan.config import WAN21_T2V_1_3B, WAN21_T2V_14B
 from sgdiff.models.wan.transformer import KEEP_FP32
 from sgdiff.testing import tiny_configs
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 # Full-size shapes of the text encoders and VAEs (the checkpoints' config.json values).
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+CLIP_L: dict[str, Any] = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
               vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)  # fmt: skip
-T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vocab_size=32128,
+T5_XXL: dict[str, Any] = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vocab_size=32128,
               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, is_encoder_decoder=False)  # fmt: skip
-UMT5_XXL = dict(T5_XXL, vocab_size=256384)
-FLUX_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+UMT5_XXL: dict[str, Any] = dict(T5_XXL, vocab_size=256384)
+FLUX_VAE: dict[str, Any] = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                 use_quant_conv=False, use_post_quant_conv=False,
                 scaling_factor=0.3611, shift_factor=0.1159)  # fmt: skip
@@ -89,6 +92,7 @@ def build_transformers(model: BenchModel, tiny: bool, device: torch.device) -> t
         guidance = dict(guidance_embeds=model.config.guidance_embeds) if model.family == "flux" else {}
         config = replace(TINY_FLUX if model.family == "flux" else TINY_WAN, **guidance)
     kwargs = diffusers_kwargs(config)
+    ours: FluxTransformer | WanTransformer
     if model.family == "flux":
         reference = seeded(0, torch.bfloat16, device, lambda: diffusers.FluxTransformer2DModel(**kwargs))
         ours = build_on_meta(FluxTransformer, config)
@@ -106,7 +110,7 @@ def transformer_inputs(model: BenchModel, transformer, size: dict, device: torch
     """One forward's inputs, the same for both implementations (keyword names are diffusers')."""
     config = transformer.config
     g = torch.Generator(device).manual_seed(seed)
-    bf16 = dict(device=device, dtype=torch.bfloat16)
+    bf16: dict[str, Any] = dict(device=device, dtype=torch.bfloat16)
     if model.family == "flux":
         rows, cols = size["height"] // 16, size["width"] // 16
         return dict(
@@ -126,11 +130,12 @@ def transformer_inputs(model: BenchModel, transformer, size: dict, device: torch
     )
 
 
-def sgdiff_text_encoder(reference: torch.nn.Module) -> torch.nn.Module:
+def sgdiff_text_encoder(reference: PreTrainedModel) -> torch.nn.Module:
     """sgdiff's text encoder on the very tensors of transformers' `reference` (CLIPTextModel, T5EncoderModel
     or UMT5EncoderModel), no copy."""
     raw = reference.config.to_dict()
     state = reference.state_dict()
+    ours: ClipTextEncoder | T5Encoder
     if raw.get("model_type") == "clip_text_model":
         ours = build_on_meta(ClipTextEncoder, ClipTextConfig.from_dict(raw))
         ours.text_model.load_state_dict(state, strict=True, assign=True)  # transformers 5's names: no `text_model.`

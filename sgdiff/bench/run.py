@@ -133,7 +133,7 @@ def run_bench(name: str, speed: SpeedConfig, tiny: bool = False, warmup: int = 2
             step_ms = interleaved_ms(variants, device, warmup, repeat)
         memory = {impl: peak_memory_gib(fn, device) for impl, fn in (("diffusers", diffusers_forward),
                                                                      ("sgdiff", sgdiff_forward))}  # fmt: skip
-        reference = ours = None  # free the transformers before the text encoders load
+        reference = ours = None  # type: ignore[assignment]  # free the transformers before the text encoders load
         encoders = build_text_encoding(model, tiny, device)
         text_ms = interleaved_ms(encoders, device, 1, max(repeat // 2, 1))
         text_s = {impl: text_ms.get(impl, text_ms["diffusers"]) / 1e3 for impl in ("diffusers", "sgdiff")}

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -41,11 +41,17 @@ class BatchRequest:
     prompt_lines: list[PromptLine] = field(default_factory=list)  # a JSON Lines file: each prompt's own fields
 
 
+class BatchEvents(PipelineEvents, Protocol):
+    """A pipeline's events, and which prompt of the batch the events that follow belong to."""
+
+    def request_started(self, index: int, total: int) -> None: ...
+
+
 class LoadTimes:
     """Passes a pipeline's events on and keeps when each 'load <part>' stage began and ended, in seconds
     after `start` (perf_counter): the perf dump's, to see which part held the load up."""
 
-    def __init__(self, events: PipelineEvents, start: float):
+    def __init__(self, events: BatchEvents, start: float):
         self.events, self.start = events, start
         self.spans: dict[str, list[float]] = {}
 
@@ -90,7 +96,7 @@ class BatchReport:
     started_at_process_age: float | None = None  # seconds after spawn when run_batch began
 
 
-def default_model_path(flags: dict[str, Any], lines: list[PromptLine] = ()) -> str:
+def default_model_path(flags: dict[str, Any], lines: Sequence[PromptLine] = ()) -> str:
     """No --model-path: the embedded demo video model when --num-frames (or a prompt file's line's
     num_frames) is given, else the image one."""
     frames = [flags.get("num_frames"), *(line.fields.get("num_frames") for line in lines)]
@@ -98,7 +104,7 @@ def default_model_path(flags: dict[str, Any], lines: list[PromptLine] = ()) -> s
 
 
 def run_batch(
-    request: BatchRequest, events: PipelineEvents, on_saved: Callable[[Path], None] = lambda p: None
+    request: BatchRequest, events: BatchEvents, on_saved: Callable[[Path], None] = lambda p: None
 ) -> BatchReport:
     """Every prompt of `request` through one engine; the outputs written here as each finishes."""
     start, started_at = time.perf_counter(), process_age_seconds()
@@ -109,7 +115,7 @@ def run_batch(
         revision=request.revision,
     ) as engine:  # fmt: skip
         all_params = requested(engine, request)
-        lines = request.prompt_lines or [None] * len(request.prompts)
+        lines: Sequence[PromptLine | None] = request.prompt_lines or [None] * len(request.prompts)
         name_fields = [names_of(request.sampling_flags, line, model_path) for line in lines]
         suffix, paths = planned_outputs(all_params, request.output, engine.output_kind, name_fields)
         if under_torchrun() and os.environ["RANK"] != "0":
@@ -200,7 +206,7 @@ def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
                 "seed": r.params.seed,
                 "num_frames": getattr(r.params, "num_frames", None),  # video models
                 "fps": (r.fps or DEFAULT_FPS) if r.videos is not None else None,  # as written
-                "num_outputs": len(r.images if r.videos is None else r.videos),
+                "num_outputs": len(r.images if r.videos is None else r.videos),  # type: ignore[arg-type]  # one is set
                 "total_seconds": r.total_seconds,
                 "stage_seconds": r.stage_seconds,
                 "step_seconds": r.step_seconds,

@@ -12,7 +12,8 @@ import typer
 from sgdiff.cli import options as opt
 from sgdiff.cli.errors import user_errors
 
-BenchModelChoice = Enum(  # the names of sgdiff/bench/parts.py BENCH_MODELS (a test keeps them equal)
+# the names of sgdiff/bench/parts.py BENCH_MODELS (a test keeps them equal); mypy cannot list its members
+BenchModelChoice = Enum(  # type: ignore[misc]
     "BenchModelChoice",
     {name: name for name in ("flux.1-dev", "flux.1-schnell", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b")},
     type=str,
@@ -25,7 +26,7 @@ def bench(
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny models instead (checks the benchmark on a CPU).")] = False,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls first.")] = 2,
     repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed calls; the median is reported.")] = 5,
-    attention_backend: opt.AttentionBackend = opt.AttentionBackendChoice.auto,
+    attention_backend: opt.AttentionBackend = opt.AttentionBackendChoice.auto,  # type: ignore[attr-defined]
     enable_fused_projections: opt.EnableFusedProjections = None,
     enable_fused_gelu: opt.EnableFusedGelu = None,
     enable_fused_norms: opt.EnableFusedNorms = None,

@@ -18,7 +18,7 @@ ENGINE_OPTIONS = (
     ("ulysses_degree", opt.UlyssesDegree, None),
     ("ring_degree", opt.RingDegree, None),
     ("enable_cfg_parallel", opt.EnableCfgParallel, False),
-    ("attention_backend", opt.AttentionBackend, opt.AttentionBackendChoice.auto),
+    ("attention_backend", opt.AttentionBackend, opt.AttentionBackendChoice.auto),  # type: ignore[attr-defined]
     ("enable_fused_projections", opt.EnableFusedProjections, None),
     ("enable_fused_gelu", opt.EnableFusedGelu, None),
     ("enable_fused_norms", opt.EnableFusedNorms, None),
@@ -35,7 +35,7 @@ class EngineFlags:
     ulysses_degree: int | None = None
     ring_degree: int | None = None
     enable_cfg_parallel: bool = False
-    attention_backend: opt.AttentionBackendChoice = opt.AttentionBackendChoice.auto
+    attention_backend: opt.AttentionBackendChoice = opt.AttentionBackendChoice.auto  # type: ignore[attr-defined]
     enable_fused_projections: bool | None = None  # None: on for a CUDA GPU in bf16
     enable_fused_gelu: bool | None = None  # None: on for a CUDA GPU in bf16
     enable_fused_norms: bool | None = None  # None: on for a CUDA GPU in bf16
@@ -79,6 +79,7 @@ def with_engine_flags(command: Callable) -> Callable:
         engine = EngineFlags(**{name: given.pop(name) for name, _, _ in ENGINE_OPTIONS})
         return command(**given, engine=engine)
 
-    run.__signature__ = inspect.Signature([*(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own), *added])
+    # (mypy: a function has no __signature__ to set)
+    run.__signature__ = inspect.Signature([*(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own), *added])  # type: ignore[attr-defined]
     run.__annotations__ = {p.name: p.annotation for p in [*own, *added]}
     return run

@@ -12,6 +12,7 @@ import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 import typer
 
@@ -36,7 +37,7 @@ def debug_enabled() -> bool:
     return os.environ.get("SGDIFF_DEBUG", "") not in ("", "0")
 
 
-def fail(message: str, code: int = USAGE_EXIT_CODE) -> None:
+def fail(message: str, code: int = USAGE_EXIT_CODE) -> NoReturn:
     one_line = " ".join(message.split())  # library messages may span lines (e.g. torch's state_dict errors)
     typer.echo(f"error: {one_line}", err=True)
     raise typer.Exit(code)
@@ -76,5 +77,5 @@ def user_errors() -> Iterator[None]:
         fail(f"{type(exc).__name__}: {exc} (set SGDIFF_DEBUG=1 for the traceback)", code=1)
     finally:
         sys.stdout.flush()
-        if main_thread:
+        if previous is not None:  # (the main thread's)
             restore_sigterm(previous)

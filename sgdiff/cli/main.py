@@ -204,7 +204,7 @@ def main() -> None:
         if (FINISHED["cleanly"] and exit_.code in (0, None)) or interrupted:
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(exit_.code or 0)
+            os._exit(exit_.code or 0)  # type: ignore[arg-type]  # an int here (its tests above)
         raise
 
 

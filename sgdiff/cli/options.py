@@ -17,7 +17,9 @@ class OutputFormatChoice(str, Enum):
     mp4 = "mp4"
 
 
-AttentionBackendChoice = Enum(  # the names of sgdiff/speed/attention_backends.py (a test keeps them equal)
+# the names of sgdiff/speed/attention_backends.py (a test keeps them equal); mypy cannot list a functional
+# Enum's members from a comprehension, hence the ignores where one is named
+AttentionBackendChoice = Enum(  # type: ignore[misc]
     "AttentionBackendChoice",
     {name: name for name in ("auto", "fa", "sdpa", "cudnn", "flash", "efficient", "math", "flex", "fa3", "sage")},
     type=str,

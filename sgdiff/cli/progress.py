@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
 from sgdiff.pipeline.base import NullEvents
 
@@ -24,7 +24,7 @@ class RichProgress:
             console=console,
             transient=False,
         )
-        self._tasks: dict[str, int] = {}
+        self._tasks: dict[str, TaskID] = {}
         self._started = False
         self._request = ""  # "[2/4] " while the second of four prompts' lines are drawn
 

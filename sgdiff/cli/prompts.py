@@ -148,8 +148,10 @@ def check_line_fields(prompt: str, fields: dict[str, Any]) -> None:
 
     check_text("prompt", prompt)
     for name, value in fields.items():
-        sampling = family_of_field(name).sampling
-        kind = field_kinds(sampling)[name]
+        family = family_of_field(name)
+        assert family is not None  # LINE_FIELDS are the built-in families' fields
+        sampling = family.sampling
+        kind = field_kinds(sampling)[name]  # type: ignore[arg-type]  # mypy bug: a class is Hashable
         if value is None:
             raise UserError(f"`{name}` must be {KINDS[kind]}, not null (leave it out for the flag's value)", field=name)
         check_types(sampling, {name: value})

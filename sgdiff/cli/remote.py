@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,9 +91,9 @@ def run_remote(request: RemoteRequest, quiet: bool) -> None:
         fail(f"--model-path {request.model_path}, but the server at {client.url} serves {card['id']}")
     kind = card["output"]
     takes = fields_for_output(kind)
-    for line in request.prompt_lines:  # the server checks the rest as each request comes
-        if misfit := next((name for name in line.fields if name not in takes), None):
-            fail(f'{line.origin}: "{misfit}" does not apply to the server\'s model, which makes {kind}s')
+    for given in request.prompt_lines:  # the server checks the rest as each request comes
+        if misfit := next((name for name in given.fields if name not in takes), None):
+            fail(f'{given.origin}: "{misfit}" does not apply to the server\'s model, which makes {kind}s')
     out = request.output
     try:
         suffix = output_suffix(kind, out.output_format)
@@ -109,7 +110,7 @@ def run_remote(request: RemoteRequest, quiet: bool) -> None:
         fail("--num-outputs-per-prompt: with --server each video is its own job; run the command once per video")
     namer = OutputNamer(out.output_path, out.output_file_name, n * len(request.prompts), suffix)
     start, reports = time.perf_counter(), []
-    lines = request.prompt_lines or [None] * len(request.prompts)
+    lines: Sequence[PromptLine | None] = request.prompt_lines or [None] * len(request.prompts)
     for prompt, line in zip(request.prompts, lines, strict=True):
         fields = {**flags, **line.fields} if line is not None else flags
         if kind == "image":
@@ -120,8 +121,8 @@ def run_remote(request: RemoteRequest, quiet: bool) -> None:
         seed = report["request"]["seed"]
         for index, content in enumerate(outputs):
             path = namer.next_path(prompt, seed, index, n, names_of(request.sampling_flags, line, card["id"]))
-            if out.save_output:
-                write_atomically(path, lambda handle, content=content: handle.write(content))
+            if out.save_output:  # (mypy cannot type a lambda with a default)
+                write_atomically(path, lambda handle, content=content: handle.write(content))  # type: ignore[misc]
                 typer.echo(str(path))
     total = time.perf_counter() - start
     if out.perf_dump_path is not None:

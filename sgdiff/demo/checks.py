@@ -31,14 +31,14 @@ class Reading:
     def position(self) -> str | None:
         if self.centre is None:
             return None
-        return min(
-            POSITIONS, key=lambda p: (POSITIONS[p][0] - self.centre[0]) ** 2 + (POSITIONS[p][1] - self.centre[1]) ** 2
-        )
+        x, y = self.centre
+        return min(POSITIONS, key=lambda p: (POSITIONS[p][0] - x) ** 2 + (POSITIONS[p][1] - y) ** 2)
 
     def shape(self) -> str | None:
-        if self.fill_ratio is None:
+        fill = self.fill_ratio
+        if fill is None:
             return None
-        return min(FILL_RATIOS, key=lambda s: abs(FILL_RATIOS[s] - self.fill_ratio))
+        return min(FILL_RATIOS, key=lambda s: abs(FILL_RATIOS[s] - fill))
 
 
 def read(image: np.ndarray, min_pixels: int = 12) -> Reading:

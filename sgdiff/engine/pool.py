@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ class WorkerPool:
         self._error: Exception | None = None  # why the pool stopped
         self._ready = threading.Event()
         self._closing = False
-        self._connection = None
+        self._connection: Connection | None = None  # the pipe to rank 0, made by start()
         self._sending = threading.Lock()  # a pipe's send is not thread-safe: callers, the reader, close()
         self._rendezvous: Path | None = None
         self._reader: threading.Thread | None = None
@@ -114,6 +115,8 @@ class WorkerPool:
             self._messages = None
 
     def _send(self, message: tuple) -> None:
+        if self._connection is None:  # a start() that failed before making the pipe: nothing to tell
+            return
         try:
             with self._sending:
                 self._connection.send(message)
@@ -150,7 +153,7 @@ class WorkerPool:
         try:  # a worker that failed sent its error before exiting: read it
             message = self._messages.get(timeout=1.0)
             if message[0] == "fatal":
-                return self._fatal_error(*message[2:], wait=0.0)
+                return self._fatal_error(*message[2:], wait=0.0)  # type: ignore[misc]  # (rank, error)
         except (queues.Empty, EOFError, OSError):
             pass
         rank, code = ended[0]

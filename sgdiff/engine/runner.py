@@ -16,7 +16,7 @@ import torch
 from sgdiff.config import Preset, RuntimeConfig, merge_layers, select_preset
 from sgdiff.errors import UserError
 from sgdiff.models.resolve import is_hub_repo, resolve_model_path, snapshot_commit
-from sgdiff.pipeline.base import NullEvents, PipelineEvents, State
+from sgdiff.pipeline.base import ComposedPipeline, NullEvents, PipelineEvents, State
 from sgdiff.pipeline.registry import family_of_field, inspect_model
 from sgdiff.sampling import SamplingParams, build_sampling_params, sampling_fields
 from sgdiff.speed.apply import apply_speed, check_speed, resolve_speed
@@ -108,7 +108,7 @@ class ModelRunner:
                 self.family.schedule(self.preset.schedule)
             except UserError as exc:
                 raise UserError(f"preset {self.preset.name}: [schedule] {exc}") from None
-        self.pipeline = None
+        self.pipeline: ComposedPipeline | None = None  # load() makes it
         self.load_seconds = 0.0
 
     def sampling_params(self, prompt: str, **fields: Any) -> SamplingParams:
@@ -171,6 +171,7 @@ class ModelRunner:
         self._reset_peak_memory()
         start = time.perf_counter()
         state = State(params, self.device, self.dtype, events or self.events, should_stop, inputs or {})
+        assert self.pipeline is not None  # (loaded)
         state = self.pipeline(state)
         return self._result(state, time.perf_counter() - start, batch_size=1)
 
@@ -195,6 +196,7 @@ class ModelRunner:
             State(params, self.device, self.dtype, events, lambda: all(cancelled()), inputs)
             for params, events, inputs in zip(params_list, events_list, inputs_list, strict=True)
         ]
+        assert self.pipeline is not None  # (loaded)
         states = self.pipeline.run_batch(states, cancelled)
         seconds = time.perf_counter() - start
         return [

@@ -135,12 +135,12 @@ def serve_requests(
     if not leader:
         outbox = Silent()
     while True:
-        message = control.share(inbox.get() if leader else None)
+        message = control.share(inbox.get() if inbox is not None else None)  # (the leader's)
         if message[0] == "stop":
             return
         if message[0] == "run":
             requests = message[1]
-            cancelled = inbox.cancelled if leader else set()
+            cancelled = inbox.cancelled if inbox is not None else set()
             try:
                 run_batch(runner, control, requests, cancelled, outbox, survive)
             finally:

@@ -81,6 +81,7 @@ class Engine:
                 )
             parallel = replace(parallel, num_gpus=world)
         self.parallel = parallel.resolved()
+        assert self.parallel.ulysses_degree is not None and self.parallel.ring_degree is not None  # resolved
         backend = runtime.speed.attention_backend
         if self.parallel.ring_degree > 1 and backend != "auto":
             raise UserError(  # a ring merges partial attentions by their log-sum-exp: its own kernels
@@ -103,6 +104,7 @@ class Engine:
             if not under_torchrun():
                 check_devices(runtime.device, self.parallel.num_gpus)
         self._executor: Any = None
+        self._weights_to_load: int | None = None  # bytes, every process's copy together (CPU runs)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -181,7 +183,27 @@ class Engine:
             )
         for path in self.runner.family.input_images(params):
             fetch(path)  # a bad file or URL fails here, before anything loads or runs
+        self._check_memory(params)
         return params
+
+    def _check_memory(self, params: SamplingParams) -> None:
+        """On the CPU: refuse a request that surely cannot fit in the memory available (engine/memory.py)."""
+        runner = self.runner
+        if runner.device.type != "cpu":
+            return
+        from sgdiff.engine.memory import available_memory_bytes, check_fits_in_memory, loaded_weight_bytes
+
+        if self._executor is not None:
+            weights = 0  # loaded: already out of what is available
+        elif self._weights_to_load is None:
+            index, n = runner.info.model_index, self.parallel.num_gpus
+            every = loaded_weight_bytes(runner.model_dir, index, runner.dtype, frozenset())
+            shared = loaded_weight_bytes(runner.model_dir, index, runner.dtype, runner.family.text_encoders)
+            weights = self._weights_to_load = every + (n - 1) * shared  # text encoders on rank 0 alone
+        else:
+            weights = self._weights_to_load
+        activations = runner.family.activation_floor(runner.info, params, runner.dtype)
+        check_fits_in_memory(weights, activations, params, self.parallel.num_gpus, available_memory_bytes())
 
     def start(self, warm_up: SamplingParams | None = None) -> None:
         """Load the model (start the worker pool on several GPUs); returns once it can serve. `warm_up`: a

@@ -65,6 +65,7 @@ def load_for_rank(runner: ModelRunner, groups: ParallelGroups) -> None:
 def make_parallel(runner: ModelRunner, groups: ParallelGroups) -> Iterator[None]:
     """Apply CFG and sequence parallelism to the loaded pipeline for the requests run in the context."""
     pipeline = runner.pipeline
+    assert pipeline is not None  # (loaded: load_for_rank)
     pipeline.rank = groups.rank
     pipeline.share = lambda state, fields: share_from_rank0(state, fields, groups.rank)
     if groups.config.enable_cfg_parallel:
@@ -161,6 +162,16 @@ def pool_worker(spec: RankSpec, config: EngineConfig, connection: Any, queue: An
     """Entry point of a process of the engine's worker pool: never a traceback, always a message.
     Rank 0 reads the front's messages from `connection` (a pipe's reading end; None on the other
     ranks); its reports, and any rank's fatal error, go to `queue`."""
+    try:
+        serve_in_pool(spec, config, connection, queue)
+    except Terminated:  # the front's SIGTERM, landing inside a handler below (e.g. while this rank reports
+        # the error another rank reported first): end as SIGTERM ends, without multiprocessing's traceback
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise SystemExit(128 + signal.SIGTERM) from None
+
+
+def serve_in_pool(spec: RankSpec, config: EngineConfig, connection: Any, queue: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front's to handle: it ends every rank
     if hasattr(signal, "pthread_sigmask"):  # (POSIX) blocked while the front started this process
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

@@ -3,7 +3,7 @@ the request's parameters as metadata, at paths all checked before any weight loa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ def planned_outputs(
     all_params: list[SamplingParams],
     out: OutputConfig,
     output_kind: str,
-    name_fields: list[Mapping[str, Any]] | None = None,
+    name_fields: Sequence[Mapping[str, Any] | None] | None = None,
 ) -> tuple[str, list[Path]]:
     """The suffix and every path a run will write, in order, checked before any weight loads.
     `name_fields`: per request, the fields that set it apart from another of the same prompt and seed (a
@@ -54,7 +54,7 @@ def output_paths(
     all_params: list[SamplingParams],
     out: OutputConfig,
     suffix: str,
-    name_fields: list[Mapping[str, Any]] | None = None,
+    name_fields: Sequence[Mapping[str, Any] | None] | None = None,
 ) -> list[Path]:
     """A folder of frames must not land on a file, a file not on a folder."""
     namer = OutputNamer(

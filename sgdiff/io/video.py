@@ -81,7 +81,8 @@ def encode_mp4(frames: np.ndarray, target: Path, fps: int, parameters: dict[str,
             env={**os.environ, "LC_ALL": "C"},  # its messages in English: ffmpeg_failure reads them
         )
         try:
-            process.communicate(memoryview(np.ascontiguousarray(frames, dtype=np.uint8)).cast("B"))
+            # (numpy's stubs give an array no buffer before Python 3.12; communicate takes any buffer)
+            process.communicate(memoryview(np.ascontiguousarray(frames, dtype=np.uint8)).cast("B"))  # type: ignore[arg-type]
         except BaseException:
             process.kill()
             process.wait()
@@ -101,7 +102,7 @@ def ffmpeg_failure(code: int, log: str) -> OSError:
         lines = [line.strip() for line in log.splitlines() if line.strip()]
         why = lines[-1] if lines else (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
         error = OSError(f"ffmpeg failed: {why}")
-    error.__notes__ = [f"ffmpeg's log (exit code {code}):\n{log.rstrip()}"]
+    error.__notes__ = [f"ffmpeg's log (exit code {code}):\n{log.rstrip()}"]  # type: ignore[attr-defined]  # (3.10)
     return error
 
 

@@ -62,7 +62,7 @@ def merge_op_by_op(partials: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.T
     """merge_partials in torch operations (float32)."""
     total = torch.logsumexp(torch.stack([lse for _, lse in partials]), dim=0)  # [B, S, H]
     out = sum(o.float() * torch.exp(lse - total)[..., None] for o, lse in partials)
-    return out.to(partials[0][0].dtype)
+    return out.to(partials[0][0].dtype)  # type: ignore[union-attr]  # (a sum of tensors: partials is not empty)
 
 
 def lse_merge_runs(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> bool:

@@ -60,7 +60,7 @@ class LoadingStopped(Exception):
 
 def read_range(fd: int, into: torch.Tensor, offset: int) -> None:
     """Fill the uint8 CPU tensor `into` from the file at `offset` (os.preadv lets go of the GIL)."""
-    view = memoryview(into.numpy())
+    view = memoryview(into.numpy())  # type: ignore[arg-type]  # (numpy's stubs: no buffer before Python 3.12)
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
@@ -95,9 +95,10 @@ class Reader:
             raise LoadingStopped("the load was given up")
 
     def lane(self, index: int) -> Lane:
-        if self.lanes[index] is None:
-            self.lanes[index] = Lane(self.device)
-        return self.lanes[index]
+        lane = self.lanes[index]
+        if lane is None:
+            lane = self.lanes[index] = Lane(self.device)
+        return lane
 
     def __enter__(self) -> Reader:
         return self
@@ -195,8 +196,8 @@ def copy_through_staging(fd: int, start: int, entries: dict[str, Entry], tensors
                 copies = layout.chunk_copies(offset, count)
                 if not copies:  # only tensors not asked for: not read
                     continue
-                if lane.copied[side] is not None:
-                    lane.copied[side].synchronize()  # its previous chunk has reached the GPU
+                if (copied := lane.copied[side]) is not None:
+                    copied.synchronize()  # its previous chunk has reached the GPU
                 buffer = lane.buffers[side]
                 read_range(fd, buffer[:count], start + offset)
                 with torch.cuda.stream(lane.stream):

@@ -138,7 +138,7 @@ class FP32LayerNorm(nn.LayerNorm):
     def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """(norm(x) * (1 + scale) + shift) in float32, back in x's dtype; shift, scale: float32
         [B, 1 or S, D]. One Triton kernel with --enable-fused-norms (bf16, no affine)."""
-        plain = self.weight is None and self.bias is None
+        plain = self.weight is None and self.bias is None  # type: ignore[unreachable]  # (torch: never None)
         if plain and self.norm_kernel and kernels_run_on(x) and x.dtype == torch.bfloat16:
             from sgdiff.kernels.norm_modulate import norm_modulate
 
@@ -187,4 +187,4 @@ def linear_over_concat(linear: nn.Linear, parts: list[torch.Tensor], split: bool
         flat, weight = part.reshape(-1, width), linear.weight[:, start : start + width]  # [B*S, w], [out, w]
         out = torch.addmm(linear.bias, flat, weight.t()) if out is None else out.addmm_(flat, weight.t())
         start += width
-    return out.view(*parts[0].shape[:-1], out.shape[-1])
+    return out.view(*parts[0].shape[:-1], out.shape[-1])  # type: ignore[union-attr]  # (parts is never empty)

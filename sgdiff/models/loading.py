@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +20,8 @@ from sgdiff.errors import UserError
 from sgdiff.models.fast_load import read_header, read_safetensors, shared_reader
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def config_fields(cls, raw: dict[str, Any]) -> dict[str, Any]:
@@ -94,9 +96,7 @@ def dtype_after_load(
     return torch.float32 if set(name.split(".")) & set(keep_fp32) else dtype
 
 
-def with_empty_weights(
-    model: nn.Module, dtype: torch.dtype, device: torch.device, keep_fp32: tuple[str, ...] = ()
-) -> nn.Module:
+def with_empty_weights(model: M, dtype: torch.dtype, device: torch.device, keep_fp32: tuple[str, ...] = ()) -> M:
     """A meta-device `model` given uninitialised weights on `device`, each in the dtype load_own_model
     would give it: a model whose numbers do not matter (the kernels' warm-up, speed/warm_up.py)."""
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
@@ -111,14 +111,14 @@ def with_empty_weights(
 
 
 def load_own_model(
-    model: nn.Module,
+    model: M,
     folder: Path,
     dtype: torch.dtype,
     device: torch.device,
     keep_fp32: tuple[str, ...] = (),
     ignored: tuple[str, ...] = (),
     renamed: dict[str, str] | None = None,
-) -> nn.Module:
+) -> M:
     """Give a meta-device `model` the weights in `folder` (strict: every name must match, except
     checkpoint tensors with a name component in `ignored`, which no computation uses). `renamed`:
     checkpoint names the model knows by another name (applied first). The files' headers are checked
@@ -160,7 +160,7 @@ def check_shapes(model: nn.Module, stored: dict[str, tuple[Path, list[int]]]) ->
             )
 
 
-def build_on_meta(factory, *args: Any) -> nn.Module:
+def build_on_meta(factory: Callable[..., M], *args: Any) -> M:
     """Construct a module without allocating or initialising its weights."""
     with torch.device("meta"):
         return factory(*args)

@@ -40,8 +40,8 @@ def allocate(description: Any, device: torch.device) -> Any:
 
 def share_from_rank0(state: State, fields: tuple[str, ...], rank: int) -> None:
     """Rank 0's values of `fields` replace every other rank's (one object broadcast, then one per tensor)."""
-    values = {name: getattr(state, name) for name in fields} if rank == 0 else None
-    descriptions = [{name: describe(value) for name, value in values.items()} if rank == 0 else None]
+    values: dict[str, Any] = {name: getattr(state, name) for name in fields} if rank == 0 else {}
+    descriptions: list[Any] = [{name: describe(value) for name, value in values.items()} if rank == 0 else None]
     dist.broadcast_object_list(descriptions, src=0)
     if rank != 0:
         values = {name: allocate(description, state.device) for name, description in descriptions[0].items()}

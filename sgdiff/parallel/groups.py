@@ -16,31 +16,41 @@ class ParallelGroups:
     rank: int
     world_size: int
     config: ParallelConfig  # resolved
-    cfg_group: dist.ProcessGroup | None  # the ranks holding the same sequence shard, one per CFG branch
-    sp_group: dist.ProcessGroup | None  # the ranks splitting one branch's sequence (ring x ulysses)
-    ulysses_group: dist.ProcessGroup | None
-    ring_group: dist.ProcessGroup | None
+    cfg_group: dist.ProcessGroup  # the ranks holding the same sequence shard, one per CFG branch
+    sp_group: dist.ProcessGroup  # the ranks splitting one branch's sequence (ring x ulysses)
+    ulysses_group: dist.ProcessGroup
+    ring_group: dist.ProcessGroup
     ring_ranks: tuple[int, ...]  # global ranks of this rank's ring group, in ring order
 
     @property
+    def ulysses_degree(self) -> int:
+        assert self.config.ulysses_degree is not None  # set in a resolved config
+        return self.config.ulysses_degree
+
+    @property
+    def ring_degree(self) -> int:
+        assert self.config.ring_degree is not None  # set in a resolved config
+        return self.config.ring_degree
+
+    @property
     def cfg_rank(self) -> int:
-        return self.rank // (self.config.ring_degree * self.config.ulysses_degree)
+        return self.rank // (self.ring_degree * self.ulysses_degree)
 
     @property
     def sp_rank(self) -> int:
-        return self.rank % (self.config.ring_degree * self.config.ulysses_degree)
+        return self.rank % (self.ring_degree * self.ulysses_degree)
 
     @property
     def ring_rank(self) -> int:
-        return self.sp_rank // self.config.ulysses_degree
+        return self.sp_rank // self.ulysses_degree
 
     @property
     def ulysses_rank(self) -> int:
-        return self.sp_rank % self.config.ulysses_degree
+        return self.sp_rank % self.ulysses_degree
 
     @property
     def sp_degree(self) -> int:
-        return self.config.ring_degree * self.config.ulysses_degree
+        return self.ring_degree * self.ulysses_degree
 
 
 def build_groups(config: ParallelConfig) -> ParallelGroups:
@@ -50,8 +60,9 @@ def build_groups(config: ParallelConfig) -> ParallelGroups:
     if world != config.num_gpus:
         raise RuntimeError(f"the process group has {world} ranks, the parallel config wants {config.num_gpus}")
     u, r, c = config.ulysses_degree, config.ring_degree, config.cfg_degree
+    assert u is not None and r is not None  # set in a resolved config
     layout = [[[(ci * r + ri) * u + ui for ui in range(u)] for ri in range(r)] for ci in range(c)]
-    mine: dict[str, dist.ProcessGroup | None] = {}
+    mine: dict[str, dist.ProcessGroup] = {}  # every rank is in one group of each kind
     ring_ranks: tuple[int, ...] = ()
 
     def group(name: str, ranks: list[int]) -> None:
@@ -71,6 +82,4 @@ def build_groups(config: ParallelConfig) -> ParallelGroups:
     for ri in range(r):
         for ui in range(u):
             group("cfg", [layout[ci][ri][ui] for ci in range(c)])
-    return ParallelGroups(
-        rank, world, config, mine.get("cfg"), mine.get("sp"), mine.get("ulysses"), mine.get("ring"), ring_ranks
-    )
+    return ParallelGroups(rank, world, config, mine["cfg"], mine["sp"], mine["ulysses"], mine["ring"], ring_ranks)

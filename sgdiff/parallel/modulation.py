@@ -27,6 +27,8 @@ class GatheredRows(nn.Module):
     """Stands in for a modulation Linear: returns the output ShardedModulation gathered for it this
     forward, [B, out_features] (a slice of the gathered buffer)."""
 
+    value: torch.Tensor  # a buffer
+
     def __init__(self, out_features: int):
         super().__init__()
         self.out_features = out_features
@@ -56,7 +58,7 @@ class ShardedModulation:
         ]
         self.stand_ins = [GatheredRows(size) for size in sizes]
         for owner, stand_in in zip(self.owners, self.stand_ins, strict=True):
-            owner.linear = stand_in
+            owner.linear = stand_in  # type: ignore[assignment]  # a stand-in for the Linear (its out_features too)
         self.hook = conditioning.register_forward_hook(self.after_conditioning)
 
     def after_conditioning(self, module: nn.Module, args, temb: torch.Tensor) -> None:

@@ -130,7 +130,7 @@ def start_sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup, degree: i
     return InFlight(received, work, lambda r: r.permute(1, 2, 0, 3, 4))
 
 
-def symmetric_or_nccl(kind: type, group: dist.ProcessGroup | None, degree: int, exchange: str, name: str) -> Any:
+def symmetric_or_nccl(kind: type, group: dist.ProcessGroup, degree: int, exchange: str, name: str) -> Any:
     """kind(group) (SymmetricUlysses or SymmetricRing) where `exchange` allows symmetric memory, the
     group has several ranks and their GPUs can map each other's memory; else None (NCCL). A
     collective over the group."""
@@ -161,7 +161,7 @@ class SequenceParallelAttention:
             raise ValueError(f"exchange must be auto, nccl or symmetric, not {exchange!r}")
         self.groups = groups
         self.inner = inner
-        u, r = groups.config.ulysses_degree, groups.config.ring_degree
+        u, r = groups.ulysses_degree, groups.ring_degree
         self.symmetric: SymmetricUlysses | None = symmetric_or_nccl(
             SymmetricUlysses, groups.ulysses_group, u, exchange, "Ulysses"
         )
@@ -193,7 +193,7 @@ class SequenceParallelAttention:
             done = work()
             return self.inner(q, k, v), done
         g = self.groups
-        u, r = g.config.ulysses_degree, g.config.ring_degree
+        u, r = g.ulysses_degree, g.ring_degree
         if u == 1:
             done = work()
             return self.ring(q, k, v), done
@@ -223,8 +223,8 @@ class SequenceParallelAttention:
         tokens for its heads (parallel/input_exchange.py). Returns ([B, S_loc, H, D], work()), or
         None (nothing run) where this does not apply: the model then projects and calls `alongside`."""
         g = self.groups
-        u, head_dim = g.config.ulysses_degree, rope.shape[-2] * 2
-        if self.layout is None or self.local_depth or u != 2 or g.config.ring_degree != 1:
+        u, head_dim = g.ulysses_degree, rope.shape[-2] * 2
+        if self.layout is None or self.local_depth or u != 2 or g.ring_degree != 1:
             return None
         if not all(stream.per_head_norms(head_dim) for stream in streams):
             return None  # (a norm over all heads needs every head of a token)
@@ -271,7 +271,7 @@ class SequenceParallelAttention:
 
     def real_keys(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k and v [B, U*S_loc, h, D] without the rows that pad a segment (they never enter a softmax)."""
-        keep = real_key_positions(self.layout, range(self.groups.config.ulysses_degree), k.device)
+        keep = real_key_positions(self.layout, range(self.groups.ulysses_degree), k.device)
         return (k, v) if keep is None else (k[:, keep], v[:, keep])
 
     def ring(self, queries: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor) -> torch.Tensor:
@@ -281,10 +281,10 @@ class SequenceParallelAttention:
         Ulysses group's sp ranks."""
         kv = torch.stack([k_block, v_block])  # [2, B, U*S_loc, H/U, D]
         if self.symmetric_ring is not None:
-            partials = self.symmetric_ring.over_blocks(kv, lambda source, block: self.block(queries, source, block))
-            return merge_partials([p for p in partials if p is not None])
+            attended = self.symmetric_ring.over_blocks(kv, lambda source, block: self.block(queries, source, block))
+            return merge_partials([p for p in attended if p is not None])
         g = self.groups
-        r = g.config.ring_degree
+        r = g.ring_degree
         partials = []
         nxt, prev = g.ring_ranks[(g.ring_rank + 1) % r], g.ring_ranks[(g.ring_rank - 1) % r]
         for step, source in enumerate(ring_sources(g.ring_rank, r)):  # source: whose block `kv` is
@@ -305,7 +305,7 @@ class SequenceParallelAttention:
     def block(self, queries: torch.Tensor, source: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Attention (and log-sum-exp) of my queries over ring rank `source`'s block kv ([2, B,
         U*S_loc, h, D]) with its padded keys cut out; None where the block holds only padding."""
-        u = self.groups.config.ulysses_degree
+        u = self.groups.ulysses_degree
         keep = real_key_positions(self.layout, range(source * u, (source + 1) * u), queries.device)
         keys, values = (kv[0], kv[1]) if keep is None else (kv[0][:, keep], kv[1][:, keep])
         return attention_with_lse(queries, keys, values) if keys.shape[1] else None

@@ -98,7 +98,7 @@ def symmetric_memory_usable(group: dist.ProcessGroup) -> bool:
     if dist.get_backend(group) != "nccl":
         return False
     world = dist.get_world_size(group)
-    placed = [None] * world
+    placed: list[Any] = [None] * world
     dist.all_gather_object(placed, (socket.gethostname(), torch.cuda.current_device()), group=group)
     mine = torch.cuda.current_device()
     local_ok = len({host for host, _ in placed}) == 1 and all(
@@ -124,8 +124,13 @@ class SymmetricBuffers:
         self.group = group
         self.rank, self.degree = dist.get_rank(group), dist.get_world_size(group)
         self.buffers: dict[tuple, list[torch.Tensor]] = {}
-        self.barrier: SignalBarrier | None = None
+        self.signal_barrier: SignalBarrier | None = None  # made with the first buffer (boxes)
         self.keep_alive: list = []
+
+    def barrier(self) -> None:
+        """The group's barrier in the first buffer's signal pads (`boxes` has made a buffer before)."""
+        assert self.signal_barrier is not None
+        self.signal_barrier()
 
     def boxes(self, shape: tuple[int, ...], like: torch.Tensor, tag: int = 0) -> list[torch.Tensor]:
         """Every rank's buffer of `shape` (mine at self.rank; `tag` tells apart buffers of one shape),
@@ -139,8 +144,8 @@ class SymmetricBuffers:
             # `local` is its own allocation (no implicit pool), so it starts where get_buffer counts from
             self.buffers[key] = [handle.get_buffer(p, shape, like.dtype) for p in range(self.degree)]
             self.keep_alive += [local, handle]  # the views hold neither; the handle keeps peers mapped
-            if self.barrier is None:  # the first buffer's signal pads serve every exchange
-                self.barrier = SignalBarrier(handle, self.group, like.device)
+            if self.signal_barrier is None:  # the first buffer's signal pads serve every exchange
+                self.signal_barrier = SignalBarrier(handle, self.group, like.device)
         return self.buffers[key]
 
 

@@ -146,7 +146,7 @@ class ComposedPipeline:
         with torch.inference_mode(), use_attention_impl(self.attention or current_attention_impl()):
             for state in states:
                 self.run_stages(state, self.stages[:first])
-            rows = BatchRows([state.latents.shape[0] for state in states], cancelled)
+            rows = BatchRows([state.latents.shape[0] for state in states], cancelled)  # type: ignore[union-attr]
             merged = self.run_stages(merge_states(states, rows), self.stages[first:])
         split_outputs(merged, states, rows.final_counts())
         return states
@@ -156,8 +156,8 @@ class ComposedPipeline:
             stop_if_asked(state)
             rank0_only = stage.parallel is ParallelMode.RANK0_ONLY and self.share is not None
             if rank0_only and self.rank != 0:
-                if stage.shares:
-                    self.share(state, stage.shares)  # receive what rank 0 computed
+                if stage.shares:  # (mypy does not see that rank0_only says self.share is set)
+                    self.share(state, stage.shares)  # type: ignore[misc]  # receive what rank 0 computed
                 continue
             state.events.stage_started(stage.name)
             start = time.perf_counter()
@@ -165,7 +165,7 @@ class ComposedPipeline:
             if state.device.type == "cuda":
                 torch.cuda.synchronize(state.device)
             if rank0_only and stage.shares:
-                self.share(state, stage.shares)  # send it
+                self.share(state, stage.shares)  # type: ignore[misc]  # send it
             seconds = time.perf_counter() - start
             state.stage_seconds[stage.name] = seconds
             state.events.stage_finished(stage.name, seconds)

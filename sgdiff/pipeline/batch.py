@@ -76,7 +76,8 @@ class BatchRows:
         dropped = [i for i, (alive, cancel) in enumerate(zip(self.alive, wishes, strict=True)) if alive and cancel]
         if not dropped or all(wishes):
             return None
-        kept, start = [], 0
+        kept: list[int] = []
+        start = 0
         for i, count in enumerate(self.counts):
             if not self.alive[i]:
                 continue
@@ -105,9 +106,10 @@ def merge_states(states: list[State], rows: BatchRows) -> State:
         rows_to_keep=rows.rows_to_keep,
         inputs={path: data for state in states for path, data in state.inputs.items()},
         cond=concat_rows([state.cond for state in states]),
-        uncond=None if first.uncond is None else concat_rows([state.uncond for state in states]),
+        # (check_mergeable: every member has uncond or none has; the stages before have set the latents)
+        uncond=None if first.uncond is None else concat_rows([state.uncond for state in states]),  # type: ignore[misc]
         shared=dict(first.shared),
-        latents=torch.cat([state.latents for state in states], dim=0),  # [sum N_i, ...]
+        latents=torch.cat([state.latents for state in states], dim=0),  # type: ignore[misc]  # [sum N_i, ...]
         generator=None,  # a member's noise stream is its own: batchable stages draw no noise
         images=None,
         videos=None,

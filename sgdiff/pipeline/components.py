@@ -94,7 +94,8 @@ def build_tokenizer(folder: Path):
     with _importing:  # two threads inside transformers' lazy imports at once pull in its model registry
         import transformers
 
-        tokenizer_class = getattr(transformers, name.removesuffix("Fast"), None) if plain else None
+        # (plain: name is a str)
+        tokenizer_class: Any = getattr(transformers, name.removesuffix("Fast"), None) if plain else None  # type: ignore[union-attr]
         if not (isinstance(tokenizer_class, type) and tokenizer_class.__module__.startswith("transformers.models.")):
             from transformers import AutoTokenizer
 
@@ -132,11 +133,11 @@ def parameters_on_meta() -> Iterator[None]:
 
     with _building:
         register = torch.nn.Module.register_parameter  # read under the lock: the original, never a patch
-        torch.nn.Module.register_parameter = on_meta
+        torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign,assignment]  # a patch, on purpose
         try:
             yield
         finally:
-            torch.nn.Module.register_parameter = register
+            torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def read_library_model(cls, folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module | None:
@@ -168,7 +169,7 @@ def kept_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> tuple[str, ...]:
     `_keep_in_fp32_modules_strict` at float16 and bfloat16."""
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     if hasattr(model, "_keep_in_fp32_modules_strict"):  # transformers
-        strict = set(model._keep_in_fp32_modules_strict or ())
+        strict = set(model._keep_in_fp32_modules_strict or ())  # type: ignore[arg-type]  # (transformers' list)
         keep = {torch.float16: keep | strict, torch.bfloat16: strict}.get(dtype, set())
     return tuple(sorted(keep))
 
@@ -193,7 +194,8 @@ def load_side_by_side(
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-    failures = [f.exception() for f in futures.values() if f.exception() is not None]
+    # (a part cancelled before its thread took it has no exception to ask for: asking would raise)
+    failures = [e for f in futures.values() if not f.cancelled() and (e := f.exception()) is not None]
     if failures:
         raise next((e for e in failures if not isinstance(e, LoadingStopped)), failures[0])
     return {name: futures[name].result() if name in futures else None for name in loaders}

@@ -19,9 +19,10 @@ from torch import nn
 
 from sgdiff.errors import UserError
 from sgdiff.pipeline.base import ComposedPipeline, PipelineEvents
-from sgdiff.sampling import SamplingParams
+from sgdiff.sampling import FamilyParams, SamplingParams
 
 if TYPE_CHECKING:
+    from sgdiff.models.layers import Linear
     from sgdiff.parallel.groups import ParallelGroups
     from sgdiff.parallel.sequence import SequenceParallelAttention
     from sgdiff.pipeline.registry import ModelInfo
@@ -32,10 +33,10 @@ if TYPE_CHECKING:
 class FusableGroups:
     """What one transformer offers the speed toggles (speed/fuse.py applies them)."""
 
-    # Linears that always read the same input, in the order models/layers.py `project` takes them
-    projections: list[tuple[nn.Linear, ...]] = field(default_factory=list)
+    # Linears (models/layers.py's) that always read the same input, in the order `project` takes them
+    projections: list[tuple[Linear, ...]] = field(default_factory=list)
     # Linears whose output goes straight into tanh GELU (the MLPs' input projections)
-    gelu_projections: list[nn.Linear] = field(default_factory=list)
+    gelu_projections: list[Linear] = field(default_factory=list)
 
 
 class imported_when_used:  # noqa: N801 - used as a decorator-like descriptor, spelled as a function
@@ -64,7 +65,7 @@ class ModelFamily:
     sampling: type[SamplingParams] = SamplingParams  # the fields its requests may carry
     text_encoders: frozenset[str] = frozenset({"text_encoder"})  # parts only rank 0 loads
 
-    def schedule(self, options: dict[str, Any]) -> Any:
+    def schedule(self, options: dict[str, Any], /) -> Any:
         """The schedule object from the merged scheduler options (preset < checkpoint); refuses what
         it cannot honour, before any weight loads."""
         raise NotImplementedError
@@ -86,28 +87,34 @@ class ModelFamily:
         """The loaded pipeline; `skip` names components this process never runs (None in their place)."""
         raise NotImplementedError
 
-    def adjust(self, params: SamplingParams) -> SamplingParams:
+    def adjust(self, params: FamilyParams) -> FamilyParams:
         """A request's values made final (e.g. a frame count rounded as asked)."""
         return params
 
-    def given_rules(self, given: set[str], params: SamplingParams) -> None:
+    def given_rules(self, given: set[str], params: FamilyParams) -> None:
         """Refuse fields given explicitly (`given`) that this request would silently ignore."""
 
-    def cfg_scale_of(self, params: SamplingParams) -> float | None:
+    def cfg_scale_of(self, params: FamilyParams) -> float | None:
         """The request's CFG scale, or None when it runs without CFG (CFG parallel has nothing to split)."""
         return None
 
-    def batch_key(self, params: SamplingParams) -> Hashable | None:
+    def batch_key(self, params: FamilyParams) -> Hashable | None:
         """Requests with equal keys may run as one batch (pipeline/batch.py): they differ only in what
         each row of the batch holds (prompt, negative prompt, seed), never in what every row shares
         (size, steps, guidance, ...). None: this request always runs alone (the default)."""
         return None
 
-    def input_images(self, params: SamplingParams) -> list[str]:
+    def input_images(self, params: FamilyParams) -> list[str]:
         """The images (paths or URLs) the request reads, fetched once by the engine before it runs."""
         return []
 
-    def fps(self, params: SamplingParams) -> int | None:
+    def activation_floor(self, info: ModelInfo, params: SamplingParams, dtype: torch.dtype) -> int:
+        """The least memory, in bytes, a request like `params` needs for its own tensors at their peak,
+        besides the weights: a lower bound, with which engine/memory.py refuses on the CPU what surely
+        cannot fit, before anything is allocated. 0: unknown."""
+        return 0
+
+    def fps(self, params: FamilyParams) -> int | None:
         """Frames per second of a video request's output (None: image models, or the writer's default)."""
         return None
 
@@ -122,7 +129,7 @@ class ModelFamily:
     def warm_up(
         self,
         info: ModelInfo,
-        params: SamplingParams,
+        params: FamilyParams,
         device: torch.device,
         dtype: torch.dtype,
         prepare: Callable[[nn.Module], None],

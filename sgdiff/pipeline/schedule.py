@@ -41,7 +41,7 @@ class FlowMatchSchedule:
                 raise UserError(
                     f"scheduler option {key}={raw[key]!r} is not supported by sgdiff's flow-matching schedule"
                 )
-        values = {}
+        values: dict[str, Any] = {}
         for f in fields(cls):
             value = raw.get(f.name)
             if value is None:
@@ -76,7 +76,7 @@ def flow_match_sigmas(num_steps: int, image_seq_len: int, schedule: FlowMatchSch
     sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
     if schedule.use_dynamic_shifting:
         exp_mu = math.exp(resolution_shift_mu(image_seq_len, schedule))
-        sigmas = exp_mu / (exp_mu + (1 / sigmas - 1))
+        sigmas = exp_mu / (exp_mu + (1 / sigmas - 1))  # type: ignore[assignment]  # float32 (NEP 50), not float64
     else:
         sigmas = schedule.shift * sigmas / (1 + (schedule.shift - 1) * sigmas)
     return torch.cat([torch.from_numpy(sigmas).float(), torch.zeros(1)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -71,7 +72,8 @@ def tokenizer_name(tokenizer) -> str:
 class ClipPooledEncoder:
     """CLIP text model -> pooled embedding [B, D] (prompt padded to the tokenizer's 77 tokens, causal mask only)."""
 
-    def __init__(self, tokenizer, model: torch.nn.Module):
+    # model: sgdiff's or transformers' text model (its `.device` is read), None on a rank that never encodes
+    def __init__(self, tokenizer, model: Any):
         self.tokenizer = tokenizer
         self.model = model
 
@@ -88,7 +90,7 @@ class ClipPooledEncoder:
 class T5SequenceEncoder:
     """T5 encoder -> last hidden states [B, max_length, D], padded, no attention mask."""
 
-    def __init__(self, tokenizer, model: torch.nn.Module):
+    def __init__(self, tokenizer, model: Any):  # as ClipPooledEncoder's
         self.tokenizer = tokenizer
         self.model = model
 
@@ -120,7 +122,7 @@ def clean_prompt(text: str) -> str:
 class UMT5SequenceEncoder:
     """UMT5 encoder -> [B, max_length, D]: hidden states of the real tokens, zeros after them."""
 
-    def __init__(self, tokenizer, model: torch.nn.Module):
+    def __init__(self, tokenizer, model: Any):  # as ClipPooledEncoder's
         self.tokenizer = tokenizer
         self.model = model
 

@@ -123,7 +123,7 @@ class ServerCore:
         take_model(body, self.model_id)
         prompt = take_prompt(body)
         refuse_unsupported(body)
-        rename = {}
+        rename: dict[str, str] = {}
         if (size := take_size(body, self.limits.max_size)) is not None:
             body.fields["height"], body.fields["width"] = size
             rename.update(height="size", width="size")
@@ -152,6 +152,7 @@ class ServerCore:
     def watch(self, handle: RequestHandle, on_change) -> None:
         """`on_change(handle, event)` on the loop at each change of the request."""
         loop = self.loop
+        assert loop is not None  # start() has run
 
         def heard(h: RequestHandle, event: ProgressEvent | None) -> None:
             if event is not None and event.step is not None:
@@ -179,8 +180,14 @@ class ServerCore:
     async def images(self, params: SamplingParams, response_format: str, base_url: str) -> dict[str, Any]:
         started = time.monotonic()
         handle = self.submit(params)
+        assert self.loop is not None  # start() has run
         done = self.loop.create_future()
-        self.watch(handle, lambda h, event: h.done() and not done.done() and done.set_result(None))
+
+        def on_change(h: RequestHandle, event: ProgressEvent | None) -> None:
+            if h.done() and not done.done():
+                done.set_result(None)
+
+        self.watch(handle, on_change)
         try:
             await done
         except asyncio.CancelledError:  # the client went away
@@ -196,6 +203,7 @@ class ServerCore:
         except Exception as exc:  # noqa: BLE001 - the engine's failure, said in one line
             raise ApiError(500, f"generation failed: {exc}", None, "generation_failed") from None
         encoding = time.monotonic()
+        assert result.images is not None  # an image model's
         images = range(len(result.images))  # each PNG on its own thread (zlib lets go of the GIL)
         data = await asyncio.gather(
             *(asyncio.to_thread(self._encode, result, i, response_format, base_url) for i in images)
@@ -211,6 +219,7 @@ class ServerCore:
         }
 
     def _encode(self, result: GenerationResult, index: int, response_format: str, base_url: str) -> dict[str, Any]:
+        assert result.images is not None  # an image model's
         png = png_bytes(result.images[index], output_metadata(result.params, index, **self.about))
         if response_format == "b64_json":
             return {"b64_json": base64.b64encode(png).decode(), "revised_prompt": None}
@@ -259,6 +268,7 @@ class ServerCore:
                     self.store.update(job_id, "in_progress", progress=99)  # until its MP4 is written
                 self.live.pop(job_id)
                 self.finished("videos", h, started)
+                assert self.loop is not None  # start() has run
                 self.loop.create_task(self._finish_job(job_id, h))
 
         self.watch(handle, changed)
@@ -269,6 +279,7 @@ class ServerCore:
             return
         try:
             result: GenerationResult = handle.result()
+            assert result.videos is not None  # a video model's
             video = result.videos[0]
             metadata = output_metadata(result.params, 0, **self.about)
             path = self.store.video_path(job_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import traceback
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -62,7 +63,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "the request is malformed"}
+        first: dict[str, Any] = error.errors()[0] if error.errors() else {"loc": (), "msg": "the request is malformed"}
         param = validation_param(tuple(first.get("loc", ())))
         message = first.get("msg", "invalid value")
         text = f"`{param}`: {message}" if param else message

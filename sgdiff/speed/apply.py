@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ def resolve_speed(speed: SpeedConfig, device: torch.device, dtype: torch.dtype) 
     GPU in bfloat16 (the norms also need Triton); the fused projections there too, but only with
     torch.compile (eagerly their strided outputs make a forward slower). Off elsewhere."""
     gpu_bf16 = device.type == "cuda" and dtype == torch.bfloat16
-    default = {
+    default: dict[str, Any] = {
         "fused_projections": gpu_bf16 and speed.torch_compile,
         "fused_gelu": gpu_bf16,
         "fused_norms": gpu_bf16 and importlib.util.find_spec("triton") is not None,

@@ -128,7 +128,7 @@ def measured_winner(
 ) -> str:
     """The kernel chooser `number` runs at these shapes: measured at the first call that can time kernels."""
     chooser = CHOOSERS[number]
-    key = (q_shape, k_shape, dtype, torch.device(device_type, device_index))
+    key = (q_shape, k_shape, dtype, torch.device(device_type, device_index))  # type: ignore[arg-type]  # (takes None)
     winner = chooser.winners.get(key)
     if winner is None:
         if not can_measure():

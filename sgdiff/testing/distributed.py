@@ -65,6 +65,7 @@ def parallel_latents(groups: ParallelGroups, requests: list[tuple[str, str, dict
         load_for_rank(engine, groups)  # ranks other than 0 hold no text encoder
         with make_parallel(engine, groups):
             latents.append(engine.generate(engine.sampling_params(prompt, **flags)).latents)
+        assert engine.pipeline is not None  # (loaded)
         loaded.append(engine.pipeline.loaded)
     return latents, loaded
 
@@ -92,14 +93,15 @@ def sharded_attention(
 
     events: list[str] = []
     if log_overlap:
+        # (patched on purpose: each lambda logs, then calls the original)
         sent, arrived = sequence.InFlight.__init__, sequence.InFlight.finish
-        sequence.InFlight.__init__ = lambda self, *a: (events.append("sent"), sent(self, *a))[1]
-        sequence.InFlight.finish = lambda self: (events.append("arrived"), arrived(self))[1]
+        sequence.InFlight.__init__ = lambda self, *a: (events.append("sent"), sent(self, *a))[1]  # type: ignore[method-assign,func-returns-value]
+        sequence.InFlight.finish = lambda self: (events.append("arrived"), arrived(self))[1]  # type: ignore[method-assign,func-returns-value]
         try:
             with use_attention_impl(attn):
-                out, done = attention_alongside(local(q), local(k), local(v), lambda: events.append("work") or 1)
+                out, done = attention_alongside(local(q), local(k), local(v), lambda: events.append("work") or 1)  # type: ignore[func-returns-value]
         finally:
-            sequence.InFlight.__init__, sequence.InFlight.finish = sent, arrived
+            sequence.InFlight.__init__, sequence.InFlight.finish = sent, arrived  # type: ignore[method-assign]
         assert done == 1, "attention_alongside returns what the work returned"
     else:
         out = attn(local(q), local(k), local(v))  # [B, sum of local lengths, H, D]
@@ -128,7 +130,7 @@ def joint_streams(segment_lengths: tuple[int, ...], batch: int, per_head_norms: 
         norms = tuple(RMSNorm(16 if per_head_norms else 8 * 16, eps=1e-6) for _ in range(2))
         for norm in norms:
             nn.init.uniform_(norm.weight, 0.5, 1.5)
-        streams.append(Stream(torch.randn(batch, n, 24), linears, norms))
+        streams.append(Stream(torch.randn(batch, n, 24), linears, norms))  # type: ignore[arg-type]  # (3 and 2 long)
     ids = torch.randint(0, 64, (sum(segment_lengths), 3))
     return streams, rope_frequencies(ids, (4, 4, 8), theta=10000.0)
 

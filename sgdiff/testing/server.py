@@ -32,7 +32,7 @@ class ServerProcess:
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log, env=env, text=True)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
+            line = self.process.stdout.readline()  # type: ignore[union-attr]  # (stdout=PIPE)
             if match := READY.search(line):
                 self.url = match.group(1)
                 return self
@@ -52,11 +52,13 @@ class ServerProcess:
 
     def kill(self) -> None:
         """kill -9: no shutdown of any kind."""
+        assert self.process is not None  # (started)
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(30)
         self._log.close()
 
     def stop(self) -> int:
+        assert self.process is not None  # (started)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

@@ -32,7 +32,7 @@ def make_clip_tokenizer() -> CLIPTokenizer:
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     # tokenizers 0.23 wants merges as (left, right) tuples, not "left right" strings
-    return CLIPTokenizer(vocab=vocab, merges=list(CLIP_MERGES), model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=list(CLIP_MERGES), model_max_length=77)  # type: ignore[arg-type]
 
 
 def make_t5_tokenizer() -> T5Tokenizer:
@@ -60,7 +60,7 @@ def make_t5_text_encoder(tokenizer: T5Tokenizer, seed: int) -> T5EncoderModel:
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,  # type: ignore[call-arg]  # (a PreTrainedConfig keyword)
         **FLUX_T5,
     )
     torch.manual_seed(seed)

@@ -3,14 +3,11 @@ rules, its schedule, its shard plan and the groups its transformer offers the sp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from sgdiff.families.flux.sampling import FluxSampling, flux_batch_key, flux_rules, true_cfg_scale_of
 from sgdiff.pipeline.family import FusableGroups, ModelFamily, imported_when_used
 from sgdiff.pipeline.schedule import FlowMatchSchedule
-
-if TYPE_CHECKING:
-    from sgdiff.models.flux import FluxTransformer
 
 
 class FluxFamily(ModelFamily):
@@ -25,12 +22,13 @@ class FluxFamily(ModelFamily):
     batch_key = staticmethod(flux_batch_key)
     shard = imported_when_used("sgdiff.families.flux.shard", "shard_flux")
     warm_up = imported_when_used("sgdiff.families.flux.warm_up", "warm_up_flux")
+    activation_floor = imported_when_used("sgdiff.families.flux.memory", "flux_activation_floor")
 
     def rules(self, info) -> list:
         return flux_rules(info.transformer_config)
 
-    def fusable(self, model: FluxTransformer) -> FusableGroups:
-        projections = []
+    def fusable(self, model: Any) -> FusableGroups:  # a FluxTransformer (its nn.ModuleLists' items: typed Module)
+        projections: list[tuple] = []
         for block in model.transformer_blocks:
             a = block.attn
             projections += [(a.to_q, a.to_k, a.to_v), (a.add_q_proj, a.add_k_proj, a.add_v_proj)]

@@ -16,11 +16,12 @@ from sgdiff.parallel.sequence import SequenceParallelAttention, SequenceSplit, T
 
 
 def shard_flux(model: FluxTransformer, attn: SequenceParallelAttention, groups: ParallelGroups) -> None:
-    check_heads(model.config.num_attention_heads, groups.config.ulysses_degree, groups.config.ring_degree)
+    check_heads(model.config.num_attention_heads, groups.ulysses_degree, groups.ring_degree)
     cache = ShardCache()
     rank, degree = groups.sp_rank, groups.sp_degree
 
     def local_rope(rope: torch.Tensor) -> torch.Tensor:  # [S_txt + S_img, ...] -> [S_txt_loc + S_img_loc, ...]
+        assert attn.layout is not None  # set by before_double
         text, image = attn.layout.segments
         return cache.get(
             rope, lambda: torch.cat([text.shard(rope[: text.full], 0, rank), image.shard(rope[text.full :], 0, rank)])
@@ -40,13 +41,14 @@ def shard_flux(model: FluxTransformer, attn: SequenceParallelAttention, groups: 
         return x, temb, local_rope(rope)
 
     def after_last(module, args, output):
+        assert attn.layout is not None  # set by before_double
         (text, image), attn.layout = attn.layout.segments, None
         if isinstance(output, tuple):  # a double-stream block: (img, txt)
             return image.gather(output[0], 1, groups.sp_group), text.gather(output[1], 1, groups.sp_group)
         # single stream [B, S_txt_loc + S_img_loc, D]: the model cuts its local text length off the front
         return torch.cat([output[:, : text.local], image.gather(output[:, text.local :], 1, groups.sp_group)], dim=1)
 
-    hooks = [block.register_forward_pre_hook(before_double) for block in model.transformer_blocks]
+    hooks: list = [block.register_forward_pre_hook(before_double) for block in model.transformer_blocks]
     hooks += [block.register_forward_pre_hook(before_single) for block in model.single_transformer_blocks]
     hooks.append([*model.transformer_blocks, *model.single_transformer_blocks][-1].register_forward_hook(after_last))
     hooks.append(ShardedModulation(model, model.time_text_embed, groups.sp_group, rank, degree))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from sgdiff.families.wan.sampling import (
     WanSampling,
@@ -13,9 +13,6 @@ from sgdiff.families.wan.sampling import (
     wan_rules,
 )
 from sgdiff.pipeline.family import FusableGroups, ModelFamily, imported_when_used
-
-if TYPE_CHECKING:
-    from sgdiff.models.wan import WanTransformer
 
 
 class WanFamily(ModelFamily):
@@ -32,6 +29,7 @@ class WanFamily(ModelFamily):
     batch_key = staticmethod(wan_batch_key)
     shard = imported_when_used("sgdiff.families.wan.shard", "shard_wan")
     warm_up = imported_when_used("sgdiff.families.wan.warm_up", "warm_up_wan")
+    activation_floor = imported_when_used("sgdiff.families.wan.memory", "wan_activation_floor")
 
     def rules(self, info) -> list:
         experts = ((info.model_dir / "transformer").is_dir(), (info.model_dir / "transformer_2").is_dir())
@@ -43,8 +41,8 @@ class WanFamily(ModelFamily):
     def fps(self, params: WanSampling) -> int | None:
         return params.fps
 
-    def fusable(self, model: WanTransformer) -> FusableGroups:
-        projections = []
+    def fusable(self, model: Any) -> FusableGroups:  # a WanTransformer (its nn.ModuleList's items: typed Module)
+        projections: list[tuple] = []
         for block in model.blocks:
             self_attention, cross_attention = block.attn1, block.attn2
             projections.append((self_attention.to_q, self_attention.to_k, self_attention.to_v))

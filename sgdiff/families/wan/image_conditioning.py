@@ -3,7 +3,7 @@ which frames are given, and (Wan2.1 I2V) CLIP image features for the image cross
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -20,7 +20,7 @@ def normalized_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     return (latents - mean) * inverse_std
 
 
-def first_frame_mask_channels(num_frames: int, temporal: int, latent_size: tuple[int, int]) -> torch.Tensor:
+def first_frame_mask_channels(num_frames: int, temporal: int, latent_size: tuple[int, ...]) -> torch.Tensor:
     """Wan2.1 I2V's mask: 1 where a pixel frame is given (the first), folded into `temporal`
     channels per latent frame: [1, temporal, latent_frames, h, w]."""
     mask = torch.zeros(1, 1, num_frames, *latent_size)
@@ -45,7 +45,8 @@ class WanImageConditioningStage(Stage):
     def run(self, state: State) -> None:
         from diffusers.video_processor import VideoProcessor
 
-        params = state.params
+        params = cast(WanSampling, state.params)
+        assert params.image_path is not None and params.num_frames is not None  # (OptionalStage; wan_rules)
         image = load_image(params.image_path, state.inputs)
         if self.image_encoder is not None:
             state.shared["encoder_hidden_states_image"] = self.clip_features(image, params, state.device)

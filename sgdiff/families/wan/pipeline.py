@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -104,7 +104,7 @@ class WanComponents:
     text_encoder: torch.nn.Module | None  # sgdiff's T5Encoder of a UMT5 config (None where not loaded)
     transformer: WanTransformer | None  # high-noise expert for Wan2.2 A14B
     transformer_2: WanTransformer | None  # low-noise expert (Wan2.2 A14B only)
-    vae: torch.nn.Module  # float32: sgdiff's VideoVaeDecoder (text-to-video) or diffusers' AutoencoderKLWan
+    vae: Any  # float32: sgdiff's VideoVaeDecoder (text-to-video) or diffusers' AutoencoderKLWan
     image_encoder: torch.nn.Module | None = None  # Wan2.1 I2V: transformers CLIP vision model
     image_processor: Any = None
     boundary_ratio: float | None = None
@@ -118,6 +118,7 @@ class WanVideoGeometry:
         self.latent_channels = latent_channels
 
     def noise_shape(self, params: WanSampling) -> tuple[int, ...]:
+        assert params.num_frames is not None  # wan_rules refuse None
         frames = (params.num_frames - 1) // self.temporal + 1
         size = (params.height // self.spatial, params.width // self.spatial)
         return (params.num_outputs_per_prompt, self.latent_channels, frames, *size)
@@ -153,8 +154,9 @@ class WanDenoiser:
         return model
 
     def cfg_scale_at(self, t: torch.Tensor, state: State) -> float:
-        if self.uses_second_expert(t) and state.params.guidance_scale_2 is not None:
-            return state.params.guidance_scale_2
+        params = cast(WanSampling, state.params)
+        if self.uses_second_expert(t) and params.guidance_scale_2 is not None:
+            return params.guidance_scale_2
         return state.cfg_scale
 
     def __call__(self, latents: torch.Tensor, t: torch.Tensor, inputs: dict, state: State) -> torch.Tensor:
@@ -185,12 +187,13 @@ def replace_first_frame(latents: torch.Tensor, condition: torch.Tensor, mask: to
 def model_dtype(parts: WanComponents) -> torch.dtype:
     """The dtype diffusers calls the transformer's: that of its first parameter (the patch embedding)."""
     model = parts.transformer if parts.transformer is not None else parts.transformer_2
+    assert model is not None  # a checkpoint has one expert at least
     return model.patch_embedding.weight.dtype
 
 
 def make_sampler(state: State, schedule: WanSchedule) -> Sampler:
     """The checkpoint's scheduler, or few-step DMD sampling when the preset asks for it (FastWan)."""
-    params = state.params
+    params = cast(WanSampling, state.params)
     if params.sampler != "dmd":
         return schedule.sampler(params.flow_shift, params.num_inference_steps, state.device)
     shift = params.flow_shift or schedule.config.get(SCHEDULERS[schedule.class_name], 1.0)
@@ -271,7 +274,7 @@ def load_video_vae_decoder(folder: Path, device: torch.device) -> VideoVaeDecode
 
 def vae_settings(config: Any) -> dict[str, Any]:
     """The VAE's config as a dict: our decoder's dataclass or diffusers' FrozenDict."""
-    return asdict(config) if is_dataclass(config) else dict(config)
+    return asdict(config) if is_dataclass(config) else dict(config)  # type: ignore[arg-type]  # (not a class)
 
 
 IMAGE_ENCODERS = ("CLIPVisionModel", "CLIPVisionModelWithProjection")
@@ -320,7 +323,7 @@ def compose_wan_pipeline(parts: WanComponents, schedule: WanSchedule, rules: lis
         DenoisingStage(denoiser, denoiser.cfg_scale_at),
         VideoVaeDecodingStage(parts.vae, finalize=keep_given_first_frame),
     ]
-    experts = [model for model in (parts.transformer, parts.transformer_2) if model is not None]
+    experts: list[torch.nn.Module] = [model for model in (parts.transformer, parts.transformer_2) if model is not None]
     return ComposedPipeline("wan", stages, experts, loaded_modules(parts))
 
 
@@ -334,6 +337,7 @@ def load_wan_pipeline(
 ) -> ComposedPipeline:
     parts = load_wan_components(model_dir, device, dtype, events, skip)
     reference = parts.transformer if parts.transformer is not None else parts.transformer_2
+    assert reference is not None  # a checkpoint has one expert at least
     index = read_json(model_dir / "model_index.json")
     experts = (parts.transformer is not None, parts.transformer_2 is not None)
     rules = wan_rules(asdict(reference.config), index, vae_settings(parts.vae.config), experts)

@@ -11,7 +11,7 @@ from sgdiff.parallel.sequence import SequenceParallelAttention, SequenceSplit, T
 
 
 def shard_wan(model: WanTransformer, attn: SequenceParallelAttention, groups: ParallelGroups) -> None:
-    check_heads(model.config.num_attention_heads, groups.config.ulysses_degree, groups.config.ring_degree)
+    check_heads(model.config.num_attention_heads, groups.ulysses_degree, groups.ring_degree)
     cache = ShardCache()
     rank = groups.sp_rank
 
@@ -29,6 +29,7 @@ def shard_wan(model: WanTransformer, attn: SequenceParallelAttention, groups: Pa
         return x, context, image_context, modulation, rope
 
     def after_last(module, args, output):
+        assert attn.layout is not None  # set by before_block
         (video,), attn.layout = attn.layout.segments, None
         return video.gather(output, 1, groups.sp_group)
 
@@ -40,6 +41,7 @@ def shard_wan(model: WanTransformer, attn: SequenceParallelAttention, groups: Pa
 
     for block in model.blocks:
         attn.hooks.append(block.register_forward_pre_hook(before_block))
-        attn.hooks.append(block.attn2.register_forward_pre_hook(enter_cross))
-        attn.hooks.append(block.attn2.register_forward_hook(leave_cross))
+        # (nn.ModuleList's items are typed Module, whose unknown attributes are typed Tensor | Module)
+        attn.hooks.append(block.attn2.register_forward_pre_hook(enter_cross))  # type: ignore[union-attr]
+        attn.hooks.append(block.attn2.register_forward_hook(leave_cross))  # type: ignore[union-attr]
     attn.hooks.append(model.blocks[-1].register_forward_hook(after_last))

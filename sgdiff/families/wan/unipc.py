@@ -161,8 +161,8 @@ def solve_rhos(rks: list[torch.Tensor], minus_h, h_phi_1, b_h, size: int) -> tor
         b.append(h_phi_k * factorial / b_h)
         factorial *= i + 1
         h_phi_k = h_phi_k / minus_h - 1 / factorial
-    matrix, b = torch.stack(rows), torch.stack(b)  # [K + 1, K + 1], [K + 1]
-    return torch.linalg.solve(matrix[:size, :size], b[:size])
+    matrix, vector = torch.stack(rows), torch.stack(b)  # [K + 1, K + 1], [K + 1]
+    return torch.linalg.solve(matrix[:size, :size], vector[:size])
 
 
 def apply_update(
@@ -176,13 +176,15 @@ def apply_update(
     at the earlier points (newest first); m_t: the one at sigma_t (the corrector's extra point)."""
     base = update.ratio * x - update.x0_weight * m0
     rhos = update.rhos.to(x.dtype) if update.rhos is not None else None
-    residual = 0
+    residual: torch.Tensor | int = 0
     if earlier:
+        assert rhos is not None  # (None: a first-order predictor, which has neither earlier points nor m_t)
         differences = torch.stack(
             [(m - m0) / rk for m, rk in zip(earlier, update.rks, strict=True)], dim=1
         )  # [B, K, C, ...]
         residual = torch.einsum("k,bkc...->bc...", rhos[: len(earlier)], differences)
     if m_t is not None:
+        assert rhos is not None
         residual = residual + rhos[-1] * (m_t - m0)
     return (base - update.residual_weight * residual).to(x.dtype)
 
@@ -210,7 +212,8 @@ class UniPCSampler:
         on_device = self.sigmas.to(device)
         self.orders = step_orders(num_steps, config)
         self.predictors = [unipc_update(on_device, i, p, config.solver_type, False) for i, p in enumerate(self.orders)]
-        self.correctors = [None] + [
+        self.correctors: list[UniPCUpdate | None] = [None]  # (the first step has no corrector)
+        self.correctors += [
             None if i - 1 in config.disable_corrector
             else unipc_update(on_device, i - 1, self.orders[i - 1], config.solver_type, True)
             for i in range(1, num_steps)

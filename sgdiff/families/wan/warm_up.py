@@ -23,6 +23,7 @@ def warm_up_wan(info, params: WanSampling, device: torch.device, dtype: torch.dt
     config = replace(WanTransformerConfig.from_dict(info.transformer_config), num_layers=1)
     model = with_empty_weights(build_on_meta(WanTransformer, config), dtype, device, KEEP_FP32)
     prepare(model)
+    assert params.num_frames is not None  # a checked request's (wan_rules)
     spatial, temporal = info.vae_config.get("scale_factor_spatial", 8), info.vae_config.get("scale_factor_temporal", 4)
     rows, frames = params.num_outputs_per_prompt, (params.num_frames - 1) // temporal + 1
     latents = torch.zeros(rows, config.in_channels, frames, params.height // spatial, params.width // spatial,

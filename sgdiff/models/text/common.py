@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -22,7 +23,7 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 # transformers' ACT2FN names -> the function
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "quick_gelu": quick_gelu,
     "gelu": F.gelu,
     "gelu_new": gelu_tanh,

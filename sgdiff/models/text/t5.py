@@ -120,7 +120,7 @@ class T5Attention(nn.Module):
         self.relative_attention_bias = embedding(buckets, self.heads) if has_bias else None
 
     def position_bias(self, buckets: torch.Tensor) -> torch.Tensor:  # [S, S] -> [1, H, S, S]
-        return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+        return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # type: ignore[misc]  # (has_bias)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """x: [B, S, D]; bias: [1, H, S, S] added to the scores; keep: None or bool [B, 1, 1, S] (False: padding)."""
@@ -172,9 +172,9 @@ class T5Block(nn.Module):
         self.layer = nn.ModuleList([T5SelfAttentionLayer(config, has_bias), T5FeedForwardLayer(config)])
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        attention, feed_forward = self.layer
-        x = clamp_fp16(x + attention.SelfAttention(attention.layer_norm(x), bias, keep))
-        return clamp_fp16(x + feed_forward.DenseReluDense(feed_forward.layer_norm(x)))
+        attention, feed_forward = self.layer  # (nn.ModuleList's items are typed Module: their attributes unknown)
+        x = clamp_fp16(x + attention.SelfAttention(attention.layer_norm(x), bias, keep))  # type: ignore[operator]
+        return clamp_fp16(x + feed_forward.DenseReluDense(feed_forward.layer_norm(x)))  # type: ignore[operator]
 
 
 class T5Stack(nn.Module):
@@ -212,7 +212,7 @@ class T5Encoder(nn.Module):
             keep = attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]
         bias = None
         for block in self.encoder.block:
-            attention = block.layer[0].SelfAttention
+            attention = block.layer[0].SelfAttention  # type: ignore[index,union-attr]  # (nn.ModuleList's items)
             if attention.relative_attention_bias is not None:  # T5: the first layer's, kept for the others
                 bias = attention.position_bias(buckets)  # [1, H, S, S]
             x = block(x, bias, keep)

@@ -78,7 +78,7 @@ class Decoder(nn.Module):
         ups = config.temporal_upsample + [None]  # per up block: 2x in time, 2x in space only, or none (last)
         self.conv_in = CausalConv3d(config.z_dim, widths[0], 3)
         self.mid_block = MidBlock(widths[0])
-        blocks = []
+        blocks: list[nn.Module] = []
         for i, frames in enumerate(ups):
             if config.is_residual:
                 blocks.append(ResidualUpBlock(widths[i], widths[i + 1], config.num_res_blocks + 1, frames))

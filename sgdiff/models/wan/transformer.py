@@ -175,8 +175,8 @@ class WanTransformer(nn.Module):
         modulation = modulation.unflatten(-1, (6, -1))
         modulation = modulation[:, None] if modulation.ndim == 3 else modulation
         image_context = None
-        if encoder_hidden_states_image is not None:
-            image_context = self.condition_embedder.image_embedder(encoder_hidden_states_image)
+        if encoder_hidden_states_image is not None:  # (an I2V model's, which has an image_embedder)
+            image_context = self.condition_embedder.image_embedder(encoder_hidden_states_image)  # type: ignore[misc]
         for block in self.blocks:
             x = block(x, context, image_context, modulation, rope)
 

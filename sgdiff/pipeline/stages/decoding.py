@@ -1,16 +1,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from sgdiff.errors import UserError
 from sgdiff.pipeline.base import ParallelMode, Stage, State
-from sgdiff.sampling import SamplingParams
+from sgdiff.sampling import FamilyParams
 
 # Model latents -> VAE latents [B, C, h, w] (undo packing, patchify, ...)
-Unpack = Callable[[torch.Tensor, SamplingParams], torch.Tensor]
+Unpack = Callable[[torch.Tensor, FamilyParams], torch.Tensor]
 
 
 def check_finite(latents: torch.Tensor) -> None:
@@ -33,12 +34,13 @@ class VaeDecodingStage(Stage):
     parallel = ParallelMode.RANK0_ONLY
     batchable = True
 
-    def __init__(self, vae: torch.nn.Module, unpack: Unpack):
+    def __init__(self, vae: Any, unpack: Unpack):  # vae: sgdiff's decoder or diffusers' (.config, .dtype, .decode)
         self.vae = vae
         self.unpack = unpack
 
     def run(self, state: State) -> None:
         config = self.vae.config
+        assert state.latents is not None  # (the denoising stage's)
         check_finite(state.latents)
         latents = self.unpack(state.latents, state.params)
         latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
@@ -61,11 +63,12 @@ class VideoVaeDecodingStage(Stage):
     parallel = ParallelMode.RANK0_ONLY
     batchable = True
 
-    def __init__(self, vae: torch.nn.Module, finalize: Callable[[torch.Tensor, State], torch.Tensor] | None = None):
+    def __init__(self, vae: Any, finalize: Callable[[torch.Tensor, State], torch.Tensor] | None = None):
         self.vae = vae
         self.finalize = finalize  # a last change to the sampled latents (e.g. put back a given first frame)
 
     def run(self, state: State) -> None:
+        assert state.latents is not None  # (the denoising stage's)
         latents = self.finalize(state.latents, state) if self.finalize else state.latents
         check_finite(latents)
         latents = latents.to(self.vae.dtype)  # [B, C, F, h, w]

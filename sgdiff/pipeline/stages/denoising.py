@@ -86,6 +86,7 @@ class DenoisingStage(Stage):
                 return rows
             return None
 
+        assert state.latents is not None  # (the latents stage's)
         state.latents = sample(state.latents, state.sampler, velocity, on_step)
         if done:
             done[-1].synchronize()

@@ -5,12 +5,12 @@ from collections.abc import Callable
 import torch
 
 from sgdiff.pipeline.base import ParallelMode, Stage, State
-from sgdiff.sampling import SamplingParams
+from sgdiff.sampling import FamilyParams, SamplingParams
 
 # Shape of the initial noise for a request, e.g. [N, C, H/8, W/8] for an image model.
-NoiseShape = Callable[[SamplingParams], tuple[int, ...]]
+NoiseShape = Callable[[FamilyParams], tuple[int, ...]]
 # Turn the noise into what the model consumes; returns (latents, inputs shared by CFG branches).
-PrepareNoise = Callable[[torch.Tensor, SamplingParams], tuple[torch.Tensor, dict]]
+PrepareNoise = Callable[[torch.Tensor, FamilyParams], tuple[torch.Tensor, dict]]
 
 
 def seeded_noise(

@@ -5,12 +5,12 @@ from collections.abc import Callable
 import torch
 
 from sgdiff.pipeline.base import ParallelMode, Stage, State
-from sgdiff.sampling import SamplingParams
+from sgdiff.sampling import FamilyParams
 
 # encode(prompts, params) -> model inputs, each with a leading batch dim of len(prompts)
-PromptEncoder = Callable[[list[str], SamplingParams], dict[str, torch.Tensor]]
+PromptEncoder = Callable[[list[str], FamilyParams], dict[str, torch.Tensor]]
 # The classifier-free guidance scale this request asks for, or None when it runs without CFG.
-CfgScaleOf = Callable[[SamplingParams], float | None]
+CfgScaleOf = Callable[[FamilyParams], float | None]
 
 
 def repeat_batch(inputs: dict[str, torch.Tensor], times: int) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ from typing import Any
 
 from sgdiff.pipeline.base import ParallelMode, Stage, State
 from sgdiff.pipeline.schedule import FlowMatchEulerSampler, FlowMatchSchedule, flow_match_sigmas
-from sgdiff.sampling import SamplingParams
+from sgdiff.sampling import FamilyParams
 
 
 class FlowMatchTimestepsStage(Stage):
@@ -14,7 +14,7 @@ class FlowMatchTimestepsStage(Stage):
     name = "timesteps"
     parallel = ParallelMode.ALL_RANKS
 
-    def __init__(self, schedule: FlowMatchSchedule, image_seq_len: Callable[[SamplingParams], int]):
+    def __init__(self, schedule: FlowMatchSchedule, image_seq_len: Callable[[FamilyParams], int]):
         self.schedule = schedule
         self.image_seq_len = image_seq_len
 

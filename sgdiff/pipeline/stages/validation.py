@@ -3,9 +3,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from sgdiff.pipeline.base import ParallelMode, Stage, State
-from sgdiff.sampling import SamplingParams
+from sgdiff.sampling import FamilyParams
 
-ValidationRule = Callable[[SamplingParams], None]  # raises UserError
+ValidationRule = Callable[[FamilyParams], None]  # raises UserError
 
 
 class InputValidationStage(Stage):

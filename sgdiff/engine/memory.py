@@ -1,0 +1,77 @@
+"""Whether a request can fit in the CPU's memory, judged before anything is allocated: what the weights
+take once loaded (from the safetensors headers: element counts in the dtype they will have), times the
+processes that each hold a copy, plus the least the request's own activations take (the model family's
+floor: e.g. the VAE's full-resolution feature maps). A run that surely cannot fit is refused with the
+numbers, instead of being killed by the kernel's OOM killer without a word.
+
+Only the CPU: there, running out of memory ends the process with SIGKILL and nothing said. On a GPU
+torch raises an out-of-memory error, which the CLI turns into one line (cli/errors.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sgdiff.errors import UserError
+from sgdiff.models.fast_load import read_header
+from sgdiff.models.loading import safetensors_files
+from sgdiff.sampling import SamplingParams
+
+GIB = 2**30
+
+
+def available_memory_bytes() -> int | None:
+    """The memory the kernel can give without swapping (MemAvailable of /proc/meminfo); None elsewhere."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def loaded_weight_bytes(model_dir: Path, model_index: dict, dtype: torch.dtype, skip: frozenset[str]) -> int:
+    """Bytes the components' weights take once loaded: floating-point tensors in `dtype`, the others as
+    stored; `skip` names components not loaded. Reads the headers only."""
+    total = 0
+    for name, entry in model_index.items():
+        if name.startswith("_") or name in skip or not isinstance(entry, list):
+            continue
+        folder = model_dir / name
+        if not folder.is_dir() or not any(folder.glob("*.safetensors")):
+            continue
+        for path in safetensors_files(folder):
+            for stored, shape, begin, end in read_header(path)[1].values():
+                count = 1
+                for size in shape:
+                    count *= size
+                total += count * dtype.itemsize if stored.is_floating_point else end - begin
+    return total
+
+
+def check_fits_in_memory(
+    weights: int, activations: int, params: SamplingParams, processes: int, available: int | None
+) -> None:
+    """Refuse a request whose weights still to load (`weights`: every process's copy together; 0 once
+    loaded, when they are no longer in what is available) and activation floor exceed the memory
+    available now."""
+    if available is None:
+        return
+    needed = weights + activations
+    if needed <= available:
+        return
+    copies = f" in {processes} processes" if processes > 1 else ""
+    raise UserError(
+        f"this request needs at least {size(needed)} of memory on the CPU ({size(weights)} of weights{copies}, "
+        f"{size(activations)} for a {params.height}x{params.width} output's activations) but {size(available)} "
+        "are available: lower `height` and `width`"
+        + (", or `num_gpus`" if processes > 1 else "")
+        + ", or run it on a GPU",
+        field="height",
+    )
+
+
+def size(count: int) -> str:
+    return f"{count / GIB:.1f} GiB" if count >= GIB else f"{count / 2**20:.0f} MiB"
