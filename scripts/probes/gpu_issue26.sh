@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine, one call for issue 26 (fits 600 s). STEPS picks, in order, from:
+#   checkpoint  write the FLUX.1-dev e2e checkpoint only (for variants before flux)
 #   first_step  where the first denoising step's extra time goes (scripts/probes/first_step.py)
 #   flux        `sgdiff bench --e2e` FLUX.1-dev, one prompt, defaults (a warm-up round, a timed one)
 #   variants    load configurations side by side, sgdiff alone, FLUX one prompt (scripts/probes/load_variants.py;
@@ -25,8 +26,10 @@ for step in $STEPS; do
   [ "$(left)" -lt 30 ] && { echo "no time left for $step"; continue; }
   echo "== $step at $SECONDS s"
   case $step in
+    checkpoint) timeout "$(left)" python -c "from pathlib import Path; from sgdiff.bench.end_to_end import \
+                  ensure_checkpoint; ensure_checkpoint('flux.1-dev', Path('/tmp/flux-dev-e2e'), False)" ;;
     first_step) timeout "$(left)" python scripts/probes/first_step.py > "$OUT/first_step.txt" 2>&1 ;;
-    flux) eval timeout "$(left)" $B $FLUX --warmup 1 --repeat 1 --json "$OUT/e2e-flux.json" > "$OUT/log-flux.txt" 2>&1 ;;
+    flux) eval timeout "$(left)" $B $FLUX --warmup "${FLUX_WARMUP:-1}" --repeat 1 --json "$OUT/e2e-flux.json" > "$OUT/log-flux.txt" 2>&1 ;;
     variants) timeout "$(left)" python scripts/probes/load_variants.py --checkpoint /tmp/flux-dev-e2e \
                 --rounds "${VARIANT_ROUNDS:-2}" --json "$OUT/variants.json" > "$OUT/variants.txt" 2>&1 ;;
     load) timeout "$(left)" python scripts/probes/load_speed.py \

@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--model", default="flux.1-dev")
     parser.add_argument("--variants", default="default,no_warm_up,lanes_8x32,no_warm_up+lanes_8x32")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
@@ -40,6 +41,10 @@ def main() -> None:
     variants = args.variants.split(",")
     runs: dict[str, list] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
+        for index in range(args.warmup):  # untimed: Triton's kernel cache, the tokenizer cache, the page cache
+            os.environ["SGDIFF_PROBE_VARIANT"], os.environ["PYTHONPATH"] = "", base_path
+            (Path(tmp) / f"warmup-{index}").mkdir()
+            run_sgdiff(args.checkpoint, PROMPTS[:1], size, args.device, [], Path(tmp) / f"warmup-{index}")
         for round_ in range(args.rounds):
             for variant in variants:
                 os.environ["SGDIFF_PROBE_VARIANT"] = "" if variant == "default" else variant
