@@ -17,7 +17,7 @@ def flux_activation_floor(info, params: FluxSampling, dtype: torch.dtype) -> int
     that enters full resolution: the demo model's decoder peaked at 2.8 to 3.3 of them on the CPU)."""
     config = info.transformer_config
     hidden = config.get("num_attention_heads", 24) * config.get("attention_head_dim", 128)
-    vae = ImageVaeConfig.from_dict(info.vae_config, source="vae/config.json")
+    vae = ImageVaeConfig.from_dict(info.vae_config, source=str(info.model_dir / "vae" / "config.json"))
     scale = 2 ** (len(vae.block_out_channels) - 1)
     outputs = params.num_outputs_per_prompt
     rows = outputs * (2 if true_cfg_scale_of(params) is not None else 1)

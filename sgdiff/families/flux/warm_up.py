@@ -23,7 +23,7 @@ def warm_up_flux(info, params: FluxSampling, device: torch.device, dtype: torch.
     config = replace(FluxTransformerConfig.from_dict(info.transformer_config), num_layers=1, num_single_layers=1)
     model = with_empty_weights(build_on_meta(FluxTransformer, config), dtype, device)
     prepare(model)
-    vae = ImageVaeConfig.from_dict(info.vae_config, source="vae/config.json")
+    vae = ImageVaeConfig.from_dict(info.vae_config, source=str(info.model_dir / "vae" / "config.json"))
     geometry = FluxLatentGeometry(2 ** (len(vae.block_out_channels) - 1), config.in_channels // 4)
     rows, (h, w) = params.num_outputs_per_prompt, geometry.latent_size(params)
     guidance = torch.zeros(rows, device=device) if config.guidance_embeds else None

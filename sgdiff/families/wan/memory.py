@@ -20,7 +20,7 @@ def wan_activation_floor(info, params: WanSampling, dtype: torch.dtype) -> int:
     hidden = config.get("num_attention_heads", 12) * config.get("attention_head_dim", 128)
     ffn = config.get("ffn_dim", 4 * hidden)
     _, patch_h, patch_w = config.get("patch_size", (1, 2, 2))
-    vae = VideoVaeConfig.from_dict(info.vae_config, source="vae/config.json")
+    vae = VideoVaeConfig.from_dict(info.vae_config, source=str(info.model_dir / "vae" / "config.json"))
     latent_frames = (params.num_frames - 1) // vae.scale_factor_temporal + 1
     cell = vae.scale_factor_spatial
     tokens = latent_frames * (params.height // (cell * patch_h)) * (params.width // (cell * patch_w))
