@@ -103,3 +103,43 @@ def test_warm_up_where_it_helps():
     cuda = torch.device("cuda")
     assert warms_up(cuda, SpeedConfig()) and warms_up(cuda, SpeedConfig(cuda_graph=True))
     assert not warms_up(cuda, SpeedConfig(torch_compile=True)) and not warms_up(torch.device("cpu"), SpeedConfig())
+
+
+class NoThread:
+    def join(self) -> None:
+        pass
+
+
+@pytest.fixture
+def warm_ups(monkeypatch):
+    """Every warm-up the runner starts (as if on a GPU where it would run), by its request."""
+    started = []
+    monkeypatch.setattr("sgdiff.engine.runner.warms_up", lambda device, speed: True)
+
+    def start(family, info, params, *rest):
+        started.append(params)
+        return NoThread()
+
+    monkeypatch.setattr("sgdiff.engine.runner.start_warm_up", start)
+    return started
+
+
+def test_generate_loads_without_a_warm_up(warm_ups, tmp_path):
+    """From the shell the warm-up cost more load than it saved (docs/benchmarks.md, run FG): none."""
+    from typer.testing import CliRunner
+
+    from sgdiff.cli.main import app
+
+    result = CliRunner().invoke(app, ["generate", "--prompt", "a red cube", "--steps", "1", "--height", "32",
+                                      "--width", "32", "--output-path", str(tmp_path), "--quiet"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert warm_ups == []
+
+
+def test_an_engine_started_with_a_request_warms_up_at_its_shapes(warm_ups):
+    from sgdiff.engine.service import Engine
+
+    with Engine("sgdiff/demo-image", runtime=RuntimeConfig(device="cpu")) as engine:
+        params = engine.request("a red cube", height=48, width=32)
+        engine.start(warm_up=params)
+    assert warm_ups == [params]

@@ -122,7 +122,7 @@ def run_batch(
             engine.follow()  # rank 0 takes the requests and writes; this rank computes with it
             return BatchReport([], [], 0.0, time.perf_counter() - start, engine.runner.peak_rss_bytes())
         load_began = time.perf_counter() - start
-        engine.start(warm_up=all_params[0])
+        engine.start()  # no kernels' warm-up: from the shell it costs more load than it saves (runner.load)
         handles = [engine.submit(params) for params in all_params]
         about = {
             "model": model_path,

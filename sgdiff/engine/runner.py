@@ -130,15 +130,18 @@ class ModelRunner:
 
     def load(self, skip: frozenset[str] = frozenset(), warm_up: SamplingParams | None = None) -> None:
         """Load every component once; `skip` names components this process never runs (e.g. the text
-        encoders on the ranks that receive the prompt embeddings from rank 0). On a GPU the kernels warm
-        up meanwhile (speed/warm_up.py) at the shapes of `warm_up` (default: the model's defaults)."""
+        encoders on the ranks that receive the prompt embeddings from rank 0). `warm_up`: a request like
+        those to come, whose kernels then warm up meanwhile on a GPU (speed/warm_up.py): the first
+        request runs as fast as the next ones, but the load takes longer (on an H100, FLUX.1-dev's
+        first step 0.20 s instead of 1.01 s and its text 0.07 s instead of 0.49 s, the load 4.8 s
+        instead of 1.7 s: docs/benchmarks.md, run FG), so only a server, which loads once, asks for it."""
         if self.pipeline is not None:
             return
         start = time.perf_counter()
         warming = None
-        if warms_up(self.device, self.speed) and (params := warm_up or self.default_request()) is not None:
+        if warm_up is not None and warms_up(self.device, self.speed):
             warming = start_warm_up(
-                self.family, self.info, params, self.device, self.dtype, self.speed, self.attention, self.events
+                self.family, self.info, warm_up, self.device, self.dtype, self.speed, self.attention, self.events
             )
         try:
             pipeline = self.family.load(self.model_dir, self.device, self.dtype, self.schedule, self.events, skip)

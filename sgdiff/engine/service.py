@@ -207,7 +207,8 @@ class Engine:
 
     def start(self, warm_up: SamplingParams | None = None) -> None:
         """Load the model (start the worker pool on several GPUs); returns once it can serve. `warm_up`: a
-        request like those to come (one GPU: the kernels warm up at its shapes while the model loads)."""
+        request like those to come (one GPU: the kernels warm up at its shapes while the model loads, so
+        that the first request runs as fast as the next ones, for a longer load: ModelRunner.load)."""
         with self._lock:
             if self._closed:
                 raise UserError("the engine is closed")

@@ -69,7 +69,8 @@ def run_server(
         with events:
             engine = Engine(model_id, preset=preset, runtime=runtime, parallel=parallel, load_events=events,
                             batching=batching, revision=revision)  # fmt: skip
-            engine.start()
+            # a server loads once: its first request too runs at full speed (the kernels warm up meanwhile)
+            engine.start(warm_up=engine.runner.default_request())
         core = ServerCore(engine, state_dir, config.limits, model_id)
         try:
             app = create_app(core, config.api_key)
