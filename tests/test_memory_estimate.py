@@ -51,3 +51,19 @@ def test_every_process_holds_its_own_copy_of_the_weights(monkeypatch):
     advice = r"MiB of weights in 2 processes.*lower height and width, or num_gpus, or run it on a GPU"
     with pytest.raises(UserError, match=advice):
         two.request("p", height=64, width=64)
+
+
+def test_a_loaded_engine_refuses_only_what_can_never_fit(monkeypatch):
+    """Once loaded (a request may be running, its memory back when it ends), a request is measured
+    against all the machine's memory, not what is free at this moment."""
+    sizes = {"MemAvailable": 1 * 2**20, "MemTotal": 64 * GIB}
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda field="MemAvailable": sizes[field])
+    with Engine("sgdiff/demo-image", runtime=RuntimeConfig(device="cpu")) as engine:
+        with pytest.raises(UserError, match="but 1 MiB are available"):
+            engine.request("p", height=512, width=512)  # before loading: the weights and the request now
+        sizes["MemAvailable"] = 64 * GIB
+        engine.start()
+        sizes["MemAvailable"] = 1 * 2**20
+        engine.request("p", height=512, width=512)  # loaded: fits in the machine
+        with pytest.raises(UserError, match=r"but this machine has 64\.0 GiB: lower height and width"):
+            engine.request("p", height=8192, width=8192, num_outputs_per_prompt=4)

@@ -21,11 +21,12 @@ from sgdiff.sampling import SamplingParams
 GIB = 2**30
 
 
-def available_memory_bytes() -> int | None:
-    """The memory the kernel can give without swapping (MemAvailable of /proc/meminfo); None elsewhere."""
+def available_memory_bytes(field: str = "MemAvailable") -> int | None:
+    """The memory the kernel can give now without swapping (MemAvailable of /proc/meminfo; MemTotal: all
+    of it); None elsewhere."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
@@ -52,11 +53,17 @@ def loaded_weight_bytes(model_dir: Path, model_index: dict, dtype: torch.dtype, 
 
 
 def check_fits_in_memory(
-    weights: int, activations: int, params: SamplingParams, processes: int, available: int | None
+    weights: int,
+    activations: int,
+    params: SamplingParams,
+    processes: int,
+    available: int | None,
+    having: str = "{} are available",
 ) -> None:
     """Refuse a request whose weights still to load (`weights`: every process's copy together; 0 once
     loaded, when they are no longer in what is available) and activation floor exceed the memory
-    available now."""
+    available now (`having`: how the message says `available`, e.g. "this machine has {}": all the memory,
+    which a loaded engine compares with, as a running request's memory comes back when it ends)."""
     if available is None:
         return
     needed = weights + activations
@@ -65,8 +72,8 @@ def check_fits_in_memory(
     copies = f" in {processes} processes" if processes > 1 else ""
     raise UserError(
         f"this request needs at least {size(needed)} of memory on the CPU ({size(weights)} of weights{copies}, "
-        f"{size(activations)} for a {params.height}x{params.width} output's activations) but {size(available)} "
-        "are available: lower `height` and `width`"
+        f"{size(activations)} for a {params.height}x{params.width} output's activations) but "
+        f"{having.format(size(available))}: lower `height` and `width`"
         + (", or `num_gpus`" if processes > 1 else "")
         + ", or run it on a GPU",
         field="height",

@@ -194,14 +194,18 @@ class Engine:
         from sgdiff.engine.memory import available_memory_bytes, check_fits_in_memory, loaded_weight_bytes
 
         if self._executor is not None:
-            weights = 0  # loaded: already out of what is available
-        elif self._weights_to_load is None:
+            # loaded, and maybe running a request whose memory comes back when it ends: only what can
+            # never fit is refused now
+            activations = runner.family.activation_floor(runner.info, params, runner.dtype)
+            total = available_memory_bytes("MemTotal")
+            check_fits_in_memory(0, activations, params, 1, total, "this machine has {}")
+            return
+        if self._weights_to_load is None:
             index, n = runner.info.model_index, self.parallel.num_gpus
             every = loaded_weight_bytes(runner.model_dir, index, runner.dtype, frozenset())
             shared = loaded_weight_bytes(runner.model_dir, index, runner.dtype, runner.family.text_encoders)
-            weights = self._weights_to_load = every + (n - 1) * shared  # text encoders on rank 0 alone
-        else:
-            weights = self._weights_to_load
+            self._weights_to_load = every + (n - 1) * shared  # text encoders on rank 0 alone
+        weights = self._weights_to_load
         activations = runner.family.activation_floor(runner.info, params, runner.dtype)
         check_fits_in_memory(weights, activations, params, self.parallel.num_gpus, available_memory_bytes())
 
