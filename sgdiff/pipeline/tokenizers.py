@@ -10,6 +10,7 @@ same Rust call transformers makes for its fast tokenizers: the same ids and mask
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -104,7 +105,7 @@ def read_cached(path: Path) -> CachedTokenizer | None:
         )
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError, Exception) as exc:  # noqa: BLE001 - a cache is never fatal
+    except Exception as exc:  # noqa: BLE001 - a broken or foreign file in a cache is never fatal: built again
         log.debug("tokenizer cache %s not used: %s", path, exc)
         return None
 
@@ -129,13 +130,15 @@ def keep(path: Path, tokenizer) -> None:
     backend_copy.no_padding()
     backend_copy.no_truncation()
     kept["backend"] = backend_copy.to_str()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
         tmp.write_text(json.dumps(kept), encoding="utf-8")
         os.replace(tmp, path)
-    except OSError as exc:
+    except OSError as exc:  # (a full disk: no half-written file is left either)
         log.debug("tokenizer cache %s not written: %s", path, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def is_fast(tokenizer) -> bool:
