@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend
 sys.path[:0] = [str(Path(__file__).resolve().parents[2])]  # sgdiff from this checkout
 
 from sgdiff.speed.attention_backends import attention_backend, sdpa_only  # noqa: E402
+from sgdiff.speed.auto_attention import cuda_ms  # noqa: E402
 from sgdiff.speed.wave_split import wave_split_attention  # noqa: E402
 from sgdiff.testing.compare import relative_error  # noqa: E402
 
@@ -49,13 +50,7 @@ def versions() -> dict[str, str | None]:
 
 
 def ms_per_call(fn) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(CALLS):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / CALLS
+    return cuda_ms(fn, CALLS)
 
 
 def check_shape(name: str, kernels: dict) -> dict:

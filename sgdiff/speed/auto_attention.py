@@ -46,15 +46,15 @@ CHOOSERS: weakref.WeakValueDictionary[int, MeasuredAttention] = weakref.WeakValu
 NUMBERS = itertools.count()
 
 
-def cuda_ms(fn: Callable[[], object]) -> float:
-    """ms per call of CALLS back-to-back calls of `fn`, by CUDA events on the current stream."""
+def cuda_ms(fn: Callable[[], object], calls: int = CALLS) -> float:
+    """ms per call of `calls` back-to-back calls of `fn`, by CUDA events on the current stream."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(CALLS):
+    for _ in range(calls):
         fn()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / CALLS
+    return start.elapsed_time(end) / calls
 
 
 class MeasuredAttention:
