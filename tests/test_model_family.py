@@ -81,7 +81,8 @@ class ToyFamily(ModelFamily):
     def __init__(self):
         self.before_velocity = lambda: None  # a test's hook
 
-    def load(self, model_dir, device, dtype, schedule, events, skip) -> ComposedPipeline:
+    def load(self, model_dir, device, dtype, schedule, events, skip, ahead=()) -> ComposedPipeline:
+        # (`ahead`: its prompt stage is a lookup, nothing worth encoding while loading)
         weight = load_file(model_dir / "transformer" / "diffusion_pytorch_model.safetensors")["weight"]  # [C, C]
 
         def velocity(latents, t, inputs, state):  # latents [N, C, h, w]

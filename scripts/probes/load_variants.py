@@ -3,7 +3,7 @@ the bench's checkpoint) as whole processes, each variant patched in by variant_s
 rounds interleaved. Prints the median wall and phases per variant, and where each part's load ended.
 
     python scripts/probes/load_variants.py --checkpoint /tmp/flux-dev-e2e \
-        --variants default,warm_up,lanes_8x32,warm_up+lanes_8x32 --rounds 2
+        --variants default,text_in_request,lanes_8x32,switch_1ms,warm_up+switch_1ms --rounds 2
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--model", default="flux.1-dev")
-    parser.add_argument("--variants", default="default,warm_up,lanes_8x32,warm_up+lanes_8x32")
+    parser.add_argument("--variants", default="default,text_in_request,lanes_8x32,switch_1ms,warm_up+switch_1ms")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", type=Path)

@@ -96,6 +96,9 @@ class BatchReport:
     started_at_process_age: float | None = None  # seconds after spawn when run_batch began
 
 
+ENCODED_WHILE_LOADING = 4  # requests whose prompts are encoded during the load (each a few MB on the GPU)
+
+
 def default_model_path(flags: dict[str, Any], lines: Sequence[PromptLine] = ()) -> str:
     """No --model-path: the embedded demo video model when --num-frames (or a prompt file's line's
     num_frames) is given, else the image one."""
@@ -122,7 +125,9 @@ def run_batch(
             engine.follow()  # rank 0 takes the requests and writes; this rank computes with it
             return BatchReport([], [], 0.0, time.perf_counter() - start, engine.runner.peak_rss_bytes())
         load_began = time.perf_counter() - start
-        engine.start()  # no kernels' warm-up: from the shell it costs more load than it saves (runner.load)
+        # no kernels' warm-up: from the shell it costs more load than it saves (runner.load); the first
+        # prompts are encoded while the transformer loads
+        engine.start(encode_ahead=all_params[:ENCODED_WHILE_LOADING])
         handles = [engine.submit(params) for params in all_params]
         about = {
             "model": model_path,

@@ -4,6 +4,7 @@ of a torchrun launch (the other ranks follow it, serve.py)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from sgdiff.config import BatchingConfig, EngineConfig
@@ -25,10 +26,15 @@ class LocalExecutor:
     as they happen), then a thread serves the requests. Any batch's error fails that batch alone."""
 
     def __init__(
-        self, runner: ModelRunner, batching: BatchingConfig = BatchingConfig(), warm_up: SamplingParams | None = None
+        self,
+        runner: ModelRunner,
+        batching: BatchingConfig = BatchingConfig(),
+        warm_up: SamplingParams | None = None,
+        encode_ahead: Sequence[SamplingParams] = (),
     ):
         self.runner = runner
         self.warm_up = warm_up  # a request like those to come: the kernels warm up at its shapes while loading
+        self.encode_ahead = encode_ahead  # requests to come: their prompts are encoded while the model loads
         self.inbox = Inbox()
         self.dispatcher = Dispatcher(self.inbox.put, runner.events, batching, runner.family.batch_key)
         self.thread: threading.Thread | None = None
@@ -38,7 +44,7 @@ class LocalExecutor:
         return self.runner.load_seconds
 
     def start(self) -> None:
-        self.runner.load(warm_up=self.warm_up)
+        self.runner.load(warm_up=self.warm_up, encode_ahead=self.encode_ahead)
         self.thread = threading.Thread(
             target=serve_requests,
             args=(self.runner, OneRank(), self.inbox, self.dispatcher, (Exception,)),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,13 +128,21 @@ class ModelRunner:
             rule(params)
         return params
 
-    def load(self, skip: frozenset[str] = frozenset(), warm_up: SamplingParams | None = None) -> None:
+    def load(
+        self,
+        skip: frozenset[str] = frozenset(),
+        warm_up: SamplingParams | None = None,
+        encode_ahead: Sequence[SamplingParams] = (),
+    ) -> None:
         """Load every component once; `skip` names components this process never runs (e.g. the text
-        encoders on the ranks that receive the prompt embeddings from rank 0). `warm_up`: a request like
-        those to come, whose kernels then warm up meanwhile on a GPU (speed/warm_up.py): the first
-        request runs as fast as the next ones, but the load takes longer (on an H100, FLUX.1-dev's
-        first step 0.20 s instead of 1.01 s and its text 0.07 s instead of 0.49 s, the load 4.8 s
-        instead of 1.7 s: docs/benchmarks.md, run FG), so only a server, which loads once, asks for it."""
+        encoders on the ranks that receive the prompt embeddings from rank 0). `encode_ahead`: requests
+        to come, whose prompts are encoded while the transformer still loads (the text encoders' first
+        kernels paid there: FLUX.1-dev's text stage took 0.49 s in the request on an H100, run FG).
+        `warm_up`: a request like those to come, whose kernels then warm up meanwhile on a GPU
+        (speed/warm_up.py): the first request runs as fast as the next ones, but the load takes longer
+        (on an H100, FLUX.1-dev's first step 0.20 s instead of 1.01 s and its text 0.07 s instead of
+        0.49 s, the load 4.8 s instead of 1.7 s: docs/benchmarks.md, run FG), so only a server, which
+        loads once, asks for it."""
         if self.pipeline is not None:
             return
         start = time.perf_counter()
@@ -144,7 +152,9 @@ class ModelRunner:
                 self.family, self.info, warm_up, self.device, self.dtype, self.speed, self.attention, self.events
             )
         try:
-            pipeline = self.family.load(self.model_dir, self.device, self.dtype, self.schedule, self.events, skip)
+            pipeline = self.family.load(
+                self.model_dir, self.device, self.dtype, self.schedule, self.events, skip, encode_ahead
+            )
         finally:
             if warming is not None:
                 warming.join()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -209,16 +210,18 @@ class Engine:
         activations = runner.family.activation_floor(runner.info, params, runner.dtype)
         check_fits_in_memory(weights, activations, params, self.parallel.num_gpus, available_memory_bytes())
 
-    def start(self, warm_up: SamplingParams | None = None) -> None:
+    def start(self, warm_up: SamplingParams | None = None, encode_ahead: Sequence[SamplingParams] = ()) -> None:
         """Load the model (start the worker pool on several GPUs); returns once it can serve. `warm_up`: a
         request like those to come (one GPU: the kernels warm up at its shapes while the model loads, so
-        that the first request runs as fast as the next ones, for a longer load: ModelRunner.load)."""
+        that the first request runs as fast as the next ones, for a longer load: ModelRunner.load).
+        `encode_ahead`: the first requests to come (one GPU or the CPU, one process: their prompts are
+        encoded while the transformer still loads; the requests themselves are still to be submitted)."""
         with self._lock:
             if self._closed:
                 raise UserError("the engine is closed")
             if self._executor is not None:
                 return
-            executor = self._make_executor(warm_up)
+            executor = self._make_executor(warm_up, encode_ahead)
             try:
                 executor.start()
             except BaseException:
@@ -263,7 +266,7 @@ class Engine:
     def __exit__(self, kind, value, traceback) -> None:
         self.close(graceful=kind is None)
 
-    def _make_executor(self, warm_up: SamplingParams | None):
+    def _make_executor(self, warm_up: SamplingParams | None, encode_ahead: Sequence[SamplingParams]):
         if under_torchrun():
             from sgdiff.engine.local import TorchrunRankExecutor
 
@@ -277,7 +280,7 @@ class Engine:
             return WorkerPool(self.config, self.load_events, self.runner.family.batch_key)
         from sgdiff.engine.local import LocalExecutor
 
-        return LocalExecutor(self.runner, self.config.batching, warm_up)
+        return LocalExecutor(self.runner, self.config.batching, warm_up, encode_ahead)
 
 
 def torchrun_spec():

@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -174,18 +174,30 @@ def kept_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> tuple[str, ...]:
     return tuple(sorted(keep))
 
 
+# A part computed from loaded parts while the others still load: (the parts it needs, how)
+Follower = tuple[tuple[str, ...], Callable[[dict[str, Any]], Any]]
+
+
 def load_side_by_side(
-    events: PipelineEvents, device: torch.device, loaders: dict[str, Callable[[], Any] | None]
+    events: PipelineEvents,
+    device: torch.device,
+    loaders: dict[str, Callable[[], Any] | None],
+    followers: dict[str, Follower] | None = None,
 ) -> dict[str, Any]:
     """Every part's loader on its own thread, timed as 'load <name>' (None: a part not loaded): while one
-    part's file is read, another is built, cast or tokenised; the files share one reader. When a part
-    fails, or the user interrupts, the others give up at their next chunk; the first failure is raised
-    once every loader has stopped."""
+    part's file is read, another is built, cast or tokenised; the files share one reader. A follower
+    starts once the parts it needs are loaded, on the others' time (e.g. the prompts encoded while the
+    transformer still loads), and is timed and returned as a part too. When a part fails, or the user
+    interrupts, the others give up at their next chunk; the first failure is raised once every loader
+    has stopped."""
+    followers = followers or {}
     with quiet_libraries(), shared_reader(device) as reader:
-        pool = ThreadPoolExecutor(len(loaders))
+        pool = ThreadPoolExecutor(len(loaders) + len(followers))
         futures = {
             name: pool.submit(timed_load, events, name, load) for name, load in loaders.items() if load is not None
         }
+        for name, (needs, follow) in followers.items():
+            futures[name] = pool.submit(follow_parts, events, name, {n: futures[n] for n in needs}, follow)
         try:
             if wait(futures.values(), return_when=FIRST_EXCEPTION).not_done:
                 reader.stop.set()  # a part failed: the others stop reading
@@ -198,7 +210,15 @@ def load_side_by_side(
     failures = [e for f in futures.values() if not f.cancelled() and (e := f.exception()) is not None]
     if failures:
         raise next((e for e in failures if not isinstance(e, LoadingStopped)), failures[0])
-    return {name: futures[name].result() if name in futures else None for name in loaders}
+    return {name: futures[name].result() if name in futures else None for name in [*loaders, *followers]}
+
+
+def follow_parts(
+    events: PipelineEvents, name: str, needs: dict[str, Future], follow: Callable[[dict[str, Any]], Any]
+) -> Any:
+    """A follower: waits for the parts it needs (a failed one fails it too), then runs timed."""
+    parts = {need: future.result() for need, future in needs.items()}
+    return timed_load(events, name, lambda: follow(parts))
 
 
 def timed_load(events: PipelineEvents, name: str, load: Callable[[], Any]) -> Any:

@@ -9,7 +9,7 @@ whose __init__ registers it (pipeline/registry.py finds the folder); a caller ma
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,8 +83,11 @@ class ModelFamily:
         schedule: Any,
         events: PipelineEvents,
         skip: frozenset[str],
+        ahead: Sequence[SamplingParams] = (),
     ) -> ComposedPipeline:
-        """The loaded pipeline; `skip` names components this process never runs (None in their place)."""
+        """The loaded pipeline; `skip` names components this process never runs (None in their place);
+        `ahead`: requests to come, whose prompts the family may encode while its transformer still loads
+        (stages/text_encoding.py, encode_ahead)."""
         raise NotImplementedError
 
     def adjust(self, params: FamilyParams) -> FamilyParams:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from sgdiff.pipeline.schedule import FlowMatchSchedule
 from sgdiff.pipeline.stages.decoding import VaeDecodingStage
 from sgdiff.pipeline.stages.denoising import DenoisingStage
 from sgdiff.pipeline.stages.latents import LatentsStage
-from sgdiff.pipeline.stages.text_encoding import TextEncodingStage
+from sgdiff.pipeline.stages.text_encoding import EncodedTexts, TextEncodingStage, encode_ahead
 from sgdiff.pipeline.stages.timesteps import FlowMatchTimestepsStage
 from sgdiff.pipeline.stages.validation import InputValidationStage
 from sgdiff.pipeline.text_encoders import (
@@ -103,6 +104,17 @@ class FluxComponents:
     text_encoder_2: torch.nn.Module | None  # sgdiff's T5Encoder
     transformer: FluxTransformer
     vae: ImageVaeDecoder
+    encoded_prompts: EncodedTexts = field(default_factory=dict)  # the texts encoded while the rest loaded
+
+
+TEXT_PARTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+
+
+def flux_prompt_encoder(
+    dtype: torch.dtype, tokenizer: Any, text_encoder: Any, tokenizer_2: Any, text_encoder_2: Any
+) -> FluxPromptEncoder:
+    clip = ClipPooledEncoder(tokenizer, text_encoder)
+    return FluxPromptEncoder(clip, T5SequenceEncoder(tokenizer_2, text_encoder_2), dtype)
 
 
 def load_flux_components(
@@ -111,9 +123,11 @@ def load_flux_components(
     dtype: torch.dtype,
     events: PipelineEvents,
     skip: frozenset[str] = frozenset(),
+    ahead: Sequence[FluxSampling] = (),
 ) -> FluxComponents:
     """`skip`: component names not to load (None in their place), e.g. the text encoders on ranks that
-    receive the prompt embeddings from rank 0."""
+    receive the prompt embeddings from rank 0. `ahead`: requests to come, whose prompts are encoded as
+    soon as the text encoders are loaded, while the transformer still loads."""
     config = FluxTransformerConfig.from_dict(read_json(model_dir / "transformer" / "config.json"))
     vae_config_path = model_dir / "vae" / "config.json"
     vae_config = ImageVaeConfig.from_dict(read_json(vae_config_path), source=str(vae_config_path))
@@ -133,8 +147,13 @@ def load_flux_components(
         "vae": lambda: load_own_model(  # the encoder is never run: its weights stay unread
             build_on_meta(ImageVaeDecoder, vae_config), model_dir / "vae", dtype, device, ignored=VAE_UNUSED
         ),
-    })  # fmt: skip
-    return FluxComponents(**parts)
+    }, followers={
+        "prompt embeddings": (TEXT_PARTS, lambda text: encode_ahead(
+            flux_prompt_encoder(dtype, **text), true_cfg_scale_of, ahead
+        )),
+    } if ahead and not skip & set(TEXT_PARTS) else None)  # fmt: skip
+    encoded = parts.pop("prompt embeddings", None) or {}
+    return FluxComponents(**parts, encoded_prompts=encoded)
 
 
 def compose_flux_pipeline(parts: FluxComponents, schedule: FlowMatchSchedule) -> ComposedPipeline:
@@ -142,11 +161,13 @@ def compose_flux_pipeline(parts: FluxComponents, schedule: FlowMatchSchedule) ->
     config = parts.transformer.config
     dtype = next(parts.transformer.parameters()).dtype
     geometry = FluxLatentGeometry(2 ** (len(parts.vae.config.block_out_channels) - 1), config.in_channels // 4)
-    clip = ClipPooledEncoder(parts.tokenizer, parts.text_encoder)
-    t5 = T5SequenceEncoder(parts.tokenizer_2, parts.text_encoder_2)
     stages = [
         InputValidationStage(flux_rules(asdict(config))),
-        TextEncodingStage(FluxPromptEncoder(clip, t5, dtype), true_cfg_scale_of),
+        TextEncodingStage(
+            flux_prompt_encoder(dtype, *(getattr(parts, name) for name in TEXT_PARTS)),
+            true_cfg_scale_of,
+            parts.encoded_prompts,
+        ),
         FlowMatchTimestepsStage(schedule, geometry.image_seq_len),
         LatentsStage(geometry.noise_shape, geometry.pack),
         DenoisingStage(FluxDenoiser(parts.transformer)),
@@ -162,5 +183,6 @@ def load_flux_pipeline(
     schedule: FlowMatchSchedule,
     events: PipelineEvents,
     skip: frozenset[str] = frozenset(),
+    ahead: Sequence[FluxSampling] = (),
 ) -> ComposedPipeline:
-    return compose_flux_pipeline(load_flux_components(model_dir, device, dtype, events, skip), schedule)
+    return compose_flux_pipeline(load_flux_components(model_dir, device, dtype, events, skip, ahead), schedule)

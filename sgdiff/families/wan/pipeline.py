@@ -4,8 +4,8 @@ where an input image is encoded too) and the scheduler named in the checkpoint."
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, is_dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,7 +39,7 @@ from sgdiff.pipeline.schedule import (
 from sgdiff.pipeline.stages.decoding import VideoVaeDecodingStage
 from sgdiff.pipeline.stages.denoising import DenoisingStage
 from sgdiff.pipeline.stages.latents import LatentsStage, seeded_noise
-from sgdiff.pipeline.stages.text_encoding import TextEncodingStage
+from sgdiff.pipeline.stages.text_encoding import EncodedTexts, TextEncodingStage, encode_ahead
 from sgdiff.pipeline.stages.timesteps import SamplerStage
 from sgdiff.pipeline.stages.validation import InputValidationStage, ValidationRule
 from sgdiff.pipeline.text_encoders import UMT5SequenceEncoder, load_t5_encoder
@@ -109,6 +109,7 @@ class WanComponents:
     image_processor: Any = None
     boundary_ratio: float | None = None
     expand_timesteps: bool = False  # Wan2.2 TI2V: one timestep per token
+    encoded_prompts: EncodedTexts = field(default_factory=dict)  # the texts encoded while the rest loaded
 
 
 class WanVideoGeometry:
@@ -223,8 +224,10 @@ def load_wan_components(
     dtype: torch.dtype,
     events: PipelineEvents,
     skip: frozenset[str] = frozenset(),
+    ahead: Sequence[WanSampling] = (),
 ) -> WanComponents:
-    """`skip`: component names not to load (None in their place)."""
+    """`skip`: component names not to load (None in their place). `ahead`: requests to come, whose
+    prompts are encoded as soon as the text encoder is loaded, while the transformer still loads."""
     index = read_json(model_dir / "model_index.json")
 
     def expert(name: str) -> Callable[[], WanTransformer] | None:  # MoE checkpoints have two
@@ -239,9 +242,15 @@ def load_wan_components(
         "transformer_2": expert("transformer_2"),
         "vae": vae_loader(model_dir / "vae", index, device),
         "image_encoder": image_encoder_loader(model_dir, index, device),
-    })  # fmt: skip
+    }, followers={  # (in `dtype`: the transformers' patch embedding, model_dtype's, is never kept in float32)
+        "prompt embeddings": (("tokenizer", "text_encoder"), lambda text: encode_ahead(
+            WanPromptEncoder(UMT5SequenceEncoder(text["tokenizer"], text["text_encoder"]), dtype), guidance_cfg, ahead
+        )),
+    } if ahead and "text_encoder" not in skip else None)  # fmt: skip
+    encoded = parts.pop("prompt embeddings", None) or {}
     return WanComponents(
         **parts,
+        encoded_prompts=encoded,
         image_processor=load_image_processor(model_dir, index),
         boundary_ratio=index.get("boundary_ratio"),
         expand_timesteps=bool(index.get("expand_timesteps", False)),
@@ -315,7 +324,9 @@ def compose_wan_pipeline(parts: WanComponents, schedule: WanSchedule, rules: lis
     stages = [
         InputValidationStage(rules),
         TextEncodingStage(
-            WanPromptEncoder(UMT5SequenceEncoder(parts.tokenizer, parts.text_encoder), model_dtype(parts)), guidance_cfg
+            WanPromptEncoder(UMT5SequenceEncoder(parts.tokenizer, parts.text_encoder), model_dtype(parts)),
+            guidance_cfg,
+            parts.encoded_prompts,
         ),
         OptionalStage(image_stage, lambda params: params.image_path is not None),
         SamplerStage(lambda state: make_sampler(state, schedule)),
@@ -334,8 +345,9 @@ def load_wan_pipeline(
     schedule: WanSchedule,
     events: PipelineEvents,
     skip: frozenset[str] = frozenset(),
+    ahead: Sequence[WanSampling] = (),
 ) -> ComposedPipeline:
-    parts = load_wan_components(model_dir, device, dtype, events, skip)
+    parts = load_wan_components(model_dir, device, dtype, events, skip, ahead)
     reference = parts.transformer if parts.transformer is not None else parts.transformer_2
     assert reference is not None  # a checkpoint has one expert at least
     index = read_json(model_dir / "model_index.json")
