@@ -81,7 +81,7 @@ class EditFamily(ModelFamily):
 
         return [needs_an_image]
 
-    def load(self, model_dir, device, dtype, schedule, events, skip) -> ComposedPipeline:
+    def load(self, model_dir, device, dtype, schedule, events, skip, ahead=()) -> ComposedPipeline:
         def velocity(latents, t, inputs, state):  # latents [N, 3, h, w]
             return -latents + inputs["condition"][:, :, None, None]
 
