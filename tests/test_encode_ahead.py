@@ -106,7 +106,9 @@ def test_sgdiff_generate_encodes_its_first_prompts_while_loading(tmp_path):
                                       "--perf-dump-path", str(dump)])  # fmt: skip
     assert result.exit_code == 0, result.output
     parts = json.loads(dump.read_text())["load_part_spans"]
-    assert parts["prompt embeddings"][0] >= max(span[1] for name, span in parts.items() if name.startswith("text_encoder"))
+    assert parts["prompt embeddings"][0] >= max(
+        span[1] for name, span in parts.items() if name.startswith("text_encoder")
+    )
 
 
 class Recorder(NullEvents):

@@ -1,4 +1,4 @@
-"""sgdiff's Qwen-Image transformer against diffusers' QwenImageTransformer2DModel on the same weights (fp32)."""
+"""sgdiff's Qwen-Image transformer against diffusers' QwenImageTransformer2DModel on the same random weights."""
 
 from __future__ import annotations
 
@@ -46,12 +46,15 @@ def saved_qwen(request, tmp_path_factory):
     return folder
 
 
+def load_ours(folder, dtype: torch.dtype) -> QwenImageTransformer:
+    config = QwenImageTransformerConfig.from_dict(read_json(folder / "config.json"))
+    return load_own_model(build_on_meta(QwenImageTransformer, config), folder, dtype, torch.device("cpu"))
+
+
 @pytest.fixture(scope="module")
 def both(saved_qwen):
-    config = QwenImageTransformerConfig.from_dict(read_json(saved_qwen / "config.json"))
-    ours = load_own_model(build_on_meta(QwenImageTransformer, config), saved_qwen, torch.float32, torch.device("cpu"))
     reference = QwenImageTransformer2DModel.from_pretrained(saved_qwen, dtype=torch.float32).eval()
-    return ours, reference
+    return load_ours(saved_qwen, torch.float32), reference
 
 
 def inputs(batch: int, grids: list[tuple[int, int, int]], text_len: int, seed: int = 0) -> dict:
@@ -80,6 +83,17 @@ def test_transformer_matches_diffusers(both, case):
     assert torch.isfinite(actual).all()
     assert max_relative_error(actual, expected) <= TOLERANCE
     assert relative_error(actual, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_matches_diffusers(saved_qwen, dtype):
+    """diffusers' RMSNorm rounds twice in bf16/fp16 (the model's DiffusersRMSNorm too): the same numbers."""
+    ours = load_ours(saved_qwen, dtype)
+    reference = QwenImageTransformer2DModel.from_pretrained(saved_qwen, dtype=dtype).eval()
+    x = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in inputs(*CASES["edit"]).items()}
+    actual, expected = run_both(ours, reference, x)
+    assert actual.dtype == dtype and torch.isfinite(actual).all()
+    assert relative_error(actual, expected) <= 1e-3  # observed 0 on the CPU
 
 
 def test_the_output_follows_the_text_and_the_timestep(both):
@@ -141,7 +155,7 @@ def test_inconsistent_image_shapes_are_refused(both):
         ours(**{**x, "img_shapes": [[(1, 4, 6)], [(1, 6, 4)]]})
 
 
-def test_loaded_model_has_every_weight_off_meta(saved_qwen, both):
+def test_loaded_model_has_every_weight_off_meta(both):
     ours, reference = both
     assert not any(t.is_meta for t in [*ours.parameters(), *ours.buffers()])
     assert ours.state_dict().keys() == reference.state_dict().keys()

@@ -57,11 +57,11 @@ class TextEncodingStage(Stage):
     def run(self, state: State) -> None:
         params = state.params
         copies = params.num_outputs_per_prompt
-        texts = [self.encoded_text(text, params) for text in texts_of(params, self.cfg_scale_of)]
-        state.cond = repeat_batch(texts[0], copies)
-        if len(texts) == 2:
-            state.uncond = repeat_batch(texts[1], copies)
-            state.cfg_scale = self.cfg_scale_of(params)
+        state.cond = repeat_batch(self.encoded_text(params.prompt, params), copies)
+        scale = self.cfg_scale_of(params)
+        if scale is not None:  # (texts_of's second text)
+            state.uncond = repeat_batch(self.encoded_text(params.negative_prompt or "", params), copies)
+            state.cfg_scale = scale
 
     def encoded_text(self, text: str, params: SamplingParams) -> dict[str, torch.Tensor]:
         found = self.encoded.pop((text, params.max_sequence_length), None)

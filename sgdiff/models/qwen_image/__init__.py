@@ -1,0 +1,4 @@
+from sgdiff.models.qwen_image.config import QwenImageTransformerConfig
+from sgdiff.models.qwen_image.transformer import QwenImageTransformer
+
+__all__ = ["QwenImageTransformer", "QwenImageTransformerConfig"]
