@@ -134,17 +134,24 @@ def check_types(cls: type[SamplingParams], values: Mapping[str, Any], source: st
 
 def check_values(cls: type[SamplingParams], values: Mapping[str, Any]) -> None:
     """Every rule `cls` declares, and finite 32-bit floats, for the values that are set."""
-    kinds = field_kinds(cls)  # type: ignore[arg-type]  # mypy bug: a class is Hashable
     for f in fields(cls):
         value = values.get(f.name)
-        if value is None:
-            continue
-        if kinds[f.name] is float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
-            raise UserError(f"`{f.name}` must be a finite number (a 32-bit float), got {value}", field=f.name)
-        if "check" in f.metadata:
-            ok, rule = f.metadata["check"]
-            if not ok(value):
-                raise UserError(f"`{f.name}` {rule}, got {value}", field=f.name)
+        if value is not None and (rule := broken_rule(cls, f.name, value)) is not None:
+            raise UserError(f"`{f.name}` {rule}, got {value}", field=f.name)
+
+
+def broken_rule(cls: type[SamplingParams], name: str, value: Any) -> str | None:
+    """The rule of `cls` that `value` breaks for its field `name` (e.g. "must be between 1 and 512"),
+    or None when it keeps them all."""
+    f = next(f for f in fields(cls) if f.name == name)
+    kind = field_kinds(cls)[name]  # type: ignore[arg-type]  # mypy bug: a class is Hashable
+    if kind is float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        return "must be a finite number (a 32-bit float)"
+    if "check" in f.metadata:
+        ok, rule = f.metadata["check"]
+        if not ok(value):
+            return rule
+    return None
 
 
 def build_sampling_params(

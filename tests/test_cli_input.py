@@ -105,7 +105,11 @@ NO_CONTROL = "{} must not hold line breaks or control characters (found {})"
         (["--prompt", "p", "--width", "160000"], "--width must be a positive multiple of 16 up to 8192"),
         (["--prompt", "p", "--seed", "-1"], "--seed must be between 0 and 18446744073709551615"),
         (["--prompt", "p", "--seed", "99999999999999999999"], "--seed must be between 0 and"),
-        (["--prompt", "p", "--max-sequence-length", "600"], "--max-sequence-length must be between 1 and 512"),
+        (
+            ["--prompt", "p", "--max-sequence-length", "2000"],
+            "--max-sequence-length must be between 1 and 512 for flux and wan models; must be between 1 and 1024 for "
+            "qwen_image models; got 2000",
+        ),
         (["--prompt", "p", "--num-frames", "100001"], "--num-frames must be between 1 and 1001"),
         (["--prompt", "p", "--num-frames", "0"], "--num-frames must be between 1 and 1001"),
         (["--prompt", "p", "--fps", "0"], "--fps must be between 1 and 240"),
@@ -307,3 +311,15 @@ def test_a_prompt_file_over_the_limit_is_refused_before_planning(received, tmp_p
         f"error: --prompt-file {prompts} has {cli.MAX_PROMPTS + 1} prompts; a run takes at most {cli.MAX_PROMPTS}: "
         "split it"
     )
+
+
+def test_a_value_one_family_takes_waits_for_the_model_s_own_check(tiny_flux_dev, tmp_path):
+    """--max-sequence-length 600: more than FLUX's T5 takes, within Qwen-Image's 1024. Not refused before
+    the model is known; refused for a FLUX checkpoint, before any weight loads, in one line."""
+    from sgdiff.pipeline.registry import check_given_values
+
+    check_given_values({"max_sequence_length": 600})
+    result = invoke("--model-path", str(tiny_flux_dev), "--prompt", "p", "--max-sequence-length", "600",
+                    "--output-path", str(tmp_path))  # fmt: skip
+    assert result.exit_code == 2 and "max-sequence-length must be between 1 and 512, got 600" in result.stderr
+    assert list(tmp_path.iterdir()) == []

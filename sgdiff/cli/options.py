@@ -116,7 +116,7 @@ MaxSequenceLength = Annotated[
     int | None,
     typer.Option(
         "--max-sequence-length",
-        help="T5 prompt tokens, at most 512 (default: the preset's; dev 512, schnell 256).",
+        help="Prompt tokens the text encoder reads: 1 to 512, Qwen-Image 1024 (default: the preset's).",
         rich_help_panel=SAMPLING,
     ),
 ]

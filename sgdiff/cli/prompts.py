@@ -143,8 +143,8 @@ def json_kind(value: Any) -> str:
 def check_line_fields(prompt: str, fields: dict[str, Any]) -> None:
     """Each field's type and range by the rules of the model family that declares it, as the flags are
     checked (sgdiff.pipeline.registry.check_given_values), and the text fields' encoding."""
-    from sgdiff.pipeline.registry import family_of_field
-    from sgdiff.sampling import KINDS, check_text, check_types, check_values, field_kinds
+    from sgdiff.pipeline.registry import check_given_value, family_of_field
+    from sgdiff.sampling import KINDS, check_text, check_types, field_kinds
 
     check_text("prompt", prompt)
     for name, value in fields.items():
@@ -155,7 +155,7 @@ def check_line_fields(prompt: str, fields: dict[str, Any]) -> None:
         if value is None:
             raise UserError(f"`{name}` must be {KINDS[kind]}, not null (leave it out for the flag's value)", field=name)
         check_types(sampling, {name: value})
-        check_values(sampling, {name: value})
+        check_given_value(name, value)
         if kind is str:
             check_text(name, value)
 

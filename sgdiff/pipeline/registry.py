@@ -14,7 +14,7 @@ from typing import Any
 from sgdiff.errors import UserError
 from sgdiff.models.loading import read_json, safetensors_files
 from sgdiff.pipeline.family import ModelFamily
-from sgdiff.sampling import check_values, sampling_fields
+from sgdiff.sampling import broken_rule, sampling_fields
 
 _FAMILIES: dict[str, ModelFamily] = {}  # by the pipeline class it serves
 _discovered = False
@@ -51,15 +51,40 @@ def family_named(name: str) -> ModelFamily:
 
 def family_of_field(name: str) -> ModelFamily | None:
     """A registered family whose requests carry the field `name`."""
-    return next((f for f in families().values() if name in sampling_fields(f.sampling)), None)
+    return next(iter(families_of_field(name)), None)
+
+
+def families_of_field(name: str) -> list[ModelFamily]:
+    """The registered families whose requests carry the field `name`, each once."""
+    found: list[ModelFamily] = []
+    for family in families().values():
+        if name in sampling_fields(family.sampling) and family not in found:
+            found.append(family)
+    return found
 
 
 def check_given_values(values: Mapping[str, Any]) -> None:
-    """Values given before the model is known (flags), each checked by the rules of a family that
-    declares its field: a bad value fails before any checkpoint is looked at."""
+    """Values given before the model is known (flags), each checked by the rules of the families that
+    declare its field: a value no family takes fails before any checkpoint is looked at; one that some
+    family takes waits for the model's own check."""
     for name, value in values.items():
-        if (family := family_of_field(name)) is not None:
-            check_values(family.sampling, {name: value})
+        check_given_value(name, value)
+
+
+def check_given_value(name: str, value: Any) -> None:
+    """Refuse `value` for the field `name` when no family that declares the field takes it, saying
+    each family's rule where they differ."""
+    broken: dict[str, list[str]] = {}  # rule -> the families that have it
+    for family in sorted(families_of_field(name), key=lambda f: f.name):
+        rule = broken_rule(family.sampling, name, value)
+        if rule is None:
+            return
+        broken.setdefault(rule, []).append(family.name)
+    if len(broken) == 1:
+        raise UserError(f"`{name}` {next(iter(broken))}, got {value}", field=name)
+    if broken:
+        rules = "; ".join(f"{rule} for {' and '.join(names)} models" for rule, names in broken.items())
+        raise UserError(f"`{name}` {rules}; got {value}", field=name)
 
 
 @dataclass(frozen=True)

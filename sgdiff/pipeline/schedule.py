@@ -2,8 +2,9 @@
 
 Sigmas run from 1 (pure noise) to 0 (the image); the model predicts the velocity
 v = noise - x0, and one Euler step is x <- x + (sigma_next - sigma) * v.
-FLUX shifts the sigmas towards the noisy end, more for larger images (`mu` grows
-linearly with the number of image tokens); FLUX.1-schnell uses a fixed shift. Wan's
+FLUX and Qwen-Image shift the sigmas towards the noisy end, more for larger images (`mu`
+grows linearly with the number of image tokens); FLUX.1-schnell uses a fixed shift;
+Qwen-Image then stretches them to end at `shift_terminal` instead of 1 / num_steps. Wan's
 Euler configs let the scheduler space the sigmas itself (`flow_match_spaced_sigmas`);
 Wan's UniPC is in families/wan/unipc.py.
 """
@@ -23,7 +24,7 @@ from sgdiff.errors import UserError
 
 @dataclass(frozen=True)
 class FlowMatchSchedule:
-    """The fields of diffusers' FlowMatchEulerDiscreteScheduler config that FLUX uses."""
+    """The fields of diffusers' FlowMatchEulerDiscreteScheduler config that FLUX and Qwen-Image use."""
 
     num_train_timesteps: int = 1000
     shift: float = 1.0
@@ -32,6 +33,7 @@ class FlowMatchSchedule:
     max_shift: float = 1.15
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
+    shift_terminal: float = 0.0  # 0: off; else the last sigma before 0 (Qwen-Image: 0.02)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> FlowMatchSchedule:
@@ -54,7 +56,6 @@ class FlowMatchSchedule:
 
 # diffusers FlowMatchEulerDiscreteScheduler options and the values under which they change nothing
 UNSUPPORTED_OPTIONS: dict[str, tuple] = {
-    "shift_terminal": (None, 0, 0.0),
     "use_karras_sigmas": (None, False),
     "use_exponential_sigmas": (None, False),
     "use_beta_sigmas": (None, False),
@@ -65,9 +66,20 @@ UNSUPPORTED_OPTIONS: dict[str, tuple] = {
 
 
 def resolution_shift_mu(image_seq_len: int, schedule: FlowMatchSchedule) -> float:
-    """Linear in the number of image tokens: base_shift at base_image_seq_len, max_shift at max."""
+    """Linear in the number of image tokens: base_shift at base_image_seq_len, max_shift at max
+    (slope and intercept rounded as diffusers' pipelines' calculate_shift rounds them)."""
     slope = (schedule.max_shift - schedule.base_shift) / (schedule.max_image_seq_len - schedule.base_image_seq_len)
-    return schedule.base_shift + slope * (image_seq_len - schedule.base_image_seq_len)
+    intercept = schedule.base_shift - slope * schedule.base_image_seq_len
+    return image_seq_len * slope + intercept
+
+
+def stretch_to_terminal(sigmas: np.ndarray, schedule: FlowMatchSchedule) -> np.ndarray:
+    """With `shift_terminal`: the sigmas scaled about 1 so that the last one is shift_terminal, in the
+    array's own precision, as diffusers' stretch_shift_to_terminal. Without: as they are."""
+    if not schedule.shift_terminal:
+        return sigmas
+    one_minus = 1 - sigmas
+    return 1 - one_minus / (one_minus[-1] / (1 - schedule.shift_terminal))
 
 
 def flow_match_sigmas(num_steps: int, image_seq_len: int, schedule: FlowMatchSchedule) -> torch.Tensor:
@@ -79,6 +91,7 @@ def flow_match_sigmas(num_steps: int, image_seq_len: int, schedule: FlowMatchSch
         sigmas = exp_mu / (exp_mu + (1 / sigmas - 1))  # type: ignore[assignment]  # float32 (NEP 50), not float64
     else:
         sigmas = schedule.shift * sigmas / (1 + (schedule.shift - 1) * sigmas)
+    sigmas = stretch_to_terminal(sigmas, schedule)
     return torch.cat([torch.from_numpy(sigmas).float(), torch.zeros(1)])
 
 
@@ -93,10 +106,10 @@ def flow_match_grid(schedule: FlowMatchSchedule) -> torch.Tensor:
 def flow_match_spaced_sigmas(num_steps: int, schedule: FlowMatchSchedule) -> torch.Tensor:
     """[num_steps + 1] float32 sigmas ending with 0, as the scheduler spaces them itself when the pipeline
     gives none (Wan): evenly from the grid's first to its last sigma (already shifted), then shifted again,
-    in float64 as diffusers does. No dynamic shifting."""
+    in float64 as diffusers does (and stretched to `shift_terminal`). No dynamic shifting."""
     grid, n = flow_match_grid(schedule), schedule.num_train_timesteps
     sigmas = np.linspace(grid[0].item() * n, grid[-1].item() * n, num_steps) / n
-    sigmas = schedule.shift * sigmas / (1 + (schedule.shift - 1) * sigmas)
+    sigmas = stretch_to_terminal(schedule.shift * sigmas / (1 + (schedule.shift - 1) * sigmas), schedule)
     return torch.cat([torch.from_numpy(sigmas).to(torch.float32), torch.zeros(1)])
 
 

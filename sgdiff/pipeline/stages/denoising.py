@@ -12,6 +12,8 @@ from sgdiff.pipeline.schedule import sample
 Denoiser = Callable[[torch.Tensor, torch.Tensor, dict, State], torch.Tensor]
 # The CFG scale to use at a timestep (Wan2.2 switches it with the expert); default: state.cfg_scale.
 CfgScaleAt = Callable[[torch.Tensor, State], float]
+# guide(cond, uncond, scale) -> the guided velocity; default: guided_velocity
+Guidance = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 # branches(run_cond, run_uncond) -> (cond velocity, uncond velocity); parallel/cfg.py runs them on two ranks
 BranchRunner = Callable[[Callable[[], torch.Tensor], Callable[[], torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
@@ -31,9 +33,10 @@ class DenoisingStage(Stage):
     parallel = ParallelMode.CFG_SPLIT
     batchable = True  # every row is denoised alike: a batch's rows run as one
 
-    def __init__(self, denoiser: Denoiser, cfg_scale_at: CfgScaleAt | None = None):
+    def __init__(self, denoiser: Denoiser, cfg_scale_at: CfgScaleAt | None = None, guide: Guidance | None = None):
         self.denoiser = denoiser
         self.cfg_scale_at = cfg_scale_at or (lambda t, state: state.cfg_scale)
+        self.guide = guide or guided_velocity  # how the two branches' velocities combine (Qwen-Image rescales)
         self.branches: BranchRunner = both_branches_here
 
     def run(self, state: State) -> None:
@@ -56,7 +59,7 @@ class DenoisingStage(Stage):
                 lambda: self.denoiser(latents, t, cond_inputs, state),
                 lambda: self.denoiser(latents, t, uncond_inputs, state),
             )
-            return guided_velocity(cond, uncond, self.cfg_scale_at(t, state))
+            return self.guide(cond, uncond, self.cfg_scale_at(t, state))
 
         total = len(state.sampler.timesteps)
         last = time.perf_counter()

@@ -1,0 +1,40 @@
+"""Qwen-Image as a model family: what it loads, the fields its requests carry, its rules, its schedule
+and the groups its transformer offers the speed toggles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sgdiff.families.qwen_image.sampling import (
+    QwenImageSampling,
+    qwen_image_given_rules,
+    qwen_image_rules,
+    true_cfg_scale_of,
+    vae_scale_factor,
+)
+from sgdiff.pipeline.family import FusableGroups, ModelFamily, imported_when_used
+from sgdiff.pipeline.schedule import FlowMatchSchedule
+
+
+class QwenImageFamily(ModelFamily):
+    name = "qwen_image"
+    pipeline_classes = ("QwenImagePipeline",)
+    output = "image"
+    sampling = QwenImageSampling
+    schedule = staticmethod(FlowMatchSchedule.from_dict)
+    load = imported_when_used("sgdiff.families.qwen_image.pipeline", "load_qwen_image_pipeline")
+    given_rules = staticmethod(qwen_image_given_rules)
+    cfg_scale_of = staticmethod(true_cfg_scale_of)
+    activation_floor = imported_when_used("sgdiff.families.qwen_image.memory", "qwen_image_activation_floor")
+
+    def rules(self, info) -> list:
+        # (the checkpoint's scheduler config; the pipeline checks again with the schedule it runs)
+        return qwen_image_rules(vae_scale_factor(info.vae_config), info.scheduler_config.get("shift_terminal"))
+
+    def fusable(self, model: Any) -> FusableGroups:  # a QwenImageTransformer (its nn.ModuleList's items: typed Module)
+        projections: list[tuple] = []
+        for block in model.transformer_blocks:
+            a = block.attn
+            projections += [(a.to_q, a.to_k, a.to_v), (a.add_q_proj, a.add_k_proj, a.add_v_proj)]
+        gelu = [mlp.net[0].proj for block in model.transformer_blocks for mlp in (block.img_mlp, block.txt_mlp)]
+        return FusableGroups(projections, gelu)
