@@ -68,6 +68,9 @@ class SamplingParams:
         for name, kind in field_kinds(type(self)).items():  # type: ignore[arg-type]  # mypy bug: a class is Hashable
             if kind is str:
                 check_text(name, getattr(self, name))
+            elif item_kinds(type(self)).get(name) is str:  # type: ignore[arg-type]  # (as above)
+                for text in getattr(self, name) or ():
+                    check_text(name, text)
         if not self.prompt.strip():
             raise UserError("the prompt is empty: describe what to generate in `prompt`", field="prompt")
 
@@ -89,18 +92,39 @@ def check_text(name: str, value: str | None) -> None:
 
 
 KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", tuple: "a list of integers"}
+LIST_OF_STRINGS = "a list of strings"
 
 
 @cache
 def field_kinds(cls: type[SamplingParams]) -> dict[str, type]:
     """Each field's type as its annotation says (None allowed or not aside): int, float, str, bool or
-    tuple (of ints)."""
-    kinds = {}
+    tuple (of ints, or of strings: item_kinds)."""
+    return {name: typing.get_origin(hint) or hint for name, hint in _field_hints(cls).items()}
+
+
+@cache
+def item_kinds(cls: type[SamplingParams]) -> dict[str, type]:
+    """The item type of each tuple field: int (e.g. timesteps) or str (e.g. several input files)."""
+    return {
+        name: typing.get_args(hint)[0] for name, hint in _field_hints(cls).items() if typing.get_origin(hint) is tuple
+    }
+
+
+def _field_hints(cls: type[SamplingParams]) -> dict[str, Any]:
+    hints = {}
     for name, hint in typing.get_type_hints(cls).items():
         if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
             hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-        kinds[name] = typing.get_origin(hint) or hint
-    return kinds
+        hints[name] = hint
+    return hints
+
+
+def kind_text(cls: type[SamplingParams], name: str) -> str:
+    """What a value of the field `name` must be, in words ("an integer", "a list of strings", ...)."""
+    kind = field_kinds(cls)[name]  # type: ignore[arg-type]  # mypy bug: a class is Hashable
+    if kind is tuple and item_kinds(cls)[name] is str:  # type: ignore[arg-type]  # (as above)
+        return LIST_OF_STRINGS
+    return KINDS[kind]
 
 
 def sampling_fields(cls: type[SamplingParams]) -> frozenset[str]:
@@ -112,24 +136,43 @@ def sampling_defaults(cls: type[SamplingParams]) -> dict[str, Any]:
     return {f.name: f.default for f in fields(cls) if f.name != "prompt" and f.default is not MISSING}
 
 
-def _type_ok(kind: type, value: Any) -> bool:
+def _type_ok(kind: type, value: Any, item: type = int) -> bool:
+    """`item`: the items' type of a tuple field."""
     if isinstance(value, bool) and kind is not bool:
         return False
     if kind is float:
         return isinstance(value, (int, float))
     if kind is tuple:
-        return isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        return isinstance(value, (list, tuple)) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
     return isinstance(value, kind)
 
 
 def check_types(cls: type[SamplingParams], values: Mapping[str, Any], source: str = "") -> None:
     """Values from presets and callers have their field's type (a flag parser already ensures it);
     `source`, where they came from, opens the error."""
-    kinds = field_kinds(cls)  # type: ignore[arg-type]  # mypy bug: a class is Hashable
+    kinds, items = field_kinds(cls), item_kinds(cls)  # type: ignore[arg-type]  # mypy bug: a class is Hashable
     for name, value in values.items():
-        if value is not None and name in kinds and not _type_ok(kinds[name], value):
+        if value is not None and name in kinds and not _type_ok(kinds[name], value, items.get(name, int)):
             where = f"{source}: " if source else ""
-            raise UserError(f"{where}`{name}` must be {KINDS[kinds[name]]}, got {value!r}", field=name)
+            raise UserError(f"{where}`{name}` must be {kind_text(cls, name)}, got {value!r}", field=name)
+
+
+def one_or_many(cls: type[SamplingParams], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Strings given as one value or as a list (a flag that may repeat): a string for a field of a list of
+    strings becomes a list of one, a list of one string for a string field its string; a longer list
+    for a string field is refused (the field takes one value for this model)."""
+    kinds, items = field_kinds(cls), item_kinds(cls)  # type: ignore[arg-type]  # mypy bug: a class is Hashable
+    fitted = dict(values)
+    for name, value in values.items():
+        if isinstance(value, str) and kinds.get(name) is tuple and items[name] is str:
+            fitted[name] = (value,)
+        elif isinstance(value, (list, tuple)) and kinds.get(name) is str and all(isinstance(v, str) for v in value):
+            if len(value) != 1:
+                raise UserError(
+                    f"`{name}` takes one value for this model, got {len(value)}: {', '.join(value)}", field=name
+                )
+            fitted[name] = value[0]
+    return fitted
 
 
 def check_values(cls: type[SamplingParams], values: Mapping[str, Any]) -> None:
@@ -162,6 +205,7 @@ def build_sampling_params(
     known = sampling_fields(cls)
     if unknown := sorted(set(given) - known):
         raise UserError(f"unknown sampling parameters {unknown}; known: {sorted(known)}", field=unknown[0])
+    given = one_or_many(cls, given)
     check_types(cls, given, "sampling parameters")
     if preset is not None:
         if unknown := sorted(set(preset.sampling) - known):

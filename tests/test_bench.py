@@ -19,12 +19,14 @@ def test_bench_model_names_match_the_cli():
     assert [choice.value for choice in BenchModelChoice] == list(BENCH_MODELS)
 
 
-@pytest.mark.parametrize("model", ["flux.1-dev", "wan2.1-t2v-1.3b"])
+@pytest.mark.parametrize("model", ["flux.1-dev", "wan2.1-t2v-1.3b", "qwen-image", "qwen-image-edit"])
 def test_bench_tiny_measures_both_implementations(model, tmp_path, monkeypatch):
     from sgdiff.bench import run
+    from sgdiff.families.qwen_image import pipeline as qwen_pipeline
 
-    guided = []  # each CFG combination of a step's two forwards
-    monkeypatch.setattr(run, "guided_velocity", lambda *args: guided.append(1) or args[0])
+    guided = []  # each CFG combination of a step's two forwards (Qwen-Image's, rescaled, through the family's)
+    for module in (run, qwen_pipeline):
+        monkeypatch.setattr(module, "guided_velocity", lambda *args: guided.append(1) or args[0])
     out = tmp_path / "bench.json"
     result = runner.invoke(app, ["bench", "--model", model, "--tiny", "--repeat", "2", "--json", str(out)])
     assert result.exit_code == 0, result.output
@@ -37,9 +39,68 @@ def test_bench_tiny_measures_both_implementations(model, tmp_path, monkeypatch):
         steps = BENCH_MODELS[model].steps
         expected = numbers["text_encoding_s"] + steps * numbers["step_ms"] / 1e3 + numbers["vae_decode_s"]
         assert numbers["end_to_end_s"] == pytest.approx(expected)
-    assert bool(guided) == model.startswith("wan")  # CFG: a Wan step is two forwards, a FLUX step one
+    assert bool(guided) == (not model.startswith("flux"))  # CFG: a Wan or Qwen-Image step is two forwards, FLUX's one
     table = result.output.splitlines()
     assert table[0].startswith(f"{model} 64x64") and any(line.startswith("transformer forward, ms") for line in table)
+
+
+def test_bench_qwen_image_edit_inputs_agree_and_each_phase_frees_the_last(monkeypatch):
+    """Qwen-Image-Edit: the noise tokens and the input image's (two grids), the text as long as the text encoder's
+    output after the template's prefix; the transformers are gone before the text encoder is built, and the text
+    encoder before the VAE (at full size: 41 GB, then 17 GB)."""
+    import gc
+
+    import diffusers
+    import transformers
+
+    from sgdiff.bench import qwen_parts, run
+    from sgdiff.config import SpeedConfig
+    from sgdiff.models.qwen_image import QwenImageTransformer
+
+    edit = BENCH_MODELS["qwen-image-edit"]
+    assert qwen_parts.image_grids(edit, dict(height=1024, width=1024)) == [(1, 64, 64), (1, 64, 64)]
+    assert qwen_parts.text_tokens(edit) == 336 and qwen_parts.text_tokens(BENCH_MODELS["qwen-image"]) == 133
+    big = (diffusers.QwenImageTransformer2DModel, QwenImageTransformer, transformers.Qwen2_5_VLForConditionalGeneration)
+    alive: dict[str, list[str]] = {}
+    seen: dict[str, tuple] = {}
+
+    def when(phase, build):
+        def wrapped(*args):
+            alive[phase] = [type(o).__name__ for o in gc.get_objects() if type(o) in big]  # (no gc.collect)
+            return build(*args)
+
+        return wrapped
+
+    def inputs(*args, make=qwen_parts.transformer_inputs):
+        made = make(*args)
+        seen["inputs"] = (made["hidden_states"].shape, made["encoder_hidden_states"].shape, made["img_shapes"])
+        return made
+
+    def text_encoding(*args, build=run.build_text_encoding):
+        encoders = build(*args)
+        seen["text"] = tuple(encode().shape for encode in encoders.values())
+        return encoders
+
+    monkeypatch.setattr(qwen_parts, "transformer_inputs", inputs)
+    monkeypatch.setattr(run, "build_text_encoding", when("text", text_encoding))
+    monkeypatch.setattr(run, "build_decode", when("decode", run.build_decode))
+    result = run.run_bench("qwen-image-edit", SpeedConfig(), tiny=True, warmup=0, repeat=1)
+    assert alive == {"text": [], "decode": []}
+    # tiny: 64x64 pixels, 4x4 tokens of 16 channels (4 latent channels in 2x2 patches) twice; 32-wide text
+    assert seen["inputs"] == ((1, 32, 16), (1, 336, 32), [[(1, 4, 4), (1, 4, 4)]])
+    assert seen["text"] == ((1, 336, 32), (1, 336, 32))  # diffusers' whole model and sgdiff's base model
+    assert result["input_images"] == 1 and result["bf16_rel_err"] <= 1e-2
+
+
+def test_bench_e2e_refuses_qwen_image(tmp_path):
+    result = runner.invoke(app, ["bench", "--model", "qwen-image", "--e2e", "--checkpoint-dir", str(tmp_path / "c")])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "error: --e2e does not run qwen-image: its checkpoint (~58 GB: the 20B transformer and Qwen2.5-VL-7B in "
+        "bf16) is more than the GPU machine's disk holds beside the system; without --e2e, sgdiff bench times its "
+        "forward, step, text encoding and decode"
+    )
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sgdiff.bench.checkpoint import ensure_checkpoint
 from sgdiff.bench.parts import BENCH_MODELS
 from sgdiff.errors import UserError
 
@@ -188,8 +187,12 @@ def run_end_to_end(name: str, checkpoint_dir: Path, *, tiny: bool, prompts: int,
     """Both sides `warmup` times untimed, then `repeat` timed rounds in turns; the median of each."""
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = BENCH_MODELS[name]
+    if model.no_e2e:
+        raise UserError(f"--e2e does not run {name}: {model.no_e2e}")
+    from sgdiff.bench.checkpoint import ensure_checkpoint  # (the tiny builders' imports, transformers' among them)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     checkpoint = ensure_checkpoint(name, checkpoint_dir, tiny)
     written = time.perf_counter() - start

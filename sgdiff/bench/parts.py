@@ -3,7 +3,7 @@ depend on weight values), or tiny ones (--tiny) to check the benchmark itself on
 
 Each transformer is built once as diffusers' model; sgdiff's gets the very same tensors (no copy), and so
 do FLUX's text encoders (transformers' for diffusers, sgdiff's own). Wan's text encoder (transformers' UMT5)
-and the VAEs (diffusers') are timed once for both pipelines."""
+and the VAEs (diffusers') are timed once for both pipelines. Qwen-Image's parts are in qwen_parts.py."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sgdiff.families.qwen_image.pipeline import norm_kept_guidance
 from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig
 from sgdiff.models.flux.config import FLUX_DEV, FLUX_SCHNELL
 from sgdiff.models.flux.packing import image_position_ids, text_position_ids
 from sgdiff.models.loading import build_on_meta
+from sgdiff.models.qwen_image.config import QWEN_IMAGE
 from sgdiff.models.text import ClipTextConfig, ClipTextEncoder, T5Encoder, T5EncoderConfig
 from sgdiff.models.wan import WanTransformer, WanTransformerConfig
 from sgdiff.models.wan.config import WAN21_T2V_1_3B, WAN21_T2V_14B
@@ -37,17 +39,28 @@ FLUX_VAE: dict[str, Any] = dict(block_out_channels=(128, 256, 512, 512), layers_
                 use_quant_conv=False, use_post_quant_conv=False,
                 scaling_factor=0.3611, shift_factor=0.1159)  # fmt: skip
 
+# Qwen-Image: true CFG, its combination rescaled to the prompt branch's norm (as both pipelines guide); no --e2e
+QWEN: dict[str, Any] = dict(
+    guide=norm_kept_guidance,
+    no_e2e="its checkpoint (~58 GB: the 20B transformer and Qwen2.5-VL-7B in bf16) is more than the GPU machine's "
+    "disk holds beside the system; without --e2e, sgdiff bench times its forward, step, text encoding and decode",
+)
+
 
 @dataclass(frozen=True)
 class BenchModel:
     name: str
-    family: str  # "flux" or "wan"
+    family: str  # the model family's registered name: "flux", "wan" or "qwen_image"
     config: Any  # the sgdiff transformer config at full size
     height: int
     width: int
     frames: int | None  # video models
     steps: int  # the preset's
-    forwards_per_step: int  # 2 with CFG (Wan), 1 for FLUX.1's embedded guidance
+    forwards_per_step: int  # 2 with CFG (Wan, Qwen-Image's true CFG), 1 for FLUX.1's embedded guidance
+    input_images: int = 0  # images whose tokens join the noise tokens (the Edit models), each the output's size
+    guide: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None  # CFG's combination (None:
+    # the usual one, run.guided_velocity)
+    no_e2e: str | None = None  # why --e2e does not run it
 
 
 BENCH_MODELS = {
@@ -57,6 +70,9 @@ BENCH_MODELS = {
         BenchModel("flux.1-schnell", "flux", FLUX_SCHNELL, 1024, 1024, None, 4, 1),
         BenchModel("wan2.1-t2v-1.3b", "wan", WAN21_T2V_1_3B, 480, 832, 81, 50, 2),
         BenchModel("wan2.1-t2v-14b", "wan", WAN21_T2V_14B, 480, 832, 81, 50, 2),
+        BenchModel("qwen-image", "qwen_image", QWEN_IMAGE, 1024, 1024, None, 50, 2, **QWEN),
+        # Qwen-Image-Edit-2509-like: one 1024x1024 input image, its 64x64 tokens after the noise tokens
+        BenchModel("qwen-image-edit", "qwen_image", QWEN_IMAGE, 1024, 1024, None, 50, 2, input_images=1, **QWEN),
     )
 }
 # --tiny: the tests' tiny architectures (sgdiff/testing/tiny_configs.py)
@@ -87,6 +103,10 @@ def build_transformers(model: BenchModel, tiny: bool, device: torch.device) -> t
     """(diffusers' transformer, sgdiff's transformer on the same tensors), bf16."""
     import diffusers
 
+    if model.family == "qwen_image":
+        from sgdiff.bench import qwen_parts
+
+        return qwen_parts.build_transformers(model, tiny, device)
     config = model.config
     if tiny:
         guidance = dict(guidance_embeds=model.config.guidance_embeds) if model.family == "flux" else {}
@@ -111,6 +131,10 @@ def transformer_inputs(model: BenchModel, transformer, size: dict, device: torch
     config = transformer.config
     g = torch.Generator(device).manual_seed(seed)
     bf16: dict[str, Any] = dict(device=device, dtype=torch.bfloat16)
+    if model.family == "qwen_image":
+        from sgdiff.bench import qwen_parts
+
+        return qwen_parts.transformer_inputs(model, config, size, g, device)
     if model.family == "flux":
         rows, cols = size["height"] // 16, size["width"] // 16
         return dict(
@@ -149,9 +173,13 @@ def sgdiff_text_encoder(reference: PreTrainedModel) -> torch.nn.Module:
 def build_text_encoding(model: BenchModel, tiny: bool, device: torch.device) -> dict[str, Callable[[], Any]]:
     """Per implementation, a call that encodes one prompt as its pipeline does (FLUX: CLIP-L 77 tokens + T5-XXL
     512, transformers' models for diffusers and sgdiff's own on the same tensors; Wan: UMT5-XXL 512,
-    transformers' for both: only "diffusers" is given), bf16."""
+    transformers' for both: only "diffusers" is given; Qwen-Image: qwen_parts.build_text_encoding), bf16."""
     import transformers
 
+    if model.family == "qwen_image":
+        from sgdiff.bench import qwen_parts
+
+        return qwen_parts.build_text_encoding(model, tiny, device)
     bf16 = torch.bfloat16
     if model.family == "flux":
         tiny_ids = dict(vocab_size=1000, bos_token_id=0, eos_token_id=2, pad_token_id=1)
@@ -173,9 +201,14 @@ def build_text_encoding(model: BenchModel, tiny: bool, device: torch.device) -> 
 
 
 def build_decode(model: BenchModel, tiny: bool, size: dict, device: torch.device) -> Callable[[], Any]:
-    """A call that decodes one output's latents as the pipelines do (FLUX VAE in bf16; Wan VAE in float32)."""
+    """A call that decodes one output's latents as the pipelines do (FLUX and Qwen-Image VAEs in bf16; Wan VAE
+    in float32)."""
     import diffusers
 
+    if model.family == "qwen_image":
+        from sgdiff.bench import qwen_parts
+
+        return qwen_parts.build_decode(tiny, size, device)
     if model.family == "flux":
         config = tiny_configs.FLUX_VAE if tiny else FLUX_VAE
         vae = seeded(4, torch.bfloat16, device, lambda: diffusers.AutoencoderKL(**config))

@@ -113,9 +113,11 @@ def run_bench(name: str, speed: SpeedConfig, tiny: bool = False, warmup: int = 2
     def step(forward):
         if model.forwards_per_step == 1:
             return forward
-        return lambda: guided_velocity(forward(cond), forward(uncond), CFG_SCALE)
+        guide = model.guide or guided_velocity  # (Edit: over the input image's tokens too, a few MB more)
+        return lambda: guide(forward(cond), forward(uncond), CFG_SCALE)
 
-    result: dict[str, Any] = {"model": name, "size": size, "steps": model.steps, "tiny": tiny}
+    result: dict[str, Any] = {"model": name, "size": size, "steps": model.steps, "tiny": tiny,
+                              "input_images": model.input_images}  # fmt: skip
     with torch.inference_mode():
         expected = diffusers_forward()
         # SDPA's kernels, whose FLOPs the counter knows (FlashAttention's it cannot see; math would not fit a GPU)
@@ -133,7 +135,8 @@ def run_bench(name: str, speed: SpeedConfig, tiny: bool = False, warmup: int = 2
             step_ms = interleaved_ms(variants, device, warmup, repeat)
         memory = {impl: peak_memory_gib(fn, device) for impl, fn in (("diffusers", diffusers_forward),
                                                                      ("sgdiff", sgdiff_forward))}  # fmt: skip
-        reference = ours = None  # type: ignore[assignment]  # free the transformers before the text encoders load
+        # free the transformers before the text encoders load (Qwen-Image: 41 GB, then 17 GB; qwen_parts.py)
+        reference = ours = None  # type: ignore[assignment]
         encoders = build_text_encoding(model, tiny, device)
         text_ms = interleaved_ms(encoders, device, 1, max(repeat // 2, 1))
         text_s = {impl: text_ms.get(impl, text_ms["diffusers"]) / 1e3 for impl in ("diffusers", "sgdiff")}
@@ -166,6 +169,8 @@ def render(result: dict[str, Any]) -> str:
     """The table `sgdiff bench` prints."""
     size = result["size"]
     frames = f"x{size['frames']}" if result["model"].startswith("wan") else ""
+    if result.get("input_images"):
+        frames += f" + {result['input_images']} input image{'s' * (result['input_images'] > 1)} of that size"
     d, s = result["diffusers"], result["sgdiff"]
     toggles = ", ".join(f"{k}={v}" for k, v in result["speed"].items())
     lines = [

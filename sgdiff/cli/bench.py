@@ -13,15 +13,21 @@ from sgdiff.cli import options as opt
 from sgdiff.cli.errors import user_errors
 
 # the names of sgdiff/bench/parts.py BENCH_MODELS (a test keeps them equal); mypy cannot list its members
-BenchModelChoice = Enum(  # type: ignore[misc]
-    "BenchModelChoice",
-    {name: name for name in ("flux.1-dev", "flux.1-schnell", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b")},
-    type=str,
-)
+BENCH_MODEL_NAMES = ("flux.1-dev", "flux.1-schnell", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "qwen-image",
+                     "qwen-image-edit")  # fmt: skip
+BenchModelChoice = Enum("BenchModelChoice", {name: name for name in BENCH_MODEL_NAMES}, type=str)  # type: ignore[misc]
 
 
 def bench(
-    model: Annotated[BenchModelChoice, typer.Option("--model", help="The model to build at full size.")],
+    model: Annotated[
+        BenchModelChoice,
+        typer.Option(
+            "--model",
+            metavar="<name>",
+            help="The model to build at full size: flux.1-dev, flux.1-schnell, wan2.1-t2v-1.3b, wan2.1-t2v-14b, "
+            "qwen-image, qwen-image-edit (like Qwen-Image-Edit-2509: one 1024x1024 input image).",
+        ),
+    ],
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")] = None,
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny models instead (checks the benchmark on a CPU).")] = False,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls first.")] = 2,
@@ -37,7 +43,8 @@ def bench(
         typer.Option(
             "--e2e",
             help="Shell to file: `sgdiff generate` and a diffusers script as fresh processes on a checkpoint "
-            "written to disk (FLUX.1, Wan2.1-T2V-1.3B); --warmup and --repeat count whole runs of each.",
+            "written to disk (FLUX.1, Wan2.1-T2V-1.3B; not Qwen-Image, whose checkpoint is too big for the GPU "
+            "machine's disk); --warmup and --repeat count whole runs of each.",
         ),
     ] = False,  # fmt: skip
     prompts: Annotated[int, typer.Option("--prompts", min=1, help="--e2e: prompts per process.")] = 1,

@@ -57,6 +57,18 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> tuple[list[str
     return [prompt], []
 
 
+def image_paths(given: list[str] | None) -> str | tuple[str, ...] | None:
+    """--image-path, repeated and/or comma-separated: one path as it is, several as a tuple (a value that
+    names an existing file is never split at its commas)."""
+    paths = []
+    for value in given or ():
+        parts = [value] if "," not in value or Path(value).expanduser().is_file() else value.split(",")
+        paths += [part.strip() for part in parts if part.strip()]
+    if not paths:
+        return None
+    return paths[0] if len(paths) == 1 else tuple(paths)
+
+
 def check_outputs(save_output: bool, output_path: Path, file_name: str | None, perf_dump_path: Path | None) -> None:
     """Every place the run will write is checked before any weight loads."""
     from sgdiff.io.files import output_location_problem
@@ -125,7 +137,7 @@ def generate(
             "fps": fps,
             "guidance_scale_2": guidance_scale_2,
             "flow_shift": flow_shift,
-            "image_path": image_path,
+            "image_path": image_paths(image_path),
         }
         flags = {k: v for k, v in flags.items() if v is not None}
         from sgdiff.pipeline.registry import check_given_values

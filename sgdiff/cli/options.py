@@ -150,9 +150,14 @@ FlowShift = Annotated[
     ),
 ]
 ImagePath = Annotated[
-    str | None,
+    list[str] | None,
     typer.Option(
-        "--image-path", help="Image-to-video: the first frame, a local file or an http(s) URL.", rich_help_panel=VIDEO
+        "--image-path",
+        help="An input image, a local file or an http(s) URL: image-to-video's first frame (Wan I2V, TI2V), the image "
+        "to edit (Qwen-Image-Edit); repeat the flag or separate paths with commas for several (Qwen-Image-Edit-2509 "
+        "and -2511: up to 3).",
+        metavar="<str>",
+        rich_help_panel=SAMPLING,
     ),
 ]
 OutputFormat = Annotated[

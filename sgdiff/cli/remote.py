@@ -137,23 +137,39 @@ def run_remote(request: RemoteRequest, quiet: bool) -> None:
 def remote_images(
     client: ServerClient, prompt: str, n: int, flags: dict[str, Any], line: PromptLine | None = None
 ) -> tuple[list[bytes], dict]:
+    """--image-path: the images uploaded to the edits endpoint."""
+    flags = dict(flags)
+    images = uploads(flags.pop("image_path", None))
     body = {"prompt": prompt, "n": n, "response_format": "b64_json", **flags}
-    answer = client.call("POST", "/v1/images/generations", line, json=body)
+    if images:
+        form = {name: str(value) for name, value in body.items()}
+        answer = client.call("POST", "/v1/images/edits", line, data=form, files=[("image[]", i) for i in images])
+    else:
+        answer = client.call("POST", "/v1/images/generations", line, json=body)
     return [base64.b64decode(item["b64_json"]) for item in answer["data"]], answer["sgdiff"]
+
+
+def uploads(image_path: str | tuple[str, ...] | None) -> list[tuple[str, bytes]]:
+    """(name, bytes) of each --image-path, read here: with --server the images are uploaded."""
+    found = []
+    for given in [image_path] if isinstance(image_path, str) else image_path or ():
+        path = Path(given)
+        if not path.is_file():
+            fail(f"--image-path {given}: no such file (with --server the image is uploaded from here)")
+        found.append((path.name, path.read_bytes()))
+    return found
 
 
 def remote_video(
     client: ServerClient, prompt: str, flags: dict[str, Any], quiet: bool, line: PromptLine | None = None
 ) -> tuple[list[bytes], dict]:
     flags = dict(flags)
-    image_path = flags.pop("image_path", None)
-    if image_path is not None:
-        path = Path(image_path)
-        if not path.is_file():
-            fail(f"--image-path {image_path}: no such file (with --server the image is uploaded from here)")
+    images = uploads(flags.pop("image_path", None))
+    if len(images) > 1:
+        fail(f"--image-path takes one image for a video model, got {len(images)}")
+    if images:
         form = {name: str(value) for name, value in {"prompt": prompt, **flags}.items()}
-        upload = {"input_reference": (path.name, path.read_bytes())}
-        job = client.call("POST", "/v1/videos", line, data=form, files=upload)
+        job = client.call("POST", "/v1/videos", line, data=form, files={"input_reference": images[0]})
     else:
         job = client.call("POST", "/v1/videos", line, json={"prompt": prompt, **flags})
     try:

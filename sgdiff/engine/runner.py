@@ -120,7 +120,9 @@ class ModelRunner:
             if family_of_field(name) is not None:  # another family's field
                 kind = "an image" if family.output == "image" else "a video"
                 raise UserError(f"`{name}` does not apply to {self.info.pipeline_class} ({kind} model)", field=name)
-        params = family.adjust(build_sampling_params(family.sampling, prompt, self.preset, fields))
+        params = build_sampling_params(family.sampling, prompt, self.preset, fields)
+        unset = sampling_fields(family.sampling) - given - set(self.preset.sampling if self.preset else ())
+        params = family.adjust(family.fill_unset(self.info, params, frozenset(unset)))
         family.given_rules(given, params)
         if params.generator_device == "cuda" and self.device.type != "cuda":
             raise UserError("`generator_device` cuda needs the model on a CUDA device", field="generator_device")

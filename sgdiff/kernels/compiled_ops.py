@@ -20,6 +20,11 @@ def norm_modulate(
 
 @triton_op("sgdiff::qk_norm_rope", mutates_args=())
 def qk_norm_rope(
-    parts: list[torch.Tensor], weights: list[torch.Tensor], rope: torch.Tensor, heads: int, eps: float
+    parts: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    rope: torch.Tensor,
+    heads: int,
+    eps: float,
+    round_normed: bool = False,
 ) -> torch.Tensor:
-    return triton_qk_norm_rope.qk_norm_rope(parts, weights, rope, heads, eps, wrap=wrap_triton)
+    return triton_qk_norm_rope.qk_norm_rope(parts, weights, rope, heads, eps, round_normed, wrap=wrap_triton)

@@ -15,6 +15,7 @@ def norm_rope_kernel(
     x_ptr, x_batch_stride, x_row_stride, w_ptr, rope_ptr, out_ptr, out_batch_stride,
     S, first_row, eps,
     H: tl.constexpr, HB: tl.constexpr, D: tl.constexpr, DB: tl.constexpr, PER_HEAD: tl.constexpr,
+    ROUND_NORMED: tl.constexpr,
 ):  # fmt: skip
     # one program per token: its H heads of D channels as an [HB, DB] block (H, D rounded up to powers of 2)
     b, s = tl.program_id(0) // S, tl.program_id(0) % S
@@ -31,7 +32,11 @@ def norm_rope_kernel(
         w = tl.load(w_ptr + heads * D + dims, mask=mask, other=0.0).to(tl.float32)
     # round to bfloat16 (nearest, ties to even) on the bits, as float32: no compiler drops this rounding
     # (helpers are inlined by hand: torch.compile re-emits this kernel's source on its own)
-    y = (x * rstd * w).to(tl.uint32, bitcast=True)
+    y = x * rstd
+    if ROUND_NORMED:  # Qwen-Image (diffusers' RMSNorm): the normalised x rounded before the weight scales it
+        bits = y.to(tl.uint32, bitcast=True)
+        y = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    y = (y * w).to(tl.uint32, bitcast=True)
     y = ((y + 0x7FFF + ((y >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
     real, imag = tl.split(tl.reshape(y, [HB, DB // 2, 2]))  # channel pairs (2j, 2j+1): [HB, DB/2] each
     j = tl.arange(0, DB // 2)[None, :]
@@ -46,7 +51,7 @@ def norm_rope_kernel(
 
 def qk_norm_rope(
     parts: list[torch.Tensor], weights: list[torch.Tensor], rope: torch.Tensor, heads: int, eps: float,
-    wrap: Callable = lambda kernel: kernel,
+    round_normed: bool = False, wrap: Callable = lambda kernel: kernel,
 ) -> torch.Tensor:  # fmt: skip
     """The kernel over each part's rows; `wrap`: how to launch it (torch.compile's op wraps it for tracing)."""
     batch, width = parts[0].shape[0], parts[0].shape[-1]
@@ -58,7 +63,8 @@ def qk_norm_rope(
         wrap(norm_rope_kernel)[(batch * rows,)](
             part, part.stride(0), part.stride(1), weight, rope, out, out.stride(0),
             rows, first_row, eps, H=heads, HB=triton.next_power_of_2(heads), D=width // heads,
-            DB=triton.next_power_of_2(width // heads), PER_HEAD=weight.numel() * heads == width, num_warps=4,
+            DB=triton.next_power_of_2(width // heads), PER_HEAD=weight.numel() * heads == width,
+            ROUND_NORMED=round_normed, num_warps=4,
         )  # fmt: skip
         first_row += rows
     return out

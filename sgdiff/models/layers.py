@@ -22,6 +22,9 @@ class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm of q or k, with what the speed toggles chose for it."""
 
     rope_kernel: bool = False  # it and the rotary embedding after it as one Triton kernel (models/rope.py)
+    # (a subclass's math: the normalised x rounded to the weight's dtype before the weight scales it, as
+    # diffusers' own RMSNorm does; the kernel then rounds there too)
+    round_normed: bool = False
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -92,19 +95,11 @@ class FeedForward(nn.Module):
         return x
 
 
-class AdaModulation(nn.Module):
-    """SiLU -> Linear producing `chunks` modulation vectors from the conditioning [B, D]."""
+class LayerNormModulation(nn.Module):
+    """A module whose outputs shift and scale a LayerNorm without affine parameters (adaLN, eps 1e-6),
+    in the input's dtype: AdaModulation, or a model's own module of another layout (Qwen-Image's)."""
 
     norm_kernel: bool = False  # `modulate` as one Triton kernel (--enable-fused-norms; speed/fuse.py sets it)
-
-    def __init__(self, dim: int, chunks: int):
-        super().__init__()
-        self.chunks = chunks
-        self.linear = Linear(dim, chunks * dim)
-
-    def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # emb: [B, D] -> chunks x [B, 1, D], ready to broadcast over the sequence
-        return self.linear(nn.functional.silu(emb))[:, None, :].chunk(self.chunks, dim=-1)
 
     def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """layer_norm(x) * (1 + scale) + shift with this module's shift and scale; one Triton kernel
@@ -114,6 +109,19 @@ class AdaModulation(nn.Module):
 
             return norm_modulate(x, shift, scale, eps=1e-6, bf16_steps=True)
         return modulate(x, shift, scale)
+
+
+class AdaModulation(LayerNormModulation):
+    """SiLU -> Linear producing `chunks` modulation vectors from the conditioning [B, D]."""
+
+    def __init__(self, dim: int, chunks: int):
+        super().__init__()
+        self.chunks = chunks
+        self.linear = Linear(dim, chunks * dim)
+
+    def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # emb: [B, D] -> chunks x [B, 1, D], ready to broadcast over the sequence
+        return self.linear(nn.functional.silu(emb))[:, None, :].chunk(self.chunks, dim=-1)
 
 
 def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -42,14 +42,15 @@ def norm_and_rope(parts: list[tuple[torch.Tensor, RMSNorm]], rope: torch.Tensor,
     """q or k of one attention: each [B, S_i, H*D] part RMSNormed by its norm (over each head's D
     channels or over all H*D, as the norm's size says), the parts joined along the sequence, then
     rotated by rope [sum S_i, D/2, 2] -> [B, sum S_i, H, D]. With --enable-fused-norms (norms
-    with `rope_kernel` chosen; bf16) one Triton kernel per part does all of it."""
+    with `rope_kernel` chosen, rounding alike; bf16) one Triton kernel per part does all of it."""
     xs, norms = [x for x, _ in parts], [norm for _, norm in parts]
     fused = all(norm.rope_kernel and norm.weight is not None for norm in norms)
+    fused = fused and len({norm.round_normed for norm in norms}) == 1
     if fused and kernels_run_on(xs[0]) and xs[0].dtype == torch.bfloat16:
         from sgdiff.kernels.qk_norm_rope import qk_norm_rope
 
         eps = norms[0].eps if norms[0].eps is not None else torch.finfo(xs[0].dtype).eps
-        return qk_norm_rope(xs, [norm.weight for norm in norms], rope, heads, eps)
+        return qk_norm_rope(xs, [norm.weight for norm in norms], rope, heads, eps, norms[0].round_normed)
     normed = [
         norm(x).unflatten(-1, (heads, -1)) if norm.normalized_shape[0] == x.shape[-1]  # over all heads
         else norm(x.unflatten(-1, (heads, -1)))  # [B, S, H*D] -> [B, S, H, D], per head

@@ -104,15 +104,21 @@ def build_tokenizer(folder: Path):
         return tokenizer_class.from_pretrained(folder)
 
 
-def load_library_model(cls, folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def load_library_model(
+    cls, folder: Path, dtype: torch.dtype, device: torch.device, without: tuple[str, ...] = ()
+) -> torch.nn.Module:
     """A transformers or diffusers model (text encoder, VAE) from its folder, its weights read by sgdiff's
     reader straight onto `device`; through the library's own loader where the checkpoint's names differ
-    from the model's (e.g. an old layout the library renames). Pickle-only weights are refused."""
+    from the model's (e.g. an old layout the library renames). Pickle-only weights are refused. `without`:
+    top-level submodules never run (a VAE's encoder where nothing is encoded), left out and unread: an
+    empty module in their place (the library may still walk them, e.g. to count their layers)."""
     safetensors_files(require_folder(folder))
     with quiet_libraries():
-        model = read_library_model(cls, folder, dtype, device)
+        model = read_library_model(cls, folder, dtype, device, without)
         if model is None:
             model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True).to(device)
+            for name in without:
+                setattr(model, name, torch.nn.Module())
     return model.eval().requires_grad_(False)
 
 
@@ -140,17 +146,23 @@ def parameters_on_meta() -> Iterator[None]:
             torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
-def read_library_model(cls, folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module | None:
+def read_library_model(
+    cls, folder: Path, dtype: torch.dtype, device: torch.device, without: tuple[str, ...] = ()
+) -> torch.nn.Module | None:
     """`cls` built from its config with its parameters on meta, then given the checkpoint's tensors as
     read (load_state_dict(assign=True)): floating ones in `dtype` except the modules the library keeps in
-    float32, as its from_pretrained does. None where the names do not match."""
+    float32, as its from_pretrained does. None where the names do not match. `without`: top-level
+    submodules replaced by empty ones, their tensors left unread."""
     with parameters_on_meta():
         if hasattr(cls, "load_config"):  # diffusers ModelMixin
             model = cls.from_config(cls.load_config(folder))
         else:  # transformers PreTrainedModel
             model = cls(cls.config_class.from_pretrained(folder))
+    for name in without:
+        setattr(model, name, torch.nn.Module())
     check_shapes(model, stored_tensors(folder))  # before a byte is read: the file and tensor named
-    state = load_state_dict(folder, dtype, device, kept_in_fp32(model, dtype))
+    used = lambda name: name.split(".", 1)[0] not in without  # noqa: E731
+    state = load_state_dict(folder, dtype, device, kept_in_fp32(model, dtype), used)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         return None

@@ -90,6 +90,12 @@ class ModelFamily:
         (stages/text_encoding.py, encode_ahead)."""
         raise NotImplementedError
 
+    def fill_unset(self, info: ModelInfo, params: FamilyParams, unset: frozenset[str]) -> FamilyParams:
+        """`params` with the fields that neither the caller nor the preset set (`unset`) given the values the
+        request's own inputs imply (e.g. an edit model's output size, from its input image's aspect ratio);
+        before `adjust` and the rules."""
+        return params
+
     def adjust(self, params: FamilyParams) -> FamilyParams:
         """A request's values made final (e.g. a frame count rounded as asked)."""
         return params

@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import UploadFile
 
 from sgdiff import __version__
-from sgdiff.sampling import sampling_fields
+from sgdiff.sampling import field_kinds, sampling_fields
 from sgdiff.server.core import ServerCore
 from sgdiff.server.errors import ApiError, install_error_handlers
 from sgdiff.server.jobs import new_id, valid_id
@@ -86,21 +86,25 @@ def create_app(core: ServerCore, api_key: str | None) -> FastAPI:
             raise ApiError(400, f"this server's model {core.model_id!r} does not edit images: it makes "
                            f"{core.output_kind}s from text ({where})", "model", "unsupported")  # fmt: skip
         images = [upload for upload in body.uploads if upload.name in ("image", "image[]")]
-        if len(images) != 1:
-            raise ApiError(400, f"give exactly one `image` file part (got {len(images)})", "image", "invalid_value")
-        path = core.images_dir / f"input_{new_id()}.img"
-        path.write_bytes(checked_image(images[0], "image"))
+        several = field_kinds(core.family.sampling)[IMAGE_FIELD] is tuple  # type: ignore[arg-type]  # (a class)
+        if not images or (len(images) > 1 and not several):
+            wanted = "one or more `image[]` file parts" if several else "exactly one `image` file part"
+            raise ApiError(400, f"give {wanted} (got {len(images)})", "image", "invalid_value")
+        paths = [core.images_dir / f"input_{new_id()}.img" for _ in images]
         try:
-            return await run_images(request, body, str(path))
+            for path, image in zip(paths, images, strict=True):
+                path.write_bytes(checked_image(image, "image"))
+            return await run_images(request, body, [str(path) for path in paths])
         finally:
-            path.unlink(missing_ok=True)
+            for path in paths:
+                path.unlink(missing_ok=True)
 
-    async def run_images(request: Request, body: Body, image: str | None = None) -> JSONResponse:
-        """`image`: where the server put an uploaded image to edit."""
+    async def run_images(request: Request, body: Body, images: list[str] | None = None) -> JSONResponse:
+        """`images`: where the server put the uploaded images to edit."""
         prompt, renames = core.take(body, "image")
         renames.update(num_outputs_per_prompt="n")
-        if image is not None:
-            body.fields[IMAGE_FIELD] = image
+        if images:
+            body.fields[IMAGE_FIELD] = images[0] if len(images) == 1 else images
             renames[IMAGE_FIELD] = "image"
         response_format = body.fields.pop("response_format", None) or "b64_json"
         if response_format not in ("b64_json", "url"):

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sgdiff.sampling import SamplingParams, field_kinds
+from sgdiff.sampling import SamplingParams, field_kinds, item_kinds
 from sgdiff.server.errors import ApiError
 
 SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
@@ -120,11 +120,11 @@ def refuse_unsupported(body: Body) -> None:
 def sampling_fields(body: Body, sampling: type[SamplingParams]) -> dict[str, Any]:
     """What is left of the body: the engine's sampling fields. A form's strings become their field's
     type (JSON values are checked by the engine as they are); NaN and infinities are refused here."""
-    kinds = field_kinds(sampling)  # type: ignore[arg-type]  # mypy bug: a class is Hashable
+    kinds, items = field_kinds(sampling), item_kinds(sampling)  # type: ignore[arg-type]  # mypy bug: a class is Hashable
     fields = {}
     for name, value in body.fields.items():
         if body.from_form and isinstance(value, str) and name in kinds:
-            value = from_form(name, value, kinds[name])
+            value = from_form(name, value, kinds[name], items.get(name, int))
         if isinstance(value, float) and not math.isfinite(value):
             raise ApiError(400, f"`{name}` must be a finite number, got {value}", name, "invalid_value")
         if isinstance(value, (dict, list)) and kinds.get(name) is not tuple:
@@ -133,14 +133,15 @@ def sampling_fields(body: Body, sampling: type[SamplingParams]) -> dict[str, Any
     return fields
 
 
-def from_form(name: str, text: str, kind: type) -> Any:
+def from_form(name: str, text: str, kind: type, item: type = int) -> Any:
+    """`item`: the items' type of a tuple field (comma-separated in a form)."""
     try:
         if kind is bool:
             if text.lower() not in ("true", "false", "1", "0"):
                 raise ValueError
             return text.lower() in ("true", "1")
         if kind is tuple:
-            return tuple(int(part) for part in text.split(","))
+            return tuple(item(part) for part in text.split(","))
         return kind(text) if kind in (int, float) else text
     except ValueError:
         raise ApiError(400, f"`{name}` must be {kind.__name__}, got {text!r}", name, "invalid_type") from None

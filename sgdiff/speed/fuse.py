@@ -10,14 +10,14 @@ Fused norms: q's and k's RMSNorm and rotary embedding as one Triton kernel per s
 (models/rope.py norm_and_rope, kernels/qk_norm_rope.py), and each adaLN LayerNorm + modulation as
 one kernel (models/layers.py, kernels/norm_modulate.py).
 
-Each choice is a typed attribute the layer declares (layers.Linear, layers.RMSNorm, AdaModulation,
-FP32LayerNorm), False or None until set here."""
+Each choice is a typed attribute the layer declares (layers.Linear, layers.RMSNorm,
+LayerNormModulation, FP32LayerNorm), False or None until set here."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from sgdiff.models.layers import AdaModulation, FP32LayerNorm, FusedProjection, RMSNorm
+from sgdiff.models.layers import FP32LayerNorm, FusedProjection, LayerNormModulation, RMSNorm
 from sgdiff.pipeline.family import FusableGroups
 
 
@@ -30,13 +30,13 @@ def fuse_gelu(groups: FusableGroups) -> int:
 
 def fuse_norms(model: nn.Module) -> int:
     """The model's q/k RMSNorms with the fused norm + RoPE kernel, and its adaLN modulations (FLUX's
-    AdaModulation, Wan's float32 LayerNorms) with the fused LayerNorm + modulation kernel; returns
-    how many modules were switched."""
+    AdaModulation, Qwen-Image's, Wan's float32 LayerNorms) with the fused LayerNorm + modulation
+    kernel; returns how many modules were switched."""
     switched = 0
     for module in model.modules():
         if isinstance(module, RMSNorm):
             module.rope_kernel = True
-        elif isinstance(module, (AdaModulation, FP32LayerNorm)):
+        elif isinstance(module, (LayerNormModulation, FP32LayerNorm)):
             module.norm_kernel = True
         else:
             continue

@@ -1,4 +1,5 @@
-"""Qwen-Image text-to-image (QwenImagePipeline checkpoints); the Edit pipelines are to join this folder."""
+"""Qwen-Image: text to image (QwenImagePipeline) and image editing (QwenImageEditPipeline,
+QwenImageEditPlusPipeline) checkpoints."""
 
 from sgdiff.families.qwen_image.family import QwenImageFamily
 from sgdiff.pipeline.registry import register_family

@@ -13,13 +13,15 @@ from sgdiff.pipeline.base import ParallelMode, Stage, State
 from sgdiff.pipeline.components import load_library_model
 from sgdiff.pipeline.stages.decoding import Unpack, check_finite, latent_statistics, to_uint8_images
 
+ENCODER_PARTS = ("encoder", "quant_conv")  # what only encoding runs
 
-def load_qwen_image_vae(folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """diffusers' AutoencoderKLQwenImage in `dtype`, as the pipeline loads it (the Edit pipelines encode
-    with it too)."""
+
+def load_qwen_image_vae(folder: Path, dtype: torch.dtype, device: torch.device, encodes: bool) -> torch.nn.Module:
+    """diffusers' AutoencoderKLQwenImage in `dtype`, as the pipeline loads it; its encoder only where the
+    pipeline `encodes` (the Edit pipelines' input images)."""
     from diffusers import AutoencoderKLQwenImage
 
-    return load_library_model(AutoencoderKLQwenImage, folder, dtype, device)
+    return load_library_model(AutoencoderKLQwenImage, folder, dtype, device, () if encodes else ENCODER_PARTS)
 
 
 class QwenImageDecodingStage(Stage):

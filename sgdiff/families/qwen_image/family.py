@@ -1,10 +1,12 @@
-"""Qwen-Image as a model family: what it loads, the fields its requests carry, its rules, its schedule
-and the groups its transformer offers the speed toggles."""
+"""Qwen-Image as a model family (text to image, and the Edit pipelines: one input image, or several):
+what it loads, the fields its requests carry, its rules, its schedule and the groups its transformer
+offers the speed toggles."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from sgdiff.families.qwen_image.editing import EDIT_VARIANTS, edit_image_rules, output_size_from_image
 from sgdiff.families.qwen_image.sampling import (
     QwenImageSampling,
     qwen_image_given_rules,
@@ -18,7 +20,7 @@ from sgdiff.pipeline.schedule import FlowMatchSchedule
 
 class QwenImageFamily(ModelFamily):
     name = "qwen_image"
-    pipeline_classes = ("QwenImagePipeline",)
+    pipeline_classes = ("QwenImagePipeline", *EDIT_VARIANTS)
     output = "image"
     sampling = QwenImageSampling
     schedule = staticmethod(FlowMatchSchedule.from_dict)
@@ -26,10 +28,22 @@ class QwenImageFamily(ModelFamily):
     given_rules = staticmethod(qwen_image_given_rules)
     cfg_scale_of = staticmethod(true_cfg_scale_of)
     activation_floor = imported_when_used("sgdiff.families.qwen_image.memory", "qwen_image_activation_floor")
+    shard = imported_when_used("sgdiff.families.qwen_image.shard", "shard_qwen_image")
 
     def rules(self, info) -> list:
         # (the checkpoint's scheduler config; the pipeline checks again with the schedule it runs)
-        return qwen_image_rules(vae_scale_factor(info.vae_config), info.scheduler_config.get("shift_terminal"))
+        rules = qwen_image_rules(vae_scale_factor(info.vae_config), info.scheduler_config.get("shift_terminal"))
+        return rules + edit_image_rules(info.pipeline_class)
+
+    def input_images(self, params: QwenImageSampling) -> list[str]:
+        return list(params.image_path or ())
+
+    def fill_unset(self, info, params: QwenImageSampling, unset: frozenset[str]) -> QwenImageSampling:
+        """The Edit pipelines: an output size not given follows an input image's aspect ratio."""
+        variant = EDIT_VARIANTS.get(info.pipeline_class)
+        if variant is None:
+            return params
+        return output_size_from_image(variant, params, unset, 2 * vae_scale_factor(info.vae_config))
 
     def fusable(self, model: Any) -> FusableGroups:  # a QwenImageTransformer (its nn.ModuleList's items: typed Module)
         projections: list[tuple] = []

@@ -1,5 +1,5 @@
-"""What a Qwen-Image request may carry beyond the shared fields, and the rules that refuse what
-Qwen-Image cannot do or would silently ignore."""
+"""What a Qwen-Image request may carry beyond the shared fields (the Edit pipelines: their input images),
+and the rules that refuse what Qwen-Image cannot do or would silently ignore."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ class QwenImageSampling(SamplingParams):
     max_sequence_length: int = checked(
         512, lambda v: 1 <= v <= MAX_TEXT_TOKENS, f"must be between 1 and {MAX_TEXT_TOKENS}"
     )
+    # the Edit pipelines' input images (local files or http(s) URLs), in the order the prompt names them
+    image_path: tuple[str, ...] | None = None
 
 
 def vae_scale_factor(vae_config: dict) -> int:
@@ -57,6 +59,12 @@ def qwen_image_rules(vae_scale_factor: int, shift_terminal: float | None = None)
 
 def qwen_image_given_rules(given: set[str], params: QwenImageSampling) -> None:
     """Fields given explicitly that this request would silently ignore are refused."""
+    if "max_sequence_length" in given and params.image_path:
+        raise UserError(
+            "`max_sequence_length` does not apply to the Qwen-Image-Edit models: diffusers' Edit pipelines keep every "
+            "token of the prompt and its images",
+            field="max_sequence_length",
+        )
     if "guidance_scale" in given:
         raise UserError(
             "`guidance_scale` does not apply to Qwen-Image (it embeds no guidance): guide with `negative_prompt` "

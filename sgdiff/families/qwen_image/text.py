@@ -38,11 +38,12 @@ def text_encoder_class(model_index: dict[str, Any]) -> type:
     return getattr(transformers, name)
 
 
-def last_hidden_state(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def last_hidden_state(model: Any, ids: torch.Tensor, mask: torch.Tensor, **vision: torch.Tensor) -> torch.Tensor:
     """[B, L, D]: what diffusers reads as `hidden_states[-1]` of the whole model's forward, from its
-    base model alone (Qwen2_5_VLModel: no language-model head, whose logits diffusers never reads)."""
+    base model alone (Qwen2_5_VLModel: no language-model head, whose logits diffusers never reads).
+    `vision`: pixel_values and image_grid_thw of the images whose tokens the text holds (the Edit pipelines)."""
     base = getattr(model, "model", model)
-    return base(input_ids=ids, attention_mask=mask).last_hidden_state
+    return base(input_ids=ids, attention_mask=mask, **vision).last_hidden_state
 
 
 class QwenPromptEncoder:

@@ -3,7 +3,9 @@ image streams with their own weights, joint attention over [text; image]), adaLN
 
 Math only. Parameter names match diffusers. The Edit pipelines append their input images' tokens
 after the noise tokens (img_shapes lists the grids in that order); the output covers every image
-token and the caller keeps the noise tokens' part.
+token and the caller keeps the noise tokens' part. What a block gets per token (the image tokens,
+the rotary table, zero_cond_t's choice of conditioning) comes as tensors along the sequence, so a
+shard plan (families/qwen_image/shard.py) can split them alike.
 
 Text padding: diffusers' pipelines cut each prompt's embeddings to its own tokens and pad a batch to
 its longest prompt; the mask they pass is None whenever no row is padded (one prompt, its CFG
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from sgdiff.models.flux.transformer import JointAttention, clip_fp16
-from sgdiff.models.layers import AdaModulation, FeedForward, Linear, MLPEmbedder, RMSNorm, modulate
+from sgdiff.models.layers import AdaModulation, FeedForward, LayerNormModulation, Linear, MLPEmbedder, RMSNorm
 from sgdiff.models.qwen_image.config import QwenImageTransformerConfig
 from sgdiff.models.qwen_image.rope import Grid, image_grids, position_ids, rope_table
 
@@ -40,7 +42,10 @@ def sigma_embedding(sigma: torch.Tensor, dim: int = 256, max_period: float = 100
 class DiffusersRMSNorm(RMSNorm):
     """RMSNorm rounded as diffusers' own RMSNorm rounds it (Qwen-Image's q/k norms and txt_norm): in
     bf16/fp16 the normalised x is cast to the weight's dtype before the weight scales it (torch's
-    RMSNorm, FLUX's and Wan's, rounds once). The same numbers in float32."""
+    RMSNorm, FLUX's and Wan's, rounds once). The same numbers in float32. The fused q/k norm + RoPE
+    kernel (--enable-fused-norms) rounds there too (`round_normed`)."""
+
+    round_normed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
@@ -69,9 +74,10 @@ class TimestepProjection(nn.Module):
         return self.timestep_embedder(sigma_embedding(sigma).to(dtype))
 
 
-class Modulation(nn.Sequential):
+class Modulation(nn.Sequential, LayerNormModulation):
     """SiLU -> Linear(D, 6D): shift, scale and gate of the attention, then of the MLP. Stored as
-    `img_mod.1` / `txt_mod.1`, as diffusers names them."""
+    `img_mod.1` / `txt_mod.1`, as diffusers names them; its `modulate` (the block's LayerNorm, which has
+    no weights, and the modulation) is one Triton kernel with --enable-fused-norms."""
 
     def __init__(self, dim: int):
         super().__init__(nn.SiLU(), Linear(dim, 6 * dim))
@@ -88,27 +94,36 @@ class QwenImageBlock(nn.Module):
         self.txt_mod = Modulation(dim)
         self.txt_mlp = FeedForward(dim)
 
-    def image_modulation(self, temb: torch.Tensor, noise_tokens: int | None, image_tokens: int) -> torch.Tensor:
-        """[B, 1, 6D]; with zero_cond_t (temb [2B, D]: the timestep's, then t = 0's) [B, S_img, 6D]: the
-        noise tokens modulated by the timestep, the edit images' tokens as at t = 0."""
+    def image_modulation(self, temb: torch.Tensor, edit_tokens: torch.Tensor | None) -> torch.Tensor:
+        """[B, 1, 6D]; with zero_cond_t (temb [2B, D]: the timestep's, then t = 0's; edit_tokens [S_img, 1],
+        True at the edit images' tokens) [B, S_img, 6D]: the noise tokens modulated by the timestep, the
+        edit images' tokens as at t = 0."""
         params = self.img_mod(temb)[:, None]  # [B or 2B, 1, 6D]
-        if noise_tokens is None:
+        if edit_tokens is None:
             return params
         own, zero = params.chunk(2)  # [B, 1, 6D] each
-        return torch.cat([own.expand(-1, noise_tokens, -1), zero.expand(-1, image_tokens - noise_tokens, -1)], dim=1)
+        return torch.where(edit_tokens, zero, own)  # [S_img, 1] with [B, 1, 6D] -> [B, S_img, 6D]
 
     def forward(
-        self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, rope: torch.Tensor, noise_tokens: int | None
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        temb: torch.Tensor,
+        rope: torch.Tensor,
+        edit_tokens: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        img_params = self.image_modulation(temb, noise_tokens, img.shape[1])
+        """img: [B, S_img, D]; txt: [B, S_txt, D]; temb: [B, D] ([2B, D] with zero_cond_t); rope:
+        [S_txt + S_img, head_dim / 2, 2]; edit_tokens: [S_img, 1] bool or None (image_modulation)."""
+        img_params = self.image_modulation(temb, edit_tokens)
         txt_params = self.txt_mod(temb[: txt.shape[0]])[:, None]  # [B, 1, 6D]
         shift1, scale1, gate1, shift2, scale2, gate2 = img_params.chunk(6, dim=-1)
         c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = txt_params.chunk(6, dim=-1)
-        img_attn, txt_attn = self.attn(modulate(img, shift1, scale1), modulate(txt, c_shift1, c_scale1), rope)
+        h_img, h_txt = self.img_mod.modulate(img, shift1, scale1), self.txt_mod.modulate(txt, c_shift1, c_scale1)
+        img_attn, txt_attn = self.attn(h_img, h_txt, rope)
         img = img + gate1 * img_attn
         txt = txt + c_gate1 * txt_attn
-        img = img + gate2 * self.img_mlp(modulate(img, shift2, scale2))
-        txt = txt + c_gate2 * self.txt_mlp(modulate(txt, c_shift2, c_scale2))
+        img = img + gate2 * self.img_mlp(self.img_mod.modulate(img, shift2, scale2))
+        txt = txt + c_gate2 * self.txt_mlp(self.txt_mod.modulate(txt, c_shift2, c_scale2))
         return clip_fp16(img), clip_fp16(txt)
 
 
@@ -159,16 +174,17 @@ class QwenImageTransformer(nn.Module):
         grids = image_grids(img_shapes, batch, image_tokens)
         img = self.img_in(hidden_states)
         sigma = timestep.to(img.dtype)
-        noise_tokens = None
+        edit_tokens = None
         if self.config.zero_cond_t:  # a second conditioning, at t = 0, for the edit images' tokens
-            sigma, noise_tokens = torch.cat([sigma, sigma * 0]), math.prod(grids[0])
+            sigma = torch.cat([sigma, sigma * 0])
+            edit_tokens = (torch.arange(image_tokens, device=img.device) >= math.prod(grids[0]))[:, None]  # [S_img, 1]
         temb = self.time_text_embed(sigma, img.dtype)  # [B, D], or [2B, D] with zero_cond_t
         txt = self.txt_in(self.txt_norm(encoder_hidden_states))
         ids = position_ids(grids, txt.shape[1], img.device)  # [S_txt + S_img, 3]
         rope = rope_table(ids, self.config.axes_dims_rope)  # [S_txt + S_img, head_dim / 2, 2]
 
         for block in self.transformer_blocks:
-            img, txt = block(img, txt, temb, rope, noise_tokens)
+            img, txt = block(img, txt, temb, rope, edit_tokens)
 
         scale, shift = self.norm_out(temb[:batch])
         return self.proj_out(self.norm_out.modulate(img, shift, scale))
