@@ -44,6 +44,22 @@ def test_bench_tiny_measures_both_implementations(model, tmp_path, monkeypatch):
     assert table[0].startswith(f"{model} 64x64") and any(line.startswith("transformer forward, ms") for line in table)
 
 
+def test_bench_size_flags_set_the_output_size_and_are_checked(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", "qwen-image", "--tiny", "--repeat", "1", "--warmup", "0", "--height", "32",
+            "--width", "48", "--json", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["size"] == {"height": 32, "width": 48, "frames": 5}
+    assert result.output.splitlines()[0].startswith("qwen-image 48x32")
+    for flags, message in (
+        (["--height", "40"], "--height must be a positive multiple of 16, got 40"),
+        (["--width", "32", "--e2e"], "--height and --width size the per-forward bench"),
+    ):
+        result = runner.invoke(app, ["bench", "--model", "qwen-image", "--tiny", *flags])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
 def test_bench_qwen_image_edit_inputs_agree_and_each_phase_frees_the_last(monkeypatch):
     """Qwen-Image-Edit: the noise tokens and the input image's (two grids), the text as long as the text encoder's
     output after the template's prefix; the transformers are gone before the text encoder is built, and the text

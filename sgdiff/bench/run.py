@@ -87,16 +87,29 @@ def peak_memory_gib(fn: Callable[[], Any], device: torch.device) -> float | None
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def run_bench(name: str, speed: SpeedConfig, tiny: bool = False, warmup: int = 2, repeat: int = 5) -> dict[str, Any]:
+def run_bench(
+    name: str,
+    speed: SpeedConfig,
+    tiny: bool = False,
+    warmup: int = 2,
+    repeat: int = 5,
+    height: int | None = None,
+    width: int | None = None,
+) -> dict[str, Any]:
+    """`height`, `width`: the output's size instead of the model's preset size (Edit: its input image's too)."""
     if name not in BENCH_MODELS:
         raise UserError(f"--model {name!r} is not one of: {', '.join(BENCH_MODELS)}")
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None and (value <= 0 or value % 16):
+            raise UserError(f"{flag} must be a positive multiple of 16, got {value}")
     model = BENCH_MODELS[name]
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type != "cuda" and not tiny:
         raise UserError("sgdiff bench builds full-size models and needs a CUDA GPU; --tiny checks it on a CPU")
     speed = resolve_speed(speed, device, torch.bfloat16)  # the defaults `sgdiff generate` would choose
     attention = check_speed(speed, device, torch.bfloat16)
-    size = TINY_SIZE if tiny else dict(height=model.height, width=model.width, frames=model.frames)
+    size = dict(TINY_SIZE) if tiny else dict(height=model.height, width=model.width, frames=model.frames)
+    size |= {key: value for key, value in (("height", height), ("width", width)) if value is not None}
     peak_tflops = matmul_tflops(device)
     reference, ours = build_transformers(model, tiny, device)
     cond = transformer_inputs(model, ours, size, device, seed=1)

@@ -32,6 +32,12 @@ def bench(
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny models instead (checks the benchmark on a CPU).")] = False,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls first.")] = 2,
     repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed calls; the median is reported.")] = 5,
+    height: Annotated[
+        int | None, typer.Option("--height", help="Output height instead of the model's (a multiple of 16; not --e2e).")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option("--width", help="Output width instead of the model's (a multiple of 16; not --e2e).")
+    ] = None,
     attention_backend: opt.AttentionBackend = opt.AttentionBackendChoice.auto,  # type: ignore[attr-defined]
     enable_fused_projections: opt.EnableFusedProjections = None,
     enable_fused_gelu: opt.EnableFusedGelu = None,
@@ -69,6 +75,10 @@ def bench(
 
         speed = opt.speed_config(attention_backend, enable_fused_projections, enable_fused_gelu, enable_fused_norms,
                                  enable_torch_compile, enable_cuda_graph)  # fmt: skip
+        if e2e and (height is not None or width is not None):
+            from sgdiff.errors import UserError
+
+            raise UserError("--height and --width size the per-forward bench; --e2e runs the model's preset size")
         if e2e:
             from sgdiff.bench.end_to_end import render_end_to_end, run_end_to_end
 
@@ -79,7 +89,7 @@ def bench(
         else:
             from sgdiff.bench.run import render, run_bench
 
-            result = run_bench(model.value, speed, tiny=tiny, warmup=warmup, repeat=repeat)
+            result = run_bench(model.value, speed, tiny=tiny, warmup=warmup, repeat=repeat, height=height, width=width)
             typer.echo(render(result))
         if json_path is not None:
             write_atomically(json_path, lambda f: f.write(json.dumps(result, indent=1).encode()))
