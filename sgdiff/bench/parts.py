@@ -42,8 +42,8 @@ FLUX_VAE: dict[str, Any] = dict(block_out_channels=(128, 256, 512, 512), layers_
 # Qwen-Image: true CFG, its combination rescaled to the prompt branch's norm (as both pipelines guide); no --e2e
 QWEN: dict[str, Any] = dict(
     guide=norm_kept_guidance,
-    no_e2e="its checkpoint (~58 GB: the 20B transformer and Qwen2.5-VL-7B in bf16) is more than the GPU machine's "
-    "disk holds beside the system; without --e2e, sgdiff bench times its forward, step, text encoding and decode",
+    no_e2e="the bench does not write its ~58 GB checkpoint (the 20B transformer and Qwen2.5-VL-7B in bf16) yet; "
+    "without --e2e it times the forward, step, text encoding and decode",
 )
 
 

@@ -49,8 +49,8 @@ def bench(
         typer.Option(
             "--e2e",
             help="Shell to file: `sgdiff generate` and a diffusers script as fresh processes on a checkpoint "
-            "written to disk (FLUX.1, Wan2.1-T2V-1.3B; not Qwen-Image, whose checkpoint is too big for the GPU "
-            "machine's disk); --warmup and --repeat count whole runs of each.",
+            "written to disk (FLUX.1, Wan2.1-T2V-1.3B; not Qwen-Image yet); --warmup and --repeat count whole runs "
+            "of each.",
         ),
     ] = False,  # fmt: skip
     prompts: Annotated[int, typer.Option("--prompts", min=1, help="--e2e: prompts per process.")] = 1,
