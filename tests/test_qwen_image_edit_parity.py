@@ -25,6 +25,7 @@ from sgdiff.engine.runner import ModelRunner
 from sgdiff.families.qwen_image.edit_text import QwenEditPromptEncoder, edit_prompt, expand_image_tokens
 from sgdiff.families.qwen_image.editing import sized_to_area
 from sgdiff.io.image import read_png_parameters
+from sgdiff.testing.compare import max_pixel_diff, read_png
 from sgdiff.testing.tiny_qwen_image import build_tiny_qwen_image, build_tiny_qwen_image_edit, load_reference_processor
 
 runner = CliRunner()
@@ -72,26 +73,11 @@ def generate(model, out_dir, *args: str) -> list:
     return [line for line in result.output.splitlines() if line.endswith(".png")]
 
 
-def read_png(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
 def diffusers_images(pipe, images, seed: int, **kwargs) -> np.ndarray:
     images = [Image.open(path).convert("RGB") for path in images]
     given = images[0] if isinstance(pipe, QwenImageEditPipeline) else images
     result = pipe(image=given, output_type="np", generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images
     return (result * 255).round().astype(np.uint8)  # what diffusers' PIL output holds
-
-
-def max_pixel_diff(paths, expected: np.ndarray) -> int:
-    assert len(paths) == len(expected)
-    worst = 0
-    for path, theirs in zip(paths, expected, strict=True):
-        ours = read_png(path)
-        assert ours.shape == theirs.shape
-        assert ours.std() > 1  # a real decoded image, not a constant
-        worst = max(worst, int(np.abs(ours.astype(int) - theirs.astype(int)).max()))
-    return worst
 
 
 def test_edit_with_true_cfg_and_two_outputs_matches_diffusers(tiny_edit, pictures, tmp_path):

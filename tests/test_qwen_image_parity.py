@@ -10,7 +10,6 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-from PIL import Image
 from typer.testing import CliRunner
 
 from sgdiff.cli.main import app
@@ -21,6 +20,7 @@ from sgdiff.families.qwen_image.sampling import QwenImageSampling, qwen_image_ru
 from sgdiff.families.qwen_image.text import PROMPT_TEMPLATE, TEMPLATE_PREFIX_TOKENS, QwenPromptEncoder
 from sgdiff.io.image import read_png_parameters
 from sgdiff.pipeline.schedule import FlowMatchSchedule, flow_match_sigmas, flow_match_spaced_sigmas
+from sgdiff.testing.compare import max_pixel_diff, read_png
 from sgdiff.testing.tiny_qwen_image import QWEN_IMAGE_SCHEDULER_CONFIG, build_tiny_qwen_image
 
 runner = CliRunner()
@@ -48,25 +48,9 @@ def generate(model, out_dir, *args: str) -> list:
     return [line for line in result.output.splitlines() if line.endswith(".png")]
 
 
-def read_png(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
 def diffusers_images(pipe, seed: int, **kwargs) -> np.ndarray:
     images = pipe(output_type="np", generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images
     return (images * 255).round().astype(np.uint8)  # what diffusers' PIL output holds
-
-
-def max_pixel_diff(paths, expected: np.ndarray) -> int:
-    """The largest difference of any pixel between the PNGs and diffusers' images (same count, same shape)."""
-    assert len(paths) == len(expected)
-    worst = 0
-    for path, reference in zip(paths, expected, strict=True):
-        actual = read_png(path)
-        assert actual.shape == reference.shape
-        assert actual.std() > 1  # a real decoded image, not a constant
-        worst = max(worst, int(np.abs(actual.astype(int) - reference.astype(int)).max()))
-    return worst
 
 
 def test_true_cfg_with_two_outputs_matches_diffusers(tiny_qwen, reference, tmp_path):

@@ -22,7 +22,8 @@ from sgdiff.models.layers import LayerNormModulation, Linear, RMSNorm
 from sgdiff.models.qwen_image import QwenImageTransformer, QwenImageTransformerConfig
 from sgdiff.speed.apply import speed_up_transformer
 from sgdiff.speed.compile import compile_blocks
-from sgdiff.speed.cuda_graph import CapturedForward, CudaGraphForward
+from sgdiff.speed.cuda_graph import CudaGraphForward
+from sgdiff.testing.capture_stand_in import CountingCapture
 from sgdiff.testing.compare import randomize_weights
 from sgdiff.testing.qwen_parallel import TINY_EDIT, edit_inputs
 from sgdiff.testing.tiny_qwen_image import build_tiny_qwen_image
@@ -141,23 +142,6 @@ def test_torch_compile_toggle_reaches_the_blocks(tiny_qwen):
     engine.load()
     model = engine.pipeline.transformers[0]
     assert all(hasattr(block.forward, "_torchdynamo_orig_callable") for block in model.transformer_blocks)
-
-
-class CountingCapture:
-    """A CPU stand-in for CUDA graph capture: 'replay' runs the forward on the static inputs."""
-
-    def __init__(self):
-        self.captures = 0
-
-    def __call__(self, forward, args, kwargs) -> CapturedForward:
-        self.captures += 1
-        static_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-        holder = {"out": forward(*static_args, **kwargs)}
-
-        def replay():
-            holder["out"].copy_(forward(*static_args, **kwargs))
-
-        return CapturedForward([a for a in static_args if isinstance(a, torch.Tensor)], holder["out"], replay)
 
 
 def test_cuda_graph_captures_each_branch_once_and_replays_it(tiny_qwen):

@@ -20,7 +20,8 @@ from sgdiff.models.attention import use_attention_impl
 from sgdiff.speed.apply import check_speed, resolve_speed
 from sgdiff.speed.attention_backends import CHOICES
 from sgdiff.speed.compile import compile_blocks
-from sgdiff.speed.cuda_graph import CapturedForward, CudaGraphForward
+from sgdiff.speed.cuda_graph import CudaGraphForward
+from sgdiff.testing.capture_stand_in import CountingCapture
 
 runner = CliRunner()
 spec = importlib.util.find_spec
@@ -132,23 +133,6 @@ def test_torch_compile_toggle_reaches_the_blocks(tiny_flux_dev):
     engine.load()
     model = engine.pipeline.transformers[0]
     assert all(hasattr(b.forward, "_torchdynamo_orig_callable") for b in model.single_transformer_blocks)
-
-
-class CountingCapture:
-    """A CPU stand-in for CUDA graph capture: 'replay' runs forward on the static inputs."""
-
-    def __init__(self):
-        self.captures = 0
-
-    def __call__(self, forward, args, kwargs) -> CapturedForward:
-        self.captures += 1
-        static_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-        holder = {"out": forward(*static_args, **kwargs)}
-
-        def replay():
-            holder["out"].copy_(forward(*static_args, **kwargs))
-
-        return CapturedForward([a for a in static_args if isinstance(a, torch.Tensor)], holder["out"], replay)
 
 
 def test_cuda_graph_replays_one_capture_per_signature():

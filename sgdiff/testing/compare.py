@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -33,3 +35,21 @@ def randomize_weights(model: torch.nn.Module, seed: int, unscaled: tuple[str, ..
             else:
                 p.copy_(noise / p[0].numel() ** 0.5)
     return model.eval()
+
+
+def read_png(path) -> np.ndarray:
+    """An output file's pixels, [H, W, 3] uint8."""
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def max_pixel_diff(paths, expected: np.ndarray) -> int:
+    """The largest difference of any pixel between the PNGs at `paths` and the reference images `expected`
+    ([N, H, W, 3] uint8; as many, of the same shapes); each PNG must be a real decoded image, not a constant."""
+    assert len(paths) == len(expected)
+    worst = 0
+    for path, reference in zip(paths, expected, strict=True):
+        actual = read_png(path)
+        assert actual.shape == reference.shape
+        assert actual.std() > 1
+        worst = max(worst, int(np.abs(actual.astype(int) - reference.astype(int)).max()))
+    return worst
