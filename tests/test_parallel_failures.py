@@ -317,6 +317,9 @@ def test_a_killed_front_takes_its_workers_and_their_rendezvous_along(long_run, t
     while not all_ended(workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert all_ended(workers), [w.pid for w in workers if w.is_running()]
+    deadline = time.monotonic() + 10  # removed just after the last worker ended (by a child it left)
+    while list((tmp_path / "tmp").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert list((tmp_path / "tmp").iterdir()) == []
 
 

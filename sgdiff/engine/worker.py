@@ -214,7 +214,22 @@ def die_with_parent(parent_pid: int | None, leftovers: str | None) -> None:
         while os.getppid() == parent_pid:
             time.sleep(PARENT_CHECK_SECONDS)
         if leftovers is not None:
-            Path(leftovers).unlink(missing_ok=True)
+            remove_once_ended(os.getpid(), leftovers)
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="sgdiff-parent-watch", daemon=True).start()
+
+
+def remove_once_ended(pid: int, path: str) -> None:
+    """Remove `path` once process `pid` (this one, about to be killed) has ended. Not before: its other
+    threads may be inside the rendezvous store, which creates the file again on each access, right up to
+    the kill. A forked child (it only polls, unlinks and exits) waits for it; each worker's child removes
+    the file after its own worker ended, so the last removal comes after the last worker that could make it."""
+    if os.fork() != 0:
+        return
+    try:
+        while os.getppid() == pid:
+            time.sleep(0.02)
+        Path(path).unlink(missing_ok=True)
+    finally:
+        os._exit(0)
