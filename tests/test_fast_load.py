@@ -378,3 +378,36 @@ def test_tensors_not_wanted_are_not_read(tmp_path, monkeypatch):
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
     low, high = start + unwanted[2], start + unwanted[3]
     assert not any(a < high and low < b for a, b in reads)  # no read touched its bytes
+
+
+def test_qwen_text_encoder_in_transformers_4_names_is_read_by_sgdiff_without_its_unused_parts(tmp_path):
+    """Qwen2.5-VL checkpoints (Qwen-Image's text_encoder/) store transformers-4 names, which transformers 5
+    renames as it loads (`model.layers` -> `model.language_model.layers`, `visual` -> `model.visual`):
+    sgdiff's reader renames alike and takes the checkpoint; the vision tower and the language-model head
+    text to image never runs are left unread, and the hidden states are the library's."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from sgdiff.families.qwen_image.text import text_encoder_unused
+    from sgdiff.models.loading import stored_tensors
+    from sgdiff.pipeline.components import read_library_model
+    from sgdiff.testing.tiny_qwen_image import build_tiny_qwen_image
+
+    folder = build_tiny_qwen_image(tmp_path / "qwen") / "text_encoder"
+    stored = stored_tensors(folder)
+    assert "model.layers.0.mlp.up_proj.weight" in stored and any(n.startswith("visual.") for n in stored)
+    cls, cpu = Qwen2_5_VLForConditionalGeneration, torch.device("cpu")
+    whole = read_library_model(cls, folder, torch.bfloat16, cpu)
+    assert whole is not None, "sgdiff's reader should take the renamed checkpoint"
+    theirs = cls.from_pretrained(folder, dtype=torch.bfloat16, use_safetensors=True)
+    ours_, theirs_ = dict(whole.named_parameters()), dict(theirs.named_parameters())
+    assert ours_.keys() == theirs_.keys()
+    assert all(ours_[k].dtype == t.dtype and torch.equal(ours_[k], t) for k, t in theirs_.items())
+
+    text_only = read_library_model(cls, folder, torch.float32, cpu, text_encoder_unused(reads_images=False))
+    assert text_only is not None
+    left = {name.split(".")[0] + "." + name.split(".")[1] for name, _ in text_only.named_parameters()}
+    assert left == {"model.language_model"}  # neither model.visual nor lm_head
+    ids = torch.tensor([[3, 17, 40, 9, 25]])
+    reference = cls.from_pretrained(folder, dtype=torch.float32).model
+    expected = reference(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert torch.equal(text_only.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state, expected)

@@ -109,17 +109,42 @@ def load_library_model(
 ) -> torch.nn.Module:
     """A transformers or diffusers model (text encoder, VAE) from its folder, its weights read by sgdiff's
     reader straight onto `device`; through the library's own loader where the checkpoint's names differ
-    from the model's (e.g. an old layout the library renames). Pickle-only weights are refused. `without`:
-    top-level submodules never run (a VAE's encoder where nothing is encoded), left out and unread: an
-    empty module in their place (the library may still walk them, e.g. to count their layers)."""
+    from the model's in a way the library does more than rename. Pickle-only weights are refused. `without`:
+    submodules never run (a VAE's encoder where nothing is encoded; Qwen2.5-VL's vision tower and language
+    head where only text is encoded), dotted names as the model (not the file) names them, left out and
+    unread: an empty module in their place (the library may still walk them, e.g. to count their layers)."""
     safetensors_files(require_folder(folder))
     with quiet_libraries():
         model = read_library_model(cls, folder, dtype, device, without)
         if model is None:
             model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True).to(device)
-            for name in without:
-                setattr(model, name, torch.nn.Module())
+            leave_out(model, without)
     return model.eval().requires_grad_(False)
+
+
+def leave_out(model: torch.nn.Module, names: tuple[str, ...]) -> None:
+    """An empty module in place of each named submodule (dotted names)."""
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, torch.nn.Module())
+
+
+def library_renaming(model: torch.nn.Module) -> Callable[[str], str] | None:
+    """How the library renames a checkpoint's tensors as its from_pretrained reads them (transformers 5
+    reads Qwen2.5-VL's `model.layers.*` as `model.language_model.layers.*` and `visual.*` as
+    `model.visual.*`): the renaming of a stored name, or None where it does more than rename (joins or
+    splits tensors). No renaming for diffusers models, or where transformers has no such mapping."""
+    if hasattr(model, "load_config"):  # diffusers ModelMixin
+        return lambda name: name
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion mappings loads names as stored
+        return lambda name: name
+    transforms = get_model_conversion_mapping(model)
+    if not all(isinstance(t, WeightRenaming) for t in transforms):
+        return None
+    return lambda name: rename_source_key(name, transforms, [])[0]
 
 
 _building = threading.Lock()  # one construction at a time patches nn.Module.register_parameter
@@ -151,18 +176,22 @@ def read_library_model(
 ) -> torch.nn.Module | None:
     """`cls` built from its config with its parameters on meta, then given the checkpoint's tensors as
     read (load_state_dict(assign=True)): floating ones in `dtype` except the modules the library keeps in
-    float32, as its from_pretrained does. None where the names do not match. `without`: top-level
-    submodules replaced by empty ones, their tensors left unread."""
+    float32, as its from_pretrained does (and under the names it reads them as). None where the names do
+    not match. `without`: submodules replaced by empty ones, their tensors left unread."""
     with parameters_on_meta():
         if hasattr(cls, "load_config"):  # diffusers ModelMixin
             model = cls.from_config(cls.load_config(folder))
         else:  # transformers PreTrainedModel
             model = cls(cls.config_class.from_pretrained(folder))
-    for name in without:
-        setattr(model, name, torch.nn.Module())
-    check_shapes(model, stored_tensors(folder))  # before a byte is read: the file and tensor named
-    used = lambda name: name.split(".", 1)[0] not in without  # noqa: E731
+    renamed = library_renaming(model)
+    if renamed is None:
+        return None
+    leave_out(model, without)
+    stored = {renamed(name): where for name, where in stored_tensors(folder).items()}
+    check_shapes(model, stored)  # before a byte is read: the file and tensor named
+    used = lambda name: not any(f"{renamed(name)}.".startswith(f"{part}.") for part in without)  # noqa: E731
     state = load_state_dict(folder, dtype, device, kept_in_fp32(model, dtype), used)
+    state = {renamed(name): tensor for name, tensor in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         return None

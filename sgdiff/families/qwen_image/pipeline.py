@@ -24,7 +24,7 @@ from sgdiff.families.qwen_image.sampling import (
     true_cfg_scale_of,
     vae_scale_factor,
 )
-from sgdiff.families.qwen_image.text import QwenPromptEncoder, text_encoder_class
+from sgdiff.families.qwen_image.text import QwenPromptEncoder, text_encoder_class, text_encoder_unused
 from sgdiff.models.loading import build_on_meta, load_own_model, read_json
 from sgdiff.models.qwen_image import QwenImageTransformer, QwenImageTransformerConfig
 from sgdiff.pipeline.base import ComposedPipeline, PipelineEvents, Stage, State
@@ -92,8 +92,9 @@ def load_qwen_image_components(
         # the Edit pipelines tokenize with their processor's tokenizer
         "tokenizer": lambda: load_tokenizer(model_dir / ("processor" if edit else "tokenizer")),
         "image_processor": (lambda: load_image_processor(model_dir / "processor")) if edit and encodes else None,
-        "text_encoder": (lambda: load_library_model(encoder_class, model_dir / "text_encoder", dtype, device))
-        if encodes else None,
+        "text_encoder": (lambda: load_library_model(
+            encoder_class, model_dir / "text_encoder", dtype, device, text_encoder_unused(edit is not None)
+        )) if encodes else None,
         "transformer": lambda: load_own_model(
             build_on_meta(QwenImageTransformer, config), model_dir / "transformer", dtype, device
         ),

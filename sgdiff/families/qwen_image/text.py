@@ -38,6 +38,13 @@ def text_encoder_class(model_index: dict[str, Any]) -> type:
     return getattr(transformers, name)
 
 
+def text_encoder_unused(reads_images: bool) -> tuple[str, ...]:
+    """Qwen2.5-VL's parts the pipelines never run, left unread (load_library_model's `without`): its
+    language-model head (diffusers reads hidden states, never logits), and its vision tower where no
+    image is read (text to image). 1.1 GB and 1.3 GB of Qwen2.5-VL-7B's 16.6 GB in bf16."""
+    return ("lm_head",) if reads_images else ("lm_head", "model.visual")
+
+
 def last_hidden_state(model: Any, ids: torch.Tensor, mask: torch.Tensor, **vision: torch.Tensor) -> torch.Tensor:
     """[B, L, D]: what diffusers reads as `hidden_states[-1]` of the whole model's forward, from its
     base model alone (Qwen2_5_VLModel: no language-model head, whose logits diffusers never reads).
