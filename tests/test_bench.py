@@ -108,14 +108,42 @@ def test_bench_qwen_image_edit_inputs_agree_and_each_phase_frees_the_last(monkey
     assert result["input_images"] == 1 and result["bf16_rel_err"] <= 1e-2
 
 
-def test_bench_e2e_refuses_qwen_image(tmp_path):
-    result = runner.invoke(app, ["bench", "--model", "qwen-image", "--e2e", "--checkpoint-dir", str(tmp_path / "c")])
+def test_bench_e2e_refuses_qwen_image_edit(tmp_path):
+    args = ["bench", "--model", "qwen-image-edit", "--e2e", "--checkpoint-dir", str(tmp_path / "c")]
+    result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert result.output.strip() == (
-        "error: --e2e does not run qwen-image: the bench does not write its ~58 GB checkpoint (the 20B transformer "
-        "and Qwen2.5-VL-7B in bf16) yet; without --e2e it times the forward, step, text encoding and decode"
+        "error: --e2e does not run qwen-image-edit: the bench writes no Edit checkpoint nor input image yet "
+        "(qwen-image --e2e runs the same transformer); without --e2e it times the forward, step, text encoding and "
+        "decode"
     )
     assert not (tmp_path / "c").exists()
+
+
+def test_bench_e2e_runs_qwen_image_with_true_cfg_on_both_sides(tmp_path, monkeypatch):
+    """--e2e for Qwen-Image (tiny): both sides guide with true CFG 4 against the negative prompt " " (the
+    diffusers script's call and sgdiff's flags say so) and write a PNG; sgdiff reads its text encoder
+    without the vision tower."""
+    import sgdiff.bench.end_to_end as e2e
+
+    commands: list[list[str]] = []
+    timed = e2e.timed
+    monkeypatch.setattr(e2e, "timed", lambda command: commands.append(command) or timed(command))
+    out, checkpoint = tmp_path / "e2e.json", tmp_path / "checkpoint"
+    args = ["bench", "--model", "qwen-image", "--e2e", "--tiny", "--warmup", "0", "--repeat", "1",
+            "--checkpoint-dir", str(checkpoint), "--json", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["true_cfg"] == {"negative_prompt": " ", "true_cfg_scale": 4.0} and data["max_sequence_length"] == 512
+    diffusers_args = json.loads(commands[0][-1])
+    assert diffusers_args["true_cfg"] == data["true_cfg"]
+    sgdiff_command = commands[1]
+    assert sgdiff_command[sgdiff_command.index("--negative-prompt") + 1] == " "
+    assert sgdiff_command[sgdiff_command.index("--true-cfg-scale") + 1] == "4.0"
+    sgdiff, diffusers = data["runs"]["sgdiff"][0], data["runs"]["diffusers"][0]
+    assert set(sgdiff["load_parts"]) == {"tokenizer", "text_encoder", "transformer", "vae", "prompt embeddings"}
+    assert sgdiff["phases"]["denoise"] > 0 and diffusers["phases"]["write"] > 0 and sgdiff["phases"]["write"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

@@ -1,8 +1,9 @@
-"""Checkpoints on disk for the end-to-end benchmark: a full-size FLUX.1 or Wan2.1-T2V-1.3B with random
-weights in diffusers' layout (speed does not depend on weight values; no weights can be downloaded
+"""Checkpoints on disk for the end-to-end benchmark: a full-size FLUX.1, Wan2.1-T2V-1.3B or Qwen-Image with
+random weights in diffusers' layout (speed does not depend on weight values; no weights can be downloaded
 here), or the tests' tiny one. Tokenizers are made in code (their ids fit the real vocabularies); every
 other part has the real architecture, in bf16 (Wan's VAE in float32, as the Wan-AI repos store it).
-Full size needs a CUDA GPU and disk: FLUX.1 ~34 GB, Wan2.1-1.3B ~14 GB."""
+Full size needs a CUDA GPU and disk: FLUX.1 ~34 GB, Wan2.1-1.3B ~14 GB, Qwen-Image ~58 GB (its 20B
+transformer, Qwen2.5-VL-7B with its vision tower in transformers-4 names, as Qwen/Qwen-Image stores them)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from sgdiff.errors import UserError
 from sgdiff.models.repo_configs import FLUX_SCHEDULER_CONFIGS, WAN_SCHEDULER_CONFIG
 from sgdiff.testing.tiny_flux import make_clip_tokenizer, make_t5_tokenizer
 
-CHECKPOINT_MODELS = ("flux.1-dev", "flux.1-schnell", "wan2.1-t2v-1.3b")
+CHECKPOINT_MODELS = ("flux.1-dev", "flux.1-schnell", "wan2.1-t2v-1.3b", "qwen-image")
 
 
 def flux_pipeline(name: str, device: torch.device):
@@ -57,6 +58,31 @@ def wan_pipeline(name: str, device: torch.device):
     )  # fmt: skip
 
 
+def qwen_image_pipeline(name: str, device: torch.device):
+    """diffusers' QwenImagePipeline at full size, random bf16 weights, on `device` (about 58 GB: it fits an
+    80 GB GPU); the tests' tokenizer (its template's system turn is 34 tokens, as Qwen's)."""
+    import diffusers
+    import transformers
+
+    from sgdiff.bench.qwen_parts import QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION
+    from sgdiff.testing.tiny_qwen_image import QWEN_IMAGE_SCHEDULER_CONFIG, make_qwen_tokenizer
+
+    vl = transformers.Qwen2_5_VLConfig(text_config=QWEN25_VL_7B_TEXT, vision_config=QWEN25_VL_7B_VISION)
+    transformer_kwargs = diffusers_kwargs(BENCH_MODELS[name].config)
+    return diffusers.QwenImagePipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER_CONFIG),
+        vae=seeded(7, torch.bfloat16, device, lambda: diffusers.AutoencoderKLQwenImage()),
+        text_encoder=seeded(6, torch.bfloat16, device, lambda: transformers.Qwen2_5_VLForConditionalGeneration(vl)),
+        tokenizer=make_qwen_tokenizer(),
+        transformer=seeded(0, torch.bfloat16, device, lambda: diffusers.QwenImageTransformer2DModel(
+            **transformer_kwargs)),
+    )  # fmt: skip
+
+
+FULL_SIZE = {"flux.1-dev": flux_pipeline, "flux.1-schnell": flux_pipeline, "wan2.1-t2v-1.3b": wan_pipeline,
+             "qwen-image": qwen_image_pipeline}  # fmt: skip
+
+
 def ensure_checkpoint(name: str, folder: Path, tiny: bool) -> Path:
     """`folder` holding the checkpoint (written once: a folder with a model_index.json is reused)."""
     if (folder / "model_index.json").is_file():
@@ -68,12 +94,15 @@ def ensure_checkpoint(name: str, folder: Path, tiny: bool) -> Path:
         from sgdiff.testing.tiny_wan import build_tiny_wan
 
         return build_tiny_wan(folder, variant="t2v")
+    if tiny and name == "qwen-image":
+        from sgdiff.testing.tiny_qwen_image import build_tiny_qwen_image
+
+        return build_tiny_qwen_image(folder)
     if tiny:
         from sgdiff.testing.tiny_flux import build_tiny_flux
 
         return build_tiny_flux(folder, variant="dev" if name == "flux.1-dev" else "schnell")
     if not torch.cuda.is_available():
         raise UserError("a full-size checkpoint is built on a CUDA GPU (~35 GB): run on one, or use `tiny`")
-    build = wan_pipeline if name.startswith("wan") else flux_pipeline
-    build(name, torch.device("cuda")).save_pretrained(folder, safe_serialization=True)
+    FULL_SIZE[name](name, torch.device("cuda")).save_pretrained(folder, safe_serialization=True)
     return folder

@@ -25,8 +25,11 @@ PROMPTS = ["a cat holding a sign that says hello", "a red cube on a wooden table
            "a bowl of ramen, studio photo"]  # fmt: skip
 TINY = dict(height=64, width=64, steps=4)
 TINY_FRAMES = 9
-SEQUENCE_LENGTH = {"flux.1-dev": 512, "flux.1-schnell": 256, "wan2.1-t2v-1.3b": 512}  # the presets' (diffusers: 512)
+SEQUENCE_LENGTH = {"flux.1-dev": 512, "flux.1-schnell": 256, "wan2.1-t2v-1.3b": 512,
+                   "qwen-image": 512}  # the presets' (diffusers: 512)  # fmt: skip
 WAN_GUIDANCE = 5.0  # both sides (the preset's is 3.0; diffusers' default 5.0): CFG, two forwards a step
+# Qwen-Image: true CFG 4 (both sides' default scale) against a negative prompt, which turns it on
+TRUE_CFG = {"qwen-image": dict(negative_prompt=" ", true_cfg_scale=4.0)}
 FPS = 16
 
 # The diffusers side, as a user writes it; prints its phases as JSON on its last line.
@@ -48,7 +51,8 @@ written = 0.0
 for index, prompt in enumerate(a["prompts"]):
     t0 = time.perf_counter()
     kwargs = dict(height=a["height"], width=a["width"], num_inference_steps=a["steps"],
-                  max_sequence_length=a["max_sequence_length"], generator=torch.Generator("cpu").manual_seed(42))
+                  max_sequence_length=a["max_sequence_length"], generator=torch.Generator("cpu").manual_seed(42),
+                  **a.get("true_cfg", {}))
     if a.get("num_frames"):
         frames = pipe(prompt, num_frames=a["num_frames"], guidance_scale=a["guidance_scale"], **kwargs).frames[0]
     else:
@@ -107,6 +111,9 @@ def run_sgdiff(model: Path, prompts: list[str], size: dict, device: str, speed_f
     if size.get("num_frames"):
         command += ["--num-frames", str(size["num_frames"]), "--guidance-scale", str(size["guidance_scale"]),
                     "--fps", str(size["fps"])]  # fmt: skip
+    if size.get("true_cfg"):
+        cfg = size["true_cfg"]
+        command += ["--negative-prompt", cfg["negative_prompt"], "--true-cfg-scale", str(cfg["true_cfg_scale"])]
     wall, _, _ = timed(command)
     dump = json.loads(perf.read_text())
     requests = dump["requests"]
@@ -200,6 +207,8 @@ def run_end_to_end(name: str, checkpoint_dir: Path, *, tiny: bool, prompts: int,
     size["max_sequence_length"] = SEQUENCE_LENGTH[name]
     if model.frames is not None:  # a video: an MP4 on each side
         size.update(num_frames=TINY_FRAMES if tiny else model.frames, guidance_scale=WAN_GUIDANCE, fps=FPS)
+    if name in TRUE_CFG:
+        size["true_cfg"] = TRUE_CFG[name]
     chosen = (PROMPTS * prompts)[:prompts]
     runs: dict[str, list[Run]] = {"diffusers": [], "sgdiff": []}
     with tempfile.TemporaryDirectory() as tmp:

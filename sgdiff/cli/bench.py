@@ -49,7 +49,7 @@ def bench(
         typer.Option(
             "--e2e",
             help="Shell to file: `sgdiff generate` and a diffusers script as fresh processes on a checkpoint "
-            "written to disk (FLUX.1, Wan2.1-T2V-1.3B; not Qwen-Image yet); --warmup and --repeat count whole runs "
+            "written to disk (FLUX.1, Wan2.1-T2V-1.3B, Qwen-Image); --warmup and --repeat count whole runs "
             "of each.",
         ),
     ] = False,  # fmt: skip

@@ -141,10 +141,11 @@ def library_renaming(model: torch.nn.Module) -> Callable[[str], str] | None:
         from transformers.core_model_loading import WeightRenaming, rename_source_key
     except ImportError:  # a transformers without conversion mappings loads names as stored
         return lambda name: name
-    transforms = get_model_conversion_mapping(model)
-    if not all(isinstance(t, WeightRenaming) for t in transforms):
+    transforms = get_model_conversion_mapping(model)  # type: ignore[arg-type]  # (a transformers model here)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    if len(renamings) < len(transforms):
         return None
-    return lambda name: rename_source_key(name, transforms, [])[0]
+    return lambda name: rename_source_key(name, renamings, [])[0]
 
 
 _building = threading.Lock()  # one construction at a time patches nn.Module.register_parameter
