@@ -111,6 +111,31 @@ def test_sgdiff_generate_encodes_its_first_prompts_while_loading(tmp_path):
     )
 
 
+def test_on_two_processes_rank_0_encodes_the_first_prompts_while_loading(tiny_flux_dev, tmp_path):
+    """`--num-gpus 2` (CPU processes): rank 0 encodes the prompts once its text encoders are in (its load
+    parts, forwarded to the front, show the prompt embeddings), and the image is the one process's."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from sgdiff.cli.main import app
+    from sgdiff.testing.compare import read_png
+
+    def generate(out, *flags: str):
+        args = ["generate", "--model-path", str(tiny_flux_dev), "--prompt", "a red cube", "--steps", "2",
+                "--height", "32", "--width", "32", "--seed", "5", "--output-path", str(out), "--quiet",
+                "--device", "cpu", "--perf-dump-path", str(out / "perf.json"), *flags]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "perf.json").read_text()), read_png(next(out.glob("*.png"))).astype(int)
+
+    dump, image = generate(tmp_path / "two", "--num-gpus", "2")
+    parts = dump["load_part_spans"]
+    assert parts["prompt embeddings"][0] >= max(span[1] for n, span in parts.items() if n.startswith("text_encoder"))
+    _, alone = generate(tmp_path / "one")
+    assert abs(image - alone).max() <= 2
+
+
 class Recorder(NullEvents):
     def __init__(self):
         self.finished: list[str] = []

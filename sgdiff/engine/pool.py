@@ -13,7 +13,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -26,15 +26,24 @@ from sgdiff.engine.dispatch import BatchKey, Dispatcher, never_batched
 from sgdiff.engine.worker import RankSpec, pool_worker
 from sgdiff.errors import UserError, WorkerFailure
 from sgdiff.pipeline.base import PipelineEvents
+from sgdiff.sampling import SamplingParams
 
 GRACE_SECONDS = 3.0  # between asking a worker to stop (SIGTERM) and killing it
 KILLED_WAIT_SECONDS = 1.0  # after a worker's error: how long to look for a peer killed by a signal, the cause
 
 
 class WorkerPool:
-    def __init__(self, config: EngineConfig, load_events: PipelineEvents, batch_key: BatchKey | None = None):
-        """`batch_key`: which requests may share a batch (the model family's; None: never batched)."""
+    def __init__(
+        self,
+        config: EngineConfig,
+        load_events: PipelineEvents,
+        batch_key: BatchKey | None = None,
+        encode_ahead: Sequence[SamplingParams] = (),
+    ):
+        """`batch_key`: which requests may share a batch (the model family's; None: never batched).
+        `encode_ahead`: the first requests to come, whose prompts rank 0 encodes while it loads."""
         self.config = config
+        self.encode_ahead = tuple(encode_ahead)
         self.world = config.parallel.num_gpus
         self.dispatcher = Dispatcher(self._send, load_events, config.batching, batch_key or never_batched)
         self.load_seconds = 0.0
@@ -65,6 +74,7 @@ class WorkerPool:
                     self.config,
                     reading if rank == 0 else None,
                     self._messages,
+                    self.encode_ahead if rank == 0 else (),
                 ),
             )
             for rank in range(self.world)

@@ -214,8 +214,8 @@ class Engine:
         """Load the model (start the worker pool on several GPUs); returns once it can serve. `warm_up`: a
         request like those to come (one GPU: the kernels warm up at its shapes while the model loads, so
         that the first request runs as fast as the next ones, for a longer load: ModelRunner.load).
-        `encode_ahead`: the first requests to come (one GPU or the CPU, one process: their prompts are
-        encoded while the transformer still loads; the requests themselves are still to be submitted)."""
+        `encode_ahead`: the first requests to come (their prompts are encoded while the transformer still
+        loads, by rank 0 on several GPUs; the requests themselves are still to be submitted)."""
         with self._lock:
             if self._closed:
                 raise UserError("the engine is closed")
@@ -277,7 +277,7 @@ class Engine:
         if self.parallel.num_gpus > 1:
             from sgdiff.engine.pool import WorkerPool
 
-            return WorkerPool(self.config, self.load_events, self.runner.family.batch_key)
+            return WorkerPool(self.config, self.load_events, self.runner.family.batch_key, encode_ahead)
         from sgdiff.engine.local import LocalExecutor
 
         return LocalExecutor(self.runner, self.config.batching, warm_up, encode_ahead)

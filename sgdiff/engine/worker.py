@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -30,6 +30,7 @@ from sgdiff.parallel.cfg import apply_cfg_parallel
 from sgdiff.parallel.groups import ParallelGroups, build_groups
 from sgdiff.parallel.plans import apply_sequence_parallel
 from sgdiff.pipeline.base import NullEvents
+from sgdiff.sampling import SamplingParams
 
 PARENT_CHECK_SECONDS = 0.2  # how often a spawned worker looks whether its front still runs
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank that stops answering ends the run, not hangs it
@@ -56,9 +57,13 @@ def rank_device(runtime: RuntimeConfig, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def load_for_rank(runner: ModelRunner, groups: ParallelGroups) -> None:
-    """Rank 0 loads everything; the others skip the text encoders (rank 0 sends them the embeddings)."""
-    runner.load(skip=frozenset() if groups.rank == 0 else runner.family.text_encoders)
+def load_for_rank(runner: ModelRunner, groups: ParallelGroups, ahead: Sequence[SamplingParams] = ()) -> None:
+    """Rank 0 loads everything; the others skip the text encoders (rank 0 sends them the embeddings).
+    `ahead`: the first requests to come, whose prompts rank 0 encodes while its transformer still loads."""
+    if groups.rank == 0:
+        runner.load(encode_ahead=ahead)
+    else:
+        runner.load(skip=runner.family.text_encoders)
 
 
 @contextmanager
@@ -115,20 +120,30 @@ def process_group(spec: RankSpec, runtime: RuntimeConfig) -> Iterator[torch.devi
         dist.destroy_process_group()
 
 
-def serve_on_rank(spec: RankSpec, config: EngineConfig, inbox: Inbox | None, outbox: Outbox) -> None:
+def serve_on_rank(
+    spec: RankSpec, config: EngineConfig, inbox: Inbox | None, outbox: Outbox, ahead: Sequence[SamplingParams] = ()
+) -> None:
     """One rank of an engine on several processes: join the group, load, make the pipeline parallel,
-    then serve requests until rank 0 (which has the `inbox`) passes on the front's stop."""
+    then serve requests until rank 0 (which has the `inbox`) passes on the front's stop. `ahead`: rank 0's
+    first requests to come, their prompts encoded while it loads."""
     with process_group(spec, config.runtime) as device:
-        serve_loaded(spec, config, device, inbox, outbox)
+        serve_loaded(spec, config, device, inbox, outbox, ahead)
 
 
-def serve_loaded(spec: RankSpec, config: EngineConfig, device: torch.device, inbox: Inbox | None, outbox) -> None:
+def serve_loaded(
+    spec: RankSpec,
+    config: EngineConfig,
+    device: torch.device,
+    inbox: Inbox | None,
+    outbox,
+    ahead: Sequence[SamplingParams] = (),
+) -> None:
     groups = build_groups(replace(config.parallel, num_gpus=spec.world_size))
     control = ControlChannel()
     runtime = replace(config.runtime, device=str(device))
     load_events = ForwardedEvents(outbox, None) if inbox is not None else NullEvents()
     runner = ModelRunner(config.model_path, config.preset, runtime, load_events, config.revision)
-    load_for_rank(runner, groups)
+    load_for_rank(runner, groups, ahead)
     control.barrier()  # every rank has loaded
     with make_parallel(runner, groups):
         if inbox is not None:
@@ -158,12 +173,15 @@ def read_front(connection: Any, inbox: Inbox) -> None:
         inbox.put(("stop",))
 
 
-def pool_worker(spec: RankSpec, config: EngineConfig, connection: Any, queue: Any) -> None:
+def pool_worker(
+    spec: RankSpec, config: EngineConfig, connection: Any, queue: Any, ahead: Sequence[SamplingParams] = ()
+) -> None:
     """Entry point of a process of the engine's worker pool: never a traceback, always a message.
     Rank 0 reads the front's messages from `connection` (a pipe's reading end; None on the other
-    ranks); its reports, and any rank's fatal error, go to `queue`."""
+    ranks); its reports, and any rank's fatal error, go to `queue`. `ahead`: rank 0's first requests
+    to come (their prompts encoded while it loads)."""
     try:
-        serve_in_pool(spec, config, connection, queue)
+        serve_in_pool(spec, config, connection, queue, ahead)
     except Terminated:  # the front's SIGTERM, landing inside a handler below (e.g. while this rank reports
         # the error another rank reported first): end as SIGTERM ends, without multiprocessing's traceback
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -171,7 +189,9 @@ def pool_worker(spec: RankSpec, config: EngineConfig, connection: Any, queue: An
         raise SystemExit(128 + signal.SIGTERM) from None
 
 
-def serve_in_pool(spec: RankSpec, config: EngineConfig, connection: Any, queue: Any) -> None:
+def serve_in_pool(
+    spec: RankSpec, config: EngineConfig, connection: Any, queue: Any, ahead: Sequence[SamplingParams]
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front's to handle: it ends every rank
     if hasattr(signal, "pthread_sigmask"):  # (POSIX) blocked while the front started this process
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
@@ -182,7 +202,7 @@ def serve_in_pool(spec: RankSpec, config: EngineConfig, connection: Any, queue: 
         if connection is not None:
             inbox = Inbox()
             threading.Thread(target=read_front, args=(connection, inbox), daemon=True).start()
-        serve_on_rank(spec, config, inbox, ProcessOutbox(queue))
+        serve_on_rank(spec, config, inbox, ProcessOutbox(queue), ahead)
         # Served and stopped: nothing is left half done. Should leaving take longer than the front's
         # grace period (torch.compile's worker processes are shut down at exit), its SIGTERM just ends
         # this process, without a traceback from inside an exit handler.
