@@ -107,8 +107,8 @@ NO_CONTROL = "{} must not hold line breaks or control characters (found {})"
         (["--prompt", "p", "--seed", "99999999999999999999"], "--seed must be between 0 and"),
         (
             ["--prompt", "p", "--max-sequence-length", "2000"],
-            "--max-sequence-length must be between 1 and 512 for flux and wan models; must be between 1 and 1024 for "
-            "qwen_image models; got 2000",
+            "--max-sequence-length must be between 1 and 512 for flux, hunyuan_video and wan models; must be "
+            "between 1 and 1024 for qwen_image models; got 2000",
         ),
         (["--prompt", "p", "--num-frames", "100001"], "--num-frames must be between 1 and 1001"),
         (["--prompt", "p", "--num-frames", "0"], "--num-frames must be between 1 and 1001"),

@@ -83,8 +83,13 @@ def check_given_value(name: str, value: Any) -> None:
     if len(broken) == 1:
         raise UserError(f"`{name}` {next(iter(broken))}, got {value}", field=name)
     if broken:
-        rules = "; ".join(f"{rule} for {' and '.join(names)} models" for rule, names in broken.items())
+        rules = "; ".join(f"{rule} for {spoken_list(names)} models" for rule, names in broken.items())
         raise UserError(f"`{name}` {rules}; got {value}", field=name)
+
+
+def spoken_list(names: list[str]) -> str:
+    """Names as a sentence lists them: a; a and b; a, b and c."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 @dataclass(frozen=True)

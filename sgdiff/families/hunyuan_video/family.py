@@ -1,0 +1,49 @@
+"""HunyuanVideo as a model family: what it loads, the fields its requests carry, its rules, its schedule and
+the groups its transformer offers the speed toggles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sgdiff.families.hunyuan_video.sampling import (
+    HunyuanVideoSampling,
+    hunyuan_video_adjust,
+    hunyuan_video_rules,
+    true_cfg_scale_of,
+)
+from sgdiff.pipeline.family import FusableGroups, ModelFamily, imported_when_used
+
+
+class HunyuanVideoFamily(ModelFamily):
+    name = "hunyuan_video"
+    pipeline_classes = ("HunyuanVideoPipeline",)
+    output = "video"
+    sampling = HunyuanVideoSampling
+    text_encoders = frozenset({"text_encoder", "text_encoder_2"})
+    schedule = imported_when_used("sgdiff.families.hunyuan_video.schedule", "hunyuan_video_schedule")
+    load = imported_when_used("sgdiff.families.hunyuan_video.pipeline", "load_hunyuan_video_pipeline")
+    adjust = staticmethod(hunyuan_video_adjust)
+    cfg_scale_of = staticmethod(true_cfg_scale_of)
+    activation_floor = imported_when_used("sgdiff.families.hunyuan_video.memory", "hunyuan_video_activation_floor")
+
+    def rules(self, info) -> list:
+        return hunyuan_video_rules(info.transformer_config, info.vae_config)
+
+    def fps(self, params: HunyuanVideoSampling) -> int | None:
+        return params.fps
+
+    def fusable(self, model: Any) -> FusableGroups:  # a HunyuanVideoTransformer (Any: its ModuleLists' items)
+        """FLUX's groups (q/k/v of each dual-stream block's video and text streams and of each single-stream
+        block; the tanh-GELU MLP inputs: the dual-stream blocks' and the single-stream blocks' proj_mlp), and
+        q/k/v of the text refiner's self-attention (its MLP is SiLU: no GELU to fuse)."""
+        projections: list[tuple] = []
+        for block in model.context_embedder.token_refiner.refiner_blocks:
+            projections.append((block.attn.to_q, block.attn.to_k, block.attn.to_v))
+        for block in model.transformer_blocks:
+            a = block.attn
+            projections += [(a.to_q, a.to_k, a.to_v), (a.add_q_proj, a.add_k_proj, a.add_v_proj)]
+        for block in model.single_transformer_blocks:
+            projections.append((block.attn.to_q, block.attn.to_k, block.attn.to_v))
+        gelu = [ff.net[0].proj for block in model.transformer_blocks for ff in (block.ff, block.ff_context)]
+        gelu += [block.proj_mlp for block in model.single_transformer_blocks]
+        return FusableGroups(projections, gelu)
