@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from sgdiff.bench.parts import BENCH_MODELS
 from sgdiff.cli.bench import BenchModelChoice
 from sgdiff.cli.main import app
+from sgdiff.testing.compare import relative_error
 
 runner = CliRunner()
 
@@ -106,6 +107,23 @@ def test_bench_qwen_image_edit_inputs_agree_and_each_phase_frees_the_last(monkey
     assert seen["inputs"] == ((1, 32, 16), (1, 336, 32), [[(1, 4, 4), (1, 4, 4)]])
     assert seen["text"] == ((1, 336, 32), (1, 336, 32))  # diffusers' whole model and sgdiff's base model
     assert result["input_images"] == 1 and result["bf16_rel_err"] <= 1e-2
+
+
+def test_bench_hunyuanvideo_sides_agree_and_its_text_stops_at_diffusers_layer():
+    """HunyuanVideo (tiny): the two transformers agree on the same inputs (256 text tokens, embedded guidance);
+    sgdiff's text encoder, cut after the layer diffusers reads, gives diffusers' hidden states of the prompt's
+    tokens (diffusers': padded to 95 + 256 tokens, masked, the whole model run) and the same pooled CLIP text."""
+    from sgdiff.bench import hunyuan_parts, run
+    from sgdiff.config import SpeedConfig
+
+    model, cpu = BENCH_MODELS["hunyuanvideo"], torch.device("cpu")
+    encoders = hunyuan_parts.build_text_encoding(model, True, cpu)
+    (theirs, theirs_pooled), (ours, ours_pooled) = encoders["diffusers"](), encoders["sgdiff"]()
+    assert ours.shape == (1, hunyuan_parts.PROMPT_TOKENS, 32) and theirs.shape[1] == hunyuan_parts.TEXT_TOKENS
+    assert relative_error(ours, theirs[:, : ours.shape[1]]) <= 1e-2 and torch.equal(ours_pooled, theirs_pooled)
+    result = run.run_bench("hunyuanvideo", SpeedConfig(), tiny=True, warmup=0, repeat=1)
+    assert result["bf16_rel_err"] <= 1e-2 and result["size"]["frames"] == 5
+    assert "hunyuanvideo 64x64x5, 50 steps (TINY)" in run.render(result)
 
 
 def test_bench_e2e_refuses_qwen_image_edit(tmp_path):

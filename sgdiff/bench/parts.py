@@ -3,12 +3,15 @@ depend on weight values), or tiny ones (--tiny) to check the benchmark itself on
 
 Each transformer is built once as diffusers' model; sgdiff's gets the very same tensors (no copy), and so
 do FLUX's text encoders (transformers' for diffusers, sgdiff's own). Wan's text encoder (transformers' UMT5)
-and the VAEs (diffusers') are timed once for both pipelines. Qwen-Image's parts are in qwen_parts.py."""
+and the VAEs (diffusers') are timed once for both pipelines. Qwen-Image's and HunyuanVideo's parts are in
+qwen_parts.py and hunyuan_parts.py (own_parts)."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,6 +20,7 @@ from sgdiff.families.qwen_image.pipeline import norm_kept_guidance
 from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig
 from sgdiff.models.flux.config import FLUX_DEV, FLUX_SCHNELL
 from sgdiff.models.flux.packing import image_position_ids, text_position_ids
+from sgdiff.models.hunyuan_video import HUNYUAN_VIDEO
 from sgdiff.models.loading import build_on_meta
 from sgdiff.models.qwen_image.config import QWEN_IMAGE
 from sgdiff.models.text import ClipTextConfig, ClipTextEncoder, T5Encoder, T5EncoderConfig
@@ -41,6 +45,10 @@ FLUX_VAE: dict[str, Any] = dict(block_out_channels=(128, 256, 512, 512), layers_
 
 # Qwen-Image: true CFG, its combination rescaled to the prompt branch's norm (as both pipelines guide)
 QWEN: dict[str, Any] = dict(guide=norm_kept_guidance)
+NO_HUNYUAN_E2E = (
+    "the bench writes no HunyuanVideo checkpoint (~41 GB) yet; without --e2e it times the forward, text "
+    "encoding and decode"
+)
 NO_EDIT_E2E = (
     "the bench writes no Edit checkpoint nor input image yet (qwen-image --e2e runs the same transformer); "
     "without --e2e it times the forward, step, text encoding and decode"
@@ -50,13 +58,13 @@ NO_EDIT_E2E = (
 @dataclass(frozen=True)
 class BenchModel:
     name: str
-    family: str  # the model family's registered name: "flux", "wan" or "qwen_image"
+    family: str  # the model family's registered name: "flux", "wan", "qwen_image" or "hunyuan_video"
     config: Any  # the sgdiff transformer config at full size
     height: int
     width: int
     frames: int | None  # video models
     steps: int  # the preset's
-    forwards_per_step: int  # 2 with CFG (Wan, Qwen-Image's true CFG), 1 for FLUX.1's embedded guidance
+    forwards_per_step: int  # 2 with CFG (Wan, Qwen-Image's true CFG), 1 for embedded guidance (FLUX.1, HunyuanVideo)
     input_images: int = 0  # images whose tokens join the noise tokens (the Edit models), each the output's size
     guide: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None  # CFG's combination (None:
     # the usual one, run.guided_velocity)
@@ -84,13 +92,21 @@ BENCH_MODELS = {
             input_images=1,
             no_e2e=NO_EDIT_E2E,
             **QWEN,
-        ),  # fmt: skip
+        ),
+        BenchModel("hunyuanvideo", "hunyuan_video", HUNYUAN_VIDEO, 720, 1280, 129, 50, 1, no_e2e=NO_HUNYUAN_E2E),
     )
 }
 # --tiny: the tests' tiny architectures (sgdiff/testing/tiny_configs.py)
 TINY_FLUX = FluxTransformerConfig.from_dict(tiny_configs.FLUX_TRANSFORMER)
 TINY_WAN = WanTransformerConfig.from_dict(tiny_configs.WAN_TRANSFORMER)
 TINY_SIZE = dict(height=64, width=64, frames=5)
+
+
+def own_parts(model: BenchModel) -> ModuleType | None:
+    """The module holding a family's parts where they are its own (build_transformers, transformer_inputs,
+    build_text_encoding, build_decode); None for FLUX and Wan, built here."""
+    module = {"qwen_image": "qwen_parts", "hunyuan_video": "hunyuan_parts"}.get(model.family)
+    return importlib.import_module(f"sgdiff.bench.{module}") if module else None
 
 
 def seeded(seed: int, dtype: torch.dtype, device: torch.device, make: Callable[[], torch.nn.Module]):
@@ -115,10 +131,8 @@ def build_transformers(model: BenchModel, tiny: bool, device: torch.device) -> t
     """(diffusers' transformer, sgdiff's transformer on the same tensors), bf16."""
     import diffusers
 
-    if model.family == "qwen_image":
-        from sgdiff.bench import qwen_parts
-
-        return qwen_parts.build_transformers(model, tiny, device)
+    if (own := own_parts(model)) is not None:
+        return own.build_transformers(model, tiny, device)
     config = model.config
     if tiny:
         guidance = dict(guidance_embeds=model.config.guidance_embeds) if model.family == "flux" else {}
@@ -143,10 +157,8 @@ def transformer_inputs(model: BenchModel, transformer, size: dict, device: torch
     config = transformer.config
     g = torch.Generator(device).manual_seed(seed)
     bf16: dict[str, Any] = dict(device=device, dtype=torch.bfloat16)
-    if model.family == "qwen_image":
-        from sgdiff.bench import qwen_parts
-
-        return qwen_parts.transformer_inputs(model, config, size, g, device)
+    if (own := own_parts(model)) is not None:
+        return own.transformer_inputs(model, config, size, g, device)
     if model.family == "flux":
         rows, cols = size["height"] // 16, size["width"] // 16
         return dict(
@@ -185,13 +197,11 @@ def sgdiff_text_encoder(reference: PreTrainedModel) -> torch.nn.Module:
 def build_text_encoding(model: BenchModel, tiny: bool, device: torch.device) -> dict[str, Callable[[], Any]]:
     """Per implementation, a call that encodes one prompt as its pipeline does (FLUX: CLIP-L 77 tokens + T5-XXL
     512, transformers' models for diffusers and sgdiff's own on the same tensors; Wan: UMT5-XXL 512,
-    transformers' for both: only "diffusers" is given; Qwen-Image: qwen_parts.build_text_encoding), bf16."""
+    transformers' for both: only "diffusers" is given; Qwen-Image, HunyuanVideo: their own_parts), bf16."""
     import transformers
 
-    if model.family == "qwen_image":
-        from sgdiff.bench import qwen_parts
-
-        return qwen_parts.build_text_encoding(model, tiny, device)
+    if (own := own_parts(model)) is not None:
+        return own.build_text_encoding(model, tiny, device)
     bf16 = torch.bfloat16
     if model.family == "flux":
         tiny_ids = dict(vocab_size=1000, bos_token_id=0, eos_token_id=2, pad_token_id=1)
@@ -217,10 +227,8 @@ def build_decode(model: BenchModel, tiny: bool, size: dict, device: torch.device
     in float32)."""
     import diffusers
 
-    if model.family == "qwen_image":
-        from sgdiff.bench import qwen_parts
-
-        return qwen_parts.build_decode(tiny, size, device)
+    if (own := own_parts(model)) is not None:
+        return own.build_decode(tiny, size, device)
     if model.family == "flux":
         config = tiny_configs.FLUX_VAE if tiny else FLUX_VAE
         vae = seeded(4, torch.bfloat16, device, lambda: diffusers.AutoencoderKL(**config))

@@ -181,7 +181,7 @@ def run_bench(
 def render(result: dict[str, Any]) -> str:
     """The table `sgdiff bench` prints."""
     size = result["size"]
-    frames = f"x{size['frames']}" if result["model"].startswith("wan") else ""
+    frames = f"x{size['frames']}" if BENCH_MODELS[result["model"]].frames else ""
     if result.get("input_images"):
         frames += f" + {result['input_images']} input image{'s' * (result['input_images'] > 1)} of that size"
     d, s = result["diffusers"], result["sgdiff"]
