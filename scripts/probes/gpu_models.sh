@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# On the GPU machine, one call (fits 600 s) for the newer models' numbers. STEPS picks, in order, from:
+#   disk         free space of /tmp and /dev/shm (a Qwen-Image checkpoint is ~58 GB)
+#   qwen         `sgdiff bench --model qwen-image` at 1328x1328, defaults (issue 28: forward <= 220 ms)
+#   qwen_all     the same with every toggle (compile, CUDA graphs, fused projections / GELU / norms)
+#   qwen_edit    `sgdiff bench --model qwen-image-edit`, defaults
+#   qwen_e2e     `sgdiff bench --model qwen-image --e2e` (1024x1024, 50 steps, true CFG 4; issue 28: <= 11 s),
+#                its checkpoint written once to QWEN_DIR (default /dev/shm/qwen-e2e: the disk is 64 GiB)
+#   hunyuan      `sgdiff bench --model hunyuanvideo` at 1280x720x129 (issue 29: forward <= 0.65x diffusers'),
+#                one warm-up and one timed forward a side (each tens of seconds)
+# Each step runs while time is left under LIMIT; each JSON's summary last, logs in $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+SECONDS=0
+LIMIT=${LIMIT:-580}
+STEPS=${STEPS:-disk qwen qwen_all hunyuan}
+QWEN_DIR=${QWEN_DIR:-/dev/shm/qwen-e2e}
+pip install --no-index --no-deps --target /tmp/site -q .wheels/*.whl 2>/dev/null
+export PYTHONPATH=/tmp/site:$PWD
+S="python -c 'from sgdiff.cli.main import main; main()' bench"
+ALL="--enable-torch-compile --enable-cuda-graph --enable-fused-projections --enable-fused-gelu --enable-fused-norms"
+left() { echo $((LIMIT - 15 - SECONDS)); }
+for step in $STEPS; do
+  [ "$(left)" -lt 30 ] && { echo "no time left for $step"; continue; }
+  echo "== $step at $SECONDS s"
+  case $step in
+    disk) df -h /tmp /dev/shm; free -g ;;
+    qwen) eval timeout "$(left)" $S --model qwen-image --height 1328 --width 1328 --warmup 1 --repeat 3 \
+            --json "$OUT/qwen-1328.json" 2>&1 | tee "$OUT/log-qwen.txt" | tail -n 16 ;;
+    qwen_all) eval timeout "$(left)" $S --model qwen-image --height 1328 --width 1328 --warmup 1 --repeat 3 $ALL \
+                --json "$OUT/qwen-1328-all.json" 2>&1 | tee "$OUT/log-qwen-all.txt" | tail -n 16 ;;
+    qwen_edit) eval timeout "$(left)" $S --model qwen-image-edit --warmup 1 --repeat 3 \
+                 --json "$OUT/qwen-edit.json" 2>&1 | tee "$OUT/log-qwen-edit.txt" | tail -n 16 ;;
+    qwen_e2e) eval timeout "$(left)" $S --model qwen-image --e2e --checkpoint-dir "$QWEN_DIR" --warmup 0 --repeat 1 \
+                --json "$OUT/e2e-qwen.json" 2>&1 | tee "$OUT/log-qwen-e2e.txt" | tail -n 8 ;;
+    hunyuan) eval timeout "$(left)" $S --model hunyuanvideo --warmup 1 --repeat 1 \
+               --json "$OUT/hunyuan.json" 2>&1 | tee "$OUT/log-hunyuan.txt" | tail -n 16 ;;
+  esac
+done
+echo "== done at $SECONDS s"
