@@ -22,6 +22,7 @@ from sgdiff.pipeline.base import PipelineEvents
 LIBRARIES = ("transformers", "diffusers")  # whose logging and progress bars sgdiff silences
 _silenced: dict[str, list] = {}  # library -> [holders, its verbosity before, its bars on before]
 _silence_lock = threading.Lock()
+_importing = threading.RLock()  # parts loading side by side import the libraries one at a time (library_imports)
 
 
 @contextmanager
@@ -29,8 +30,9 @@ def quiet_libraries() -> Iterator[None]:
     """Silence transformers'/diffusers' progress bars and advice while sgdiff draws its own progress:
     those already imported (silencing one would import it, ~1 s for transformers; code that imports
     one enters this after its import). Threads and nested uses share one silence: the first to enter
-    takes the caller's settings, the last to leave puts them back."""
-    with _silence_lock:
+    takes the caller's settings, the last to leave puts them back. A library another thread is importing
+    is waited for (library_imports): the half-made module would not import its logging."""
+    with _importing, _silence_lock:
         names = [name for name in LIBRARIES if name in sys.modules]
         for name in names:
             if name not in _silenced:
@@ -42,7 +44,7 @@ def quiet_libraries() -> Iterator[None]:
     try:
         yield
     finally:
-        with _silence_lock:
+        with _importing, _silence_lock:
             for name in names:
                 _silenced[name][0] -= 1
                 if _silenced[name][0] == 0:
@@ -63,7 +65,16 @@ def require_folder(folder: Path) -> Path:
     return folder
 
 
-_importing = threading.Lock()  # tokenizers loading side by side import their classes one at a time
+@contextmanager
+def library_imports() -> Iterator[None]:
+    """Imports of transformers' and diffusers' classes by parts loading side by side (load_side_by_side), one
+    thread at a time: two threads inside the libraries' lazy imports at once (a VAE's diffusers importing
+    transformers' PreTrainedModel while a text encoder's transformers imports its modeling code) can each hold
+    a module the other needs, and Python then hands one a module half made ("cannot import name
+    'PreTrainedModel'"; seen with torch._dynamo imported before, as in every worker of several processes).
+    Imports mostly hold the GIL anyway: one at a time, they cost the loading little."""
+    with _importing:
+        yield
 
 
 def load_tokenizer(folder: Path):

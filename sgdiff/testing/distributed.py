@@ -70,6 +70,24 @@ def parallel_latents(groups: ParallelGroups, requests: list[tuple[str, str, dict
     return latents, loaded
 
 
+def pipeline_output(groups: ParallelGroups, model: str, prompt: str, flags: dict) -> dict:
+    """The final latents and decoded images or videos (None where the model makes none, or on ranks other
+    than 0) of one request on a pipeline made parallel by `groups` as the engine's workers make it, and how
+    its denoising stage runs and guides the CFG branches (the names of its `branches` and `guide`)."""
+    from sgdiff.config import RuntimeConfig
+    from sgdiff.engine.runner import ModelRunner
+    from sgdiff.engine.worker import load_for_rank, make_parallel
+
+    engine = ModelRunner(model, runtime=RuntimeConfig(device="cpu", dtype="fp32"))
+    load_for_rank(engine, groups)
+    assert engine.pipeline is not None  # (loaded)
+    with make_parallel(engine, groups):
+        result = engine.generate(engine.sampling_params(prompt, **flags))
+        (stage,) = [stage for stage in engine.pipeline.stages if stage.name == "denoising"]
+        denoising = (type(stage.branches).__name__, stage.guide.__name__)  # type: ignore[attr-defined]
+    return dict(latents=result.latents, images=result.images, videos=result.videos, denoising=denoising)
+
+
 def sharded_attention(
     groups: ParallelGroups, q, k, v, segment_lengths: tuple[int, ...], backend: str = "auto", log_overlap: bool = False
 ):

@@ -11,6 +11,7 @@ import torch
 
 from sgdiff.config import ParallelConfig
 from sgdiff.parallel.groups import ParallelGroups, build_groups
+from sgdiff.testing.distributed import pipeline_output
 
 # A transformer of 2 heads of 16 channels with zero_cond_t (Qwen-Image-Edit-2511's conditioning)
 TINY_EDIT: dict[str, Any] = {
@@ -37,24 +38,6 @@ def parallel_outputs(groups: ParallelGroups, modes: dict[str, ParallelConfig], r
         if mode_groups.sp_degree > 1:
             outputs[name]["transformer"] = sharded_edit_transformer(mode_groups, *edit_case)
     return outputs
-
-
-def pipeline_output(groups: ParallelGroups, model: str, prompt: str, flags: dict) -> dict:
-    """The final latents and decoded images (or None) of one request on a pipeline made parallel by
-    `groups` as the engine's workers make it, and how its denoising stage runs and guides the CFG
-    branches (the names of its `branches` and `guide`)."""
-    from sgdiff.config import RuntimeConfig
-    from sgdiff.engine.runner import ModelRunner
-    from sgdiff.engine.worker import load_for_rank, make_parallel
-
-    engine = ModelRunner(model, runtime=RuntimeConfig(device="cpu", dtype="fp32"))
-    load_for_rank(engine, groups)
-    assert engine.pipeline is not None  # (loaded)
-    with make_parallel(engine, groups):
-        result = engine.generate(engine.sampling_params(prompt, **flags))
-        (stage,) = [stage for stage in engine.pipeline.stages if stage.name == "denoising"]
-        denoising = (type(stage.branches).__name__, stage.guide.__name__)  # type: ignore[attr-defined]
-    return dict(latents=result.latents, images=result.images, denoising=denoising)
 
 
 def edit_inputs(batch: int, grids: list[tuple[int, int, int]], text_len: int) -> dict:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from sgdiff.pipeline.base import ParallelMode, Stage, State
-from sgdiff.pipeline.components import load_library_model
+from sgdiff.pipeline.components import library_imports, load_library_model
 from sgdiff.pipeline.stages.decoding import check_finite, to_uint8_images
 
 ENCODER_PARTS = ("encoder", "quant_conv")  # what only encoding runs: never read
@@ -20,7 +20,8 @@ ENCODER_PARTS = ("encoder", "quant_conv")  # what only encoding runs: never read
 def load_hunyuan_video_vae(folder: Path, dtype: torch.dtype, device: torch.device) -> Any:
     """diffusers' AutoencoderKLHunyuanVideo in `dtype` (as diffusers' pipeline loads it), tiling on: a 720p
     frame decoded whole would hold its full-resolution feature maps at once."""
-    from diffusers import AutoencoderKLHunyuanVideo
+    with library_imports():  # (the Llama text encoder's transformers imports alongside)
+        from diffusers import AutoencoderKLHunyuanVideo
 
     vae: Any = load_library_model(AutoencoderKLHunyuanVideo, folder, dtype, device, ENCODER_PARTS)
     vae.enable_tiling()

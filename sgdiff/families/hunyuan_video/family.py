@@ -1,5 +1,5 @@
-"""HunyuanVideo as a model family: what it loads, the fields its requests carry, its rules, its schedule and
-the groups its transformer offers the speed toggles."""
+"""HunyuanVideo as a model family: what it loads, the fields its requests carry, its rules, its schedule, its
+shard plan and the groups its transformer offers the speed toggles."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class HunyuanVideoFamily(ModelFamily):
     adjust = staticmethod(hunyuan_video_adjust)
     cfg_scale_of = staticmethod(true_cfg_scale_of)
     activation_floor = imported_when_used("sgdiff.families.hunyuan_video.memory", "hunyuan_video_activation_floor")
+    shard = imported_when_used("sgdiff.families.hunyuan_video.shard", "shard_hunyuan_video")
 
     def rules(self, info) -> list:
         return hunyuan_video_rules(info.transformer_config, info.vae_config)

@@ -18,7 +18,7 @@ import torch
 from sgdiff.errors import UserError
 from sgdiff.families.hunyuan_video.sampling import HunyuanVideoSampling
 from sgdiff.models.loading import read_json
-from sgdiff.pipeline.components import load_library_model, load_tokenizer, quiet_libraries
+from sgdiff.pipeline.components import library_imports, load_library_model, load_tokenizer, quiet_libraries
 from sgdiff.pipeline.text_encoders import ClipPooledEncoder
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ def load_llama_text_encoder(model_index: dict, folder: Path, dtype: torch.dtype,
     if name not in TEXT_ENCODERS:
         supported = ", ".join(TEXT_ENCODERS)
         raise UserError(f"text encoder {name} is not supported for HunyuanVideo (supported: {supported})")
-    from transformers import LlamaModel
+    with library_imports():  # (the VAE's diffusers imports alongside)
+        from transformers import LlamaModel
 
     layers = int(read_json(folder / "config.json")["num_hidden_layers"])
     unread = tuple(f"layers.{i}" for i in range(layers - HIDDEN_LAYERS_TO_SKIP, layers)) + ("norm",)
@@ -66,7 +67,8 @@ def load_llama_tokenizer(folder: Path) -> Any:
     Refused where neither does: the crop would cut into the prompt or keep part of the template."""
     tokenizer = load_tokenizer(folder)
     if template_prefix_tokens(tokenizer) != CROP_START and (folder / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
+        with library_imports():
+            from transformers import PreTrainedTokenizerFast
 
         with quiet_libraries():
             tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
