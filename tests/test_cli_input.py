@@ -108,7 +108,7 @@ NO_CONTROL = "{} must not hold line breaks or control characters (found {})"
         (
             ["--prompt", "p", "--max-sequence-length", "2000"],
             "--max-sequence-length must be between 1 and 512 for flux, hunyuan_video and wan models; must be "
-            "between 1 and 1024 for qwen_image models; got 2000",
+            "between 1 and 1000 for hunyuan_video15 models; must be between 1 and 1024 for qwen_image models; got 2000",
         ),
         (["--prompt", "p", "--num-frames", "100001"], "--num-frames must be between 1 and 1001"),
         (["--prompt", "p", "--num-frames", "0"], "--num-frames must be between 1 and 1001"),

@@ -88,7 +88,9 @@ Steps = Annotated[
 GuidanceScale = Annotated[
     float | None,
     typer.Option(
-        "--guidance-scale", help="FLUX.1-dev: the embedded guidance; Wan: the CFG scale.", rich_help_panel=SAMPLING
+        "--guidance-scale",
+        help="FLUX.1-dev: the embedded guidance; Wan, HunyuanVideo-1.5: the CFG scale.",
+        rich_help_panel=SAMPLING,
     ),
 ]
 TrueCfgScale = Annotated[
@@ -116,7 +118,8 @@ MaxSequenceLength = Annotated[
     int | None,
     typer.Option(
         "--max-sequence-length",
-        help="Prompt tokens the text encoder reads: 1 to 512, Qwen-Image 1024 (default: the preset's).",
+        help="Prompt tokens the text encoder reads: 1 to 512, HunyuanVideo-1.5 1000, Qwen-Image 1024 (default: the "
+        "preset's).",
         rich_help_panel=SAMPLING,
     ),
 ]
@@ -153,9 +156,9 @@ ImagePath = Annotated[
     list[str] | None,
     typer.Option(
         "--image-path",
-        help="An input image, a local file or an http(s) URL: image-to-video's first frame (Wan I2V, TI2V), the image "
-        "to edit (Qwen-Image-Edit); repeat the flag or separate paths with commas for several (Qwen-Image-Edit-2509 "
-        "and -2511: up to 3).",
+        help="An input image, a local file or an http(s) URL: image-to-video's first frame (Wan I2V, TI2V, "
+        "HunyuanVideo-1.5 I2V), the image to edit (Qwen-Image-Edit); repeat the flag or separate paths with commas "
+        "for several (Qwen-Image-Edit-2509 and -2511: up to 3).",
         metavar="<str>",
         rich_help_panel=SAMPLING,
     ),

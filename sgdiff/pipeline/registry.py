@@ -138,7 +138,8 @@ def transformer_config_path(model_dir: Path) -> Path:
     return second if not first.is_file() and second.is_file() else first
 
 
-WEIGHTLESS_CLASS_SUFFIXES = ("Tokenizer", "TokenizerFast", "Scheduler", "Processor", "FeatureExtractor")
+# (a guider, e.g. HunyuanVideo-1.5's ClassifierFreeGuidance, is a config only)
+WEIGHTLESS_CLASS_SUFFIXES = ("Tokenizer", "TokenizerFast", "Scheduler", "Processor", "FeatureExtractor", "Guidance")
 
 
 def check_components(model_dir: Path, index: dict[str, Any]) -> None:
