@@ -126,6 +126,22 @@ def test_bench_hunyuanvideo_sides_agree_and_its_text_stops_at_diffusers_layer():
     assert "hunyuanvideo 64x64x5, 50 steps (TINY)" in run.render(result)
 
 
+def test_bench_hunyuanvideo_15_sides_agree_on_diffusers_padded_inputs():
+    """HunyuanVideo-1.5 (tiny): the transformers agree on diffusers' text-to-video inputs (padded Qwen and ByT5
+    tokens with their masks, zero image embeddings; sgdiff's cuts them); sgdiff's text model, cut after the
+    layer diffusers reads, gives diffusers' hidden states of the prompt's own tokens."""
+    from sgdiff.bench import hunyuan15_parts, run
+    from sgdiff.config import SpeedConfig
+
+    model = BENCH_MODELS["hunyuanvideo-1.5"]
+    encoders = hunyuan15_parts.build_text_encoding(model, True, torch.device("cpu"))
+    theirs, ours = encoders["diffusers"](), encoders["sgdiff"]()
+    assert ours.shape[1] == hunyuan15_parts.PROMPT_TOKENS and theirs.shape[1] == hunyuan15_parts.TEXT_TOKENS
+    assert relative_error(ours, theirs[:, : ours.shape[1]]) <= 1e-2
+    result = run.run_bench("hunyuanvideo-1.5", SpeedConfig(), tiny=True, warmup=0, repeat=1)
+    assert result["bf16_rel_err"] <= 1e-2 and result["steps"] == 50
+
+
 def test_bench_e2e_refuses_qwen_image_edit(tmp_path):
     args = ["bench", "--model", "qwen-image-edit", "--e2e", "--checkpoint-dir", str(tmp_path / "c")]
     result = runner.invoke(app, args)

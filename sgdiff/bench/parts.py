@@ -3,8 +3,8 @@ depend on weight values), or tiny ones (--tiny) to check the benchmark itself on
 
 Each transformer is built once as diffusers' model; sgdiff's gets the very same tensors (no copy), and so
 do FLUX's text encoders (transformers' for diffusers, sgdiff's own). Wan's text encoder (transformers' UMT5)
-and the VAEs (diffusers') are timed once for both pipelines. Qwen-Image's and HunyuanVideo's parts are in
-qwen_parts.py and hunyuan_parts.py (own_parts)."""
+and the VAEs (diffusers') are timed once for both pipelines. Qwen-Image's and the HunyuanVideo models' parts are in
+qwen_parts.py, hunyuan_parts.py and hunyuan15_parts.py (own_parts)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig
 from sgdiff.models.flux.config import FLUX_DEV, FLUX_SCHNELL
 from sgdiff.models.flux.packing import image_position_ids, text_position_ids
 from sgdiff.models.hunyuan_video import HUNYUAN_VIDEO
+from sgdiff.models.hunyuan_video15.config import HUNYUAN_VIDEO15_480P
 from sgdiff.models.loading import build_on_meta
 from sgdiff.models.qwen_image.config import QWEN_IMAGE
 from sgdiff.models.text import ClipTextConfig, ClipTextEncoder, T5Encoder, T5EncoderConfig
@@ -46,8 +47,7 @@ FLUX_VAE: dict[str, Any] = dict(block_out_channels=(128, 256, 512, 512), layers_
 # Qwen-Image: true CFG, its combination rescaled to the prompt branch's norm (as both pipelines guide)
 QWEN: dict[str, Any] = dict(guide=norm_kept_guidance)
 NO_HUNYUAN_E2E = (
-    "the bench writes no HunyuanVideo checkpoint (~41 GB) yet; without --e2e it times the forward, text "
-    "encoding and decode"
+    "the bench writes no HunyuanVideo checkpoint yet; without --e2e it times the forward, text encoding and decode"
 )
 NO_EDIT_E2E = (
     "the bench writes no Edit checkpoint nor input image yet (qwen-image --e2e runs the same transformer); "
@@ -94,6 +94,10 @@ BENCH_MODELS = {
             **QWEN,
         ),
         BenchModel("hunyuanvideo", "hunyuan_video", HUNYUAN_VIDEO, 720, 1280, 129, 50, 1, no_e2e=NO_HUNYUAN_E2E),
+        # 480p text to video, CFG 6: two forwards a step
+        BenchModel(
+            "hunyuanvideo-1.5", "hunyuan_video15", HUNYUAN_VIDEO15_480P, 480, 848, 121, 50, 2, no_e2e=NO_HUNYUAN_E2E
+        ),
     )
 }
 # --tiny: the tests' tiny architectures (sgdiff/testing/tiny_configs.py)
@@ -102,10 +106,13 @@ TINY_WAN = WanTransformerConfig.from_dict(tiny_configs.WAN_TRANSFORMER)
 TINY_SIZE = dict(height=64, width=64, frames=5)
 
 
+OWN_PARTS = {"qwen_image": "qwen_parts", "hunyuan_video": "hunyuan_parts", "hunyuan_video15": "hunyuan15_parts"}
+
+
 def own_parts(model: BenchModel) -> ModuleType | None:
     """The module holding a family's parts where they are its own (build_transformers, transformer_inputs,
     build_text_encoding, build_decode); None for FLUX and Wan, built here."""
-    module = {"qwen_image": "qwen_parts", "hunyuan_video": "hunyuan_parts"}.get(model.family)
+    module = OWN_PARTS.get(model.family)
     return importlib.import_module(f"sgdiff.bench.{module}") if module else None
 
 

@@ -14,7 +14,7 @@ from sgdiff.cli.errors import user_errors
 
 # the names of sgdiff/bench/parts.py BENCH_MODELS (a test keeps them equal); mypy cannot list its members
 BENCH_MODEL_NAMES = ("flux.1-dev", "flux.1-schnell", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "qwen-image",
-                     "qwen-image-edit", "hunyuanvideo")  # fmt: skip
+                     "qwen-image-edit", "hunyuanvideo", "hunyuanvideo-1.5")  # fmt: skip
 BenchModelChoice = Enum("BenchModelChoice", {name: name for name in BENCH_MODEL_NAMES}, type=str)  # type: ignore[misc]
 
 
@@ -26,7 +26,7 @@ def bench(
             metavar="<name>",
             help="The model to build at full size: flux.1-dev, flux.1-schnell, wan2.1-t2v-1.3b, wan2.1-t2v-14b, "
             "qwen-image, qwen-image-edit (like Qwen-Image-Edit-2509: one 1024x1024 input image), hunyuanvideo "
-            "(1280x720x129).",
+            "(1280x720x129), hunyuanvideo-1.5 (480p text to video, 848x480x121, CFG).",
         ),
     ],
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")] = None,
