@@ -1,5 +1,5 @@
 """HunyuanVideo-1.5 (text to video, image to video) as a model family: what it loads, the fields its requests
-carry, its rules, its schedule and the groups its transformer offers the speed toggles."""
+carry, its rules, its schedule, its shard plan and the groups its transformer offers the speed toggles."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ class HunyuanVideo15Family(ModelFamily):
     given_rules = staticmethod(hunyuan_video15_given_rules)
     cfg_scale_of = staticmethod(guidance_cfg)
     activation_floor = imported_when_used("sgdiff.families.hunyuan_video15.memory", "hunyuan_video15_activation_floor")
+    shard = imported_when_used("sgdiff.families.hunyuan_video15.shard", "shard_hunyuan_video15")
 
     def rules(self, info) -> list:
         guider_config(info.model_dir)  # refused before any weight loads where it asks for more than plain CFG
