@@ -35,6 +35,37 @@ class SpeedConfig:
     fused_norms: bool | None = None  # q/k RMSNorm + RoPE, adaLN LayerNorm + modulation: Triton kernels (CUDA, bf16)
     torch_compile: bool = False  # regional: each repeated transformer block compiled once
     cuda_graph: bool = False  # the transformer's forward replayed as a CUDA graph
+    dit_precision: str = "default"  # "fp8": the blocks' Linear weights in float8, FP8 matmuls (speed/fp8.py)
+
+
+OFFLOAD_MODES = ("none", "components", "layers")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """What lives in CPU memory and is lent to the GPU only while it runs (sgdiff/offload/apply.py applies
+    it, in one place). Every mode is lossless: the outputs are those of the run with everything on the GPU.
+
+    cpu_offload: none; components (the text encoders, image encoder and VAE while they run; of several
+    transformers, Wan2.2 A14B's experts, the one running); layers (components, and every transformer's
+    repeated blocks copied in one by one while the blocks before them compute, `offload_prefetch` ahead)."""
+
+    cpu_offload: str = "none"  # one of OFFLOAD_MODES
+    text_encoder_offload: bool = False  # the text encoders leave the GPU once the prompt is encoded
+    offload_prefetch: int = 1  # layers: blocks copied ahead of the one that runs
+
+    def __post_init__(self):
+        if self.cpu_offload not in OFFLOAD_MODES:
+            raise UserError(
+                f"`cpu_offload` {self.cpu_offload!r} is not one of {', '.join(OFFLOAD_MODES)}", field="cpu_offload"
+            )
+        depth = self.offload_prefetch
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise UserError(f"`offload_prefetch` must be an integer >= 0, got {depth!r}", field="offload_prefetch")
+
+    @property
+    def offloads(self) -> bool:
+        return self.cpu_offload != "none" or self.text_encoder_offload
 
 
 @dataclass(frozen=True)
@@ -44,6 +75,10 @@ class RuntimeConfig:
     device: str | None = None
     dtype: str | None = None
     speed: SpeedConfig = SpeedConfig()
+    # every VAE decodes in tiles and a batch one item at a time (pipeline/vae_tiling.py); on several
+    # processes the tiles are shared out over the ranks (parallel/vae.py)
+    vae_tiling: bool = False
+    offload: OffloadConfig = OffloadConfig()  # what waits in CPU memory while it does not run
 
 
 @dataclass(frozen=True)

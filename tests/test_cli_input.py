@@ -84,6 +84,9 @@ def test_speed_flags_map_to_the_speed_config(received):
     result = invoke("--model-path", "m", "--prompt", "p", *flags.split())
     assert result.exit_code == 0, result.output
     assert received[2][0].runtime.speed == SpeedConfig(fused_projections=False, fused_gelu=False, fused_norms=False)
+    result = invoke("--model-path", "m", "--prompt", "p", "--dit-precision", "fp8")
+    assert result.exit_code == 0, result.output
+    assert received[3][0].runtime.speed == SpeedConfig(dit_precision="fp8")
 
 
 def test_prompt_file_gives_one_prompt_per_non_blank_line(received, tmp_path):

@@ -3,9 +3,10 @@
 Measured: one transformer forward and one denoising step (Wan: CFG's two forwards and the guided
 combination), the text encoding and the VAE decode (the same transformers/diffusers modules in both
 pipelines, so timed once), the end to end time as their sum over the preset's steps, peak GPU
-memory of a forward, FLOPs of a forward (counted by torch.utils.flop_counter), achieved TFLOP/s
-and its share of the card's bf16 matrix-multiply rate (measured in the same run), and the bf16
-agreement of the two transformers' outputs."""
+memory of a forward and the transformer's weights, FLOPs of a forward (counted by
+torch.utils.flop_counter), achieved TFLOP/s and its share of the card's bf16 matrix-multiply rate
+(measured in the same run), and the agreement of the two transformers' outputs: both bf16, or with
+--dit-precision fp8 sgdiff's FP8 weights against diffusers' bf16 (then it measures the FP8 error)."""
 
 from __future__ import annotations
 
@@ -75,6 +76,13 @@ def matmul_tflops(device: torch.device) -> float | None:
     a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
     ms = interleaved_ms({"mm": lambda: a @ b}, device, 3, 10)["mm"]
     return 2 * 8192**3 / (ms / 1e3) / 1e12
+
+
+def weight_gib(model: torch.nn.Module) -> float:
+    """What a model's parameters and buffers take, GiB (FP8 weights: their float8 bytes and scales)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # each once (fused: views of one)
+                for t in (*model.parameters(), *model.buffers())}  # fmt: skip
+    return sum(storages.values()) / 2**30
 
 
 def peak_memory_gib(fn: Callable[[], Any], device: torch.device) -> float | None:
@@ -148,6 +156,7 @@ def run_bench(
             step_ms = interleaved_ms(variants, device, warmup, repeat)
         memory = {impl: peak_memory_gib(fn, device) for impl, fn in (("diffusers", diffusers_forward),
                                                                      ("sgdiff", sgdiff_forward))}  # fmt: skip
+        weights = {"diffusers": weight_gib(reference), "sgdiff": weight_gib(ours)}
         # free the transformers before the text encoders load (Qwen-Image: 41 GB, then 17 GB; qwen_parts.py)
         reference = ours = None  # type: ignore[assignment]
         encoders = build_text_encoding(model, tiny, device)
@@ -165,6 +174,7 @@ def run_bench(
             "vae_decode_s": decode_s,
             "end_to_end_s": text_s[impl] + model.steps * step_ms[impl] / 1e3 + decode_s,
             "peak_memory_gib": memory[impl],
+            "weights_gib": weights[impl],
             "tflops": tflops,
             "share_of_floor": tflops / peak_tflops if peak_tflops else None,
         }
@@ -198,6 +208,7 @@ def render(result: dict[str, Any]) -> str:
         ("VAE decode, s", "vae_decode_s", "{:10.3f}"),
         ("end to end (sum), s", "end_to_end_s", "{:10.2f}"),
         ("peak GPU memory, GiB", "peak_memory_gib", "{:10.1f}"),
+        ("transformer weights, GiB", "weights_gib", "{:10.2f}"),
         ("achieved TFLOP/s", "tflops", "{:10.0f}"),
         ("share of the FLOP floor", "share_of_floor", "{:10.0%}"),
     ]
@@ -212,7 +223,9 @@ def render(result: dict[str, Any]) -> str:
         floor_ms = result["tflop_per_forward"] / result["matmul_tflops"] * 1e3
         floor = f"; floor at this card's {result['matmul_tflops']:.0f} TFLOP/s bf16 matmul: {floor_ms:.1f} ms"
     lines.append(f"FLOPs per forward (counted): {result['tflop_per_forward']:.4g} T{floor}")
-    lines.append(f"bf16 rel err, sgdiff vs diffusers: {result['bf16_rel_err']:.2e}; "
+    fp8 = result["speed"].get("dit_precision") == "fp8"
+    agreement = "rel err, sgdiff with FP8 weights vs diffusers' bf16" if fp8 else "bf16 rel err, sgdiff vs diffusers"
+    lines.append(f"{agreement}: {result['bf16_rel_err']:.2e}; "
                  f"sgdiff's first forward (compile, capture): {result['sgdiff_first_forward_s']:.1f} s")  # fmt: skip
     for choice in result.get("attention_choices") or []:
         times = ", ".join(f"{name} {ms:.3f}" for name, ms in choice["ms"].items())

@@ -201,6 +201,8 @@ def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
         "process_age_at_start": report.started_at_process_age,
         "process_age_at_dump": process_age_seconds(),
         "speed": speed_report(engine.runner.pipeline, engine.runner.speed) if engine.runner.pipeline else None,
+        # --cpu-offload / --text-encoder-offload: what was offloaded and how many copies it took (null: none)
+        "offload": engine.runner.offloaded.report() if engine.runner.offloaded else None,
         "peak_rss_bytes": report.peak_rss_bytes,  # whole run, loading included
         "requests": [
             {

@@ -45,6 +45,7 @@ def bench(
     enable_fused_norms: opt.EnableFusedNorms = None,
     enable_torch_compile: opt.EnableTorchCompile = False,
     enable_cuda_graph: opt.EnableCudaGraph = False,
+    dit_precision: opt.DitPrecision = opt.DitPrecisionChoice.default,
     e2e: Annotated[
         bool,
         typer.Option(
@@ -75,7 +76,7 @@ def bench(
         from sgdiff.io.files import write_atomically
 
         speed = opt.speed_config(attention_backend, enable_fused_projections, enable_fused_gelu, enable_fused_norms,
-                                 enable_torch_compile, enable_cuda_graph)  # fmt: skip
+                                 enable_torch_compile, enable_cuda_graph, dit_precision)  # fmt: skip
         if e2e and (height is not None or width is not None):
             from sgdiff.errors import UserError
 
@@ -101,6 +102,7 @@ def speed_flags(speed) -> list[str]:
     from sgdiff.cli.errors import flag
 
     flags = [] if speed.attention_backend == "auto" else ["--attention-backend", speed.attention_backend]
+    flags += [] if speed.dit_precision == "default" else ["--dit-precision", speed.dit_precision]
     toggles = ("fused_projections", "fused_gelu", "fused_norms", "torch_compile", "cuda_graph")
     flags += [flag(name) for name in toggles if getattr(speed, name)]
     return flags + [flag(name).replace("--enable-", "--disable-") for name in toggles if getattr(speed, name) is False

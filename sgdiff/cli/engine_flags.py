@@ -24,6 +24,11 @@ ENGINE_OPTIONS = (
     ("enable_fused_norms", opt.EnableFusedNorms, None),
     ("enable_torch_compile", opt.EnableTorchCompile, False),
     ("enable_cuda_graph", opt.EnableCudaGraph, False),
+    ("dit_precision", opt.DitPrecision, opt.DitPrecisionChoice.default),
+    ("vae_tiling", opt.VaeTiling, False),
+    ("cpu_offload", opt.CpuOffload, opt.CpuOffloadChoice.none),
+    ("text_encoder_offload", opt.TextEncoderOffload, False),
+    ("offload_prefetch", opt.OffloadPrefetch, 1),
 )
 
 
@@ -41,9 +46,14 @@ class EngineFlags:
     enable_fused_norms: bool | None = None  # None: on for a CUDA GPU in bf16
     enable_torch_compile: bool = False
     enable_cuda_graph: bool = False
+    dit_precision: opt.DitPrecisionChoice = opt.DitPrecisionChoice.default
+    vae_tiling: bool = False
+    cpu_offload: opt.CpuOffloadChoice = opt.CpuOffloadChoice.none
+    text_encoder_offload: bool = False
+    offload_prefetch: int = 1
 
     def runtime(self):
-        from sgdiff.config import RuntimeConfig
+        from sgdiff.config import OffloadConfig, RuntimeConfig
 
         speed = opt.speed_config(
             self.attention_backend,
@@ -52,8 +62,12 @@ class EngineFlags:
             self.enable_fused_norms,
             self.enable_torch_compile,
             self.enable_cuda_graph,
+            self.dit_precision,
         )
-        return RuntimeConfig(device=self.device, dtype=self.dtype, speed=speed)
+        offload = OffloadConfig(self.cpu_offload.value, self.text_encoder_offload, self.offload_prefetch)
+        return RuntimeConfig(
+            device=self.device, dtype=self.dtype, speed=speed, vae_tiling=self.vae_tiling, offload=offload
+        )
 
     def parallel(self):
         from sgdiff.config import ParallelConfig

@@ -25,6 +25,12 @@ AttentionBackendChoice = Enum(  # type: ignore[misc]
     type=str,
 )
 
+
+class DitPrecisionChoice(str, Enum):  # speed/fp8.py DIT_PRECISIONS (a test keeps them equal)
+    default = "default"
+    fp8 = "fp8"
+
+
 MODEL = "Model"
 SAMPLING = "Sampling"
 OUTPUT = "Output"
@@ -293,14 +299,77 @@ EnableCudaGraph = Annotated[
     ),
 ]
 
+VaeTiling = Annotated[
+    bool,
+    typer.Option(
+        "--vae-tiling",
+        help="Decode in overlapping tiles, blended as diffusers' enable_tiling() does, and a batch one output at a "
+        "time: less memory for large images and long videos. With --num-gpus the tiles are shared out over the "
+        "GPUs (sgdiff's own VAEs: FLUX, Wan text-to-video).",
+        rich_help_panel=RUNTIME,
+    ),
+]
+
+DitPrecision = Annotated[
+    DitPrecisionChoice,
+    typer.Option(
+        "--dit-precision",
+        help="The transformer's weights: default (the model's --dtype) or fp8 (its blocks' Linear weights in "
+        "float8 e4m3 with a scale per output channel, matmuls on FP8 tensor cores: half their memory, faster, "
+        "lossy; a CUDA GPU of compute capability 8.9 or newer, bf16, without --enable-fused-gelu).",
+        rich_help_panel=SPEED,
+    ),
+]
+
+MEMORY = "Memory"
+
+
+class CpuOffloadChoice(str, Enum):  # config.OFFLOAD_MODES (a test keeps them equal)
+    none = "none"
+    components = "components"
+    layers = "layers"
+
+
+CpuOffload = Annotated[
+    CpuOffloadChoice,
+    typer.Option(
+        "--cpu-offload",
+        help="Keep weights in CPU memory and copy them onto the GPU only while they run, exactly as they are (the "
+        "outputs do not change): components (the text encoders, image encoder and VAE during their stage; of "
+        "Wan2.2 A14B's two experts, the one running) or layers (components too, and the transformer's blocks "
+        "copied in one by one while the previous block computes; not with --enable-cuda-graph). Default: none.",
+        rich_help_panel=MEMORY,
+    ),
+]
+TextEncoderOffload = Annotated[
+    bool,
+    typer.Option(
+        "--text-encoder-offload",
+        help="The text encoders leave the GPU once the prompt is encoded, and come back for the next prompt "
+        "(part of --cpu-offload components and layers).",
+        rich_help_panel=MEMORY,
+    ),
+]
+OffloadPrefetch = Annotated[
+    int,
+    typer.Option(
+        "--offload-prefetch",
+        min=0,
+        help="With --cpu-offload layers: how many blocks are copied ahead of the one computing (each holds one "
+        "more block in GPU memory; 0: each block is copied when it runs). Default: 1.",
+        rich_help_panel=MEMORY,
+    ),
+]
+
 
 def speed_config(attention_backend: AttentionBackendChoice, projections: bool | None, gelu: bool | None,
-                 norms: bool | None, compile_: bool, graph: bool):  # fmt: skip
+                 norms: bool | None, compile_: bool, graph: bool,
+                 precision: DitPrecisionChoice = DitPrecisionChoice.default):  # fmt: skip
     """The speed flags, shared by `generate` and `bench`, as the library's SpeedConfig."""
     from sgdiff.config import SpeedConfig
 
     return SpeedConfig(attention_backend.value, fused_projections=projections, fused_gelu=gelu, fused_norms=norms,
-                       torch_compile=compile_, cuda_graph=graph)  # fmt: skip
+                       torch_compile=compile_, cuda_graph=graph, dit_precision=precision.value)  # fmt: skip
 
 
 Server = Annotated[

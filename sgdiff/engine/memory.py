@@ -5,7 +5,9 @@ floor: e.g. the VAE's full-resolution feature maps). A run that surely cannot fi
 numbers, instead of being killed by the kernel's OOM killer without a word.
 
 Only the CPU: there, running out of memory ends the process with SIGKILL and nothing said. On a GPU
-torch raises an out-of-memory error, which the CLI turns into one line (cli/errors.py)."""
+torch raises an out-of-memory error, which the CLI turns into one line (cli/errors.py); only what surely
+cannot fit on one GPU, the transformers as the offload mode leaves them, is refused before loading
+(offload/memory.py)."""
 
 from __future__ import annotations
 
@@ -36,20 +38,29 @@ def available_memory_bytes(field: str = "MemAvailable") -> int | None:
 def loaded_weight_bytes(model_dir: Path, model_index: dict, dtype: torch.dtype, skip: frozenset[str]) -> int:
     """Bytes the components' weights take once loaded: floating-point tensors in `dtype`, the others as
     stored; `skip` names components not loaded. Reads the headers only."""
-    total = 0
+    return sum(sum(tensors.values()) for tensors in tensor_bytes(model_dir, model_index, dtype, skip).values())
+
+
+def tensor_bytes(
+    model_dir: Path, model_index: dict, dtype: torch.dtype, skip: frozenset[str]
+) -> dict[str, dict[str, int]]:
+    """{component: {tensor name: bytes once loaded}} (as loaded_weight_bytes counts them), for the components
+    with weights that are loaded."""
+    found: dict[str, dict[str, int]] = {}
     for name, entry in model_index.items():
         if name.startswith("_") or name in skip or not isinstance(entry, list):
             continue
         folder = model_dir / name
         if not folder.is_dir() or not any(folder.glob("*.safetensors")):
             continue
+        tensors = found[name] = {}
         for path in safetensors_files(folder):
-            for stored, shape, begin, end in read_header(path)[1].values():
+            for tensor, (stored, shape, begin, end) in read_header(path)[1].items():
                 count = 1
                 for size in shape:
                     count *= size
-                total += count * dtype.itemsize if stored.is_floating_point else end - begin
-    return total
+                tensors[tensor] = count * dtype.itemsize if stored.is_floating_point else end - begin
+    return found
 
 
 def check_fits_in_memory(

@@ -16,8 +16,10 @@ import torch
 from sgdiff.config import Preset, RuntimeConfig, merge_layers, select_preset
 from sgdiff.errors import UserError
 from sgdiff.models.resolve import is_hub_repo, resolve_model_path, snapshot_commit
+from sgdiff.offload.apply import Offloaded, apply_offload, check_offload, load_device, place
 from sgdiff.pipeline.base import ComposedPipeline, NullEvents, PipelineEvents, State
 from sgdiff.pipeline.registry import family_of_field, inspect_model
+from sgdiff.pipeline.vae_tiling import apply_vae_tiling
 from sgdiff.sampling import SamplingParams, build_sampling_params, sampling_fields
 from sgdiff.speed.apply import apply_speed, check_speed, resolve_speed
 from sgdiff.speed.warm_up import start_warm_up, warms_up
@@ -91,6 +93,10 @@ class ModelRunner:
         self.dtype = resolve_dtype(runtime.dtype, self.device)
         self.speed = resolve_speed(runtime.speed, self.device, self.dtype)
         self.attention = check_speed(self.speed, self.device, self.dtype)
+        self.offload = runtime.offload
+        check_offload(self.offload, self.speed)
+        self.offloaded: Offloaded | None = None  # what load() offloaded
+        self.vae_tiling = runtime.vae_tiling
         self.from_hub = is_hub_repo(model_path)
         self.model_dir = resolve_model_path(model_path, revision)
         self.model_commit = snapshot_commit(self.model_dir)  # the Hub commit loaded (None: not a HF cache snapshot)
@@ -153,14 +159,18 @@ class ModelRunner:
             warming = start_warm_up(
                 self.family, self.info, warm_up, self.device, self.dtype, self.speed, self.attention, self.events
             )
+        loading = load_device(self.offload, self.device)  # the CPU where parts wait there (offload/apply.py)
+        ahead = encode_ahead if loading == self.device else ()  # (text encoders in CPU memory: in the request)
         try:
-            pipeline = self.family.load(
-                self.model_dir, self.device, self.dtype, self.schedule, self.events, skip, encode_ahead
-            )
+            pipeline = self.family.load(self.model_dir, loading, self.dtype, self.schedule, self.events, skip, ahead)
         finally:
             if warming is not None:
                 warming.join()
+        place(pipeline, self.offload, self.device)
         apply_speed(pipeline, self.speed, self.attention, self.family)
+        if self.vae_tiling:
+            apply_vae_tiling(pipeline)
+        self.offloaded = apply_offload(pipeline, self.offload, self.device, self.family.text_encoders)
         self.pipeline = pipeline
         self.load_seconds = time.perf_counter() - start
 

@@ -15,13 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from sgdiff.config import BatchingConfig, EngineConfig, ParallelConfig, RuntimeConfig, SpeedConfig
+from sgdiff.config import BatchingConfig, EngineConfig, OffloadConfig, ParallelConfig, RuntimeConfig, SpeedConfig
 from sgdiff.engine.handle import RequestHandle
 from sgdiff.engine.ranks import under_torchrun
 from sgdiff.engine.runner import GenerationResult, ModelRunner
 from sgdiff.errors import UserError
 from sgdiff.io.input_image import fetch
 from sgdiff.models.resolve import DEMO_IMAGE_MODEL
+from sgdiff.offload.apply import check_offload_parallel
 from sgdiff.pipeline.base import NullEvents, PipelineEvents
 from sgdiff.sampling import SamplingParams
 
@@ -90,6 +91,7 @@ class Engine:
                 "(cuDNN on Hopper, else flash): use `attention_backend` auto with `ring_degree`",
                 field="attention_backend",
             )
+        check_offload_parallel(runtime.offload, self.parallel)
         self.revision = revision
         self.config = EngineConfig(model or DEMO_IMAGE_MODEL, preset, runtime, self.parallel, batching, revision)
         self.load_events = load_events or NullEvents()
@@ -105,7 +107,7 @@ class Engine:
             if not under_torchrun():
                 check_devices(runtime.device, self.parallel.num_gpus)
         self._executor: Any = None
-        self._weights_to_load: int | None = None  # bytes, every process's copy together (CPU runs)
+        self._placements: tuple[Any, ...] | None = None  # WeightPlacements (_weight_placements)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -124,15 +126,21 @@ class Engine:
         revision: str | None = None,
         max_batch_size: int = 1,
         batching_delay_ms: float = 0.0,
+        vae_tiling: bool = False,
+        cpu_offload: str = "none",
+        text_encoder_offload: bool = False,
+        offload_prefetch: int = 1,
         **speed: Any,
     ) -> Engine:
         """Load `model` and return the engine, ready. `max_batch_size`, `batching_delay_ms`: BatchingConfig
-        (1: every request runs alone). `speed`: SpeedConfig's toggles by name (attention_backend="auto",
-        fused_projections, fused_gelu, fused_norms, torch_compile, cuda_graph)."""
+        (1: every request runs alone). `vae_tiling`: RuntimeConfig's. `cpu_offload`, `text_encoder_offload`,
+        `offload_prefetch`: OffloadConfig's. `speed`: SpeedConfig's toggles by name (attention_backend="auto",
+        fused_projections, fused_gelu, fused_norms, torch_compile, cuda_graph, dit_precision="default")."""
         unknown = sorted(set(speed) - set(SPEED_OPTIONS))
         if unknown:
             raise UserError(f"unknown engine option(s) {unknown}; the speed options are {SPEED_OPTIONS}")
-        runtime = RuntimeConfig(device, dtype, SpeedConfig(**speed))
+        offload = OffloadConfig(cpu_offload, text_encoder_offload, offload_prefetch)
+        runtime = RuntimeConfig(device, dtype, SpeedConfig(**speed), vae_tiling, offload)
         parallel = ParallelConfig(num_gpus, ulysses_degree, ring_degree, enable_cfg_parallel)
         batching = BatchingConfig(max_batch_size, batching_delay_ms)
         engine = cls(model, preset=preset, runtime=runtime, parallel=parallel, batching=batching, revision=revision)
@@ -188,27 +196,57 @@ class Engine:
         return params
 
     def _check_memory(self, params: SamplingParams) -> None:
-        """On the CPU: refuse a request that surely cannot fit in the memory available (engine/memory.py)."""
+        """Refuse a request that surely cannot fit: on the CPU in the memory available (engine/memory.py), on
+        one GPU in the GPU's (offload/memory.py). Both count the weights the offload mode leaves there."""
         runner = self.runner
+        if runner.device.type == "cuda":
+            self._check_gpu_memory(params)
+            return
         if runner.device.type != "cpu":
             return
-        from sgdiff.engine.memory import available_memory_bytes, check_fits_in_memory, loaded_weight_bytes
+        from sgdiff.engine.memory import available_memory_bytes, check_fits_in_memory
 
+        activations = runner.family.activation_floor(runner.info, params, runner.dtype)
         if self._executor is not None:
             # loaded, and maybe running a request whose memory comes back when it ends: only what can
             # never fit is refused now
-            activations = runner.family.activation_floor(runner.info, params, runner.dtype)
             total = available_memory_bytes("MemTotal")
             check_fits_in_memory(0, activations, params, 1, total, "this machine has {}")
             return
-        if self._weights_to_load is None:
-            index, n = runner.info.model_index, self.parallel.num_gpus
-            every = loaded_weight_bytes(runner.model_dir, index, runner.dtype, frozenset())
-            shared = loaded_weight_bytes(runner.model_dir, index, runner.dtype, runner.family.text_encoders)
-            self._weights_to_load = every + (n - 1) * shared  # text encoders on rank 0 alone
-        weights = self._weights_to_load
+        first, other, _ = self._weight_placements()
+        n = self.parallel.num_gpus
+        # the compute device is the CPU: the offloaded weights' homes and their loans both take its memory
+        weights = sum(p.host + max(p.lending - activations, p.resident) for p in [first, *[other] * (n - 1)])
+        check_fits_in_memory(weights, activations, params, n, available_memory_bytes())
+
+    def _check_gpu_memory(self, params: SamplingParams) -> None:
+        """One GPU in this process, before loading: refuse what surely cannot fit in all its memory."""
+        runner = self.runner
+        if self._executor is not None or self.parallel.num_gpus > 1 or under_torchrun():
+            return
+        if getattr(runner.speed, "dit_precision", "default") != "default":  # FP8 weights: fewer bytes than counted
+            return
+        from sgdiff.offload.memory import check_fits_on_gpu
+
         activations = runner.family.activation_floor(runner.info, params, runner.dtype)
-        check_fits_in_memory(weights, activations, params, self.parallel.num_gpus, available_memory_bytes())
+        memory = gpu_memory_bytes(runner.device)
+        check_fits_on_gpu(self._weight_placements()[2], activations, params, runner.offload, memory)
+
+    def _weight_placements(self) -> tuple[Any, Any, Any]:
+        """Where the weights are under the offload mode (offload/memory.py WeightPlacement): rank 0's, the other
+        ranks' (no text encoders), and the transformers' alone (every tensor of their files is loaded, where
+        other parts may leave some unread, a vision tower or a VAE's encoder: a sure lower bound)."""
+        if self._placements is None:
+            from sgdiff.engine.memory import tensor_bytes
+            from sgdiff.offload.memory import DENOISERS, weight_placement
+
+            runner = self.runner
+            texts = runner.family.text_encoders
+            every = tensor_bytes(runner.model_dir, runner.info.model_index, runner.dtype, frozenset())
+            shared = {name: tensors for name, tensors in every.items() if name not in texts}  # rank 0 alone encodes
+            denoisers = {name: tensors for name, tensors in every.items() if name in DENOISERS}
+            self._placements = tuple(weight_placement(t, runner.offload, texts) for t in (every, shared, denoisers))
+        return self._placements
 
     def start(self, warm_up: SamplingParams | None = None, encode_ahead: Sequence[SamplingParams] = ()) -> None:
         """Load the model (start the worker pool on several GPUs); returns once it can serve. `warm_up`: a
@@ -298,6 +336,11 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))  # the cores this process may run on (taskset, cgroups' cpusets)
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def gpu_memory_bytes(device: torch.device) -> int:
+    """All the memory of a CUDA GPU (what other processes hold is not known to be held for long)."""
+    return torch.cuda.get_device_properties(device).total_memory
 
 
 def check_devices(device: str | None, num_gpus: int) -> None:

@@ -29,6 +29,7 @@ from sgdiff.parallel.broadcast import share_from_rank0
 from sgdiff.parallel.cfg import apply_cfg_parallel
 from sgdiff.parallel.groups import ParallelGroups, build_groups
 from sgdiff.parallel.plans import apply_sequence_parallel
+from sgdiff.parallel.vae import apply_vae_parallel
 from sgdiff.pipeline.base import NullEvents
 from sgdiff.sampling import SamplingParams
 
@@ -68,25 +69,27 @@ def load_for_rank(runner: ModelRunner, groups: ParallelGroups, ahead: Sequence[S
 
 @contextmanager
 def make_parallel(runner: ModelRunner, groups: ParallelGroups) -> Iterator[None]:
-    """Apply CFG and sequence parallelism to the loaded pipeline for the requests run in the context."""
+    """Apply CFG and sequence parallelism, and the VAE's tiles over the ranks, to the loaded pipeline for
+    the requests run in the context."""
     pipeline = runner.pipeline
     assert pipeline is not None  # (loaded: load_for_rank)
     pipeline.rank = groups.rank
     pipeline.share = lambda state, fields: share_from_rank0(state, fields, groups.rank)
     if groups.config.enable_cfg_parallel:
         apply_cfg_parallel(pipeline, groups)
-    if groups.sp_degree == 1:
-        yield
-        return
+    undo_vae = apply_vae_parallel(pipeline, groups)
     single = pipeline.attention
-    pipeline.attention = apply_sequence_parallel(
-        pipeline.transformers, runner.family, groups, inner=single or sdpa_attention
-    )
+    sharded = None
+    if groups.sp_degree > 1:
+        sharded = apply_sequence_parallel(pipeline.transformers, runner.family, groups, inner=single or sdpa_attention)
+        pipeline.attention = sharded
     try:
         yield
     finally:
-        pipeline.attention.remove()
-        pipeline.attention = single
+        if sharded is not None:
+            sharded.remove()
+            pipeline.attention = single
+        undo_vae()
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from torch import nn
 
 from sgdiff.errors import UserError
 from sgdiff.models.loading import config_fields
+from sgdiff.models.tiles import TileAxis, TileGrid, blend_tiles, one_at_a_time
 
 EPS = 1e-6  # every GroupNorm of AutoencoderKL's decoder
 ACTIVATIONS = ("silu", "swish")  # diffusers' names for the same function
@@ -41,6 +42,7 @@ class ImageVaeConfig:
     mid_block_add_attention: bool = True
     scaling_factor: float = 0.18215  # latents are divided by it, then shifted, before decoding
     shift_factor: float | None = None
+    sample_size: int | tuple[int, ...] = 32  # pixels: the tile size of a tiled decode (the first, if several)
     # where it was read, for error messages (not a config.json key)
     source: str = field(default="the VAE config", compare=False, repr=False)
 
@@ -196,7 +198,9 @@ class Decoder(nn.Module):
 
 class ImageVaeDecoder(nn.Module):
     """AutoencoderKL's decode path: latents (already divided by `scaling_factor` and shifted by
-    `shift_factor`) -> pixels in about [-1, 1]."""
+    `shift_factor`) -> pixels in about [-1, 1]. Whole and the whole batch at once unless `enable_tiling`
+    / `enable_slicing` (as diffusers' methods of those names, with its attributes and defaults: tiles of
+    `sample_size` pixels overlapping by a quarter, where the image is larger than one tile)."""
 
     def __init__(self, config: ImageVaeConfig):
         super().__init__()
@@ -204,16 +208,65 @@ class ImageVaeDecoder(nn.Module):
         self.decoder = Decoder(config)
         channels = config.latent_channels
         self.post_quant_conv = nn.Conv2d(channels, channels, 1) if config.use_post_quant_conv else None
+        self.use_tiling = False
+        self.use_slicing = False
+        size = config.sample_size[0] if isinstance(config.sample_size, tuple) else config.sample_size
+        self.tile_sample_min_size = size  # pixels: images larger than this are decoded in tiles
+        self.tile_latent_min_size = int(size / config.scale_factor)
+        self.tile_overlap_factor = 0.25
 
     @property
     def dtype(self) -> torch.dtype:
         return self.decoder.conv_in.weight.dtype
 
+    def enable_tiling(self) -> None:
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def enable_slicing(self) -> None:
+        """Decode a batch one image at a time."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, latent_channels, h, w] -> [B, out_channels, h * scale_factor, w * scale_factor]."""
+        grid = self.tile_grid(tuple(latents.shape))
+        if grid is None:
+            return one_at_a_time(self.decode_whole, latents, self.use_slicing)
+        return self.join_tiles(grid, [self.decode_tile(latents, region) for region in grid.regions])
+
+    def decode_whole(self, latents: torch.Tensor) -> torch.Tensor:
         if self.post_quant_conv is not None:
             latents = self.post_quant_conv(latents)
         return self.decoder(latents)
+
+    def tile_grid(self, latent_shape: tuple[int, ...]) -> TileGrid | None:
+        """diffusers' AutoencoderKL.tiled_decode's tiles; None: decoded whole (tiling off, or the image
+        no larger than one tile)."""
+        batch, _, height, width = latent_shape
+        tile = self.tile_latent_min_size
+        if not self.use_tiling or (height <= tile and width <= tile):
+            return None
+        blend = int(self.tile_sample_min_size * self.tile_overlap_factor)
+        stride = int(tile * (1 - self.tile_overlap_factor))
+        keep = self.tile_sample_min_size - blend
+        scale = self.config.scale_factor
+        return TileGrid(
+            TileAxis(height, tile, stride, scale, keep, blend),
+            TileAxis(width, tile, stride, scale, keep, blend),
+            leading=(batch, self.config.out_channels),
+        )
+
+    def decode_tile(self, latents: torch.Tensor, region: tuple[slice, slice]) -> torch.Tensor:
+        rows, cols = region
+        return one_at_a_time(self.decode_whole, latents[:, :, rows, cols], self.use_slicing)
+
+    def join_tiles(self, grid: TileGrid, tiles: list[torch.Tensor]) -> torch.Tensor:
+        return blend_tiles(grid, tiles)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decode(latents)

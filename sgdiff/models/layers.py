@@ -9,13 +9,30 @@ import torch
 from torch import nn
 
 from sgdiff.kernels import kernels_run_on
+from sgdiff.models.fp8 import FP8, fp8_linear, quantize_weight
 
 
 class Linear(nn.Linear):
-    """nn.Linear, with what the speed toggles chose for it (speed/fuse.py sets these; none by default)."""
+    """nn.Linear, with what the speed toggles chose for it (speed/fuse.py and speed/fp8.py set these;
+    none by default)."""
 
     gelu_epilogue: bool = False  # the tanh GELU that follows it computed in its GEMM's epilogue
     fused: FusedProjection | None = None  # on a group's first Linear: the group as one GEMM (`project`)
+    fp8: bool = False  # `weight` is float8 e4m3 [N, K], with the buffer `weight_scale` (`to_fp8`)
+    weight_scale: torch.Tensor  # float32 [N], one per output channel: a buffer, made by `to_fp8`
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def to_fp8(self) -> None:
+        """Store the weight as float8 e4m3 with a float32 scale per output channel (models/fp8.py), in
+        place of the high-precision one (released, unless something else holds it); the bias stays."""
+        weight, scale = quantize_weight(self.weight)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("weight_scale", scale)
+        self.fp8 = True
 
 
 class RMSNorm(nn.RMSNorm):
@@ -157,22 +174,38 @@ class FP32LayerNorm(nn.LayerNorm):
 class FusedProjection:
     """Several Linears over the same input as one GEMM: their weights (and biases) concatenated into
     one matrix, each Linear's own weight re-pointed at its slice (parameter names, and the state dict,
-    stay as they were; no extra memory). Made by speed/fuse.py; `project` uses it."""
+    stay as they were; no extra memory). Made by speed/fuse.py; `project` uses it. Linears with FP8
+    weights (Linear.to_fp8) fuse too: their float8 rows and per-row scales concatenated alike."""
 
     def __init__(self, linears: tuple[Linear, ...]):
         if any(linear.bias is None for linear in linears):
             raise ValueError("FusedProjection fuses Linears that all have a bias")
+        if len({linear.fp8 for linear in linears}) > 1:
+            raise ValueError("FusedProjection fuses Linears whose weights have one precision")
         self.sizes = [linear.out_features for linear in linears]
-        self.weight = torch.cat([linear.weight.detach() for linear in linears])  # [sum(out), in]
+        self.weight = cat_rows([linear.weight.detach() for linear in linears])  # [sum(out), in]
         self.bias = torch.cat([linear.bias.detach() for linear in linears])  # [sum(out)]
+        # FP8: the rows' scales [sum(out)] (per output channel: the same as each Linear's own)
+        self.scale = torch.cat([linear.weight_scale for linear in linears]) if linears[0].fp8 else None
         start = 0
         for linear, size in zip(linears, self.sizes, strict=True):
             linear.weight = nn.Parameter(self.weight[start : start + size], requires_grad=False)
             linear.bias = nn.Parameter(self.bias[start : start + size], requires_grad=False)
+            if self.scale is not None:
+                linear.weight_scale = self.scale[start : start + size]
             start += size
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.scale is not None:
+            return fp8_linear(x, self.weight, self.scale, self.bias).split(self.sizes, dim=-1)
         return nn.functional.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along dim 0; float8 ones as their bytes (a cat kernel of every device takes uint8)."""
+    if tensors[0].dtype != FP8:
+        return torch.cat(tensors)
+    return torch.cat([t.view(torch.uint8) for t in tensors]).view(FP8)
 
 
 def project(x: torch.Tensor, *linears: Linear) -> tuple[torch.Tensor, ...]:

@@ -8,9 +8,10 @@ and every sequence-parallel rank spent them on the same vectors (every sp rank h
 
 Here the outputs of all of a model's modulation Linears, laid end to end, are cut into one range per
 sp rank. Right after temb is made, each rank computes its range (row blocks of the Linears' weights:
-views, no copies), and one all-gather gives every rank all of them, end to end in one buffer. Each
-AdaModulation's Linear is stood in for by GatheredRows, which returns its slice of that buffer. Each
-rank reads 1/N of the weights; every output is computed once, by one rank, from the same temb.
+views, no copies; FP8 weights through their scaled matmul), and one all-gather gives every rank all
+of them, end to end in one buffer. Each AdaModulation's Linear is stood in for by GatheredRows, which
+returns its slice of that buffer. Each rank reads 1/N of the weights; every output is computed once,
+by one rank, from the same temb.
 """
 
 from __future__ import annotations
@@ -20,7 +21,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from sgdiff.models.layers import AdaModulation
+from sgdiff.models.fp8 import fp8_linear
+from sgdiff.models.layers import AdaModulation, Linear
+
+
+def fp8_rows(linear: Linear, first: int, end: int, e: torch.Tensor) -> torch.Tensor:
+    """Rows first..end of a Linear with FP8 weights (models/layers.py Linear.to_fp8) for e [B, D]: [B, rows].
+    Computed over the rows widened to multiples of 16 (torch._scaled_mm's; an FP8 Linear's out_features
+    is one), then cut: a rank's range may start or end anywhere."""
+    low, high = first // 16 * 16, min(-(-end // 16) * 16, linear.out_features)
+    bias = linear.bias[low:high] if linear.bias is not None else None
+    out = fp8_linear(e, linear.weight[low:high], linear.weight_scale[low:high], bias)  # [B, high - low]
+    return out[:, first - low : end - low]
 
 
 class GatheredRows(nn.Module):
@@ -68,6 +80,10 @@ class ShardedModulation:
         send = e.new_empty(self.share, b)  # my range of the outputs: [share, B]
         row = 0
         for linear, first, end in self.pieces:
+            if linear.fp8:  # FP8 weights (--dit-precision fp8)
+                send[row : row + end - first] = fp8_rows(linear, first, end, e).t()
+                row += end - first
+                continue
             bias = linear.bias[first:end, None] if linear.bias is not None else e.new_zeros(end - first, 1)
             # [rows, D] @ [D, B] -> [rows, B]: my rows of this Linear for every batch item
             torch.addmm(bias, linear.weight[first:end], e.t(), out=send[row : row + end - first])

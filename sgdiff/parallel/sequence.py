@@ -228,6 +228,8 @@ class SequenceParallelAttention:
             return None
         if not all(stream.per_head_norms(head_dim) for stream in streams):
             return None  # (a norm over all heads needs every head of a token)
+        if any(linear.fp8 for stream in streams for linear in stream.linears):
+            return None  # (FP8 weights, --dit-precision fp8: the model projects them, q, k and v travel)
         rank, group = g.ulysses_rank, heads // u
         weights = [self.head_weights.get(s, slice(rank * group, (rank + 1) * group), head_dim) for s in streams]
         every_rope = self.gathered(rope)

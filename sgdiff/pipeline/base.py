@@ -23,6 +23,9 @@ class ParallelMode(Enum):
     ALL_RANKS = "all_ranks"  # every rank runs it on the same inputs (replicated)
     RANK0_ONLY = "rank0_only"  # rank 0 runs it; the State fields it names in `shares` are broadcast to the others
     CFG_SPLIT = "cfg_split"  # the conditional and unconditional branches may run on different ranks
+    # every rank runs it: its `decode` (parallel/vae.py's) shares the VAE's tiles out over the ranks and
+    # gathers them on rank 0, which alone ends with the output
+    TILE_SPLIT = "tile_split"
 
 
 class PipelineEvents(Protocol):
@@ -116,12 +119,16 @@ class ComposedPipeline:
         name: str,
         stages: list[Stage],
         transformers: list[torch.nn.Module] | None = None,
-        loaded: tuple[str, ...] = (),
+        loaded: tuple[str, ...] | dict[str, torch.nn.Module] = (),
     ):
         self.name = name
         self.stages = stages
         self.transformers = transformers or []  # the denoising models (what sequence parallelism shards)
-        self.loaded = loaded  # the names of the model components this process holds
+        self.loaded = tuple(loaded)  # the names of the model components this process holds
+        # those components by name, where the family gave them (components.loaded_modules): what offload moves
+        self.modules: dict[str, torch.nn.Module] = dict(loaded) if isinstance(loaded, dict) else {}
+        # called after each stage this process runs, even one that failed (offload/: evict what it used)
+        self.after_stage: list[Callable[[Stage], None]] = []
         self.rank = 0  # this process's rank when several serve one request: RANK0_ONLY stages run on 0 only
         # share(state, fields): rank 0's values of those State fields to every rank (set by parallel runs)
         self.share: Callable[[State, tuple[str, ...]], None] | None = None
@@ -161,7 +168,11 @@ class ComposedPipeline:
                 continue
             state.events.stage_started(stage.name)
             start = time.perf_counter()
-            stage.run(state)
+            try:
+                stage.run(state)
+            finally:
+                for done in self.after_stage:
+                    done(stage)
             if state.device.type == "cuda":
                 torch.cuda.synchronize(state.device)
             if rank0_only and stage.shares:

@@ -283,8 +283,9 @@ def timed_load(events: PipelineEvents, name: str, load: Callable[[], Any]) -> An
     return part
 
 
-def loaded_modules(parts: Any) -> tuple[str, ...]:
-    """The names of a components dataclass's fields that hold a loaded model."""
+def loaded_modules(parts: Any) -> dict[str, torch.nn.Module]:
+    """The fields of a components dataclass that hold a loaded model, by name (ComposedPipeline keeps the
+    names as `loaded`, the models as `modules`)."""
     from dataclasses import fields
 
-    return tuple(f.name for f in fields(parts) if isinstance(getattr(parts, f.name), torch.nn.Module))
+    return {f.name: model for f in fields(parts) if isinstance(model := getattr(parts, f.name), torch.nn.Module)}

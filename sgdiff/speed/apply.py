@@ -16,6 +16,7 @@ from sgdiff.pipeline.family import ModelFamily
 from sgdiff.speed.attention_backends import attention_backend
 from sgdiff.speed.compile import compile_blocks
 from sgdiff.speed.cuda_graph import CudaGraphForward
+from sgdiff.speed.fp8 import DIT_PRECISIONS, check_fp8, use_fp8_weights
 from sgdiff.speed.fuse import fuse_gelu, fuse_norms, fuse_projections
 
 DEFAULT_ON = ("fused_projections", "fused_gelu", "fused_norms")  # None: on where they run and are faster
@@ -25,11 +26,12 @@ def resolve_speed(speed: SpeedConfig, device: torch.device, dtype: torch.dtype) 
     """The toggles left at None decided for this device, on where they are never slower and stay within
     bf16 noise (docs/benchmark-log.md, run T: every toggle in turn): the fused GELU and norms on a CUDA
     GPU in bfloat16 (the norms also need Triton); the fused projections there too, but only with
-    torch.compile (eagerly their strided outputs make a forward slower). Off elsewhere."""
+    torch.compile (eagerly their strided outputs make a forward slower). Off elsewhere, and the fused
+    GELU off with FP8 weights (its epilogue is a bf16 GEMM's)."""
     gpu_bf16 = device.type == "cuda" and dtype == torch.bfloat16
     default: dict[str, Any] = {
         "fused_projections": gpu_bf16 and speed.torch_compile,
-        "fused_gelu": gpu_bf16,
+        "fused_gelu": gpu_bf16 and speed.dit_precision != "fp8",
         "fused_norms": gpu_bf16 and importlib.util.find_spec("triton") is not None,
     }
     return replace(speed, **{name: default[name] for name in DEFAULT_ON if getattr(speed, name) is None})
@@ -44,6 +46,18 @@ def check_speed(speed: SpeedConfig, device: torch.device, dtype: torch.dtype) ->
         )
     if speed.fused_norms:
         check_fused_norms(device, dtype)
+    if speed.dit_precision not in DIT_PRECISIONS:
+        raise UserError(
+            f"`dit_precision` {speed.dit_precision!r} is not one of {', '.join(DIT_PRECISIONS)}", field="dit_precision"
+        )
+    if speed.dit_precision == "fp8":
+        check_fp8(device, dtype)
+        if speed.fused_gelu:
+            raise UserError(
+                "`fused_gelu` computes the GELU in a bf16 GEMM's epilogue, and with `dit_precision` fp8 the MLPs "
+                "run FP8 GEMMs (torch._scaled_mm has no such epilogue): drop `fused_gelu`",
+                field="fused_gelu",
+            )
     return attention_backend(speed.attention_backend, device, dtype)
 
 
@@ -77,6 +91,8 @@ def speed_up_transformer(model: torch.nn.Module, speed: SpeedConfig, family: Mod
     groups = family.fusable(model)
     if speed.fused_gelu:  # before fusing projections: a Linear with a GELU epilogue is its own GEMM
         fuse_gelu(groups)
+    if speed.dit_precision == "fp8":  # before fusing projections too: a group fuses its float8 rows
+        use_fp8_weights(model)
     if speed.fused_projections:
         fuse_projections(groups)
     if speed.fused_norms:

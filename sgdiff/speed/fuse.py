@@ -46,9 +46,10 @@ def fuse_norms(model: nn.Module) -> int:
 
 def fuse_projections(groups: FusableGroups) -> int:
     """Fuse every group of `groups.projections`, less the Linears with a GELU epilogue; returns how
-    many groups were fused."""
+    many groups were fused. FP8 weights (speed/fp8.py, converted first) fuse as float8 rows."""
     plain = [tuple(linear for linear in group if not linear.gelu_epilogue) for group in groups.projections]
-    fusable = [group for group in plain if len(group) > 1]
+    # (FP8 weights fuse with FP8 ones only: speed/fp8.py converts the same Linears of every group alike)
+    fusable = [group for group in plain if len(group) > 1 and len({linear.fp8 for linear in group}) == 1]
     for linears in fusable:
         linears[0].fused = FusedProjection(linears)
     return len(fusable)

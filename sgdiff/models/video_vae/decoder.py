@@ -7,6 +7,9 @@ strictly once the encoder's tensors (`encoder.*`, `quant_conv.*`) are dropped.
     post_quant_conv (1x1x1) -> per latent frame, with a FrameCache: conv_in -> mid block (resnet,
       frame attention, resnet) -> up blocks (resnets, then 2x up in space, some also 2x in time)
       -> RMS norm, SiLU, conv_out -> frames joined -> (Wan 2.2) 2x2 patches to pixels -> clamp
+
+With tiling (models/tiles.py) each spatial tile of the latents runs that whole path up to the joined
+frames on its own; the tiles are blended, then patches to pixels and clamp run once.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sgdiff.models.tiles import TileAxis, TileGrid, blend_tiles, one_at_a_time
 from sgdiff.models.video_vae.config import VideoVaeConfig
 from sgdiff.models.video_vae.layers import (
     CausalConv3d,
@@ -106,34 +110,105 @@ def unpatchify(x: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 class VideoVaeDecoder(nn.Module):
-    """AutoencoderKLWan's decode path (untiled, the whole batch at once): latents already denormalised
-    (times latents_std, plus latents_mean) -> video in [-1, 1]."""
+    """AutoencoderKLWan's decode path: latents already denormalised (times latents_std, plus latents_mean)
+    -> video in [-1, 1]. Whole and the whole batch at once unless `enable_tiling` / `enable_slicing` (as
+    diffusers' methods of those names, with its attributes and defaults: tiles of 256x256 pixels every
+    192, blended over the 64 they overlap, where the video is larger than one tile)."""
 
     def __init__(self, config: VideoVaeConfig):
         super().__init__()
         self.config = config
         self.post_quant_conv = CausalConv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder(config)
+        self.use_tiling = False
+        self.use_slicing = False
+        self.tile_sample_min_height = 256  # pixels: frames larger than this are decoded in tiles
+        self.tile_sample_min_width = 256
+        self.tile_sample_stride_height = 192  # pixels between the starts of two tiles
+        self.tile_sample_stride_width = 192
 
     @property
     def dtype(self) -> torch.dtype:
         return self.decoder.conv_in.weight.dtype
+
+    def enable_tiling(
+        self,
+        tile_sample_min_height: int | None = None,
+        tile_sample_min_width: int | None = None,
+        tile_sample_stride_height: int | None = None,
+        tile_sample_stride_width: int | None = None,
+    ) -> None:
+        """Decode in tiles (diffusers' AutoencoderKLWan.enable_tiling: a size left out keeps its value)."""
+        self.use_tiling = True
+        self.tile_sample_min_height = tile_sample_min_height or self.tile_sample_min_height
+        self.tile_sample_min_width = tile_sample_min_width or self.tile_sample_min_width
+        self.tile_sample_stride_height = tile_sample_stride_height or self.tile_sample_stride_height
+        self.tile_sample_stride_width = tile_sample_stride_width or self.tile_sample_stride_width
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def enable_slicing(self) -> None:
+        """Decode a batch one video at a time."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
 
     def decode(self, z: torch.Tensor, return_dict: bool = False) -> tuple[torch.Tensor]:
         """[B, z_dim, F, h, w] -> (video [B, 3, 4(F-1)+1, h*s, w*s],): a 1-tuple, as diffusers'
         decode(z, return_dict=False)."""
         if return_dict:
             raise ValueError("VideoVaeDecoder.decode returns a tuple only: pass return_dict=False")
+        grid = self.tile_grid(tuple(z.shape))
+        if grid is None:
+            return (self.finish(one_at_a_time(self.decode_frames, z, self.use_slicing)),)
+        return (self.join_tiles(grid, [self.decode_tile(z, region) for region in grid.regions]),)
+
+    def decode_frames(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, z_dim, F, h, w] -> the decoder's output [B, out_channels, T, h*s/p, w*s/p] (before
+        unpatchify and clamp), one latent frame at a time."""
         x = self.post_quant_conv(z)  # [B, z_dim, F, h, w]
         cache = FrameCache()
         chunks = []
         for i in range(x.shape[2]):  # one latent frame at a time: memory stays that of one chunk
             chunks.append(self.decoder(x[:, :, i : i + 1], cache))
             cache.first = False
-        video = torch.cat(chunks, dim=2)  # [B, out_channels, T, H, W]
+        return torch.cat(chunks, dim=2)  # [B, out_channels, T, H, W]
+
+    def finish(self, video: torch.Tensor) -> torch.Tensor:
+        """The decoder's output -> pixels: (Wan 2.2) 2x2 patches to pixels, then clamped to [-1, 1]."""
         if self.config.patch_size is not None:
             video = unpatchify(video, self.config.patch_size)
-        return (video.clamp(-1.0, 1.0) if self.config.clip_output else video,)
+        return video.clamp(-1.0, 1.0) if self.config.clip_output else video
+
+    def tile_grid(self, latent_shape: tuple[int, ...]) -> TileGrid | None:
+        """diffusers' AutoencoderKLWan.tiled_decode's tiles, in the decoder's output (patches, for Wan 2.2);
+        None: decoded whole (tiling off, or the frames no larger than one tile)."""
+        batch, _, frames, height, width = latent_shape
+        spatial, patch = self.config.scale_factor_spatial, self.config.patch_size or 1
+        if not self.use_tiling or (
+            height <= self.tile_sample_min_height // spatial and width <= self.tile_sample_min_width // spatial
+        ):
+            return None
+
+        def axis(latents: int, tile: int, stride: int) -> TileAxis:  # tile, stride: in pixels
+            return TileAxis(latents, tile // spatial, stride // spatial, spatial // patch, stride // patch,
+                            blend=tile // patch - stride // patch)  # fmt: skip
+
+        decoded_frames = self.config.scale_factor_temporal * (frames - 1) + 1
+        return TileGrid(
+            axis(height, self.tile_sample_min_height, self.tile_sample_stride_height),
+            axis(width, self.tile_sample_min_width, self.tile_sample_stride_width),
+            leading=(batch, self.config.out_channels, decoded_frames),
+        )
+
+    def decode_tile(self, z: torch.Tensor, region: tuple[slice, slice]) -> torch.Tensor:
+        rows, cols = region  # each tile starts with an empty frame cache, as diffusers' clear_cache
+        return one_at_a_time(self.decode_frames, z[:, :, :, rows, cols], self.use_slicing)
+
+    def join_tiles(self, grid: TileGrid, tiles: list[torch.Tensor]) -> torch.Tensor:
+        return self.finish(blend_tiles(grid, tiles))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.decode(z)[0]

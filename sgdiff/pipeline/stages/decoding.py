@@ -7,11 +7,22 @@ import numpy as np
 import torch
 
 from sgdiff.errors import UserError
+from sgdiff.models.tiles import TiledDecoder
 from sgdiff.pipeline.base import ParallelMode, Stage, State
 from sgdiff.sampling import FamilyParams
 
 # Model latents -> VAE latents [B, C, h, w] (undo packing, patchify, ...)
 Unpack = Callable[[torch.Tensor, FamilyParams], torch.Tensor]
+# VAE latents -> its output; None on a rank that only helped decode (TILE_SPLIT: rank 0 has the output)
+Decode = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+def split_mode(vae: Any) -> ParallelMode:
+    """How a decoding stage runs under several processes: TILE_SPLIT where its VAE decodes in tiles that
+    can run apart (sgdiff's own decoders): with --vae-tiling every rank decodes some of the tiles and
+    rank 0 blends them (parallel/vae.py), the output of one process's tiled decode; untiled (or no larger
+    than one tile) rank 0 decodes alone while the others go on. A diffusers VAE: RANK0_ONLY."""
+    return ParallelMode.TILE_SPLIT if isinstance(vae, TiledDecoder) else ParallelMode.RANK0_ONLY
 
 
 def check_finite(latents: torch.Tensor) -> None:
@@ -30,13 +41,18 @@ def to_uint8_images(decoded: torch.Tensor) -> np.ndarray:
 
 
 class VaeDecodingStage(Stage):
+    """An AutoencoderKL-style VAE (sgdiff's ImageVaeDecoder): latents scaled and shifted. Under several
+    processes as `split_mode` says."""
+
     name = "decoding"
     parallel = ParallelMode.RANK0_ONLY
     batchable = True
 
-    def __init__(self, vae: Any, unpack: Unpack):  # vae: sgdiff's decoder or diffusers' (.config, .dtype, .decode)
+    def __init__(self, vae: Any, unpack: Unpack):  # vae: sgdiff's ImageVaeDecoder (.config, .dtype, .decode)
         self.vae = vae
         self.unpack = unpack
+        self.parallel = split_mode(vae)
+        self.decode: Decode = vae.decode  # [B, C, h, w] -> [B, 3, H, W]
 
     def run(self, state: State) -> None:
         config = self.vae.config
@@ -44,8 +60,9 @@ class VaeDecodingStage(Stage):
         check_finite(state.latents)
         latents = self.unpack(state.latents, state.params)
         latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
-        decoded = self.vae.decode(latents.to(self.vae.dtype))  # [B, 3, H, W]
-        state.images = to_uint8_images(decoded)
+        decoded = self.decode(latents.to(self.vae.dtype))  # [B, 3, H, W]
+        if decoded is not None:  # (None: a rank that helped decode)
+            state.images = to_uint8_images(decoded)
 
 
 def latent_statistics(vae_config, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +74,9 @@ def latent_statistics(vae_config, like: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 class VideoVaeDecodingStage(Stage):
-    """Wan-style VAE: latents are normalised per channel (latents_mean / latents_std)."""
+    """Wan-style VAE: latents are normalised per channel (latents_mean / latents_std). Under several
+    processes as `split_mode` says: sgdiff's own decoder (text-to-video) shares the tiles of a tiled
+    decode out over the ranks; diffusers' AutoencoderKLWan (image-to-video) decodes on rank 0."""
 
     name = "decoding"
     parallel = ParallelMode.RANK0_ONLY
@@ -66,6 +85,8 @@ class VideoVaeDecodingStage(Stage):
     def __init__(self, vae: Any, finalize: Callable[[torch.Tensor, State], torch.Tensor] | None = None):
         self.vae = vae
         self.finalize = finalize  # a last change to the sampled latents (e.g. put back a given first frame)
+        self.parallel = split_mode(vae)
+        self.decode: Decode = lambda z: vae.decode(z, return_dict=False)[0]  # [B, C, F, h, w] -> [B, 3, T, H, W]
 
     def run(self, state: State) -> None:
         assert state.latents is not None  # (the denoising stage's)
@@ -73,7 +94,9 @@ class VideoVaeDecodingStage(Stage):
         check_finite(latents)
         latents = latents.to(self.vae.dtype)  # [B, C, F, h, w]
         mean, inverse_std = latent_statistics(self.vae.config, latents)
-        decoded = self.vae.decode(latents / inverse_std + mean, return_dict=False)[0]  # [B, 3, T, H, W]
+        decoded = self.decode(latents / inverse_std + mean)  # [B, 3, T, H, W]
+        if decoded is None:  # a rank that helped decode: rank 0 has the video
+            return
         # [B, 3, T, H, W] -> [B*T, 3, H, W] -> uint8 frames -> [B, T, H, W, 3]
         frames = to_uint8_images(decoded.transpose(1, 2).flatten(0, 1))
         state.videos = frames.reshape(decoded.shape[0], decoded.shape[2], *frames.shape[1:])
