@@ -79,6 +79,8 @@ class RuntimeConfig:
     # processes the tiles are shared out over the ranks (parallel/vae.py)
     vae_tiling: bool = False
     offload: OffloadConfig = OffloadConfig()  # what waits in CPU memory while it does not run
+    # bytes of its CUDA GPU each process may allocate (None: all of it): engine/memory.py cap_gpu_memory
+    gpu_memory_limit: int | None = None
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ class Run:
     # seconds after the load began
     speed: dict | None = None  # sgdiff: the toggles as resolved, compile cache use, CUDA graph capture
     step_seconds: list[float] | None = None  # sgdiff: every denoising step of the first prompt
+    peak_gpu_gib: float | None = None  # sgdiff: the most GPU memory a request held (None on the CPU)
 
 
 def drop_page_cache() -> None:
@@ -130,7 +131,12 @@ def run_sgdiff(model: Path, prompts: list[str], size: dict, device: str, speed_f
         "decode": stage("decoding"),
         "write": dump["total_seconds"] - dump["load_seconds"] - in_requests,
         "exit": wall - at_dump,  # after the perf dump: freeing memory, the interpreter's end
-    }, load_spans(dump), dump.get("speed"), requests[0]["step_seconds"])  # fmt: skip
+    }, load_spans(dump), dump.get("speed"), requests[0]["step_seconds"], peak_gpu_gib(requests))  # fmt: skip
+
+
+def peak_gpu_gib(requests: list[dict]) -> float | None:
+    peaks = [r["peak_gpu_memory_bytes"] for r in requests if r.get("peak_gpu_memory_bytes") is not None]
+    return max(peaks) / 2**30 if peaks else None
 
 
 def load_spans(dump: dict) -> dict[str, list[float]] | None:
@@ -255,6 +261,10 @@ def render_end_to_end(result: dict) -> str:
     for side in ("diffusers", "sgdiff"):
         phases = result["runs"][side][0]["phases"]
         lines.append(f"  {side:<9} " + ", ".join(f"{key} {median(side, key):.2f} s" for key in phases))
+    peak = result["runs"]["sgdiff"][0].get("peak_gpu_gib")
+    if peak is not None:
+        steps = result["runs"]["sgdiff"][0].get("step_seconds") or [0.0]
+        lines.append(f"  sgdiff peak GPU memory {peak:.1f} GiB; median step {statistics.median(steps):.3f} s")
     gb, machine = result["checkpoint_gb"], result["machine"]
     copy = machine.get("pinned_to_gpu_gb_per_s")
     lines.append(

@@ -27,6 +27,7 @@ from sgdiff.bench.parts import (
     transformer_inputs,
 )
 from sgdiff.config import SpeedConfig
+from sgdiff.engine.memory import cap_gpu_memory, parse_size
 from sgdiff.errors import UserError
 from sgdiff.models.attention import sdpa_attention, use_attention_impl
 from sgdiff.pipeline.registry import family_named
@@ -103,8 +104,10 @@ def run_bench(
     repeat: int = 5,
     height: int | None = None,
     width: int | None = None,
+    gpu_memory_limit: str | None = None,
 ) -> dict[str, Any]:
-    """`height`, `width`: the output's size instead of the model's preset size (Edit: its input image's too)."""
+    """`height`, `width`: the output's size instead of the model's preset size (Edit: its input image's too).
+    `gpu_memory_limit`: a size (24GiB) this process may allocate on the GPU, both implementations together."""
     if name not in BENCH_MODELS:
         raise UserError(f"--model {name!r} is not one of: {', '.join(BENCH_MODELS)}")
     for flag, value in (("--height", height), ("--width", width)):
@@ -114,6 +117,8 @@ def run_bench(
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type != "cuda" and not tiny:
         raise UserError("sgdiff bench builds full-size models and needs a CUDA GPU; --tiny checks it on a CPU")
+    limit = None if gpu_memory_limit is None else parse_size(gpu_memory_limit, "gpu_memory_limit")
+    cap_gpu_memory(device, limit)
     speed = resolve_speed(speed, device, torch.bfloat16)  # the defaults `sgdiff generate` would choose
     attention = check_speed(speed, device, torch.bfloat16)
     size = dict(TINY_SIZE) if tiny else dict(height=model.height, width=model.width, frames=model.frames)

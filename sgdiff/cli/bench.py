@@ -46,6 +46,10 @@ def bench(
     enable_torch_compile: opt.EnableTorchCompile = False,
     enable_cuda_graph: opt.EnableCudaGraph = False,
     dit_precision: opt.DitPrecision = opt.DitPrecisionChoice.default,
+    vae_tiling: opt.VaeTiling = False,
+    cpu_offload: opt.CpuOffload = opt.CpuOffloadChoice.none,
+    offload_prefetch: opt.OffloadPrefetch = 1,
+    gpu_memory_limit: opt.GpuMemoryLimit = None,
     e2e: Annotated[
         bool,
         typer.Option(
@@ -81,20 +85,38 @@ def bench(
             from sgdiff.errors import UserError
 
             raise UserError("--height and --width size the per-forward bench; --e2e runs the model's preset size")
+        memory = memory_flags(vae_tiling, cpu_offload.value, offload_prefetch, gpu_memory_limit)
         if e2e:
             from sgdiff.bench.end_to_end import render_end_to_end, run_end_to_end
 
             folder = checkpoint_dir or Path.home() / ".cache" / "sgdiff" / "bench" / (model.value + "-tiny" * tiny)
             result = run_end_to_end(model.value, folder, tiny=tiny, prompts=prompts, warmup=warmup, repeat=repeat,
-                                    cold=cold, speed_flags=speed_flags(speed))  # fmt: skip
+                                    cold=cold, speed_flags=speed_flags(speed) + memory)  # fmt: skip
             typer.echo(render_end_to_end(result))
         else:
             from sgdiff.bench.run import render, run_bench
 
-            result = run_bench(model.value, speed, tiny=tiny, warmup=warmup, repeat=repeat, height=height, width=width)
+            if [f for f in memory if f.startswith("--") and f != "--gpu-memory-limit"]:
+                from sgdiff.errors import UserError
+
+                raise UserError(
+                    "--vae-tiling and --cpu-offload run with --e2e (`sgdiff generate` applies them); the per-forward "
+                    "bench builds sgdiff's transformer on diffusers' weights, on the GPU"
+                )
+            result = run_bench(model.value, speed, tiny=tiny, warmup=warmup, repeat=repeat, height=height, width=width,
+                               gpu_memory_limit=gpu_memory_limit)  # fmt: skip
             typer.echo(render(result))
         if json_path is not None:
             write_atomically(json_path, lambda f: f.write(json.dumps(result, indent=1).encode()))
+
+
+def memory_flags(vae_tiling: bool, cpu_offload: str, offload_prefetch: int, gpu_memory_limit: str | None) -> list[str]:
+    """The memory options given, as `sgdiff generate` flags (what --e2e runs sgdiff with; diffusers' side runs
+    as its script always does, on the whole GPU)."""
+    flags = ["--vae-tiling"] if vae_tiling else []
+    flags += ["--cpu-offload", cpu_offload] if cpu_offload != "none" else []
+    flags += ["--offload-prefetch", str(offload_prefetch)] if offload_prefetch != 1 else []
+    return flags + (["--gpu-memory-limit", gpu_memory_limit] if gpu_memory_limit is not None else [])
 
 
 def speed_flags(speed) -> list[str]:

@@ -29,6 +29,7 @@ ENGINE_OPTIONS = (
     ("cpu_offload", opt.CpuOffload, opt.CpuOffloadChoice.none),
     ("text_encoder_offload", opt.TextEncoderOffload, False),
     ("offload_prefetch", opt.OffloadPrefetch, 1),
+    ("gpu_memory_limit", opt.GpuMemoryLimit, None),
 )
 
 
@@ -51,9 +52,11 @@ class EngineFlags:
     cpu_offload: opt.CpuOffloadChoice = opt.CpuOffloadChoice.none
     text_encoder_offload: bool = False
     offload_prefetch: int = 1
+    gpu_memory_limit: str | None = None  # a size as typed (24GiB)
 
     def runtime(self):
         from sgdiff.config import OffloadConfig, RuntimeConfig
+        from sgdiff.engine.memory import parse_size
 
         speed = opt.speed_config(
             self.attention_backend,
@@ -65,8 +68,14 @@ class EngineFlags:
             self.dit_precision,
         )
         offload = OffloadConfig(self.cpu_offload.value, self.text_encoder_offload, self.offload_prefetch)
+        limit = None if self.gpu_memory_limit is None else parse_size(self.gpu_memory_limit, "gpu_memory_limit")
         return RuntimeConfig(
-            device=self.device, dtype=self.dtype, speed=speed, vae_tiling=self.vae_tiling, offload=offload
+            device=self.device,
+            dtype=self.dtype,
+            speed=speed,
+            vae_tiling=self.vae_tiling,
+            offload=offload,
+            gpu_memory_limit=limit,
         )
 
     def parallel(self):

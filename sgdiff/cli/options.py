@@ -323,6 +323,17 @@ DitPrecision = Annotated[
 
 MEMORY = "Memory"
 
+GpuMemoryLimit = Annotated[
+    str | None,
+    typer.Option(
+        "--gpu-memory-limit",
+        metavar="<size>",
+        help="Let each process allocate at most this much of its GPU, e.g. 24GiB (also 24GB, 500MiB): a run that "
+        "fits under the cap fits a card that size. Default: all of it.",
+        rich_help_panel=MEMORY,
+    ),
+]
+
 
 class CpuOffloadChoice(str, Enum):  # config.OFFLOAD_MODES (a test keeps them equal)
     none = "none"

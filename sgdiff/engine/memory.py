@@ -7,10 +7,12 @@ numbers, instead of being killed by the kernel's OOM killer without a word.
 Only the CPU: there, running out of memory ends the process with SIGKILL and nothing said. On a GPU
 torch raises an out-of-memory error, which the CLI turns into one line (cli/errors.py); only what surely
 cannot fit on one GPU, the transformers as the offload mode leaves them, is refused before loading
-(offload/memory.py)."""
+(offload/memory.py). `--gpu-memory-limit` caps what a process may allocate on its GPU (cap_gpu_memory), to
+prove that a run fits a smaller card."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -93,3 +95,40 @@ def check_fits_in_memory(
 
 def size(count: int) -> str:
     return f"{count / GIB:.1f} GiB" if count >= GIB else f"{count / 2**20:.0f} MiB"
+
+
+SIZE_UNITS = {"gib": 2**30, "g": 2**30, "gb": 10**9, "mib": 2**20, "m": 2**20, "mb": 10**6}
+
+
+def parse_size(text: str, field: str) -> int:
+    """Bytes of a size as people write it: 24GiB, 24G (GiB), 24GB (10^9), 500MiB, 1.5GiB."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*", text)
+    unit = SIZE_UNITS.get(match.group(2).lower()) if match else None
+    if match is None or unit is None or float(match.group(1)) <= 0:
+        raise UserError(f"`{field}` takes a size such as 24GiB, 24GB or 500MiB, got {text!r}", field=field)
+    return int(float(match.group(1)) * unit)
+
+
+def check_gpu_memory_limit(device: torch.device, limit: int | None) -> None:
+    """Refuse a cap where there is no CUDA GPU to cap (before anything loads; no CUDA call)."""
+    if limit is not None and device.type != "cuda":
+        raise UserError(
+            f"`gpu_memory_limit` caps a CUDA GPU's memory, but this run is on the {device.type}: drop it",
+            field="gpu_memory_limit",
+        )
+
+
+def cap_gpu_memory(device: torch.device, limit: int | None) -> int | None:
+    """Let this process allocate at most `limit` bytes of `device` (torch.cuda.set_per_process_memory_fraction:
+    beyond it an allocation fails as on a smaller GPU, so a run that fits under the cap fits such a GPU).
+    Returns the GPU's memory as the process sees it (None: not capped)."""
+    if limit is None:
+        return None
+    check_gpu_memory_limit(device, limit)
+    total = torch.cuda.get_device_properties(device).total_memory
+    if limit > total:
+        raise UserError(
+            f"`gpu_memory_limit` {size(limit)} is more than the GPU's {size(total)}", field="gpu_memory_limit"
+        )
+    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    return limit

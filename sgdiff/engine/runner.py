@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from sgdiff.config import Preset, RuntimeConfig, merge_layers, select_preset
+from sgdiff.engine.memory import cap_gpu_memory, check_gpu_memory_limit
 from sgdiff.errors import UserError
 from sgdiff.models.resolve import is_hub_repo, resolve_model_path, snapshot_commit
 from sgdiff.offload.apply import Offloaded, apply_offload, check_offload, load_device, place
@@ -97,6 +98,8 @@ class ModelRunner:
         check_offload(self.offload, self.speed)
         self.offloaded: Offloaded | None = None  # what load() offloaded
         self.vae_tiling = runtime.vae_tiling
+        self.gpu_memory_limit = runtime.gpu_memory_limit
+        check_gpu_memory_limit(self.device, self.gpu_memory_limit)
         self.from_hub = is_hub_repo(model_path)
         self.model_dir = resolve_model_path(model_path, revision)
         self.model_commit = snapshot_commit(self.model_dir)  # the Hub commit loaded (None: not a HF cache snapshot)
@@ -153,6 +156,7 @@ class ModelRunner:
         loads once, asks for it."""
         if self.pipeline is not None:
             return
+        cap_gpu_memory(self.device, self.gpu_memory_limit)  # before the first byte lands on the GPU
         start = time.perf_counter()
         warming = None
         if warm_up is not None and warms_up(self.device, self.speed):

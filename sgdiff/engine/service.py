@@ -130,17 +130,19 @@ class Engine:
         cpu_offload: str = "none",
         text_encoder_offload: bool = False,
         offload_prefetch: int = 1,
+        gpu_memory_limit: int | None = None,
         **speed: Any,
     ) -> Engine:
         """Load `model` and return the engine, ready. `max_batch_size`, `batching_delay_ms`: BatchingConfig
-        (1: every request runs alone). `vae_tiling`: RuntimeConfig's. `cpu_offload`, `text_encoder_offload`,
-        `offload_prefetch`: OffloadConfig's. `speed`: SpeedConfig's toggles by name (attention_backend="auto",
-        fused_projections, fused_gelu, fused_norms, torch_compile, cuda_graph, dit_precision="default")."""
+        (1: every request runs alone). `vae_tiling`, `gpu_memory_limit` (bytes each process may allocate on its
+        GPU): RuntimeConfig's. `cpu_offload`, `text_encoder_offload`, `offload_prefetch`: OffloadConfig's.
+        `speed`: SpeedConfig's toggles by name (attention_backend="auto", fused_projections, fused_gelu,
+        fused_norms, torch_compile, cuda_graph, dit_precision="default")."""
         unknown = sorted(set(speed) - set(SPEED_OPTIONS))
         if unknown:
             raise UserError(f"unknown engine option(s) {unknown}; the speed options are {SPEED_OPTIONS}")
         offload = OffloadConfig(cpu_offload, text_encoder_offload, offload_prefetch)
-        runtime = RuntimeConfig(device, dtype, SpeedConfig(**speed), vae_tiling, offload)
+        runtime = RuntimeConfig(device, dtype, SpeedConfig(**speed), vae_tiling, offload, gpu_memory_limit)
         parallel = ParallelConfig(num_gpus, ulysses_degree, ring_degree, enable_cfg_parallel)
         batching = BatchingConfig(max_batch_size, batching_delay_ms)
         engine = cls(model, preset=preset, runtime=runtime, parallel=parallel, batching=batching, revision=revision)
@@ -229,7 +231,7 @@ class Engine:
         from sgdiff.offload.memory import check_fits_on_gpu
 
         activations = runner.family.activation_floor(runner.info, params, runner.dtype)
-        memory = gpu_memory_bytes(runner.device)
+        memory = runner.gpu_memory_limit or gpu_memory_bytes(runner.device)  # (the cap: at most the GPU's)
         check_fits_on_gpu(self._weight_placements()[2], activations, params, runner.offload, memory)
 
     def _weight_placements(self) -> tuple[Any, Any, Any]:
