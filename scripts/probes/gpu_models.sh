@@ -8,6 +8,10 @@
 #                its checkpoint written once to QWEN_DIR (default /dev/shm/qwen-e2e: the disk is 64 GiB)
 #   hunyuan      `sgdiff bench --model hunyuanvideo` at 1280x720x129 (issue 29: forward <= 0.65x diffusers'),
 #                one warm-up and one timed forward a side (each tens of seconds)
+#   hunyuan15    `sgdiff bench --model hunyuanvideo-1.5` (480p T2V; issue 29: forward <= 0.7x diffusers')
+#   fp8          FLUX.1-dev forward: every toggle in bf16, then with --dit-precision fp8 (issue 30: >= 1.3x)
+#   offload      scripts/probes/offload_gpu.py: exact bf16 outputs per mode, streaming cost (issue 30)
+#   vae_split    2 GPUs only: torchrun scripts/probes/bench_vae_split.py (issue 30: >= 1.7x)
 # Each step runs while time is left under LIMIT; each JSON's summary last, logs in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -20,6 +24,7 @@ pip install --no-index --no-deps --target /tmp/site -q .wheels/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD
 S="python -c 'from sgdiff.cli.main import main; main()' bench"
 ALL="--enable-torch-compile --enable-cuda-graph --enable-fused-projections --enable-fused-gelu --enable-fused-norms"
+FP8="--enable-torch-compile --enable-cuda-graph --enable-fused-projections --enable-fused-norms --dit-precision fp8"
 left() { echo $((LIMIT - 15 - SECONDS)); }
 for step in $STEPS; do
   [ "$(left)" -lt 30 ] && { echo "no time left for $step"; continue; }
@@ -36,6 +41,15 @@ for step in $STEPS; do
                 --json "$OUT/e2e-qwen.json" 2>&1 | tee "$OUT/log-qwen-e2e.txt" | tail -n 8 ;;
     hunyuan) eval timeout "$(left)" $S --model hunyuanvideo --warmup 1 --repeat 1 \
                --json "$OUT/hunyuan.json" 2>&1 | tee "$OUT/log-hunyuan.txt" | tail -n 16 ;;
+    hunyuan15) eval timeout "$(left)" $S --model hunyuanvideo-1.5 --warmup 1 --repeat 2 \
+                 --json "$OUT/hunyuan15.json" 2>&1 | tee "$OUT/log-hunyuan15.txt" | tail -n 16 ;;
+    fp8) eval timeout "$(left)" $S --model flux.1-dev --warmup 2 --repeat 5 $ALL \
+           --json "$OUT/flux-bf16-all.json" 2>&1 | tee "$OUT/log-flux-bf16.txt" | tail -n 16
+         eval timeout "$(left)" $S --model flux.1-dev --warmup 2 --repeat 5 $FP8 \
+           --json "$OUT/flux-fp8-all.json" 2>&1 | tee "$OUT/log-flux-fp8.txt" | tail -n 16 ;;
+    offload) timeout "$(left)" python scripts/probes/offload_gpu.py 2>&1 | tee "$OUT/offload.txt" | tail -n 30 ;;
+    vae_split) timeout "$(left)" torchrun --nproc-per-node 2 scripts/probes/bench_vae_split.py 2>&1 \
+                 | tee "$OUT/vae_split.txt" | tail -n 12 ;;
   esac
 done
 echo "== done at $SECONDS s"
