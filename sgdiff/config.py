@@ -36,6 +36,40 @@ class SpeedConfig:
     torch_compile: bool = False  # regional: each repeated transformer block compiled once
     cuda_graph: bool = False  # the transformer's forward replayed as a CUDA graph
     dit_precision: str = "default"  # "fp8": the blocks' Linear weights in float8, FP8 matmuls (speed/fp8.py)
+    # step caching (speed/step_cache/): "none" (lossless, the default) or one of CACHE_METHODS; the threshold
+    # (fbcache, teacache) and warm-up steps left at None take the method's default (speed/apply.py resolve_speed)
+    cache: str = "none"
+    cache_threshold: float | None = None
+    cache_warmup_steps: int | None = None
+
+    def __post_init__(self):
+        check_cache(self)
+
+
+CACHE_METHODS = ("fbcache", "teacache")
+
+
+def check_cache(speed: SpeedConfig) -> None:
+    if speed.cache != "none" and speed.cache not in CACHE_METHODS:
+        raise UserError(f"`cache` {speed.cache!r} is not one of none, {', '.join(CACHE_METHODS)}", field="cache")
+    for name in ("cache_threshold", "cache_warmup_steps"):
+        if getattr(speed, name) is not None and speed.cache == "none":
+            raise UserError(f"`{name}` tunes a step cache: give `cache` too (one of {', '.join(CACHE_METHODS)})",
+                            field=name)  # fmt: skip
+    threshold, warmup = speed.cache_threshold, speed.cache_warmup_steps
+    if threshold is not None and (isinstance(threshold, bool) or not 0 <= threshold < float("inf")):
+        raise UserError(f"`cache_threshold` must be a finite number >= 0, got {threshold!r}", field="cache_threshold")
+    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1):
+        raise UserError(
+            f"`cache_warmup_steps` must be an integer >= 1 (the first step is always computed), got {warmup!r}",
+            field="cache_warmup_steps",
+        )
+    if speed.cache != "none" and speed.cuda_graph:
+        raise UserError(
+            "`cache` decides on the host, between the transformer's blocks, whether to run them, and `cuda_graph` "
+            "replays the whole forward as one graph: drop one of them",
+            field="cache",
+        )
 
 
 OFFLOAD_MODES = ("none", "components", "layers")

@@ -218,6 +218,8 @@ def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
                 "stage_seconds": r.stage_seconds,
                 "step_seconds": r.step_seconds,
                 "peak_gpu_memory_bytes": r.peak_gpu_memory_bytes,
+                # --cache: the steps whose blocks were skipped, per CFG branch run on rank 0 ({}: none)
+                "skipped_steps": r.skipped_steps,
             }
             for r in report.results
         ],

@@ -25,6 +25,9 @@ ENGINE_OPTIONS = (
     ("enable_torch_compile", opt.EnableTorchCompile, False),
     ("enable_cuda_graph", opt.EnableCudaGraph, False),
     ("dit_precision", opt.DitPrecision, opt.DitPrecisionChoice.default),
+    ("cache", opt.Cache, opt.CacheChoice.none),
+    ("cache_threshold", opt.CacheThreshold, None),
+    ("cache_warmup_steps", opt.CacheWarmupSteps, None),
     ("vae_tiling", opt.VaeTiling, False),
     ("cpu_offload", opt.CpuOffload, opt.CpuOffloadChoice.none),
     ("text_encoder_offload", opt.TextEncoderOffload, False),
@@ -48,6 +51,9 @@ class EngineFlags:
     enable_torch_compile: bool = False
     enable_cuda_graph: bool = False
     dit_precision: opt.DitPrecisionChoice = opt.DitPrecisionChoice.default
+    cache: opt.CacheChoice = opt.CacheChoice.none
+    cache_threshold: float | None = None  # None: the method's default
+    cache_warmup_steps: int | None = None  # None: the method's default
     vae_tiling: bool = False
     cpu_offload: opt.CpuOffloadChoice = opt.CpuOffloadChoice.none
     text_encoder_offload: bool = False
@@ -66,6 +72,9 @@ class EngineFlags:
             self.enable_torch_compile,
             self.enable_cuda_graph,
             self.dit_precision,
+            self.cache,
+            self.cache_threshold,
+            self.cache_warmup_steps,
         )
         offload = OffloadConfig(self.cpu_offload.value, self.text_encoder_offload, self.offload_prefetch)
         limit = None if self.gpu_memory_limit is None else parse_size(self.gpu_memory_limit, "gpu_memory_limit")

@@ -191,9 +191,11 @@ def run(request, quiet: bool) -> None:
         kind = report.output_kind
         steps = [s for r in report.results for s in r.step_seconds]
         per_step = f", {sum(steps) / len(steps):.3f} s/step" if steps else ""
+        skipped = sum(len(s) for r in report.results for s in r.skipped_steps.values())  # --cache
+        cached = f", {skipped} branch-step(s) skipped by --cache" if skipped else ""
         console.print(
             f"generated {outputs} {kind}(s) in {report.total_seconds:.1f} s "
-            f"(load {report.load_seconds:.1f} s{per_step}); saved {len(report.saved)}"
+            f"(load {report.load_seconds:.1f} s{per_step}{cached}); saved {len(report.saved)}"
         )
     FINISHED["cleanly"] = not under_torchrun()  # torchrun's ranks leave through their process group
 

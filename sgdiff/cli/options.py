@@ -31,6 +31,12 @@ class DitPrecisionChoice(str, Enum):  # speed/fp8.py DIT_PRECISIONS (a test keep
     fp8 = "fp8"
 
 
+class CacheChoice(str, Enum):  # "none" and config.CACHE_METHODS (a test keeps them equal)
+    none = "none"
+    fbcache = "fbcache"
+    teacache = "teacache"
+
+
 MODEL = "Model"
 SAMPLING = "Sampling"
 OUTPUT = "Output"
@@ -299,6 +305,37 @@ EnableCudaGraph = Annotated[
     ),
 ]
 
+Cache = Annotated[
+    CacheChoice,
+    typer.Option(
+        "--cache",
+        help="Skip the transformer's blocks on denoising steps where they would barely change the result, reusing "
+        "what a computed step added (lossy, faster; each CFG branch its own cache): fbcache (First Block Cache: the "
+        "first block's residual changed less than --cache-threshold since the last computed step, default 0.05) or "
+        "teacache (TeaCache: the first block's timestep-modulated input's accumulated change is below "
+        "--cache-threshold, default 0.25; FLUX and Wan). The first --cache-warmup-steps steps and the last one are "
+        "always computed. Not with --enable-cuda-graph. Default: none.",
+        rich_help_panel=SPEED,
+    ),
+]
+CacheThreshold = Annotated[
+    float | None,
+    typer.Option(
+        "--cache-threshold",
+        help="With --cache: skip while the change stays below this (>= 0; 0 never skips; higher: faster, further "
+        "from the uncached output). Default: fbcache 0.05, teacache 0.25.",
+        rich_help_panel=SPEED,
+    ),
+]
+CacheWarmupSteps = Annotated[
+    int | None,
+    typer.Option(
+        "--cache-warmup-steps",
+        help="With --cache: the first N denoising steps always run every block (N >= 1). Default: 1.",
+        rich_help_panel=SPEED,
+    ),
+]
+
 VaeTiling = Annotated[
     bool,
     typer.Option(
@@ -375,12 +412,14 @@ OffloadPrefetch = Annotated[
 
 def speed_config(attention_backend: AttentionBackendChoice, projections: bool | None, gelu: bool | None,
                  norms: bool | None, compile_: bool, graph: bool,
-                 precision: DitPrecisionChoice = DitPrecisionChoice.default):  # fmt: skip
+                 precision: DitPrecisionChoice = DitPrecisionChoice.default, cache: CacheChoice = CacheChoice.none,
+                 cache_threshold: float | None = None, cache_warmup_steps: int | None = None):  # fmt: skip
     """The speed flags, shared by `generate` and `bench`, as the library's SpeedConfig."""
     from sgdiff.config import SpeedConfig
 
     return SpeedConfig(attention_backend.value, fused_projections=projections, fused_gelu=gelu, fused_norms=norms,
-                       torch_compile=compile_, cuda_graph=graph, dit_precision=precision.value)  # fmt: skip
+                       torch_compile=compile_, cuda_graph=graph, dit_precision=precision.value, cache=cache.value,
+                       cache_threshold=cache_threshold, cache_warmup_steps=cache_warmup_steps)  # fmt: skip
 
 
 Server = Annotated[

@@ -7,7 +7,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,8 @@ class GenerationResult:
     peak_rss_bytes: int = 0  # of the process that ran it, so far
     fps: int | None = None  # video models: frames per second the request asks for (None: the writer's default)
     batch_size: int = 1  # how many requests ran in the batch this one was part of
+    # --cache: the steps whose blocks were skipped, per CFG branch run in this process (empty: none)
+    skipped_steps: dict[str, list[int]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -251,6 +253,7 @@ class ModelRunner:
             peak_rss_bytes=self.peak_rss_bytes(),
             fps=self.family.fps(state.params),
             batch_size=batch_size,
+            skipped_steps=state.skipped_steps,
         )
 
     @staticmethod

@@ -11,6 +11,7 @@ from torch import nn
 
 from sgdiff.errors import UserError
 from sgdiff.models.attention import AttentionImpl, sdpa_attention
+from sgdiff.parallel.cache_agreement import AgreedDecisions
 from sgdiff.parallel.groups import ParallelGroups
 from sgdiff.parallel.sequence import SequenceParallelAttention
 from sgdiff.pipeline.family import ModelFamily
@@ -57,4 +58,5 @@ def apply_sequence_parallel(
     attn = SequenceParallelAttention(groups, inner, exchange)
     for model in models:
         family.shard(model, attn, groups)
+        attn.hooks.append(AgreedDecisions(model, groups.sp_group))  # --cache: every rank skips the same steps
     return attn

@@ -76,6 +76,9 @@ class State:
     videos: np.ndarray | None = None  # [N, T, H, W, 3] uint8 (video models)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     step_seconds: list[float] = field(default_factory=list)
+    # --cache: the denoising steps whose transformer blocks were skipped, per CFG branch (cond, uncond);
+    # empty without a step cache (speed/step_cache/)
+    skipped_steps: dict[str, list[int]] = field(default_factory=dict)
 
 
 class Stage:

@@ -115,6 +115,7 @@ def merge_states(states: list[State], rows: BatchRows) -> State:
         videos=None,
         stage_seconds={},
         step_seconds=[],
+        skipped_steps={},
     )
 
 
@@ -130,5 +131,6 @@ def split_outputs(merged: State, states: list[State], rows: list[int]) -> None:
             setattr(state, name, value[start:end] if value is not None and count else None)
         state.stage_seconds.update(merged.stage_seconds)
         state.step_seconds.extend(merged.step_seconds)
+        state.skipped_steps.update(merged.skipped_steps)
         start = end
     assert merged.latents is None or start == merged.latents.shape[0], "rows of the batch lost"

@@ -39,6 +39,22 @@ class FusableGroups:
     gelu_projections: list[Linear] = field(default_factory=list)
 
 
+@dataclass
+class CachePlan:
+    """What one transformer offers the step caches (speed/step_cache/ applies them)."""
+
+    # its repeated blocks, in the order its forward runs them (FLUX: the double-stream, then the single-stream
+    # blocks). A block's first k positional arguments are its k token streams and it returns them (one: a
+    # tensor), updated; between two lists the forward only joins or cuts streams.
+    segments: list[list[nn.Module]]
+    # TeaCache: the first block's timestep-modulated input, from (that block, its positional arguments);
+    # None: the family offers no TeaCache
+    modulated_input: Callable[[nn.Module, tuple], torch.Tensor] | None = None
+    # TeaCache: the polynomial (highest power first) fitted for the model that rescales the input's relative
+    # L1 change to the output's; None: the change as it is
+    rescale: tuple[float, ...] | None = None
+
+
 class imported_when_used:  # noqa: N801 - used as a decorator-like descriptor, spelled as a function
     """A family's function that lives in a heavier module of its folder (its pipeline, its shard plan),
     imported when it is first used: finding a checkpoint's family imports no other family's code.
@@ -134,6 +150,10 @@ class ModelFamily:
 
     def fusable(self, model: nn.Module) -> FusableGroups:
         return FusableGroups()
+
+    def cache_plan(self, model: nn.Module) -> CachePlan:
+        """The step caches' view of `model`; by default its nn.ModuleLists' blocks, no TeaCache."""
+        return CachePlan([list(child) for child in model.children() if isinstance(child, nn.ModuleList)])
 
     def warm_up(
         self,

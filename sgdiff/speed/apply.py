@@ -18,6 +18,8 @@ from sgdiff.speed.compile import compile_blocks
 from sgdiff.speed.cuda_graph import CudaGraphForward
 from sgdiff.speed.fp8 import DIT_PRECISIONS, check_fp8, use_fp8_weights
 from sgdiff.speed.fuse import fuse_gelu, fuse_norms, fuse_projections
+from sgdiff.speed.step_cache import apply_step_cache, step_cache_of
+from sgdiff.speed.step_cache.rules import DEFAULT_THRESHOLDS, DEFAULT_WARMUP_STEPS
 
 DEFAULT_ON = ("fused_projections", "fused_gelu", "fused_norms")  # None: on where they run and are faster
 
@@ -34,7 +36,15 @@ def resolve_speed(speed: SpeedConfig, device: torch.device, dtype: torch.dtype) 
         "fused_gelu": gpu_bf16 and speed.dit_precision != "fp8",
         "fused_norms": gpu_bf16 and importlib.util.find_spec("triton") is not None,
     }
-    return replace(speed, **{name: default[name] for name in DEFAULT_ON if getattr(speed, name) is None})
+    speed = replace(speed, **{name: default[name] for name in DEFAULT_ON if getattr(speed, name) is None})
+    if speed.cache != "none":  # the method's defaults (speed/step_cache/rules.py says where they come from)
+        threshold, warmup = speed.cache_threshold, speed.cache_warmup_steps
+        speed = replace(
+            speed,
+            cache_threshold=DEFAULT_THRESHOLDS[speed.cache] if threshold is None else threshold,
+            cache_warmup_steps=DEFAULT_WARMUP_STEPS if warmup is None else warmup,
+        )
+    return speed
 
 
 def check_speed(speed: SpeedConfig, device: torch.device, dtype: torch.dtype) -> AttentionImpl:
@@ -99,6 +109,8 @@ def speed_up_transformer(model: torch.nn.Module, speed: SpeedConfig, family: Mod
         fuse_norms(model)
     if speed.torch_compile:
         compile_blocks(model)
+    if speed.cache != "none":  # after compile: its decisions run between the compiled blocks
+        apply_step_cache(model, speed, family)
     if speed.cuda_graph:
         model.forward = CudaGraphForward(model.forward)
 
@@ -114,4 +126,7 @@ def speed_report(pipeline: ComposedPipeline, speed: SpeedConfig) -> dict:
     if speed.cuda_graph:
         forwards = [model.forward for model in pipeline.transformers]
         report["cuda_graph_capture_seconds"] = sum(getattr(f, "capture_seconds", 0.0) for f in forwards)
+    caches = [cache.report() for cache in map(step_cache_of, pipeline.transformers) if cache is not None]
+    if caches:  # per transformer: forwards computed and skipped since the load (each request's steps: its own)
+        report["step_cache"] = caches
     return report

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from sgdiff.families.flux.sampling import FluxSampling, flux_batch_key, flux_rules, true_cfg_scale_of
-from sgdiff.pipeline.family import FusableGroups, ModelFamily, imported_when_used
+from sgdiff.pipeline.family import CachePlan, FusableGroups, ModelFamily, imported_when_used
 from sgdiff.pipeline.schedule import FlowMatchSchedule
 
 
@@ -37,3 +37,21 @@ class FluxFamily(ModelFamily):
         gelu = [ff.net[0].proj for block in model.transformer_blocks for ff in (block.ff, block.ff_context)]
         gelu += [block.proj_mlp for block in model.single_transformer_blocks]
         return FusableGroups(projections, gelu)
+
+    def cache_plan(self, model: Any) -> CachePlan:
+        return CachePlan(
+            [list(model.transformer_blocks), list(model.single_transformer_blocks)],
+            modulated_input=flux_modulated_input,
+            rescale=TEACACHE_FLUX,
+        )
+
+
+# TeaCache's polynomial fitted for FLUX.1 (ali-vilab/TeaCache, TeaCache4FLUX), highest power first
+TEACACHE_FLUX = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+
+
+def flux_modulated_input(block: Any, args: tuple) -> Any:
+    """A double-stream block's image stream after its first adaLN norm and modulation (TeaCache's signal)."""
+    img, _, temb = args[:3]
+    shift, scale = block.norm1(temb)[:2]
+    return block.norm1.modulate(img, shift, scale)

@@ -12,7 +12,7 @@ from sgdiff.families.wan.sampling import (
     wan_given_rules,
     wan_rules,
 )
-from sgdiff.pipeline.family import FusableGroups, ModelFamily, imported_when_used
+from sgdiff.pipeline.family import CachePlan, FusableGroups, ModelFamily, imported_when_used
 
 
 class WanFamily(ModelFamily):
@@ -48,3 +48,15 @@ class WanFamily(ModelFamily):
             projections.append((self_attention.to_q, self_attention.to_k, self_attention.to_v))
             projections.append((cross_attention.to_k, cross_attention.to_v))
         return FusableGroups(projections, [block.ffn.net[0].proj for block in model.blocks])
+
+    def cache_plan(self, model: Any) -> CachePlan:
+        # no TeaCache polynomial fitted for this signal: TeaCache4Wan2.1's were fitted on the timestep
+        # embedding, not on the modulated input, so the change is used as it is
+        return CachePlan([list(model.blocks)], modulated_input=wan_modulated_input)
+
+
+def wan_modulated_input(block: Any, args: tuple) -> Any:
+    """A block's video stream after its first norm and timestep modulation (TeaCache's signal)."""
+    x, modulation = args[0], args[3]
+    shift, scale = (block.scale_shift_table + modulation.float()).unbind(2)[:2]
+    return block.norm1.modulate(x, shift, scale)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 import torch
 
 from sgdiff.pipeline.base import ParallelMode, Stage, State, stop_if_asked
+from sgdiff.pipeline.denoise_step import COND, UNCOND, DenoiseStep, denoise_step
 from sgdiff.pipeline.schedule import sample
 
 # denoiser(latents, timestep, inputs, state) -> velocity with the latents' shape
@@ -52,12 +53,17 @@ class DenoisingStage(Stage):
                 state.uncond = {k: v[rows.to(v.device)] for k, v in state.uncond.items()}
                 uncond_inputs = {**state.shared, **state.uncond}
 
+        def denoise(latents: torch.Tensor, t: torch.Tensor, i: int, inputs: dict, branch: str) -> torch.Tensor:
+            # the step and branch, for a step cache applied to the transformer (speed/step_cache/)
+            with denoise_step(DenoiseStep(i, total, branch, state.skipped_steps)):
+                return self.denoiser(latents, t, inputs, state)
+
         def velocity(latents: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
             if uncond_inputs is None:
-                return self.denoiser(latents, t, cond_inputs, state)
+                return denoise(latents, t, i, cond_inputs, COND)
             cond, uncond = self.branches(
-                lambda: self.denoiser(latents, t, cond_inputs, state),
-                lambda: self.denoiser(latents, t, uncond_inputs, state),
+                lambda: denoise(latents, t, i, cond_inputs, COND),
+                lambda: denoise(latents, t, i, uncond_inputs, UNCOND),
             )
             return self.guide(cond, uncond, self.cfg_scale_at(t, state))
 
