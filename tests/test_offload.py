@@ -343,7 +343,7 @@ def test_the_flags_reach_the_runtime_config(monkeypatch):
         }
         for name in ("generate", "serve")
     ]
-    assert memory_flags[0] == memory_flags[1] and len(memory_flags[0]) == 3
+    assert memory_flags[0] == memory_flags[1] and len(memory_flags[0]) == 4  # (and --gpu-memory-limit)
 
 
 @pytest.mark.slow
