@@ -7,6 +7,8 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -14,7 +16,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -243,16 +244,30 @@ def die_with_parent(parent_pid: int | None, leftovers: str | None) -> None:
     threading.Thread(target=watch, name="sgdiff-parent-watch", daemon=True).start()
 
 
+# What remove_once_ended runs: a fresh interpreter (no site, no sgdiff) that waits for its parent to end
+REMOVER = (
+    "import os, sys, time\n"
+    "pid, path = int(sys.argv[1]), sys.argv[2]\n"
+    "while os.getppid() == pid:\n"
+    "    time.sleep(0.02)\n"
+    "try:\n"
+    "    os.unlink(path)\n"
+    "except FileNotFoundError:\n"
+    "    pass\n"
+)
+
+
 def remove_once_ended(pid: int, path: str) -> None:
     """Remove `path` once process `pid` (this one, about to be killed) has ended. Not before: its other
     threads may be inside the rendezvous store, which creates the file again on each access, right up to
-    the kill. A forked child (it only polls, unlinks and exits) waits for it; each worker's child removes
-    the file after its own worker ended, so the last removal comes after the last worker that could make it."""
-    if os.fork() != 0:
-        return
-    try:
-        while os.getppid() == pid:
-            time.sleep(0.02)
-        Path(path).unlink(missing_ok=True)
-    finally:
-        os._exit(0)
+    the kill. A child interpreter waits for it (started by fork and exec at once, as subprocess does: no
+    copy of this multi-threaded process runs Python; no descriptor of this one is kept, so no pipe of a
+    caller's stays open); each worker's child removes the file after its own worker ended, so the last
+    removal comes after the last worker that could make it."""
+    subprocess.Popen(
+        [sys.executable, "-S", "-c", REMOVER, str(pid), path],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
+    )
