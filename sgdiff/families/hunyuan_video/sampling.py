@@ -42,21 +42,19 @@ def round_frames_down(num_frames: int) -> int:
     return (num_frames - 1) // VAE_TEMPORAL_FACTOR * VAE_TEMPORAL_FACTOR + 1
 
 
-def hunyuan_video_adjust(params: HunyuanVideoSampling) -> HunyuanVideoSampling:
-    """`num_frames_round_down`: the nearest valid frame count below the one asked for (the VAE's 4x)."""
+def hunyuan_video_adjust(params: Any) -> Any:
+    """`num_frames_round_down`: the nearest valid frame count below the one asked for (the VAE's 4x). Both
+    HunyuanVideo families' requests (their num_frames and num_frames_round_down)."""
     if params.num_frames_round_down and params.num_frames % VAE_TEMPORAL_FACTOR != 1:
         return replace(params, num_frames=round_frames_down(params.num_frames))
     return params
 
 
-def hunyuan_video_rules(transformer_config: dict[str, Any], vae_config: dict[str, Any]) -> list[ValidationRule]:
-    """From the checkpoint's configs: frames that fill the VAE's latent frames, sizes that fill its latent
-    pixels and the transformer's patches (8 x 2 = 16), and true CFG's two fields given together."""
-    multiple = spatial_factor(vae_config) * int(transformer_config.get("patch_size", 2))
-    if int(vae_config.get("temporal_compression_ratio", VAE_TEMPORAL_FACTOR)) != VAE_TEMPORAL_FACTOR:
-        raise UserError("this HunyuanVideo VAE does not compress time by 4, which sgdiff's pipeline assumes")
+def frame_and_size_rules(multiple: int) -> list[ValidationRule]:
+    """Frames that fill the VAE's latent frames (4k+1) and sizes that fill its latent pixels and the
+    transformer's patches (`multiple`): both HunyuanVideo families'."""
 
-    def frames_fill_latent_frames(params: HunyuanVideoSampling) -> None:
+    def frames_fill_latent_frames(params: Any) -> None:
         # diffusers would make (num_frames - 1) // 4 * 4 + 1 frames: not the count asked for
         if params.num_frames % VAE_TEMPORAL_FACTOR != 1:
             lower = round_frames_down(params.num_frames)
@@ -66,10 +64,20 @@ def hunyuan_video_rules(transformer_config: dict[str, Any], vae_config: dict[str
                 field="num_frames",
             )
 
-    def size_fits_patches(params: HunyuanVideoSampling) -> None:
+    def size_fits_patches(params: Any) -> None:
         for name, value in (("height", params.height), ("width", params.width)):
             if value % multiple:
                 raise UserError(f"`{name}` must be a multiple of {multiple} for this model, got {value}", field=name)
+
+    return [frames_fill_latent_frames, size_fits_patches]
+
+
+def hunyuan_video_rules(transformer_config: dict[str, Any], vae_config: dict[str, Any]) -> list[ValidationRule]:
+    """From the checkpoint's configs: frames that fill the VAE's latent frames, sizes that fill its latent
+    pixels and the transformer's patches (8 x 2 = 16), and true CFG's two fields given together."""
+    multiple = spatial_factor(vae_config) * int(transformer_config.get("patch_size", 2))
+    if int(vae_config.get("temporal_compression_ratio", VAE_TEMPORAL_FACTOR)) != VAE_TEMPORAL_FACTOR:
+        raise UserError("this HunyuanVideo VAE does not compress time by 4, which sgdiff's pipeline assumes")
 
     def true_cfg_pairs(params: HunyuanVideoSampling) -> None:
         if params.negative_prompt is not None and params.true_cfg_scale <= 1:
@@ -83,4 +91,4 @@ def hunyuan_video_rules(transformer_config: dict[str, Any], vae_config: dict[str
                 field="true_cfg_scale",
             )
 
-    return [frames_fill_latent_frames, size_fits_patches, true_cfg_pairs]
+    return [*frame_and_size_rules(multiple), true_cfg_pairs]

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from sgdiff.families.hunyuan_video.sampling import hunyuan_video_adjust
 from sgdiff.families.hunyuan_video15.sampling import (
     IMAGE_TO_VIDEO,
     TEXT_TO_VIDEO,
     HunyuanVideo15Sampling,
     guidance_cfg,
-    hunyuan_video15_adjust,
     hunyuan_video15_given_rules,
     hunyuan_video15_rules,
 )
@@ -28,7 +28,7 @@ class HunyuanVideo15Family(ModelFamily):
     # (HunyuanVideo's schedule: Euler over the same sigmas at the checkpoint's fixed shift)
     schedule = imported_when_used("sgdiff.families.hunyuan_video.schedule", "hunyuan_video_schedule")
     load = imported_when_used("sgdiff.families.hunyuan_video15.pipeline", "load_hunyuan_video15_pipeline")
-    adjust = staticmethod(hunyuan_video15_adjust)
+    adjust = staticmethod(hunyuan_video_adjust)  # (the same frames rule)
     given_rules = staticmethod(hunyuan_video15_given_rules)
     cfg_scale_of = staticmethod(guidance_cfg)
     activation_floor = imported_when_used("sgdiff.families.hunyuan_video15.memory", "hunyuan_video15_activation_floor")

@@ -5,10 +5,11 @@ HunyuanVideo15ImageToVideoPipeline)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from sgdiff.errors import UserError
+from sgdiff.families.hunyuan_video.sampling import frame_and_size_rules
 from sgdiff.io.input_image import check_image_path
 from sgdiff.pipeline.stages.validation import ValidationRule
 from sgdiff.sampling import SamplingParams, checked
@@ -43,17 +44,6 @@ def spatial_factor(vae_config: dict[str, Any]) -> int:
     return int(vae_config.get("spatial_compression_ratio", 16))
 
 
-def round_frames_down(num_frames: int) -> int:
-    return (num_frames - 1) // VAE_TEMPORAL_FACTOR * VAE_TEMPORAL_FACTOR + 1
-
-
-def hunyuan_video15_adjust(params: HunyuanVideo15Sampling) -> HunyuanVideo15Sampling:
-    """`num_frames_round_down`: the nearest valid frame count below the one asked for (the VAE's 4x)."""
-    if params.num_frames_round_down and params.num_frames % VAE_TEMPORAL_FACTOR != 1:
-        return replace(params, num_frames=round_frames_down(params.num_frames))
-    return params
-
-
 def hunyuan_video15_given_rules(given: set[str], params: HunyuanVideo15Sampling) -> None:
     """A negative prompt that a request without CFG would silently ignore is refused."""
     if "negative_prompt" in given and guidance_cfg(params) is None:
@@ -73,21 +63,6 @@ def hunyuan_video15_rules(
         raise UserError("this HunyuanVideo-1.5 VAE does not compress time by 4, which sgdiff's pipeline assumes")
     image_to_video = pipeline_class == IMAGE_TO_VIDEO
 
-    def frames_fill_latent_frames(params: HunyuanVideo15Sampling) -> None:
-        # diffusers would make (num_frames - 1) // 4 * 4 + 1 frames: not the count asked for
-        if params.num_frames % VAE_TEMPORAL_FACTOR != 1:
-            lower = round_frames_down(params.num_frames)
-            raise UserError(
-                f"`num_frames` must be 4k+1 (e.g. {lower} or {lower + VAE_TEMPORAL_FACTOR}), got {params.num_frames}; "
-                "or pass `num_frames_round_down`",
-                field="num_frames",
-            )
-
-    def size_fits_patches(params: HunyuanVideo15Sampling) -> None:
-        for name, value in (("height", params.height), ("width", params.width)):
-            if value % multiple:
-                raise UserError(f"`{name}` must be a multiple of {multiple} for this model, got {value}", field=name)
-
     def image_fits_the_model(params: HunyuanVideo15Sampling) -> None:
         if image_to_video and params.image_path is None:
             raise UserError(
@@ -103,4 +78,4 @@ def hunyuan_video15_rules(
                 )
             check_image_path(params.image_path)
 
-    return [frames_fill_latent_frames, size_fits_patches, image_fits_the_model]
+    return [*frame_and_size_rules(multiple), image_fits_the_model]
