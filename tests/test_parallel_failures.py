@@ -24,9 +24,15 @@ runner = CliRunner()
 SMALL = ["--height", "32", "--width", "32", "--device", "cpu", "--quiet"]
 
 
+# A terminal starts a command with Ctrl-C's default action; a test run started in the background of a
+# script (`pytest &`, nohup) inherits SIGINT ignored, and Python then leaves it ignored: restore the default.
+AS_A_TERMINAL_STARTS_IT = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)"
+
+
 def sgdiff_process(*args: str, env: dict | None = None) -> subprocess.Popen:
     """`sgdiff generate` in a process group of its own (as a terminal runs it: Ctrl-C reaches the group)."""
-    command = [sys.executable, "-c", "from sgdiff.cli.main import main; main()", "generate", *args]
+    command = [sys.executable, "-c", f"{AS_A_TERMINAL_STARTS_IT}; from sgdiff.cli.main import main; main()",
+               "generate", *args]  # fmt: skip
     env = {**os.environ, "SGDIFF_DEBUG": "", **(env or {})}
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
