@@ -37,16 +37,18 @@ class SpeedConfig:
     cuda_graph: bool = False  # the transformer's forward replayed as a CUDA graph
     dit_precision: str = "default"  # "fp8": the blocks' Linear weights in float8, FP8 matmuls (speed/fp8.py)
     # step caching (speed/step_cache/): "none" (lossless, the default) or one of CACHE_METHODS; the threshold
-    # (fbcache, teacache) and warm-up steps left at None take the method's default (speed/apply.py resolve_speed)
+    # (fbcache, teacache, magcache), the interval (taylorseer) and the warm-up steps left at None take the
+    # method's default (speed/apply.py resolve_speed; magcache's warm-up stays None: 20% of each request's steps)
     cache: str = "none"
     cache_threshold: float | None = None
     cache_warmup_steps: int | None = None
+    cache_interval: int | None = None
 
     def __post_init__(self):
         check_cache(self)
 
 
-CACHE_METHODS = ("fbcache", "teacache")
+CACHE_METHODS = ("fbcache", "teacache", "magcache", "taylorseer")
 
 
 def check_cache(speed: SpeedConfig) -> None:
@@ -56,7 +58,13 @@ def check_cache(speed: SpeedConfig) -> None:
         if getattr(speed, name) is not None and speed.cache == "none":
             raise UserError(f"`{name}` tunes a step cache: give `cache` too (one of {', '.join(CACHE_METHODS)})",
                             field=name)  # fmt: skip
-    threshold, warmup = speed.cache_threshold, speed.cache_warmup_steps
+    threshold, warmup, interval = speed.cache_threshold, speed.cache_warmup_steps, speed.cache_interval
+    if interval is not None and speed.cache != "taylorseer":
+        raise UserError("`cache_interval` sets taylorseer's schedule: give `cache` taylorseer or drop it",
+                        field="cache_interval")  # fmt: skip
+    if threshold is not None and speed.cache == "taylorseer":  # (a schedule: no change is measured)
+        raise UserError("`cache_threshold` has no meaning for taylorseer, which follows a schedule: "
+                        "set `cache_interval` instead", field="cache_threshold")  # fmt: skip
     if threshold is not None and (isinstance(threshold, bool) or not 0 <= threshold < float("inf")):
         raise UserError(f"`cache_threshold` must be a finite number >= 0, got {threshold!r}", field="cache_threshold")
     if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1):
@@ -64,6 +72,9 @@ def check_cache(speed: SpeedConfig) -> None:
             f"`cache_warmup_steps` must be an integer >= 1 (the first step is always computed), got {warmup!r}",
             field="cache_warmup_steps",
         )
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+        raise UserError(f"`cache_interval` must be an integer >= 1 (1 computes every step), got {interval!r}",
+                        field="cache_interval")  # fmt: skip
     if speed.cache != "none" and speed.cuda_graph:
         raise UserError(
             "`cache` decides on the host, between the transformer's blocks, whether to run them, and `cuda_graph` "

@@ -151,7 +151,7 @@ def engine_flags(command: str) -> dict[str, tuple]:
 
 def test_serve_takes_every_engine_flag_of_generate():
     flags = engine_flags("generate")
-    assert len(flags) == 21 and engine_flags("serve") == flags  # (--vae-tiling, --dit-precision, memory, --cache*)
+    assert len(flags) == 22 and engine_flags("serve") == flags  # (--vae-tiling, --dit-precision, memory, --cache*)
 
 
 def test_serve_on_a_busy_port_says_so_before_loading(tmp_path):

@@ -1,4 +1,5 @@
-"""--cache (sgdiff/speed/step_cache/): each method skips the steps its published rule skips (a plain reference
+"""--cache (sgdiff/speed/step_cache/), its methods that read a signal (fbcache, teacache; magcache and taylorseer:
+test_step_cache_schedules.py): each method skips the steps its published rule skips (a plain reference
 of the rule, here, over signals the test controls), threshold 0 changes nothing, each CFG branch keeps its own
 cache, N CPU processes skip what one process skips, and bad flags end as one line."""
 
@@ -69,6 +70,7 @@ def teacache_reference(signals: list[torch.Tensor], threshold: float, warmup: in
 
 
 REFERENCES = {"fbcache": fbcache_reference, "teacache": teacache_reference}
+SIGNAL_METHODS = tuple(REFERENCES)  # the methods that read a signal (the scheduled ones: test_step_cache_schedules.py)
 
 
 # ---- a model whose first block's residual (and TeaCache signal) the test scripts --------------------------
@@ -167,7 +169,7 @@ def test_teacache_skips_what_its_rule_skips():
     assert record == {"cond": teacache_reference(signals, 0.05, 1)} == {"cond": [1, 2, 5, 6, 7, 8]}
 
 
-@pytest.mark.parametrize("method", CACHE_METHODS)
+@pytest.mark.parametrize("method", SIGNAL_METHODS)
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("threshold", [0.05, 0.1, 0.3])
 @pytest.mark.parametrize("warmup", [1, 3])
@@ -177,13 +179,13 @@ def test_each_method_follows_its_reference_on_random_signals(method, seed, thres
     assert record.get("cond", []) == REFERENCES[method](signals, threshold, warmup)
 
 
-@pytest.mark.parametrize("method", CACHE_METHODS)
+@pytest.mark.parametrize("method", SIGNAL_METHODS)
 def test_threshold_zero_never_skips(method):
     record, outputs, _ = drive(method, 0.0, 1, {"cond": scaled([1.0] * 6)})
     assert record == {}
 
 
-@pytest.mark.parametrize("method", CACHE_METHODS)
+@pytest.mark.parametrize("method", SIGNAL_METHODS)
 def test_each_cfg_branch_has_its_own_cache(method):
     # the prompt branch's signal stands still, the negative branch's jumps every step: interleaved as CFG
     # calls them, one shared state would compare the branches with each other and skip nothing
@@ -235,7 +237,7 @@ def uncached(models):
 
 
 @pytest.mark.parametrize("model", ["flux", "wan"])
-@pytest.mark.parametrize("method", CACHE_METHODS)
+@pytest.mark.parametrize("method", SIGNAL_METHODS)
 def test_threshold_zero_is_the_uncached_output_exactly(models, uncached, model, method):
     path, request = models[model]
     latents, skipped = generate(path, SpeedConfig(cache=method, cache_threshold=0.0), **request)
@@ -247,7 +249,7 @@ SKIPPING = {"fbcache": 0.3, "teacache": 1.0}
 
 
 @pytest.mark.parametrize("model", ["flux", "wan"])
-@pytest.mark.parametrize("method", CACHE_METHODS)
+@pytest.mark.parametrize("method", SIGNAL_METHODS)
 def test_a_threshold_skips_steps_and_stays_close(models, uncached, model, method):
     path, request = models[model]
     latents, skipped = generate(path, SpeedConfig(cache=method, cache_threshold=SKIPPING[method]), **request)
@@ -264,7 +266,7 @@ def test_cfg_branches_decide_on_their_own_in_the_real_model(tiny_flux_dev):
     assert set(skipped) == {"cond", "uncond"} and skipped["cond"] != skipped["uncond"]
 
 
-@pytest.mark.parametrize("method", CACHE_METHODS)
+@pytest.mark.parametrize("method", SIGNAL_METHODS)
 @pytest.mark.parametrize("config", [ParallelConfig(2), ParallelConfig(2, enable_cfg_parallel=True)],
                          ids=["ulysses-2", "cfg-2"])  # fmt: skip
 def test_processes_skip_what_one_process_skips(tiny_flux_dev, method, config):
@@ -296,6 +298,15 @@ def test_cache_choices_match_the_library():
         (["--cache", "fbcache", "--cache-threshold", "-1"], "error: --cache-threshold must be a finite number >= 0"),
         (["--cache", "teacache", "--cache-warmup-steps", "0"], "error: --cache-warmup-steps must be an integer >= 1"),
         (["--cache", "fbcache", "--enable-cuda-graph"], "error: --cache decides on the host"),
+        (["--cache", "taylorseer", "--enable-cuda-graph"], "error: --cache decides on the host"),
+        (["--cache-interval", "2"], "error: --cache-interval sets taylorseer's schedule: give --cache taylorseer"),
+        (["--cache", "magcache", "--cache-interval", "2"], "error: --cache-interval sets taylorseer's schedule"),
+        (["--cache", "taylorseer", "--cache-interval", "0"], "error: --cache-interval must be an integer >= 1"),
+        (
+            ["--cache", "taylorseer", "--cache-threshold", "0.1"],
+            "error: --cache-threshold has no meaning for taylorseer, which follows a schedule: set --cache-interval",
+        ),
+        (["--cache", "magcache", "--cache-threshold", "nan"], "error: --cache-threshold must be a finite number >= 0"),
     ],
 )
 def test_bad_cache_flags_end_as_one_line(tiny_flux_dev, tmp_path, flags, message):

@@ -28,6 +28,7 @@ ENGINE_OPTIONS = (
     ("cache", opt.Cache, opt.CacheChoice.none),
     ("cache_threshold", opt.CacheThreshold, None),
     ("cache_warmup_steps", opt.CacheWarmupSteps, None),
+    ("cache_interval", opt.CacheInterval, None),
     ("vae_tiling", opt.VaeTiling, False),
     ("cpu_offload", opt.CpuOffload, opt.CpuOffloadChoice.none),
     ("text_encoder_offload", opt.TextEncoderOffload, False),
@@ -54,6 +55,7 @@ class EngineFlags:
     cache: opt.CacheChoice = opt.CacheChoice.none
     cache_threshold: float | None = None  # None: the method's default
     cache_warmup_steps: int | None = None  # None: the method's default
+    cache_interval: int | None = None  # None: taylorseer's default
     vae_tiling: bool = False
     cpu_offload: opt.CpuOffloadChoice = opt.CpuOffloadChoice.none
     text_encoder_offload: bool = False
@@ -75,6 +77,7 @@ class EngineFlags:
             self.cache,
             self.cache_threshold,
             self.cache_warmup_steps,
+            self.cache_interval,
         )
         offload = OffloadConfig(self.cpu_offload.value, self.text_encoder_offload, self.offload_prefetch)
         limit = None if self.gpu_memory_limit is None else parse_size(self.gpu_memory_limit, "gpu_memory_limit")

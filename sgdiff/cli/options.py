@@ -35,6 +35,8 @@ class CacheChoice(str, Enum):  # "none" and config.CACHE_METHODS (a test keeps t
     none = "none"
     fbcache = "fbcache"
     teacache = "teacache"
+    magcache = "magcache"
+    taylorseer = "taylorseer"
 
 
 MODEL = "Model"
@@ -311,10 +313,13 @@ Cache = Annotated[
         "--cache",
         help="Skip the transformer's blocks on denoising steps where they would barely change the result, reusing "
         "what a computed step added (lossy, faster; each CFG branch its own cache): fbcache (First Block Cache: the "
-        "first block's residual changed less than --cache-threshold since the last computed step, default 0.05) or "
+        "first block's residual changed less than --cache-threshold since the last computed step, default 0.05), "
         "teacache (TeaCache: the first block's timestep-modulated input's accumulated change is below "
-        "--cache-threshold, default 0.25; FLUX and Wan). The first --cache-warmup-steps steps and the last one are "
-        "always computed. Not with --enable-cuda-graph. Default: none.",
+        "--cache-threshold, default 0.25; FLUX and Wan), magcache (MagCache: the model's calibrated magnitude "
+        "ratios' accumulated error is within --cache-threshold, default 0.06, at most 3 steps in a row; FLUX) or "
+        "taylorseer (TaylorSeer: one step in --cache-interval is computed, the others forecast what the blocks "
+        "add from the last two computed steps). The first --cache-warmup-steps steps and the last one are always "
+        "computed. Not with --enable-cuda-graph. Default: none.",
         rich_help_panel=SPEED,
     ),
 ]
@@ -323,7 +328,8 @@ CacheThreshold = Annotated[
     typer.Option(
         "--cache-threshold",
         help="With --cache: skip while the change stays below this (>= 0; 0 never skips; higher: faster, further "
-        "from the uncached output). Default: fbcache 0.05, teacache 0.25.",
+        "from the uncached output). Default: fbcache 0.05, teacache 0.25, magcache 0.06; taylorseer has none "
+        "(--cache-interval).",
         rich_help_panel=SPEED,
     ),
 ]
@@ -331,7 +337,17 @@ CacheWarmupSteps = Annotated[
     int | None,
     typer.Option(
         "--cache-warmup-steps",
-        help="With --cache: the first N denoising steps always run every block (N >= 1). Default: 1.",
+        help="With --cache: the first N denoising steps always run every block (N >= 1). Default: 1; taylorseer 3; "
+        "magcache 20% of the steps.",
+        rich_help_panel=SPEED,
+    ),
+]
+CacheInterval = Annotated[
+    int | None,
+    typer.Option(
+        "--cache-interval",
+        help="With --cache taylorseer: after the warm-up, compute one step in N and forecast the others (N >= 1; "
+        "1 computes every step: the uncached output). Default: 5.",
         rich_help_panel=SPEED,
     ),
 ]
@@ -413,13 +429,15 @@ OffloadPrefetch = Annotated[
 def speed_config(attention_backend: AttentionBackendChoice, projections: bool | None, gelu: bool | None,
                  norms: bool | None, compile_: bool, graph: bool,
                  precision: DitPrecisionChoice = DitPrecisionChoice.default, cache: CacheChoice = CacheChoice.none,
-                 cache_threshold: float | None = None, cache_warmup_steps: int | None = None):  # fmt: skip
+                 cache_threshold: float | None = None, cache_warmup_steps: int | None = None,
+                 cache_interval: int | None = None):  # fmt: skip
     """The speed flags, shared by `generate` and `bench`, as the library's SpeedConfig."""
     from sgdiff.config import SpeedConfig
 
     return SpeedConfig(attention_backend.value, fused_projections=projections, fused_gelu=gelu, fused_norms=norms,
                        torch_compile=compile_, cuda_graph=graph, dit_precision=precision.value, cache=cache.value,
-                       cache_threshold=cache_threshold, cache_warmup_steps=cache_warmup_steps)  # fmt: skip
+                       cache_threshold=cache_threshold, cache_warmup_steps=cache_warmup_steps,
+                       cache_interval=cache_interval)  # fmt: skip
 
 
 Server = Annotated[

@@ -53,6 +53,9 @@ class CachePlan:
     # TeaCache: the polynomial (highest power first) fitted for the model that rescales the input's relative
     # L1 change to the output's; None: the change as it is
     rescale: tuple[float, ...] | None = None
+    # MagCache: the model's magnitude ratios, one per step of the run they were calibrated on (the mean over
+    # tokens of ||residual_t|| / ||residual_t-1||, the first 1.0); None: the family offers no MagCache
+    magnitude_ratios: tuple[float, ...] | None = None
 
 
 class imported_when_used:  # noqa: N801 - used as a decorator-like descriptor, spelled as a function

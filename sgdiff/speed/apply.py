@@ -20,6 +20,7 @@ from sgdiff.speed.fp8 import DIT_PRECISIONS, check_fp8, use_fp8_weights
 from sgdiff.speed.fuse import fuse_gelu, fuse_norms, fuse_projections
 from sgdiff.speed.step_cache import apply_step_cache, step_cache_of
 from sgdiff.speed.step_cache.rules import DEFAULT_THRESHOLDS, DEFAULT_WARMUP_STEPS
+from sgdiff.speed.step_cache.schedules import DEFAULT_INTERVALS
 
 DEFAULT_ON = ("fused_projections", "fused_gelu", "fused_norms")  # None: on where they run and are faster
 
@@ -37,12 +38,13 @@ def resolve_speed(speed: SpeedConfig, device: torch.device, dtype: torch.dtype) 
         "fused_norms": gpu_bf16 and importlib.util.find_spec("triton") is not None,
     }
     speed = replace(speed, **{name: default[name] for name in DEFAULT_ON if getattr(speed, name) is None})
-    if speed.cache != "none":  # the method's defaults (speed/step_cache/rules.py says where they come from)
-        threshold, warmup = speed.cache_threshold, speed.cache_warmup_steps
+    if speed.cache != "none":  # the method's defaults (speed/step_cache/rules.py, schedules.py say whose)
+        threshold, warmup, interval = speed.cache_threshold, speed.cache_warmup_steps, speed.cache_interval
         speed = replace(
             speed,
-            cache_threshold=DEFAULT_THRESHOLDS[speed.cache] if threshold is None else threshold,
-            cache_warmup_steps=DEFAULT_WARMUP_STEPS if warmup is None else warmup,
+            cache_threshold=DEFAULT_THRESHOLDS.get(speed.cache) if threshold is None else threshold,
+            cache_warmup_steps=DEFAULT_WARMUP_STEPS[speed.cache] if warmup is None else warmup,
+            cache_interval=DEFAULT_INTERVALS.get(speed.cache) if interval is None else interval,
         )
     return speed
 

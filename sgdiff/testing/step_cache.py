@@ -17,3 +17,9 @@ def cached_latents(groups: ParallelGroups, model: str, speed, prompt: str, flags
     with make_parallel(engine, groups):
         result = engine.generate(engine.sampling_params(prompt, **flags))
     return result.latents, result.skipped_steps
+
+
+def cached_latents_each(groups: ParallelGroups, model: str, speeds: list, prompt: str, flags: dict) -> list:
+    """cached_latents for each SpeedConfig of `speeds` in turn, in one start of the ranks (a start costs more
+    than a request of a tiny model)."""
+    return [cached_latents(groups, model, speed, prompt, flags) for speed in speeds]

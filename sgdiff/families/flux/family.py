@@ -43,11 +43,20 @@ class FluxFamily(ModelFamily):
             [list(model.transformer_blocks), list(model.single_transformer_blocks)],
             modulated_input=flux_modulated_input,
             rescale=TEACACHE_FLUX,
+            magnitude_ratios=MAGCACHE_FLUX,
         )
 
 
 # TeaCache's polynomial fitted for FLUX.1 (ali-vilab/TeaCache, TeaCache4FLUX), highest power first
 TEACACHE_FLUX = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+
+# MagCache's magnitude ratios calibrated for FLUX.1 [dev] over 28 steps (Ma et al. 2025, "Magnitude-aware
+# Cache", github.com/Zehong-Ma/MagCache; diffusers' hooks/mag_cache.py FLUX_MAG_RATIOS)
+MAGCACHE_FLUX = (
+    1.0, 1.21094, 1.11719, 1.07812, 1.0625, 1.03906, 1.03125, 1.03906, 1.02344, 1.03125, 1.02344, 0.98047, 1.01562,
+    1.00781, 1.0, 1.00781, 1.0, 1.00781, 1.0, 1.0, 0.99609, 0.99609, 0.98047, 0.98828, 0.96484, 0.95703, 0.93359,
+    0.89062,
+)  # fmt: skip
 
 
 def flux_modulated_input(block: Any, args: tuple) -> Any:

@@ -1,17 +1,18 @@
 """HunyuanVideo as a model family: what it loads, the fields its requests carry, its rules, its schedule, its
-shard plan and the groups its transformer offers the speed toggles."""
+shard plan, the groups its transformer offers the speed toggles and its blocks for the step caches."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from sgdiff.families.flux.family import flux_modulated_input
 from sgdiff.families.hunyuan_video.sampling import (
     HunyuanVideoSampling,
     hunyuan_video_adjust,
     hunyuan_video_rules,
     true_cfg_scale_of,
 )
-from sgdiff.pipeline.family import FusableGroups, ModelFamily, imported_when_used
+from sgdiff.pipeline.family import CachePlan, FusableGroups, ModelFamily, imported_when_used
 
 
 class HunyuanVideoFamily(ModelFamily):
@@ -48,3 +49,19 @@ class HunyuanVideoFamily(ModelFamily):
         gelu = [ff.net[0].proj for block in model.transformer_blocks for ff in (block.ff, block.ff_context)]
         gelu += [block.proj_mlp for block in model.single_transformer_blocks]
         return FusableGroups(projections, gelu)
+
+    def cache_plan(self, model: Any) -> CachePlan:
+        """FLUX's plan: the dual-stream blocks ((img, txt) in and out), then the single-stream blocks (the joined
+        stream); the text refiner runs before them on every step. TeaCache's signal is FLUX's (the same
+        dual-stream block: norm1, then (img, txt, temb, ...)), the first block's modulated video stream, which
+        is the one TeaCache4HunyuanVideo fitted its polynomial on."""
+        return CachePlan(
+            [list(model.transformer_blocks), list(model.single_transformer_blocks)],
+            modulated_input=flux_modulated_input,
+            rescale=TEACACHE_HUNYUAN_VIDEO,
+        )
+
+
+# TeaCache's polynomial fitted for HunyuanVideo (ali-vilab/TeaCache, TeaCache4HunyuanVideo/teacache_sample_video.py:
+# `coefficients`), highest power first
+TEACACHE_HUNYUAN_VIDEO = (7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02)

@@ -1,10 +1,12 @@
 """HunyuanVideo-1.5 (text to video, image to video) as a model family: what it loads, the fields its requests
-carry, its rules, its schedule, its shard plan and the groups its transformer offers the speed toggles."""
+carry, its rules, its schedule, its shard plan, the groups its transformer offers the speed toggles and its
+blocks for the step caches."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from sgdiff.families.flux.family import flux_modulated_input
 from sgdiff.families.hunyuan_video.sampling import hunyuan_video_adjust
 from sgdiff.families.hunyuan_video15.sampling import (
     IMAGE_TO_VIDEO,
@@ -15,7 +17,7 @@ from sgdiff.families.hunyuan_video15.sampling import (
     hunyuan_video15_rules,
 )
 from sgdiff.families.hunyuan_video15.sizes import default_guidance, guider_config, output_size
-from sgdiff.pipeline.family import FusableGroups, ModelFamily, imported_when_used
+from sgdiff.pipeline.family import CachePlan, FusableGroups, ModelFamily, imported_when_used
 
 
 class HunyuanVideo15Family(ModelFamily):
@@ -59,3 +61,10 @@ class HunyuanVideo15Family(ModelFamily):
             projections += [(a.to_q, a.to_k, a.to_v), (a.add_q_proj, a.add_k_proj, a.add_v_proj)]
         gelu = [ff.net[0].proj for block in model.transformer_blocks for ff in (block.ff, block.ff_context)]
         return FusableGroups(projections, gelu)
+
+    def cache_plan(self, model: Any) -> CachePlan:
+        """One stack of dual-stream blocks ((img, txt) in and out; a forward over rows of unequal context lengths
+        runs it once per length, each run its own cache state). TeaCache's signal is FLUX's (the same norm1 and
+        (img, txt, temb, ...)), the first block's modulated video stream; no polynomial has been fitted for
+        HunyuanVideo-1.5 (HunyuanVideo's was fitted on another model), so its change is used as it is."""
+        return CachePlan([list(model.transformer_blocks)], modulated_input=flux_modulated_input)

@@ -1,6 +1,6 @@
 """Qwen-Image as a model family (text to image, and the Edit pipelines: one input image, or several):
 what it loads, the fields its requests carry, its rules, its schedule and the groups its transformer
-offers the speed toggles."""
+offers the speed toggles and the step caches."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sgdiff.families.qwen_image.sampling import (
     true_cfg_scale_of,
     vae_scale_factor,
 )
-from sgdiff.pipeline.family import FusableGroups, ModelFamily, imported_when_used
+from sgdiff.pipeline.family import CachePlan, FusableGroups, ModelFamily, imported_when_used
 from sgdiff.pipeline.schedule import FlowMatchSchedule
 
 
@@ -52,3 +52,18 @@ class QwenImageFamily(ModelFamily):
             projections += [(a.to_q, a.to_k, a.to_v), (a.add_q_proj, a.add_k_proj, a.add_v_proj)]
         gelu = [mlp.net[0].proj for block in model.transformer_blocks for mlp in (block.img_mlp, block.txt_mlp)]
         return FusableGroups(projections, gelu)
+
+    def cache_plan(self, model: Any) -> CachePlan:
+        # one stack of dual-stream blocks, (img, txt) in and out; no TeaCache polynomial has been fitted for
+        # Qwen-Image, so the signal's change is used as it is
+        return CachePlan([list(model.transformer_blocks)], modulated_input=qwen_image_modulated_input)
+
+
+def qwen_image_modulated_input(block: Any, args: tuple) -> Any:
+    """A block's image stream after its first LayerNorm and modulation (TeaCache's signal); with zero_cond_t
+    (Qwen-Image-Edit-2511) the edit images' tokens are modulated as at t = 0, as the block modulates them.
+    The Edit pipelines' image tokens count too (as they do in fbcache's residual): their latents never change,
+    so at one threshold an Edit request skips more steps than a text-to-image one."""
+    img, _, temb, _, edit_tokens = args  # QwenImageBlock.forward's
+    shift, scale = block.image_modulation(temb, edit_tokens).chunk(6, dim=-1)[:2]
+    return block.img_mod.modulate(img, shift, scale)

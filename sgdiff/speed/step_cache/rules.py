@@ -1,5 +1,6 @@
-"""The skip rules of the step caches, per CFG branch, as their papers define them; host-side decisions over
-one signal tensor per step (what the signal is: blocks.py). `agree` turns this rank's (sum |now - before|,
+"""The skip rules of the step caches that read a signal, per CFG branch, as their papers define them; host-side
+decisions over one signal tensor per step (what the signal is: blocks.py; the rules on a schedule, magcache
+and taylorseer: schedules.py). `agree` turns this rank's (sum |now - before|,
 sum |before|) into the sums over every rank holding a shard of the tokens (identity on one process).
 
 - fbcache (First Block Cache, ParaAttention; diffusers' hooks/first_block_cache.py): the signal is the first
@@ -21,9 +22,12 @@ import torch
 
 Agree = Callable[[torch.Tensor], torch.Tensor]  # [2] float32 sums of this rank -> the sums over the ranks
 
-# diffusers' FirstBlockCacheConfig.threshold default; TeaCache4FLUX's README: 0.25 for 1.5x (0.4: 1.8x, 0.6: 2.0x)
-DEFAULT_THRESHOLDS = {"fbcache": 0.05, "teacache": 0.25}
-DEFAULT_WARMUP_STEPS = 1  # the first step is always computed (nothing to compare with); the last one too
+# diffusers' FirstBlockCacheConfig.threshold default; TeaCache4FLUX's README: 0.25 for 1.5x (0.4: 1.8x, 0.6: 2.0x);
+# diffusers' MagCacheConfig.threshold default (taylorseer has none: a schedule, schedules.py)
+DEFAULT_THRESHOLDS = {"fbcache": 0.05, "teacache": 0.25, "magcache": 0.06}
+# the first step is always computed (nothing to compare with), and the last one; taylorseer: diffusers'
+# disable_cache_before_step; magcache: None, 20% of each request's steps (schedules.py magcache_warmup)
+DEFAULT_WARMUP_STEPS: dict[str, int | None] = {"fbcache": 1, "teacache": 1, "taylorseer": 3, "magcache": None}
 
 
 def l1_sums(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
