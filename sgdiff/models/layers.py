@@ -10,21 +10,31 @@ from torch import nn
 
 from sgdiff.kernels import kernels_run_on
 from sgdiff.models.fp8 import FP8, fp8_linear, quantize_weight
+from sgdiff.models.lora import LowRank
 
 
 class Linear(nn.Linear):
     """nn.Linear, with what the speed toggles chose for it (speed/fuse.py and speed/fp8.py set these;
-    none by default)."""
+    none by default), and the LoRA adapters kept beside it (sgdiff/lora/apply.py, unfused mode)."""
 
     gelu_epilogue: bool = False  # the tanh GELU that follows it computed in its GEMM's epilogue
     fused: FusedProjection | None = None  # on a group's first Linear: the group as one GEMM (`project`)
     fp8: bool = False  # `weight` is float8 e4m3 [N, K], with the buffer `weight_scale` (`to_fp8`)
     weight_scale: torch.Tensor  # float32 [N], one per output channel: a buffer, made by `to_fp8`
+    # unfused LoRA adapters, added to every output (a submodule when set, so no class-level default:
+    # nn.Module keeps submodules where a class attribute would shadow them)
+    lora: LowRank | None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lora = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8:
-            return fp8_linear(x, self.weight, self.weight_scale, self.bias)
-        return nn.functional.linear(x, self.weight, self.bias)
+            out = fp8_linear(x, self.weight, self.weight_scale, self.bias)
+        else:
+            out = nn.functional.linear(x, self.weight, self.bias)
+        return out if self.lora is None else out + self.lora(x)
 
     def to_fp8(self) -> None:
         """Store the weight as float8 e4m3 with a float32 scale per output channel (models/fp8.py), in
@@ -80,8 +90,9 @@ def gelu_in_epilogue(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
 
 
 def gelu_projection(x: torch.Tensor, linear: Linear, approximate: str = "tanh") -> torch.Tensor:
-    """GELU of linear(x); inside the GEMM when the fused-GELU toggle chose it for `linear` (speed/fuse.py)."""
-    if linear.gelu_epilogue:
+    """GELU of linear(x); inside the GEMM when the fused-GELU toggle chose it for `linear` (speed/fuse.py),
+    unless unfused LoRA adapters sit beside it (their sum must land before the GELU)."""
+    if linear.gelu_epilogue and linear.lora is None:
         return gelu_in_epilogue(x, linear)
     return nn.functional.gelu(linear(x), approximate=approximate)
 
@@ -196,6 +207,7 @@ class FusedProjection:
             start += size
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each Linear's output without its unfused LoRA adapters (`project` adds those)."""
         if self.scale is not None:
             return fp8_linear(x, self.weight, self.scale, self.bias).split(self.sizes, dim=-1)
         return nn.functional.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
@@ -210,10 +222,13 @@ def cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def project(x: torch.Tensor, *linears: Linear) -> tuple[torch.Tensor, ...]:
     """Each of `linears` applied to x: one GEMM when they were fused (a FusedProjection kept on the
-    first of them), else one each."""
+    first of them), else one each; with each one's unfused LoRA adapters either way."""
     fused = linears[0].fused
     if fused is not None and len(fused.sizes) == len(linears):
-        return fused(x)
+        outs = fused(x)
+        return tuple(
+            out if linear.lora is None else out + linear.lora(x) for out, linear in zip(outs, linears, strict=True)
+        )
     return tuple(linear(x) for linear in linears)
 
 
@@ -228,4 +243,6 @@ def linear_over_concat(linear: nn.Linear, parts: list[torch.Tensor], split: bool
         flat, weight = part.reshape(-1, width), linear.weight[:, start : start + width]  # [B*S, w], [out, w]
         out = torch.addmm(linear.bias, flat, weight.t()) if out is None else out.addmm_(flat, weight.t())
         start += width
+    if isinstance(linear, Linear) and linear.lora is not None:
+        out += linear.lora.over_concat([part.reshape(-1, part.shape[-1]) for part in parts])  # type: ignore[operator]  # [B*S, out]
     return out.view(*parts[0].shape[:-1], out.shape[-1])  # type: ignore[union-attr]  # (parts is never empty)

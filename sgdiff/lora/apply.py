@@ -1,0 +1,103 @@
+"""Apply LoRA adapters to a built transformer, switch their scales, remove them.
+
+    handle = apply_loras(model, [(read_lora("a.safetensors"), 0.8), (read_lora("owner/b"), 0.5)], "unfused")
+    handle.set_scales([0.0, 1.0])  # the same adapters, new scales: no shape changes
+    handle.remove()  # the model as it was, bit for bit
+
+Modes: "fused" adds the updates into the weights (lora/fused.py: free per step; for one run), "unfused"
+keeps them beside the Linears (lora/unfused.py: a little work per step; for a server that switches
+adapters between requests); "auto" picks fused for one run, unfused where the caller switches
+(`lora_mode`). One set of adapters per model at a time: every adapter is matched against the model
+before anything changes, so a refused one leaves it untouched.
+
+Order with the other changes to a loaded transformer: after it is on its device and before its weights
+are offloaded (offloading swaps them for placeholders). The speed toggles may come before or after:
+both modes follow the fused projections and FP8 weights wherever they are; unfused adapters should
+come before torch.compile (one compilation, then switching costs none)."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+from torch import nn
+
+from sgdiff.lora.files import lora_file, read_tensors
+from sgdiff.lora.fused import FusedLoras
+from sgdiff.lora.keys import lora_weights
+from sgdiff.lora.match import match_lora
+from sgdiff.lora.unfused import UnfusedLoras
+from sgdiff.lora.weights import LoraWeights
+
+LORA_MODES = ("auto", "fused", "unfused")
+
+_applied: weakref.WeakKeyDictionary[nn.Module, AppliedLoras] = weakref.WeakKeyDictionary()
+
+
+def read_lora(source: str) -> LoraWeights:
+    """The adapter that `source` names (a .safetensors file, a folder with one, or a Hub repo id), read
+    and its names turned into sgdiff's (lora/keys.py). A UserError for what cannot be read."""
+    path = lora_file(source)
+    tensors, metadata = read_tensors(path)
+    name = source if path.name in source else f"{source} ({path.name})"
+    return lora_weights(name, tensors, metadata)
+
+
+def lora_mode(mode: str, switching: bool) -> str:
+    """The mode that `mode` (one of LORA_MODES) means: auto is unfused where the caller switches adapters
+    between requests (a server), else fused."""
+    if mode not in LORA_MODES:
+        raise ValueError(f"LoRA mode {mode!r} is not one of {', '.join(LORA_MODES)}")
+    if mode == "auto":
+        return "unfused" if switching else "fused"
+    return mode
+
+
+class AppliedLoras:
+    """Adapters on one model; `set_scales` switches them, `remove` takes them off."""
+
+    def __init__(self, model: nn.Module, names: list[str], applied: FusedLoras | UnfusedLoras):
+        # (a weak reference: _applied keeps this handle as long as the model lives, not the model itself)
+        self.model = weakref.ref(model)
+        self.names, self.applied = names, applied
+
+    @property
+    def mode(self) -> str:
+        return self.applied.mode
+
+    def set_scales(self, scales: Sequence[float]) -> None:
+        """A new scale for each adapter, in the order they were applied (0: off); shapes stay."""
+        self.active_model()
+        if len(scales) != len(self.names):
+            raise ValueError(f"{len(scales)} scales for {len(self.names)} LoRA adapters")
+        self.applied.set_scales([float(scale) for scale in scales])
+
+    def remove(self) -> None:
+        """The model's weights and Linears as before the adapters were applied."""
+        model = self.active_model()
+        self.applied.remove()
+        del _applied[model]
+
+    def active_model(self) -> nn.Module:
+        model = self.model()
+        if model is None or _applied.get(model) is not self:
+            raise ValueError("these LoRA adapters were removed from the model")
+        return model
+
+
+def apply_loras(
+    model: nn.Module, adapters: Sequence[tuple[LoraWeights, float]], mode: str = "fused", keep_base: bool = True
+) -> AppliedLoras:
+    """Each (adapter, scale) on `model`: delta W = scale * alpha / rank * up @ down on every Linear it names.
+    mode: "fused" or "unfused" (lora_mode resolves "auto"). keep_base=False (fused only): no CPU copy of
+    the base weights, and no way back (one run)."""
+    if mode not in ("fused", "unfused"):
+        raise ValueError(f"apply_loras takes mode fused or unfused, not {mode!r} (lora_mode resolves auto)")
+    if model in _applied:
+        raise ValueError("the model already carries LoRA adapters: remove them (or set their scales) first")
+    matched = [match_lora(model, weights) for weights, _ in adapters]  # all refused before anything changes
+    scales = [float(scale) for _, scale in adapters]
+    applied = FusedLoras(matched, scales, keep_base) if mode == "fused" else UnfusedLoras(matched, scales)
+    handle = AppliedLoras(model, [weights.name for weights, _ in adapters], applied)
+    _applied[model] = handle
+    return handle

@@ -1,0 +1,41 @@
+"""The math of LoRA adapters kept beside a Linear (unfused): y = linear(x) + sum_i s_i * B_i (A_i x).
+
+Every adapter on one Linear is stacked along the rank: A [R, in] holds each adapter's down rows one after
+the other (R = the sum of their ranks), B [out, R] its up columns, and `scale` [R] each rank's factor
+(the adapter's scale times its alpha / rank). Switching adapters or their scales writes new values into
+`scale` (zero: an adapter off) and never changes a shape, so code that torch.compile traced, or a CUDA
+graph captured, runs on unchanged (sgdiff/lora/apply.py makes these and sets their scales)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LowRank(nn.Module):
+    """The stacked adapters of one Linear. Its tensors are buffers that no state dict holds: they move
+    with the model (.to, offloading) and leave the checkpoint's names as they were."""
+
+    down: torch.Tensor  # A [R, in]
+    up: torch.Tensor  # B [out, R]
+    scale: torch.Tensor  # [R]: each rank's adapter scale * alpha / rank
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("down", down, persistent=False)
+        self.register_buffer("up", up, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [.., in] -> the adapters' sum [.., out], in x's dtype."""
+        return nn.functional.linear(nn.functional.linear(x, self.down) * self.scale, self.up)
+
+    def over_concat(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """forward(cat(parts, -1)) without the concatenated copy: each part [.., w] meets its w columns of A."""
+        hidden, start = None, 0
+        for part in parts:
+            width = part.shape[-1]
+            term = nn.functional.linear(part, self.down[:, start : start + width])  # [.., R]
+            hidden = term if hidden is None else hidden + term
+            start += width
+        return nn.functional.linear(hidden * self.scale, self.up)  # type: ignore[operator]  # (parts is never empty)
