@@ -9,6 +9,7 @@ A value given explicitly wins even when it equals a default (flags arrive as Non
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -113,6 +114,41 @@ class OffloadConfig:
         return self.cpu_offload != "none" or self.text_encoder_offload
 
 
+LORA_MODES = ("auto", "fused", "unfused")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the transformer (sgdiff/lora/; engine/adapters.py reads them when the runner is made and
+    ModelRunner.load applies them). Wan2.2 A14B: `transformer` only (the high-noise expert), as diffusers'
+    load_lora_weights does by default.
+
+    mode: fused (the updates added into the weights once: nothing per step, the adapters fixed for the
+    engine's life), unfused (kept beside the Linears: a little work per step, each request picks the adapters
+    and scales it runs with; not under sequence parallelism), or auto: fused, but unfused for a server
+    (`resolved(switching=True)`)."""
+
+    adapters: tuple[tuple[str, float], ...] = ()  # (a .safetensors file, a folder with one or a Hub repo id, scale)
+    mode: str = "auto"
+
+    def __post_init__(self):
+        if self.mode not in LORA_MODES:
+            raise UserError(f"`lora_mode` {self.mode!r} is not one of {', '.join(LORA_MODES)}", field="lora_mode")
+        if self.mode != "auto" and not self.adapters:
+            raise UserError(f"`lora_mode` {self.mode} says how LoRA adapters are applied: give `lora_path` too",
+                            field="lora_mode")  # fmt: skip
+        for source, scale in self.adapters:
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+                raise UserError(f"`lora_path` {source}: its scale must be a finite number, got {scale!r}",
+                                field="lora_path")  # fmt: skip
+
+    def resolved(self, switching: bool) -> LoraConfig:
+        """`auto` made fused or unfused: unfused where adapters are switched between requests (a server)."""
+        if self.mode != "auto" or not self.adapters:
+            return self
+        return LoraConfig(self.adapters, "unfused" if switching else "fused")
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Where, in what precision and how fast the models run (None: chosen automatically)."""
@@ -126,6 +162,7 @@ class RuntimeConfig:
     offload: OffloadConfig = OffloadConfig()  # what waits in CPU memory while it does not run
     # bytes of its CUDA GPU each process may allocate (None: all of it): engine/memory.py cap_gpu_memory
     gpu_memory_limit: int | None = None
+    lora: LoraConfig = LoraConfig()  # LoRA adapters on the transformer
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,9 @@ class SamplingParams:
     max_sequence_length: int = checked(
         512, lambda v: 1 <= v <= MAX_SEQUENCE_LENGTH, f"must be between 1 and {MAX_SEQUENCE_LENGTH}"
     )
+    # the LoRA adapters the request runs with: (name, scale), in the engine's order, none at scale 0. Set by the
+    # engine from its adapters and the request's choice (Engine.request's `loras`), never by a flag or a preset.
+    loras: tuple[tuple[str, float], ...] = ()
 
     def validate(self) -> None:
         check_values(type(self), self.__dict__)
@@ -128,12 +131,13 @@ def kind_text(cls: type[SamplingParams], name: str) -> str:
 
 
 def sampling_fields(cls: type[SamplingParams]) -> frozenset[str]:
-    """The fields a caller or preset may set (the prompt comes on its own)."""
-    return frozenset(f.name for f in fields(cls)) - {"prompt"}
+    """The fields a caller or preset may set (the prompt comes on its own, the adapters from the engine)."""
+    return frozenset(f.name for f in fields(cls)) - {"prompt", "loras"}
 
 
 def sampling_defaults(cls: type[SamplingParams]) -> dict[str, Any]:
-    return {f.name: f.default for f in fields(cls) if f.name != "prompt" and f.default is not MISSING}
+    settable = sampling_fields(cls)
+    return {f.name: f.default for f in fields(cls) if f.name in settable and f.default is not MISSING}
 
 
 def _type_ok(kind: type, value: Any, item: type = int) -> bool:

@@ -117,7 +117,7 @@ def test_no_save_output_writes_nothing_but_the_perf_dump(tiny_flux_dev, tmp_path
     assert result.exit_code == 0, result.output
     assert not out.exists()
     dump = json.loads(perf.read_text())
-    assert dump["schema_version"] == 3 and dump["gpu"] is None  # (the CPU)
+    assert dump["schema_version"] == 4 and dump["gpu"] is None  # (the CPU)
     assert (dump["model_revision"], dump["model_commit"]) == (None, None)  # a folder of one's own
     assert dump["versions"]["sgdiff"] == __version__ and dump["versions"]["torch"] == torch.__version__
     request = dump["requests"][0]

@@ -17,7 +17,6 @@ from sgdiff.config import RuntimeConfig
 from sgdiff.engine.runner import ModelRunner
 from sgdiff.errors import UserError
 from sgdiff.lora import apply_loras, lora_mode, parse_lora_spec, read_lora
-from sgdiff.lora.original_names import original_targets
 from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig
 from sgdiff.models.flux.packing import image_position_ids, text_position_ids
 from sgdiff.models.layers import Linear
@@ -30,54 +29,16 @@ from sgdiff.speed.compile import compile_blocks
 from sgdiff.speed.fp8 import use_fp8_weights
 from sgdiff.speed.fuse import fuse_gelu, fuse_projections
 from sgdiff.testing.compare import relative_error
+from sgdiff.testing.lora_files import diffusers_file, factors, linear_names, original_file
 from sgdiff.testing.tiny_configs import WAN_TRANSFORMER
 from sgdiff.testing.tiny_flux import make_transformer
 
 TOLERANCE = 1e-5  # relative error of fp32 transformer outputs against diffusers'
 FP8_TOLERANCE = 2e-2  # with FP8 weights
 MOVED = 0.2  # each adapter set moves the output by more than this (relative): 20000x the tolerance
-RANK = 4
 MAX_PIXEL_DIFF = 2  # of 255
 
 # --- adapter files, written as the trainers write them ---------------------------------------------
-
-
-def factors(out: int, width: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random down [RANK, in] and up [out, RANK] that move a Linear's output by ~30%."""
-    return torch.randn(RANK, width, generator=g) / width**0.5, torch.randn(out, RANK, generator=g) * 0.3
-
-
-def diffusers_file(path, model, modules: list[str], seed: int, alpha: float | None = None):
-    """diffusers / PEFT names (`transformer.<module>.lora_A.weight`), with `.alpha` keys when given."""
-    g, tensors = torch.Generator().manual_seed(seed), {}
-    for name in modules:
-        linear = model.get_submodule(name)
-        down, up = factors(linear.out_features, linear.in_features, g)
-        tensors[f"transformer.{name}.lora_A.weight"], tensors[f"transformer.{name}.lora_B.weight"] = down, up
-        if alpha is not None:
-            tensors[f"transformer.{name}.alpha"] = torch.tensor(alpha)
-    save_file(tensors, path)
-    return path
-
-
-def original_file(path, model, names: dict[str, float | None], seed: int, prefix: str, kohya: bool):
-    """The original trainers' names (`diffusion_model.blocks.0.self_attn.q.lora_A.weight`, or kohya's
-    `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`), each with its alpha (None: no key)."""
-    g, tensors = torch.Generator().manual_seed(seed), {}
-    down_key, up_key = ("lora_down", "lora_up") if kohya else ("lora_A", "lora_B")
-    for name, alpha in names.items():
-        linears = [model.get_submodule(target) for target in original_targets(name, underscored=False)]
-        down, up = factors(sum(linear.out_features for linear in linears), linears[0].in_features, g)
-        key = prefix + (name.replace(".", "_") if kohya else name)
-        tensors[f"{key}.{down_key}.weight"], tensors[f"{key}.{up_key}.weight"] = down, up
-        if alpha is not None:
-            tensors[f"{key}.alpha"] = torch.tensor(alpha)
-    save_file(tensors, path)
-    return path
-
-
-def linear_names(model, inside: str = "") -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, Linear) and inside in name]
 
 
 def flux_kohya_names(joint_single: bool) -> dict[str, float | None]:
@@ -344,6 +305,19 @@ def test_fp8_weights_take_the_adapters_fused_or_unfused(flux):
     assert relative_error(expected, diffusers_output("flux", folder, [])) > MOVED
     for mode in ("fused", "unfused"):  # (FP8 weights alone move this model's output by 0.4%)
         assert relative_error(outputs[mode], expected) <= FP8_TOLERANCE, mode
+
+
+@pytest.mark.parametrize("mode", ["fused", "unfused"])
+def test_adapters_applied_before_fp8_weights_as_the_engine_does(flux, mode):
+    """ModelRunner.load applies the adapters before the speed toggles: FP8 then quantises the fused weights once,
+    or leaves the unfused factors in the compute dtype; diffusers' output up to FP8's rounding either way."""
+    folder, files = flux
+    expected = diffusers_output("flux", folder, [(files["diffusers"], 0.6), (files["kohya"], -0.7)])
+    model = load_ours("flux", folder / "transformer")
+    adapters = [(read_lora(str(files["diffusers"])), 0.6), (read_lora(str(files["kohya"])), -0.7)]
+    apply_loras(model, adapters, mode, keep_base=False)
+    speed_up(model, "flux", fused_projections=True, fp8=True)
+    assert relative_error(ours_output(model, "flux"), expected) <= FP8_TOLERANCE
 
 
 @pytest.mark.parametrize("mode", ["fused", "unfused"])

@@ -58,7 +58,7 @@ def test_written_files_and_the_perf_dump_record_the_commit_loaded(offline_hub, t
     params = read_png_parameters(path)
     assert (params["model"], params["model_revision"], params["model_commit"]) == (REPO, "v1", TAGGED)
     dump = json.loads(perf.read_text())
-    assert dump["schema_version"] == 3
+    assert dump["schema_version"] == 4
     assert (dump["model"], dump["model_revision"], dump["model_commit"]) == (REPO, "v1", TAGGED)
 
 

@@ -141,7 +141,7 @@ def test_generate_with_a_video_server_writes_generates_mp4(tmp_path):
 
 def engine_flags(command: str) -> dict[str, tuple]:
     click_command = typer.main.get_command(app).commands[command]
-    panels = ("Runtime", "Parallelism", "Speed", "Memory")
+    panels = ("Runtime", "Parallelism", "Speed", "Memory", "LoRA")
     return {
         p.name: (tuple(p.opts), p.default, p.help)
         for p in click_command.params
@@ -151,7 +151,9 @@ def engine_flags(command: str) -> dict[str, tuple]:
 
 def test_serve_takes_every_engine_flag_of_generate():
     flags = engine_flags("generate")
-    assert len(flags) == 22 and engine_flags("serve") == flags  # (--vae-tiling, --dit-precision, memory, --cache*)
+    assert (
+        len(flags) == 25 and engine_flags("serve") == flags
+    )  # (--vae-tiling, --dit-precision, memory, --cache*, --lora*)
 
 
 def test_serve_on_a_busy_port_says_so_before_loading(tmp_path):

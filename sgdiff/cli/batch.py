@@ -150,7 +150,7 @@ def run_batch(
             outputs = result.images if result.videos is None else result.videos
             for index, output in enumerate(outputs):
                 path = next(remaining)
-                metadata = output_metadata(result.params, index, **about)
+                metadata = output_metadata(result.params, index, **about, loras=engine.lora_record(result.params))
                 saved.append(save_output(output, path, suffix, result.fps or DEFAULT_FPS, metadata))
                 on_saved(path)
         load_seconds = engine.load_seconds
@@ -176,8 +176,9 @@ def requested(engine: Engine, request: BatchRequest) -> list[SamplingParams]:
     return params
 
 
-# 2: versions, gpu, load spans, and each request's seed, frames and fps; 3: model_revision, model_commit
-PERF_DUMP_SCHEMA = 3
+# 2: versions, gpu, load spans, and each request's seed, frames and fps; 3: model_revision, model_commit;
+# 4: the LoRA adapters loaded, and each request's
+PERF_DUMP_SCHEMA = 4
 
 
 def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
@@ -203,6 +204,8 @@ def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
         "speed": speed_report(engine.runner.pipeline, engine.runner.speed) if engine.runner.pipeline else None,
         # --cpu-offload / --text-encoder-offload: what was offloaded and how many copies it took (null: none)
         "offload": engine.runner.offloaded.report() if engine.runner.offloaded else None,
+        # --lora-path: each adapter's name, source, scale, rank, layers it updates and mode ([]: none)
+        "loras": engine.loras(),
         "peak_rss_bytes": report.peak_rss_bytes,  # whole run, loading included
         "requests": [
             {
@@ -220,6 +223,7 @@ def write_perf_dump(report: BatchReport, engine: Engine, path: Path) -> None:
                 "peak_gpu_memory_bytes": r.peak_gpu_memory_bytes,
                 # --cache: the steps whose blocks were skipped, per CFG branch run on rank 0 ({}: none)
                 "skipped_steps": r.skipped_steps,
+                "loras": engine.lora_record(r.params),  # the adapters it ran with: name, source, scale
             }
             for r in report.results
         ],

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from sgdiff.cli import options as opt
+from sgdiff.cli.errors import fail
 
 # (parameter name, its Typer option, its default), in the order --help lists them
 ENGINE_OPTIONS = (
@@ -34,7 +36,12 @@ ENGINE_OPTIONS = (
     ("text_encoder_offload", opt.TextEncoderOffload, False),
     ("offload_prefetch", opt.OffloadPrefetch, 1),
     ("gpu_memory_limit", opt.GpuMemoryLimit, None),
+    ("lora_path", opt.LoraPath, None),
+    ("lora_scale", opt.LoraScale, None),
+    ("lora_mode", opt.LoraMode, None),
 )
+# flags that with `generate --server` make the request's `loras` (the server's adapters, by name)
+REQUEST_FLAGS = ("lora_path", "lora_scale")
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,9 @@ class EngineFlags:
     text_encoder_offload: bool = False
     offload_prefetch: int = 1
     gpu_memory_limit: str | None = None  # a size as typed (24GiB)
+    lora_path: list[str] | None = None  # PATH_OR_REPO[:SCALE], as typed
+    lora_scale: float | None = None  # None: 1.0
+    lora_mode: opt.LoraModeChoice | None = None  # None: auto
 
     def runtime(self):
         from sgdiff.config import OffloadConfig, RuntimeConfig
@@ -88,7 +98,38 @@ class EngineFlags:
             vae_tiling=self.vae_tiling,
             offload=offload,
             gpu_memory_limit=limit,
+            lora=self.lora(),
         )
+
+    def lora(self):
+        """--lora-path, --lora-scale and --lora-mode as the library's LoraConfig."""
+        from sgdiff.config import LoraConfig
+
+        mode = self.lora_mode.value if self.lora_mode is not None else "auto"
+        if self.lora_mode is not None and not self.lora_path:
+            fail(f"--lora-mode {mode} says how LoRA adapters are applied: give --lora-path too")
+        return LoraConfig(tuple((source, 1.0 if scale is None else scale) for source, scale in self.lora_specs()), mode)
+
+    def lora_specs(self, default: float | None = 1.0) -> list[tuple[str, float | None]]:
+        """Each --lora-path as (its path, repo id or name; its scale): its own :SCALE, else --lora-scale, else
+        `default` (with --server None: the server's own scale of the adapter)."""
+        from sgdiff.lora.files import parse_lora_spec
+
+        if self.lora_scale is not None and not self.lora_path:
+            fail("--lora-scale sets the scale of the --lora-path adapters: give --lora-path too")
+        if self.lora_scale is not None and not math.isfinite(self.lora_scale):
+            fail(f"--lora-scale must be a finite number, got {self.lora_scale}")
+        fallback = self.lora_scale if self.lora_scale is not None else default
+        specs: list[tuple[str, float | None]] = []
+        own_scales = 0
+        for spec in self.lora_path or ():
+            source, own = parse_lora_spec(spec)
+            own_scales += source != spec  # (a spec that keeps its whole text has no :SCALE)
+            specs.append((source, own if source != spec else fallback))
+        if self.lora_scale is not None and own_scales == len(specs):
+            fail("--lora-scale sets the scale of each --lora-path given without :SCALE, and every one has its own: "
+                 "leave --lora-scale out")  # fmt: skip
+        return specs
 
     def parallel(self):
         from sgdiff.config import ParallelConfig
@@ -96,10 +137,13 @@ class EngineFlags:
         return ParallelConfig(self.num_gpus, self.ulysses_degree, self.ring_degree, self.enable_cfg_parallel)
 
     def given(self) -> list[str]:
-        """The flags set to something other than their default, as typed (--dtype, ...)."""
+        """The flags of how a model runs set to something other than their default, as typed (--dtype, ...);
+        not the adapters a request picks (REQUEST_FLAGS)."""
         defaults = EngineFlags()
         return [
-            "--" + f.name.replace("_", "-") for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)
+            "--" + f.name.replace("_", "-")
+            for f in fields(self)
+            if f.name not in REQUEST_FLAGS and getattr(self, f.name) != getattr(defaults, f.name)
         ]
 
 

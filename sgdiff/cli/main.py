@@ -151,7 +151,8 @@ def generate(
         if server is not None:
             from sgdiff.cli.remote import RemoteRequest, run_remote
 
-            remote = RemoteRequest(server, model_path, prompts, flags, output, preset, engine.given(), lines, revision)
+            remote = RemoteRequest(server, model_path, prompts, flags, output, preset, engine.given(), lines, revision,
+                                   engine.lora_specs(default=None))  # fmt: skip
             run_remote(remote, quiet)
             return
         from sgdiff.cli.batch import BatchRequest

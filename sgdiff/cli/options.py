@@ -426,6 +426,48 @@ OffloadPrefetch = Annotated[
 ]
 
 
+LORA = "LoRA"
+
+
+class LoraModeChoice(str, Enum):  # config.LORA_MODES (a test keeps them equal)
+    auto = "auto"
+    fused = "fused"
+    unfused = "unfused"
+
+
+LoraPath = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--lora-path",
+        metavar="<path[:scale]>",
+        help="A LoRA adapter for the transformer: a .safetensors file (diffusers/PEFT, kohya or the original "
+        "trainers' names), a folder holding one, or a Hub repo id, then :SCALE if you like (default --lora-scale). "
+        "Repeat for several (their updates add up). Requests name it by its file's stem (a folder's name, a repo id "
+        "as given); with --server, give that name of an adapter the server loaded.",
+        rich_help_panel=LORA,
+    ),
+]
+LoraScale = Annotated[
+    float | None,
+    typer.Option(
+        "--lora-scale",
+        help="The scale of each --lora-path given without :SCALE (serve: what a request naming it without a "
+        "scale gets). Default: 1.0.",
+        rich_help_panel=LORA,
+    ),
+]
+LoraMode = Annotated[
+    LoraModeChoice | None,
+    typer.Option(
+        "--lora-mode",
+        help="fused: the adapters added into the weights at load (no cost per step; fixed); unfused: kept beside "
+        "them (a little work per step; each server request picks its adapters; not with --ulysses-degree or "
+        "--ring-degree above 1). Default: auto, fused for generate and unfused for serve.",
+        rich_help_panel=LORA,
+    ),
+]
+
+
 def speed_config(attention_backend: AttentionBackendChoice, projections: bool | None, gelu: bool | None,
                  norms: bool | None, compile_: bool, graph: bool,
                  precision: DitPrecisionChoice = DitPrecisionChoice.default, cache: CacheChoice = CacheChoice.none,

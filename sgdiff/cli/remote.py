@@ -24,7 +24,8 @@ from sgdiff.io.image import OutputNamer, check_output_file_name
 from sgdiff.io.outputs import OutputConfig, output_suffix
 
 POLL_SECONDS = 0.25
-API_FLAGS = {**FLAGS, "n": "--num-outputs-per-prompt", "input_reference": "--image-path", "size": "--height/--width"}
+API_FLAGS = {**FLAGS, "n": "--num-outputs-per-prompt", "input_reference": "--image-path", "size": "--height/--width",
+             "loras": "--lora-path"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class RemoteRequest:
     engine_flags: tuple[str, ...] | list[str] = ()
     prompt_lines: list[PromptLine] = field(default_factory=list)  # a JSON Lines file: each prompt's own fields
     revision: str | None = None
+    # --lora-path NAME[:SCALE]: adapters the server loaded, by name (scale None: the server's own for it)
+    loras: list[tuple[str, float | None]] = field(default_factory=list)
 
 
 def api_flag(name: str) -> str:
@@ -105,6 +108,9 @@ def run_remote(request: RemoteRequest, quiet: bool) -> None:
     if out.output_file_name is not None and (problem := check_output_file_name(out.output_file_name, suffix)):
         fail(problem)
     flags = dict(request.sampling_flags)
+    if request.loras:  # the request's `loras`: the server's adapters by name (GET /v1/loras)
+        flags["loras"] = [{"name": name, **({"scale": scale} if scale is not None else {})}
+                          for name, scale in request.loras]  # fmt: skip
     n = flags.pop("num_outputs_per_prompt", 1)
     if kind == "video" and n != 1:
         fail("--num-outputs-per-prompt: with --server each video is its own job; run the command once per video")
@@ -127,7 +133,8 @@ def run_remote(request: RemoteRequest, quiet: bool) -> None:
     total = time.perf_counter() - start
     if out.perf_dump_path is not None:
         dump = {"server": client.url, "model": card["id"], "model_revision": card.get("revision"),
-                "model_commit": card.get("commit"), "total_seconds": total, "requests": reports}  # fmt: skip
+                "model_commit": card.get("commit"), "loras": flags.get("loras", []), "total_seconds": total,
+                "requests": reports}  # fmt: skip
         write_atomically(out.perf_dump_path, lambda handle: handle.write(json.dumps(dump, indent=2).encode()))
     if not quiet:
         count = n * len(request.prompts)
@@ -142,11 +149,16 @@ def remote_images(
     images = uploads(flags.pop("image_path", None))
     body = {"prompt": prompt, "n": n, "response_format": "b64_json", **flags}
     if images:
-        form = {name: str(value) for name, value in body.items()}
+        form = {name: form_value(value) for name, value in body.items()}
         answer = client.call("POST", "/v1/images/edits", line, data=form, files=[("image[]", i) for i in images])
     else:
         answer = client.call("POST", "/v1/images/generations", line, json=body)
     return [base64.b64decode(item["b64_json"]) for item in answer["data"]], answer["sgdiff"]
+
+
+def form_value(value: Any) -> str:
+    """A field of a multipart form: `loras` (a list) as JSON text, the rest as text."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 def uploads(image_path: str | tuple[str, ...] | None) -> list[tuple[str, bytes]]:
@@ -168,7 +180,7 @@ def remote_video(
     if len(images) > 1:
         fail(f"--image-path takes one image for a video model, got {len(images)}")
     if images:
-        form = {name: str(value) for name, value in {"prompt": prompt, **flags}.items()}
+        form = {name: form_value(value) for name, value in {"prompt": prompt, **flags}.items()}
         job = client.call("POST", "/v1/videos", line, data=form, files={"input_reference": images[0]})
     else:
         job = client.call("POST", "/v1/videos", line, json={"prompt": prompt, **flags})

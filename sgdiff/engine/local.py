@@ -36,7 +36,7 @@ class LocalExecutor:
         self.warm_up = warm_up  # a request like those to come: the kernels warm up at its shapes while loading
         self.encode_ahead = encode_ahead  # requests to come: their prompts are encoded while the model loads
         self.inbox = Inbox()
-        self.dispatcher = Dispatcher(self.inbox.put, runner.events, batching, runner.family.batch_key)
+        self.dispatcher = Dispatcher(self.inbox.put, runner.events, batching, runner.batch_key)
         self.thread: threading.Thread | None = None
 
     @property

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from sgdiff.config import Preset, RuntimeConfig, merge_layers, select_preset
+from sgdiff.engine.adapters import EngineAdapters, Wanted
 from sgdiff.engine.memory import cap_gpu_memory, check_gpu_memory_limit
 from sgdiff.errors import UserError
 from sgdiff.models.resolve import is_hub_repo, resolve_model_path, snapshot_commit
@@ -119,12 +120,16 @@ class ModelRunner:
                 self.family.schedule(self.preset.schedule)
             except UserError as exc:
                 raise UserError(f"preset {self.preset.name}: [schedule] {exc}") from None
+        # LoRA adapters: their files read now (a bad one refused before any weight loads), applied by load()
+        self.adapters = EngineAdapters(runtime.lora)
         self.pipeline: ComposedPipeline | None = None  # load() makes it
         self.load_seconds = 0.0
 
-    def sampling_params(self, prompt: str, **fields: Any) -> SamplingParams:
+    def sampling_params(self, prompt: str, loras: Wanted | None = None, **fields: Any) -> SamplingParams:
         """The family's defaults < the preset < `fields` (None means not given), checked against this
-        model's rules: an instance of the family's own SamplingParams dataclass."""
+        model's rules: an instance of the family's own SamplingParams dataclass. `loras`: the LoRA adapters
+        to run with, (name, scale or None for the adapter's own), of those loaded (None: every one at its
+        scale; engine/adapters.py)."""
         family = self.family
         given = {name for name, value in fields.items() if value is not None}
         for name in sorted(given - sampling_fields(family.sampling)):
@@ -139,7 +144,12 @@ class ModelRunner:
             raise UserError("`generator_device` cuda needs the model on a CUDA device", field="generator_device")
         for rule in self._rules:
             rule(params)
-        return params
+        return replace(params, loras=self.adapters.resolve(loras))
+
+    def batch_key(self, params: SamplingParams) -> Hashable | None:
+        """The family's batch key (ModelFamily.batch_key), and the adapters: a batch runs with one set of scales."""
+        key = self.family.batch_key(params)
+        return None if key is None else (key, params.loras)
 
     def load(
         self,
@@ -173,6 +183,12 @@ class ModelRunner:
             if warming is not None:
                 warming.join()
         place(pipeline, self.offload, self.device)
+        # LoRA adapters: on the transformer where it computes, before the speed toggles (fused: the updates go
+        # into the full-precision weights, which FP8 then quantises once; unfused: torch.compile traces the
+        # blocks with their low-rank factors, once, and switching scales never compiles again) and before
+        # offloading (it swaps weights for placeholders; it lends the unfused factors with their Linears and keeps
+        # their scales, written per request, on the device: models/lora.py)
+        self.adapters.apply(pipeline)
         apply_speed(pipeline, self.speed, self.attention, self.family)
         if self.vae_tiling:
             apply_vae_tiling(pipeline)
@@ -199,6 +215,7 @@ class ModelRunner:
         between stages and steps, ends it early with RequestCancelled; `inputs`: the bytes of its
         input files, by path, as the engine fetched them (a file not among them is read here)."""
         self.load()
+        self.adapters.activate(params.loras)
         self._reset_peak_memory()
         start = time.perf_counter()
         state = State(params, self.device, self.dtype, events or self.events, should_stop, inputs or {})
@@ -219,6 +236,7 @@ class ModelRunner:
         after the step in hand (its result None), every member wishing so ends the batch
         (RequestCancelled)."""
         self.load()
+        self.adapters.activate(params_list[0].loras)  # (one batch key: one set of adapters)
         self._reset_peak_memory()
         start = time.perf_counter()
         cancelled = cancelled or (lambda: [False] * len(params_list))

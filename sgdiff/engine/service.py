@@ -15,7 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from sgdiff.config import BatchingConfig, EngineConfig, OffloadConfig, ParallelConfig, RuntimeConfig, SpeedConfig
+from sgdiff.config import (
+    BatchingConfig,
+    EngineConfig,
+    LoraConfig,
+    OffloadConfig,
+    ParallelConfig,
+    RuntimeConfig,
+    SpeedConfig,
+)
 from sgdiff.engine.handle import RequestHandle
 from sgdiff.engine.ranks import under_torchrun
 from sgdiff.engine.runner import GenerationResult, ModelRunner
@@ -92,6 +100,7 @@ class Engine:
                 field="attention_backend",
             )
         check_offload_parallel(runtime.offload, self.parallel)
+        check_lora_parallel(runtime.lora, self.parallel)
         self.revision = revision
         self.config = EngineConfig(model or DEMO_IMAGE_MODEL, preset, runtime, self.parallel, batching, revision)
         self.load_events = load_events or NullEvents()
@@ -131,18 +140,22 @@ class Engine:
         text_encoder_offload: bool = False,
         offload_prefetch: int = 1,
         gpu_memory_limit: int | None = None,
+        loras: Sequence[tuple[str, float]] = (),
+        lora_mode: str = "auto",
         **speed: Any,
     ) -> Engine:
         """Load `model` and return the engine, ready. `max_batch_size`, `batching_delay_ms`: BatchingConfig
         (1: every request runs alone). `vae_tiling`, `gpu_memory_limit` (bytes each process may allocate on its
         GPU): RuntimeConfig's. `cpu_offload`, `text_encoder_offload`, `offload_prefetch`: OffloadConfig's.
+        `loras` ((a .safetensors file, folder or Hub repo id, scale), ...), `lora_mode`: LoraConfig's.
         `speed`: SpeedConfig's toggles by name (attention_backend="auto", fused_projections, fused_gelu,
         fused_norms, torch_compile, cuda_graph, dit_precision="default")."""
         unknown = sorted(set(speed) - set(SPEED_OPTIONS))
         if unknown:
             raise UserError(f"unknown engine option(s) {unknown}; the speed options are {SPEED_OPTIONS}")
         offload = OffloadConfig(cpu_offload, text_encoder_offload, offload_prefetch)
-        runtime = RuntimeConfig(device, dtype, SpeedConfig(**speed), vae_tiling, offload, gpu_memory_limit)
+        lora = LoraConfig(tuple((source, scale) for source, scale in loras), lora_mode)
+        runtime = RuntimeConfig(device, dtype, SpeedConfig(**speed), vae_tiling, offload, gpu_memory_limit, lora)
         parallel = ParallelConfig(num_gpus, ulysses_degree, ring_degree, enable_cfg_parallel)
         batching = BatchingConfig(max_batch_size, batching_delay_ms)
         engine = cls(model, preset=preset, runtime=runtime, parallel=parallel, batching=batching, revision=revision)
@@ -167,6 +180,20 @@ class Engine:
         return self.runner.model_commit
 
     @property
+    def lora_mode(self) -> str | None:
+        """How the LoRA adapters are applied: fused or unfused (None: there are none)."""
+        return self.runner.adapters.mode if self.runner.adapters else None
+
+    def loras(self) -> list[dict[str, Any]]:
+        """The LoRA adapters loaded: name (what a request calls it), source, scale (what a request naming it
+        without one gets), rank (its largest), layers (the Linears it updates) and mode."""
+        return self.runner.adapters.describe()
+
+    def lora_record(self, params: SamplingParams) -> list[dict[str, Any]]:
+        """The adapters a request ran with, as its outputs' metadata records them: name, source, scale."""
+        return self.runner.adapters.record(params.loras)
+
+    @property
     def load_seconds(self) -> float:
         return self._executor.load_seconds if self._executor is not None else 0.0
 
@@ -184,7 +211,9 @@ class Engine:
 
     def request(self, prompt: str, **fields: Any) -> SamplingParams:
         """A request checked against this model, nothing run: defaults < the preset < `fields`
-        (SamplingParams' names; None means not given). Raises UserError naming what is wrong."""
+        (SamplingParams' names; None means not given). `loras`: the LoRA adapters it runs with, of those
+        loaded, as (name, scale) pairs (scale None: the adapter's own; None: every one at its scale; with
+        `lora_mode` fused only that). Raises UserError naming what is wrong."""
         params = self.runner.sampling_params(prompt, **fields)
         if self.parallel.enable_cfg_parallel and self.runner.family.cfg_scale_of(params) is None:
             raise UserError(
@@ -313,14 +342,30 @@ class Engine:
             spec = torchrun_spec()
             if spec.rank != 0:
                 raise UserError("under torchrun only rank 0 takes requests; the other ranks call Engine.follow()")
-            return TorchrunRankExecutor(self.config, spec, self.load_events, self.runner.family.batch_key)
+            return TorchrunRankExecutor(self.config, spec, self.load_events, self.runner.batch_key)
         if self.parallel.num_gpus > 1:
             from sgdiff.engine.pool import WorkerPool
 
-            return WorkerPool(self.config, self.load_events, self.runner.family.batch_key, encode_ahead)
+            return WorkerPool(self.config, self.load_events, self.runner.batch_key, encode_ahead)
         from sgdiff.engine.local import LocalExecutor
 
         return LocalExecutor(self.runner, self.config.batching, warm_up, encode_ahead)
+
+
+def check_lora_parallel(lora: LoraConfig, parallel: ParallelConfig) -> None:
+    """`parallel` resolved. Unfused adapters sit beside the Linears, and sequence parallelism reads some
+    weights around them: each rank's q/k/v rows of its heads, cut once (Ulysses-2's input exchange), and the
+    modulation Linears' weights, shared out over the ranks (parallel/modulation.py). Fused adapters are in
+    those weights before they are cut; CFG parallel cuts none."""
+    if lora.resolved(switching=False).mode == "unfused":
+        if (parallel.ulysses_degree or 1) * (parallel.ring_degree or 1) > 1:
+            raise UserError(
+                "`lora_mode` unfused (`sgdiff serve`'s default) cannot run under sequence parallelism "
+                "(`ulysses_degree` or `ring_degree` above 1), which computes some layers from weights it cut before "
+                "a request picks its adapters: give `lora_mode` fused (the adapters fixed at load, in every request) "
+                "or use `enable_cfg_parallel` alone",
+                field="lora_mode",
+            )
 
 
 def torchrun_spec():

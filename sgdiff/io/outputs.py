@@ -75,7 +75,8 @@ def output_paths(
 
 def output_metadata(params: SamplingParams, index: int, **about: object) -> dict:
     """What a written file records of how it was made: the request's parameters, its index among the
-    request's outputs, and `about` (model, preset, dtype, version)."""
+    request's outputs, and `about` (model, preset, dtype, version; `loras`, the adapters it ran with as
+    Engine.lora_record tells them, over the parameters' names and scales)."""
     return {**asdict(params), "output_index": index, **about}
 
 

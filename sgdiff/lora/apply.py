@@ -22,14 +22,13 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from sgdiff.config import LORA_MODES
 from sgdiff.lora.files import lora_file, read_tensors
 from sgdiff.lora.fused import FusedLoras
 from sgdiff.lora.keys import lora_weights
 from sgdiff.lora.match import match_lora
 from sgdiff.lora.unfused import UnfusedLoras
 from sgdiff.lora.weights import LoraWeights
-
-LORA_MODES = ("auto", "fused", "unfused")
 
 _applied: weakref.WeakKeyDictionary[nn.Module, AppliedLoras] = weakref.WeakKeyDictionary()
 

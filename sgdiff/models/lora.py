@@ -14,11 +14,14 @@ from torch import nn
 
 class LowRank(nn.Module):
     """The stacked adapters of one Linear. Its tensors are buffers that no state dict holds: they move
-    with the model (.to, offloading) and leave the checkpoint's names as they were."""
+    with the model (.to; offloading lends the factors as it lends weights and keeps `scale` on the compute
+    device) and leave the checkpoint's names as they were."""
 
     down: torch.Tensor  # A [R, in]
     up: torch.Tensor  # B [out, R]
     scale: torch.Tensor  # [R]: each rank's adapter scale * alpha / rank
+    # written in place when adapters are switched: offloading keeps it on the compute device (offload/weights.py)
+    RESIDENT_BUFFERS = ("scale",)
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: torch.Tensor):
         super().__init__()

@@ -10,10 +10,12 @@ a placeholder by mistake gives NaN instead of numbers.
 
 A module's tensors: its parameters and buffers, and the tensors its submodules keep in plain attributes,
 one object deep (a FusedProjection's concatenated weights, whose slices the Linears' parameters are:
-speed/fuse.py). Tensors that share memory (views, tied weights) share it in the slot too. Each stretch
-of memory starts at a multiple of 512 bytes in the slot, as every block of the CUDA caching allocator
-does: a weight is as aligned as when it had its own allocation, so the kernels (and their results) are
-the same."""
+speed/fuse.py); not the buffers a submodule names in RESIDENT_BUFFERS (written in place while the model
+serves: a LoRA adapter's scales, models/lora.py), which stay on the compute device, outside any home (a
+write into a placeholder fails, one into a slot would be undone by the next loan). Tensors that share
+memory (views, tied weights) share it in the slot too. Each stretch of memory starts at a multiple of 512
+bytes in the slot, as every block of the CUDA caching allocator does: a weight is as aligned as when it
+had its own allocation, so the kernels (and their results) are the same."""
 
 from __future__ import annotations
 
@@ -37,15 +39,27 @@ def module_tensors(module: nn.Module) -> list[torch.Tensor]:
         if isinstance(value, torch.Tensor) and value.numel() > 0 and not value.is_meta:
             found.setdefault(id(value), value)
 
+    resident = {id(sub._buffers[name]) for sub, name in resident_buffers(module)}
     for sub in module.modules():
         for value in (*sub._parameters.values(), *sub._buffers.values()):
-            add(value)
+            if id(value) not in resident:
+                add(value)
         for value in vars(sub).values():
             add(value)
             if not isinstance(value, (torch.Tensor, nn.Module, dict, list, tuple)) and hasattr(value, "__dict__"):
                 for inner in vars(value).values():
                     add(inner)
     return list(found.values())
+
+
+def resident_buffers(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(submodule, buffer name) of each buffer a submodule of `module` names in its RESIDENT_BUFFERS."""
+    return [
+        (sub, name)
+        for sub in module.modules()
+        for name in getattr(sub, "RESIDENT_BUFFERS", ())
+        if sub._buffers.get(name) is not None
+    ]
 
 
 def as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -96,6 +110,9 @@ class WeightUnit:
 
     def __init__(self, module: nn.Module, device: torch.device, pinned: bool):
         self.module = module
+        with torch.inference_mode(False):
+            for sub, name in resident_buffers(module):  # (module doc) on the compute device for good
+                sub._buffers[name] = getattr(sub, name).to(device)
         self.tensors = module_tensors(module)
         starts: dict[tuple[torch.device, int], int] = {}  # a stretch of memory -> its offset in the home
         stretches: list[tuple[torch.UntypedStorage, int]] = []

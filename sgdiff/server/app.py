@@ -1,4 +1,4 @@
-"""The HTTP routes (FastAPI): OpenAI's Images and Videos APIs, /v1/models, /health and /metrics.
+"""The HTTP routes (FastAPI): OpenAI's Images and Videos APIs, /v1/models, /v1/loras, /health and /metrics.
 Every route but /health asks for the API key when one is set."""
 
 from __future__ import annotations
@@ -72,6 +72,11 @@ def create_app(core: ServerCore, api_key: str | None) -> FastAPI:
         card = {"id": core.model_id, "object": "model", "created": 0, "owned_by": "sgdiff", "output": core.output_kind,
                 "revision": core.engine.revision, "commit": core.engine.model_commit}  # fmt: skip
         return {"object": "list", "data": [card]}
+
+    @api.get("/v1/loras")
+    def loras() -> dict[str, Any]:
+        """The LoRA adapters loaded (--lora-path): what a request's `lora` or `loras` names."""
+        return {"object": "list", "data": core.engine.loras()}
 
     @api.post("/v1/images/generations")
     async def generate_images(request: Request) -> JSONResponse:

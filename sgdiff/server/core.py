@@ -27,7 +27,15 @@ from sgdiff.sampling import SamplingParams
 from sgdiff.server.errors import ApiError
 from sgdiff.server.jobs import Job, JobStore, new_id
 from sgdiff.server.metrics import ServerMetrics
-from sgdiff.server.protocol import Body, refuse_unsupported, sampling_fields, take_model, take_prompt, take_size
+from sgdiff.server.protocol import (
+    Body,
+    refuse_unsupported,
+    sampling_fields,
+    take_loras,
+    take_model,
+    take_prompt,
+    take_size,
+)
 
 log = logging.getLogger("sgdiff.server")
 IMAGE_ID_HEX = 32
@@ -88,12 +96,18 @@ class ServerCore:
 
     def params(self, prompt: str, body: Body, rename: dict[str, str]) -> tuple[SamplingParams, dict[str, Any]]:
         """The request's other fields (what `take` left) checked by the engine and the server's limits:
-        the engine's request, and its fields as given (what a job stores to run again)."""
+        the engine's request, and its fields as given (what a job stores to run again). LoRA adapters: unfused,
+        a request that names none runs the base model; fused, every request runs them."""
+        wanted, given_as = take_loras(body)
+        if wanted is None and self.engine.lora_mode == "unfused":
+            wanted = []
         fields = sampling_fields(body, self.family.sampling)
+        if wanted is not None:
+            fields["loras"] = wanted
         try:
             params = self.engine.request(prompt, **fields)
         except UserError as exc:
-            raise ApiError.of(exc, rename) from None
+            raise ApiError.of(exc, {**rename, "loras": given_as or "loras"}) from None
         self._check_limits(params, rename)
         return params, fields
 
@@ -220,7 +234,8 @@ class ServerCore:
 
     def _encode(self, result: GenerationResult, index: int, response_format: str, base_url: str) -> dict[str, Any]:
         assert result.images is not None  # an image model's
-        png = png_bytes(result.images[index], output_metadata(result.params, index, **self.about))
+        metadata = output_metadata(result.params, index, **self.about, loras=self.engine.lora_record(result.params))
+        png = png_bytes(result.images[index], metadata)
         if response_format == "b64_json":
             return {"b64_json": base64.b64encode(png).decode(), "revised_prompt": None}
         image_id = "img_" + secrets.token_hex(IMAGE_ID_HEX // 2)
@@ -231,6 +246,7 @@ class ServerCore:
         """sgdiff's extras beside OpenAI's fields: the request as run, and where its time went."""
         return {
             "request": asdict(result.params),
+            "loras": self.engine.lora_record(result.params),  # the LoRA adapters it ran with: name, source, scale
             "generation_seconds": result.total_seconds,
             "stage_seconds": result.stage_seconds,
             "step_seconds": result.step_seconds,
@@ -281,7 +297,7 @@ class ServerCore:
             result: GenerationResult = handle.result()
             assert result.videos is not None  # a video model's
             video = result.videos[0]
-            metadata = output_metadata(result.params, 0, **self.about)
+            metadata = output_metadata(result.params, 0, **self.about, loras=self.engine.lora_record(result.params))
             path = self.store.video_path(job_id)
             await asyncio.to_thread(save_mp4, video, path, result.fps or DEFAULT_FPS, metadata)
         except Exception as exc:  # noqa: BLE001 - the job failed: its record says why

@@ -4,7 +4,7 @@ the model, then answer on that socket with uvicorn until SIGINT or SIGTERM."""
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sgdiff.config import BatchingConfig, ParallelConfig, RuntimeConfig
@@ -56,6 +56,7 @@ def run_server(
     from sgdiff.server.app import create_app
     from sgdiff.server.core import ServerCore
 
+    runtime = replace(runtime, lora=runtime.lora.resolved(switching=True))  # auto: unfused, switched per request
     state_dir = config.state_dir.expanduser()
     try:
         state_dir.mkdir(parents=True, exist_ok=True)

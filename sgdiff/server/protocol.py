@@ -1,7 +1,8 @@
 """Requests as OpenAI's Images and Videos APIs shape them (JSON, or multipart form fields and file
 parts), turned into the engine's fields. sgdiff's own fields ride alongside under their library names
 (seed, num_inference_steps, guidance_scale, true_cfg_scale, negative_prompt, num_frames, fps, ...),
-as SGLang does; each is checked by the engine, whose errors name the field as `param`."""
+as SGLang does; each is checked by the engine, whose errors name the field as `param`. `lora` or `loras` pick
+the LoRA adapters the server loaded (take_loras)."""
 
 from __future__ import annotations
 
@@ -115,6 +116,44 @@ def refuse_unsupported(body: Body) -> None:
         if name in body.fields:
             raise ApiError(400, f"`{name}` cannot be given to the server: {why}", name, "invalid_value")
     body.fields.pop("user", None)  # a client's end-user id, for OpenAI's abuse monitoring: nothing to do here
+
+
+def take_loras(body: Body) -> tuple[list[tuple[str, float | None]] | None, str | None]:
+    """`lora` (an adapter's name) or `loras` (a list of {"name", "scale"}, the scale optional; in a form, JSON
+    text): the LoRA adapters the request runs with, by the names GET /v1/loras lists (no scale: the adapter's
+    own). Returns them as (name, scale) pairs and the field that gave them; (None, None) when neither is given."""
+    lora, loras = body.fields.pop("lora", None), body.fields.pop("loras", None)
+    if lora is not None and loras is not None:
+        raise ApiError(400, "give `lora` (one adapter) or `loras` (a list), not both", "loras", "invalid_value")
+    if lora is not None:
+        if not isinstance(lora, str) or not lora.strip():
+            raise ApiError(400, f"`lora` must be the name of a LoRA adapter (GET /v1/loras lists them), got {lora!r}",
+                           "lora", "invalid_type")  # fmt: skip
+        return [(lora, None)], "lora"
+    if loras is None:
+        return None, None
+    if body.from_form and isinstance(loras, str):
+        try:
+            loras = json.loads(loras)
+        except json.JSONDecodeError:
+            raise ApiError(400, 'in a form, `loras` is JSON text, e.g. [{"name": "style", "scale": 0.8}]', "loras",
+                           "invalid_value") from None  # fmt: skip
+    shape = '`loras` must be a list of objects {"name": ..., "scale": ...} (scale optional)'
+    if not isinstance(loras, list):
+        raise ApiError(400, f"{shape}, got {loras!r}", "loras", "invalid_type")
+    wanted: list[tuple[str, float | None]] = []
+    for item in loras:
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or set(item) - {"name", "scale"}:
+            raise ApiError(400, f"{shape}, got the item {item!r}", "loras", "invalid_type")
+        scale = item.get("scale")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale)):  # fmt: skip
+            raise ApiError(400, f"`loras`: the scale of {item['name']!r} must be a finite number, got {scale!r}",
+                           "loras", "invalid_value")  # fmt: skip
+        wanted.append((item["name"], None if scale is None else float(scale)))
+    return wanted, "loras"
 
 
 def sampling_fields(body: Body, sampling: type[SamplingParams]) -> dict[str, Any]:
