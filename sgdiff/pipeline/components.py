@@ -33,7 +33,7 @@ def quiet_libraries() -> Iterator[None]:
     takes the caller's settings, the last to leave puts them back. A library another thread is importing
     is waited for (library_imports): the half-made module would not import its logging."""
     with _importing, _silence_lock:
-        names = [name for name in LIBRARIES if name in sys.modules]
+        names = [name for name in LIBRARIES if imported(name)]
         for name in names:
             if name not in _silenced:
                 lib = library_logging(name)
@@ -53,6 +53,15 @@ def quiet_libraries() -> Iterator[None]:
                     lib.set_verbosity(verbosity)
                     if bars:  # as the caller had it
                         lib.enable_progress_bar()
+
+
+def imported(name: str) -> bool:
+    """Whether library `name` is imported, whole: a thread importing it (not through library_imports: a
+    part's own import of its module, the main thread) puts it in sys.modules while its package still runs,
+    and importing its logging then would run the half-made package's imports a second time, in this thread
+    ("cannot import name ... from partially initialized module")."""
+    module = sys.modules.get(name)
+    return module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False)
 
 
 def library_logging(name: str):

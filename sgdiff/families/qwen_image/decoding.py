@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from sgdiff.pipeline.base import ParallelMode, Stage, State
-from sgdiff.pipeline.components import load_library_model
+from sgdiff.pipeline.components import library_imports, load_library_model
 from sgdiff.pipeline.stages.decoding import Unpack, check_finite, latent_statistics, to_uint8_images
 
 ENCODER_PARTS = ("encoder", "quant_conv")  # what only encoding runs
@@ -19,7 +19,8 @@ ENCODER_PARTS = ("encoder", "quant_conv")  # what only encoding runs
 def load_qwen_image_vae(folder: Path, dtype: torch.dtype, device: torch.device, encodes: bool) -> torch.nn.Module:
     """diffusers' AutoencoderKLQwenImage in `dtype`, as the pipeline loads it; its encoder only where the
     pipeline `encodes` (the Edit pipelines' input images)."""
-    from diffusers import AutoencoderKLQwenImage
+    with library_imports():  # (the text encoder's and tokenizer's transformers imports alongside)
+        from diffusers import AutoencoderKLQwenImage
 
     return load_library_model(AutoencoderKLQwenImage, folder, dtype, device, () if encodes else ENCODER_PARTS)
 
