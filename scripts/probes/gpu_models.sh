@@ -12,6 +12,10 @@
 #   fp8          FLUX.1-dev forward: every toggle in bf16, then with --dit-precision fp8 (issue 30: >= 1.3x)
 #   offload      scripts/probes/offload_gpu.py: exact bf16 outputs per mode, streaming cost (issue 30)
 #   vae_split    2 GPUs only: torchrun scripts/probes/bench_vae_split.py (issue 30: >= 1.7x)
+#   cache        FLUX.1-dev shell -> PNG (`bench --e2e`, checkpoint in FLUX_DIR, default /dev/shm/flux-e2e) lossless,
+#                then --cache magcache and taylorseer (schedules: their skips do not depend on the weights, so
+#                random weights time them truly), then magcache with FP8 weights (issue 31: >= 2.2x a request)
+#   lora         scripts/probes/lora_cuda.py: adapters in bf16 with every toggle, compile, CUDA graphs, FP8 (issue 32)
 # Each step runs while time is left under LIMIT; each JSON's summary last, logs in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -20,6 +24,7 @@ SECONDS=0
 LIMIT=${LIMIT:-580}
 STEPS=${STEPS:-disk qwen qwen_all hunyuan}
 QWEN_DIR=${QWEN_DIR:-/dev/shm/qwen-e2e}
+FLUX_DIR=${FLUX_DIR:-/dev/shm/flux-e2e}
 pip install --no-index --no-deps --target /tmp/site -q .wheels/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD
 S="python -c 'from sgdiff.cli.main import main; main()' bench"
@@ -48,6 +53,12 @@ for step in $STEPS; do
          eval timeout "$(left)" $S --model flux.1-dev --warmup 2 --repeat 5 $FP8 \
            --json "$OUT/flux-fp8-all.json" 2>&1 | tee "$OUT/log-flux-fp8.txt" | tail -n 16 ;;
     offload) timeout "$(left)" python scripts/probes/offload_gpu.py 2>&1 | tee "$OUT/offload.txt" | tail -n 30 ;;
+    cache) for mode in "" "--cache magcache" "--cache taylorseer" "--cache magcache --dit-precision fp8"; do
+             name=$(echo "${mode:-lossless}" | sed 's/--//g; s/ /_/g')
+             eval timeout "$(left)" $S --model flux.1-dev --e2e --checkpoint-dir "$FLUX_DIR" --warmup 0 --repeat 1 $mode \
+               --json "$OUT/e2e-flux-$name.json" 2>&1 | tee "$OUT/log-cache-$name.txt" | tail -n 6
+           done ;;
+    lora) timeout "$(left)" python scripts/probes/lora_cuda.py 2>&1 | tee "$OUT/lora.txt" | tail -n 20 ;;
     vae_split) timeout "$(left)" torchrun --nproc-per-node 2 scripts/probes/bench_vae_split.py 2>&1 \
                  | tee "$OUT/vae_split.txt" | tail -n 12 ;;
   esac
