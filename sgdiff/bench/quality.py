@@ -60,7 +60,7 @@ def run_quality(modes: list[Mode], prompts: int | None, warmup: int = 1, device:
     ones), generated on `device` after `warmup` untimed outputs; a mode a model lacks is a row saying why
     (its fields spelled by `spell`, e.g. as the CLI's flags)."""
     from sgdiff.demo.quality import grade_clips, grade_images
-    from sgdiff.demo.scenes import evaluation_scenes
+    from sgdiff.demo.scenes import evaluation_scenes, spread
 
     rows = []
     for name, clip in DEMOS:
@@ -88,13 +88,6 @@ def run_quality(modes: list[Mode], prompts: int | None, warmup: int = 1, device:
                 "speedup": seconds / mode_seconds, "skipped": skipped,
             })  # fmt: skip
     return rows
-
-
-def spread(scenes: list, count: int | None) -> list:
-    """`count` of `scenes` evenly spaced over the list (its order groups objects and colours), or all."""
-    if count is None or count >= len(scenes):
-        return scenes
-    return [scenes[i * len(scenes) // count] for i in range(count)]
 
 
 def finite_or_none(db: float) -> float | None:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from sgdiff.demo.checks import motion, read
-from sgdiff.demo.scenes import Scene, evaluation_scenes
+from sgdiff.demo.scenes import Scene, evaluation_scenes, spread
 
 PASS_RATE = 0.9  # each check must be right this often
 
@@ -56,10 +56,10 @@ def grade_clips(scenes: list[Scene], videos: list[np.ndarray]) -> Grades:
     return _grade(answers)
 
 
-def grade_model(engine, clip: bool, seed: int = 0, **flags: Any) -> Grades:
-    """Generate every held-out prompt with `engine` (an sgdiff ModelRunner) at its preset (`flags`, e.g.
-    num_inference_steps, override it), and grade."""
-    scenes = evaluation_scenes(clip)
+def grade_model(engine, clip: bool, seed: int = 0, prompts: int | None = None, **flags: Any) -> Grades:
+    """Generate every held-out prompt (or `prompts` of them, spread over the set) with `engine` (an sgdiff
+    ModelRunner) at its preset (`flags`, e.g. num_inference_steps, override it), and grade."""
+    scenes = spread(evaluation_scenes(clip), prompts)
     outputs = []
     for index, scene in enumerate(scenes):
         result = engine.generate(engine.sampling_params(scene.caption(), seed=seed + index, **flags))

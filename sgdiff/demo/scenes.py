@@ -149,3 +149,10 @@ def render_clip(scene: Scene, size: int, frames: int) -> np.ndarray:
     from sgdiff.demo.render import render_scenes
 
     return render_scenes([scene], size, frames)[0].permute(0, 2, 3, 1).numpy()
+
+
+def spread(scenes: list[Scene], count: int | None) -> list[Scene]:
+    """`count` of `scenes` evenly spaced over the list (its order groups objects and colours), or all."""
+    if count is None or count >= len(scenes):
+        return scenes
+    return [scenes[i * len(scenes) // count] for i in range(count)]
