@@ -409,6 +409,19 @@ def test_wrong_shapes_are_named_and_nothing_is_applied(flux, tmp_path):
     assert all(module.lora is None for module in model.modules() if isinstance(module, Linear))
 
 
+def test_a_safetensors_file_whose_header_length_starts_like_a_pickle_is_read(tmp_path):
+    """A safetensors file starts with its header's length (8 bytes, little-endian): 128 + 256k starts with
+    0x80, the byte a bare pickle starts with; the header's "{" after it tells them apart."""
+    tensors = {"transformer.x.lora_A.weight": torch.ones(2, 3), "transformer.x.lora_B.weight": torch.ones(3, 2)}
+    path = tmp_path / "adapter.safetensors"
+    for padding in range(264):  # (headers are padded to 8 bytes: 32 lengths mod 256)
+        save_file(tensors, path, metadata={"note": "x" * padding})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert [layer.targets for layer in read_lora(str(path)).layers] == [("x",)]
+
+
 def test_pickles_missing_files_and_text_encoder_layers_are_refused(tmp_path, monkeypatch):
     tensors = {"transformer.x.lora_A.weight": torch.zeros(2, 3), "transformer.x.lora_B.weight": torch.zeros(3, 2)}
     (tmp_path / "pickles").mkdir()

@@ -74,8 +74,11 @@ def file_in_folder(folder: Path, source: str) -> Path:
 
 def refuse_pickle(path: Path) -> None:
     with open(path, "rb") as handle:
-        start = handle.read(4)
-    if path.suffix in PICKLE_SUFFIXES or start.startswith(PICKLE_MAGIC):
+        start = handle.read(9)
+    # (a safetensors file starts with its header's length, 8 bytes little-endian, then the header's "{": a length
+    # of 128 + 256k starts with the byte a bare pickle starts with)
+    safetensors = start[8:9] == b"{"
+    if path.suffix in PICKLE_SUFFIXES or (start.startswith(PICKLE_MAGIC) and not safetensors):
         raise UserError(f"`lora_path` {path} is a pickle file; sgdiff loads LoRA adapters from .safetensors only "
                         "(never unpickles): convert it first", field="lora_path")  # fmt: skip
 
