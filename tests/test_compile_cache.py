@@ -33,7 +33,7 @@ def test_a_second_process_loads_what_the_first_compiled(tiny_flux_dev, tmp_path)
     second = compile_cache_use(tiny_flux_dev, tmp_path)
     assert second["graph_cache_misses"] == 0 and second["graph_cache_hits"] == first["graph_cache_misses"]
     assert second["cache_dir"] == first["cache_dir"]
-    for flags, version in ((["--height", "96"], "test"), (["--dtype", "bf16"], "test"), ([], "other")):
+    for flags, version in ((["--height", "96"], "test"), ([], "other")):  # another shape; another sgdiff
         changed = compile_cache_use(tiny_flux_dev, tmp_path, *flags, version=version)
         assert changed["graph_cache_misses"] > 0, (flags, version, changed)
     assert "other" in Path(changed["cache_dir"]).name
