@@ -315,7 +315,7 @@ Cache = Annotated[
         "what a computed step added (lossy, faster; each CFG branch its own cache): fbcache (First Block Cache: the "
         "first block's residual changed less than --cache-threshold since the last computed step, default 0.05), "
         "teacache (TeaCache: the first block's timestep-modulated input's accumulated change is below "
-        "--cache-threshold, default 0.25; FLUX and Wan), magcache (MagCache: the model's calibrated magnitude "
+        "--cache-threshold, default 0.25), magcache (MagCache: the model's calibrated magnitude "
         "ratios' accumulated error is within --cache-threshold, default 0.06, at most 3 steps in a row; FLUX) or "
         "taylorseer (TaylorSeer: one step in --cache-interval is computed, the others forecast what the blocks "
         "add from the last two computed steps). The first --cache-warmup-steps steps and the last one are always "
