@@ -16,7 +16,7 @@ from sgdiff.cli.main import app
 from sgdiff.io.image import read_png_parameters
 from sgdiff.io.video import read_png_frames
 from sgdiff.pipeline.components import quiet_libraries
-from sgdiff.testing.lora_files import diffusers_file, linear_names
+from sgdiff.testing.lora_files import diffusers_file, flux_style_and_detail, linear_names
 
 runner = CliRunner()
 MAX_PIXEL_DIFF = 2  # of 255
@@ -28,17 +28,8 @@ FLUX_FLAGS = ["--prompt", "a red cube", "--height", "32", "--width", "48", "--st
 
 @pytest.fixture(scope="module")
 def flux_adapters(tiny_flux_dev, tmp_path_factory):
-    """Two adapters for the tiny FLUX.1-dev, in diffusers' names: `style` (attention, alpha 8) and `detail`
-    (the MLPs)."""
-    from diffusers import FluxTransformer2DModel
-
-    folder = tmp_path_factory.mktemp("lora-cli")
-    with quiet_libraries():
-        model = FluxTransformer2DModel.from_pretrained(tiny_flux_dev / "transformer")
-    return {
-        "style": diffusers_file(folder / "style.safetensors", model, linear_names(model, "attn"), 8, alpha=8.0),
-        "detail": diffusers_file(folder / "detail.safetensors", model, linear_names(model, "ff"), 9),
-    }
+    """`style` (attention, alpha 8) and `detail` (the MLPs) for the tiny FLUX.1-dev, in diffusers' names."""
+    return flux_style_and_detail(tiny_flux_dev / "transformer", tmp_path_factory.mktemp("lora-cli"))
 
 
 def generate(tmp_path, model, *args: str):

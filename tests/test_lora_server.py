@@ -8,11 +8,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -25,7 +22,8 @@ from sgdiff.config import BatchingConfig, LoraConfig, RuntimeConfig
 from sgdiff.errors import UserError
 from sgdiff.io.image import read_png_parameters
 from sgdiff.pipeline.components import quiet_libraries
-from sgdiff.testing.lora_files import diffusers_file, linear_names
+from sgdiff.testing.lora_files import diffusers_file, flux_style_and_detail, linear_names
+from sgdiff.testing.server import served_in_thread
 
 runner = CliRunner()
 MAX_PIXEL_DIFF = 2  # of 255
@@ -36,42 +34,7 @@ FLAGS = ["--prompt", "a red cube", "--height", "32", "--width", "48", "--steps",
 
 @pytest.fixture(scope="module")
 def adapters(tiny_flux_dev, tmp_path_factory):
-    from diffusers import FluxTransformer2DModel
-
-    folder = tmp_path_factory.mktemp("lora-server")
-    with quiet_libraries():
-        model = FluxTransformer2DModel.from_pretrained(tiny_flux_dev / "transformer")
-    return {
-        "style": diffusers_file(folder / "style.safetensors", model, linear_names(model, "attn"), 8, alpha=8.0),
-        "detail": diffusers_file(folder / "detail.safetensors", model, linear_names(model, "ff"), 9),
-    }
-
-
-@contextmanager
-def served(engine, state: Path, model: str):
-    """The real app over `engine` on a free port, on a thread here: its URL."""
-    import uvicorn
-
-    from sgdiff.server.app import create_app
-    from sgdiff.server.core import ServerCore, ServerLimits
-    from sgdiff.server.launch import listening_socket
-
-    engine.start()
-    core = ServerCore(engine, state, ServerLimits(), model)
-    sock = listening_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(core, None), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        engine.close()
-        core.close()
-        sock.close()
+    return flux_style_and_detail(tiny_flux_dev / "transformer", tmp_path_factory.mktemp("lora-server"))
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +46,7 @@ def server(tiny_flux_dev, adapters, tmp_path_factory):
     lora = LoraConfig(((str(adapters["style"]), 1.5), (str(adapters["detail"]), 0.5))).resolved(switching=True)
     runtime = RuntimeConfig(device="cpu", dtype="fp32", lora=lora)
     engine = Engine(str(tiny_flux_dev), runtime=runtime, batching=BatchingConfig(4, 300.0))
-    with served(engine, tmp_path_factory.mktemp("state"), str(tiny_flux_dev)) as url:
+    with served_in_thread(engine, tmp_path_factory.mktemp("state"), str(tiny_flux_dev)) as url:
         yield url
 
 
@@ -269,7 +232,7 @@ def test_video_jobs_pick_their_adapters_too(tiny_wan, tmp_path):
     flags = ["--height", "32", "--width", "32", "--num-frames", "5", "--steps", "3", "--seed", "3", "-q"]
     cases = [({"lora": "motion"}, [f"{motion}:2.0"]), ({"loras": json.dumps([{"name": "motion", "scale": -1}])},
              [f"{motion}:-1"]), ({}, [])]  # fmt: skip
-    with served(engine, tmp_path / "state", str(model)) as url:
+    with served_in_thread(engine, tmp_path / "state", str(model)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         videos = []
         for extra, _ in cases:

@@ -217,31 +217,12 @@ def test_bad_inputs_are_refused_in_one_line(request, pictures, tmp_path, model, 
 @pytest.fixture
 def edit_plus_server(tiny_edit_plus, tmp_path):
     """An engine over the Edit Plus checkpoint and the real app serving it on a free port (a thread here)."""
-    import threading
-    import time
-
-    import uvicorn
-
     from sgdiff.engine.service import Engine
-    from sgdiff.server.app import create_app
-    from sgdiff.server.core import ServerCore, ServerLimits
-    from sgdiff.server.launch import listening_socket
+    from sgdiff.testing.server import served_in_thread
 
     engine = Engine(str(tiny_edit_plus), runtime=CPU)
-    engine.start()
-    core = ServerCore(engine, tmp_path / "state", ServerLimits(), str(tiny_edit_plus))
-    sock = listening_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(core, None), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield engine, f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(30)
-    engine.close()
-    core.close()
-    sock.close()
+    with served_in_thread(engine, tmp_path / "state", str(tiny_edit_plus)) as url:
+        yield engine, url
 
 
 def test_edits_with_several_images_through_the_server(edit_plus_server, tiny_edit_plus, pictures, tmp_path):

@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +27,7 @@ from sgdiff.pipeline.stages.denoising import DenoisingStage
 from sgdiff.pipeline.stages.latents import LatentsStage
 from sgdiff.pipeline.stages.timesteps import FlowMatchTimestepsStage
 from sgdiff.sampling import SamplingParams
+from sgdiff.testing.server import served_in_thread
 
 PATCH = 8
 
@@ -101,12 +100,6 @@ class EditFamily(ModelFamily):
 @pytest.fixture
 def edit_server(tmp_path):
     """The toy edit model's folder, an engine over it, and the real app on a free port (a thread here)."""
-    import uvicorn
-
-    from sgdiff.server.app import create_app
-    from sgdiff.server.core import ServerCore, ServerLimits
-    from sgdiff.server.launch import listening_socket
-
     folder = tmp_path / "toy-edit"
     (folder / "transformer").mkdir(parents=True)
     index = {"_class_name": "ToyEditPipeline", "transformer": ["sgdiff_toy", "ToyTransformer"]}
@@ -115,22 +108,11 @@ def edit_server(tmp_path):
     save_file({"weight": torch.ones(1)}, folder / "transformer" / "diffusion_pytorch_model.safetensors")  # unused
     family = register_family(EditFamily())
     engine = Engine(str(folder), runtime=RuntimeConfig(device="cpu"))
-    engine.start()
-    core = ServerCore(engine, tmp_path / "state", ServerLimits(), str(folder))
-    sock = listening_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(core, None), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    yield folder, engine, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    server.should_exit = True
-    thread.join(30)
-    engine.close()
-    core.close()
-    sock.close()
-    unregister_family(family)
+    try:
+        with served_in_thread(engine, tmp_path / "state", str(folder)) as url:
+            yield folder, engine, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    finally:
+        unregister_family(family)
 
 
 def png(colour: str) -> bytes:

@@ -3,6 +3,8 @@ trainers' (and kohya's) names, with random factors that move a Linear's output b
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from safetensors.torch import save_file
 
@@ -55,3 +57,18 @@ def linear_names(model, inside: str = "") -> list[str]:
         for name, module in model.named_modules()
         if isinstance(module, (Linear, torch.nn.Linear)) and inside in name
     ]
+
+
+def flux_style_and_detail(transformer_folder: Path, folder: Path) -> dict[str, Path]:
+    """Two adapters for a FLUX.1 transformer, in diffusers' names: `style` (the attention Linears, rank 8,
+    alpha 8) and `detail` (the MLPs)."""
+    from diffusers import FluxTransformer2DModel
+
+    from sgdiff.pipeline.components import quiet_libraries
+
+    with quiet_libraries():
+        model = FluxTransformer2DModel.from_pretrained(transformer_folder)
+    return {
+        "style": diffusers_file(folder / "style.safetensors", model, linear_names(model, "attn"), 8, alpha=8.0),
+        "detail": diffusers_file(folder / "detail.safetensors", model, linear_names(model, "ff"), 9),
+    }

@@ -1,5 +1,6 @@
-"""A real `sgdiff serve` process for tests: started on 127.0.0.1 with a free port, its address read
-from the line it prints when it is ready, stopped (or killed) by the test."""
+"""A real `sgdiff serve` for tests: a process started on 127.0.0.1 with a free port, its address read from
+the line it prints when it is ready, stopped (or killed) by the test; or the app over an engine made in the
+test, served on a thread of the test's process (`served_in_thread`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 READY = re.compile(r"serving .* on (http://\S+)")
@@ -74,3 +78,31 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextmanager
+def served_in_thread(engine, state: Path, model: str) -> Iterator[str]:
+    """The real app over `engine` (an sgdiff Engine, started here) on a free port, on a thread of this
+    process: its URL. On the way out the server stops and the engine closes."""
+    import uvicorn
+
+    from sgdiff.server.app import create_app
+    from sgdiff.server.core import ServerCore, ServerLimits
+    from sgdiff.server.launch import listening_socket
+
+    engine.start()
+    core = ServerCore(engine, state, ServerLimits(), model)
+    sock = listening_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(core, None), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        engine.close()
+        core.close()
+        sock.close()
