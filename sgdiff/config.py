@@ -125,7 +125,7 @@ class LoraConfig:
 
     mode: fused (the updates added into the weights once: nothing per step, the adapters fixed for the
     engine's life), unfused (kept beside the Linears: a little work per step, each request picks the adapters
-    and scales it runs with; not under sequence parallelism), or auto: fused, but unfused for a server
+    and scales it runs with), or auto: fused, but unfused for a server
     (`resolved(switching=True)`)."""
 
     adapters: tuple[tuple[str, float], ...] = ()  # (a .safetensors file, a folder with one or a Hub repo id, scale)

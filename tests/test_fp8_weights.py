@@ -31,7 +31,7 @@ from sgdiff.speed.compile import repeated_blocks
 from sgdiff.speed.fp8 import DIT_PRECISIONS, fp8_linears, use_fp8_weights
 from sgdiff.testing.compare import relative_error
 from sgdiff.testing.distributed import run_on_ranks
-from sgdiff.testing.fp8_parallel import sharded_fp8_flux
+from sgdiff.testing.sharded_flux import sharded_fp8_flux
 
 runner = CliRunner()
 FP8_SPEED = SpeedConfig(dit_precision="fp8")

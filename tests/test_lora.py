@@ -13,7 +13,7 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, WanPipeline, WanTransformer3DModel
 from safetensors.torch import load_file, save_file
 
-from sgdiff.config import RuntimeConfig
+from sgdiff.config import ParallelConfig, RuntimeConfig
 from sgdiff.engine.runner import ModelRunner
 from sgdiff.errors import UserError
 from sgdiff.lora import apply_loras, lora_mode, parse_lora_spec, read_lora
@@ -29,7 +29,9 @@ from sgdiff.speed.compile import compile_blocks
 from sgdiff.speed.fp8 import use_fp8_weights
 from sgdiff.speed.fuse import fuse_gelu, fuse_projections
 from sgdiff.testing.compare import relative_error
+from sgdiff.testing.distributed import run_on_ranks
 from sgdiff.testing.lora_files import diffusers_file, factors, linear_names, original_file
+from sgdiff.testing.sharded_flux import sharded_unfused_lora_flux
 from sgdiff.testing.tiny_configs import WAN_TRANSFORMER
 from sgdiff.testing.tiny_flux import make_transformer
 
@@ -459,3 +461,17 @@ def test_specs_and_modes():
     assert parse_lora_spec("owner/name:-1") == ("owner/name", -1.0)
     assert parse_lora_spec("a:b.safetensors") == ("a:b.safetensors", 1.0)
     assert lora_mode("auto", switching=False) == "fused" and lora_mode("auto", switching=True) == "unfused"
+
+
+@pytest.mark.parametrize(
+    "config", [ParallelConfig(2), ParallelConfig(2, ring_degree=2)], ids=["ulysses-2-inputs-travel", "ring-2"]
+)
+def test_unfused_adapters_switch_under_sequence_parallelism(config):
+    """Unfused adapters stay beside the Linears that sequence parallelism cuts: each rank adds their updates of its
+    share of the modulation, and (Ulysses-2) of its heads' q/k/v rows of every rank's tokens; scales switched after
+    the model was sharded reach both."""
+    for rank, result in enumerate(run_on_ranks(config, sharded_unfused_lora_flux, 1)):
+        assert result["lora_pieces"] > 0, f"rank {rank} computed no modulation rows with adapters"
+        assert max(result["sharded"]) <= 1e-5 * result["scale"], f"rank {rank}: {result}"
+        assert min(result["moved"][:-1]) > 0.05 * result["scale"], f"rank {rank}: the adapters barely move it"
+        assert result["inputs_travelled"] == (config.ring_degree is None), f"rank {rank}: {result}"

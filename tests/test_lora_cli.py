@@ -120,20 +120,25 @@ def test_wan_a14b_adapters_go_into_transformer_as_diffusers_loads_them(tiny_wan,
 
 @pytest.mark.parametrize(
     ("parallel", "mode"),
-    [(["--num-gpus", "2"], "fused"), (["--num-gpus", "2", "--enable-cfg-parallel"], "unfused")],
-    ids=["ulysses-2-fused", "cfg-parallel-unfused"],
+    [
+        (["--num-gpus", "2"], "fused"),
+        (["--num-gpus", "2"], "unfused"),
+        (["--num-gpus", "2", "--enable-cfg-parallel"], "unfused"),
+    ],
+    ids=["ulysses-2-fused", "ulysses-2-unfused", "cfg-parallel-unfused"],
 )
 def test_two_processes_write_the_one_process_image(tiny_flux_dev, flux_adapters, tmp_path, parallel, mode):
     """Fused adapters are in the weights before the sequence-parallel plans cut them (each rank's q/k/v rows,
-    the modulation); CFG parallel cuts nothing, so unfused adapters run there too."""
+    the modulation); unfused ones add their updates of what each rank computes; CFG parallel cuts nothing."""
     style, detail = flux_adapters["style"], flux_adapters["detail"]
     flags = [*FLUX_FLAGS, "--negative-prompt", "blurry", "--true-cfg-scale", "3.0", "--lora-mode", mode,
              "--lora-path", f"{style}:1.5", "--lora-path", f"{detail}:-1.2"]  # fmt: skip
     [alone] = generate(tmp_path / "one", tiny_flux_dev, *flags)
     [split] = generate(tmp_path / "two", tiny_flux_dev, *flags, *parallel)
     assert np.abs(png(alone) - png(split)).max() <= 1
-    [base] = generate(tmp_path / "base", tiny_flux_dev, *flags[: flags.index("--lora-mode")])
-    assert np.abs(png(alone) - png(base)).max() > MOVED
+    if mode == "fused":  # (the adapters move the image: once is enough)
+        [base] = generate(tmp_path / "base", tiny_flux_dev, *flags[: flags.index("--lora-mode")])
+        assert np.abs(png(alone) - png(base)).max() > MOVED
 
 
 @pytest.mark.parametrize("mode", ["fused", "unfused"])
@@ -190,10 +195,4 @@ def test_bad_adapters_and_flags_are_refused_in_one_line(tiny_flux_dev, tiny_wan,
     )
     assert refused(tmp_path, tiny_flux_dev, "--lora-path", style, "--lora-path", style) == (
         f"--lora-path {style} and {style} are both named 'style', the name requests use: rename one of the files"
-    )
-    assert refused(tmp_path, tiny_flux_dev, "--lora-path", style, "--lora-mode", "unfused", "--num-gpus", "2") == (
-        "--lora-mode unfused (`sgdiff serve`'s default) cannot run under sequence parallelism (--ulysses-degree or "
-        "--ring-degree above 1), which computes some layers from weights it cut before a request picks its "
-        "adapters: give --lora-mode fused (the adapters fixed at load, in every request) or use "
-        "--enable-cfg-parallel alone"
     )

@@ -10,6 +10,7 @@ import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -144,8 +145,8 @@ def test_bad_adapter_choices_are_refused_with_the_field(server, fields, param, m
 
 
 def test_generate_with_a_server_asks_for_its_adapters_by_name(server, adapters, tiny_flux_dev, tmp_path):
-    """`--lora-path style:1.5` with --server is the server's adapter named style: the pixels and metadata are a
-    local run's with the file; a name the server lacks and --lora-mode (the server's) are refused."""
+    """`--lora-path style:1.5` with --server is the server's adapter named style: the pixels, metadata and file
+    name are a local run's with the file; a name the server lacks and --lora-mode (the server's) are refused."""
     remote = runner.invoke(app, ["generate", "--server", server, "--lora-path", "style:1.5", "--output-path",
                                  str(tmp_path / "remote"), *FLAGS])  # fmt: skip
     local = runner.invoke(app, ["generate", "--model-path", str(tiny_flux_dev), "--device", "cpu", "--dtype", "fp32",
@@ -154,6 +155,11 @@ def test_generate_with_a_server_asks_for_its_adapters_by_name(server, adapters, 
     assert remote.exit_code == 0 and local.exit_code == 0, remote.output + local.output
     [there], [here] = remote.stdout.split(), local.stdout.split()
     assert np.abs(decode(open(there, "rb").read()) - decode(open(here, "rb").read())).max() <= MAX_PIXEL_DIFF
+    # the adapters are in the default file name: local and remote name alike, a run without them writes its own
+    base = runner.invoke(app, ["generate", "--model-path", str(tiny_flux_dev), "--device", "cpu", "--dtype", "fp32",
+                               "--output-path", str(tmp_path / "local"), *FLAGS])  # fmt: skip
+    assert base.exit_code == 0, base.output
+    assert Path(there).name == Path(here).name != Path(base.stdout.split()[0]).name and Path(here).exists()
     assert (
         read_png_parameters(there)["loras"]
         == read_png_parameters(here)["loras"]
@@ -185,15 +191,21 @@ def test_fused_adapters_are_every_requests_and_cannot_be_changed(tiny_flux_dev, 
     assert np.abs(image - generated(tiny_flux_dev, tmp_path_factory, "--lora-path", f"{style}:1.5")).max() <= 1
 
 
-def test_serve_applies_unfused_adapters_by_default_so_not_under_sequence_parallelism(adapters, tmp_path):
-    """--lora-mode auto is unfused for serve: with --num-gpus 2 (Ulysses) it is refused before anything loads,
-    and --lora-mode fused serves there."""
-    args = ["serve", "--port", "0", "--state-dir", str(tmp_path), "--device", "cpu", "--num-gpus", "2",
-            "--lora-path", str(adapters["style"])]  # fmt: skip
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2 and result.stderr.startswith(
-        "error: --lora-mode unfused (`sgdiff serve`'s default) cannot run under sequence parallelism"
-    ), result.output
+def test_two_processes_switch_unfused_adapters_per_request(tiny_flux_dev, adapters, tmp_path_factory):
+    """What `sgdiff serve --num-gpus 2` runs by default (unfused, Ulysses-2: each rank adds the adapters' updates of
+    its heads' q/k/v rows and its share of the modulation): each request gets `generate`'s image with its adapters
+    fused, one process."""
+    from sgdiff.engine.service import Engine
+
+    style, detail = str(adapters["style"]), str(adapters["detail"])
+    with Engine.from_pretrained(str(tiny_flux_dev), device="cpu", dtype="fp32", num_gpus=2, lora_mode="unfused",
+                                loras=[(style, 1.5), (detail, 0.5)]) as engine:  # fmt: skip
+        for wanted, flags in [([("style", None)], ("--lora-path", f"{style}:1.5")),
+                              ([("detail", -1.2)], ("--lora-path", f"{detail}:-1.2"))]:  # fmt: skip
+            params = engine.request("a red cube", height=32, width=48, num_inference_steps=3, guidance_scale=4.0,
+                                    seed=7, loras=wanted)  # fmt: skip
+            image = np.asarray(engine.submit(params).result().images[0]).astype(np.int64)
+            assert np.abs(image - generated(tiny_flux_dev, tmp_path_factory, *flags)).max() <= MAX_PIXEL_DIFF, wanted
 
 
 def test_a_form_gives_loras_as_json_text():

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, one call (fits 600 s) for the newer models' numbers. STEPS picks, in order, from:
 #   disk         free space of /tmp and /dev/shm (a Qwen-Image checkpoint is ~58 GB)
+#   flux         `sgdiff bench --model flux.1-dev`, defaults (the hot path's per-Linear LoRA checks cost nothing)
 #   qwen         `sgdiff bench --model qwen-image` at 1328x1328, defaults (issue 28: forward <= 220 ms)
 #   qwen_all     the same with every toggle (compile, CUDA graphs, fused projections / GELU / norms)
 #   qwen_edit    `sgdiff bench --model qwen-image-edit`, defaults
@@ -36,6 +37,8 @@ for step in $STEPS; do
   echo "== $step at $SECONDS s"
   case $step in
     disk) df -h /tmp /dev/shm; free -g ;;
+    flux) eval timeout "$(left)" $S --model flux.1-dev --warmup 2 --repeat 5 \
+            --json "$OUT/flux-defaults.json" 2>&1 | tee "$OUT/log-flux.txt" | tail -n 16 ;;
     qwen) eval timeout "$(left)" $S --model qwen-image --height 1328 --width 1328 --warmup 1 --repeat 3 \
             --json "$OUT/qwen-1328.json" 2>&1 | tee "$OUT/log-qwen.txt" | tail -n 16 ;;
     qwen_all) eval timeout "$(left)" $S --model qwen-image --height 1328 --width 1328 --warmup 1 --repeat 3 $ALL \

@@ -17,6 +17,7 @@ from sgdiff import __version__
 from sgdiff.cli.prompts import PromptLine
 from sgdiff.cli.prompts import name_fields as names_of
 from sgdiff.config import ParallelConfig, RuntimeConfig
+from sgdiff.engine.adapters import adapter_name
 from sgdiff.engine.ranks import under_torchrun
 from sgdiff.engine.runner import GenerationResult
 from sgdiff.engine.service import Engine
@@ -119,7 +120,8 @@ def run_batch(
     ) as engine:  # fmt: skip
         all_params = requested(engine, request)
         lines: Sequence[PromptLine | None] = request.prompt_lines or [None] * len(request.prompts)
-        name_fields = [names_of(request.sampling_flags, line, model_path) for line in lines]
+        loras = [(adapter_name(source), scale) for source, scale in request.runtime.lora.adapters]
+        name_fields = [names_of(request.sampling_flags, line, model_path, loras) for line in lines]
         suffix, paths = planned_outputs(all_params, request.output, engine.output_kind, name_fields)
         if under_torchrun() and os.environ["RANK"] != "0":
             engine.follow()  # rank 0 takes the requests and writes; this rank computes with it

@@ -461,8 +461,8 @@ LoraMode = Annotated[
     typer.Option(
         "--lora-mode",
         help="fused: the adapters added into the weights at load (no cost per step; fixed); unfused: kept beside "
-        "them (a little work per step; each server request picks its adapters; not with --ulysses-degree or "
-        "--ring-degree above 1). Default: auto, fused for generate and unfused for serve.",
+        "them (a little work per step; each server request picks its adapters). Default: auto, fused for generate "
+        "and unfused for serve.",
         rich_help_panel=LORA,
     ),
 ]

@@ -5,7 +5,7 @@ line is read and checked here, before any weight loads; an error names the file,
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,13 +47,18 @@ class PromptLine:
 NOT_IN_NAMES = ("seed", "num_outputs_per_prompt")
 
 
-def name_fields(flags: dict[str, Any], line: PromptLine | None, model: str) -> dict[str, Any]:
+def name_fields(
+    flags: dict[str, Any], line: PromptLine | None, model: str, loras: Sequence[tuple[str, float | None]] = ()
+) -> dict[str, Any]:
     """What sets a request's default file name apart besides its prompt and seed: the model it runs on (as
-    named: --model-path, its default, or the server's) and every sampling field given explicitly (the
-    flags, then the prompt file line's own). Runs that differ in any of them (steps, frames, size, model,
-    ...) write files of their own; the same command again writes the same files. Local and --server runs
-    name alike: both know the same flags and model."""
+    named: --model-path, its default, or the server's), every sampling field given explicitly (the
+    flags, then the prompt file line's own) and the LoRA adapters it runs with (by name, as requests name
+    them, and scale; None: a server's own). Runs that differ in any of them (steps, frames, size, model,
+    adapters, ...) write files of their own; the same command again writes the same files. Local and
+    --server runs name alike: both know the same flags, model and adapter names."""
     fields = {**flags, **(line.fields if line is not None else {}), "model": model}
+    if loras:
+        fields["loras"] = [[name, scale] for name, scale in loras]
     return {name: str(value) if isinstance(value, Path) else value for name, value in fields.items()
             if name not in NOT_IN_NAMES}  # fmt: skip
 

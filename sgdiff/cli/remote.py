@@ -126,7 +126,8 @@ def run_remote(request: RemoteRequest, quiet: bool) -> None:
         reports.append(report)
         seed = report["request"]["seed"]
         for index, content in enumerate(outputs):
-            path = namer.next_path(prompt, seed, index, n, names_of(request.sampling_flags, line, card["id"]))
+            fields = names_of(request.sampling_flags, line, card["id"], request.loras)
+            path = namer.next_path(prompt, seed, index, n, fields)
             if out.save_output:  # (mypy cannot type a lambda with a default)
                 write_atomically(path, lambda handle, content=content: handle.write(content))  # type: ignore[misc]
                 typer.echo(str(path))

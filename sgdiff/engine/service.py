@@ -100,7 +100,6 @@ class Engine:
                 field="attention_backend",
             )
         check_offload_parallel(runtime.offload, self.parallel)
-        check_lora_parallel(runtime.lora, self.parallel)
         self.revision = revision
         self.config = EngineConfig(model or DEMO_IMAGE_MODEL, preset, runtime, self.parallel, batching, revision)
         self.load_events = load_events or NullEvents()
@@ -350,22 +349,6 @@ class Engine:
         from sgdiff.engine.local import LocalExecutor
 
         return LocalExecutor(self.runner, self.config.batching, warm_up, encode_ahead)
-
-
-def check_lora_parallel(lora: LoraConfig, parallel: ParallelConfig) -> None:
-    """`parallel` resolved. Unfused adapters sit beside the Linears, and sequence parallelism reads some
-    weights around them: each rank's q/k/v rows of its heads, cut once (Ulysses-2's input exchange), and the
-    modulation Linears' weights, shared out over the ranks (parallel/modulation.py). Fused adapters are in
-    those weights before they are cut; CFG parallel cuts none."""
-    if lora.resolved(switching=False).mode == "unfused":
-        if (parallel.ulysses_degree or 1) * (parallel.ring_degree or 1) > 1:
-            raise UserError(
-                "`lora_mode` unfused (`sgdiff serve`'s default) cannot run under sequence parallelism "
-                "(`ulysses_degree` or `ring_degree` above 1), which computes some layers from weights it cut before "
-                "a request picks its adapters: give `lora_mode` fused (the adapters fixed at load, in every request) "
-                "or use `enable_cfg_parallel` alone",
-                field="lora_mode",
-            )
 
 
 def torchrun_spec():

@@ -33,6 +33,11 @@ class LowRank(nn.Module):
         """x [.., in] -> the adapters' sum [.., out], in x's dtype."""
         return nn.functional.linear(nn.functional.linear(x, self.down) * self.scale, self.up)
 
+    def rows(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """forward(x)[..., rows] from those rows of B alone: x [.., in] -> [.., rows] (sequence parallelism's
+        share of a Linear's outputs: parallel/modulation.py, parallel/input_exchange.py)."""
+        return nn.functional.linear(nn.functional.linear(x, self.down) * self.scale, self.up[rows])
+
     def over_concat(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """forward(cat(parts, -1)) without the concatenated copy: each part [.., w] meets its w columns of A."""
         hidden, start = None, 0

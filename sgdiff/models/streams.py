@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sgdiff.models.layers import Linear, RMSNorm, project
+from sgdiff.models.lora import LowRank
 from sgdiff.models.rope import norm_and_rope
 
 
@@ -54,3 +55,16 @@ def head_rows(linears: tuple[Linear, ...], heads: slice, head_dim: int) -> tuple
         for linear in linears
     ])  # fmt: skip
     return weight, bias
+
+
+def head_adapters(linears: tuple[Linear, ...], heads: slice, head_dim: int) -> list[tuple[slice, LowRank, slice]]:
+    """The unfused LoRA adapters beside q's, k's and v's Linears, for heads `heads`: (the columns of
+    head_rows' output they add to, the adapters, their rows of their Linear's output). Views, no copies:
+    made each forward, so that the adapters applied and their scales are always the model's own."""
+    rows = slice(heads.start * head_dim, heads.stop * head_dim)
+    width = rows.stop - rows.start
+    return [
+        (slice(i * width, (i + 1) * width), linear.lora, rows)
+        for i, linear in enumerate(linears)
+        if linear.lora is not None
+    ]

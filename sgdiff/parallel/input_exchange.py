@@ -18,7 +18,8 @@ compute stream projects the rank's own tokens and runs the work alongside.
 
 Each rank keeps its heads' rows of every stream's q/k/v weights in one matrix (models/streams.py
 `head_rows`, made on first use): 3 * h * D * C more values per stream, 2.1 GB per GPU for
-FLUX.1-dev in bf16.
+FLUX.1-dev in bf16. Unfused LoRA adapters stay beside the Linears: each adds its update of those
+rows (`head_adapters`), at the scales of the moment.
 """
 
 from __future__ import annotations
@@ -54,13 +55,18 @@ def project_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out:
         out.copy_(F.linear(x, weight, bias))
 
 
-def project_rank(buffer: torch.Tensor, rank: int, inputs: list[torch.Tensor], weights: list[tuple]) -> None:
+def project_rank(
+    buffer: torch.Tensor, rank: int, inputs: list[torch.Tensor], weights: list[tuple], adapters: list[list[tuple]]
+) -> None:
     """Rank `rank`'s tokens projected for this rank's heads into buffer [B, U*S_loc, 3, h, D], rows
-    rank*S_loc on: inputs, its streams' [B, S_i, C] in order, with each stream's (weight, bias)."""
+    rank*S_loc on: inputs, its streams' [B, S_i, C] in order, with each stream's (weight, bias) and its
+    unfused LoRA adapters (models/streams.py head_adapters; most often none)."""
     start = rank * sum(x.shape[1] for x in inputs)
-    for x, (weight, bias) in zip(inputs, weights, strict=True):
-        rows = buffer[:, start : start + x.shape[1]]  # [B, S_i, 3, h, D]
-        project_rows(x, weight, bias, rows.flatten(2))
+    for x, (weight, bias), beside in zip(inputs, weights, adapters, strict=True):
+        rows = buffer[:, start : start + x.shape[1]].flatten(2)  # [B, S_i, 3, h, D] -> [B, S_i, 3*h*D]
+        project_rows(x, weight, bias, rows)
+        for columns, lora, lora_rows in beside:
+            rows[..., columns] += lora.rows(x, lora_rows)
         start += x.shape[1]
 
 

@@ -11,7 +11,8 @@ sp rank. Right after temb is made, each rank computes its range (row blocks of t
 views, no copies; FP8 weights through their scaled matmul), and one all-gather gives every rank all
 of them, end to end in one buffer. Each AdaModulation's Linear is stood in for by GatheredRows, which
 returns its slice of that buffer. Each rank reads 1/N of the weights; every output is computed once,
-by one rank, from the same temb.
+by one rank, from the same temb. Unfused LoRA adapters (models/lora.py) stay on the Linears and add
+their updates of the rank's rows, at the scales of the moment (a server switches them per request).
 """
 
 from __future__ import annotations
@@ -80,13 +81,15 @@ class ShardedModulation:
         send = e.new_empty(self.share, b)  # my range of the outputs: [share, B]
         row = 0
         for linear, first, end in self.pieces:
+            mine = send[row : row + end - first]  # [rows, B]
             if linear.fp8:  # FP8 weights (--dit-precision fp8)
-                send[row : row + end - first] = fp8_rows(linear, first, end, e).t()
-                row += end - first
-                continue
-            bias = linear.bias[first:end, None] if linear.bias is not None else e.new_zeros(end - first, 1)
-            # [rows, D] @ [D, B] -> [rows, B]: my rows of this Linear for every batch item
-            torch.addmm(bias, linear.weight[first:end], e.t(), out=send[row : row + end - first])
+                mine.copy_(fp8_rows(linear, first, end, e).t())
+            else:
+                bias = linear.bias[first:end, None] if linear.bias is not None else e.new_zeros(end - first, 1)
+                # [rows, D] @ [D, B] -> [rows, B]: my rows of this Linear for every batch item
+                torch.addmm(bias, linear.weight[first:end], e.t(), out=mine)
+            if linear.lora is not None:  # unfused LoRA adapters: their updates of my rows, at this request's scales
+                mine += linear.lora.rows(e, slice(first, end)).t()
             row += end - first
         every = e.new_empty(self.degree * self.share, b)  # [N * share, B]: all outputs, in order
         getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(every, send, group=self.group)

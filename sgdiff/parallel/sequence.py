@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from sgdiff.kernels.partial_attention import attention_with_lse, merge_partials
 from sgdiff.models.attention import AttentionImpl, sdpa_attention
-from sgdiff.models.streams import Stream
+from sgdiff.models.streams import Stream, head_adapters
 from sgdiff.parallel.groups import ParallelGroups
 from sgdiff.parallel.input_exchange import HeadWeights, gather_inputs, gather_tokens, normed_qkv, project_rank
 from sgdiff.parallel.symmetric_exchange import SymmetricUlysses, symmetric_memory_usable
@@ -231,14 +231,16 @@ class SequenceParallelAttention:
         if any(linear.fp8 for stream in streams for linear in stream.linears):
             return None  # (FP8 weights, --dit-precision fp8: the model projects them, q, k and v travel)
         rank, group = g.ulysses_rank, heads // u
-        weights = [self.head_weights.get(s, slice(rank * group, (rank + 1) * group), head_dim) for s in streams]
+        mine = slice(rank * group, (rank + 1) * group)
+        weights = [self.head_weights.get(s, mine, head_dim) for s in streams]
+        adapters = [head_adapters(s.linears, mine, head_dim) for s in streams]  # unfused LoRA (most often none)
         every_rope = self.gathered(rope)
         inputs = [s.x for s in streams]
         b, s_loc = inputs[0].shape[0], sum(x.shape[1] for x in inputs)
         buffer = inputs[0].new_empty(b, u * s_loc, 3, group, head_dim)  # my heads of every rank's tokens
 
         def project(source: int, xs: list[torch.Tensor]) -> None:
-            project_rank(buffer, source, xs, weights)
+            project_rank(buffer, source, xs, weights, adapters)
 
         def qkv() -> tuple[torch.Tensor, ...]:
             return normed_qkv(buffer, streams, every_rope, u)
