@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +50,25 @@ class SpeedConfig:
 
 
 CACHE_METHODS = ("fbcache", "teacache", "magcache", "taylorseer")
+# `cache` recommended: the model's preset's [cache] table (`with_recommended_cache`), resolved once the preset is known
+RECOMMENDED_CACHE = "recommended"
+# a preset's [cache] keys -> SpeedConfig's fields
+PRESET_CACHE_KEYS = {"method": "cache", "threshold": "cache_threshold", "warmup_steps": "cache_warmup_steps",
+                     "interval": "cache_interval"}  # fmt: skip
 
 
 def check_cache(speed: SpeedConfig) -> None:
+    if speed.cache == RECOMMENDED_CACHE:
+        tuned = [name for name in list(PRESET_CACHE_KEYS.values())[1:] if getattr(speed, name) is not None]
+        if tuned:
+            raise UserError(f"`cache` recommended takes the whole of the model's preset's setting, `{tuned[0]}` "
+                            "included: to tune it, give the method by name", field=tuned[0])  # fmt: skip
+        if speed.cuda_graph:
+            raise UserError(CACHE_AND_GRAPH, field="cache")
+        return
     if speed.cache != "none" and speed.cache not in CACHE_METHODS:
-        raise UserError(f"`cache` {speed.cache!r} is not one of none, {', '.join(CACHE_METHODS)}", field="cache")
+        raise UserError(f"`cache` {speed.cache!r} is not one of none, {RECOMMENDED_CACHE}, {', '.join(CACHE_METHODS)}",
+                        field="cache")  # fmt: skip
     for name in ("cache_threshold", "cache_warmup_steps"):
         if getattr(speed, name) is not None and speed.cache == "none":
             raise UserError(f"`{name}` tunes a step cache: give `cache` too (one of {', '.join(CACHE_METHODS)})",
@@ -77,11 +91,39 @@ def check_cache(speed: SpeedConfig) -> None:
         raise UserError(f"`cache_interval` must be an integer >= 1 (1 computes every step), got {interval!r}",
                         field="cache_interval")  # fmt: skip
     if speed.cache != "none" and speed.cuda_graph:
-        raise UserError(
-            "`cache` decides on the host, between the transformer's blocks, whether to run them, and `cuda_graph` "
-            "replays the whole forward as one graph: drop one of them",
-            field="cache",
-        )
+        raise UserError(CACHE_AND_GRAPH, field="cache")
+
+
+CACHE_AND_GRAPH = ("`cache` decides on the host, between the transformer's blocks, whether to run them, and "
+                   "`cuda_graph` replays the whole forward as one graph: drop one of them")  # fmt: skip
+
+
+def with_recommended_cache(speed: SpeedConfig, preset: Preset | None) -> SpeedConfig:
+    """`speed` with `cache` recommended made the model's preset's [cache] setting; other caches as they are."""
+    if speed.cache != RECOMMENDED_CACHE:
+        return speed
+    if preset is None or not preset.cache:
+        whose = f"the preset {preset.name}" if preset is not None else "this model (it has no preset)"
+        raise UserError(f"`cache` recommended: {whose} recommends no step cache (none measured on it yet): give "
+                        f"one of {', '.join(CACHE_METHODS)} by name, or leave `cache` out", field="cache")  # fmt: skip
+    return replace(speed, **preset_cache_fields(preset.cache, preset.name))
+
+
+def preset_cache_fields(table: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """A preset's [cache] table as SpeedConfig fields, checked as `--cache` and its flags are."""
+    unknown = [key for key in table if key not in PRESET_CACHE_KEYS]
+    if unknown:
+        raise UserError(f"preset {name}: [cache] has no key {unknown[0]!r} (it takes {', '.join(PRESET_CACHE_KEYS)})")
+    if table.get("method") not in CACHE_METHODS:
+        raise UserError(f"preset {name}: [cache] method must be one of {', '.join(CACHE_METHODS)}, "
+                        f"not {table.get('method')!r}")  # fmt: skip
+    fields = {PRESET_CACHE_KEYS[key]: value for key, value in table.items()}
+    try:
+        SpeedConfig(**fields)
+    except UserError as exc:  # (spelt with the table's keys: `cache_threshold` is its threshold)
+        keys = {field: key for key, field in PRESET_CACHE_KEYS.items()}
+        raise UserError(f"preset {name}: [cache] {exc.render(lambda field: keys.get(field, field))}") from None
+    return fields
 
 
 OFFLOAD_MODES = ("none", "components", "layers")
@@ -248,6 +290,8 @@ class Preset:
     match: dict[str, Any] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
+    # the step cache `cache` recommended runs (PRESET_CACHE_KEYS: method, threshold, ...); {}: none recommended
+    cache: dict[str, Any] = field(default_factory=dict)
 
     def matches_model_id(self, model_path: str) -> bool:
         ids = [m.lower() for m in self.match.get("model_ids", [])]
@@ -283,15 +327,18 @@ def _parse_preset(text: str, source: str) -> Preset:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"preset {source} is not valid TOML: {exc}") from None
-    for table in ("match", "sampling", "schedule"):
+    for table in ("match", "sampling", "schedule", "cache"):
         if not isinstance(raw.get(table, {}), dict):
             raise UserError(f"preset {source}: [{table}] must be a table")
+    if raw.get("cache"):
+        preset_cache_fields(raw["cache"], source)
     return Preset(
         name=raw.get("name", Path(source).stem),
         description=raw.get("description", ""),
         match=raw.get("match", {}),
         sampling=raw.get("sampling", {}),
         schedule=raw.get("schedule", {}),
+        cache=raw.get("cache", {}),
     )
 
 
@@ -371,4 +418,5 @@ def select_preset(
         match=chosen.match or own.match,
         sampling=merge_layers(own.sampling, chosen.sampling),
         schedule=merge_layers(own.schedule, chosen.schedule),
+        cache=chosen.cache or own.cache,  # (a whole setting: one method's threshold means nothing to another)
     )

@@ -7,15 +7,27 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
 from sgdiff.cli.main import app
 from sgdiff.cli.options import CacheChoice
-from sgdiff.config import CACHE_METHODS, ParallelConfig, RuntimeConfig, SpeedConfig
+from sgdiff.config import (
+    CACHE_METHODS,
+    RECOMMENDED_CACHE,
+    ParallelConfig,
+    RuntimeConfig,
+    SpeedConfig,
+    load_preset,
+    select_preset,
+    with_recommended_cache,
+)
 from sgdiff.engine.runner import ModelRunner
+from sgdiff.errors import UserError
 from sgdiff.pipeline.denoise_step import DenoiseStep, denoise_step
 from sgdiff.pipeline.family import CachePlan, ModelFamily
 from sgdiff.speed.apply import resolve_speed
@@ -287,7 +299,7 @@ def test_processes_skip_what_one_process_skips(tiny_flux_dev, method, config):
 
 
 def test_cache_choices_match_the_library():
-    assert tuple(c.value for c in CacheChoice) == ("none", *CACHE_METHODS)
+    assert tuple(c.value for c in CacheChoice) == ("none", RECOMMENDED_CACHE, *CACHE_METHODS)
 
 
 @pytest.mark.parametrize(
@@ -307,6 +319,12 @@ def test_cache_choices_match_the_library():
             "error: --cache-threshold has no meaning for taylorseer, which follows a schedule: set --cache-interval",
         ),
         (["--cache", "magcache", "--cache-threshold", "nan"], "error: --cache-threshold must be a finite number >= 0"),
+        (
+            ["--cache", "recommended", "--cache-threshold", "0.1"],
+            "error: --cache recommended takes the whole of the model's preset's setting, --cache-threshold included: "
+            "to tune it, give the method by name",
+        ),
+        (["--cache", "recommended", "--enable-cuda-graph"], "error: --cache decides on the host"),
     ],
 )
 def test_bad_cache_flags_end_as_one_line(tiny_flux_dev, tmp_path, flags, message):
@@ -330,3 +348,59 @@ def test_the_cli_reports_skipped_steps(tiny_flux_dev, tmp_path):
     (cache,) = report["speed"]["step_cache"]
     assert report["speed"]["cache"] == "fbcache" and report["speed"]["cache_threshold"] == 0.3
     assert cache["skipped_forwards"] == len(skipped) and cache["blocks_per_skip"] == 3  # 2 + 2 blocks, less the first
+
+
+def test_recommended_cache_is_the_presets(tiny_flux_dev, tiny_flux_schnell, tmp_path):
+    """--cache recommended runs the model's preset's [cache] (flux.1-dev: MagCache at 0.06): the image and the perf
+    dump are those of --cache magcache --cache-threshold 0.06; a model whose preset recommends none is refused."""
+    args = ["generate", "--prompt", "a red cube", "--device", "cpu", "--height", "32", "--width", "32", "--steps",
+            "8", "--seed", "3", "-q"]  # fmt: skip
+    images, reports = [], []
+    for name, flags in [("recommended", ["--cache", "recommended"]),
+                        ("named", ["--cache", "magcache", "--cache-threshold", "0.06"])]:  # fmt: skip
+        dump = tmp_path / f"{name}.json"
+        result = runner.invoke(app, [*args, "--model-path", str(tiny_flux_dev), *flags, "--output-path",
+                                     str(tmp_path / name), "--perf-dump-path", str(dump)])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        images.append(np.asarray(Image.open(result.stdout.split()[0])))
+        reports.append(json.loads(dump.read_text())["speed"])
+    assert np.array_equal(images[0], images[1])
+    assert reports[0] == reports[1] and reports[0]["cache"] == "magcache" and reports[0]["cache_threshold"] == 0.06
+    assert reports[0]["step_cache"][0]["skipped_forwards"] > 0
+    refused = runner.invoke(app, [*args, "--model-path", str(tiny_flux_schnell), "--cache", "recommended",
+                                  "--output-path", str(tmp_path / "schnell")])  # fmt: skip
+    assert refused.exit_code == 2 and refused.output == (
+        "error: --cache recommended: the preset flux.1-schnell recommends no step cache (none measured on it yet): "
+        "give one of fbcache, teacache, magcache, taylorseer by name, or leave --cache out\n"
+    )
+    assert not (tmp_path / "schnell").exists()
+
+
+def test_a_presets_cache_table_is_checked_and_layered(tmp_path):
+    """A preset's [cache] is checked as --cache's flags are; a user's .toml preset without one keeps the model's own
+    recommendation, one with its own replaces it whole."""
+    own = load_preset("flux.1-dev")
+    assert with_recommended_cache(SpeedConfig(cache="recommended"), own) == SpeedConfig(
+        cache="magcache", cache_threshold=0.06
+    )
+    mine = tmp_path / "mine.toml"
+    mine.write_text("[sampling]\nnum_inference_steps = 20\n")
+    assert select_preset(str(mine), "/local", "FluxPipeline", {"guidance_embeds": True}).cache == own.cache
+    mine.write_text('[cache]\nmethod = "taylorseer"\ninterval = 3\n')
+    layered = select_preset(str(mine), "/local", "FluxPipeline", {"guidance_embeds": True})
+    assert with_recommended_cache(SpeedConfig(cache="recommended"), layered) == SpeedConfig(
+        cache="taylorseer", cache_interval=3
+    )
+    for table, message in [
+        ('method = "fastcache"', "[cache] method must be one of fbcache, teacache, magcache, taylorseer, "
+                                 "not 'fastcache'"),
+        ('method = "fbcache"\nthreshold = -1', "[cache] threshold must be a finite number >= 0, got -1"),
+        ('method = "taylorseer"\nthreshold = 0.1', "[cache] threshold has no meaning for taylorseer, which follows a "
+                                                   "schedule: set interval instead"),
+        ('method = "fbcache"\nspeed = 2', "[cache] has no key 'speed' (it takes method, threshold, warmup_steps, "
+                                          "interval)"),
+    ]:  # fmt: skip
+        mine.write_text(f"[cache]\n{table}\n")
+        with pytest.raises(UserError) as caught:
+            load_preset(str(mine))
+        assert str(caught.value) == f"preset {mine}: {message}"

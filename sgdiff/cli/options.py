@@ -31,8 +31,9 @@ class DitPrecisionChoice(str, Enum):  # speed/fp8.py DIT_PRECISIONS (a test keep
     fp8 = "fp8"
 
 
-class CacheChoice(str, Enum):  # "none" and config.CACHE_METHODS (a test keeps them equal)
+class CacheChoice(str, Enum):  # "none", config.RECOMMENDED_CACHE and config.CACHE_METHODS (a test keeps them equal)
     none = "none"
+    recommended = "recommended"
     fbcache = "fbcache"
     teacache = "teacache"
     magcache = "magcache"
@@ -319,7 +320,8 @@ Cache = Annotated[
         "ratios' accumulated error is within --cache-threshold, default 0.06, at most 3 steps in a row; FLUX) or "
         "taylorseer (TaylorSeer: one step in --cache-interval is computed, the others forecast what the blocks "
         "add from the last two computed steps). The first --cache-warmup-steps steps and the last one are always "
-        "computed. Not with --enable-cuda-graph. Default: none.",
+        "computed. recommended: the method and settings the model's preset recommends, measured on it (FLUX.1-dev "
+        "and the demo models so far). Not with --enable-cuda-graph. Default: none.",
         rich_help_panel=SPEED,
     ),
 ]

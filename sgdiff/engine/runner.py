@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sgdiff.config import Preset, RuntimeConfig, merge_layers, select_preset
+from sgdiff.config import RECOMMENDED_CACHE, Preset, RuntimeConfig, merge_layers, select_preset, with_recommended_cache
 from sgdiff.engine.adapters import EngineAdapters, Wanted
 from sgdiff.engine.memory import cap_gpu_memory, check_gpu_memory_limit
 from sgdiff.errors import UserError
@@ -95,7 +95,10 @@ class ModelRunner:
         self.events = events or NullEvents()
         self.device = resolve_device(runtime.device)
         self.dtype = resolve_dtype(runtime.dtype, self.device)
-        self.speed = resolve_speed(runtime.speed, self.device, self.dtype)
+        # (`cache` recommended is the preset's, known below: the other toggles are checked before the model is found)
+        recommended = runtime.speed.cache == RECOMMENDED_CACHE
+        self.speed = resolve_speed(replace(runtime.speed, cache="none") if recommended else runtime.speed,
+                                   self.device, self.dtype)  # fmt: skip
         self.attention = check_speed(self.speed, self.device, self.dtype)
         self.offload = runtime.offload
         check_offload(self.offload, self.speed)
@@ -110,6 +113,8 @@ class ModelRunner:
         self.preset: Preset | None = select_preset(
             preset, model_path, self.info.pipeline_class, self.info.transformer_config, self.info.model_index
         )
+        if recommended:
+            self.speed = resolve_speed(with_recommended_cache(runtime.speed, self.preset), self.device, self.dtype)
         self.family = self.info.family
         self._rules = self.family.rules(self.info)
         # preset [schedule] < the checkpoint's scheduler_config.json; checked now, before any weight loads
