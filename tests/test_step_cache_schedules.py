@@ -20,6 +20,8 @@ from sgdiff.engine.runner import ModelRunner
 from sgdiff.errors import UserError
 from sgdiff.families.flux.family import MAGCACHE_FLUX
 from sgdiff.families.wan.family import WanFamily
+from sgdiff.families.wan.magcache import T2V_1_3B_COND, T2V_1_3B_UNCOND, T2V_14B_COND, T2V_14B_UNCOND
+from sgdiff.models.wan import WanTransformer, WanTransformerConfig
 from sgdiff.pipeline.denoise_step import DenoiseStep, denoise_step
 from sgdiff.pipeline.family import CachePlan, ModelFamily
 from sgdiff.speed.apply import resolve_speed
@@ -34,11 +36,12 @@ CPU = torch.device("cpu")
 # ---- the published rules, written plainly --------------------------------------------------------------
 
 
-def magcache_reference(ratios, steps: int, threshold: float, warmup: int | None = None) -> list[int]:
-    """MagCache (diffusers' MagCacheHeadHook): from the retention step on, each step multiplies the
-    accumulated ratio by its ratio, counts itself and adds |1 - accumulated ratio| to the error; it is skipped
-    when a residual exists, the error <= threshold and the count <= K = 3, otherwise computed with the three
-    sums reset. sgdiff's own: the last step is computed, and threshold 0 never skips."""
+def magcache_reference(ratios, steps: int, threshold: float, warmup: int | None = None, k: int = 3) -> list[int]:
+    """MagCache (diffusers' MagCacheHeadHook; MagCache4Wan2.1 per CFG branch, with K = 2): from the retention
+    step on, each step multiplies the accumulated ratio by its ratio, counts itself and adds |1 - accumulated
+    ratio| to the error; it is skipped when a residual exists, the error <= threshold and the count <= K
+    (FLUX: 3), otherwise computed with the three sums reset. sgdiff's own: the last step is computed, and
+    threshold 0 never skips."""
     table = nearest_interp(torch.tensor(ratios, dtype=torch.float64), steps).tolist()
     retention = int(0.2 * steps + 0.5) if warmup is None else warmup
     skipped, ratio, count, error, residual = [], 1.0, 0, 0.0, False
@@ -46,7 +49,7 @@ def magcache_reference(ratios, steps: int, threshold: float, warmup: int | None 
         if retention <= i < steps - 1:
             ratio, count = ratio * table[i], count + 1
             error += abs(1.0 - ratio)
-            if residual and error <= threshold and count <= 3 and threshold > 0:
+            if residual and error <= threshold and count <= k and threshold > 0:
                 skipped.append(i)
                 continue
         ratio, count, error, residual = 1.0, 0, 0.0, True
@@ -102,9 +105,12 @@ class Toy(nn.Module):
 class ToyFamily(ModelFamily):
     name = "toy"
     ratios: tuple[float, ...] | None = MAGCACHE_FLUX
+    ratios_uncond: tuple[float, ...] | None = None
+    max_skips = 3
 
     def cache_plan(self, model: nn.Module) -> CachePlan:
-        return CachePlan([list(model.pairs), list(model.singles)], magnitude_ratios=self.ratios)
+        return CachePlan([list(model.pairs), list(model.singles)], magnitude_ratios=self.ratios,
+                         magnitude_ratios_uncond=self.ratios_uncond, magcache_max_skips=self.max_skips)  # fmt: skip
 
 
 def step_inputs(i: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -224,12 +230,45 @@ def test_a_family_without_magnitude_ratios_refuses_magcache():
     family.ratios = None
     with pytest.raises(UserError, match=r"magcache is not available for toy models \(no calibrated magnitude"):
         drive(SpeedConfig(cache="magcache"), 3, family=family)
-    wan = nn.Module()
-    wan.blocks = nn.ModuleList([nn.Identity()])
+    with torch.device("meta"):
+        wan = WanTransformer(WanTransformerConfig(num_layers=2, num_attention_heads=2, ffn_dim=64))  # (no ratios)
     with pytest.raises(UserError) as error:
         apply_step_cache(wan, resolve_speed(SpeedConfig(cache="magcache"), CPU, torch.float32), WanFamily())
     assert str(error.value) == ("cache magcache is not available for wan models (no calibrated magnitude ratios): "
                                 "use fbcache, teacache or taylorseer")  # fmt: skip
+
+
+def wan_plan(shares_steps: bool = False, **config) -> CachePlan:
+    """The Wan family's CachePlan for a transformer of `config`'s architecture (built on the meta device)."""
+    with torch.device("meta"):
+        model = WanTransformer(WanTransformerConfig(**config))
+    model.shares_steps = shares_steps
+    return WanFamily().cache_plan(model)
+
+
+def test_wan_t2v_gets_each_branchs_calibrated_ratios_and_k_2():
+    small = wan_plan(num_layers=30, num_attention_heads=12, ffn_dim=8960)  # Wan2.1-T2V-1.3B
+    large = wan_plan()  # Wan2.1-T2V-14B (the config's defaults)
+    for plan, cond, uncond in [(small, T2V_1_3B_COND, T2V_1_3B_UNCOND), (large, T2V_14B_COND, T2V_14B_UNCOND)]:
+        assert plan.magnitude_ratios == cond and plan.magnitude_ratios_uncond == uncond
+        assert len(cond) == len(uncond) == 50 and cond[0] == uncond[0] == 1.0 and plan.magcache_max_skips == 2
+    # the calibration's first, middle and last steps, as published (interleaved prompt, negative, prompt, ...)
+    assert (small.magnitude_ratios[1:3], small.magnitude_ratios_uncond[1:3]) == ((1.0124, 1.00166), (1.02213, 1.0041))
+    assert (large.magnitude_ratios[-1], large.magnitude_ratios_uncond[-1]) == (0.86111, 0.86189)
+    # other weights of these architectures get none: an A14B expert, image to video
+    assert wan_plan(shares_steps=True).magnitude_ratios is None
+    assert wan_plan(image_dim=1280, added_kv_proj_dim=5120).magnitude_ratios is None
+
+
+def test_each_cfg_branch_follows_its_own_ratios():
+    """Wan's two branches were calibrated apart: with K = 2, each skips what the rule skips on its own ratios."""
+    family = ToyFamily()
+    family.ratios, family.ratios_uncond, family.max_skips = T2V_1_3B_COND, T2V_14B_UNCOND, 2
+    record, _, _ = drive(SpeedConfig(cache="magcache", cache_threshold=0.06), 50, {"cond": 0, "uncond": 1},
+                         family=family)  # fmt: skip
+    assert record["cond"] == magcache_reference(T2V_1_3B_COND, 50, 0.06, k=2)
+    assert record["uncond"] == magcache_reference(T2V_14B_UNCOND, 50, 0.06, k=2)
+    assert record["cond"] != record["uncond"] and len(record["cond"]) > 15
 
 
 # ---- TaylorSeer --------------------------------------------------------------------------------------------
@@ -385,3 +424,12 @@ def test_the_cli_runs_taylorseer_and_reports_its_forecasts(tiny_flux_dev, tmp_pa
     (cache,) = report["speed"]["step_cache"]
     assert (report["speed"]["cache_interval"], cache["interval"], cache["threshold"]) == (2, 2, None)
     assert cache["skipped_forwards"] == 3 and cache["blocks_per_skip"] == 4  # 2 + 2 blocks, none kept
+
+
+@pytest.mark.parametrize(("variant", "shares"), [("t2v", False), ("t2v-a14b", True)])
+def test_the_a14b_experts_are_loaded_as_sharing_the_steps(tiny_wan, variant, shares):
+    """Wan2.2 A14B's experts have Wan2.1-14B's architecture but other weights and only their share of the steps:
+    the loader marks them so that the 14B's MagCache ratios are not offered for them."""
+    runner = ModelRunner(str(tiny_wan(variant)), runtime=RuntimeConfig(device="cpu", dtype="fp32"))
+    runner.load()
+    assert [model.shares_steps for model in runner.pipeline.transformers] == [shares] * (2 if shares else 1)

@@ -317,7 +317,7 @@ Cache = Annotated[
         "first block's residual changed less than --cache-threshold since the last computed step, default 0.05), "
         "teacache (TeaCache: the first block's timestep-modulated input's accumulated change is below "
         "--cache-threshold, default 0.25), magcache (MagCache: the model's calibrated magnitude "
-        "ratios' accumulated error is within --cache-threshold, default 0.06, at most 3 steps in a row; FLUX) or "
+        "ratios' accumulated error is within --cache-threshold, default 0.06; FLUX.1-dev and Wan2.1 T2V) or "
         "taylorseer (TaylorSeer: one step in --cache-interval is computed, the others forecast what the blocks "
         "add from the last two computed steps). The first --cache-warmup-steps steps and the last one are always "
         "computed. recommended: the method and settings the model's preset recommends, measured on it (FLUX.1-dev "

@@ -56,6 +56,10 @@ class CachePlan:
     # MagCache: the model's magnitude ratios, one per step of the run they were calibrated on (the mean over
     # tokens of ||residual_t|| / ||residual_t-1||, the first 1.0); None: the family offers no MagCache
     magnitude_ratios: tuple[float, ...] | None = None
+    # MagCache: the negative (CFG) branch's own ratios where they were calibrated apart (Wan); None: the above
+    magnitude_ratios_uncond: tuple[float, ...] | None = None
+    # MagCache: the most steps skipped in a row (K in its paper) its authors use for this model
+    magcache_max_skips: int = 3
 
 
 class imported_when_used:  # noqa: N801 - used as a decorator-like descriptor, spelled as a function

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sgdiff.families.wan.magcache import MAX_SKIPS as MAGCACHE_MAX_SKIPS
+from sgdiff.families.wan.magcache import wan_magnitude_ratios
 from sgdiff.families.wan.sampling import (
     WanSampling,
     guidance_cfg,
@@ -52,7 +54,9 @@ class WanFamily(ModelFamily):
     def cache_plan(self, model: Any) -> CachePlan:
         # no TeaCache polynomial fitted for this signal: TeaCache4Wan2.1's were fitted on the timestep
         # embedding, not on the modulated input, so the change is used as it is
-        return CachePlan([list(model.blocks)], modulated_input=wan_modulated_input)
+        cond, uncond = wan_magnitude_ratios(model) or (None, None)
+        return CachePlan([list(model.blocks)], modulated_input=wan_modulated_input, magnitude_ratios=cond,
+                         magnitude_ratios_uncond=uncond, magcache_max_skips=MAGCACHE_MAX_SKIPS)  # fmt: skip
 
 
 def wan_modulated_input(block: Any, args: tuple) -> Any:

@@ -230,8 +230,18 @@ def load_wan_components(
     prompts are encoded as soon as the text encoder is loaded, while the transformer still loads."""
     index = read_json(model_dir / "model_index.json")
 
+    shares_steps = index.get("boundary_ratio") is not None  # Wan2.2 A14B: two experts, each its share of the steps
+
     def expert(name: str) -> Callable[[], WanTransformer] | None:  # MoE checkpoints have two
-        return (lambda: load_wan_transformer(model_dir / name, dtype, device)) if (model_dir / name).is_dir() else None
+        if not (model_dir / name).is_dir():
+            return None
+
+        def load() -> WanTransformer:
+            model = load_wan_transformer(model_dir / name, dtype, device)
+            model.shares_steps = shares_steps
+            return model
+
+        return load
 
     parts = load_side_by_side(events, device, {
         "tokenizer": lambda: load_tokenizer(model_dir / "tokenizer"),

@@ -142,6 +142,10 @@ class WanConditionEmbedder(nn.Module):
 class WanTransformer(nn.Module):
     """Velocity prediction for video latents [B, C, F, H, W]."""
 
+    # an expert of Wan2.2 A14B, which runs only its share of the steps (set by the loader): a whole run's
+    # calibrated step statistics (MagCache's ratios) do not fit it
+    shares_steps: bool = False
+
     def __init__(self, config: WanTransformerConfig):
         super().__init__()
         self.config = config

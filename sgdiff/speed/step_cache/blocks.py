@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from sgdiff.pipeline.denoise_step import DenoiseStep, current_step
+from sgdiff.pipeline.denoise_step import UNCOND, DenoiseStep, current_step
 from sgdiff.pipeline.family import CachePlan
 from sgdiff.speed.step_cache.residuals import Residual, Streams, TaylorSeries
 from sgdiff.speed.step_cache.rules import Agree, FirstBlockRule, TeaCacheRule, make_rule
@@ -107,14 +107,17 @@ class StepCache:
         key = (step.branch, ordinal)
         branch = self.branches.get(key)
         if branch is None or branch.run is not step.skipped:  # a new request
-            branch = self.branches[key] = BranchCache(step.skipped, self.new_rule(step.total))
+            branch = self.branches[key] = BranchCache(step.skipped, self.new_rule(step.total, step.branch))
         self.now = ForwardState(step, branch)
         return self.now
 
-    def new_rule(self, steps: int) -> FirstBlockRule | TeaCacheRule | MagCacheRule | TaylorSeerRule:
+    def new_rule(self, steps: int, branch: str) -> FirstBlockRule | TeaCacheRule | MagCacheRule | TaylorSeerRule:
         if self.method == "magcache":
-            assert self.threshold is not None and self.plan.magnitude_ratios is not None  # (resolved, checked)
-            return MagCacheRule(self.threshold, self.plan.magnitude_ratios, steps)
+            ratios = self.plan.magnitude_ratios
+            if branch == UNCOND and self.plan.magnitude_ratios_uncond is not None:
+                ratios = self.plan.magnitude_ratios_uncond
+            assert self.threshold is not None and ratios is not None  # (resolved, checked)
+            return MagCacheRule(self.threshold, ratios, steps, self.plan.magcache_max_skips)
         if self.method == "taylorseer":
             assert self.warmup_steps is not None and self.interval is not None  # (resolved)
             return TaylorSeerRule(self.warmup_steps, self.interval)

@@ -7,8 +7,9 @@ at the first block; `ready`: this branch holds a residual of every cached range,
   per model: the family's CachePlan.magnitude_ratios), nearest-interpolated to the request's steps. From the
   warm-up on, each step multiplies their running product and adds |1 - product| to an accumulated error;
   every block is skipped, reusing the residual of the last computed step, while the error stays within the
-  threshold and at most MAGCACHE_MAX_SKIP_STEPS steps have been skipped in a row; a computed step starts
-  the product, the count and the error again.
+  threshold and at most K steps have been skipped in a row (the family's CachePlan.magcache_max_skips: FLUX 3,
+  Wan 2); a computed step starts the product, the count and the error again. Where CFG's two branches were
+  calibrated apart (Wan), each branch follows its own ratios.
 - taylorseer (TaylorSeer, Liu et al. 2025, "From Reusing to Forecasting"; diffusers' hooks/taylorseer_cache.py):
   after the warm-up, one step in `interval` is computed and every block of the others is forecast: the
   blocks' residual from its Taylor expansion over the step index (residuals.py TaylorSeries).
@@ -22,7 +23,6 @@ from collections.abc import Sequence
 
 import torch
 
-MAGCACHE_MAX_SKIP_STEPS = 3  # K in the paper: diffusers' MagCacheConfig.max_skip_steps
 MAGCACHE_RETENTION_RATIO = 0.2  # the share of the first steps always computed: diffusers' retention_ratio
 DEFAULT_INTERVALS = {"taylorseer": 5}  # diffusers' TaylorSeerCacheConfig.cache_interval
 
@@ -45,8 +45,8 @@ def nearest_ratios(ratios: Sequence[float], steps: int) -> list[float]:
 class MagCacheRule:
     """One branch's MagCache decisions over one request of `steps` steps."""
 
-    def __init__(self, threshold: float, ratios: Sequence[float], steps: int):
-        self.threshold = threshold
+    def __init__(self, threshold: float, ratios: Sequence[float], steps: int, max_skips: int):
+        self.threshold, self.max_skips = threshold, max_skips
         self.ratios = nearest_ratios(ratios, steps)
         self.ratio, self.skips, self.error = 1.0, 0, 0.0  # accumulated since the last computed step
 
@@ -57,7 +57,7 @@ class MagCacheRule:
             self.error += abs(1.0 - self.ratio)
             # threshold 0 never skips (diffusers' `error <= threshold` would, where a ratio is exactly 1.0)
             within = self.threshold > 0 and self.error <= self.threshold
-            if ready and within and self.skips <= MAGCACHE_MAX_SKIP_STEPS:
+            if ready and within and self.skips <= self.max_skips:
                 return True
         self.ratio, self.skips, self.error = 1.0, 0, 0.0
         return False
