@@ -1,5 +1,5 @@
 """`sgdiff generate --lora-path`: the outputs are diffusers' (load_lora_weights + set_adapters, fp32 CPU) for
-FLUX.1 and Wan2.2 A14B (into `transformer` only, diffusers' default), fused or unfused; --lora-scale is the
+FLUX.1, Qwen-Image and Wan2.2 A14B (into `transformer` only, diffusers' default), fused or unfused; --lora-scale is the
 scale of paths without :SCALE; the PNG metadata and the perf dump record the adapters; two CPU processes
 (Ulysses, fused; CFG parallel, unfused) write the one process's image; bad input ends in one line, exit 2."""
 
@@ -16,7 +16,8 @@ from sgdiff.cli.main import app
 from sgdiff.io.image import read_png_parameters
 from sgdiff.io.video import read_png_frames
 from sgdiff.pipeline.components import quiet_libraries
-from sgdiff.testing.lora_files import diffusers_file, flux_style_and_detail, linear_names
+from sgdiff.testing.lora_files import diffusers_file, flux_style_and_detail, linear_names, original_file
+from sgdiff.testing.tiny_qwen_image import build_tiny_qwen_image
 
 runner = CliRunner()
 MAX_PIXEL_DIFF = 2  # of 255
@@ -116,6 +117,36 @@ def test_wan_a14b_adapters_go_into_transformer_as_diffusers_loads_them(tiny_wan,
     frames = read_png_frames(__import__("pathlib").Path(folder)).astype(np.int64)
     assert np.abs(frames - expected).max() <= MAX_PIXEL_DIFF
     assert np.abs(base - expected).max() > 5 * MAX_PIXEL_DIFF  # (the tiny Wan moves less than FLUX)
+
+
+def test_qwen_image_adapters_in_diffusers_and_kohya_names_are_diffusers(tmp_path_factory, tmp_path):
+    """Qwen-Image: `style` in diffusers' names (alpha 8 in the metadata), `detail` in its trainers' kohya names
+    (`lora_unet_transformer_blocks_0_img_mlp_net_0_proj`, alpha 2); the image is diffusers'."""
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+
+    model = build_tiny_qwen_image(tmp_path_factory.mktemp("qwen-image") / "tiny")
+    with quiet_libraries():
+        reference = QwenImageTransformer2DModel.from_pretrained(model / "transformer")
+    style = diffusers_file(tmp_path / "style.safetensors", reference, linear_names(reference, "attn"), 5,
+                           metadata_alpha=8.0)  # fmt: skip
+    mlps = dict.fromkeys(linear_names(reference, "mlp"), 2.0)
+    detail = original_file(tmp_path / "detail.safetensors", reference, mlps, 6, "lora_unet_", True)
+    request = dict(prompt="a red cube", height=48, width=80, num_inference_steps=3)
+    flags = ["--prompt", "a red cube", "--height", "48", "--width", "80", "--steps", "3", "--seed", "7",
+             "--device", "cpu", "--dtype", "fp32", "-q", "--lora-path", f"{style}:0.8", "--lora-path",
+             f"{detail}:-1.2"]  # fmt: skip
+    [path] = generate(tmp_path, model, *flags)
+    with quiet_libraries():
+        pipe = QwenImagePipeline.from_pretrained(model, dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        run = lambda: pipe(generator=torch.Generator().manual_seed(7), output_type="np", **request).images[0]  # noqa: E731
+        base = (run() * 255).round().astype(np.int64)
+        pipe.load_lora_weights(str(style), adapter_name="style")
+        pipe.load_lora_weights(str(detail), adapter_name="detail")
+        pipe.set_adapters(["style", "detail"], [0.8, -1.2])
+        expected = (run() * 255).round().astype(np.int64)
+    assert np.abs(png(path) - expected).max() <= MAX_PIXEL_DIFF
+    assert np.abs(base - expected).max() > MOVED
 
 
 @pytest.mark.parametrize(

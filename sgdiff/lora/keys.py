@@ -1,16 +1,23 @@
-"""A LoRA file's tensor names, in the formats diffusers reads for FLUX.1 and Wan, turned into one form:
-the layers of ours each update targets, with its down (A [rank, in]) and up (B [out, rank]) factors and
-its alpha (LoraWeights).
+"""A LoRA file's tensor names, in the formats diffusers reads for FLUX.1, Wan, Qwen-Image (and its Edit models)
+and HunyuanVideo, turned into one form: the layers of ours each update targets, with its down (A [rank, in]) and
+up (B [out, rank]) factors and its alpha (LoraWeights). HunyuanVideo-1.5 adapters are read in diffusers' names
+(diffusers has no LoRA loader for its pipelines, only its transformer's load_lora_adapter).
 
 The formats, told apart key by key:
   diffusers / PEFT    `transformer.<module>.lora_A.weight`, `.lora_B.weight` (the prefix may be missing,
-                      or PEFT's `base_model.model.`), an optional `<module>.alpha`; or an alpha for every
-                      layer in the adapter metadata diffusers writes (`lora_alpha`, `alpha_pattern`)
+                      or PEFT's `base_model.model.`; PEFT's adapter name may sit in the key, `lora_A.default.weight`),
+                      an optional `<module>.alpha`; or an alpha for every layer in the adapter metadata diffusers
+                      writes (`lora_alpha`, `alpha_pattern`)
   original trainers   `diffusion_model.<original module>` or kohya's `lora_unet_<original_module>`, with
-                      `lora_down` / `lora_up` (or `lora_A` / `lora_B`) and `.alpha` (lora/original_names.py)
+                      `lora_down` / `lora_up` (or `lora_A` / `lora_B`) and `.alpha` (lora/original_names/: FLUX.1,
+                      Wan, HunyuanVideo; Qwen-Image's original names are diffusers', so its trainers write
+                      `diffusion_model.transformer_blocks.0.attn.to_q` or `lora_unet_transformer_blocks_0_attn_to_q`)
 
-A module name is ours (= diffusers') unless it is an original one; a name of neither kind is kept as it
-is, and matching (lora/match.py) then says it is no layer of the model.
+A name may be read several ways (weights.py LoraLayer): after `diffusion_model.` or `lora_unet_` as an original
+module first, then as ours (kohya-spelled: matched against the model's names with their dots as underscores,
+lora/match.py); after another prefix as ours first, then as an original module (diffusers reads HunyuanVideo's
+original names under `transformer.` too). A name of no kind is kept as it is, and matching then says it is no
+layer of the model.
 
 Refused, in one line each: text-encoder layers (sgdiff applies LoRA to the transformer only, and an
 image made without them would not be the one the adapter's author, or diffusers, makes); DoRA; full or
@@ -23,13 +30,15 @@ import re
 import torch
 
 from sgdiff.errors import UserError
-from sgdiff.lora.original_names import SWAPPED_HALVES, original_targets
-from sgdiff.lora.weights import LoraLayer, LoraWeights
+from sgdiff.lora.original_names import Original, original_readings
+from sgdiff.lora.weights import LoraLayer, LoraWeights, Reading
 
-ROLES = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up"}
+ROLES = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
+         "lora_A.default.weight": "down", "lora_B.default.weight": "up"}  # fmt: skip
 ALPHA = "alpha"
 FACTOR_NAMES = {"down": "down (lora_A)", "up": "up (lora_B)"}
 OURS_PREFIXES = ("transformer.", "base_model.model.")
+ORIGINAL_PREFIX, KOHYA_PREFIX = "diffusion_model.", "lora_unet_"
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoders.", "lora_te_", "lora_te1_", "lora_te2_")
 DORA_MARKS = ("dora_scale", "lora_magnitude_vector")
 DIFFERENCE_SUFFIXES = (".diff", ".diff_b", ".lora_B.bias", ".lora_up.bias")
@@ -95,27 +104,27 @@ def lora_layer(
     if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
         raise UserError(f"the LoRA file {name}: {module} has down {list(down.shape)} and up {list(up.shape)}, "
                         "not a Linear's pair [rank, in] and [out, rank]", field="lora_path")  # fmt: skip
-    targets, ours = layer_targets(module)
     alpha = float(found[ALPHA].item()) if ALPHA in found else None
-    if alpha is None and ours:
-        alpha = pattern_alpha(targets[0], pattern, default_alpha)
-    if targets[0] in SWAPPED_HALVES and not ours:
-        up = torch.cat(up.chunk(2)[::-1])  # (shift, scale) rows -> (scale, shift)
-    return LoraLayer(targets, down, up, alpha, module)
+    readings = []
+    for targets, swapped in module_readings(module):
+        reading_up = torch.cat(up.chunk(2)[::-1]) if swapped else up  # (shift, scale) rows -> (scale, shift)
+        # (its `.alpha`, else the metadata's for that layer: diffusers' LoraConfig holds for converted names too)
+        reading_alpha = alpha if alpha is not None else pattern_alpha(targets[0], pattern, default_alpha)
+        readings.append(Reading(targets, reading_up, reading_alpha))
+    return LoraLayer(module, down, tuple(readings))
 
 
-def layer_targets(module: str) -> tuple[tuple[str, ...], bool]:
-    """(the layers of ours the file's `module` updates, whether it was named as ours)."""
-    if module.startswith("lora_unet_"):
-        original = module.removeprefix("lora_unet_")
-        return original_targets(original, underscored=True) or (module,), False
-    if module.startswith("diffusion_model."):
-        original = module.removeprefix("diffusion_model.")
-        targets = original_targets(original, underscored=False)
-        return (targets, False) if targets else ((original,), True)
-    for prefix in OURS_PREFIXES:
-        module = module.removeprefix(prefix)
-    return (module,), True
+def module_readings(module: str) -> list[Original]:
+    """The ways to read the file's `module`, most likely first (see the module's docstring)."""
+    kohya = module.startswith(KOHYA_PREFIX)
+    if kohya or module.startswith(ORIGINAL_PREFIX):
+        name = module.removeprefix(KOHYA_PREFIX if kohya else ORIGINAL_PREFIX)
+        readings = [*original_readings(name, underscored=kohya), Original((name,), False)]
+    else:
+        for prefix in OURS_PREFIXES:
+            module = module.removeprefix(prefix)
+        readings = [Original((module,), False), *original_readings(module, underscored=False)]
+    return list(dict.fromkeys(readings))
 
 
 def peft_config(metadata: dict) -> dict:

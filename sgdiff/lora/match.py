@@ -1,6 +1,11 @@
 """An adapter's layers met with a built model's Linears: every update must name a Linear of the model and
 fit its shape, or the adapter is refused in one line that names the first mismatches (an adapter of
-another model, or of another size of this one, fits no layer)."""
+another model, or of another size of this one, fits no layer).
+
+A layer read several ways (weights.py LoraLayer) takes the first reading whose layers are all Linears of the
+model. A name is the model's as written, or kohya-spelled (its dots as underscores): Qwen-Image's trainers write
+`lora_unet_transformer_blocks_0_attn_to_q`, and no rule could tell which underscores were dots (`to_q`, `img_mod`)
+as surely as the model's own names do."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import torch
 from torch import nn
 
 from sgdiff.errors import UserError
-from sgdiff.lora.weights import LoraLayer, LoraWeights
+from sgdiff.lora.weights import LoraLayer, LoraWeights, Reading
 from sgdiff.models.layers import Linear
 
 SHOWN_MISMATCHES = 3
@@ -39,10 +44,11 @@ def by_linear(adapters: list[list[Update]]) -> dict[Linear, list[tuple[int, Upda
 def match_lora(model: nn.Module, weights: LoraWeights) -> list[Update]:
     """Every update of `weights` on its Linear of `model`; a UserError if any does not fit."""
     modules = dict(model.named_modules())
+    names = kohya_spellings(modules) | {name: name for name in modules}  # either spelling -> the model's name
     updates: list[Update] = []
     mismatches: list[str] = []
     for layer in weights.layers:
-        found = layer_updates(layer, modules)
+        found = layer_updates(layer, modules, names)
         if isinstance(found, str):
             mismatches.append(found)
         else:
@@ -53,24 +59,42 @@ def match_lora(model: nn.Module, weights: LoraWeights) -> list[Update]:
     return updates
 
 
-def layer_updates(layer: LoraLayer, modules: dict[str, nn.Module]) -> list[Update] | str:
-    """The layer's update of each of its targets (the up rows split among them, in order), or what keeps
-    it from fitting."""
-    linears = []
-    for target in layer.targets:
-        module = modules.get(target)
+def kohya_spellings(modules: dict[str, nn.Module]) -> dict[str, str]:
+    """Each module's name as kohya spells it (every dot an underscore) -> the name; where two names spell alike,
+    neither (no guessing)."""
+    spelled: dict[str, str] = {}
+    twice: set[str] = set()
+    for name in modules:
+        kohya = name.replace(".", "_")
+        if kohya in spelled:
+            twice.add(kohya)
+        spelled[kohya] = name
+    return {kohya: name for kohya, name in spelled.items() if kohya not in twice}
+
+
+def layer_updates(layer: LoraLayer, modules: dict[str, nn.Module], names: dict[str, str]) -> list[Update] | str:
+    """The update of each target of the layer's first reading whose targets are Linears of the model (the up
+    rows split among them, in order), or what keeps its first reading from fitting. `names`: each spelling of
+    a module's name -> its name."""
+
+    def fits(reading: Reading) -> bool:
+        return all(isinstance(modules.get(names.get(target, target)), Linear) for target in reading.targets)
+
+    reading = next((r for r in layer.readings if fits(r)), layer.readings[0])
+    found: list[tuple[str, Linear]] = []
+    for target in reading.targets:
+        name = names.get(target, target)
+        module = modules.get(name)
         if not isinstance(module, Linear):
             return f"{target} is not a {'Linear' if module is not None else 'layer'} of it"
-        linears.append(module)
+        found.append((name, module))
+    linears = [linear for _, linear in found]
     outs, width = [linear.out_features for linear in linears], linears[0].in_features
-    adapter_shape = [layer.up.shape[0], layer.down.shape[1]]
+    adapter_shape = [reading.up.shape[0], layer.down.shape[1]]
     if adapter_shape != [sum(outs), width] or any(linear.in_features != width for linear in linears):
-        return f"{' + '.join(layer.targets)} expects [{sum(outs)}, {width}], the adapter has {adapter_shape}"
-    ups = layer.up.split(outs)  # [sum(out), rank] -> each target's rows
-    return [
-        Update(target, linear, layer.down, up, layer.factor)
-        for target, linear, up in zip(layer.targets, linears, ups, strict=True)
-    ]
+        return f"{' + '.join(reading.targets)} expects [{sum(outs)}, {width}], the adapter has {adapter_shape}"
+    ups = reading.up.split(outs)  # [sum(out), rank] -> each target's rows
+    return [Update(name, linear, layer.down, up, reading.factor) for (name, linear), up in zip(found, ups, strict=True)]
 
 
 def mismatch_message(weights: LoraWeights, model_name: str, mismatches: list[str], fitted: bool) -> str:
