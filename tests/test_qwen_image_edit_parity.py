@@ -25,11 +25,23 @@ from sgdiff.engine.runner import ModelRunner
 from sgdiff.families.qwen_image.edit_text import QwenEditPromptEncoder, edit_prompt, expand_image_tokens
 from sgdiff.families.qwen_image.editing import sized_to_area
 from sgdiff.io.image import read_png_parameters
-from sgdiff.testing.compare import max_pixel_diff, read_png
+from sgdiff.testing.compare import pixels_beyond, read_png
 from sgdiff.testing.tiny_qwen_image import build_tiny_qwen_image, build_tiny_qwen_image_edit, load_reference_processor
 
 runner = CliRunner()
 MAX_PIXEL_DIFF = 2  # of 255
+# The tiny Edit VAE has one channel at full resolution (tiny_qwen_image.EDIT_VAE), where its RMS norm over the
+# channels is each pixel's sign: a rounding difference in the latents (2e-6 against values up to 9 at 1248x832,
+# from the CPU's kernels: AVX2 here, AVX-512 elsewhere) flips the few pixels whose value is within it of 0 (40 of
+# 1 M there, by up to 115/255). Parity: every pixel within MAX_PIXEL_DIFF but at most this share of them.
+FLIPPED_SHARE = 1e-4
+
+
+def assert_parity(paths, expected: np.ndarray) -> None:
+    beyond, total = pixels_beyond(paths, expected, MAX_PIXEL_DIFF)
+    assert beyond <= FLIPPED_SHARE * total, f"{beyond} of {total} pixels differ by more than {MAX_PIXEL_DIFF}/255"
+
+
 CPU = RuntimeConfig(device="cpu")
 FLAGS = "--steps 3 --seed 7".split()
 
@@ -90,7 +102,7 @@ def test_edit_with_true_cfg_and_two_outputs_matches_diffusers(tiny_edit, picture
         num_inference_steps=3,
     )  # fmt: skip
     assert not np.array_equal(expected[0], expected[1])
-    assert max_pixel_diff(paths, expected) <= MAX_PIXEL_DIFF  # observed 0
+    assert_parity(paths, expected)
     params = read_png_parameters(paths[0])
     assert (params["image_path"], params["preset"]) == ([str(pictures["wide"])], "qwen-image-edit")
 
@@ -104,7 +116,7 @@ def test_edit_without_cfg_takes_the_images_aspect_ratio(tiny_edit, pictures, tmp
         num_inference_steps=2,
     )  # fmt: skip
     assert expected.shape == (1, 832, 1248, 3)
-    assert max_pixel_diff(paths, expected) <= MAX_PIXEL_DIFF  # observed 0
+    assert_parity(paths, expected)
 
 
 def test_edit_plus_with_two_images_and_true_cfg_matches_diffusers(tiny_edit_plus, pictures, tmp_path):
@@ -116,7 +128,7 @@ def test_edit_plus_with_two_images_and_true_cfg_matches_diffusers(tiny_edit_plus
         reference(tiny_edit_plus, QwenImageEditPlusPipeline), images, seed=7, prompt="a red cube on the table",
         negative_prompt="blurry", num_images_per_prompt=2, height=96, width=64, num_inference_steps=3,
     )  # fmt: skip
-    assert max_pixel_diff(paths, expected) <= MAX_PIXEL_DIFF  # observed 0
+    assert_parity(paths, expected)
     assert read_png_parameters(paths[0])["preset"] == "qwen-image-edit-plus"
 
 
@@ -129,7 +141,7 @@ def test_edit_plus_without_cfg_matches_diffusers(tiny_edit_plus, pictures, tmp_p
         reference(tiny_edit_plus, QwenImageEditPlusPipeline), images, seed=42, prompt="a green cube", height=64,
         width=64, num_inference_steps=2,
     )  # fmt: skip
-    assert max_pixel_diff(paths, expected) <= MAX_PIXEL_DIFF  # observed 0
+    assert_parity(paths, expected)
 
 
 def test_another_input_image_moves_the_output_far_beyond_the_tolerance(tiny_edit, pictures, tmp_path):

@@ -42,6 +42,19 @@ def read_png(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+def pixels_beyond(paths, expected: np.ndarray, tolerance: int) -> tuple[int, int]:
+    """(how many pixels of the PNGs at `paths` differ from `expected` by more than `tolerance` in a channel, how
+    many pixels there are), the images as max_pixel_diff takes them."""
+    assert len(paths) == len(expected)
+    beyond = total = 0
+    for path, reference in zip(paths, expected, strict=True):
+        actual = read_png(path)
+        assert actual.shape == reference.shape and actual.std() > 1
+        beyond += int((np.abs(actual.astype(int) - reference.astype(int)).max(axis=-1) > tolerance).sum())
+        total += reference.shape[0] * reference.shape[1]
+    return beyond, total
+
+
 def max_pixel_diff(paths, expected: np.ndarray) -> int:
     """The largest difference of any pixel between the PNGs at `paths` and the reference images `expected`
     ([N, H, W, 3] uint8; as many, of the same shapes); each PNG must be a real decoded image, not a constant."""
