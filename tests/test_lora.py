@@ -464,14 +464,20 @@ def test_specs_and_modes():
 
 
 @pytest.mark.parametrize(
-    "config", [ParallelConfig(2), ParallelConfig(2, ring_degree=2)], ids=["ulysses-2-inputs-travel", "ring-2"]
+    ("config", "fp8"),
+    [(ParallelConfig(2), False), (ParallelConfig(2, ring_degree=2), False), (ParallelConfig(2), True)],
+    ids=["ulysses-2-inputs-travel", "ring-2", "ulysses-2-fp8-weights"],
 )
-def test_unfused_adapters_switch_under_sequence_parallelism(config):
+def test_unfused_adapters_switch_under_sequence_parallelism(config, fp8):
     """Unfused adapters stay beside the Linears that sequence parallelism cuts: each rank adds their updates of its
-    share of the modulation, and (Ulysses-2) of its heads' q/k/v rows of every rank's tokens; scales switched after
-    the model was sharded reach both."""
-    for rank, result in enumerate(run_on_ranks(config, sharded_unfused_lora_flux, 1)):
+    share of the modulation (with FP8 weights, to its FP8 rows), and (Ulysses-2, bf16 weights) of its heads' q/k/v
+    rows of every rank's tokens; scales switched after the model was sharded reach both."""
+    travels = config.ring_degree is None and not fp8  # (FP8 projections run in the model: q, k and v travel)
+    # FP8: a rounding difference of 1e-7 in a modulation row (its sum over fewer rows) can move an activation
+    # across an FP8 step, 1/16 of its size: 5e-4 of the output here (the modulation updates left out: 0.25-0.4 of it)
+    tolerance = 5e-3 if fp8 else 1e-5
+    for rank, result in enumerate(run_on_ranks(config, sharded_unfused_lora_flux, 1, fp8)):
         assert result["lora_pieces"] > 0, f"rank {rank} computed no modulation rows with adapters"
-        assert max(result["sharded"]) <= 1e-5 * result["scale"], f"rank {rank}: {result}"
+        assert max(result["sharded"]) <= tolerance * result["scale"], f"rank {rank}: {result}"
         assert min(result["moved"][:-1]) > 0.05 * result["scale"], f"rank {rank}: the adapters barely move it"
-        assert result["inputs_travelled"] == (config.ring_degree is None), f"rank {rank}: {result}"
+        assert result["inputs_travelled"] == travels, f"rank {rank}: {result}"

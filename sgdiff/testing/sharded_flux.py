@@ -65,12 +65,13 @@ def sharded_fp8_flux(groups: ParallelGroups, batch: int) -> dict:
 LORA_SCALES = ([1.0, 0.0], [0.5, -1.5], [0.0, 0.0])
 
 
-def sharded_unfused_lora_flux(groups: ParallelGroups, batch: int) -> dict:
+def sharded_unfused_lora_flux(groups: ParallelGroups, batch: int, fp8: bool = False) -> dict:
     """The tiny FLUX with two unfused LoRA adapters (one on the attention and modulation Linears, one on the
     modulation and MLPs), run whole at each of LORA_SCALES, then sequence-parallel with the scales switched
-    as a server switches them. Returns, per scales: the largest difference of the sharded output from the
-    whole one and from the base model's; the output's size; and how many modulation Linears with adapters
-    this rank computed rows of, and whether the inputs travelled (parallel/input_exchange.py)."""
+    as a server switches them; `fp8`: with FP8 weights, made after the adapters as the engine makes them (the
+    FP8 math emulated). Returns, per scales: the largest difference of the sharded output from the whole one
+    and from the base model's; the output's size; and how many modulation Linears with adapters this rank
+    computed rows of, and whether the inputs travelled (parallel/input_exchange.py)."""
     from sgdiff.families.flux import FAMILY as FLUX
     from sgdiff.lora import apply_loras, read_lora
     from sgdiff.models.attention import use_attention_impl
@@ -88,6 +89,10 @@ def sharded_unfused_lora_flux(groups: ParallelGroups, batch: int) -> dict:
         ]
         adapters = [read_lora(str(path)) for path in files]
     handle = apply_loras(model, [(adapters[0], 1.0), (adapters[1], 0.0)], "unfused")
+    if fp8:
+        from sgdiff.speed.fp8 import use_fp8_weights
+
+        use_fp8_weights(model)
     with torch.no_grad():
         whole = []
         for scales in LORA_SCALES:
