@@ -186,29 +186,14 @@ def sharded_flux_modulation(groups: ParallelGroups, batch: int) -> dict:
     Returns the last two outputs' largest difference from the first, the modulation rows this rank
     computed ((Linear's index, first row, end row) each), every modulation Linear's rows, and how
     often the original modulation Linears ran under sequence parallelism."""
-    from dataclasses import replace
-
-    from sgdiff.bench.parts import TINY_FLUX
     from sgdiff.families.flux import FAMILY as FLUX
     from sgdiff.models.attention import use_attention_impl
-    from sgdiff.models.flux import FluxTransformer
-    from sgdiff.models.flux.packing import image_position_ids, text_position_ids
     from sgdiff.models.layers import AdaModulation
     from sgdiff.parallel.modulation import ShardedModulation
     from sgdiff.parallel.plans import apply_sequence_parallel
+    from sgdiff.testing.sharded_flux import tiny_flux
 
-    torch.manual_seed(0)
-    config = replace(TINY_FLUX, guidance_embeds=True)
-    model = FluxTransformer(config).eval()
-    inputs = dict(
-        hidden_states=torch.randn(batch, 15, config.in_channels),
-        encoder_hidden_states=torch.randn(batch, 5, config.joint_attention_dim),
-        pooled_projections=torch.randn(batch, config.pooled_projection_dim),
-        timestep=torch.tensor([0.7, 0.3][:batch]),
-        guidance=torch.tensor([3.5, 2.0][:batch]),
-        img_ids=image_position_ids(3, 5),
-        txt_ids=text_position_ids(5),
-    )
+    model, inputs = tiny_flux(batch)
     linears = [m.linear for m in model.modules() if isinstance(m, AdaModulation)]
     calls = []
     for linear in linears:
