@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from sgdiff import __version__
+from sgdiff.bytecode import use_bytecode_cache
 from sgdiff.cli import options as opt
 from sgdiff.cli.bench import bench
 from sgdiff.cli.engine_flags import EngineFlags, with_engine_flags
@@ -212,6 +213,7 @@ def main() -> None:
     Ctrl-C or SIGTERM it leaves the same way, once the half-written files are removed and the workers
     stopped: the engine's thread may still be inside one long kernel, and C++'s static destructors would
     abort under it ('terminate called without an active exception', exit 134)."""
+    use_bytecode_cache()  # before anything imports torch
     try:
         app()
     except SystemExit as exit_:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from sgdiff.bytecode import shared_with_children
 from sgdiff.config import EngineConfig
 from sgdiff.engine.dispatch import BatchKey, Dispatcher, never_batched
 from sgdiff.engine.worker import RankSpec, pool_worker
@@ -80,7 +81,7 @@ class WorkerPool:
             for rank in range(self.world)
         ]
         try:
-            with interrupts_deferred():
+            with interrupts_deferred(), shared_with_children():
                 for worker in self.workers:
                     worker.start()
             reading.close()  # rank 0 has its own copy: if it dies, a send fails instead of blocking
