@@ -64,7 +64,7 @@ FUSED_NOISE = 0.02  # fused ms / base ms within 1 +- this: "the same, within noi
 SWITCH_TARGET_S = 0.5
 BF16_TOLERANCE = 2e-2  # two bf16 computations of one output (probes/lora_cuda.py: 1.5e-2 against fp32)
 DIFFERS = 10  # adapter 1's and adapter 2's outputs: at least this many times the bf16 noise measured apart
-FUSED_SWITCHES = 3  # each takes seconds at full size (the base weights to the CPU and back)
+FUSED_SWITCHES = 1  # each takes seconds at full size (the base weights to the CPU and back)
 TOGGLES = ("fused_projections", "fused_gelu", "fused_norms", "torch_compile", "cuda_graph")
 
 
@@ -269,6 +269,7 @@ def measure(setup: Setup, rank: int, folder: Path, result: dict[str, Any]) -> di
 
     # (c) fused against (b) unfused, and the fused switches
     fused1_out, fused_scale_outs, fresh_outs = fused_part(setup, adapters, inputs, unfused_forward, result)
+    one_adapter_part(setup, adapters[0], inputs, unfused_forward, result)
     result["graphs_compiled"] = compiled_graphs(setup.speed)  # (in all: the check above is not vacuous)
     if not setup.speed.torch_compile:
         result["graphs_compiled_while_switching"] = None
@@ -286,6 +287,21 @@ def measure(setup: Setup, rank: int, folder: Path, result: dict[str, Any]) -> di
     result |= ratios(result)
     result["checks"] = checks(result)
     return result
+
+
+def one_adapter_part(
+    setup: Setup, adapter: LoraWeights, inputs: dict, unfused_forward: Callable, result: dict[str, Any]
+) -> None:
+    """(d): adapter 1 alone beside the Linears (a server that offers one adapter; rank R, not 2R), then the
+    speed toggles; timed against (b) once the fused model is gone. Into `result`: "unfused_one" and
+    "unfused_third" (b in those rounds)."""
+    single = setup.build()
+    apply_loras(single, [(adapter, 1.0)], "unfused")
+    setup.speed_up(single)
+    timings = time_forwards(setup, {"unfused_one": setup.forward(single, inputs), "unfused_third": unfused_forward})
+    result |= timings
+    print(f"one adapter unfused {timings['unfused_one']['median_ms']:.2f} ms, two "
+          f"{timings['unfused_third']['median_ms']:.2f} ms", flush=True)  # fmt: skip
 
 
 def fused_part(
@@ -342,7 +358,10 @@ def ratios(result: dict[str, Any]) -> dict[str, Any]:
     fused_vs_unfused = round_ratios(result["fused"], result["unfused_again"])
     chained = [statistics.median(fused_vs_unfused) * statistics.median(unfused),
                min(fused_vs_unfused) * min(unfused), max(fused_vs_unfused) * max(unfused)]  # fmt: skip
+    one_vs_two = round_ratios(result["unfused_one"], result["unfused_third"])
     return {
+        "unfused_one_ratio": statistics.median(one_vs_two) * statistics.median(unfused),
+        "unfused_one_ratio_range": [min(one_vs_two) * min(unfused), max(one_vs_two) * max(unfused)],
         "unfused_ratio": statistics.median(unfused),
         "unfused_ratio_range": [min(unfused), max(unfused)],
         "fused_vs_unfused": statistics.median(fused_vs_unfused),
@@ -358,6 +377,7 @@ def checks(result: dict[str, Any]) -> dict[str, bool]:
     compiled = result["graphs_compiled_while_switching"]
     return {
         "target_unfused": result["unfused_ratio"] <= UNFUSED_TARGET,
+        "target_unfused_one": result["unfused_one_ratio"] <= UNFUSED_TARGET,
         "target_fused": abs(result["fused_ratio"] - 1) <= FUSED_NOISE,
         "target_switch": result["switch_set_scales_s"] <= SWITCH_TARGET_S,
         "check_adapters_differ": err["adapter2_vs_adapter1"] >= DIFFERS * noise,
@@ -387,6 +407,7 @@ def render(result: dict[str, Any]) -> str:
     err, compiled = result["rel_err"], result["graphs_compiled_while_switching"]
     peak = f", peak {result['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in result else ""
     fused_runs = len(result["switch_fused_all_s"]["set_scales"])
+    one_vs_two = result["unfused_one"]["median_ms"] / result["unfused_third"]["median_ms"]
     lines = [
         f"FLUX.1-dev transformer{' (TINY)' if result['tiny'] else ''}, two rank-{result['rank']} adapters over "
         f"{result['linears']} Linears (unfused: both beside each, {result['unfused_adapter_mib']:.0f} MiB); speed "
@@ -395,11 +416,15 @@ def render(result: dict[str, Any]) -> str:
         f"{'base forward, ms':32} {ms('base')}",
         f"{'unfused forward (1 of 2 on), ms':32} {ms('unfused')} {ratio('unfused_ratio'):>24}  "
         f"<= {UNFUSED_TARGET}x: {met('target_unfused')}",
+        f"{'unfused forward (1 adapter), ms':32} {ms('unfused_one')} {ratio('unfused_one_ratio'):>24}  "
+        f"<= {UNFUSED_TARGET}x: {met('target_unfused_one')}",
         f"{'fused forward (1 adapter), ms':32} {ms('fused')} {ratio('fused_ratio'):>24}  "
         f"1 +- {FUSED_NOISE}: {met('target_fused')}",
         f"  fused vs base: fused / unfused {result['fused_vs_unfused']:.3f}x (unfused "
         f"{result['unfused_again']['median_ms']:.2f} ms in those rounds) times unfused / base "
         f"{result['unfused_ratio']:.3f}x (the base freed before)",
+        f"  1 adapter unfused vs base: 1 / 2 unfused {one_vs_two:.3f}x (2 unfused "
+        f"{result['unfused_third']['median_ms']:.2f} ms in those rounds) times 2 unfused / base",
         f"  first forward (compile, capture), s: base {result['base']['first_forward_s']:.2f}, unfused "
         f"{result['unfused']['first_forward_s']:.2f}, fused {result['fused']['first_forward_s']:.2f}",
         f"{'read_lora of one adapter, s':32} {result['read_lora_s']:10.3f}   {result['adapter_mb']:.1f} MB file "

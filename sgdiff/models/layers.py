@@ -34,7 +34,7 @@ class Linear(nn.Linear):
             out = fp8_linear(x, self.weight, self.weight_scale, self.bias)
         else:
             out = nn.functional.linear(x, self.weight, self.bias)
-        return out if self.lora is None else out + self.lora(x)
+        return out if self.lora is None else self.lora.add_to(out, x)
 
     def to_fp8(self) -> None:
         """Store the weight as float8 e4m3 with a float32 scale per output channel (models/fp8.py), in
@@ -226,10 +226,26 @@ def project(x: torch.Tensor, *linears: Linear) -> tuple[torch.Tensor, ...]:
     fused = linears[0].fused
     if fused is not None and len(fused.sizes) == len(linears):
         outs = fused(x)
+        adapted = [linear.lora for linear in linears if linear.lora is not None]
+        if not adapted:
+            return outs
+        hiddens = iter(shared_hidden(x, adapted))
         return tuple(
-            out if linear.lora is None else out + linear.lora(x) for out, linear in zip(outs, linears, strict=True)
+            out if linear.lora is None else linear.lora.add_to(out, x, next(hiddens))
+            for out, linear in zip(outs, linears, strict=True)
         )
     return tuple(linear(x) for linear in linears)
+
+
+def shared_hidden(x: torch.Tensor, loras: list[LowRank]) -> list[torch.Tensor]:
+    """Each LowRank's hidden(x), from one GEMM over their stacked down projections (x read once for the
+    whole group, not once per Linear): x [.., in] -> [.., R_i] each, column slices of one [.., sum R]."""
+    if len(loras) == 1:
+        return [loras[0].hidden(x)]
+    down = torch.cat([lora.down for lora in loras])  # [sum R, in]
+    scale = torch.cat([lora.scale for lora in loras])  # [sum R]
+    hidden = nn.functional.linear(x, down) * scale  # [.., sum R]
+    return list(hidden.split([lora.down.shape[0] for lora in loras], dim=-1))
 
 
 def linear_over_concat(linear: nn.Linear, parts: list[torch.Tensor], split: bool) -> torch.Tensor:
@@ -244,5 +260,6 @@ def linear_over_concat(linear: nn.Linear, parts: list[torch.Tensor], split: bool
         out = torch.addmm(linear.bias, flat, weight.t()) if out is None else out.addmm_(flat, weight.t())
         start += width
     if isinstance(linear, Linear) and linear.lora is not None:
-        out += linear.lora.over_concat([part.reshape(-1, part.shape[-1]) for part in parts])  # type: ignore[operator]  # [B*S, out]
+        flat_parts = [part.reshape(-1, part.shape[-1]) for part in parts]  # [B*S, w] each
+        out = linear.lora.add_to(out, flat_parts[0], linear.lora.hidden_over_concat(flat_parts))  # type: ignore[arg-type]  # [B*S, out]
     return out.view(*parts[0].shape[:-1], out.shape[-1])  # type: ignore[union-attr]  # (parts is never empty)

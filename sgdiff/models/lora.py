@@ -31,19 +31,37 @@ class LowRank(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [.., in] -> the adapters' sum [.., out], in x's dtype."""
-        return nn.functional.linear(nn.functional.linear(x, self.down) * self.scale, self.up)
+        return nn.functional.linear(self.hidden(x), self.up)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """x [.., in] -> the scaled down projection [.., R]."""
+        return nn.functional.linear(x, self.down) * self.scale
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """out += forward(x), in place, and out: one GEMM reads `out` and writes the sum (cuBLAS's beta = 1),
+        where `out + forward(x)` writes the update, reads it back with `out` and writes a third tensor. `out`
+        [.., out] may be a column slice of a wider output (a fused projection's share). `hidden`: hidden(x),
+        when the caller has it already. Under torch.compile the sum stays out of place: inductor folds the
+        addition into the kernels that read `out`."""
+        if hidden is None:
+            hidden = self.hidden(x)
+        if torch.compiler.is_compiling():
+            return out + nn.functional.linear(hidden, self.up)
+        flat = out.view(-1, out.shape[-1])  # [.., out] -> [M, out], a view: the sum lands in `out`
+        flat.addmm_(hidden.reshape(-1, hidden.shape[-1]), self.up.t())  # [M, R] @ [R, out]
+        return out
 
     def rows(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         """forward(x)[..., rows] from those rows of B alone: x [.., in] -> [.., rows] (sequence parallelism's
         share of a Linear's outputs: parallel/modulation.py, parallel/input_exchange.py)."""
-        return nn.functional.linear(nn.functional.linear(x, self.down) * self.scale, self.up[rows])
+        return nn.functional.linear(self.hidden(x), self.up[rows])
 
-    def over_concat(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """forward(cat(parts, -1)) without the concatenated copy: each part [.., w] meets its w columns of A."""
+    def hidden_over_concat(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """hidden(cat(parts, -1)) without the concatenated copy: each part [.., w] meets its w columns of A."""
         hidden, start = None, 0
         for part in parts:
             width = part.shape[-1]
             term = nn.functional.linear(part, self.down[:, start : start + width])  # [.., R]
             hidden = term if hidden is None else hidden + term
             start += width
-        return nn.functional.linear(hidden * self.scale, self.up)  # type: ignore[operator]  # (parts is never empty)
+        return hidden * self.scale  # type: ignore[operator]  # (parts is never empty)
