@@ -64,7 +64,7 @@ FUSED_NOISE = 0.02  # fused ms / base ms within 1 +- this: "the same, within noi
 SWITCH_TARGET_S = 0.5
 BF16_TOLERANCE = 2e-2  # two bf16 computations of one output (probes/lora_cuda.py: 1.5e-2 against fp32)
 DIFFERS = 10  # adapter 1's and adapter 2's outputs: at least this many times the bf16 noise measured apart
-FUSED_SWITCHES = 1  # each takes seconds at full size (the base weights to the CPU and back)
+FUSED_SWITCHES = 2  # each takes seconds at full size (the base weights to the CPU and back); 2: both adapters
 TOGGLES = ("fused_projections", "fused_gelu", "fused_norms", "torch_compile", "cuda_graph")
 
 

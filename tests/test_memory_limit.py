@@ -46,15 +46,26 @@ def test_generate_refuses_a_cap_it_cannot_apply_in_one_line(tmp_path, value, mes
     assert not out.exists()
 
 
-def test_the_cap_is_the_limit_as_a_share_of_the_gpu(monkeypatch):
-    """torch caps a process by a fraction of the device's memory: limit / total; a cap above the card's
-    memory is refused."""
-    calls = []
+def fraction_set(calls: list):
+    """torch.cuda.set_per_process_memory_fraction's stand-in: its own check of the device (an index, or a
+    device that names one: a bare "cuda" is refused, as on a GPU), then the call recorded."""
+
+    def set_fraction(fraction, device):
+        calls.append((fraction, torch.cuda._utils._get_device_index(device)))
+
+    return set_fraction
+
+
+@pytest.mark.parametrize("gpu, index", [(torch.device("cuda"), 0), (torch.device("cuda", 1), 1)])
+def test_the_cap_is_the_limit_as_a_share_of_the_gpu(monkeypatch, gpu, index):
+    """torch caps a process by a fraction of the device's memory: limit / total, on the GPU the run uses (a
+    bare "cuda": the current one); a cap above the card's memory is refused."""
+    calls: list = []
     total = 80 * 2**30
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": total}))
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
-    gpu = torch.device("cuda", 0)
-    assert cap_gpu_memory(gpu, 24 * 2**30) == 24 * 2**30 and calls == [(0.3, gpu)]
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", fraction_set(calls))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert cap_gpu_memory(gpu, 24 * 2**30) == 24 * 2**30 and calls == [(0.3, index)]
     assert cap_gpu_memory(gpu, None) is None and len(calls) == 1
     with pytest.raises(UserError, match=r"gpu_memory_limit 96.0 GiB is more than the GPU's 80.0 GiB"):
         cap_gpu_memory(gpu, 96 * 2**30)

@@ -130,5 +130,6 @@ def cap_gpu_memory(device: torch.device, limit: int | None) -> int | None:
         raise UserError(
             f"`gpu_memory_limit` {size(limit)} is more than the GPU's {size(total)}", field="gpu_memory_limit"
         )
-    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    index = device.index if device.index is not None else torch.cuda.current_device()  # ("cuda": the current one)
+    torch.cuda.set_per_process_memory_fraction(limit / total, index)
     return limit
