@@ -141,6 +141,9 @@ class OffloadConfig:
     cpu_offload: str = "none"  # one of OFFLOAD_MODES
     text_encoder_offload: bool = False  # the text encoders leave the GPU once the prompt is encoded
     offload_prefetch: int = 1  # layers: blocks copied ahead of the one that runs
+    # layers: blocks that stay on the device while a stage runs them (offload/resident.py): a count, or "auto"
+    # (as many as fit beside a forward's memory)
+    offload_resident_blocks: int | str = 0
 
     def __post_init__(self):
         if self.cpu_offload not in OFFLOAD_MODES:
@@ -150,6 +153,16 @@ class OffloadConfig:
         depth = self.offload_prefetch
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise UserError(f"`offload_prefetch` must be an integer >= 0, got {depth!r}", field="offload_prefetch")
+        kept = self.offload_resident_blocks
+        if kept != "auto" and (isinstance(kept, bool) or not isinstance(kept, int) or kept < 0):
+            raise UserError(f"`offload_resident_blocks` must be auto or an integer >= 0, got {kept!r}",
+                            field="offload_resident_blocks")  # fmt: skip
+
+    @property
+    def resident_count(self) -> int | None:
+        """The blocks `layers` keeps on the device: a count, or None for auto."""
+        kept = self.offload_resident_blocks
+        return None if kept == "auto" else int(kept)
 
     @property
     def offloads(self) -> bool:

@@ -20,14 +20,14 @@ from sgdiff.cli.errors import flag
 from sgdiff.cli.options import CpuOffloadChoice
 from sgdiff.config import OFFLOAD_MODES, OffloadConfig, ParallelConfig, RuntimeConfig, SpeedConfig
 from sgdiff.engine import memory, service
-from sgdiff.engine.runner import GenerationResult, ModelRunner
+from sgdiff.engine.runner import ModelRunner
 from sgdiff.engine.service import Engine
 from sgdiff.errors import UserError
 from sgdiff.offload.apply import check_offload
 from sgdiff.offload.memory import split_blocks, weight_placement
 from sgdiff.speed.compile import compile_blocks
 from sgdiff.testing.distributed import run_on_ranks
-from sgdiff.testing.offload import offloaded_parallel_latents, where
+from sgdiff.testing.offload import FLUX, WAN, assert_same, generate, load, offloaded_parallel_latents, where
 
 MODES = {
     "components": OffloadConfig("components"),
@@ -36,25 +36,6 @@ MODES = {
     "layers-prefetch-0": OffloadConfig("layers", offload_prefetch=0),
     "text-encoders": OffloadConfig(text_encoder_offload=True),
 }
-FLUX = dict(height=32, width=32, num_inference_steps=2)
-WAN = dict(height=32, width=32, num_frames=5, num_inference_steps=3, negative_prompt="blurry", guidance_scale=3.0)
-
-
-def load(model: Path, offload: OffloadConfig = OffloadConfig(), speed: SpeedConfig = SpeedConfig()) -> ModelRunner:
-    runner = ModelRunner(str(model), runtime=RuntimeConfig(device="cpu", dtype="fp32", speed=speed, offload=offload))
-    runner.load()
-    return runner
-
-
-def generate(runner: ModelRunner, **request) -> GenerationResult:
-    return runner.generate(runner.sampling_params("a red cube", **request))
-
-
-def assert_same(result: GenerationResult, reference: GenerationResult) -> None:
-    assert result.latents is not None and reference.latents is not None
-    assert torch.equal(result.latents, reference.latents)
-    for ours, theirs in ((result.images, reference.images), (result.videos, reference.videos)):
-        assert (ours is None) == (theirs is None) and (ours is None or np.array_equal(ours, theirs))
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +324,7 @@ def test_the_flags_reach_the_runtime_config(monkeypatch):
         }
         for name in ("generate", "serve")
     ]
-    assert memory_flags[0] == memory_flags[1] and len(memory_flags[0]) == 4  # (and --gpu-memory-limit)
+    assert memory_flags[0] == memory_flags[1] and len(memory_flags[0]) == 5  # (and --gpu-memory-limit)
 
 
 @pytest.mark.slow

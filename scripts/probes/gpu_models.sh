@@ -19,7 +19,8 @@
 #   lora         scripts/probes/lora_cuda.py: adapters in bf16 with every toggle, compile, CUDA graphs, FP8 (issue 32)
 #   lora_speed   scripts/bench_lora.py at full size, defaults then every toggle: base vs fused vs unfused per forward,
 #                switching time (issue 32: fused = base, unfused <= 5%, switch <= 0.5 s)
-#   flux_offload FLUX.1-dev shell -> PNG with --cpu-offload layers under a 12 GiB cap (issue 30: step <= 1.5x uncapped)
+#   flux_offload FLUX.1-dev shell -> PNG with --cpu-offload layers under a 12 GiB cap, every block streamed, then
+#                --offload-resident-blocks auto (issue 30: step <= 1.5x uncapped)
 #   qwen_profile scripts/probes/profile_forward.py: Qwen-Image 1328x1328's forward by kernel kind, defaults and all toggles
 #   startup      `import torch` without bytecode, then through sgdiff's bytecode cache (sgdiff/bytecode.py) twice
 #   flux_e2e     FLUX.1-dev shell -> PNG (`bench --e2e`, checkpoint in FLUX_DIR), defaults, then with compile
@@ -82,9 +83,11 @@ for step in $STEPS; do
              for i in 1 2; do /usr/bin/time -f "import torch._inductor, sgdiff's bytecode cache (run $i): %e s" \
                python -c 'from sgdiff.bytecode import use_bytecode_cache; use_bytecode_cache(); import torch._inductor.compile_fx'; done
              du -sh ~/.cache/sgdiff/bytecode ;;
-    flux_offload) eval timeout "$(left)" $S --model flux.1-dev --e2e --checkpoint-dir "$FLUX_DIR" --warmup 0 --repeat 1 \
-                    --cpu-offload layers --gpu-memory-limit 12GiB --json "$OUT/e2e-flux-offload.json" 2>&1 \
-                    | tee "$OUT/log-flux-offload.txt" | tail -n 14 ;;
+    flux_offload) for kept in 0 auto; do
+                    eval timeout "$(left)" $S --model flux.1-dev --e2e --checkpoint-dir "$FLUX_DIR" --warmup 0 --repeat 1 \
+                      --cpu-offload layers --offload-resident-blocks $kept --gpu-memory-limit 12GiB \
+                      --json "$OUT/e2e-flux-offload-$kept.json" 2>&1 | tee "$OUT/log-flux-offload-$kept.txt" | tail -n 14
+                  done ;;
     qwen_profile) for all in "" "--all"; do
                     timeout "$(left)" python scripts/probes/profile_forward.py --model qwen-image --height 1328 --width 1328 \
                       $all 2>&1 | tee -a "$OUT/qwen-profile.txt" | tail -n 34

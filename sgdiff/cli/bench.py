@@ -58,6 +58,7 @@ def bench(
     vae_tiling: opt.VaeTiling = False,
     cpu_offload: opt.CpuOffload = opt.CpuOffloadChoice.none,
     offload_prefetch: opt.OffloadPrefetch = 1,
+    offload_resident_blocks: opt.OffloadResidentBlocks = "0",
     gpu_memory_limit: opt.GpuMemoryLimit = None,
     e2e: Annotated[
         bool,
@@ -108,7 +109,8 @@ def bench(
                                  enable_torch_compile, enable_cuda_graph, dit_precision, cache, cache_threshold,
                                  cache_warmup_steps, cache_interval)  # fmt: skip
         if quality:
-            memory = memory_flags(vae_tiling, cpu_offload.value, offload_prefetch, gpu_memory_limit)
+            memory = memory_flags(vae_tiling, cpu_offload.value, offload_prefetch, offload_resident_blocks,
+                                  gpu_memory_limit)  # fmt: skip
             given = {
                 "--model": model is not None,
                 "--e2e": e2e,
@@ -132,7 +134,8 @@ def bench(
             raise UserError(f"--model names the model to bench: one of {', '.join(BENCH_MODEL_NAMES)}")
         if e2e and (height is not None or width is not None):
             raise UserError("--height and --width size the per-forward bench; --e2e runs the model's preset size")
-        memory = memory_flags(vae_tiling, cpu_offload.value, offload_prefetch, gpu_memory_limit)
+        memory = memory_flags(vae_tiling, cpu_offload.value, offload_prefetch, offload_resident_blocks,
+                              gpu_memory_limit)  # fmt: skip
         if e2e:
             from sgdiff.bench.end_to_end import render_end_to_end, run_end_to_end
 
@@ -171,12 +174,15 @@ def quality_rows(speed, warmup: int | None, prompts: int | None) -> list[dict]:
     return run_quality(modes, prompts, warmup=1 if warmup is None else warmup, spell=flag)
 
 
-def memory_flags(vae_tiling: bool, cpu_offload: str, offload_prefetch: int, gpu_memory_limit: str | None) -> list[str]:
+def memory_flags(
+    vae_tiling: bool, cpu_offload: str, offload_prefetch: int, resident_blocks: str, gpu_memory_limit: str | None
+) -> list[str]:
     """The memory options given, as `sgdiff generate` flags (what --e2e runs sgdiff with; diffusers' side runs
     as its script always does, on the whole GPU)."""
     flags = ["--vae-tiling"] if vae_tiling else []
     flags += ["--cpu-offload", cpu_offload] if cpu_offload != "none" else []
     flags += ["--offload-prefetch", str(offload_prefetch)] if offload_prefetch != 1 else []
+    flags += ["--offload-resident-blocks", resident_blocks] if resident_blocks.strip() != "0" else []
     return flags + (["--gpu-memory-limit", gpu_memory_limit] if gpu_memory_limit is not None else [])
 
 

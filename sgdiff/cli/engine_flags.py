@@ -35,6 +35,7 @@ ENGINE_OPTIONS = (
     ("cpu_offload", opt.CpuOffload, opt.CpuOffloadChoice.none),
     ("text_encoder_offload", opt.TextEncoderOffload, False),
     ("offload_prefetch", opt.OffloadPrefetch, 1),
+    ("offload_resident_blocks", opt.OffloadResidentBlocks, "0"),
     ("gpu_memory_limit", opt.GpuMemoryLimit, None),
     ("lora_path", opt.LoraPath, None),
     ("lora_scale", opt.LoraScale, None),
@@ -67,6 +68,7 @@ class EngineFlags:
     cpu_offload: opt.CpuOffloadChoice = opt.CpuOffloadChoice.none
     text_encoder_offload: bool = False
     offload_prefetch: int = 1
+    offload_resident_blocks: str = "0"  # auto or a count, as typed
     gpu_memory_limit: str | None = None  # a size as typed (24GiB)
     lora_path: list[str] | None = None  # PATH_OR_REPO[:SCALE], as typed
     lora_scale: float | None = None  # None: 1.0
@@ -89,7 +91,8 @@ class EngineFlags:
             self.cache_warmup_steps,
             self.cache_interval,
         )
-        offload = OffloadConfig(self.cpu_offload.value, self.text_encoder_offload, self.offload_prefetch)
+        offload = OffloadConfig(self.cpu_offload.value, self.text_encoder_offload, self.offload_prefetch,
+                                opt.resident_blocks(self.offload_resident_blocks))  # fmt: skip
         limit = None if self.gpu_memory_limit is None else parse_size(self.gpu_memory_limit, "gpu_memory_limit")
         return RuntimeConfig(
             device=self.device,

@@ -426,6 +426,25 @@ OffloadPrefetch = Annotated[
         rich_help_panel=MEMORY,
     ),
 ]
+OffloadResidentBlocks = Annotated[
+    str,
+    typer.Option(
+        "--offload-resident-blocks",
+        metavar="auto|N",
+        help="With --cpu-offload layers: how many of the streamed blocks stay on the GPU while the denoising "
+        "runs (spread evenly; only the rest are copied at every step). auto: after the first step, as many as "
+        "fit beside its memory under --gpu-memory-limit or the GPU's free memory. Default: 0 (every block "
+        "streams).",
+        rich_help_panel=MEMORY,
+    ),
+]
+
+
+def resident_blocks(text: str) -> int | str:
+    """--offload-resident-blocks as OffloadConfig takes it: "auto", a count, or the text as given (which the
+    config refuses in one line)."""
+    text = text.strip()
+    return int(text) if text.isdigit() else text
 
 
 LORA = "LoRA"

@@ -197,7 +197,8 @@ class ModelRunner:
         apply_speed(pipeline, self.speed, self.attention, self.family)
         if self.vae_tiling:
             apply_vae_tiling(pipeline)
-        self.offloaded = apply_offload(pipeline, self.offload, self.device, self.family.text_encoders)
+        self.offloaded = apply_offload(pipeline, self.offload, self.device, self.family.text_encoders,
+                                       self.gpu_memory_limit)  # fmt: skip
         self.pipeline = pipeline
         self.load_seconds = time.perf_counter() - start
 

@@ -138,6 +138,7 @@ class Engine:
         cpu_offload: str = "none",
         text_encoder_offload: bool = False,
         offload_prefetch: int = 1,
+        offload_resident_blocks: int | str = 0,
         gpu_memory_limit: int | None = None,
         loras: Sequence[tuple[str, float]] = (),
         lora_mode: str = "auto",
@@ -145,14 +146,15 @@ class Engine:
     ) -> Engine:
         """Load `model` and return the engine, ready. `max_batch_size`, `batching_delay_ms`: BatchingConfig
         (1: every request runs alone). `vae_tiling`, `gpu_memory_limit` (bytes each process may allocate on its
-        GPU): RuntimeConfig's. `cpu_offload`, `text_encoder_offload`, `offload_prefetch`: OffloadConfig's.
+        GPU): RuntimeConfig's. `cpu_offload`, `text_encoder_offload`, `offload_prefetch`,
+        `offload_resident_blocks`: OffloadConfig's.
         `loras` ((a .safetensors file, folder or Hub repo id, scale), ...), `lora_mode`: LoraConfig's.
         `speed`: SpeedConfig's toggles by name (attention_backend="auto", fused_projections, fused_gelu,
         fused_norms, torch_compile, cuda_graph, dit_precision="default")."""
         unknown = sorted(set(speed) - set(SPEED_OPTIONS))
         if unknown:
             raise UserError(f"unknown engine option(s) {unknown}; the speed options are {SPEED_OPTIONS}")
-        offload = OffloadConfig(cpu_offload, text_encoder_offload, offload_prefetch)
+        offload = OffloadConfig(cpu_offload, text_encoder_offload, offload_prefetch, offload_resident_blocks)
         lora = LoraConfig(tuple((source, scale) for source, scale in loras), lora_mode)
         runtime = RuntimeConfig(device, dtype, SpeedConfig(**speed), vae_tiling, offload, gpu_memory_limit, lora)
         parallel = ParallelConfig(num_gpus, ulysses_degree, ring_degree, enable_cfg_parallel)

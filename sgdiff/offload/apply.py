@@ -18,6 +18,7 @@ from torch import nn
 from sgdiff.config import OffloadConfig, ParallelConfig, SpeedConfig
 from sgdiff.errors import UserError
 from sgdiff.offload.on_demand import OnDemand
+from sgdiff.offload.resident import ResidentBlocks
 from sgdiff.offload.streaming import BlockStreamer
 from sgdiff.offload.weights import module_tensors
 from sgdiff.pipeline.base import ComposedPipeline
@@ -42,6 +43,12 @@ def check_offload(offload: OffloadConfig, speed: SpeedConfig) -> None:
         raise UserError(
             "`offload_prefetch` is how many blocks `cpu_offload` layers copies ahead: give `cpu_offload` layers too",
             field="offload_prefetch",
+        )
+    if offload.offload_resident_blocks != OffloadConfig.offload_resident_blocks and mode != "layers":
+        raise UserError(
+            "`offload_resident_blocks` is how many of the blocks `cpu_offload` layers streams stay on the GPU: "
+            "give `cpu_offload` layers too",
+            field="offload_resident_blocks",
         )
 
 
@@ -96,16 +103,23 @@ class Offloaded:
                 "offload_prefetch": self.config.offload_prefetch,
                 "blocks_copied": self.streamer.copies,
                 "blocks_not_prefetched": self.streamer.waits,
-                "block_ring_bytes": self.streamer.resident_bytes(),
+                "block_ring_bytes": self.streamer.ring.nbytes,
+                "offload_resident_blocks": self.config.offload_resident_blocks,
+                "blocks_kept": self.streamer.kept,
             }
         return report
 
 
 def apply_offload(
-    pipeline: ComposedPipeline, offload: OffloadConfig, device: torch.device, text_encoders: frozenset[str]
+    pipeline: ComposedPipeline,
+    offload: OffloadConfig,
+    device: torch.device,
+    text_encoders: frozenset[str],
+    gpu_memory_limit: int | None = None,
 ) -> Offloaded | None:
     """Give the offloaded parts of a loaded (and placed, and sped up) pipeline their CPU homes and hooks;
-    `text_encoders`: the family's names of its text encoders. None where nothing is offloaded."""
+    `text_encoders`: the family's names of its text encoders; `gpu_memory_limit`: the process's cap (bytes),
+    what `auto` resident blocks fill up to. None where nothing is offloaded."""
     if not offload.offloads:
         return None
     pinned = device.type == "cuda"  # page-locked homes: fast, asynchronous copies to the GPU
@@ -123,7 +137,10 @@ def apply_offload(
     if offload.cpu_offload == "layers":
         blocks = [distinct(repeated_blocks(model)) for model in pipeline.transformers]  # (a block twice: once)
         if any(blocks):
-            streamer = BlockStreamer([b for b in blocks if b], device, offload.offload_prefetch, pinned)
+            count = offload.resident_count
+            keep = ResidentBlocks(count, gpu_memory_limit) if count is None or count > 0 else None
+            streamer = BlockStreamer([b for b in blocks if b], device, offload.offload_prefetch, pinned, keep)
+            pipeline.after_stage.append(streamer.release)
     pipeline.after_stage.append(on_demand.stage_finished)
     return Offloaded(offload, on_demand, streamer)
 

@@ -20,12 +20,21 @@ from functools import partial
 import torch
 from torch import nn
 
+from sgdiff.offload.resident import ResidentBlocks
 from sgdiff.offload.weights import Ring, Slot, WeightUnit
 
 
 class BlockStreamer:
-    def __init__(self, models: list[list[nn.Module]], device: torch.device, prefetch: int, pinned: bool):
-        """`models`: each transformer's repeated blocks, in the order its forward runs them."""
+    def __init__(
+        self,
+        models: list[list[nn.Module]],
+        device: torch.device,
+        prefetch: int,
+        pinned: bool,
+        keep: ResidentBlocks | None = None,
+    ):
+        """`models`: each transformer's repeated blocks, in the order its forward runs them. `keep`: which
+        blocks stay on the device while a stage runs them (None: none, every block streams)."""
         blocks = [block for blocks in models for block in blocks]
         self.units = [WeightUnit(block, device, pinned) for block in blocks]
         self.next_of: list[int] = []
@@ -39,11 +48,18 @@ class BlockStreamer:
         self.waits = 0  # of those, copied only when they were about to run (not prefetched)
         self.running: int | None = None
         self.last: int | None = None  # the block that ran last
+        self.keep = keep
+        self.resident: dict[int, Slot] = {}  # blocks kept on the device until the stage ends: index -> own slot
+        self.ran: list[int] = []  # the blocks entered in this stage, in order, until the keeping is decided
+        self.decided = False  # which blocks stay, for the stage that runs
+        self.kept = 0  # how many blocks the last decision kept (the perf dump's)
         for index, block in enumerate(blocks):
             block.register_forward_pre_hook(partial(self.enter, index))
             block.register_forward_hook(partial(self.leave, index), always_call=True)
 
     def enter(self, index: int, module: nn.Module, args: tuple) -> None:
+        if self.keep is not None:
+            self.keep_resident(index)
         if self.last is not None:
             self.next_of[self.last] = index  # learnt: `index` follows the block that ran last
         unit = self.units[index]
@@ -53,15 +69,21 @@ class BlockStreamer:
         if self.copy_stream is not None and unit.copied is not None:
             torch.cuda.current_stream(self.device).wait_event(unit.copied)
         self.running = index
-        ahead = index
-        for _ in range(self.prefetch):
+        ahead, fetched = index, 0
+        for _ in range(len(self.units) - 1):  # the next `prefetch` blocks that stream (resident ones are there)
             ahead = self.next_of[ahead]
-            if ahead == index:
+            if ahead == index or fetched == self.prefetch:
                 break
+            if ahead in self.resident:
+                continue
+            fetched += 1
             if not self.units[ahead].present:
                 self.fetch(self.units[ahead])
 
     def leave(self, index: int, module: nn.Module, args: tuple, output: object) -> None:
+        if index in self.resident:
+            self.running, self.last = None, index
+            return
         unit = self.units[index]
         if self.copy_stream is not None and unit.slot is not None:
             unit.slot.free = torch.cuda.current_stream(self.device).record_event()
@@ -87,5 +109,40 @@ class BlockStreamer:
         return self.ring.take(keep=self.units[self.running] if self.running is not None else None)
 
     def resident_bytes(self) -> int:
-        """The compute device's memory this streamer holds: the ring."""
-        return self.ring.nbytes
+        """The compute device's memory this streamer holds: the ring (and the blocks kept, while kept)."""
+        return self.ring.nbytes + sum(slot.buffer.numel() for slot in self.resident.values())
+
+    def keep_resident(self, index: int) -> None:
+        """At a block's entry: which blocks stay (resident.py). A count: decided at the stage's first block,
+        among all. `auto`: once a whole forward has run (its first block enters again), among the blocks it
+        ran, as many as the room the device has left beside that forward's memory."""
+        assert self.keep is not None
+        if self.decided:
+            return
+        if not self.ran:
+            self.keep.stage_started(self.device)
+        if self.keep.count is None and (not self.ran or index != self.ran[0]):
+            self.ran.append(index)
+            return
+        candidates = self.ran if self.keep.count is None else list(range(len(self.units)))
+        for kept in self.keep.choose(candidates, [unit.nbytes for unit in self.units], self.device):
+            self.make_resident(kept)
+        self.decided, self.kept = True, len(self.resident)
+
+    def make_resident(self, index: int) -> None:
+        """Copy block `index` into memory of its own on the device, where it stays until release()."""
+        unit = self.units[index]
+        if unit.present:
+            unit.evict()  # (its ring slot's copy, if one is on its way, is not waited for: its memory is not read)
+        with torch.inference_mode(False):
+            slot = Slot(torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device))
+        unit.lend(slot, non_blocking=True)  # (on the compute stream: ordered before the block's kernels)
+        unit.copied = None
+        self.resident[index] = slot
+
+    def release(self, stage: object = None) -> None:
+        """After each stage (pipeline.after_stage): the kept blocks go back to streaming and their memory to the
+        allocator (the VAE's decode, the next stage, may need it); the next stage that runs them decides anew."""
+        for index in self.resident:
+            self.units[index].evict()
+        self.resident, self.ran, self.decided = {}, [], False
