@@ -15,6 +15,8 @@
 # Steps done are kept in /tmp/fa-results and skipped: a third call (no carry) on the still warm machine
 # finishes what call 2 had no time for, and prints the whole table again.
 # The parts were made here: the wheels re-zipped uncompressed, tarred, `xz -9e`, `split -b 26500000 -d`.
+# The wheels must include nvidia-cutlass-dsl-libs-core (1.6 MB): from 4.6 on it holds the DSL's Python
+# (`cutlass/__init__.py`, `cutlass/cute/`), which libs-base and libs-cu12/cu13 lack (../shared/GPU_NOTES.md).
 set -uo pipefail
 export OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/fa-stage /tmp/fa-results

@@ -11,7 +11,11 @@ Which block comes next is learned from the order they run in (at first: each mod
 the last followed by its first, for the next forward): a block that runs unforeseen is copied when it
 runs, never wrongly. The hooks run outside each block's forward, so a block compiled by torch.compile
 (regional compile) stays one graph; a CUDA graph cannot replay copies the host decides between blocks
-(apply.py refuses the pair). On the CPU the same machinery runs, copies and all, without streams."""
+(apply.py refuses the pair). On the CPU the same machinery runs, copies and all, without streams.
+
+Blocks kept resident (`offload_resident_blocks`, resident.py) get memory of their own on the device for
+the rest of the stage, once the keeping is decided at a block's entry; the hooks then leave them there, and
+the prefetch passes over them to the next blocks that stream. release() ends that after the stage."""
 
 from __future__ import annotations
 
