@@ -152,7 +152,7 @@ def engine_flags(command: str) -> dict[str, tuple]:
 def test_serve_takes_every_engine_flag_of_generate():
     flags = engine_flags("generate")
     assert (
-        len(flags) == 25 and engine_flags("serve") == flags
+        len(flags) == 26 and engine_flags("serve") == flags
     )  # (--vae-tiling, --dit-precision, memory, --cache*, --lora*)
 
 
