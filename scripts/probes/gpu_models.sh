@@ -8,7 +8,8 @@
 #   qwen_e2e     `sgdiff bench --model qwen-image --e2e` (1024x1024, 50 steps, true CFG 4; issue 28: <= 11 s),
 #                its checkpoint written once to QWEN_DIR (default /dev/shm/qwen-e2e: the disk is 64 GiB)
 #   hunyuan      `sgdiff bench --model hunyuanvideo` at 1280x720x129 (issue 29: forward <= 0.65x diffusers'),
-#                one warm-up and one timed forward a side (each tens of seconds)
+#                one timed forward a side, no warm-up (each tens of seconds: a first call's overhead is lost in it);
+#                needs a call of its own (run GE's 198 s were not enough)
 #   hunyuan15    `sgdiff bench --model hunyuanvideo-1.5` (480p T2V; issue 29: forward <= 0.7x diffusers')
 #   fp8          FLUX.1-dev forward: every toggle in bf16, then with --dit-precision fp8 (issue 30: >= 1.3x)
 #   offload      scripts/probes/offload_gpu.py: exact bf16 outputs per mode, streaming cost (issue 30)
@@ -55,7 +56,7 @@ for step in $STEPS; do
                  --json "$OUT/qwen-edit.json" 2>&1 | tee "$OUT/log-qwen-edit.txt" | tail -n 16 ;;
     qwen_e2e) eval timeout "$(left)" $S --model qwen-image --e2e --checkpoint-dir "$QWEN_DIR" --warmup 0 --repeat 1 \
                 --json "$OUT/e2e-qwen.json" 2>&1 | tee "$OUT/log-qwen-e2e.txt" | tail -n 8 ;;
-    hunyuan) eval timeout "$(left)" $S --model hunyuanvideo --warmup 1 --repeat 1 \
+    hunyuan) eval timeout "$(left)" $S --model hunyuanvideo --warmup 0 --repeat 1 \
                --json "$OUT/hunyuan.json" 2>&1 | tee "$OUT/log-hunyuan.txt" | tail -n 16 ;;
     hunyuan15) eval timeout "$(left)" $S --model hunyuanvideo-1.5 --warmup 1 --repeat 2 \
                  --json "$OUT/hunyuan15.json" 2>&1 | tee "$OUT/log-hunyuan15.txt" | tail -n 16 ;;
