@@ -117,3 +117,22 @@ def test_the_flag_reaches_the_runtime_config(monkeypatch):
                 "--offload-resident-blocks", value]  # fmt: skip
         assert CliRunner().invoke(cli.app, args).exit_code == 0
     assert [r.runtime.offload.offload_resident_blocks for r in received] == ["auto", 12]
+
+
+def test_auto_room_is_what_the_process_may_hold_beyond_one_forward(monkeypatch):
+    """On CUDA: (the cap, or the free memory plus what this process holds) less the allocator's reserve after a
+    forward, less the margin; the cache emptied when the stage starts, so that the reserve measures it."""
+    gib = 2**30
+    emptied: list[bool] = []
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (60 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    gpu = torch.device("cuda", 0)
+    margin = lambda allowed: 2**29 + 0.05 * allowed  # noqa: E731
+    assert ResidentBlocks(None, None).room(gpu) == int(70 * gib - 10 * gib - margin(70 * gib))
+    assert ResidentBlocks(None, 12 * gib).room(gpu) == int(12 * gib - 10 * gib - margin(12 * gib))
+    assert ResidentBlocks(None, 96 * gib).room(gpu) == int(70 * gib - 10 * gib - margin(70 * gib))
+    assert ResidentBlocks(None, None).room(torch.device("cpu")) == 0
+    ResidentBlocks(None, None).stage_started(gpu)
+    ResidentBlocks(3, None).stage_started(gpu)  # (a count measures nothing)
+    assert emptied == [True]
