@@ -142,8 +142,8 @@ class OffloadConfig:
     text_encoder_offload: bool = False  # the text encoders leave the GPU once the prompt is encoded
     offload_prefetch: int = 1  # layers: blocks copied ahead of the one that runs
     # layers: blocks that stay on the device while a stage runs them (offload/resident.py): a count, or "auto"
-    # (as many as fit beside a forward's memory)
-    offload_resident_blocks: int | str = 0
+    # (as many as fit beside a forward's memory; 0 on a CPU, where nothing streams to save)
+    offload_resident_blocks: int | str = "auto"
 
     def __post_init__(self):
         if self.cpu_offload not in OFFLOAD_MODES:

@@ -23,6 +23,7 @@
 #   flux_offload FLUX.1-dev shell -> PNG with --cpu-offload layers under a 12 GiB cap, every block streamed, then
 #                --offload-resident-blocks auto (issue 30: step <= 1.5x uncapped)
 #   qwen_profile scripts/probes/profile_forward.py: Qwen-Image 1328x1328's forward by kernel kind, defaults and all toggles
+#   wan_profile  the same for Wan2.1-T2V-1.3B 832x480x81 (issue 26: a step must drop from 1.09 to ~0.95 s for <= 55 s)
 #   startup      `import torch` without bytecode, then through sgdiff's bytecode cache (sgdiff/bytecode.py) twice
 #   flux_e2e     FLUX.1-dev shell -> PNG (`bench --e2e`, checkpoint in FLUX_DIR), defaults, then with compile
 #                (its warm-up round fills the graph cache: the timed round is the "second run", issue 26: <= 8.5 s)
@@ -93,6 +94,10 @@ for step in $STEPS; do
                     timeout "$(left)" python scripts/probes/profile_forward.py --model qwen-image --height 1328 --width 1328 \
                       $all 2>&1 | tee -a "$OUT/qwen-profile.txt" | tail -n 34
                   done ;;
+    wan_profile) for all in "" "--all"; do
+                   timeout "$(left)" python scripts/probes/profile_forward.py --model wan2.1-t2v-1.3b \
+                     $all 2>&1 | tee -a "$OUT/wan-profile.txt" | tail -n 34
+                 done ;;
     flux_e2e) for mode in "" "--enable-torch-compile"; do
                 name=$(echo "${mode:-defaults}" | sed 's/--//g; s/ /_/g')
                 eval timeout "$(left)" $S --model flux.1-dev --e2e --checkpoint-dir "$FLUX_DIR" --warmup 1 --repeat 1 $mode \

@@ -58,7 +58,7 @@ def bench(
     vae_tiling: opt.VaeTiling = False,
     cpu_offload: opt.CpuOffload = opt.CpuOffloadChoice.none,
     offload_prefetch: opt.OffloadPrefetch = 1,
-    offload_resident_blocks: opt.OffloadResidentBlocks = "0",
+    offload_resident_blocks: opt.OffloadResidentBlocks = "auto",
     gpu_memory_limit: opt.GpuMemoryLimit = None,
     e2e: Annotated[
         bool,
@@ -182,7 +182,7 @@ def memory_flags(
     flags = ["--vae-tiling"] if vae_tiling else []
     flags += ["--cpu-offload", cpu_offload] if cpu_offload != "none" else []
     flags += ["--offload-prefetch", str(offload_prefetch)] if offload_prefetch != 1 else []
-    flags += ["--offload-resident-blocks", resident_blocks] if resident_blocks.strip() != "0" else []
+    flags += ["--offload-resident-blocks", resident_blocks] if resident_blocks.strip() != "auto" else []
     return flags + (["--gpu-memory-limit", gpu_memory_limit] if gpu_memory_limit is not None else [])
 
 

@@ -35,7 +35,7 @@ ENGINE_OPTIONS = (
     ("cpu_offload", opt.CpuOffload, opt.CpuOffloadChoice.none),
     ("text_encoder_offload", opt.TextEncoderOffload, False),
     ("offload_prefetch", opt.OffloadPrefetch, 1),
-    ("offload_resident_blocks", opt.OffloadResidentBlocks, "0"),
+    ("offload_resident_blocks", opt.OffloadResidentBlocks, "auto"),
     ("gpu_memory_limit", opt.GpuMemoryLimit, None),
     ("lora_path", opt.LoraPath, None),
     ("lora_scale", opt.LoraScale, None),
@@ -68,7 +68,7 @@ class EngineFlags:
     cpu_offload: opt.CpuOffloadChoice = opt.CpuOffloadChoice.none
     text_encoder_offload: bool = False
     offload_prefetch: int = 1
-    offload_resident_blocks: str = "0"  # auto or a count, as typed
+    offload_resident_blocks: str = "auto"  # auto or a count, as typed
     gpu_memory_limit: str | None = None  # a size as typed (24GiB)
     lora_path: list[str] | None = None  # PATH_OR_REPO[:SCALE], as typed
     lora_scale: float | None = None  # None: 1.0

@@ -433,8 +433,8 @@ OffloadResidentBlocks = Annotated[
         metavar="auto|N",
         help="With --cpu-offload layers: how many of the streamed blocks stay on the GPU while the denoising "
         "runs (spread evenly; only the rest are copied at every step). auto: after the first step, as many as "
-        "fit beside its memory under --gpu-memory-limit or the GPU's free memory. Default: 0 (every block "
-        "streams).",
+        "fit beside its memory under --gpu-memory-limit or the GPU's free memory; 0: every block streams. "
+        "Default: auto.",
         rich_help_panel=MEMORY,
     ),
 ]

@@ -138,7 +138,7 @@ class Engine:
         cpu_offload: str = "none",
         text_encoder_offload: bool = False,
         offload_prefetch: int = 1,
-        offload_resident_blocks: int | str = 0,
+        offload_resident_blocks: int | str = "auto",
         gpu_memory_limit: int | None = None,
         loras: Sequence[tuple[str, float]] = (),
         lora_mode: str = "auto",
