@@ -5,7 +5,9 @@ monkeypatched, and the timer is made up."""
 from __future__ import annotations
 
 import importlib.machinery
+import json
 import logging
+import os
 import sys
 import types
 
@@ -13,10 +15,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sgdiff.cache import cache_root
 from sgdiff.errors import UserError
 from sgdiff.models.attention import sdpa_attention
-from sgdiff.speed import auto_attention
+from sgdiff.speed import auto_attention, flash_attention
 from sgdiff.speed.attention_backends import attention_backend
+from sgdiff.speed.attention_picks import PickStore
 from sgdiff.speed.auto_attention import MeasuredAttention, measured_winner
 from sgdiff.speed.compile import CONSTANTS
 from sgdiff.speed.wave_split import wave_split_attention
@@ -241,3 +245,90 @@ def test_auto_measures_with_its_own_random_numbers():
     torch.manual_seed(3)
     timed.call(timed.attention(), 8)
     assert timed.timed > 0 and torch.equal(torch.rand(4), expected)
+
+
+def stored(timed: Timed, path, software: str = "H100 | torch x | cudnn y | flash-attn-4 z") -> MeasuredAttention:
+    """A chooser over timed's kernels whose picks are kept in `path`, as auto's are on a GPU."""
+    store = PickStore(path, lambda: software)
+    return MeasuredAttention({"cudnn": timed.kernel("cudnn"), "fa4": timed.kernel("fa4")}, timer=timed.timer,
+                             store=store)  # fmt: skip
+
+
+def test_auto_keeps_its_picks_on_disk_for_the_next_process(tmp_path):
+    """A second chooser (a later process) takes the first one's picks without timing; where cuDNN won it never
+    calls FlashAttention (whose import and compile cost seconds); other software measures again."""
+    path = tmp_path / "picks.json"
+    timed = Timed({("cudnn", 8): 1.0, ("fa4", 8): 0.5, ("cudnn", 16): 1.0, ("fa4", 16): 2.0})
+    first = stored(timed, path)
+    timed.call(first, 8), timed.call(first, 16)
+    assert timed.timed == 4 * auto_attention.ROUNDS and path.is_file()
+    timed.ran.clear()
+    later = stored(timed, path)
+    out, q = timed.call(later, 16)
+    assert torch.equal(out, q) and timed.ran == ["cudnn"] and timed.timed == 4 * auto_attention.ROUNDS
+    out, q = timed.call(later, 8)  # FA4's pick: checked to run once, then run
+    assert torch.equal(out, q + 1) and timed.ran == ["cudnn", "fa4", "fa4"]
+    assert [(c["q"][1], c["kernel"], c["ms"]) for c in later.choices()] == [
+        (16, "cudnn", {"cudnn": 1.0, "fa4": 2.0}), (8, "fa4", {"cudnn": 1.0, "fa4": 0.5})]  # fmt: skip
+    timed.call(stored(timed, path, "H200 | torch x | cudnn y | flash-attn-4 z"), 8)  # another GPU: measured
+    assert timed.timed == 6 * auto_attention.ROUNDS
+    kept = json.loads(path.read_text())
+    assert len(kept) == 3 and all(entry.startswith(("H100 | ", "H200 | ")) for entry in kept)
+
+
+def test_a_kept_pick_that_no_longer_runs_is_measured_again(tmp_path, caplog):
+    path = tmp_path / "picks.json"
+    timed = Timed({("cudnn", 8): 1.0, ("fa4", 8): 0.5})
+    timed.call(stored(timed, path), 8)
+
+    def broken(q, k, v):
+        raise ImportError("No module named 'cutlass.cute'")
+
+    later = MeasuredAttention({"cudnn": timed.kernel("cudnn"), "fa4": broken}, timer=timed.timer,
+                              store=PickStore(path, lambda: "H100 | torch x | cudnn y | flash-attn-4 z"))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="sgdiff.speed.auto_attention"):
+        out, q = timed.call(later, 8)
+    assert torch.equal(out, q) and list(later.candidates) == ["cudnn"]
+    assert "fa4 cannot run (No module named 'cutlass.cute')" in caplog.text
+    entry = later.store.entry(next(iter(later.winners)), ["cudnn", "fa4"])
+    assert json.loads(path.read_text())[entry]["kernel"] == "cudnn"  # measured again and kept
+
+
+@pytest.mark.parametrize("content", ["not json {", "[1, 2]", '{"H100 | torch x | cudnn y | flash-attn-4 z | cudnn/fa4 '
+                                     '| q [1, 8, 2, 4] k [1, 8, 2, 4] float32": {"kernel": "fa9"}}'])  # fmt: skip
+def test_an_unreadable_or_foreign_picks_file_is_measured_over(tmp_path, content):
+    path = tmp_path / "picks.json"
+    path.write_text(content)
+    timed = Timed({("cudnn", 8): 1.0, ("fa4", 8): 0.5})
+    out, q = timed.call(stored(timed, path), 8)
+    assert torch.equal(out, q + 1) and timed.timed == 2 * auto_attention.ROUNDS
+    assert [value["kernel"] for value in json.loads(path.read_text()).values()][-1] == "fa4"
+
+
+def test_auto_on_a_gpu_keys_its_picks_by_the_gpu_and_versions(monkeypatch):
+    FakeFlash(monkeypatch, "fa4")
+    on_gpu(monkeypatch, (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    auto = attention_backend("auto", CUDA, BF16)
+    assert auto.store.path == cache_root() / "attention-picks.json"
+    software = auto.store.software
+    assert software.startswith(f"NVIDIA H100 80GB HBM3 | torch {torch.__version__} | cudnn ")
+    assert software.endswith("| flash-attn-4 unknown")  # (the stand-in is no installed distribution)
+
+
+def test_fa4_keeps_its_compiled_kernels_in_the_users_cache(monkeypatch):
+    """FA4 reads its cache settings when flash_attn.cute is imported: sgdiff sets them first, unless the user did."""
+    seen = []
+    monkeypatch.setattr(flash_attention.importlib, "import_module",
+                        lambda name: seen.append((name, os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"),
+                                                  os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"))))  # fmt: skip
+    for name in ("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delitem(sys.modules, "flash_attn.cute", raising=False)
+    flash_attention.import_kernel("flash_attn")  # FA2: nothing of FA4's set
+    assert seen == [("flash_attn", None, None)]
+    flash_attention.import_kernel("flash_attn.cute")
+    assert seen[1] == ("flash_attn.cute", "1", str(cache_root() / "flash-attention-cute"))
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", "/elsewhere")  # the user's choice stays
+    flash_attention.import_kernel("flash_attn.cute")
+    assert seen[2] == ("flash_attn.cute", "1", "/elsewhere")

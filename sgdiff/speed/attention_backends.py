@@ -125,7 +125,9 @@ def auto_attention(device: torch.device, dtype: torch.dtype) -> AttentionImpl:
     kernel = kernel_for(device, dtype)
     if kernel is None:
         return wave_split_attention
+    from sgdiff.speed.attention_picks import pick_store
     from sgdiff.speed.auto_attention import MeasuredAttention
     from sgdiff.speed.flash_attention import flash_attention
 
-    return MeasuredAttention({"cudnn": wave_split_attention, kernel.name: flash_attention(kernel)})
+    candidates = {"cudnn": wave_split_attention, kernel.name: flash_attention(kernel)}
+    return MeasuredAttention(candidates, store=pick_store(device, kernel.distribution))

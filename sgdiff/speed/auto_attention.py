@@ -3,11 +3,12 @@ cuDNN's fused attention (split at tile waves, speed/wave_split.py) or FlashAtten
 on this GPU at each shape, measured rather than assumed. Without FlashAttention `auto` is
 wave_split_attention itself and nothing here runs.
 
-The first call at a new (q shape, k shape, dtype, device) times the candidates on random inputs of that
-shape (their own generator: the run's random numbers stay as they were): a few untimed calls each (FA4
-compiles its kernel at its first), then rounds of CUDA-event timings taken in turns; the winner is kept
-for the process. FlashAttention must beat cuDNN by MARGIN, so that timing noise does not flip the choice
-from run to run. A candidate that fails there (a broken install) is dropped with a warning.
+The first call at a new (q shape, k shape, dtype, device) takes the pick an earlier process on this GPU
+and software made (speed/attention_picks.py), else times the candidates on random inputs of that shape
+(their own generator: the run's random numbers stay as they were): a few untimed calls each (FA4 compiles
+its kernel at its first), then rounds of CUDA-event timings taken in turns; the winner is kept for the
+process and on disk. FlashAttention must beat cuDNN by MARGIN, so that timing noise does not flip the
+choice from run to run. A candidate that fails there (a broken install) is dropped with a warning.
 
 Timing needs real kernels, run eagerly. In a CUDA graph's capture, under a dispatch mode (FlopCounterMode,
 fake tensors) or inside a torch.compile trace a shape not measured yet runs cuDNN, not remembered, so a
@@ -31,6 +32,7 @@ import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from sgdiff.models.attention import AttentionImpl
+from sgdiff.speed.attention_picks import PickStore
 from sgdiff.speed.compile import constant_under_compile
 
 log = logging.getLogger(__name__)
@@ -59,12 +61,14 @@ def cuda_ms(fn: Callable[[], object], calls: int = CALLS) -> float:
 
 class MeasuredAttention:
     """An AttentionImpl that runs, at each shape, the fastest of `candidates` (name -> kernel; the first
-    is the default, the one kept unless another beats it by MARGIN)."""
+    is the default, the one kept unless another beats it by MARGIN); `store`: picks kept across processes."""
 
-    def __init__(self, candidates: dict[str, AttentionImpl], timer: Timer = cuda_ms):
+    def __init__(self, candidates: dict[str, AttentionImpl], timer: Timer = cuda_ms, store: PickStore | None = None):
         self.candidates = dict(candidates)
-        self.default = next(iter(self.candidates))
+        self.names = list(self.candidates)  # all of them, also after one is left out: the store's key
+        self.default = self.names[0]
         self.timer = timer
+        self.store = store
         self.winners: dict[Key, str] = {}
         self.timings: dict[Key, dict[str, float]] = {}  # median ms per call of each candidate
         self.number = next(NUMBERS)  # what measured_winner is given: a plain int is a constant to torch.compile
@@ -83,6 +87,33 @@ class MeasuredAttention:
         if torch.compiler.is_compiling() and not marked_constant():  # traced into a graph: no timing there
             return self.winners.get((tuple(q.shape), tuple(k.shape), q.dtype, q.device), self.default)
         return measured_winner(self.number, tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, q.device.index)
+
+    def pick(self, key: Key) -> str:
+        """The kernel to run at `key`: a pick kept on disk by an earlier process, else measured (and kept)."""
+        kept = self.store.get(key, self.names) if self.store is not None else None
+        if kept is not None:
+            kernel, ms = kept
+            if kernel == self.default or self.runs(kernel, key):
+                self.timings[key] = ms
+                q_shape, k_shape = list(key[0]), list(key[1])
+                log.info("attention at q %s, k %s: %s, as measured by an earlier run", q_shape, k_shape, kernel)
+                return kernel
+        winner = self.measure(key)
+        if self.store is not None:
+            self.store.put(key, self.names, winner, self.timings[key])
+        return winner
+
+    def runs(self, name: str, key: Key) -> bool:
+        """Whether candidate `name` runs at `key`'s shapes (one call); one that fails is left out, with a warning."""
+        q_shape, k_shape, dtype, device = key
+        q, k = (torch.zeros(s, device=device, dtype=dtype) for s in (q_shape, k_shape))
+        try:
+            self.candidates[name](q, k, k)
+        except Exception as exc:  # noqa: BLE001 - as in measure: a broken install is left out, not the run's failure
+            log.warning("attention: %s cannot run (%s); auto leaves it out", name, exc)
+            del self.candidates[name]
+            return False
+        return True
 
     def measure(self, key: Key) -> str:
         """Time every candidate at `key`'s shapes; the winner's name."""
@@ -134,7 +165,7 @@ def measured_winner(
         if not can_measure():
             return chooser.default
         with torch.no_grad():
-            winner = chooser.winners[key] = chooser.measure(key)
+            winner = chooser.winners[key] = chooser.pick(key)
     return winner
 
 

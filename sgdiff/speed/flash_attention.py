@@ -5,8 +5,9 @@ Three generations, each its own package; each takes q, k, v [B, S, H, D] as they
 bfloat16 on a CUDA GPU, and `fa` runs the newest one installed that runs on the GPU:
 - FA4, PyPI `flash-attn-4` (`pip install 'sgdiff[flash]'`), imported as flash_attn.cute: kernels written
   in NVIDIA's CuTe DSL (PyPI `nvidia-cutlass-dsl`, whose libs-core wheel holds `cutlass.cute`) for
-  Hopper (9.x) and Blackwell (10.x), compiled at the first call of each head dim and dtype (seconds; the
-  load's warm-up pays it). flash_attn_func(q, k, v) returns (out, lse), lse None unless asked for.
+  Hopper (9.x) and Blackwell (10.x), compiled at the first call of each head dim and dtype (seconds), and
+  kept in FA4's own disk cache, which sgdiff turns on in the user's cache (use_cute_cache): a later process
+  loads them. flash_attn_func(q, k, v) returns (out, lse), lse None unless asked for.
 - FA3, flash_attn_interface (built from the flash-attention repository's hopper/ folder; no wheel on
   PyPI): Hopper. Also `--attention-backend fa3` on its own.
 - FA2, PyPI `flash-attn`, imported as flash_attn (its compiled part is the top-level flash_attn_2_cuda):
@@ -21,11 +22,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import sys
 from dataclasses import dataclass
 from functools import cache
+from types import ModuleType
 
 import torch
 
+from sgdiff.cache import cache_root
 from sgdiff.errors import UserError
 from sgdiff.models.attention import AttentionImpl
 
@@ -39,12 +44,13 @@ class FlashKernel:
     module: str  # the module whose flash_attn_func runs it
     marker: str  # the module whose presence says the package is installed (found without loading CUDA code)
     majors: tuple[int, ...]  # the compute capability majors it runs on
+    distribution: str  # the package that installs it (its version keys auto's picks kept on disk)
 
 
 KERNELS = (  # newest first: `fa` takes the first that is installed and runs on the GPU
-    FlashKernel("fa4", "flash_attn.cute", "flash_attn.cute", (9, 10)),
-    FlashKernel("fa3", "flash_attn_interface", "flash_attn_interface", (9,)),
-    FlashKernel("fa2", "flash_attn", "flash_attn_2_cuda", (8, 9, 10, 11, 12)),
+    FlashKernel("fa4", "flash_attn.cute", "flash_attn.cute", (9, 10), "flash-attn-4"),
+    FlashKernel("fa3", "flash_attn_interface", "flash_attn_interface", (9,), "flash_attn_3"),
+    FlashKernel("fa2", "flash_attn", "flash_attn_2_cuda", (8, 9, 10, 11, 12), "flash-attn"),
 )
 
 
@@ -87,7 +93,7 @@ def check_flash(device: torch.device, dtype: torch.dtype) -> FlashKernel:
         raise fa_error(f"has no FlashAttention for this GPU (compute capability {major}.{minor}) in {names}: FA4 "
                        "runs on 9.x and 10.x, FA2 (pip install flash-attn) on 8.x and newer; or use auto")  # fmt: skip
     try:
-        importlib.import_module(kernel.module)
+        import_kernel(kernel.module)
     except (ImportError, OSError, RuntimeError) as exc:  # its own parts missing (FA4 without cutlass.cute)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise fa_error(f"found {kernel.name}, which cannot be imported ({reason}): {INSTALL}, or use auto") from exc
@@ -112,8 +118,22 @@ def flash_attention(kernel: FlashKernel) -> AttentionImpl:
 
 
 def run_flash(module: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    out = importlib.import_module(module).flash_attn_func(q, k, v)  # FA4 (and older FA3): (out, lse)
+    out = import_kernel(module).flash_attn_func(q, k, v)  # FA4 (and older FA3): (out, lse)
     return out[0] if isinstance(out, tuple) else out
+
+
+def import_kernel(module: str) -> ModuleType:
+    """The kernel's module; FA4's with its disk cache of compiled kernels on (use_cute_cache)."""
+    if module == "flash_attn.cute" and module not in sys.modules:
+        use_cute_cache()
+    return importlib.import_module(module)
+
+
+def use_cute_cache() -> None:
+    """FA4 compiles each kernel at its first call in every process (seconds) unless its own disk cache is on
+    (read when flash_attn.cute is imported): on, in the user's cache, unless the user set it otherwise."""
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(cache_root() / "flash-attention-cute"))
 
 
 @torch.library.custom_op("sgdiff::flash_attention", mutates_args=())
