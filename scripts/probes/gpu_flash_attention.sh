@@ -10,7 +10,9 @@
 #   call 1: carry [".wheels-fa/call1"]  part 00 and the .wheels the image lacks (diffusers, typer, ...; no
 #           imageio-ffmpeg) -> /tmp; runs the steps that need no FlashAttention (the cuDNN baselines)
 #   call 2: carry [".wheels-fa/call2"]  parts 01 and 02 -> /tmp; joins and checks them, installs into
-#           /tmp/site-fa, runs the rest
+#           /tmp/site-fa, runs the rest. Where the tree and both parts pass 64 MiB (the tree was ~20 MB in
+#           run GI), send part 01 alone first (a call that copies .wheels-fa/call2/fa.tar.xz.* to /tmp/fa-stage),
+#           then part 02 with this script.
 # Each: bash scripts/probes/gpu_flash_attention.sh   (STEPS= to choose, LIMIT= seconds, default 490)
 # Steps done are kept in /tmp/fa-results and skipped: a third call (no carry) on the still warm machine
 # finishes what call 2 had no time for, and prints the whole table again.
