@@ -13,9 +13,9 @@ from sgdiff.kernels import triton_norm_modulate, triton_qk_norm_rope
 
 @triton_op("sgdiff::norm_modulate", mutates_args=())
 def norm_modulate(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, bf16_steps: bool
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, bf16_steps: bool, affine: bool = False
 ) -> torch.Tensor:
-    return triton_norm_modulate.norm_modulate(x, shift, scale, eps, bf16_steps, wrap=wrap_triton)
+    return triton_norm_modulate.norm_modulate(x, shift, scale, eps, bf16_steps, wrap=wrap_triton, affine=affine)
 
 
 @triton_op("sgdiff::qk_norm_rope", mutates_args=())

@@ -13,9 +13,10 @@ import triton.language as tl
 @triton.jit
 def norm_modulate_kernel(
     x_ptr, x_batch_stride, x_row_stride, shift_ptr, scale_ptr, mod_batch_stride, mod_row_stride, out_ptr,
-    S, eps, N: tl.constexpr, BLOCK: tl.constexpr, BF16_STEPS: tl.constexpr,
+    S, eps, N: tl.constexpr, BLOCK: tl.constexpr, BF16_STEPS: tl.constexpr, AFFINE: tl.constexpr,
 ):  # fmt: skip
     # one program per token: LayerNorm (no affine) over its N channels, then * (1 + scale) + shift
+    # (AFFINE: * scale + shift, the LayerNorm's own weight and bias)
     b, s = tl.program_id(0) // S, tl.program_id(0) % S
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -36,6 +37,8 @@ def norm_modulate_kernel(
         one_plus = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
         bits = (y * one_plus).to(tl.uint32, bitcast=True)
         y = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True) + shift
+    elif AFFINE:  # a float32 LayerNorm's weight and bias (Wan's cross-attention norm), rounded once at the end
+        y = y * scale + shift
     else:  # Wan: in float32 throughout, rounded once at the end
         y = y * (1.0 + scale) + shift
     bits = y.to(tl.uint32, bitcast=True)
@@ -45,7 +48,7 @@ def norm_modulate_kernel(
 
 def norm_modulate(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, bf16_steps: bool,
-    wrap: Callable = lambda kernel: kernel,
+    wrap: Callable = lambda kernel: kernel, affine: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """The kernel over x's rows; `wrap`: how to launch it (torch.compile's op wraps it for tracing)."""
     batch, rows, width = x.shape
@@ -56,6 +59,6 @@ def norm_modulate(
     block = triton.next_power_of_2(width)
     wrap(norm_modulate_kernel)[(batch * rows,)](
         x, x.stride(0), x.stride(1), shift, scale, shift.stride(0), shift.stride(1), out,
-        rows, eps, N=width, BLOCK=block, BF16_STEPS=bf16_steps, num_warps=8 if block >= 4096 else 4,
+        rows, eps, N=width, BLOCK=block, BF16_STEPS=bf16_steps, AFFINE=affine, num_warps=8 if block >= 4096 else 4,
     )  # fmt: skip
     return out

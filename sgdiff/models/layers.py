@@ -167,8 +167,14 @@ class FP32LayerNorm(nn.LayerNorm):
     norm_kernel: bool = False  # `modulate` as one Triton kernel (--enable-fused-norms; speed/fuse.py sets it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, S, D]. With an affine weight and bias, one Triton kernel with --enable-fused-norms (bf16 x)."""
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
+        affine = weight is not None and bias is not None
+        if affine and self.norm_kernel and kernels_run_on(x) and x.dtype == torch.bfloat16 and x.stride(-1) == 1:
+            from sgdiff.kernels.norm_modulate import norm_modulate
+
+            return norm_modulate(x, bias, weight, eps=self.eps, bf16_steps=False, affine=True)  # (shift, scale)
         return nn.functional.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
     def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -180,6 +186,22 @@ class FP32LayerNorm(nn.LayerNorm):
 
             return norm_modulate(x, shift, scale, eps=self.eps, bf16_steps=False)
         return (self(x.float()) * (1 + scale) + shift).type_as(x)
+
+
+class GatedResidual(nn.Module):
+    """A block's gated residual update (Wan's): x + y * gate in float32, back in x's dtype. One Triton kernel
+    with --enable-fused-norms (bf16 x and y, last dims contiguous)."""
+
+    kernel: bool = False  # speed/fuse.py sets it
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """x, y: [B, S, D]; gate: float32 [B, 1 or S, D]."""
+        bf16 = x.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+        if self.kernel and bf16 and kernels_run_on(x) and x.stride(-1) == 1 and y.stride(-1) == 1:
+            from sgdiff.kernels.gated_residual import gated_residual
+
+            return gated_residual(x, y, gate)
+        return (x.float() + y.float() * gate).type_as(x)
 
 
 class FusedProjection:

@@ -7,17 +7,18 @@ it in their GEMM's epilogue (models/layers.py gelu_in_epilogue). Such a Linear r
 so choose them before fusing projections: a group that declared one loses it.
 
 Fused norms: q's and k's RMSNorm and rotary embedding as one Triton kernel per stream
-(models/rope.py norm_and_rope, kernels/qk_norm_rope.py), and each adaLN LayerNorm + modulation as
-one kernel (models/layers.py, kernels/norm_modulate.py).
+(models/rope.py norm_and_rope, kernels/qk_norm_rope.py), each adaLN LayerNorm + modulation as
+one kernel (models/layers.py, kernels/norm_modulate.py), and each float32 gated residual update as one
+(models/layers.py GatedResidual, kernels/gated_residual.py).
 
 Each choice is a typed attribute the layer declares (layers.Linear, layers.RMSNorm,
-LayerNormModulation, FP32LayerNorm), False or None until set here."""
+LayerNormModulation, FP32LayerNorm, GatedResidual), False or None until set here."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from sgdiff.models.layers import FP32LayerNorm, FusedProjection, LayerNormModulation, RMSNorm
+from sgdiff.models.layers import FP32LayerNorm, FusedProjection, GatedResidual, LayerNormModulation, RMSNorm
 from sgdiff.pipeline.family import FusableGroups
 
 
@@ -31,13 +32,16 @@ def fuse_gelu(groups: FusableGroups) -> int:
 def fuse_norms(model: nn.Module) -> int:
     """The model's q/k RMSNorms with the fused norm + RoPE kernel, and its adaLN modulations (FLUX's
     AdaModulation, Qwen-Image's, Wan's float32 LayerNorms) with the fused LayerNorm + modulation
-    kernel; returns how many modules were switched."""
+    kernel, and its gated residual updates (Wan's) with the gated residual kernel; returns how many modules
+    were switched."""
     switched = 0
     for module in model.modules():
         if isinstance(module, RMSNorm):
             module.rope_kernel = True
         elif isinstance(module, (LayerNormModulation, FP32LayerNorm)):
             module.norm_kernel = True
+        elif isinstance(module, GatedResidual):
+            module.kernel = True
         else:
             continue
         switched += 1

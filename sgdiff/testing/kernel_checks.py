@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from sgdiff.bench.parts import TINY_FLUX, TINY_WAN
+from sgdiff.kernels.gated_residual import gated_residual
 from sgdiff.kernels.norm_modulate import norm_modulate
 from sgdiff.kernels.qk_norm_rope import qk_norm_rope
 from sgdiff.models.flux import FluxTransformer
 from sgdiff.models.flux.packing import image_position_ids, text_position_ids
-from sgdiff.models.layers import AdaModulation, FP32LayerNorm, RMSNorm
+from sgdiff.models.layers import AdaModulation, FP32LayerNorm, GatedResidual, RMSNorm
 from sgdiff.models.rope import norm_and_rope, rope_frequencies
 from sgdiff.models.wan import WanTransformer
 from sgdiff.speed.compile import repeated_blocks
@@ -151,16 +152,40 @@ def check_norm_modulate() -> None:
     got = norm_modulate(x, shift, scale, eps=1e-6, bf16_steps=False)
     if not torch.equal(got, expected):
         raise AssertionError(f"norm_modulate (float32) differs: max {(got.float() - expected.float()).abs().max():.3g}")
-    print("norm_modulate bf16 steps and float32: identical")
+    affine = FP32LayerNorm(48, 1e-6, elementwise_affine=True)
+    with torch.no_grad():
+        affine.weight.copy_(torch.randn(48, generator=g))
+        affine.bias.copy_(torch.randn(48, generator=g))
+    expected = affine(x)  # (no kernel: the module is not marked)
+    got = norm_modulate(x, affine.bias.float(), affine.weight.float(), eps=1e-6, bf16_steps=False, affine=True)
+    if not torch.equal(got, expected):
+        raise AssertionError(f"norm_modulate (affine) differs: max {(got.float() - expected.float()).abs().max():.3g}")
+    print("norm_modulate bf16 steps, float32 and affine: identical")
 
 
-def check_model(name: str, model: nn.Module, inputs: dict, modulations: int) -> None:
+def check_gated_residual() -> None:
+    """Wan's gated residual update (per-channel and per-token gates, a strided x) against the module's
+    unfused path."""
+    g = torch.Generator().manual_seed(6)
+    residual = GatedResidual()
+    x = (torch.randn(2, 6, 96, generator=g) * 4).to(BF16)[..., :48]  # [2, 6, 48], rows 96 apart
+    y = (torch.randn(2, 6, 48, generator=g) * 8).to(BF16)
+    for gate in (torch.randn(2, 1, 48, generator=g), torch.randn(2, 6, 3, 48, generator=g).unbind(2)[1]):
+        expected = residual(x, y, gate)
+        got = gated_residual(x, y, gate)
+        if not torch.equal(got, expected):
+            raise AssertionError(f"gated_residual differs: max {(got.float() - expected.float()).abs().max():.3g}")
+    print("gated_residual per channel and per token: identical")
+
+
+def check_model(name: str, model: nn.Module, inputs: dict, modulations: int, residuals: int = 0) -> None:
     """The whole transformer with its norms marked for the kernels: bit-identical output, each
     kernel run where it should be."""
-    from sgdiff.kernels import triton_norm_modulate, triton_qk_norm_rope
+    from sgdiff.kernels import triton_gated_residual, triton_norm_modulate, triton_qk_norm_rope
 
-    calls = {"qk_norm_rope": 0, "norm_modulate": 0}  # kernel launches, counted by wrapping the launchers
-    launchers = {"qk_norm_rope": triton_qk_norm_rope, "norm_modulate": triton_norm_modulate}
+    calls = {"qk_norm_rope": 0, "norm_modulate": 0, "gated_residual": 0}  # launches, counted by wrapping them
+    launchers = {"qk_norm_rope": triton_qk_norm_rope, "norm_modulate": triton_norm_modulate,
+                 "gated_residual": triton_gated_residual}  # fmt: skip
 
     def counting(kernel: str):
         launch = getattr(launchers[kernel], kernel)
@@ -182,14 +207,17 @@ def check_model(name: str, model: nn.Module, inputs: dict, modulations: int) -> 
     finally:
         for kernel, module in launchers.items():
             setattr(module, kernel, originals[kernel])
-    rope_calls, norm_calls = calls["qk_norm_rope"], calls["norm_modulate"]
+    rope_calls, norm_calls, residual_calls = calls["qk_norm_rope"], calls["norm_modulate"], calls["gated_residual"]
     if rope_calls != 2 * len(repeated_blocks(model)):  # q and k of every self- or joint attention
         raise AssertionError(f"{name}: the q/k kernel ran {rope_calls} times")
     if norm_calls != modulations:
         raise AssertionError(f"{name}: the LayerNorm + modulation kernel ran {norm_calls} times, not {modulations}")
+    if residual_calls != residuals:
+        raise AssertionError(f"{name}: the gated residual kernel ran {residual_calls} times, not {residuals}")
     if not torch.equal(plain, fused):
         raise AssertionError(f"{name} with fused norms differs: max {(plain.float() - fused.float()).abs().max():.3g}")
-    print(f"{name}, {marked} modules marked, {rope_calls} + {norm_calls} kernel calls: identical output")
+    counts = f"{rope_calls} + {norm_calls} + {residual_calls}"
+    print(f"{name}, {marked} modules marked, {counts} kernel calls: identical output")
 
 
 def flux_inputs(config, text_len: int = 7, rows: int = 3, cols: int = 4) -> dict:
@@ -220,6 +248,7 @@ def main() -> None:
     check_qk_norm_rope(heads=3, head_dim=12, per_head=False)
     check_qk_norm_rope(heads=4, head_dim=8, per_head=False)
     check_norm_modulate()
+    check_gated_residual()
     check_copy_heads(degree=2)
     check_copy_heads(degree=4)
     for parts in (2, 3, 4):
@@ -231,7 +260,9 @@ def main() -> None:
     # 4 modulations per double-stream block, 1 per single-stream block, 1 before the output
     modulations = 4 * flux_config.num_layers + flux_config.num_single_layers + 1
     check_model("FLUX", seeded_bf16(FluxTransformer(flux_config), 3), flux_inputs(flux_config), modulations)
-    check_model("Wan", seeded_bf16(WanTransformer(TINY_WAN), 4), wan_inputs(TINY_WAN), 2 * TINY_WAN.num_layers)
+    wan = seeded_bf16(WanTransformer(TINY_WAN), 4)
+    norms = (3 if TINY_WAN.cross_attn_norm else 2) * TINY_WAN.num_layers  # adaLN twice a block, the affine norm2
+    check_model("Wan", wan, wan_inputs(TINY_WAN), norms, residuals=2 * TINY_WAN.num_layers)
 
 
 if __name__ == "__main__":

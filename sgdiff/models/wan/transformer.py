@@ -13,7 +13,16 @@ import torch
 from torch import nn
 
 from sgdiff.models.attention import attention
-from sgdiff.models.layers import FeedForward, FP32LayerNorm, Linear, MLPEmbedder, RMSNorm, project, timestep_embedding
+from sgdiff.models.layers import (
+    FeedForward,
+    FP32LayerNorm,
+    GatedResidual,
+    Linear,
+    MLPEmbedder,
+    RMSNorm,
+    project,
+    timestep_embedding,
+)
 from sgdiff.models.rope import norm_and_rope, rope_frequencies
 from sgdiff.models.wan.config import WanTransformerConfig
 
@@ -89,16 +98,17 @@ class WanBlock(nn.Module):
         self.ffn = FeedForward(dim, config.ffn_dim)
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.scale_shift_table = nn.Parameter(torch.empty(1, 6, dim))
+        self.residual = GatedResidual()  # (no parameters)
 
     def forward(self, x, context, image_context, modulation: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         # modulation: [B, 1 or S, 6, D] -> six [B, 1 or S, D] vectors, in float32
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + modulation.float()).unbind(2)
         h = self.norm1.modulate(x, shift, scale)
-        x = (x.float() + self.attn1(h, rope=rope) * gate).type_as(x)
-        h = self.norm2(x.float()).type_as(x)
+        x = self.residual(x, self.attn1(h, rope=rope), gate)
+        h = self.norm2(x)  # (FP32LayerNorm: in float32, back in bf16)
         x = x + self.attn2(h, context, image_context=image_context)
         h = self.norm3.modulate(x, c_shift, c_scale)
-        return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
+        return self.residual(x, self.ffn(h), c_gate)
 
 
 class WanImageEmbedding(nn.Module):

@@ -1,0 +1,39 @@
+"""The Triton side of gated_residual.py (imported only when the kernel runs: Triton is a GPU package)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gated_residual_kernel(
+    x_ptr, x_batch_stride, x_row_stride, y_ptr, y_batch_stride, y_row_stride,
+    gate_ptr, gate_batch_stride, gate_row_stride, out_ptr, S, N: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # one program per token: x + y * gate over its N channels in float32, rounded once to bf16
+    b, s = tl.program_id(0) // S, tl.program_id(0) % S
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + b * x_batch_stride + s * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + b * y_batch_stride + s * y_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + b * gate_batch_stride + s * gate_row_stride + cols, mask=mask, other=0.0)
+    total = x + y * gate.to(tl.float32)  # (launched without FMA contraction: two roundings, as eager's two ops)
+    # round to bfloat16 (nearest, ties to even) on the bits
+    bits = total.to(tl.uint32, bitcast=True)
+    out = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True).to(tl.bfloat16)
+    tl.store(out_ptr + (b * S + s) * N + cols, out, mask=mask)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x, y: [B, S, N] bf16 (last dim contiguous); gate: [B, 1 or S, N] float32. Returns [B, S, N] bf16."""
+    batch, rows, width = x.shape
+    out = torch.empty(batch, rows, width, device=x.device, dtype=torch.bfloat16)
+    gate = gate.expand(batch, rows, width)
+    block = triton.next_power_of_2(width)
+    gated_residual_kernel[(batch * rows,)](
+        x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), gate, gate.stride(0), gate.stride(1), out,
+        rows, N=width, BLOCK=block, num_warps=8 if block >= 4096 else 4, enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
