@@ -49,3 +49,32 @@ def test_running_the_fused_kernels_eagerly_imports_no_compiler():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_wan_kernels_compile_for_hopper():
+    """The interpreter runs a kernel's Python, not its GPU build: compiled here for sm_90 (Triton's own ptxas,
+    no GPU needed), the gated residual without FMA contraction (two roundings, as eager's two ops) and the
+    LayerNorm kernel with and without its affine weight."""
+    import triton  # (a test dependency on Linux x86-64, as for the interpreter's tests above)
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sgdiff.kernels.triton_gated_residual import gated_residual_kernel
+    from sgdiff.kernels.triton_norm_modulate import norm_modulate_kernel
+
+    hopper = GPUTarget("cuda", 90, 32)
+    rows = {"S": "i32", "N": "constexpr", "BLOCK": "constexpr"}
+    residual = {f"{name}{part}": kind for name, kind in (("x", "bf16"), ("y", "bf16"), ("gate", "fp32"))
+                for part, kind in (("_ptr", f"*{kind}"), ("_batch_stride", "i32"), ("_row_stride", "i32"))}  # fmt: skip
+    residual = {**residual, "out_ptr": "*bf16", **rows}
+    sizes = {"N": 1536, "BLOCK": 2048}
+    built = triton.compile(ASTSource(gated_residual_kernel, residual, constexprs=sizes), target=hopper,
+                           options={"num_warps": 4, "enable_fp_fusion": False})  # fmt: skip
+    assert built.asm["cubin"] and "fma" not in built.asm["ptx"]
+    norm = {"x_ptr": "*bf16", "x_batch_stride": "i32", "x_row_stride": "i32", "shift_ptr": "*fp32",
+            "scale_ptr": "*fp32", "mod_batch_stride": "i32", "mod_row_stride": "i32", "out_ptr": "*bf16",
+            "S": "i32", "eps": "fp32", "N": "constexpr", "BLOCK": "constexpr", "BF16_STEPS": "constexpr",
+            "AFFINE": "constexpr"}  # fmt: skip
+    for affine in (False, True):
+        source = ASTSource(norm_modulate_kernel, norm, constexprs={**sizes, "BF16_STEPS": False, "AFFINE": affine})
+        assert triton.compile(source, target=hopper, options={"num_warps": 4}).asm["cubin"]
