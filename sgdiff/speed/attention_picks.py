@@ -50,7 +50,8 @@ class PickStore:
         found = self._picks().get(self.entry(key, candidates))
         if not isinstance(found, dict) or found.get("kernel") not in candidates:
             return None
-        return found["kernel"], dict(found.get("ms", {}))
+        ms = found.get("ms")
+        return found["kernel"], dict(ms) if isinstance(ms, dict) else {}
 
     def put(self, key: Key, candidates: list[str], kernel: str, ms: dict[str, float]) -> None:
         """Keep a pick, beside what other processes kept since this one read the file."""
