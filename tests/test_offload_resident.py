@@ -14,6 +14,7 @@ from sgdiff.cli import main as cli
 from sgdiff.config import OffloadConfig
 from sgdiff.errors import UserError
 from sgdiff.offload.resident import ResidentBlocks, spread
+from sgdiff.speed.compile import compile_blocks
 from sgdiff.testing.offload import FLUX, WAN, assert_same, generate, load, where
 
 
@@ -50,6 +51,18 @@ def test_kept_blocks_stay_and_the_others_stream(tiny_flux_dev, flux_in_memory, k
                                            if i in chosen)  # fmt: skip  # released when the stage ended
     assert_same(generate(runner, **FLUX), flux_in_memory)  # the next request keeps them again
     assert streamer.kept == count
+
+
+def test_kept_blocks_run_their_compiled_forwards_too(tiny_flux_dev, flux_in_memory):
+    """Compiled blocks (aot_eager: torch.compile's tracing without a C++ compiler) with some kept and the
+    others streaming: the in-memory outputs, twice (the second request keeps them again)."""
+    runner = load(tiny_flux_dev, OffloadConfig("layers", offload_resident_blocks=2))
+    for model in runner.pipeline.transformers:  # type: ignore[union-attr]
+        compile_blocks(model, backend="aot_eager")
+    streamer = runner.offloaded.streamer  # type: ignore[union-attr]
+    for _ in range(2):
+        assert_same(generate(runner, **FLUX), flux_in_memory)
+        assert streamer.kept == 2 and streamer.copies > 0
 
 
 def test_auto_streams_the_first_forward_then_keeps_what_fits(tiny_flux_dev, flux_in_memory, monkeypatch):

@@ -24,6 +24,13 @@
 #                --offload-resident-blocks auto (issue 30: step <= 1.5x uncapped)
 #   qwen_profile scripts/probes/profile_forward.py: Qwen-Image 1328x1328's forward by kernel kind, defaults and all toggles
 #   wan_profile  the same for Wan2.1-T2V-1.3B 832x480x81 (issue 26: a step must drop from 1.09 to ~0.95 s for <= 55 s)
+#   wan          `sgdiff bench --model wan2.1-t2v-1.3b`, defaults (run GH before Wan's gated-residual kernels: 550.8 ms)
+#   wan_e2e      Wan2.1-T2V-1.3B shell -> MP4 (`bench --e2e`, checkpoint in WAN_DIR, default /dev/shm/wan-e2e), one
+#                untimed round first; FlashAttention on the path where /tmp/site-fa has it (gpu_flash_attention.sh).
+#                Both sides need imageio-ffmpeg, which the image lacks: its 68 MB wheel travels in two halves
+#                (`split -n 2 -d WHEEL iio.part` into .wheels-fa/iio1 and .wheels-fa/iio2; carry iio1 in one call,
+#                iio2 in the next on the warm machine: the `iio` step joins and installs them)
+#   iio          stage .wheels-fa/iio1's half in /tmp/iio; with .wheels-fa/iio2 there too, join and install
 #   startup      `import torch` without bytecode, then through sgdiff's bytecode cache (sgdiff/bytecode.py) twice
 #   flux_e2e     FLUX.1-dev shell -> PNG (`bench --e2e`, checkpoint in FLUX_DIR), defaults, then with compile
 #                (its warm-up round fills the graph cache: the timed round is the "second run", issue 26: <= 8.5 s)
@@ -35,6 +42,7 @@ SECONDS=0
 LIMIT=${LIMIT:-580}
 STEPS=${STEPS:-disk qwen qwen_all hunyuan}
 QWEN_DIR=${QWEN_DIR:-/dev/shm/qwen-e2e}
+WAN_DIR=${WAN_DIR:-/dev/shm/wan-e2e}
 FLUX_DIR=${FLUX_DIR:-/dev/shm/flux-e2e}
 pip install --no-index --no-deps --target /tmp/site -q .wheels/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD
@@ -98,6 +106,19 @@ for step in $STEPS; do
                    timeout "$(left)" python scripts/probes/profile_forward.py --model wan2.1-t2v-1.3b \
                      $all 2>&1 | tee -a "$OUT/wan-profile.txt" | tail -n 34
                  done ;;
+    wan) eval timeout "$(left)" $S --model wan2.1-t2v-1.3b --warmup 1 --repeat 3 \
+           --json "$OUT/wan-defaults.json" 2>&1 | tee "$OUT/log-wan.txt" | tail -n 16 ;;
+    iio) mkdir -p /tmp/iio
+         [ -d .wheels-fa/iio1 ] && cp .wheels-fa/iio1/iio.part00 /tmp/iio/
+         if [ -d .wheels-fa/iio2 ] && [ -f /tmp/iio/iio.part00 ]; then
+           cat /tmp/iio/iio.part00 .wheels-fa/iio2/iio.part01 > /tmp/iio/imageio_ffmpeg-0.8.1-py3-none-manylinux_2_28_x86_64.whl
+           pip install -q --no-index --no-deps --target /tmp/site /tmp/iio/*.whl 2>&1 | grep -v WARN
+         fi
+         ls /tmp/site | grep -q imageio_ffmpeg && echo "imageio-ffmpeg installed" || echo "imageio-ffmpeg: half staged" ;;
+    wan_e2e) FA=""
+             [ -d /tmp/site-fa/flash_attn ] && FA=/tmp/site-fa:/tmp/site-fa/nvidia_cutlass_dsl/dsl_packages:
+             PYTHONPATH=$FA$PYTHONPATH eval timeout "$(left)" $S --model wan2.1-t2v-1.3b --e2e --checkpoint-dir "$WAN_DIR" \
+               --warmup 1 --repeat 1 --json "$OUT/e2e-wan.json" 2>&1 | tee "$OUT/log-wan-e2e.txt" | tail -n 8 ;;
     flux_e2e) for mode in "" "--enable-torch-compile"; do
                 name=$(echo "${mode:-defaults}" | sed 's/--//g; s/ /_/g')
                 eval timeout "$(left)" $S --model flux.1-dev --e2e --checkpoint-dir "$FLUX_DIR" --warmup 1 --repeat 1 $mode \
