@@ -5,18 +5,17 @@
 # step times for Wan2.1-T2V-1.3B and FLUX.1-dev. A table last; the log and two JSON files in $OUT.
 #
 # FA4's wheels with the ones the image lacks are ~100 MB (nvidia-cutlass-dsl-libs-cu13 alone is 92 MB), more
-# than one call carries beside the tree (64 MiB), so they travel xz-compressed in parts, in two calls on one
-# warm machine (its /tmp keeps the first call's part; make the second call straight after the first):
-#   call 1: carry [".wheels-fa/call1"]  part 00 and the .wheels the image lacks (diffusers, typer, ...; no
+# than one call carries beside the tree (64 MiB with the tree's ~20 MB), so they travel xz-compressed in three
+# parts, one call each on one warm machine (its /tmp keeps what the calls before staged; make each call straight
+# after the one before). scripts/probes/build_gpu_wheels.sh makes the folders (gitignored):
+#   call 1: carry [".wheels-fa/call1"]   part 00 and the .wheels the image lacks (diffusers, typer, ...; no
 #           imageio-ffmpeg) -> /tmp; runs the steps that need no FlashAttention (the cuDNN baselines)
-#   call 2: carry [".wheels-fa/call2"]  parts 01 and 02 -> /tmp; joins and checks them, installs into
-#           /tmp/site-fa, runs the rest. Where the tree and both parts pass 64 MiB (the tree was ~20 MB in
-#           run GI), send part 01 alone first (a call that copies .wheels-fa/call2/fa.tar.xz.* to /tmp/fa-stage),
-#           then part 02 with this script.
+#   call 2: carry [".wheels-fa/call1b"]  part 01 -> /tmp (what time is left: more baselines)
+#   call 3: carry [".wheels-fa/call2"]   part 02 and the checksum -> /tmp; joins and checks the parts, installs
+#           into /tmp/site-fa, runs the rest
 # Each: bash scripts/probes/gpu_flash_attention.sh   (STEPS= to choose, LIMIT= seconds, default 490)
-# Steps done are kept in /tmp/fa-results and skipped: a third call (no carry) on the still warm machine
-# finishes what call 2 had no time for, and prints the whole table again.
-# The parts were made here: the wheels re-zipped uncompressed, tarred, `xz -9e`, `split -b 26500000 -d`.
+# Steps done are kept in /tmp/fa-results and skipped: a further call (no carry) on the still warm machine
+# finishes what call 3 had no time for, and prints the whole table again.
 # The wheels must include nvidia-cutlass-dsl-libs-core (1.6 MB): from 4.6 on it holds the DSL's Python
 # (`cutlass/__init__.py`, `cutlass/cute/`), which libs-base and libs-cu12/cu13 lack (../shared/GPU_NOTES.md).
 set -uo pipefail
@@ -27,7 +26,7 @@ SECONDS=0
 LIMIT=${LIMIT:-490}
 left() { echo $((LIMIT - 10 - SECONDS)); }
 
-for folder in .wheels-fa/call1 .wheels-fa/call2; do
+for folder in .wheels-fa/call1 .wheels-fa/call1b .wheels-fa/call2; do
   [ -d "$folder" ] && cp "$folder"/fa.tar.xz.* /tmp/fa-stage/ && echo "staged $(ls "$folder" | grep -c part) part(s) from $folder"
 done
 if [ -d .wheels-fa/call1/base ]; then
@@ -48,10 +47,10 @@ fi
 HAVE_FA=0
 [ -d /tmp/site-fa/flash_attn ] && HAVE_FA=1
 if [ $HAVE_FA = 0 ] && [ -d .wheels-fa/call2 ]; then
-  echo "part 00 is missing: the machine was given back after call 1. Make call 1 again, then call 2 straight after."
+  echo "a part is missing ($parts of 3 staged): the machine was given back between calls. Make calls 1-3 again."
   exit 1
 fi
-[ $HAVE_FA = 1 ] || echo "FlashAttention not installed yet ($parts of 3 parts in /tmp/fa-stage): make call 2 straight after"
+[ $HAVE_FA = 1 ] || echo "FlashAttention not installed yet ($parts of 3 parts in /tmp/fa-stage): make the next call straight after"
 
 BASE=/tmp/site:$PWD
 # (installed with --target, nvidia-cutlass-dsl's .pth file is not run: its dsl_packages folder goes on the path)

@@ -34,7 +34,8 @@
 #   startup      `import torch` without bytecode, then through sgdiff's bytecode cache (sgdiff/bytecode.py) twice
 #   flux_e2e     FLUX.1-dev shell -> PNG (`bench --e2e`, checkpoint in FLUX_DIR), defaults, then with compile
 #                (its warm-up round fills the graph cache: the timed round is the "second run", issue 26: <= 8.5 s)
-# Each step runs while time is left under LIMIT; each JSON's summary last, logs in $OUT.
+# Each step runs while time is left under LIMIT; each JSON's summary last, logs in $OUT. The wheels it installs
+# (.wheels, carried) and the FlashAttention / imageio-ffmpeg parts: scripts/probes/build_gpu_wheels.sh.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
