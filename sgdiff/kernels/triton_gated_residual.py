@@ -1,4 +1,8 @@
-"""The Triton side of gated_residual.py (imported only when the kernel runs: Triton is a GPU package)."""
+"""A gated residual update, x + y * gate in float32 rounded once to bf16, as one Triton kernel
+(--enable-fused-norms; models/layers.py GatedResidual): one read of x, y and the gate and one write, where
+eager runs five kernels and passes float32 copies of the whole sequence between them (Wan's blocks, twice
+each: about 50 ms of copies and adds in a Wan2.1-1.3B forward on an H100, docs/benchmarks.md run GH).
+Imported only when the kernel runs (Triton is a GPU package)."""
 
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ def gated_residual_kernel(
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x, y: [B, S, N] bf16 (last dim contiguous); gate: [B, 1 or S, N] float32. Returns [B, S, N] bf16."""
+    """x, y: [B, S, N] bf16 (last dim contiguous); gate: [B, 1 or S, N] float32 -> [B, S, N] bf16, equal to
+    (x.float() + y.float() * gate).to(bf16)."""
     batch, rows, width = x.shape
     out = torch.empty(batch, rows, width, device=x.device, dtype=torch.bfloat16)
     gate = gate.expand(batch, rows, width)

@@ -25,7 +25,7 @@ from sgdiff.io.files import write_atomically
 
 log = logging.getLogger(__name__)
 
-Key = tuple  # auto_attention's: (q shape, k shape, dtype, device)
+Key = tuple  # a chooser's: (q shape, k shape, dtype, device)
 
 
 class PickStore:

@@ -32,7 +32,7 @@ import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from sgdiff.models.attention import AttentionImpl
-from sgdiff.speed.attention_picks import PickStore
+from sgdiff.speed.attention_picks import Key, PickStore
 from sgdiff.speed.compile import constant_under_compile
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ WARMUP = 2  # untimed calls of each candidate
 ROUNDS = 5  # timed samples of each, in turns; the median counts
 CALLS = 3  # back-to-back calls per sample (the launches overlap the GPU's work, as in a forward)
 
-Key = tuple  # (q shape, k shape, dtype, device)
 Timer = Callable[[Callable[[], object]], float]  # ms per call of a function
 CHOOSERS: weakref.WeakValueDictionary[int, MeasuredAttention] = weakref.WeakValueDictionary()  # by number
 NUMBERS = itertools.count()
@@ -93,7 +92,8 @@ class MeasuredAttention:
         kept = self.store.get(key, self.names) if self.store is not None else None
         if kept is not None:
             kernel, ms = kept
-            if kernel == self.default or self.runs(kernel, key):
+            q, k = (torch.zeros(s, device=key[3], dtype=key[2]) for s in key[:2])
+            if kernel == self.default or self.runs(kernel, q, k, k):
                 self.timings[key] = ms
                 q_shape, k_shape = list(key[0]), list(key[1])
                 log.info("attention at q %s, k %s: %s, as measured by an earlier run", q_shape, k_shape, kernel)
@@ -103,13 +103,15 @@ class MeasuredAttention:
             self.store.put(key, self.names, winner, self.timings[key])
         return winner
 
-    def runs(self, name: str, key: Key) -> bool:
-        """Whether candidate `name` runs at `key`'s shapes (one call); one that fails is left out, with a warning."""
-        q_shape, k_shape, dtype, device = key
-        q, k = (torch.zeros(s, device=device, dtype=dtype) for s in (q_shape, k_shape))
+    def runs(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, calls: int = 1) -> bool:
+        """Whether candidate `name` runs on q, k, v (`calls` times); another than the default that fails (a broken
+        install) is left out, with a warning."""
         try:
-            self.candidates[name](q, k, k)
-        except Exception as exc:  # noqa: BLE001 - as in measure: a broken install is left out, not the run's failure
+            for _ in range(calls):
+                self.candidates[name](q, k, v)
+        except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is left out, not the run's failure
+            if name == self.default:
+                raise
             log.warning("attention: %s cannot run (%s); auto leaves it out", name, exc)
             del self.candidates[name]
             return False
@@ -120,18 +122,11 @@ class MeasuredAttention:
         q_shape, k_shape, dtype, device = key
         generator = torch.Generator(device).manual_seed(0)
         q, k, v = (torch.randn(s, generator=generator, device=device, dtype=dtype) for s in (q_shape, k_shape, k_shape))
-        runs = {}
-        for name, kernel in list(self.candidates.items()):
-            try:
-                for _ in range(WARMUP):
-                    kernel(q, k, v)
-            except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is left out, not the run's failure
-                if name == self.default:
-                    raise
-                log.warning("attention: %s cannot run (%s); auto leaves it out", name, exc)
-                del self.candidates[name]
-                continue
-            runs[name] = lambda kernel=kernel: kernel(q, k, v)
+        runs = {
+            name: lambda kernel=kernel: kernel(q, k, v)
+            for name, kernel in list(self.candidates.items())
+            if self.runs(name, q, k, v, calls=WARMUP)
+        }
         times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(ROUNDS):
             for name, run in runs.items():

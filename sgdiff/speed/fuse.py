@@ -9,7 +9,7 @@ so choose them before fusing projections: a group that declared one loses it.
 Fused norms: q's and k's RMSNorm and rotary embedding as one Triton kernel per stream
 (models/rope.py norm_and_rope, kernels/qk_norm_rope.py), each adaLN LayerNorm + modulation as
 one kernel (models/layers.py, kernels/norm_modulate.py), and each float32 gated residual update as one
-(models/layers.py GatedResidual, kernels/gated_residual.py).
+(models/layers.py GatedResidual, kernels/triton_gated_residual.py).
 
 Each choice is a typed attribute the layer declares (layers.Linear, layers.RMSNorm,
 LayerNormModulation, FP32LayerNorm, GatedResidual), False or None until set here."""

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from sgdiff.bench.parts import TINY_FLUX, TINY_WAN
-from sgdiff.kernels.gated_residual import gated_residual
 from sgdiff.kernels.norm_modulate import norm_modulate
 from sgdiff.kernels.qk_norm_rope import qk_norm_rope
 from sgdiff.models.flux import FluxTransformer
@@ -166,6 +165,8 @@ def check_norm_modulate() -> None:
 def check_gated_residual() -> None:
     """Wan's gated residual update (per-channel and per-token gates, a strided x) against the module's
     unfused path."""
+    from sgdiff.kernels.triton_gated_residual import gated_residual
+
     g = torch.Generator().manual_seed(6)
     residual = GatedResidual()
     x = (torch.randn(2, 6, 96, generator=g) * 4).to(BF16)[..., :48]  # [2, 6, 48], rows 96 apart
