@@ -3,8 +3,9 @@ q/k RMSNorm + RoPE kernel (per-head and all-head norms, joined streams, strided 
 and sizes that are not powers of 2), the LayerNorm + modulation kernel (FLUX's bf16 rounding,
 Wan's float32 with per-token modulation), Wan's gated residual update, the head copy of Ulysses'
 symmetric exchange and the ring's log-sum-exp merge (2 to 4 partials) alone and in the wave split's
-attention, then inside tiny FLUX and Wan transformers (bit-identical outputs, each kernel called where it
-should be). sgdiff/testing/kernel_checks.py."""
+attention, then inside tiny FLUX, Wan, HunyuanVideo and HunyuanVideo-1.5 transformers (bit-identical outputs,
+each kernel called where it should be; HunyuanVideo's first block takes the patch embedding's transposed rows).
+sgdiff/testing/kernel_checks.py."""
 
 from __future__ import annotations
 
@@ -20,13 +21,16 @@ def test_fused_norm_kernels_match_the_unfused_path():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.strip()]
-    assert sum("identical" in line for line in lines) == 9, done.stdout
+    assert sum("identical" in line for line in lines) == 11, done.stdout
     assert "copy_heads in the exchange of 4 ranks: identical" in done.stdout
     assert sum("partials" in line and "as the merge in torch" in line for line in lines) == 4, done.stdout
     assert sum("wave split" in line and "as one attention" in line for line in lines) == 2, done.stdout
     assert "FLUX, 19 modules marked, 8 + 11 + 0 kernel calls" in done.stdout
     # 2 blocks: each 2 adaLN norms, the cross-attention's affine norm and 2 gated residuals
     assert "Wan, 17 modules marked, 4 + 6 + 4 kernel calls" in done.stdout
+    # 2 dual-stream blocks (4 adaLN norms each) and 2 single-stream ones, the output's norm; 1.5: 2 dual-stream
+    assert "HunyuanVideo, 19 modules marked, 8 + 11 + 0 kernel calls: identical output" in done.stdout
+    assert "HunyuanVideo-1.5, 13 modules marked, 4 + 9 + 0 kernel calls: identical output" in done.stdout
 
 
 def test_signal_barrier_holds_every_rank_until_all_arrive():

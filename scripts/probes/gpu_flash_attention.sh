@@ -59,7 +59,9 @@ export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_D
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 
 # steps: check (attention alone), MODEL:auto0 (auto without FlashAttention on the path: today's cuDNN),
-# MODEL:fa, MODEL:auto (auto with FlashAttention installed: measures and picks); MODEL wan or flux
+# MODEL:fa, MODEL:auto (auto with FlashAttention installed: measures and picks), MODEL:all0 and MODEL:allfa
+# (auto0 and auto with torch.compile and CUDA graphs on too: issue 27, FlashAttention under compile and graphs);
+# MODEL wan or flux
 DEFAULT="wan:auto0 flux:auto0"
 [ $HAVE_FA = 1 ] && DEFAULT="check wan:auto0 wan:fa wan:auto flux:auto0 flux:fa flux:auto"
 for step in ${STEPS:-$DEFAULT}; do
@@ -74,10 +76,12 @@ for step in ${STEPS:-$DEFAULT}; do
     continue
   fi
   name=$([ "$model" = wan ] && echo wan2.1-t2v-1.3b || echo flux.1-dev)
-  path=$([ "$variant" = auto0 ] && echo "$BASE" || echo "$WITH_FA")
+  path=$WITH_FA toggles=""
+  case $variant in auto0|all0) path=$BASE ;; esac
+  case $variant in all0|allfa) toggles="--enable-torch-compile --enable-cuda-graph" ;; esac
   backend=$([ "$variant" = fa ] && echo fa || echo auto)
   PYTHONPATH=$path timeout "$(left)" python -c 'from sgdiff.cli.main import main; main()' bench --model "$name" \
-    --attention-backend "$backend" --warmup 1 --repeat 3 --json "$json"
+    --attention-backend "$backend" $toggles --warmup 1 --repeat 3 --json "$json"
 done
 echo "== done at $SECONDS s"
 

@@ -7,6 +7,7 @@ transformer, Qwen2.5-VL-7B with its vision tower in transformers-4 names, as Qwe
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
@@ -104,5 +105,9 @@ def ensure_checkpoint(name: str, folder: Path, tiny: bool) -> Path:
         return build_tiny_flux(folder, variant="dev" if name == "flux.1-dev" else "schnell")
     if not torch.cuda.is_available():
         raise UserError("a full-size checkpoint is built on a CUDA GPU (~35 GB): run on one, or use `tiny`")
-    FULL_SIZE[name](name, torch.device("cuda")).save_pretrained(folder, safe_serialization=True)
+    pipeline = FULL_SIZE[name](name, torch.device("cuda"))
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    del pipeline
+    gc.collect()
+    torch.cuda.empty_cache()  # the processes timed next need the GPU's memory (Qwen-Image's first one ran out)
     return folder

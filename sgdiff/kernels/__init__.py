@@ -12,3 +12,9 @@ import torch
 def kernels_run_on(x: torch.Tensor) -> bool:
     """Whether sgdiff's Triton kernels can take x: on a CUDA GPU, or anywhere in the interpreter."""
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dim is contiguous, which the row kernels assume (they take the other dims'
+    strides), else a contiguous copy: e.g. HunyuanVideo's patch embedding, [B, D, S] transposed to [B, S, D]."""
+    return x if x.stride(-1) == 1 else x.contiguous()

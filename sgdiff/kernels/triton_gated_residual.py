@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sgdiff.kernels import unit_stride_rows
+
 
 @triton.jit
 def gated_residual_kernel(
@@ -35,7 +37,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     (x.float() + y.float() * gate).to(bf16)."""
     batch, rows, width = x.shape
     out = torch.empty(batch, rows, width, device=x.device, dtype=torch.bfloat16)
-    gate = gate.expand(batch, rows, width)
+    x, y, gate = unit_stride_rows(x), unit_stride_rows(y), unit_stride_rows(gate).expand(batch, rows, width)
     block = triton.next_power_of_2(width)
     gated_residual_kernel[(batch * rows,)](
         x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), gate, gate.stride(0), gate.stride(1), out,

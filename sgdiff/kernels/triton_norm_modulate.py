@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sgdiff.kernels import unit_stride_rows
+
 
 @triton.jit
 def norm_modulate_kernel(
@@ -53,6 +55,7 @@ def norm_modulate(
     """The kernel over x's rows; `wrap`: how to launch it (torch.compile's op wraps it for tracing)."""
     batch, rows, width = x.shape
     out = torch.empty(batch, rows, width, device=x.device, dtype=torch.bfloat16)
+    x, shift, scale = unit_stride_rows(x), unit_stride_rows(shift), unit_stride_rows(scale)
     shift, scale = shift.expand(batch, rows, width), scale.expand(batch, rows, width)
     if shift.stride() != scale.stride():
         shift, scale = shift.contiguous(), scale.contiguous()

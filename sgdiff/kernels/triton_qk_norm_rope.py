@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sgdiff.kernels import unit_stride_rows
+
 
 @triton.jit
 def norm_rope_kernel(
@@ -59,7 +61,7 @@ def qk_norm_rope(
     out = torch.empty(batch, total, heads, width // heads, device=parts[0].device, dtype=torch.bfloat16)
     first_row = 0
     for part, weight in zip(parts, weights, strict=True):
-        rows = part.shape[1]
+        rows, part = part.shape[1], unit_stride_rows(part)
         wrap(norm_rope_kernel)[(batch * rows,)](
             part, part.stride(0), part.stride(1), weight, rope, out, out.stride(0),
             rows, first_row, eps, H=heads, HB=triton.next_power_of_2(heads), D=width // heads,

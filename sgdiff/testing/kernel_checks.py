@@ -264,6 +264,31 @@ def main() -> None:
     wan = seeded_bf16(WanTransformer(TINY_WAN), 4)
     norms = (3 if TINY_WAN.cross_attn_norm else 2) * TINY_WAN.num_layers  # adaLN twice a block, the affine norm2
     check_model("Wan", wan, wan_inputs(TINY_WAN), norms, residuals=2 * TINY_WAN.num_layers)
+    check_hunyuan_videos()
+
+
+def check_hunyuan_videos() -> None:
+    """HunyuanVideo and -1.5 from their bench inputs (cut to a few text tokens): their first block's video
+    stream comes from the patch embedding transposed ([B, D, S] -> [B, S, D], its last dim strided), which the
+    LayerNorm + modulation kernel took as contiguous until the launchers copied such rows (bf16 rel err 0.15
+    on the H100, run GV)."""
+    from sgdiff.bench import hunyuan15_parts, hunyuan_parts
+    from sgdiff.models.hunyuan_video import HunyuanVideoTransformer, HunyuanVideoTransformerConfig
+    from sgdiff.models.hunyuan_video15 import HunyuanVideo15Transformer, HunyuanVideo15TransformerConfig
+    from sgdiff.testing import tiny_hunyuan_video, tiny_hunyuan_video15
+
+    cpu, size = torch.device("cpu"), dict(frames=5, height=32, width=48)
+    config = HunyuanVideoTransformerConfig.from_dict(tiny_hunyuan_video.TRANSFORMER)
+    inputs = hunyuan_parts.transformer_inputs(None, config, size, torch.Generator().manual_seed(6), cpu)
+    inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"][:, :7]  # [1, 256, C] -> [1, 7, C]
+    inputs["encoder_attention_mask"] = inputs["encoder_attention_mask"][:, :7]
+    # 4 modulations per dual-stream block, 1 per single-stream block, 1 before the output
+    modulations = 4 * config.num_layers + config.num_single_layers + 1
+    check_model("HunyuanVideo", seeded_bf16(HunyuanVideoTransformer(config), 7), inputs, modulations)
+    config15 = HunyuanVideo15TransformerConfig.from_dict(tiny_hunyuan_video15.TRANSFORMER)
+    inputs = hunyuan15_parts.transformer_inputs(None, config15, size, torch.Generator().manual_seed(8), cpu)
+    modulations = 4 * config15.num_layers + 1  # dual-stream blocks only
+    check_model("HunyuanVideo-1.5", seeded_bf16(HunyuanVideo15Transformer(config15), 9), inputs, modulations)
 
 
 if __name__ == "__main__":
