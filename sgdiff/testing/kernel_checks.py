@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from sgdiff.bench.parts import TINY_FLUX, TINY_WAN
+from sgdiff.bench.parts import BENCH_MODELS, TINY_FLUX, TINY_WAN
 from sgdiff.kernels.norm_modulate import norm_modulate
 from sgdiff.kernels.qk_norm_rope import qk_norm_rope
 from sgdiff.models.flux import FluxTransformer
@@ -279,14 +279,16 @@ def check_hunyuan_videos() -> None:
 
     cpu, size = torch.device("cpu"), dict(frames=5, height=32, width=48)
     config = HunyuanVideoTransformerConfig.from_dict(tiny_hunyuan_video.TRANSFORMER)
-    inputs = hunyuan_parts.transformer_inputs(None, config, size, torch.Generator().manual_seed(6), cpu)
+    model = BENCH_MODELS["hunyuanvideo"]
+    inputs = hunyuan_parts.transformer_inputs(model, config, size, torch.Generator().manual_seed(6), cpu)
     inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"][:, :7]  # [1, 256, C] -> [1, 7, C]
     inputs["encoder_attention_mask"] = inputs["encoder_attention_mask"][:, :7]
     # 4 modulations per dual-stream block, 1 per single-stream block, 1 before the output
     modulations = 4 * config.num_layers + config.num_single_layers + 1
     check_model("HunyuanVideo", seeded_bf16(HunyuanVideoTransformer(config), 7), inputs, modulations)
     config15 = HunyuanVideo15TransformerConfig.from_dict(tiny_hunyuan_video15.TRANSFORMER)
-    inputs = hunyuan15_parts.transformer_inputs(None, config15, size, torch.Generator().manual_seed(8), cpu)
+    model = BENCH_MODELS["hunyuanvideo-1.5"]
+    inputs = hunyuan15_parts.transformer_inputs(model, config15, size, torch.Generator().manual_seed(8), cpu)
     modulations = 4 * config15.num_layers + 1  # dual-stream blocks only
     check_model("HunyuanVideo-1.5", seeded_bf16(HunyuanVideo15Transformer(config15), 9), inputs, modulations)
 
