@@ -10,6 +10,8 @@
 #   hunyuan      `sgdiff bench --model hunyuanvideo` at 1280x720x129 (issue 29: forward <= 0.65x diffusers'),
 #                one timed forward a side, no warm-up (each tens of seconds: a first call's overhead is lost in it);
 #                needs a call of its own (run GE's 198 s were not enough)
+#   hunyuan_small the same at 320x512 (~60 s): its bf16 rel err against diffusers (1.6e-1 in run GV, from the fused
+#                LayerNorm + modulation kernel on the patch embedding's strided rows; fixed in commit c894bc1)
 #   hunyuan15    `sgdiff bench --model hunyuanvideo-1.5` (480p T2V; issue 29: forward <= 0.7x diffusers')
 #   fp8          FLUX.1-dev forward: every toggle in bf16, then with --dit-precision fp8 (issue 30: >= 1.3x)
 #   offload      scripts/probes/offload_gpu.py: exact bf16 outputs per mode, streaming cost (issue 30)
@@ -30,6 +32,7 @@
 #                Both sides need imageio-ffmpeg, which the image lacks: its 68 MB wheel travels in two halves
 #                (`split -n 2 -d WHEEL iio.part` into .wheels-fa/iio1 and .wheels-fa/iio2; carry iio1 in one call,
 #                iio2 in the next on the warm machine: the `iio` step joins and installs them)
+#   (hunyuan, hunyuan_small and wan_e2e put FlashAttention on the path where /tmp/site-fa has it)
 #   iio          stage .wheels-fa/iio1's half in /tmp/iio; with .wheels-fa/iio2 there too, join and install
 #   startup      `import torch` without bytecode, then through sgdiff's bytecode cache (sgdiff/bytecode.py) twice
 #   flux_e2e     FLUX.1-dev shell -> PNG (`bench --e2e`, checkpoint in FLUX_DIR), defaults, then with compile
@@ -47,6 +50,8 @@ WAN_DIR=${WAN_DIR:-/dev/shm/wan-e2e}
 FLUX_DIR=${FLUX_DIR:-/dev/shm/flux-e2e}
 pip install --no-index --no-deps --target /tmp/site -q .wheels/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD
+FA=""  # FlashAttention 4 where gpu_flash_attention.sh installed it
+[ -d /tmp/site-fa/flash_attn ] && FA=/tmp/site-fa:/tmp/site-fa/nvidia_cutlass_dsl/dsl_packages:
 S="python -c 'from sgdiff.cli.main import main; main()' bench"
 ALL="--enable-torch-compile --enable-cuda-graph --enable-fused-projections --enable-fused-gelu --enable-fused-norms"
 FP8="--enable-torch-compile --enable-cuda-graph --enable-fused-projections --enable-fused-norms --dit-precision fp8"
@@ -66,8 +71,11 @@ for step in $STEPS; do
                  --json "$OUT/qwen-edit.json" 2>&1 | tee "$OUT/log-qwen-edit.txt" | tail -n 16 ;;
     qwen_e2e) eval timeout "$(left)" $S --model qwen-image --e2e --checkpoint-dir "$QWEN_DIR" --warmup 0 --repeat 1 \
                 --json "$OUT/e2e-qwen.json" 2>&1 | tee "$OUT/log-qwen-e2e.txt" | tail -n 8 ;;
-    hunyuan) eval timeout "$(left)" $S --model hunyuanvideo --warmup 0 --repeat 1 \
+    hunyuan) PYTHONPATH=$FA$PYTHONPATH eval timeout "$(left)" $S --model hunyuanvideo --warmup 0 --repeat 1 \
                --json "$OUT/hunyuan.json" 2>&1 | tee "$OUT/log-hunyuan.txt" | tail -n 16 ;;
+    hunyuan_small) PYTHONPATH=$FA$PYTHONPATH eval timeout "$(left)" $S --model hunyuanvideo --height 320 --width 512 \
+                     --warmup 0 --repeat 1 --json "$OUT/hunyuan-small.json" 2>&1 | tee "$OUT/log-hunyuan-small.txt" \
+                     | tail -n 16 ;;
     hunyuan15) eval timeout "$(left)" $S --model hunyuanvideo-1.5 --warmup 1 --repeat 2 \
                  --json "$OUT/hunyuan15.json" 2>&1 | tee "$OUT/log-hunyuan15.txt" | tail -n 16 ;;
     fp8) eval timeout "$(left)" $S --model flux.1-dev --warmup 2 --repeat 5 $ALL \
@@ -116,9 +124,7 @@ for step in $STEPS; do
            pip install -q --no-index --no-deps --target /tmp/site /tmp/iio/*.whl 2>&1 | grep -v WARN
          fi
          ls /tmp/site | grep -q imageio_ffmpeg && echo "imageio-ffmpeg installed" || echo "imageio-ffmpeg: half staged" ;;
-    wan_e2e) FA=""
-             [ -d /tmp/site-fa/flash_attn ] && FA=/tmp/site-fa:/tmp/site-fa/nvidia_cutlass_dsl/dsl_packages:
-             PYTHONPATH=$FA$PYTHONPATH eval timeout "$(left)" $S --model wan2.1-t2v-1.3b --e2e --checkpoint-dir "$WAN_DIR" \
+    wan_e2e) PYTHONPATH=$FA$PYTHONPATH eval timeout "$(left)" $S --model wan2.1-t2v-1.3b --e2e --checkpoint-dir "$WAN_DIR" \
                --warmup 1 --repeat 1 --json "$OUT/e2e-wan.json" 2>&1 | tee "$OUT/log-wan-e2e.txt" | tail -n 8 ;;
     flux_e2e) for mode in "" "--enable-torch-compile"; do
                 name=$(echo "${mode:-defaults}" | sed 's/--//g; s/ /_/g')
