@@ -12,8 +12,8 @@ import torch
 def norm_modulate(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, bf16_steps: bool, affine: bool = False
 ) -> torch.Tensor:
-    """x: [B, S, N] bf16 (last dim contiguous); shift, scale: [B, 1 or S, N] (bf16 or float32).
-    bf16_steps: round every op to bf16 as FLUX's bf16 eager path does; else (Wan) float32 throughout
+    """x: [B, S, N] bf16 (a strided last dim is copied first: kernels.unit_stride_rows); shift, scale: [B, 1 or S, N]
+    (bf16 or float32). bf16_steps: round every op to bf16 as FLUX's bf16 eager path does; else (Wan) float32 throughout
     and one rounding at the end. affine: norm(x) * scale + shift (a LayerNorm's weight and bias, float32).
     Returns [B, S, N] bf16."""
     if torch.compiler.is_compiling():  # the op speed/compile.py registered (kernels/compiled_ops.py)

@@ -33,8 +33,8 @@ def gated_residual_kernel(
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x, y: [B, S, N] bf16 (last dim contiguous); gate: [B, 1 or S, N] float32 -> [B, S, N] bf16, equal to
-    (x.float() + y.float() * gate).to(bf16)."""
+    """x, y: [B, S, N] bf16 (a strided last dim is copied first); gate: [B, 1 or S, N] float32 -> [B, S, N] bf16,
+    equal to (x.float() + y.float() * gate).to(bf16)."""
     batch, rows, width = x.shape
     out = torch.empty(batch, rows, width, device=x.device, dtype=torch.bfloat16)
     x, y, gate = unit_stride_rows(x), unit_stride_rows(y), unit_stride_rows(gate).expand(batch, rows, width)

@@ -171,7 +171,7 @@ class FP32LayerNorm(nn.LayerNorm):
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         affine = weight is not None and bias is not None
-        fits = x.dim() == 3 and x.dtype == torch.bfloat16 and kernels_run_on(x) and x.stride(-1) == 1
+        fits = x.dim() == 3 and x.dtype == torch.bfloat16 and kernels_run_on(x)
         if affine and self.norm_kernel and fits:
             from sgdiff.kernels.norm_modulate import norm_modulate
 
@@ -191,15 +191,15 @@ class FP32LayerNorm(nn.LayerNorm):
 
 class GatedResidual(nn.Module):
     """A block's gated residual update (Wan's): x + y * gate in float32, back in x's dtype. One Triton kernel
-    with --enable-fused-norms (bf16 x and y, last dims contiguous; kernels/triton_gated_residual.py), except
-    inside torch.compile, whose inductor fuses the expression itself."""
+    with --enable-fused-norms (bf16 x and y; kernels/triton_gated_residual.py), except inside torch.compile,
+    whose inductor fuses the expression itself."""
 
     kernel: bool = False  # speed/fuse.py sets it
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """x, y: [B, S, D]; gate: float32 [B, 1 or S, D]."""
         bf16 = x.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
-        fits = bf16 and kernels_run_on(x) and x.stride(-1) == 1 and y.stride(-1) == 1
+        fits = bf16 and kernels_run_on(x)
         if self.kernel and fits and not torch.compiler.is_compiling():
             from sgdiff.kernels.triton_gated_residual import gated_residual
 
