@@ -6,6 +6,10 @@ blocks go back to streaming when the stage ends."""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -16,6 +20,8 @@ from sgdiff.errors import UserError
 from sgdiff.offload.resident import ResidentBlocks, spread
 from sgdiff.speed.compile import compile_blocks
 from sgdiff.testing.offload import FLUX, WAN, assert_same, generate, load, where
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +157,18 @@ def test_auto_room_is_what_the_process_may_hold_beyond_one_forward(monkeypatch):
     ResidentBlocks(None, None).stage_started(gpu)
     ResidentBlocks(3, None).stage_started(gpu)  # (a count measures nothing)
     assert emptied == [True]
+
+
+def test_offload_benchmark_streams_the_blocks_it_does_not_keep_and_changes_no_output():
+    """scripts/bench_offload.py on the tiny Wan (two blocks, CFG: two forwards a step), one block kept: the
+    other is copied in at each forward, and the offloaded step's output is the in-memory one's bit for bit."""
+    spec = importlib.util.spec_from_file_location("bench_offload", ROOT / "scripts" / "bench_offload.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = argparse.Namespace(model="wan2.1-t2v-14b", height=None, width=None, gpu_memory_limit=None, prefetch=1,
+                              resident_blocks="1", warmup=0, repeat=1, tiny=True, device="cpu", json=None)  # fmt: skip
+    result = script.run(args)
+    offloaded = result["offloaded"]
+    assert (offloaded["blocks"], offloaded["blocks_kept"], offloaded["blocks_copied_per_step"]) == (2, 1, 2)
+    assert result["identical"] is True
+    assert "output identical to the in-memory one: yes" in script.render(result)

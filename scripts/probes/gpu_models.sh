@@ -24,6 +24,8 @@
 #                switching time (issue 32: fused = base, unfused <= 5%, switch <= 0.5 s)
 #   flux_offload FLUX.1-dev shell -> PNG with --cpu-offload layers under a 12 GiB cap, every block streamed, then
 #                --offload-resident-blocks auto (issue 30: step <= 1.5x uncapped)
+#   wan14_offload scripts/bench_offload.py: Wan2.1-T2V-14B 1280x720x81, a CFG step in memory against --cpu-offload
+#                layers under 24GiB, then under 32GiB (an A14B expert's step; issue 30: <= 1.3x), ~200 s each
 #   qwen_profile scripts/probes/profile_forward.py: Qwen-Image 1328x1328's forward by kernel kind, defaults and all toggles
 #   wan_profile  the same for Wan2.1-T2V-1.3B 832x480x81 (issue 26: a step must drop from 1.09 to ~0.95 s for <= 55 s)
 #   wan          `sgdiff bench --model wan2.1-t2v-1.3b`, defaults (run GH before Wan's gated-residual kernels: 550.8 ms)
@@ -107,6 +109,11 @@ for step in $STEPS; do
                       --cpu-offload layers --offload-resident-blocks $kept --gpu-memory-limit 12GiB \
                       --json "$OUT/e2e-flux-offload-$kept.json" 2>&1 | tee "$OUT/log-flux-offload-$kept.txt" | tail -n 14
                   done ;;
+    wan14_offload) for cap in 24GiB 32GiB; do
+                     timeout "$(left)" python scripts/bench_offload.py --model wan2.1-t2v-14b --height 720 --width 1280 \
+                       --gpu-memory-limit $cap --warmup 0 --repeat 2 --json "$OUT/offload-wan14-$cap.json" 2>&1 \
+                       | tee "$OUT/log-offload-wan14-$cap.txt" | tail -n 6
+                   done ;;
     qwen_profile) for all in "" "--all"; do
                     timeout "$(left)" python scripts/probes/profile_forward.py --model qwen-image --height 1328 --width 1328 \
                       $all 2>&1 | tee -a "$OUT/qwen-profile.txt" | tail -n 34

@@ -133,16 +133,26 @@ def apply_offload(
         on_demand.add_component(part)
     if offload.cpu_offload == "components" and len(pipeline.transformers) > 1:
         on_demand.add_experts(pipeline.transformers)
-    streamer = None
-    if offload.cpu_offload == "layers":
-        blocks = [distinct(repeated_blocks(model)) for model in pipeline.transformers]  # (a block twice: once)
-        if any(blocks):
-            count = offload.resident_count
-            keep = ResidentBlocks(count, gpu_memory_limit) if count is None or count > 0 else None
-            streamer = BlockStreamer([b for b in blocks if b], device, offload.offload_prefetch, pinned, keep)
-            pipeline.after_stage.append(streamer.release)
+    streamer = stream_blocks(pipeline.transformers, offload, device, gpu_memory_limit)
+    if streamer is not None:
+        pipeline.after_stage.append(streamer.release)
     pipeline.after_stage.append(on_demand.stage_finished)
     return Offloaded(offload, on_demand, streamer)
+
+
+def stream_blocks(
+    transformers: list[nn.Module], offload: OffloadConfig, device: torch.device, gpu_memory_limit: int | None = None
+) -> BlockStreamer | None:
+    """`layers`: the transformers' repeated blocks moved to their CPU homes (from wherever they are) and streamed
+    onto `device` when they run; None for another mode or transformers without repeated blocks. The caller
+    releases the kept blocks after each stage (BlockStreamer.release)."""
+    blocks = [distinct(repeated_blocks(model)) for model in transformers]  # (a block twice: once)
+    if offload.cpu_offload != "layers" or not any(blocks):
+        return None
+    count = offload.resident_count
+    keep = ResidentBlocks(count, gpu_memory_limit) if count is None or count > 0 else None
+    pinned = device.type == "cuda"
+    return BlockStreamer([b for b in blocks if b], device, offload.offload_prefetch, pinned, keep)
 
 
 def distinct(modules: list[nn.Module]) -> list[nn.Module]:
