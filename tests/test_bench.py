@@ -154,6 +154,7 @@ def test_bench_e2e_refuses_qwen_image_edit(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_bench_e2e_runs_qwen_image_with_true_cfg_on_both_sides(tmp_path, monkeypatch):
     """--e2e for Qwen-Image (tiny): both sides guide with true CFG 4 against the negative prompt " " (the
     diffusers script's call and sgdiff's flags say so) and write a PNG; sgdiff reads its text encoder
@@ -190,6 +191,7 @@ def test_bench_full_size_needs_a_gpu(tmp_path):
     assert not (tmp_path / "b.json").exists()
 
 
+@pytest.mark.slow
 def test_bench_e2e_times_both_sides_as_fresh_processes(tmp_path):
     """--e2e on the tiny checkpoint (written once): `sgdiff generate` with the speed flags given, and the
     diffusers script, each as its own process; the phases of each add up to no more than its wall time."""
@@ -208,12 +210,16 @@ def test_bench_e2e_times_both_sides_as_fresh_processes(tmp_path):
         assert all(seconds >= 0 for seconds in run["phases"].values()) and run["phases"]["load"] > 0
         assert sum(run["phases"].values()) <= run["wall"] + 0.02  # the kernel counts a process's start in 10 ms ticks
     assert sgdiff["phases"]["denoise"] > 0 and "shell -> file" in result.output
+    requests = sgdiff["request_seconds"]  # each prompt's request in the engine: text, denoise, decode
+    in_requests = sum(sgdiff["phases"][phase] for phase in ("text", "denoise", "decode"))
+    assert len(requests) == 2 and in_requests <= sum(requests) + 1e-6 and "later ones median" in result.output
     parts = {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae", "prompt embeddings"}
     assert set(sgdiff["load_parts"]) == parts  # (the prompts, encoded while the transformer loads)
     assert all(0 <= began <= ended <= sgdiff["phases"]["load"] + 0.01 for began, ended in sgdiff["load_parts"].values())
     assert data["machine"]["read_gb_per_s"] > 0 and "this machine reads the files at" in result.output
 
 
+@pytest.mark.slow
 def test_bench_e2e_runs_a_video_model_to_an_mp4_on_both_sides(tmp_path):
     """--e2e for Wan2.1-T2V-1.3B (tiny): both sides sample the same frames with CFG and write an MP4."""
     out, checkpoint = tmp_path / "e2e.json", tmp_path / "checkpoint"

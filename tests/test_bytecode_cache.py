@@ -87,6 +87,7 @@ def prefix_of_child(answers) -> None:
     answers.put(sys.pycache_prefix)
 
 
+@pytest.mark.slow
 def test_spawned_workers_read_the_same_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "bytecode"))
     monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 # sgdiff's CLI; `version` stands in for another release (the cache folder is keyed by it)
 CODE = "import sys, sgdiff; sgdiff.__version__ = sys.argv.pop(1); from sgdiff.cli.main import main; main()"
 
@@ -26,6 +28,7 @@ def compile_cache_use(model: Path, tmp_path: Path, *flags: str, version: str = "
     return json.loads(perf.read_text())["speed"]["torch_compile_cache"]
 
 
+@pytest.mark.slow
 def test_a_second_process_loads_what_the_first_compiled(tiny_flux_dev, tmp_path):
     first = compile_cache_use(tiny_flux_dev, tmp_path)
     assert first["graph_cache_misses"] > 0 and first["graph_cache_hits"] == 0

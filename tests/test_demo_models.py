@@ -61,11 +61,13 @@ def test_demo_presets_follow_the_model_by_name_and_by_folder():
     assert ModelRunner(str(demo_model_dir("sgdiff/demo-video"))).preset.name == "demo-video"  # matched by its config
 
 
+@pytest.mark.slow
 def test_image_model_draws_held_out_prompts(image_engine):
     grades = grade_model(image_engine, clip=False)
     assert grades.passed(), f"{grades.summary()}; missed: {grades.misses}"
 
 
+@pytest.mark.slow
 def test_video_model_moves_objects_as_held_out_prompts_say(video_engine):
     grades = grade_model(video_engine, clip=True)
     assert grades.passed(), f"{grades.summary()}; missed: {grades.misses}"
@@ -86,6 +88,7 @@ def with_random_transformer(name: str, folder):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, clip", [("sgdiff/demo-image", False), ("sgdiff/demo-video", True)])
 def test_the_checks_fail_random_weights(name, clip, tmp_path):
     # (12 prompts spread over the set: a random transformer gets a colour right by chance, ~1 in 6)

@@ -40,7 +40,10 @@ def test_ci_runs_the_readme_test_command():
     blocks = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
     test_command = blocks[1].strip()
     assert "pytest" in test_command
-    assert test_command in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_command in ci
+    if '-m "not slow"' in test_command:  # the slow tier the command leaves out runs in CI after it
+        assert "\npython -m pytest -m slow" in ci[ci.index(test_command) :]
 
 
 def test_readme_starts_with_the_two_commands(tmp_path):

@@ -235,6 +235,7 @@ def test_cancelling_every_member_stops_the_batch_after_the_step_in_hand(flux_eng
     assert flux_engine.submit("a red cube", **SMALL).result(timeout=60).images.shape == (1, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_a_batch_on_a_two_process_pool_gives_the_pixels_of_one_request_alone(tiny_flux_dev, flux_engine):
     batching = BatchingConfig(3, 1000)
     with Engine(str(tiny_flux_dev), runtime=CPU, parallel=ParallelConfig(num_gpus=2), batching=batching) as pool:

@@ -79,6 +79,7 @@ def test_a_request_changes_the_output_far_beyond_the_tolerance(single_images):
     assert np.abs(first[:32, :32].astype(int) - second.astype(int)).max() > 40
 
 
+@pytest.mark.slow
 def test_a_pool_serves_requests_in_a_row_without_restarting(pool_engine, single_images):
     before = [process.pid for process in worker_processes(pool_engine)]
     for _ in range(2):  # the same three requests twice: six in a row on one pool
@@ -179,6 +180,7 @@ def test_a_bad_request_fails_in_the_callers_thread_and_the_engine_serves_on(loca
     assert local_engine.submit("a red cube", height=32, width=32, num_inference_steps=1).result().images is not None
 
 
+@pytest.mark.slow
 def test_a_killed_worker_fails_its_request_and_the_pool_says_so(tiny_flux_dev):
     children_before = child_processes()
     engine = Engine(str(tiny_flux_dev), runtime=CPU, parallel=ParallelConfig(num_gpus=2))

@@ -270,6 +270,7 @@ def test_bench_reports_fp8_weights_against_diffusers_bf16(monkeypatch, tmp_path)
     assert any(line.startswith("transformer weights, GiB") for line in result.output.splitlines())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "config", [ParallelConfig(2), ParallelConfig(3, ring_degree=3)], ids=["ulysses-2", "ring-3-unaligned-rows"]
 )

@@ -13,7 +13,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_fused_norm_kernels_match_the_unfused_path():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(

@@ -463,6 +463,7 @@ def test_specs_and_modes():
     assert lora_mode("auto", switching=False) == "fused" and lora_mode("auto", switching=True) == "unfused"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("config", "fp8"),
     [(ParallelConfig(2), False), (ParallelConfig(2, ring_degree=2), False), (ParallelConfig(2), True)],

@@ -149,6 +149,7 @@ def test_qwen_image_adapters_in_diffusers_and_kohya_names_are_diffusers(tmp_path
     assert np.abs(base - expected).max() > MOVED
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("parallel", "mode"),
     [

@@ -89,6 +89,7 @@ def long_run(tiny_flux_dev, tmp_path):
         process.wait()
 
 
+@pytest.mark.slow
 def test_a_killed_worker_ends_the_run(long_run):
     process, out = long_run
     workers = wait_for_workers(process, 2)
@@ -101,6 +102,7 @@ def test_a_killed_worker_ends_the_run(long_run):
     assert list(out.iterdir()) == []  # nothing half-written
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_every_process(long_run):
     process, out = long_run
     workers = wait_for_workers(process, 2)
@@ -142,6 +144,7 @@ def test_ctrl_c_while_the_workers_start_shows_no_traceback(tiny_flux_dev, tmp_pa
     assert all_ended(workers) and not out.exists()
 
 
+@pytest.mark.slow
 def test_sigterm_ends_every_process_and_leaves_nothing(long_run, tmp_path):
     process, out = long_run
     workers = wait_for_workers(process, 2)
@@ -152,6 +155,7 @@ def test_sigterm_ends_every_process_and_leaves_nothing(long_run, tmp_path):
     assert list((tmp_path / "tmp").iterdir()) == []  # the workers' rendezvous folder is gone too
 
 
+@pytest.mark.slow
 def test_a_worker_dying_at_start_with_a_big_prompt_file_ends_the_run(tiny_flux_dev, tmp_path):
     """A worker dying while the pool starts ends the run at once, with 20000 prompts (~0.4 MB) queued."""
     prompts = tmp_path / "prompts.txt"
@@ -169,6 +173,7 @@ def test_a_worker_dying_at_start_with_a_big_prompt_file_ends_the_run(tiny_flux_d
     assert code == 1 and re.fullmatch(r"error: worker [01] was killed by SIGKILL; every worker was stopped\n", stderr)
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_rank_0_saves_leaves_no_partial_file(tiny_flux_dev, tmp_path):
     """The front process writes the outputs: interrupted inside a save (made slow here), it removes
     its partial file on the way out and stops its workers by SIGTERM."""
@@ -311,6 +316,7 @@ def test_a_sigterm_that_lands_in_a_finaliser_still_ends_the_process_quietly():
     assert (done.stdout, done.stderr) == ("terminated\n", "")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["while the workers start", "while they denoise"])
 def test_a_killed_front_takes_its_workers_and_their_rendezvous_along(long_run, tmp_path, when):
     """SIGKILL leaves the front no say: its workers see it gone (whatever they are doing, however early)
@@ -329,6 +335,7 @@ def test_a_killed_front_takes_its_workers_and_their_rendezvous_along(long_run, t
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_sigterm_inside_one_long_kernel_ends_the_run_at_once(tmp_path):
     """One process, its engine thread inside a single step that takes minutes (the demo model at 4096²
     on the CPU): SIGTERM ends the run within seconds, 143 and 'terminated', without waiting for the step

@@ -31,7 +31,7 @@ def single(tiny_flux_dev, tmp_path_factory):
     return iio.imread(out / "a.png")
 
 
-@pytest.mark.parametrize("launcher", ["spawn", "torchrun"])
+@pytest.mark.parametrize("launcher", ["spawn", pytest.param("torchrun", marks=pytest.mark.slow)])
 def test_two_processes_write_the_single_process_image_once(launcher, tiny_flux_dev, single, tmp_path):
     command = SGDIFF if launcher == "spawn" else TORCHRUN
     result = generate(command, tiny_flux_dev, tmp_path, "--output-file-name", "a", "--num-gpus", "2")

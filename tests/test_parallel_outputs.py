@@ -43,7 +43,10 @@ def single_process(models):
     return {model: latents(model) for model in models}
 
 
-@pytest.mark.parametrize("mode", MODES)
+# three and four processes in the slow tier (CI runs it: pytest -m slow); two in every run
+@pytest.mark.parametrize(
+    "mode", [pytest.param(m, marks=pytest.mark.slow) if MODES[m].num_gpus > 2 else m for m in MODES]
+)
 def test_parallel_latents_equal_one_process(mode, models, single_process):
     requests = [(models[model], "a red cube", REQUESTS[model]) for model in REQUESTS]
     per_rank = run_on_ranks(MODES[mode], parallel_latents, requests)  # one spawn serves both models

@@ -79,6 +79,7 @@ def test_the_sharded_transformer_gives_the_whole_output_on_an_edit_input(mode, t
         assert out["after_remove"] == 0  # the hooks taken off: the single-process model again
 
 
+@pytest.mark.slow
 def test_ulysses_times_ring_on_four_processes_gives_the_whole_output():
     config = ParallelConfig(4, ulysses_degree=2, ring_degree=2)
     for rank, out in enumerate(run_on_ranks(config, sharded_edit_transformer, *EDIT_CASE)):

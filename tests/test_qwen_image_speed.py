@@ -71,6 +71,7 @@ def test_fused_gelu_runs_the_mlp_gelu_with_its_gemm(tiny_qwen):
     assert (fused - plain).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_fused_norms_give_the_plain_and_diffusers_output_in_bf16():
     """q/k RMSNorm + RoPE (diffusers' RMSNorm: two roundings, which the kernel makes too) and the
     blocks' LayerNorm + modulation (per token with zero_cond_t), run in Triton's interpreter."""

@@ -25,7 +25,12 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize(("mode", "backend"), [*((mode, "auto") for mode in MODES), ("ulysses-2", "math")])
+def by_processes(*params):
+    """Each (mode, ...) case; those of more than two processes in the slow tier (CI runs it: pytest -m slow)."""
+    return [pytest.param(*p, marks=pytest.mark.slow) if MODES[p[0]].num_gpus > 2 else p for p in params]
+
+
+@pytest.mark.parametrize(("mode", "backend"), by_processes(*((mode, "auto") for mode in MODES), ("ulysses-2", "math")))
 def test_sharded_attention_equals_whole_sequence(mode, backend):
     assert HEADS % (4 * PIPELINE_CHUNKS) == 0 and PIPELINE_CHUNKS > 1
     g = torch.Generator().manual_seed(0)
@@ -36,7 +41,7 @@ def test_sharded_attention_equals_whole_sequence(mode, backend):
         assert difference <= 1e-5, f"{mode} rank {rank}: max abs diff {difference}"
 
 
-@pytest.mark.parametrize("mode", ["ulysses-2", "ring-3"])
+@pytest.mark.parametrize("mode", ["ulysses-2", pytest.param("ring-3", marks=pytest.mark.slow)])
 def test_work_alongside_runs_while_q_k_v_travel(mode):
     """attention_alongside: the same output and `work` run once; with Ulysses after every chunk's
     all-to-all was started and before the first is waited on (Ring: first)."""
@@ -140,13 +145,13 @@ def test_posted_streams_land_in_every_peers_slot_in_order(batch):
 
 @pytest.mark.parametrize(
     ("mode", "batch", "per_head_norms", "inputs_travel"),
-    [
+    by_processes(
         ("ulysses-2", 1, True, True),
         ("ulysses-2", 2, True, True),
         ("ulysses-2", 1, False, False),  # a norm over every head needs q and k whole: q, k, v travel
         ("ulysses-4", 1, True, False),  # four ranks: q, k and v are fewer bytes than the inputs
         ("usp-2x2", 1, True, False),
-    ],
+    ),
 )
 def test_joint_attention_from_streams_equals_whole_sequence(mode, batch, per_head_norms, inputs_travel):
     """joint_attention with the streams before their projections (FLUX's text and image, lengths the

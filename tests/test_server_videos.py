@@ -47,6 +47,7 @@ def frames_of(mp4: bytes) -> np.ndarray:
     return iio.imread(mp4, extension=".mp4")  # [T, H, W, 3]
 
 
+@pytest.mark.slow
 def test_a_video_job_reports_each_step_and_gives_generates_mp4(server, tmp_path):
     client = server.openai()
     video = client.videos.create(model=MODEL, prompt="a red ball rolls right", size="128x128",
@@ -127,6 +128,7 @@ def test_an_input_reference_is_checked(server, tmp_path):
     assert text_only.value.body["param"] == "input_reference" and "text only" in text_only.value.body["message"]
 
 
+@pytest.mark.slow
 def test_jobs_survive_kill_9(tmp_path):
     state, log = tmp_path / "state", tmp_path / "log.txt"
     with ServerProcess(["--model-path", MODEL], state, log) as first:
@@ -149,6 +151,7 @@ def test_jobs_survive_kill_9(tmp_path):
         assert again.status == "completed" and frames_of(client.videos.download_content(queued.id).read()).any()
 
 
+@pytest.mark.slow
 def test_image_to_video_takes_an_uploaded_first_frame(tiny_wan, tmp_path):
     """Multipart with `input_reference`: the video equals `sgdiff generate --image-path`'s, and
     another image gives another video."""
@@ -179,6 +182,7 @@ def test_image_to_video_takes_an_uploaded_first_frame(tiny_wan, tmp_path):
     assert np.abs(videos[0].astype(int) - videos[1].astype(int)).max() > 20
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_no_worker_process(tiny_flux_dev, tmp_path):
     """A server over a pool of 2 worker processes: killed with SIGKILL, its workers end too."""
     args = ["--model-path", str(tiny_flux_dev), "--num-gpus", "2"]

@@ -12,7 +12,11 @@ from sgdiff.testing.distributed import run_on_ranks, sharded_flux_modulation
 
 @pytest.mark.parametrize(
     ("config", "batch"),
-    [(ParallelConfig(2), 1), (ParallelConfig(2), 2), (ParallelConfig(3, ring_degree=3), 1)],
+    [
+        (ParallelConfig(2), 1),
+        (ParallelConfig(2), 2),
+        pytest.param(ParallelConfig(3, ring_degree=3), 1, marks=pytest.mark.slow),
+    ],
     ids=["ulysses-2", "ulysses-2-batch-2", "ring-3"],
 )
 def test_each_rank_computes_its_share_of_the_modulation(config, batch):

@@ -278,6 +278,7 @@ def test_cfg_branches_decide_on_their_own_in_the_real_model(tiny_flux_dev):
     assert set(skipped) == {"cond", "uncond"} and skipped["cond"] != skipped["uncond"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", SIGNAL_METHODS)
 @pytest.mark.parametrize("config", [ParallelConfig(2), ParallelConfig(2, enable_cfg_parallel=True)],
                          ids=["ulysses-2", "cfg-2"])  # fmt: skip

@@ -146,6 +146,7 @@ def generate_video(model, image: str, out: Path, name: str, *extra: str) -> np.n
     return read_png_frames(out / name)
 
 
+@pytest.mark.slow
 def test_image_from_an_http_url(tiny_wan, picture, served_picture, tmp_path):
     """A URL is downloaded once and gives the same video as the file; on two processes too (the
     front fetches the image once and sends its bytes to every rank)."""

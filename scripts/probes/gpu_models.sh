@@ -16,9 +16,10 @@
 #   fp8          FLUX.1-dev forward: every toggle in bf16, then with --dit-precision fp8 (issue 30: >= 1.3x)
 #   offload      scripts/probes/offload_gpu.py: exact bf16 outputs per mode, streaming cost (issue 30)
 #   vae_split    2 GPUs only: torchrun scripts/probes/bench_vae_split.py (issue 30: >= 1.7x)
-#   cache        FLUX.1-dev shell -> PNG (`bench --e2e`, checkpoint in FLUX_DIR, default /dev/shm/flux-e2e) lossless,
-#                then --cache magcache and taylorseer (schedules: their skips do not depend on the weights, so
-#                random weights time them truly), then magcache with FP8 weights (issue 31: >= 2.2x a request)
+#   cache        FLUX.1-dev, three prompts a process (`bench --e2e --prompts 3`, checkpoint in FLUX_DIR, default
+#                /dev/shm/flux-e2e): lossless, then --cache taylorseer, then taylorseer and magcache with FP8 weights
+#                and torch.compile (schedules: their skips do not depend on the weights, so random weights time them
+#                truly); shell -> PNG and a request on the loaded engine (issue 31: >= 2.2x a request)
 #   lora         scripts/probes/lora_cuda.py: adapters in bf16 with every toggle, compile, CUDA graphs, FP8 (issue 32)
 #   lora_speed   scripts/bench_lora.py at full size, defaults then every toggle: base vs fused vs unfused per forward,
 #                switching time (issue 32: fused = base, unfused <= 5%, switch <= 0.5 s)
@@ -85,10 +86,11 @@ for step in $STEPS; do
          eval timeout "$(left)" $S --model flux.1-dev --warmup 2 --repeat 5 $FP8 \
            --json "$OUT/flux-fp8-all.json" 2>&1 | tee "$OUT/log-flux-fp8.txt" | tail -n 16 ;;
     offload) timeout "$(left)" python scripts/probes/offload_gpu.py 2>&1 | tee "$OUT/offload.txt" | tail -n 30 ;;
-    cache) for mode in "" "--cache magcache" "--cache taylorseer" "--cache magcache --dit-precision fp8"; do
+    cache) for mode in "" "--cache taylorseer" "--cache taylorseer --dit-precision fp8 --enable-torch-compile" \
+                       "--cache magcache --dit-precision fp8 --enable-torch-compile"; do
              name=$(echo "${mode:-lossless}" | sed 's/--//g; s/ /_/g')
-             eval timeout "$(left)" $S --model flux.1-dev --e2e --checkpoint-dir "$FLUX_DIR" --warmup 0 --repeat 1 $mode \
-               --json "$OUT/e2e-flux-$name.json" 2>&1 | tee "$OUT/log-cache-$name.txt" | tail -n 6
+             eval timeout "$(left)" $S --model flux.1-dev --e2e --checkpoint-dir "$FLUX_DIR" --warmup 0 --repeat 1 \
+               --prompts 3 $mode --json "$OUT/e2e-flux-$name.json" 2>&1 | tee "$OUT/log-cache-$name.txt" | tail -n 7
            done ;;
     lora) timeout "$(left)" python scripts/probes/lora_cuda.py 2>&1 | tee "$OUT/lora.txt" | tail -n 20 ;;
     lora_speed) for speed in defaults all; do

@@ -80,6 +80,7 @@ class Run:
     speed: dict | None = None  # sgdiff: the toggles as resolved, compile cache use, CUDA graph capture
     step_seconds: list[float] | None = None  # sgdiff: every denoising step of the first prompt
     peak_gpu_gib: float | None = None  # sgdiff: the most GPU memory a request held (None on the CPU)
+    request_seconds: list[float] | None = None  # sgdiff: each prompt's request in the engine (text, denoise, decode)
 
 
 def drop_page_cache() -> None:
@@ -131,7 +132,8 @@ def run_sgdiff(model: Path, prompts: list[str], size: dict, device: str, speed_f
         "decode": stage("decoding"),
         "write": dump["total_seconds"] - dump["load_seconds"] - in_requests,
         "exit": wall - at_dump,  # after the perf dump: freeing memory, the interpreter's end
-    }, load_spans(dump), dump.get("speed"), requests[0]["step_seconds"], peak_gpu_gib(requests))  # fmt: skip
+    }, load_spans(dump), dump.get("speed"), requests[0]["step_seconds"], peak_gpu_gib(requests),
+        [r["total_seconds"] for r in requests])  # fmt: skip
 
 
 def peak_gpu_gib(requests: list[dict]) -> float | None:
@@ -265,6 +267,11 @@ def render_end_to_end(result: dict) -> str:
     if peak is not None:
         steps = result["runs"]["sgdiff"][0].get("step_seconds") or [0.0]
         lines.append(f"  sgdiff peak GPU memory {peak:.1f} GiB; median step {statistics.median(steps):.3f} s")
+    later = [seconds for run in result["runs"]["sgdiff"] for seconds in (run.get("request_seconds") or [])[1:]]
+    if later:  # several prompts: what a request costs a loaded engine (a server's request -> response)
+        first = statistics.median(run["request_seconds"][0] for run in result["runs"]["sgdiff"])
+        lines.append(f"  sgdiff request on the loaded engine (text, denoise, decode): first {first:.2f} s, "
+                     f"later ones median {statistics.median(later):.2f} s")  # fmt: skip
     gb, machine = result["checkpoint_gb"], result["machine"]
     copy = machine.get("pinned_to_gpu_gb_per_s")
     lines.append(
