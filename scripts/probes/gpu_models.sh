@@ -19,14 +19,16 @@
 #   cache        FLUX.1-dev, three prompts a process (`bench --e2e --prompts 3`, checkpoint in FLUX_DIR, default
 #                /dev/shm/flux-e2e): lossless, then --cache taylorseer, then taylorseer and magcache with FP8 weights
 #                and torch.compile (schedules: their skips do not depend on the weights, so random weights time them
-#                truly); shell -> PNG and a request on the loaded engine (issue 31: >= 2.2x a request)
+#                truly); shell -> PNG and a request on the loaded engine (issue 31: >= 2.2x a request); CACHE_MODES
+#                chooses others
 #   lora         scripts/probes/lora_cuda.py: adapters in bf16 with every toggle, compile, CUDA graphs, FP8 (issue 32)
 #   lora_speed   scripts/bench_lora.py at full size, defaults then every toggle: base vs fused vs unfused per forward,
 #                switching time (issue 32: fused = base, unfused <= 5%, switch <= 0.5 s)
 #   flux_offload FLUX.1-dev shell -> PNG with --cpu-offload layers under a 12 GiB cap, every block streamed, then
 #                --offload-resident-blocks auto (issue 30: step <= 1.5x uncapped)
 #   wan14_offload scripts/bench_offload.py: Wan2.1-T2V-14B 1280x720x81, a CFG step in memory against --cpu-offload
-#                layers under 24GiB, then under 32GiB (an A14B expert's step; issue 30: <= 1.3x), ~200 s each
+#                layers under each of OFFLOAD_CAPS (default 24GiB, then 32GiB: an A14B expert's step; issue 30:
+#                <= 1.3x), ~200 s each
 #   qwen_profile scripts/probes/profile_forward.py: Qwen-Image 1328x1328's forward by kernel kind, defaults and all toggles
 #   wan_profile  the same for Wan2.1-T2V-1.3B 832x480x81 (issue 26: a step must drop from 1.09 to ~0.95 s for <= 55 s)
 #   wan          `sgdiff bench --model wan2.1-t2v-1.3b`, defaults (run GH before Wan's gated-residual kernels: 550.8 ms)
@@ -35,7 +37,7 @@
 #                Both sides need imageio-ffmpeg, which the image lacks: its 68 MB wheel travels in two halves
 #                (`split -n 2 -d WHEEL iio.part` into .wheels-fa/iio1 and .wheels-fa/iio2; carry iio1 in one call,
 #                iio2 in the next on the warm machine: the `iio` step joins and installs them)
-#   (hunyuan, hunyuan_small and wan_e2e put FlashAttention on the path where /tmp/site-fa has it)
+#   (hunyuan, hunyuan_small, qwen_all and wan_e2e put FlashAttention on the path where /tmp/site-fa has it)
 #   iio          stage .wheels-fa/iio1's half in /tmp/iio; with .wheels-fa/iio2 there too, join and install
 #   startup      `import torch` without bytecode, then through sgdiff's bytecode cache (sgdiff/bytecode.py) twice
 #   flux_e2e     FLUX.1-dev shell -> PNG (`bench --e2e`, checkpoint in FLUX_DIR), defaults, then with compile
@@ -51,6 +53,9 @@ STEPS=${STEPS:-disk qwen qwen_all hunyuan}
 QWEN_DIR=${QWEN_DIR:-/dev/shm/qwen-e2e}
 WAN_DIR=${WAN_DIR:-/dev/shm/wan-e2e}
 FLUX_DIR=${FLUX_DIR:-/dev/shm/flux-e2e}
+OFFLOAD_CAPS=${OFFLOAD_CAPS:-24GiB 32GiB}  # wan14_offload's caps
+# cache's modes, ';' between them (the first, empty: lossless)
+CACHE_MODES=${CACHE_MODES:-";--cache taylorseer;--cache taylorseer --dit-precision fp8 --enable-torch-compile;--cache magcache --dit-precision fp8 --enable-torch-compile"}
 pip install --no-index --no-deps --target /tmp/site -q .wheels/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD
 FA=""  # FlashAttention 4 where gpu_flash_attention.sh installed it
@@ -68,7 +73,7 @@ for step in $STEPS; do
             --json "$OUT/flux-defaults.json" 2>&1 | tee "$OUT/log-flux.txt" | tail -n 16 ;;
     qwen) eval timeout "$(left)" $S --model qwen-image --height 1328 --width 1328 --warmup 1 --repeat 3 \
             --json "$OUT/qwen-1328.json" 2>&1 | tee "$OUT/log-qwen.txt" | tail -n 16 ;;
-    qwen_all) eval timeout "$(left)" $S --model qwen-image --height 1328 --width 1328 --warmup 1 --repeat 3 $ALL \
+    qwen_all) PYTHONPATH=$FA$PYTHONPATH eval timeout "$(left)" $S --model qwen-image --height 1328 --width 1328 --warmup 1 --repeat 3 $ALL \
                 --json "$OUT/qwen-1328-all.json" 2>&1 | tee "$OUT/log-qwen-all.txt" | tail -n 16 ;;
     qwen_edit) eval timeout "$(left)" $S --model qwen-image-edit --warmup 1 --repeat 3 \
                  --json "$OUT/qwen-edit.json" 2>&1 | tee "$OUT/log-qwen-edit.txt" | tail -n 16 ;;
@@ -86,8 +91,8 @@ for step in $STEPS; do
          eval timeout "$(left)" $S --model flux.1-dev --warmup 2 --repeat 5 $FP8 \
            --json "$OUT/flux-fp8-all.json" 2>&1 | tee "$OUT/log-flux-fp8.txt" | tail -n 16 ;;
     offload) timeout "$(left)" python scripts/probes/offload_gpu.py 2>&1 | tee "$OUT/offload.txt" | tail -n 30 ;;
-    cache) for mode in "" "--cache taylorseer" "--cache taylorseer --dit-precision fp8 --enable-torch-compile" \
-                       "--cache magcache --dit-precision fp8 --enable-torch-compile"; do
+    cache) IFS=';' read -ra modes <<< "$CACHE_MODES"
+           for mode in "${modes[@]}"; do
              name=$(echo "${mode:-lossless}" | sed 's/--//g; s/ /_/g')
              eval timeout "$(left)" $S --model flux.1-dev --e2e --checkpoint-dir "$FLUX_DIR" --warmup 0 --repeat 1 \
                --prompts 3 $mode --json "$OUT/e2e-flux-$name.json" 2>&1 | tee "$OUT/log-cache-$name.txt" | tail -n 7
@@ -111,7 +116,7 @@ for step in $STEPS; do
                       --cpu-offload layers --offload-resident-blocks $kept --gpu-memory-limit 12GiB \
                       --json "$OUT/e2e-flux-offload-$kept.json" 2>&1 | tee "$OUT/log-flux-offload-$kept.txt" | tail -n 14
                   done ;;
-    wan14_offload) for cap in 24GiB 32GiB; do
+    wan14_offload) for cap in $OFFLOAD_CAPS; do
                      timeout "$(left)" python scripts/bench_offload.py --model wan2.1-t2v-14b --height 720 --width 1280 \
                        --gpu-memory-limit $cap --warmup 0 --repeat 2 --json "$OUT/offload-wan14-$cap.json" 2>&1 \
                        | tee "$OUT/log-offload-wan14-$cap.txt" | tail -n 6
