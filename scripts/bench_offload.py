@@ -54,7 +54,7 @@ def step_of(model: Any, forward, cond: dict, uncond: dict):
 
 def timed_steps(step, device: torch.device, warmup: int, repeat: int) -> dict[str, Any]:
     first = seconds_of(step, device)
-    for _ in range(max(warmup - 1, 0)):
+    for _ in range(warmup):
         step()
     ms = [seconds_of(step, device) * 1e3 for _ in range(repeat)]
     return {"first_step_s": first, "median_ms": statistics.median(ms), "ms": ms}
@@ -167,7 +167,7 @@ def main() -> int:
     parser.add_argument("--gpu-memory-limit", help="the cap the offloaded steps run under, e.g. 24GiB (CUDA)")
     parser.add_argument("--prefetch", type=int, default=1, help="blocks copied ahead of the one computing")
     parser.add_argument("--resident-blocks", default="auto", help="auto, or how many blocks stay on the GPU")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first, each way")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (timed apart), each way")
     parser.add_argument("--repeat", type=int, default=3, help="timed steps each way (the median is reported)")
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny model: checks the script on a CPU")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
