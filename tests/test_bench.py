@@ -220,6 +220,22 @@ def test_bench_e2e_times_both_sides_as_fresh_processes(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_e2e_sgdiff_only_runs_no_diffusers_script(tmp_path):
+    out, checkpoint = tmp_path / "e2e.json", tmp_path / "checkpoint"
+    args = ["bench", "--model", "flux.1-dev", "--e2e", "--tiny", "--warmup", "0", "--repeat", "1", "--sgdiff-only",
+            "--checkpoint-dir", str(checkpoint), "--json", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert list(json.loads(out.read_text())["runs"]) == ["sgdiff"]
+    assert "(diffusers not run)" in result.output and result.output.count("diffusers") == 1
+
+
+def test_sgdiff_only_needs_e2e(tmp_path):
+    result = runner.invoke(app, ["bench", "--model", "flux.1-dev", "--tiny", "--sgdiff-only"])
+    assert result.exit_code == 2 and "--sgdiff-only leaves diffusers' script out of --e2e's runs" in result.output
+
+
+@pytest.mark.slow
 def test_bench_e2e_runs_a_video_model_to_an_mp4_on_both_sides(tmp_path):
     """--e2e for Wan2.1-T2V-1.3B (tiny): both sides sample the same frames with CFG and write an MP4."""
     out, checkpoint = tmp_path / "e2e.json", tmp_path / "checkpoint"

@@ -21,9 +21,10 @@
 #                and torch.compile (schedules: their skips do not depend on the weights, so random weights time them
 #                truly); shell -> PNG and a request on the loaded engine (issue 31: >= 2.2x a request); CACHE_MODES
 #                chooses others
-#   wan_cache    Wan2.1-T2V-1.3B, two prompts a process (`bench --e2e --prompts 2`, checkpoint in WAN_DIR): lossless,
-#                then each of WAN_CACHE_MODES (';' between; default TaylorSeer with FP8 weights and torch.compile): the
-#                second request on the loaded engine (issue 31: Wan >= 2x); ~470 s; needs imageio-ffmpeg (`iio`)
+#   wan_cache    Wan2.1-T2V-1.3B, two prompts a process (`bench --e2e --sgdiff-only --prompts 2`, checkpoint in
+#                WAN_DIR): lossless, then each of WAN_CACHE_MODES (';' between; default TaylorSeer with FP8 weights and
+#                torch.compile): the second request on the loaded engine (issue 31: Wan >= 2x); ~200 s; needs
+#                imageio-ffmpeg (`iio`)
 #   lora         scripts/probes/lora_cuda.py: adapters in bf16 with every toggle, compile, CUDA graphs, FP8 (issue 32)
 #   lora_speed   scripts/bench_lora.py at full size, defaults then every toggle: base vs fused vs unfused per forward,
 #                switching time (issue 32: fused = base, unfused <= 5%, switch <= 0.5 s)
@@ -105,7 +106,7 @@ for step in $STEPS; do
                for mode in "${modes[@]}"; do
                  name=$(echo "${mode:-lossless}" | sed 's/--//g; s/ /_/g')
                  PYTHONPATH=$FA$PYTHONPATH eval timeout "$(left)" $S --model wan2.1-t2v-1.3b --e2e --checkpoint-dir \
-                   "$WAN_DIR" --warmup 0 --repeat 1 --prompts 2 $mode --json "$OUT/e2e-wan-$name.json" 2>&1 \
+                   "$WAN_DIR" --sgdiff-only --warmup 0 --repeat 1 --prompts 2 $mode --json "$OUT/e2e-wan-$name.json" 2>&1 \
                    | tee "$OUT/log-wan-cache-$name.txt" | tail -n 7
                done ;;
     lora) timeout "$(left)" python scripts/probes/lora_cuda.py 2>&1 | tee "$OUT/lora.txt" | tail -n 20 ;;

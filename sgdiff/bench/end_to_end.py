@@ -198,8 +198,10 @@ def machine_rates(checkpoint: Path, device: str) -> dict[str, float]:
 
 
 def run_end_to_end(name: str, checkpoint_dir: Path, *, tiny: bool, prompts: int, warmup: int, repeat: int,
-                   cold: bool, speed_flags: list[str]) -> dict:  # fmt: skip
-    """Both sides `warmup` times untimed, then `repeat` timed rounds in turns; the median of each."""
+                   cold: bool, speed_flags: list[str], sides: tuple[str, ...] = ("diffusers", "sgdiff"),
+                   ) -> dict:  # fmt: skip
+    """Both sides (or those of `sides`) `warmup` times untimed, then `repeat` timed rounds in turns; the median
+    of each."""
     import torch
 
     model = BENCH_MODELS[name]
@@ -218,10 +220,10 @@ def run_end_to_end(name: str, checkpoint_dir: Path, *, tiny: bool, prompts: int,
     if name in TRUE_CFG:
         size["true_cfg"] = TRUE_CFG[name]
     chosen = (PROMPTS * prompts)[:prompts]
-    runs: dict[str, list[Run]] = {"diffusers": [], "sgdiff": []}
+    runs: dict[str, list[Run]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(warmup + repeat):
-            for side in ("diffusers", "sgdiff"):
+            for side in sides:
                 out = Path(tmp) / f"{side}-{round_}"
                 out.mkdir()
                 if cold:
@@ -257,10 +259,15 @@ def render_end_to_end(result: dict) -> str:
         f"{result['model']}{' (tiny)' if result['tiny'] else ''} on {result['device']}: {result['prompts']} "
         f"prompt(s), {result['height']}x{result['width']}, {result['steps']} steps, {cache}; sgdiff {flags}; "
         f"median of {len(result['runs']['sgdiff'])}",
-        f"  shell -> file      diffusers {median('diffusers'):8.2f} s   sgdiff {median('sgdiff'):8.2f} s   "
-        f"{median('diffusers') / median('sgdiff'):.2f}x",
     ]
-    for side in ("diffusers", "sgdiff"):
+    sides = list(result["runs"])  # ("sgdiff" alone with --sgdiff-only)
+    if "diffusers" in sides:
+        diffusers, sgdiff = median("diffusers"), median("sgdiff")
+        ratio = diffusers / sgdiff
+        lines.append(f"  shell -> file      diffusers {diffusers:8.2f} s   sgdiff {sgdiff:8.2f} s   {ratio:.2f}x")
+    else:
+        lines.append(f"  shell -> file      sgdiff {median('sgdiff'):8.2f} s (diffusers not run)")
+    for side in sides:
         phases = result["runs"][side][0]["phases"]
         lines.append(f"  {side:<9} " + ", ".join(f"{key} {median(side, key):.2f} s" for key in phases))
     peak = result["runs"]["sgdiff"][0].get("peak_gpu_gib")
@@ -274,9 +281,9 @@ def render_end_to_end(result: dict) -> str:
                      f"later ones median {statistics.median(later):.2f} s")  # fmt: skip
     gb, machine = result["checkpoint_gb"], result["machine"]
     copy = machine.get("pinned_to_gpu_gb_per_s")
+    loads = ", ".join(f"{side} {gb / median(side, 'load'):.1f} GB/s" for side in sides)
     lines.append(
-        f"  load     {gb:.1f} GB: diffusers {gb / median('diffusers', 'load'):.1f} GB/s, sgdiff "
-        f"{gb / median('sgdiff', 'load'):.1f} GB/s; this machine reads the files at {machine['read_gb_per_s']:.1f} GB/s"
+        f"  load     {gb:.1f} GB: {loads}; this machine reads the files at {machine['read_gb_per_s']:.1f} GB/s"
         + (f" and copies pinned memory to the GPU at {copy:.1f} GB/s" if copy else "")
     )
     return "\n".join(lines)

@@ -89,6 +89,14 @@ def bench(
         ),
     ] = None,  # fmt: skip
     cold: Annotated[bool, typer.Option("--cold", help="--e2e: drop the page cache before each run (root).")] = False,
+    sgdiff_only: Annotated[
+        bool,
+        typer.Option(
+            "--sgdiff-only",
+            help="--e2e: run `sgdiff generate` alone, not the diffusers script (to set sgdiff's modes against each "
+            "other: a lossy mode against the lossless default, an offload against the run in memory).",
+        ),
+    ] = False,  # fmt: skip
     checkpoint_dir: Annotated[
         Path | None,
         typer.Option(
@@ -134,14 +142,17 @@ def bench(
             raise UserError(f"--model names the model to bench: one of {', '.join(BENCH_MODEL_NAMES)}")
         if e2e and (height is not None or width is not None):
             raise UserError("--height and --width size the per-forward bench; --e2e runs the model's preset size")
+        if sgdiff_only and not e2e:
+            raise UserError("--sgdiff-only leaves diffusers' script out of --e2e's runs: give --e2e too")
         memory = memory_flags(vae_tiling, cpu_offload.value, offload_prefetch, offload_resident_blocks,
                               gpu_memory_limit)  # fmt: skip
         if e2e:
             from sgdiff.bench.end_to_end import render_end_to_end, run_end_to_end
 
             folder = checkpoint_dir or Path.home() / ".cache" / "sgdiff" / "bench" / (model.value + "-tiny" * tiny)
+            sides = ("sgdiff",) if sgdiff_only else ("diffusers", "sgdiff")
             result = run_end_to_end(model.value, folder, tiny=tiny, prompts=prompts or 1, warmup=warmup, repeat=repeat,
-                                    cold=cold, speed_flags=speed_flags(speed) + memory)  # fmt: skip
+                                    cold=cold, speed_flags=speed_flags(speed) + memory, sides=sides)  # fmt: skip
             typer.echo(render_end_to_end(result))
         else:
             from sgdiff.bench.run import render, run_bench
