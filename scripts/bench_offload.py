@@ -30,26 +30,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sgdiff.bench.parts import BENCH_MODELS, TINY_SIZE, build_transformers, transformer_inputs  # noqa: E402
-from sgdiff.bench.run import seconds_of, synchronize  # noqa: E402
+from sgdiff.bench.run import denoising_step, seconds_of, synchronize  # noqa: E402
 from sgdiff.config import OffloadConfig, SpeedConfig  # noqa: E402
 from sgdiff.engine.memory import cap_gpu_memory, check_gpu_memory_limit, parse_size  # noqa: E402
 from sgdiff.errors import UserError  # noqa: E402
 from sgdiff.models.attention import use_attention_impl  # noqa: E402
 from sgdiff.offload.apply import check_offload, stream_blocks  # noqa: E402
 from sgdiff.pipeline.registry import family_named  # noqa: E402
-from sgdiff.pipeline.stages.denoising import guided_velocity  # noqa: E402
 from sgdiff.speed.apply import check_speed, resolve_speed, speed_up_transformer  # noqa: E402
 
 TARGET = 1.3  # offloaded step / in-memory step (issue 30, Wan 14B under 24 GiB and A14B under 32 GiB)
-CFG_SCALE = 5.0
-
-
-def step_of(model: Any, forward, cond: dict, uncond: dict):
-    """One denoising step as `sgdiff bench` times it: one forward, or CFG's two and their combination."""
-    if model.forwards_per_step == 1:
-        return lambda: forward(cond)
-    guide = model.guide or guided_velocity
-    return lambda: guide(forward(cond), forward(uncond), CFG_SCALE)
 
 
 def timed_steps(step, device: torch.device, warmup: int, repeat: int) -> dict[str, Any]:
@@ -101,7 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with torch.inference_mode(), use_attention_impl(attention):
             return ours(**inputs)
 
-    step = step_of(model, forward, cond, uncond)
+    step = denoising_step(model, forward, cond, uncond)
     result: dict[str, Any] = {"model": model.name, "size": size, "tiny": args.tiny,
                               "forwards_per_step": model.forwards_per_step}  # fmt: skip
     result["in_memory"] = timed_steps(step, device, args.warmup, args.repeat)

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sgdiff.bench.parts import (
     BENCH_MODELS,
     TINY_SIZE,
+    BenchModel,
     build_decode,
     build_text_encoding,
     build_transformers,
@@ -68,6 +69,15 @@ def interleaved_ms(variants: dict[str, Callable], device: torch.device, warmup: 
     """Median ms of each variant (interleaved_times)."""
     times = interleaved_times(variants, device, warmup, repeat)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def denoising_step(model: BenchModel, forward: Callable, cond: dict, uncond: dict) -> Callable[[], Any]:
+    """One denoising step as the bench times it: `forward(cond)`, or with CFG the two forwards and their guided
+    combination."""
+    if model.forwards_per_step == 1:
+        return lambda: forward(cond)
+    guide = model.guide or guided_velocity  # (Edit: over the input image's tokens too, a few MB more)
+    return lambda: guide(forward(cond), forward(uncond), CFG_SCALE)
 
 
 def matmul_tflops(device: torch.device) -> float | None:
@@ -136,12 +146,6 @@ def run_bench(
         with use_attention_impl(attention):
             return ours(**inputs)
 
-    def step(forward):
-        if model.forwards_per_step == 1:
-            return forward
-        guide = model.guide or guided_velocity  # (Edit: over the input image's tokens too, a few MB more)
-        return lambda: guide(forward(cond), forward(uncond), CFG_SCALE)
-
     result: dict[str, Any] = {"model": name, "size": size, "steps": model.steps, "tiny": tiny,
                               "input_images": model.input_images}  # fmt: skip
     with torch.inference_mode():
@@ -157,7 +161,8 @@ def run_bench(
         forward_ms = interleaved_ms({"diffusers": diffusers_forward, "sgdiff": sgdiff_forward}, device, warmup, repeat)
         step_ms = forward_ms
         if model.forwards_per_step > 1:
-            variants = {"diffusers": step(diffusers_forward), "sgdiff": step(sgdiff_forward)}
+            variants = {impl: denoising_step(model, fn, cond, uncond)
+                        for impl, fn in (("diffusers", diffusers_forward), ("sgdiff", sgdiff_forward))}  # fmt: skip
             step_ms = interleaved_ms(variants, device, warmup, repeat)
         memory = {impl: peak_memory_gib(fn, device) for impl, fn in (("diffusers", diffusers_forward),
                                                                      ("sgdiff", sgdiff_forward))}  # fmt: skip
