@@ -178,13 +178,16 @@ class LoraConfig:
     ModelRunner.load applies them). Wan2.2 A14B: `transformer` only (the high-noise expert), as diffusers'
     load_lora_weights does by default.
 
-    mode: fused (the updates added into the weights once: nothing per step, the adapters fixed for the
-    engine's life), unfused (kept beside the Linears: a little work per step, each request picks the adapters
-    and scales it runs with), or auto: fused, but unfused for a server
-    (`resolved(switching=True)`)."""
+    mode: fused (the updates added into the weights: nothing per step), unfused (kept beside the Linears: a
+    little work per step), or auto: fused, but unfused for a server whose transformer is offloaded
+    (`resolved`). switching (a server's, `resolved(switching=True)`): each request picks the adapters and
+    scales it runs with; fused adapters are then fused anew from a copy of the base weights whenever a request
+    changes them (lora/fused.py), and, offloaded (whose weights move between CPU and GPU), stay fixed.
+    Without switching, fused adapters are fixed for the engine's life and no copy is kept."""
 
     adapters: tuple[tuple[str, float], ...] = ()  # (a .safetensors file, a folder with one or a Hub repo id, scale)
     mode: str = "auto"
+    switching: bool = False
 
     def __post_init__(self):
         if self.mode not in LORA_MODES:
@@ -197,11 +200,14 @@ class LoraConfig:
                 raise UserError(f"`lora_path` {source}: its scale must be a finite number, got {scale!r}",
                                 field="lora_path")  # fmt: skip
 
-    def resolved(self, switching: bool) -> LoraConfig:
-        """`auto` made fused or unfused: unfused where adapters are switched between requests (a server)."""
-        if self.mode != "auto" or not self.adapters:
+    def resolved(self, switching: bool, offloaded: bool) -> LoraConfig:
+        """`auto` made fused or unfused, and whether requests switch adapters: where they would (a server),
+        unfused if the transformer's weights are offloaded (`cpu_offload` other than none: a fused switch
+        writes them where they are), and fused adapters switch only if they are not."""
+        if not self.adapters:
             return self
-        return LoraConfig(self.adapters, "unfused" if switching else "fused")
+        mode = self.mode if self.mode != "auto" else "unfused" if switching and offloaded else "fused"
+        return LoraConfig(self.adapters, mode, switching and not (mode == "fused" and offloaded))
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, WanPipeline, WanTransformer3DModel
 from safetensors.torch import load_file, save_file
 
-from sgdiff.config import ParallelConfig, RuntimeConfig
+from sgdiff.config import LoraConfig, ParallelConfig, RuntimeConfig
 from sgdiff.engine.runner import ModelRunner
 from sgdiff.errors import UserError
-from sgdiff.lora import apply_loras, lora_mode, parse_lora_spec, read_lora
+from sgdiff.lora import apply_loras, parse_lora_spec, read_lora
 from sgdiff.models.flux import FluxTransformer, FluxTransformerConfig
 from sgdiff.models.flux.packing import image_position_ids, text_position_ids
 from sgdiff.models.layers import Linear
@@ -292,6 +292,40 @@ def test_fuse_then_remove_restores_every_weight_bit_for_bit(flux, fp8):
         one_run.remove()
 
 
+@pytest.mark.parametrize(("dtype", "fp8"), [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)],
+                         ids=["fp32", "fp8", "bf16-fp8"])  # fmt: skip
+def test_fused_switches_from_the_base_copy_as_fresh_runs_fuse(flux, dtype, fp8):
+    """As a server switches fused adapters: applied at scale 0 with a copy of the base weights, before the speed
+    toggles (FP8 weights, fused projections, as ModelRunner.load orders them); each set_scales gives every
+    weight (FP8: its bytes and scales) the value a fresh model gets with those adapters fused once before the
+    toggles, and scales 0 give the base model's with the toggles, bit for bit (bf16: the sum rounded to bf16
+    before FP8 quantises it, as there)."""
+    folder, files = flux
+    adapters = [(read_lora(str(files["diffusers"])), 0.0), (read_lora(str(files["kohya"])), 0.0)]
+
+    def fresh(scales: list[float]) -> dict[str, torch.Tensor]:
+        model = load_ours("flux", folder / "transformer").to(dtype)
+        chosen = [(weights, scale) for (weights, _), scale in zip(adapters, scales, strict=True) if scale]
+        if chosen:
+            apply_loras(model, chosen, "fused", keep_base=False)
+        return weights_of(speed_up(model, "flux", fused_projections=True, fp8=fp8))
+
+    model = load_ours("flux", folder / "transformer").to(dtype)
+    handle = apply_loras(model, adapters, "fused", base_room=2**40)  # (room: the copy on the weights' device)
+    assert handle.applied.base_device == torch.device("cpu")
+    speed_up(model, "flux", fused_projections=True, fp8=fp8)
+    base = fresh([0.0, 0.0])
+    assert weights_of(model).keys() == base.keys()
+    for scales in ([0.6, 0.0], [0.6, -0.7], [0.0, -0.7], [0.0, 0.0]):
+        handle.set_scales(scales)
+        expected, now = fresh(scales), weights_of(model)
+        assert [name for name in expected if not torch.equal(expected[name], now[name])] == [], scales
+        moved = [name for name in base if not torch.equal(base[name], now[name])]
+        assert bool(moved) == any(scales) and (not fp8 or not moved or any("scale" in name for name in moved))
+    handle.remove()
+    assert all(torch.equal(base[name], tensor) for name, tensor in weights_of(model).items())
+
+
 def test_fp8_weights_take_the_adapters_fused_or_unfused(flux):
     """With FP8 weights, fused adapters are quantised with the weights (new per-row scales): the output
     is the unfused one (the adapters in full precision beside float8 weights) up to FP8's rounding."""
@@ -460,7 +494,19 @@ def test_specs_and_modes():
     assert parse_lora_spec("owner/name") == ("owner/name", 1.0)
     assert parse_lora_spec("owner/name:-1") == ("owner/name", -1.0)
     assert parse_lora_spec("a:b.safetensors") == ("a:b.safetensors", 1.0)
-    assert lora_mode("auto", switching=False) == "fused" and lora_mode("auto", switching=True) == "unfused"
+    adapters = (("style.safetensors", 1.0),)
+    resolved = {(mode, switching, offloaded): LoraConfig(adapters, mode).resolved(switching, offloaded)
+                for mode in ("auto", "fused", "unfused") for switching in (False, True) for offloaded in (False, True)}
+    # auto: fused, unless a server's transformer is offloaded; a server's fused adapters switch unless offloaded
+    assert {key: (config.mode, config.switching) for key, config in resolved.items()} == {
+        ("auto", False, False): ("fused", False), ("auto", False, True): ("fused", False),
+        ("auto", True, False): ("fused", True), ("auto", True, True): ("unfused", True),
+        ("fused", False, False): ("fused", False), ("fused", False, True): ("fused", False),
+        ("fused", True, False): ("fused", True), ("fused", True, True): ("fused", False),
+        ("unfused", False, False): ("unfused", False), ("unfused", False, True): ("unfused", False),
+        ("unfused", True, False): ("unfused", True), ("unfused", True, True): ("unfused", True),
+    }  # fmt: skip
+    assert LoraConfig().resolved(True, False) == LoraConfig()  # (no adapters: nothing to switch)
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""`sgdiff serve --lora-path A --lora-path B`: the adapters load once, unfused, and each request picks its own
-(`lora`, `loras`): its image is `sgdiff generate --lora-path`'s (fused, fp32, 2/255), whatever ran before it;
+"""`sgdiff serve --lora-path A --lora-path B`: the adapters load once (fused anew from a copy of the base weights at
+each switch; unfused as asked), and each request picks its own (`lora`, `loras`): its image is `sgdiff generate
+--lora-path`'s (fused, fp32, 2/255), whatever ran before it;
 requests with different adapters never share a batch; GET /v1/loras lists them; an unknown name is a 400
 naming the loaded ones; `generate --server --lora-path NAME[:SCALE]` asks for the server's adapters by name."""
 
@@ -41,10 +42,10 @@ def adapters(tiny_flux_dev, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_flux_dev, adapters, tmp_path_factory):
     """`sgdiff serve --lora-path style:1.5 --lora-path detail:0.5 --max-batch-size 4` as run_server makes it
-    (auto: unfused)."""
+    (auto: fused, switched per request)."""
     from sgdiff.engine.service import Engine
 
-    lora = LoraConfig(((str(adapters["style"]), 1.5), (str(adapters["detail"]), 0.5))).resolved(switching=True)
+    lora = LoraConfig(((str(adapters["style"]), 1.5), (str(adapters["detail"]), 0.5))).resolved(True, offloaded=False)
     runtime = RuntimeConfig(device="cpu", dtype="fp32", lora=lora)
     engine = Engine(str(tiny_flux_dev), runtime=runtime, batching=BatchingConfig(4, 300.0))
     with served_in_thread(engine, tmp_path_factory.mktemp("state"), str(tiny_flux_dev)) as url:
@@ -82,8 +83,8 @@ def generated(model, tmp_path_factory, *lora_flags: str) -> np.ndarray:
 def test_the_adapters_are_listed(server, adapters):
     answer = httpx.get(f"{server}/v1/loras").json()
     listed = [(a["name"], a["source"], a["scale"], a["rank"], a["mode"]) for a in answer["data"]]
-    assert listed == [("style", str(adapters["style"]), 1.5, 4, "unfused"),
-                      ("detail", str(adapters["detail"]), 0.5, 4, "unfused")]  # fmt: skip
+    assert listed == [("style", str(adapters["style"]), 1.5, 4, "fused"),
+                      ("detail", str(adapters["detail"]), 0.5, 4, "fused")]  # fmt: skip
     assert answer["data"][0]["layers"] > answer["data"][1]["layers"] > 0
 
 
@@ -175,8 +176,8 @@ def test_generate_with_a_server_asks_for_its_adapters_by_name(server, adapters, 
 
 
 def test_fused_adapters_are_every_requests_and_cannot_be_changed(tiny_flux_dev, adapters, tmp_path_factory):
-    """--lora-mode fused on a server (here Engine.from_pretrained's `loras`): every request runs them, as
-    `generate` does; one asking for others is refused."""
+    """Fused adapters where requests do not switch (Engine.from_pretrained's `loras`, as `generate`; a server's
+    whose transformer is offloaded): every request runs them; one asking for others is refused."""
     from sgdiff.engine.service import Engine
 
     style = str(adapters["style"])
@@ -228,7 +229,7 @@ def test_lora_modes_are_the_configs():
 @pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
 def test_video_jobs_pick_their_adapters_too(tiny_wan, tmp_path):
     """POST /v1/videos as the openai client sends it (multipart): `lora`, or `loras` as JSON text; each MP4 is
-    byte for byte the one `generate --lora-mode unfused` writes with those adapters (the metadata too)."""
+    byte for byte the one `generate` writes with those adapters fused (the metadata too)."""
     import openai
     from diffusers import WanTransformer3DModel
 
@@ -238,7 +239,7 @@ def test_video_jobs_pick_their_adapters_too(tiny_wan, tmp_path):
     with quiet_libraries():
         reference = WanTransformer3DModel.from_pretrained(model / "transformer")
     motion = diffusers_file(tmp_path / "motion.safetensors", reference, linear_names(reference, "blocks."), 5)
-    lora = LoraConfig(((str(motion), 2.0),)).resolved(switching=True)
+    lora = LoraConfig(((str(motion), 2.0),)).resolved(True, offloaded=False)
     engine = Engine(str(model), runtime=RuntimeConfig(device="cpu", dtype="fp32", lora=lora))
     fields = {"num_frames": 5, "num_inference_steps": 3, "seed": 3}
     flags = ["--height", "32", "--width", "32", "--num-frames", "5", "--steps", "3", "--seed", "3", "-q"]
@@ -257,7 +258,7 @@ def test_video_jobs_pick_their_adapters_too(tiny_wan, tmp_path):
             videos.append(client.videos.download_content(job.id).read())
     for number, ((_, paths), video) in enumerate(zip(cases, videos, strict=True)):
         out = tmp_path / f"local-{number}"
-        lora_flags = [flag for path in paths for flag in ("--lora-path", path, "--lora-mode", "unfused")]
+        lora_flags = [flag for path in paths for flag in ("--lora-path", path)]
         result = runner.invoke(app, ["generate", "--model-path", str(model), "--prompt", "a red ball", "--device",
                                      "cpu", "--dtype", "fp32", "--output-path", str(out), "--output-file-name", "v",
                                      *flags, *lora_flags])  # fmt: skip

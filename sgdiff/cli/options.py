@@ -481,9 +481,9 @@ LoraMode = Annotated[
     LoraModeChoice | None,
     typer.Option(
         "--lora-mode",
-        help="fused: the adapters added into the weights at load (no cost per step; fixed); unfused: kept beside "
-        "them (a little work per step; each server request picks its adapters). Default: auto, fused for generate "
-        "and unfused for serve.",
+        help="fused: the adapters added into the weights (no cost per step; generate: fixed at load; serve: fused "
+        "anew from a copy of the base weights when a request picks others); unfused: kept beside them (a little "
+        "work per step; a switch writes their scales). Default: auto, fused (serve with --cpu-offload: unfused).",
         rich_help_panel=LORA,
     ),
 ]

@@ -6,10 +6,13 @@ a file of another model is refused there), and each request's choice resolved ag
 Each adapter has a name: its file's stem (`style` for style.safetensors), a folder's name, or a Hub repo id as
 given. Requests name adapters so (a server's `lora`/`loras`, GET /v1/loras, `generate --server --lora-path`).
 
-Fused (the default of one run): the updates are added into the weights once, without a copy of the base
-weights (nothing can be switched back); every request runs them at their scales. Unfused (a server's
-default): every adapter sits beside its Linears from the start and a request's scales are written into them
-before it runs (the others at 0); a request that names none runs the base model."""
+Fused, one run's (`generate`, the Python Engine): the updates are added into the weights once, without a copy
+of the base weights (nothing can be switched back); every request runs them at their scales. A server's
+(LoraConfig.switching): a request's choice is switched in before it runs (a request that names none runs the
+base model): fused (its default), the chosen adapters are fused anew from a copy of the base weights, kept on
+the GPU where it leaves room for a request's work (BASE_COPY_HEADROOM) and else in page-locked CPU memory;
+unfused (its default where the transformer is offloaded), every adapter sits beside its Linears from the
+start and the request's scales are written into them (the others at 0)."""
 
 from __future__ import annotations
 
@@ -19,16 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from sgdiff.config import LoraConfig
 from sgdiff.errors import UserError
-from sgdiff.lora import AppliedLoras, LoraWeights, apply_loras, lora_mode, read_lora
+from sgdiff.lora import AppliedLoras, LoraWeights, apply_loras, read_lora
 from sgdiff.pipeline.base import ComposedPipeline
 
 Loras = tuple[tuple[str, float], ...]  # (name, scale) as SamplingParams.loras holds them
 # what a caller asks for: (name, scale), the scale None for the adapter's own (its --lora-path scale)
 Wanted = Sequence[tuple[str, float | None]]
+# Switching fused adapters: the share of what the process may hold on the GPU that must stay free once the
+# copy of the base weights is there (for a request's activations and the VAE's decode), else the copy goes
+# to CPU memory. FLUX.1-dev on an 80 GB H100: its ~22 GB copy fits beside the pipeline's 34 GB.
+BASE_COPY_HEADROOM = 0.25
 
 
 def adapter_name(source: str) -> str:
@@ -61,8 +69,10 @@ class Adapter:
 class EngineAdapters:
     """The configured adapters of one runner: read here, applied by `apply`, switched by `activate`."""
 
-    def __init__(self, config: LoraConfig):
-        self.mode = lora_mode(config.mode, switching=False)  # ("auto" left by the caller: one run's, fused)
+    def __init__(self, config: LoraConfig, gpu_memory_limit: int | None = None):
+        self.mode = "fused" if config.mode == "auto" else config.mode  # (a server's auto: resolved by the caller)
+        self.switching = config.switching or self.mode == "unfused"  # (unfused: switching costs nothing)
+        self.gpu_memory_limit = gpu_memory_limit
         self.adapters: list[Adapter] = []
         for source, scale in config.adapters:
             adapter = Adapter.read(source, scale)
@@ -90,10 +100,11 @@ class EngineAdapters:
             return
         assert self.applied is None, "the adapters are applied once, to the runner's one pipeline"
         model = denoiser(pipeline)
-        scales = [a.scale for a in self.adapters] if self.mode == "fused" else [0.0] * len(self.adapters)
+        scales = [0.0] * len(self.adapters) if self.switching else [a.scale for a in self.adapters]
         pairs = [(adapter.weights, scale) for adapter, scale in zip(self.adapters, scales, strict=True)]
-        # fused: no copy of the base weights kept (the adapters never change; FP8 then quantises the sum once)
-        self.applied = apply_loras(model, pairs, self.mode, keep_base=False)
+        # fused and fixed: no copy of the base weights kept (the adapters never change; FP8 quantises the sum once)
+        room = base_copy_room(next(model.parameters()).device, self.gpu_memory_limit) if self.switching else 0
+        self.applied = apply_loras(model, pairs, self.mode, keep_base=self.switching, base_room=room)
         self.active = scales
 
     def resolve(self, wanted: Wanted | None) -> Loras:
@@ -116,7 +127,7 @@ class EngineAdapters:
                                 field="loras")  # fmt: skip
             chosen[name] = known[name].scale if scale is None else float(scale)
         loras = tuple((a.name, chosen[a.name]) for a in self.adapters if chosen.get(a.name, 0.0) != 0)
-        if self.mode == "fused" and loras != self.defaults:
+        if not self.switching and loras != self.defaults:
             fused = ", ".join(f"{name}:{scale:g}" for name, scale in self.defaults) or "none"
             raise UserError(f"`loras`: the LoRA adapters are fused into the weights ({fused}) and no request can "
                             "change them; load them with `lora_mode` unfused to choose per request",
@@ -124,8 +135,8 @@ class EngineAdapters:
         return loras
 
     def activate(self, loras: Loras) -> None:
-        """Unfused: the model's scales made `loras`' (those it leaves out at 0) before a request runs."""
-        if self.applied is None or self.mode == "fused":
+        """Switching: the model's adapters made `loras`' (those it leaves out at 0) before a request runs."""
+        if self.applied is None or not self.switching:
             return
         chosen = dict(loras)
         scales = [chosen.get(a.name, 0.0) for a in self.adapters]
@@ -142,6 +153,18 @@ class EngineAdapters:
         """Each loaded adapter: what GET /v1/loras and the perf dump tell."""
         return [{"name": a.name, "source": a.source, "scale": a.scale, "rank": a.rank, "layers": a.layers,
                  "mode": self.mode} for a in self.adapters]  # fmt: skip
+
+
+def base_copy_room(device: torch.device, limit: int | None) -> int:
+    """Bytes a copy of base weights may take on `device` now (the pipeline loaded): what the process may still
+    allocate there (`limit`: gpu_memory_limit), less BASE_COPY_HEADROOM of all it may hold; 0 off CUDA."""
+    if device.type != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    cached = torch.cuda.memory_reserved(device) - allocated  # (the allocator's, free for this process)
+    allowed = total if limit is None else min(limit, total)
+    return int(min(free + cached, allowed - allocated) - BASE_COPY_HEADROOM * allowed)
 
 
 def denoiser(pipeline: ComposedPipeline) -> nn.Module:

@@ -126,7 +126,7 @@ class ModelRunner:
             except UserError as exc:
                 raise UserError(f"preset {self.preset.name}: [schedule] {exc}") from None
         # LoRA adapters: their files read now (a bad one refused before any weight loads), applied by load()
-        self.adapters = EngineAdapters(runtime.lora)
+        self.adapters = EngineAdapters(runtime.lora, runtime.gpu_memory_limit)
         self.pipeline: ComposedPipeline | None = None  # load() makes it
         self.load_seconds = 0.0
 

@@ -185,6 +185,12 @@ class Engine:
         """How the LoRA adapters are applied: fused or unfused (None: there are none)."""
         return self.runner.adapters.mode if self.runner.adapters else None
 
+    @property
+    def lora_switching(self) -> bool:
+        """Whether requests choose their LoRA adapters (a server's, or unfused ones), rather than all running
+        the configured ones."""
+        return self.runner.adapters.switching
+
     def loras(self) -> list[dict[str, Any]]:
         """The LoRA adapters loaded: name (what a request calls it), source, scale (what a request naming it
         without one gets), rank (its largest), layers (the Linears it updates) and mode."""

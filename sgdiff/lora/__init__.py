@@ -3,7 +3,8 @@ HunyuanVideo-1.5; any model built of models/layers.py Linears whose names are di
 the formats diffusers reads (lora/keys.py, lora/original_names/), matched against the model's Linears
 (lora/match.py), then fused into the weights or kept beside them (lora/apply.py)."""
 
-from sgdiff.lora.apply import LORA_MODES, AppliedLoras, apply_loras, lora_mode, read_lora
+from sgdiff.config import LORA_MODES
+from sgdiff.lora.apply import AppliedLoras, apply_loras, read_lora
 from sgdiff.lora.files import parse_lora_spec
 from sgdiff.lora.weights import LoraLayer, LoraWeights
 
@@ -13,7 +14,6 @@ __all__ = [
     "LoraLayer",
     "LoraWeights",
     "apply_loras",
-    "lora_mode",
     "parse_lora_spec",
     "read_lora",
 ]

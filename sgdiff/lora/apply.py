@@ -4,11 +4,11 @@
     handle.set_scales([0.0, 1.0])  # the same adapters, new scales: no shape changes
     handle.remove()  # the model as it was, bit for bit
 
-Modes: "fused" adds the updates into the weights (lora/fused.py: free per step; for one run), "unfused"
-keeps them beside the Linears (lora/unfused.py: a little work per step; for a server that switches
-adapters between requests); "auto" picks fused for one run, unfused where the caller switches
-(`lora_mode`). One set of adapters per model at a time: every adapter is matched against the model
-before anything changes, so a refused one leaves it untouched.
+Modes: "fused" adds the updates into the weights (lora/fused.py: free per step; a switch fuses anew from a
+copy of the base weights), "unfused" keeps them beside the Linears (lora/unfused.py: a little work per
+step; a switch writes scales, and nothing is copied); config.py LoraConfig.resolved says which a caller's
+"auto" is. One set of adapters per model at a time: every adapter is matched against the model before
+anything changes, so a refused one leaves it untouched.
 
 Order with the other changes to a loaded transformer: after it is on its device and before its weights
 are offloaded (offloading swaps them for placeholders). The speed toggles may come before or after:
@@ -22,7 +22,6 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from sgdiff.config import LORA_MODES
 from sgdiff.lora.files import lora_file, read_tensors
 from sgdiff.lora.fused import FusedLoras
 from sgdiff.lora.keys import lora_weights
@@ -40,16 +39,6 @@ def read_lora(source: str) -> LoraWeights:
     tensors, metadata = read_tensors(path)
     name = source if path.name in source else f"{source} ({path.name})"
     return lora_weights(name, tensors, metadata)
-
-
-def lora_mode(mode: str, switching: bool) -> str:
-    """The mode that `mode` (one of LORA_MODES) means: auto is unfused where the caller switches adapters
-    between requests (a server), else fused."""
-    if mode not in LORA_MODES:
-        raise ValueError(f"LoRA mode {mode!r} is not one of {', '.join(LORA_MODES)}")
-    if mode == "auto":
-        return "unfused" if switching else "fused"
-    return mode
 
 
 class AppliedLoras:
@@ -85,18 +74,23 @@ class AppliedLoras:
 
 
 def apply_loras(
-    model: nn.Module, adapters: Sequence[tuple[LoraWeights, float]], mode: str = "fused", keep_base: bool = True
+    model: nn.Module,
+    adapters: Sequence[tuple[LoraWeights, float]],
+    mode: str = "fused",
+    keep_base: bool = True,
+    base_room: int = 0,
 ) -> AppliedLoras:
     """Each (adapter, scale) on `model`: delta W = scale * alpha / rank * up @ down on every Linear it names.
-    mode: "fused" or "unfused" (lora_mode resolves "auto"). keep_base=False (fused only): no CPU copy of
-    the base weights, and no way back (one run)."""
+    mode: "fused" or "unfused" (LoraConfig.resolved resolves "auto"). Fused only: keep_base=False keeps no copy of the
+    base weights, and there is no way back (one run); with the copy, `base_room` is the bytes it may take on
+    the weights' device (it goes to CPU memory where it needs more: lora/fused.py)."""
     if mode not in ("fused", "unfused"):
-        raise ValueError(f"apply_loras takes mode fused or unfused, not {mode!r} (lora_mode resolves auto)")
+        raise ValueError(f"apply_loras takes mode fused or unfused, not {mode!r} (LoraConfig.resolved resolves auto)")
     if model in _applied:
         raise ValueError("the model already carries LoRA adapters: remove them (or set their scales) first")
     matched = [match_lora(model, weights) for weights, _ in adapters]  # all refused before anything changes
     scales = [float(scale) for _, scale in adapters]
-    applied = FusedLoras(matched, scales, keep_base) if mode == "fused" else UnfusedLoras(matched, scales)
+    applied = FusedLoras(matched, scales, keep_base, base_room) if mode == "fused" else UnfusedLoras(matched, scales)
     handle = AppliedLoras(model, [weights.name for weights, _ in adapters], applied)
     _applied[model] = handle
     return handle

@@ -7,9 +7,17 @@ again, new per-row scales), and written into the weight where it is, in place. S
 (speed/fuse.py: the group's concatenated weight, whose rows the Linears' weights are views of) gets the
 update in its rows too, and compiled code or a captured CUDA graph reads the new values as they are.
 
-Unfusing is bit for bit: the base weights of the Linears touched (FP8: their bytes and scales) are copied
-to the CPU first and copied back. Without that copy (keep_base=False: one run that never unfuses, no
-second copy of the adapted weights in CPU memory) the adapters cannot be removed or rescaled."""
+Unfusing and switching (set_scales: the same adapters at new scales, e.g. another adapter for the next
+request of a server) start from a copy of the base weights of the Linears touched (FP8: their bytes and
+scales), taken when the adapters are applied, so unfusing is bit for bit and a switch gives the weights
+a fresh fuse at those scales would. The copy lives on the weights' device where the caller gives it room
+(`base_room`: a switch is then a few device-memory passes over the adapted weights), else in CPU memory,
+page-locked when the weights are on a GPU (a switch then also copies them back over the bus). The
+adapters' factors wait on the weights' device with it. Without that copy (keep_base=False: one run that
+never unfuses, no second copy of the adapted weights) the adapters cannot be removed or rescaled.
+
+A copy taken before the weights became FP8 (the engine applies adapters before the speed toggles) is
+fused as a fresh run would: the sum cast to the copy's dtype, then quantised as the FP8 toggle quantises."""
 
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import torch
 from sgdiff.lora.match import Update, by_linear
 from sgdiff.models.fp8 import quantize_weight
 from sgdiff.models.layers import Linear
+from sgdiff.offload.weights import ALIGN, pin
 
 Base = tuple[torch.Tensor, torch.Tensor | None]  # (weight, FP8 weights' per-row scale) as they were
 
@@ -25,68 +34,134 @@ Base = tuple[torch.Tensor, torch.Tensor | None]  # (weight, FP8 weights' per-row
 class FusedLoras:
     mode = "fused"
 
-    def __init__(self, adapters: list[list[Update]], scales: list[float], keep_base: bool):
+    def __init__(self, adapters: list[list[Update]], scales: list[float], keep_base: bool, base_room: int = 0):
         self.by_linear = by_linear(adapters)  # Linear -> (adapter index, its update)
         self.bases: dict[Linear, Base] | None = None
         if keep_base:
-            self.bases = {linear: copy_to_cpu(linear) for linear in self.by_linear}
+            linears = list(self.by_linear)
+            on_device = sum(tensor.nbytes for linear in linears for tensor in base_tensors(linear)) <= base_room
+            self.bases = copy_bases(linears, on_device)
+            self.by_linear = {
+                linear: [(index, factors_on(update, linear.weight.device)) for index, update in updates]
+                for linear, updates in self.by_linear.items()
+            }
         self.fuse(scales)
 
+    @property
+    def base_device(self) -> torch.device | None:
+        """Where the copy of the base weights lives (None: none kept)."""
+        return next(iter(self.bases.values()))[0].device if self.bases else None
+
     def fuse(self, scales: list[float]) -> None:
-        """Every adapter at its scale into the weights, which hold their base values now."""
+        """Every adapter at its scale into the weights: from the base copy where one is kept, else from the
+        weights as they are (their base values)."""
         with torch.no_grad():
             for linear, updates in self.by_linear.items():
                 active = [(scales[index] * update.factor, update) for index, update in updates if scales[index] != 0]
+                base = self.bases[linear] if self.bases is not None else None
                 if not active:  # (left as it is: an FP8 weight quantised again might move)
+                    if base is not None:
+                        write_base(linear, base)
                     continue
-                weight = base_weight(linear, self.bases[linear] if self.bases is not None else None)
+                weight = base_weight(linear, base)
                 for factor, update in active:
                     weight += factor * (update.up.to(weight) @ update.down.to(weight))  # [out, r] @ [r, in]
-                write_weight(linear, weight)
+                write_weight(linear, weight, base[0].dtype if base is not None else linear.weight.dtype)
 
     def set_scales(self, scales: list[float]) -> None:
-        """The same adapters at new scales: the base weights back, then the adapters fused anew."""
-        self.restore()
+        """The same adapters at new scales, fused anew from the base copy."""
+        self.need_bases()
         self.fuse(scales)
 
     def remove(self) -> None:
         self.restore()
 
     def restore(self) -> None:
+        with torch.no_grad():
+            for linear, base in self.need_bases().items():
+                write_base(linear, base)
+
+    def need_bases(self) -> dict[Linear, Base]:
         if self.bases is None:
             raise ValueError("these LoRA adapters were fused without keeping the base weights (keep_base=False)")
-        with torch.no_grad():
-            for linear, (weight, scale) in self.bases.items():
-                if linear.weight.dtype != weight.dtype or linear.weight.shape != weight.shape:
-                    raise ValueError(
-                        f"a Linear's weight became {linear.weight.dtype} {list(linear.weight.shape)} after its LoRA "
-                        f"adapters were fused (was {weight.dtype} {list(weight.shape)}): remove them before FP8"
-                    )
-                raw(linear.weight).copy_(raw(weight))
-                if scale is not None:
-                    linear.weight_scale.copy_(scale)
+        return self.bases
 
 
-def copy_to_cpu(linear: Linear) -> Base:
-    weight = linear.weight.detach().to("cpu", copy=True)
-    return weight, linear.weight_scale.detach().to("cpu", copy=True) if linear.fp8 else None
+def base_tensors(linear: Linear) -> list[torch.Tensor]:
+    """What a base copy of the Linear holds: its weight, and an FP8 weight's row scales."""
+    return [linear.weight, linear.weight_scale] if linear.fp8 else [linear.weight]
+
+
+def copy_bases(linears: list[Linear], on_device: bool) -> dict[Linear, Base]:
+    """Each Linear's base tensors copied into one flat buffer, on their device or in CPU memory (page-locked
+    where they are on a GPU: the copies back run at the bus's rate; one registration of exactly its size),
+    each tensor at a multiple of ALIGN bytes."""
+    tensors = [tensor.detach() for linear in linears for tensor in base_tensors(linear)]
+    starts, size = [], 0
+    for tensor in tensors:
+        starts.append(size)
+        size += -(-tensor.nbytes // ALIGN) * ALIGN
+    device = tensors[0].device if on_device and tensors else torch.device("cpu")
+    home = torch.empty(size, dtype=torch.uint8, device=device)
+    if device.type == "cpu" and size > 0 and any(tensor.is_cuda for tensor in tensors):
+        pin(home)
+    copies = []
+    for tensor, start in zip(tensors, starts, strict=True):
+        copy = home[start : start + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+        raw(copy).copy_(raw(tensor))
+        copies.append(copy)
+    bases, taken = {}, iter(copies)
+    for linear in linears:
+        bases[linear] = (next(taken), next(taken) if linear.fp8 else None)
+    return bases
+
+
+def factors_on(update: Update, device: torch.device) -> Update:
+    """The update with its factors on `device` (kept there for the switches), in their dtype."""
+    return Update(update.name, update.linear, update.down.to(device), update.up.to(device), update.factor)
 
 
 def base_weight(linear: Linear, base: Base | None) -> torch.Tensor:
     """The Linear's base weight [out, in] in float32 on its device (FP8: dequantised)."""
     weight, scale = base if base is not None else (linear.weight, linear.weight_scale if linear.fp8 else None)
-    weight = weight.to(linear.weight.device, torch.float32, copy=True)  # (a copy: the updates are added to it)
-    return weight if scale is None else weight * scale.to(weight.device)[:, None]
+    device = linear.weight.device
+    weight = weight.to(device, non_blocking=True).to(torch.float32, copy=True)  # (a copy: the updates go into it)
+    return weight if scale is None else weight * scale.to(device)[:, None]
 
 
-def write_weight(linear: Linear, weight: torch.Tensor) -> None:
-    """float32 `weight` into the Linear's weight in place: cast to its dtype, or as float8 with new scales."""
+def write_weight(linear: Linear, weight: torch.Tensor, dtype: torch.dtype) -> None:
+    """float32 `weight` into the Linear's weight in place, as a weight of `dtype` (its base's) holds it: cast
+    to it; where the Linear's weight is FP8 now, then quantised with new scales (from float32 directly where
+    the base was FP8 already)."""
+    if not is_float8(dtype):
+        weight = weight.to(dtype)
     if linear.fp8:
         quantized, scale = quantize_weight(weight)
         raw(linear.weight).copy_(raw(quantized))
         linear.weight_scale.copy_(scale)
     else:
         linear.weight.copy_(weight)
+
+
+def write_base(linear: Linear, base: Base) -> None:
+    """The base copy back into the Linear's weight: as it was, bit for bit; a copy taken before the weight
+    became FP8 quantised as the FP8 toggle did."""
+    weight, scale = base
+    if linear.fp8 and not is_float8(weight.dtype):
+        write_weight(linear, weight.to(linear.weight.device, non_blocking=True), weight.dtype)
+        return
+    if linear.weight.dtype != weight.dtype or linear.weight.shape != weight.shape:
+        raise ValueError(
+            f"a Linear's weight became {linear.weight.dtype} {list(linear.weight.shape)} after its LoRA adapters "
+            f"were fused (was {weight.dtype} {list(weight.shape)})"
+        )
+    raw(linear.weight).copy_(raw(weight), non_blocking=True)
+    if scale is not None:
+        linear.weight_scale.copy_(scale, non_blocking=True)
+
+
+def is_float8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
 
 
 def raw(tensor: torch.Tensor) -> torch.Tensor:

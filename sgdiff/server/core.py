@@ -96,10 +96,10 @@ class ServerCore:
 
     def params(self, prompt: str, body: Body, rename: dict[str, str]) -> tuple[SamplingParams, dict[str, Any]]:
         """The request's other fields (what `take` left) checked by the engine and the server's limits:
-        the engine's request, and its fields as given (what a job stores to run again). LoRA adapters: unfused,
-        a request that names none runs the base model; fused, every request runs them."""
+        the engine's request, and its fields as given (what a job stores to run again). LoRA adapters: switched per
+        request, a request that names none runs the base model; fixed (fused, offloaded), every request runs them."""
         wanted, given_as = take_loras(body)
-        if wanted is None and self.engine.lora_mode == "unfused":
+        if wanted is None and self.engine.lora_switching:
             wanted = []
         fields = sampling_fields(body, self.family.sampling)
         if wanted is not None:

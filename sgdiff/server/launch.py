@@ -56,7 +56,9 @@ def run_server(
     from sgdiff.server.app import create_app
     from sgdiff.server.core import ServerCore
 
-    runtime = replace(runtime, lora=runtime.lora.resolved(switching=True))  # auto: unfused, switched per request
+    # requests switch adapters (auto: fused anew per switch; unfused where the transformer is offloaded)
+    offloaded = runtime.offload.cpu_offload != "none"
+    runtime = replace(runtime, lora=runtime.lora.resolved(switching=True, offloaded=offloaded))
     state_dir = config.state_dir.expanduser()
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
