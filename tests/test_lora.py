@@ -495,8 +495,12 @@ def test_specs_and_modes():
     assert parse_lora_spec("owner/name:-1") == ("owner/name", -1.0)
     assert parse_lora_spec("a:b.safetensors") == ("a:b.safetensors", 1.0)
     adapters = (("style.safetensors", 1.0),)
-    resolved = {(mode, switching, offloaded): LoraConfig(adapters, mode).resolved(switching, offloaded)
-                for mode in ("auto", "fused", "unfused") for switching in (False, True) for offloaded in (False, True)}
+    resolved = {
+        (mode, switching, offloaded): LoraConfig(adapters, mode).resolved(switching, offloaded)
+        for mode in ("auto", "fused", "unfused")
+        for switching in (False, True)
+        for offloaded in (False, True)
+    }
     # auto: fused, unless a server's transformer is offloaded; a server's fused adapters switch unless offloaded
     assert {key: (config.mode, config.switching) for key, config in resolved.items()} == {
         ("auto", False, False): ("fused", False), ("auto", False, True): ("fused", False),
