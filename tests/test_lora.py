@@ -326,6 +326,18 @@ def test_fused_switches_from_the_base_copy_as_fresh_runs_fuse(flux, dtype, fp8):
     assert all(torch.equal(base[name], tensor) for name, tensor in weights_of(model).items())
 
 
+def test_a_base_copy_without_room_is_refused_and_nothing_changes(flux):
+    folder, files = flux
+    model = load_ours("flux", folder / "transformer")
+    before = weights_of(model)
+    adapters = [(read_lora(str(files["diffusers"])), 0.6)]
+    with pytest.raises(UserError, match=r"copy of the base weights they change \(0\.0 GiB\) and neither the GPU nor "
+                                        r"CPU memory has room for it: use lora_mode unfused"):  # fmt: skip
+        apply_loras(model, adapters, "fused", base_room=0, cpu_room=1000)
+    assert all(torch.equal(before[name], tensor) for name, tensor in weights_of(model).items())
+    apply_loras(model, adapters, "fused", cpu_room=2**40).remove()  # (the model was left free of adapters)
+
+
 def test_fp8_weights_take_the_adapters_fused_or_unfused(flux):
     """With FP8 weights, fused adapters are quantised with the weights (new per-row scales): the output
     is the unfused one (the adapters in full precision beside float8 weights) up to FP8's rounding."""

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from sgdiff.config import LoraConfig
+from sgdiff.engine.memory import available_memory_bytes
 from sgdiff.errors import UserError
 from sgdiff.lora import AppliedLoras, LoraWeights, apply_loras, read_lora
 from sgdiff.pipeline.base import ComposedPipeline
@@ -37,6 +38,7 @@ Wanted = Sequence[tuple[str, float | None]]
 # copy of the base weights is there (for a request's activations and the VAE's decode), else the copy goes
 # to CPU memory. FLUX.1-dev on an 80 GB H100: its ~22 GB copy fits beside the pipeline's 34 GB.
 BASE_COPY_HEADROOM = 0.25
+CPU_HEADROOM = 0.1  # of the CPU memory available, left free where the copy goes there
 
 
 def adapter_name(source: str) -> str:
@@ -104,7 +106,10 @@ class EngineAdapters:
         pairs = [(adapter.weights, scale) for adapter, scale in zip(self.adapters, scales, strict=True)]
         # fused and fixed: no copy of the base weights kept (the adapters never change; FP8 quantises the sum once)
         room = base_copy_room(next(model.parameters()).device, self.gpu_memory_limit) if self.switching else 0
-        self.applied = apply_loras(model, pairs, self.mode, keep_base=self.switching, base_room=room)
+        cpu_room = available_memory_bytes()
+        cpu_room = None if cpu_room is None else int(cpu_room * (1 - CPU_HEADROOM))
+        self.applied = apply_loras(model, pairs, self.mode, keep_base=self.switching, base_room=room,
+                                   cpu_room=cpu_room)  # fmt: skip
         self.active = scales
 
     def resolve(self, wanted: Wanted | None) -> Loras:

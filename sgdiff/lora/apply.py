@@ -79,18 +79,22 @@ def apply_loras(
     mode: str = "fused",
     keep_base: bool = True,
     base_room: int = 0,
+    cpu_room: int | None = None,
 ) -> AppliedLoras:
     """Each (adapter, scale) on `model`: delta W = scale * alpha / rank * up @ down on every Linear it names.
     mode: "fused" or "unfused" (LoraConfig.resolved resolves "auto"). Fused only: keep_base=False keeps no copy of the
     base weights, and there is no way back (one run); with the copy, `base_room` is the bytes it may take on
-    the weights' device (it goes to CPU memory where it needs more: lora/fused.py)."""
+    the weights' device (it goes to CPU memory where it needs more, refused beyond `cpu_room`: lora/fused.py)."""
     if mode not in ("fused", "unfused"):
         raise ValueError(f"apply_loras takes mode fused or unfused, not {mode!r} (LoraConfig.resolved resolves auto)")
     if model in _applied:
         raise ValueError("the model already carries LoRA adapters: remove them (or set their scales) first")
     matched = [match_lora(model, weights) for weights, _ in adapters]  # all refused before anything changes
     scales = [float(scale) for _, scale in adapters]
-    applied = FusedLoras(matched, scales, keep_base, base_room) if mode == "fused" else UnfusedLoras(matched, scales)
+    if mode == "fused":
+        applied: FusedLoras | UnfusedLoras = FusedLoras(matched, scales, keep_base, base_room, cpu_room)
+    else:
+        applied = UnfusedLoras(matched, scales)
     handle = AppliedLoras(model, [weights.name for weights, _ in adapters], applied)
     _applied[model] = handle
     return handle

@@ -12,7 +12,8 @@ request of a server) start from a copy of the base weights of the Linears touche
 scales), taken when the adapters are applied, so unfusing is bit for bit and a switch gives the weights
 a fresh fuse at those scales would. The copy lives on the weights' device where the caller gives it room
 (`base_room`: a switch is then a few device-memory passes over the adapted weights), else in CPU memory,
-page-locked when the weights are on a GPU (a switch then also copies them back over the bus). The
+page-locked when the weights are on a GPU (a switch then also copies them back over the bus; refused where
+it exceeds `cpu_room`). The
 adapters' factors wait on the weights' device with it. Without that copy (keep_base=False: one run that
 never unfuses, no second copy of the adapted weights) the adapters cannot be removed or rescaled.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from sgdiff.errors import UserError
 from sgdiff.lora.match import Update, by_linear
 from sgdiff.models.fp8 import quantize_weight
 from sgdiff.models.layers import Linear
@@ -34,12 +36,26 @@ Base = tuple[torch.Tensor, torch.Tensor | None]  # (weight, FP8 weights' per-row
 class FusedLoras:
     mode = "fused"
 
-    def __init__(self, adapters: list[list[Update]], scales: list[float], keep_base: bool, base_room: int = 0):
+    def __init__(
+        self,
+        adapters: list[list[Update]],
+        scales: list[float],
+        keep_base: bool,
+        base_room: int = 0,
+        cpu_room: int | None = None,
+    ):
         self.by_linear = by_linear(adapters)  # Linear -> (adapter index, its update)
         self.bases: dict[Linear, Base] | None = None
         if keep_base:
             linears = list(self.by_linear)
-            on_device = sum(tensor.nbytes for linear in linears for tensor in base_tensors(linear)) <= base_room
+            size = sum(tensor.nbytes for linear in linears for tensor in base_tensors(linear))
+            on_device = size <= base_room
+            if not on_device and cpu_room is not None and size > cpu_room:
+                raise UserError(
+                    f"switching fused LoRA adapters needs a copy of the base weights they change ({size / 2**30:.1f} "
+                    f"GiB) and neither the GPU nor CPU memory has room for it: use `lora_mode` unfused",
+                    field="lora_mode",
+                )
             self.bases = copy_bases(linears, on_device)
             self.by_linear = {
                 linear: [(index, factors_on(update, linear.weight.device)) for index, update in updates]
