@@ -81,7 +81,7 @@ class FusedLoras:
                     continue
                 weight = base_weight(linear, base)
                 for factor, update in active:
-                    weight += factor * (update.up.to(weight) @ update.down.to(weight))  # [out, r] @ [r, in]
+                    weight.addmm_(update.up.to(weight), update.down.to(weight), alpha=factor)  # [out, r] @ [r, in]
                 write_weight(linear, weight, base[0].dtype if base is not None else linear.weight.dtype)
 
     def set_scales(self, scales: list[float]) -> None:
