@@ -179,10 +179,10 @@ class LoraConfig:
     load_lora_weights does by default.
 
     mode: fused (the updates added into the weights: nothing per step), unfused (kept beside the Linears: a
-    little work per step), or auto: fused, but unfused for a server whose transformer is offloaded
-    (`resolved`). switching (a server's, `resolved(switching=True)`): each request picks the adapters and
-    scales it runs with; fused adapters are then fused anew from a copy of the base weights whenever a request
-    changes them (lora/fused.py), and, offloaded (whose weights move between CPU and GPU), stay fixed.
+    little work per step), or auto: fused, but unfused for a server whose transformer's weights do not stay in
+    place (`resolved`). switching (a server's, `resolved(switching=True, ...)`): each request picks the
+    adapters and scales it runs with; fused adapters are then fused anew from a copy of the base weights
+    whenever a request changes them (lora/fused.py), where the weights stay in place, and else stay fixed.
     Without switching, fused adapters are fixed for the engine's life and no copy is kept."""
 
     adapters: tuple[tuple[str, float], ...] = ()  # (a .safetensors file, a folder with one or a Hub repo id, scale)
@@ -200,14 +200,15 @@ class LoraConfig:
                 raise UserError(f"`lora_path` {source}: its scale must be a finite number, got {scale!r}",
                                 field="lora_path")  # fmt: skip
 
-    def resolved(self, switching: bool, offloaded: bool) -> LoraConfig:
+    def resolved(self, switching: bool, in_place: bool) -> LoraConfig:
         """`auto` made fused or unfused, and whether requests switch adapters: where they would (a server),
-        unfused if the transformer's weights are offloaded (`cpu_offload` other than none: a fused switch
-        writes them where they are), and fused adapters switch only if they are not."""
+        unfused unless the transformer's weights stay `in_place` (a fused switch writes them where they are:
+        not with `cpu_offload`, which moves them, nor under sequence parallelism, whose Ulysses keeps copies of
+        their q/k/v rows), and fused adapters switch only where they do."""
         if not self.adapters:
             return self
-        mode = self.mode if self.mode != "auto" else "unfused" if switching and offloaded else "fused"
-        return LoraConfig(self.adapters, mode, switching and not (mode == "fused" and offloaded))
+        mode = self.mode if self.mode != "auto" else "unfused" if switching and not in_place else "fused"
+        return LoraConfig(self.adapters, mode, switching and (mode == "unfused" or in_place))
 
 
 @dataclass(frozen=True)

@@ -508,12 +508,13 @@ def test_specs_and_modes():
     assert parse_lora_spec("a:b.safetensors") == ("a:b.safetensors", 1.0)
     adapters = (("style.safetensors", 1.0),)
     resolved = {
-        (mode, switching, offloaded): LoraConfig(adapters, mode).resolved(switching, offloaded)
+        (mode, switching, moved): LoraConfig(adapters, mode).resolved(switching, in_place=not moved)
         for mode in ("auto", "fused", "unfused")
         for switching in (False, True)
-        for offloaded in (False, True)
+        for moved in (False, True)
     }
-    # auto: fused, unless a server's transformer is offloaded; a server's fused adapters switch unless offloaded
+    # auto: fused, unless a server's transformer weights move or are copied (offload, sequence parallelism); a
+    # server's fused adapters switch where they stay in place
     assert {key: (config.mode, config.switching) for key, config in resolved.items()} == {
         ("auto", False, False): ("fused", False), ("auto", False, True): ("fused", False),
         ("auto", True, False): ("fused", True), ("auto", True, True): ("unfused", True),
@@ -522,7 +523,7 @@ def test_specs_and_modes():
         ("unfused", False, False): ("unfused", False), ("unfused", False, True): ("unfused", False),
         ("unfused", True, False): ("unfused", True), ("unfused", True, True): ("unfused", True),
     }  # fmt: skip
-    assert LoraConfig().resolved(True, False) == LoraConfig()  # (no adapters: nothing to switch)
+    assert LoraConfig().resolved(True, in_place=True) == LoraConfig()  # (no adapters: nothing to switch)
 
 
 @pytest.mark.slow

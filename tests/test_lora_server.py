@@ -45,7 +45,7 @@ def server(tiny_flux_dev, adapters, tmp_path_factory):
     (auto: fused, switched per request)."""
     from sgdiff.engine.service import Engine
 
-    lora = LoraConfig(((str(adapters["style"]), 1.5), (str(adapters["detail"]), 0.5))).resolved(True, offloaded=False)
+    lora = LoraConfig(((str(adapters["style"]), 1.5), (str(adapters["detail"]), 0.5))).resolved(True, in_place=True)
     runtime = RuntimeConfig(device="cpu", dtype="fp32", lora=lora)
     engine = Engine(str(tiny_flux_dev), runtime=runtime, batching=BatchingConfig(4, 300.0))
     with served_in_thread(engine, tmp_path_factory.mktemp("state"), str(tiny_flux_dev)) as url:
@@ -239,7 +239,7 @@ def test_video_jobs_pick_their_adapters_too(tiny_wan, tmp_path):
     with quiet_libraries():
         reference = WanTransformer3DModel.from_pretrained(model / "transformer")
     motion = diffusers_file(tmp_path / "motion.safetensors", reference, linear_names(reference, "blocks."), 5)
-    lora = LoraConfig(((str(motion), 2.0),)).resolved(True, offloaded=False)
+    lora = LoraConfig(((str(motion), 2.0),)).resolved(True, in_place=True)
     engine = Engine(str(model), runtime=RuntimeConfig(device="cpu", dtype="fp32", lora=lora))
     fields = {"num_frames": 5, "num_inference_steps": 3, "seed": 3}
     flags = ["--height", "32", "--width", "32", "--num-frames", "5", "--steps", "3", "--seed", "3", "-q"]

@@ -483,7 +483,8 @@ LoraMode = Annotated[
         "--lora-mode",
         help="fused: the adapters added into the weights (no cost per step; generate: fixed at load; serve: fused "
         "anew from a copy of the base weights when a request picks others); unfused: kept beside them (a little "
-        "work per step; a switch writes their scales). Default: auto, fused (serve with --cpu-offload: unfused).",
+        "work per step; a switch writes their scales). Default: auto, fused (serve with --cpu-offload or sequence "
+        "parallelism: unfused).",
         rich_help_panel=LORA,
     ),
 ]

@@ -11,7 +11,8 @@ of the base weights (nothing can be switched back); every request runs them at t
 (LoraConfig.switching): a request's choice is switched in before it runs (a request that names none runs the
 base model): fused (its default), the chosen adapters are fused anew from a copy of the base weights, kept on
 the GPU where it leaves room for a request's work (BASE_COPY_HEADROOM) and else in page-locked CPU memory;
-unfused (its default where the transformer is offloaded), every adapter sits beside its Linears from the
+unfused (its default where the transformer's weights move or are copied: config.py LoraConfig.resolved),
+every adapter sits beside its Linears from the
 start and the request's scales are written into them (the others at 0)."""
 
 from __future__ import annotations

@@ -56,9 +56,11 @@ def run_server(
     from sgdiff.server.app import create_app
     from sgdiff.server.core import ServerCore
 
-    # requests switch adapters (auto: fused anew per switch; unfused where the transformer is offloaded)
-    offloaded = runtime.offload.cpu_offload != "none"
-    runtime = replace(runtime, lora=runtime.lora.resolved(switching=True, offloaded=offloaded))
+    # requests switch adapters (auto: fused anew per switch; unfused where the transformer's weights move or are
+    # copied: CPU offload, sequence parallelism)
+    ranks = parallel.resolved()
+    in_place = runtime.offload.cpu_offload == "none" and ranks.num_gpus == ranks.cfg_degree
+    runtime = replace(runtime, lora=runtime.lora.resolved(switching=True, in_place=in_place))
     state_dir = config.state_dir.expanduser()
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
