@@ -12,8 +12,8 @@ of the base weights (nothing can be switched back); every request runs them at t
 base model): fused (its default), the chosen adapters are fused anew from a copy of the base weights, kept on
 the GPU where it leaves room for a request's work (BASE_COPY_HEADROOM) and else in page-locked CPU memory;
 unfused (its default where the transformer's weights move or are copied: config.py LoraConfig.resolved),
-every adapter sits beside its Linears from the
-start and the request's scales are written into them (the others at 0)."""
+every adapter sits beside its Linears from the start and the request's scales are written into them (the
+others at 0)."""
 
 from __future__ import annotations
 
