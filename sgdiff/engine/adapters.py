@@ -106,9 +106,7 @@ class EngineAdapters:
         scales = [0.0] * len(self.adapters) if self.switching else [a.scale for a in self.adapters]
         pairs = [(adapter.weights, scale) for adapter, scale in zip(self.adapters, scales, strict=True)]
         # fused and fixed: no copy of the base weights kept (the adapters never change; FP8 quantises the sum once)
-        room = base_copy_room(next(model.parameters()).device, self.gpu_memory_limit) if self.switching else 0
-        cpu_room = available_memory_bytes()
-        cpu_room = None if cpu_room is None else int(cpu_room * (1 - CPU_HEADROOM))
+        room, cpu_room = base_copy_rooms(next(model.parameters()).device, self.gpu_memory_limit)
         self.applied = apply_loras(model, pairs, self.mode, keep_base=self.switching, base_room=room,
                                    cpu_room=cpu_room)  # fmt: skip
         self.active = scales
@@ -161,16 +159,19 @@ class EngineAdapters:
                  "mode": self.mode} for a in self.adapters]  # fmt: skip
 
 
-def base_copy_room(device: torch.device, limit: int | None) -> int:
-    """Bytes a copy of base weights may take on `device` now (the pipeline loaded): what the process may still
-    allocate there (`limit`: gpu_memory_limit), less BASE_COPY_HEADROOM of all it may hold; 0 off CUDA."""
+def base_copy_rooms(device: torch.device, limit: int | None) -> tuple[int, int | None]:
+    """Bytes a copy of base weights may take now (the pipeline loaded) on `device` (CUDA: what the process may
+    still allocate there, `limit` being gpu_memory_limit, less BASE_COPY_HEADROOM of all it may hold; 0
+    elsewhere) and in CPU memory (what is available less CPU_HEADROOM; None: unknown)."""
+    available = available_memory_bytes()
+    cpu_room = None if available is None else int(available * (1 - CPU_HEADROOM))
     if device.type != "cuda":
-        return 0
+        return 0, cpu_room
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     cached = torch.cuda.memory_reserved(device) - allocated  # (the allocator's, free for this process)
     allowed = total if limit is None else min(limit, total)
-    return int(min(free + cached, allowed - allocated) - BASE_COPY_HEADROOM * allowed)
+    return int(min(free + cached, allowed - allocated) - BASE_COPY_HEADROOM * allowed), cpu_room
 
 
 def denoiser(pipeline: ComposedPipeline) -> nn.Module:

@@ -13,9 +13,9 @@ scales), taken when the adapters are applied, so unfusing is bit for bit and a s
 a fresh fuse at those scales would. The copy lives on the weights' device where the caller gives it room
 (`base_room`: a switch is then a few device-memory passes over the adapted weights), else in CPU memory,
 page-locked when the weights are on a GPU (a switch then also copies them back over the bus; refused where
-it exceeds `cpu_room`). The
-adapters' factors wait on the weights' device with it. Without that copy (keep_base=False: one run that
-never unfuses, no second copy of the adapted weights) the adapters cannot be removed or rescaled.
+it exceeds `cpu_room`). The adapters' factors wait on the weights' device with it. Without that copy
+(keep_base=False: one run that never unfuses, no second copy of the adapted weights) the adapters cannot
+be removed or rescaled.
 
 A copy taken before the weights became FP8 (the engine applies adapters before the speed toggles) is
 fused as a fresh run would: the sum cast to the copy's dtype, then quantised as the FP8 toggle quantises."""
