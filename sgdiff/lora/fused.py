@@ -46,6 +46,7 @@ class FusedLoras:
     ):
         self.by_linear = by_linear(adapters)  # Linear -> (adapter index, its update)
         self.bases: dict[Linear, Base] | None = None
+        self.base_buffer: torch.Tensor | None = None  # where the copies live (CPU: page-locked while it lives)
         if keep_base:
             linears = list(self.by_linear)
             size = sum(tensor.nbytes for linear in linears for tensor in base_tensors(linear))
@@ -56,7 +57,7 @@ class FusedLoras:
                     f"GiB) and neither the GPU nor CPU memory has room for it: use `lora_mode` unfused",
                     field="lora_mode",
                 )
-            self.bases = copy_bases(linears, on_device)
+            self.bases, self.base_buffer = copy_bases(linears, on_device)  # (the buffer kept: its pinning lasts)
             self.by_linear = {
                 linear: [(index, factors_on(update, linear.weight.device)) for index, update in updates]
                 for linear, updates in self.by_linear.items()
@@ -108,10 +109,11 @@ def base_tensors(linear: Linear) -> list[torch.Tensor]:
     return [linear.weight, linear.weight_scale] if linear.fp8 else [linear.weight]
 
 
-def copy_bases(linears: list[Linear], on_device: bool) -> dict[Linear, Base]:
+def copy_bases(linears: list[Linear], on_device: bool) -> tuple[dict[Linear, Base], torch.Tensor]:
     """Each Linear's base tensors copied into one flat buffer, on their device or in CPU memory (page-locked
-    where they are on a GPU: the copies back run at the bus's rate; one registration of exactly its size),
-    each tensor at a multiple of ALIGN bytes."""
+    where they are on a GPU: the copies back run at the bus's rate; one registration of exactly its size,
+    undone when the buffer tensor returned is freed, so the caller keeps it), each tensor at a multiple of
+    ALIGN bytes. Returns (the copies by Linear, the buffer)."""
     tensors = [tensor.detach() for linear in linears for tensor in base_tensors(linear)]
     starts, size = [], 0
     for tensor in tensors:
@@ -129,7 +131,7 @@ def copy_bases(linears: list[Linear], on_device: bool) -> dict[Linear, Base]:
     bases, taken = {}, iter(copies)
     for linear in linears:
         bases[linear] = (next(taken), next(taken) if linear.fp8 else None)
-    return bases
+    return bases, home
 
 
 def factors_on(update: Update, device: torch.device) -> Update:
