@@ -27,7 +27,10 @@
 #                imageio-ffmpeg (`iio`)
 #   lora         scripts/probes/lora_cuda.py: adapters in bf16 with every toggle, compile, CUDA graphs, FP8 (issue 32)
 #   lora_speed   scripts/bench_lora.py at full size, defaults then every toggle: base vs fused vs unfused per forward,
-#                switching time (issue 32: fused = base, unfused <= 5%, switch <= 0.5 s)
+#                switching time, fused with the base copy on the GPU (issue 32: fused = base, unfused <= 5%, switch
+#                <= 0.5 s)
+#   lora_switch  scripts/probes/lora_switch_profile.py: a fused switch with the base copy in page-locked CPU memory,
+#                timed and profiled (~40 s; run HD saw pageable copies, 3 s a switch, before commit dcceb61)
 #   flux_offload FLUX.1-dev shell -> PNG with --cpu-offload layers under a 12 GiB cap, every block streamed, then
 #                --offload-resident-blocks auto (issue 30: step <= 1.5x uncapped)
 #   wan14_offload scripts/bench_offload.py: Wan2.1-T2V-14B 1280x720x81, a CFG step in memory against --cpu-offload
@@ -114,6 +117,8 @@ for step in $STEPS; do
                   timeout "$(left)" python scripts/bench_lora.py --speed $speed --json "$OUT/lora-speed-$speed.json" 2>&1 \
                     | tee "$OUT/lora-speed-$speed.txt" | tail -n 14
                 done ;;
+    lora_switch) timeout "$(left)" python scripts/probes/lora_switch_profile.py 2>&1 | tee "$OUT/lora-switch.txt" \
+                   | grep -v '^\s*$' | head -n 40 ;;
     startup) T=$(python -c 'import importlib.util; print(importlib.util.find_spec("torch").origin)')
              echo "torch: $T; PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-unset}; pyc beside: $(python -c "import importlib.util, os; print(os.path.exists(importlib.util.cache_from_source('$T')))")"
              rm -rf ~/.cache/sgdiff/bytecode
