@@ -271,6 +271,14 @@ class ParallelConfig:
         return ParallelConfig(n, ulysses, ring, self.enable_cfg_parallel)
 
 
+def switching_loras(runtime: RuntimeConfig, parallel: ParallelConfig) -> RuntimeConfig:
+    """`runtime` with its LoRA adapters picked per request (a server's): LoraConfig.resolved, the weights in place
+    unless CPU offload moves them or sequence parallelism copies them."""
+    ranks = parallel.resolved()
+    in_place = runtime.offload.cpu_offload == "none" and ranks.num_gpus == ranks.cfg_degree
+    return replace(runtime, lora=runtime.lora.resolved(switching=True, in_place=in_place))
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
     """Dynamic request batching: requests that can share a forward pass (the model family says which)

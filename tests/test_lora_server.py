@@ -192,6 +192,38 @@ def test_fused_adapters_are_every_requests_and_cannot_be_changed(tiny_flux_dev, 
     assert np.abs(image - generated(tiny_flux_dev, tmp_path_factory, "--lora-path", f"{style}:1.5")).max() <= 1
 
 
+def test_the_python_engine_switches_fused_adapters_when_asked(tiny_flux_dev, adapters, tmp_path_factory):
+    """Engine.from_pretrained(lora_switching=True): each request picks its adapters, as on a server (fused anew at
+    each switch): `generate`'s image with those adapters."""
+    from sgdiff.engine.service import Engine
+
+    style, detail = str(adapters["style"]), str(adapters["detail"])
+    with Engine.from_pretrained(str(tiny_flux_dev), device="cpu", dtype="fp32", lora_switching=True,
+                                loras=[(style, 1.5), (detail, 0.5)]) as engine:  # fmt: skip
+        assert (engine.lora_mode, engine.lora_switching) == ("fused", True)
+        for wanted, flags in [([("detail", -1.2)], ("--lora-path", f"{detail}:-1.2")), ([], ()),
+                              ([("style", None)], ("--lora-path", f"{style}:1.5"))]:  # fmt: skip
+            params = engine.request("a red cube", height=32, width=48, num_inference_steps=3, guidance_scale=4.0,
+                                    seed=7, loras=wanted)  # fmt: skip
+            image = np.asarray(engine.submit(params).result().images[0]).astype(np.int64)
+            assert np.abs(image - generated(tiny_flux_dev, tmp_path_factory, *flags)).max() <= MAX_PIXEL_DIFF, wanted
+
+
+def test_adapters_stay_unfused_where_the_weights_move_or_are_copied():
+    """What a server (and lora_switching) makes of `auto`: fused where the transformer's weights stay in place,
+    unfused under CPU offload or sequence parallelism; CFG parallel keeps whole weights on each rank."""
+    from sgdiff.config import OffloadConfig, ParallelConfig, switching_loras
+
+    lora = LoraConfig((("style.safetensors", 1.0),))
+    cases = [(OffloadConfig(), ParallelConfig(), "fused"), (OffloadConfig("components"), ParallelConfig(), "unfused"),
+             (OffloadConfig("layers"), ParallelConfig(), "unfused"), (OffloadConfig(), ParallelConfig(2), "unfused"),
+             (OffloadConfig(), ParallelConfig(2, ring_degree=2), "unfused"),
+             (OffloadConfig(), ParallelConfig(2, enable_cfg_parallel=True), "fused")]  # fmt: skip
+    for offload, parallel, mode in cases:
+        resolved = switching_loras(RuntimeConfig(offload=offload, lora=lora), parallel).lora
+        assert (resolved.mode, resolved.switching) == (mode, True), (offload, parallel)
+
+
 def test_two_processes_switch_unfused_adapters_per_request(tiny_flux_dev, adapters, tmp_path_factory):
     """What `sgdiff serve --num-gpus 2` runs by default (unfused, Ulysses-2: each rank adds the adapters' updates of
     its heads' q/k/v rows and its share of the modulation): each request gets `generate`'s image with its adapters

@@ -23,6 +23,7 @@ from sgdiff.config import (
     ParallelConfig,
     RuntimeConfig,
     SpeedConfig,
+    switching_loras,
 )
 from sgdiff.engine.handle import RequestHandle
 from sgdiff.engine.ranks import under_torchrun
@@ -142,13 +143,16 @@ class Engine:
         gpu_memory_limit: int | None = None,
         loras: Sequence[tuple[str, float]] = (),
         lora_mode: str = "auto",
+        lora_switching: bool = False,
         **speed: Any,
     ) -> Engine:
         """Load `model` and return the engine, ready. `max_batch_size`, `batching_delay_ms`: BatchingConfig
         (1: every request runs alone). `vae_tiling`, `gpu_memory_limit` (bytes each process may allocate on its
         GPU): RuntimeConfig's. `cpu_offload`, `text_encoder_offload`, `offload_prefetch`,
         `offload_resident_blocks`: OffloadConfig's.
-        `loras` ((a .safetensors file, folder or Hub repo id, scale), ...), `lora_mode`: LoraConfig's.
+        `loras` ((a .safetensors file, folder or Hub repo id, scale), ...), `lora_mode`: LoraConfig's;
+        `lora_switching`: each request picks its adapters (`request(..., loras=...)`), as on a server
+        (config.py switching_loras), instead of all running the configured ones.
         `speed`: SpeedConfig's toggles by name (attention_backend="auto", fused_projections, fused_gelu,
         fused_norms, torch_compile, cuda_graph, dit_precision="default")."""
         unknown = sorted(set(speed) - set(SPEED_OPTIONS))
@@ -158,6 +162,8 @@ class Engine:
         lora = LoraConfig(tuple((source, scale) for source, scale in loras), lora_mode)
         runtime = RuntimeConfig(device, dtype, SpeedConfig(**speed), vae_tiling, offload, gpu_memory_limit, lora)
         parallel = ParallelConfig(num_gpus, ulysses_degree, ring_degree, enable_cfg_parallel)
+        if lora_switching:
+            runtime = switching_loras(runtime, parallel)
         batching = BatchingConfig(max_batch_size, batching_delay_ms)
         engine = cls(model, preset=preset, runtime=runtime, parallel=parallel, batching=batching, revision=revision)
         engine.start()
@@ -219,8 +225,8 @@ class Engine:
     def request(self, prompt: str, **fields: Any) -> SamplingParams:
         """A request checked against this model, nothing run: defaults < the preset < `fields`
         (SamplingParams' names; None means not given). `loras`: the LoRA adapters it runs with, of those
-        loaded, as (name, scale) pairs (scale None: the adapter's own; None: every one at its scale; with
-        `lora_mode` fused only that). Raises UserError naming what is wrong."""
+        loaded, as (name, scale) pairs (scale None: the adapter's own; None: every one at its scale; where
+        requests do not switch adapters, only that). Raises UserError naming what is wrong."""
         params = self.runner.sampling_params(prompt, **fields)
         if self.parallel.enable_cfg_parallel and self.runner.family.cfg_scale_of(params) is None:
             raise UserError(

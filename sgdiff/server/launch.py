@@ -4,10 +4,10 @@ the model, then answer on that socket with uvicorn until SIGINT or SIGTERM."""
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from sgdiff.config import BatchingConfig, ParallelConfig, RuntimeConfig
+from sgdiff.config import BatchingConfig, ParallelConfig, RuntimeConfig, switching_loras
 from sgdiff.errors import UserError
 from sgdiff.server.core import ServerLimits
 
@@ -56,11 +56,7 @@ def run_server(
     from sgdiff.server.app import create_app
     from sgdiff.server.core import ServerCore
 
-    # requests switch adapters (auto: fused anew per switch; unfused where the transformer's weights move or are
-    # copied: CPU offload, sequence parallelism)
-    ranks = parallel.resolved()
-    in_place = runtime.offload.cpu_offload == "none" and ranks.num_gpus == ranks.cfg_degree
-    runtime = replace(runtime, lora=runtime.lora.resolved(switching=True, in_place=in_place))
+    runtime = switching_loras(runtime, parallel)  # requests pick their adapters (auto: fused anew per switch)
     state_dir = config.state_dir.expanduser()
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
