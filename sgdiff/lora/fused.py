@@ -76,8 +76,8 @@ class FusedLoras:
             for linear, updates in self.by_linear.items():
                 active = [(scales[index] * update.factor, update) for index, update in updates if scales[index] != 0]
                 base = self.bases[linear] if self.bases is not None else None
-                if not active:  # (left as it is: an FP8 weight quantised again might move)
-                    if base is not None:
+                if not active:  # its base values (without a copy: left as they are, since an FP8 weight
+                    if base is not None:  # quantised again might move)
                         write_base(linear, base)
                     continue
                 weight = base_weight(linear, base)
