@@ -106,6 +106,31 @@ def test_fused_projections_and_compiled_blocks_stream_too(tiny_flux_dev):
     assert streamer is not None and streamer.copies > len(streamer.units) and streamer.waits == 1
 
 
+def test_fp8_weights_stream_too(tiny_flux_dev, monkeypatch):
+    """FP8 weights (--dit-precision fp8: float8 bytes and their row scales) move with their block: the in-memory
+    FP8 run's latents exactly. On the CPU their matmuls are emulated; the check that refuses fp8 there is
+    bypassed for this test only."""
+    from dataclasses import replace
+
+    from sgdiff.engine import runner as runner_module
+
+    real = runner_module.check_speed
+
+    def check_but_fp8(speed, device, dtype):
+        return real(replace(speed, dit_precision="default"), device, dtype)
+
+    monkeypatch.setattr(runner_module, "check_speed", check_but_fp8)
+    speed = SpeedConfig(dit_precision="fp8")
+    reference = generate(load(tiny_flux_dev, speed=speed), **FLUX)
+    plain = generate(load(tiny_flux_dev), **FLUX)
+    assert not torch.equal(reference.latents, plain.latents)  # (the FP8 weights ran)
+    runner = load(tiny_flux_dev, OffloadConfig("layers"), speed)
+    assert any(getattr(m, "fp8", False) for m in runner.pipeline.transformers[0].modules())  # type: ignore[union-attr]
+    assert_same(generate(runner, **FLUX), reference)
+    streamer = runner.offloaded.streamer  # type: ignore[union-attr]
+    assert streamer is not None and streamer.copies > len(streamer.units)
+
+
 def test_components_wait_at_home_while_other_stages_run(tiny_flux_dev):
     runner = load(tiny_flux_dev, OffloadConfig("components"))
     modules = runner.pipeline.modules  # type: ignore[union-attr]

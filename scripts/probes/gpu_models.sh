@@ -33,6 +33,8 @@
 #                timed and profiled (~40 s; run HD saw pageable copies, 3 s a switch, before commit dcceb61)
 #   flux_offload FLUX.1-dev shell -> PNG with --cpu-offload layers under a 12 GiB cap, every block streamed, then
 #                --offload-resident-blocks auto (issue 30: step <= 1.5x uncapped)
+#   flux_offload_fp8 the same with --dit-precision fp8 (half the bytes to stream; lossy: FP8's quality in README "Lossy
+#                modes"), auto resident blocks, then uncapped in memory with fp8 for the ratio (issue 30: <= 1.5x)
 #   wan14_offload scripts/bench_offload.py: Wan2.1-T2V-14B 1280x720x81, a CFG step in memory against --cpu-offload
 #                layers under each of OFFLOAD_CAPS (default 24GiB, then 32GiB: an A14B expert's step; issue 30:
 #                <= 1.3x), ~200 s each
@@ -133,6 +135,12 @@ for step in $STEPS; do
                       --cpu-offload layers --offload-resident-blocks $kept --gpu-memory-limit 12GiB \
                       --json "$OUT/e2e-flux-offload-$kept.json" 2>&1 | tee "$OUT/log-flux-offload-$kept.txt" | tail -n 14
                   done ;;
+    flux_offload_fp8) for mode in "--cpu-offload layers --gpu-memory-limit 12GiB" ""; do
+                        name=$([ -n "$mode" ] && echo capped || echo uncapped)
+                        eval timeout "$(left)" $S --model flux.1-dev --e2e --checkpoint-dir "$FLUX_DIR" --sgdiff-only \
+                          --warmup 0 --repeat 1 --dit-precision fp8 $mode --json "$OUT/e2e-flux-fp8-$name.json" 2>&1 \
+                          | tee "$OUT/log-flux-fp8-$name.txt" | tail -n 8
+                      done ;;
     wan14_offload) for cap in $OFFLOAD_CAPS; do
                      timeout "$(left)" python scripts/bench_offload.py --model wan2.1-t2v-14b --height 720 --width 1280 \
                        --gpu-memory-limit $cap --warmup 0 --repeat 2 --json "$OUT/offload-wan14-$cap.json" 2>&1 \
