@@ -106,8 +106,10 @@ class EngineAdapters:
         scales = [0.0] * len(self.adapters) if self.switching else [a.scale for a in self.adapters]
         pairs = [(adapter.weights, scale) for adapter, scale in zip(self.adapters, scales, strict=True)]
         # fused and fixed: no copy of the base weights kept (the adapters never change; FP8 quantises the sum once)
-        room, cpu_room = base_copy_rooms(next(model.parameters()).device, self.gpu_memory_limit)
-        self.applied = apply_loras(model, pairs, self.mode, keep_base=self.switching, base_room=room,
+        copied = self.mode == "fused" and self.switching
+        device = next(model.parameters()).device
+        room, cpu_room = base_copy_rooms(device, self.gpu_memory_limit) if copied else (0, None)
+        self.applied = apply_loras(model, pairs, self.mode, keep_base=copied, base_room=room,
                                    cpu_room=cpu_room)  # fmt: skip
         self.active = scales
 

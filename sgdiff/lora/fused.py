@@ -184,4 +184,4 @@ def is_float8(dtype: torch.dtype) -> bool:
 
 def raw(tensor: torch.Tensor) -> torch.Tensor:
     """float8 tensors as their bytes (copy kernels of every device take uint8); others as they are."""
-    return tensor.view(torch.uint8) if tensor.element_size() == 1 and tensor.is_floating_point() else tensor
+    return tensor.view(torch.uint8) if is_float8(tensor.dtype) else tensor
