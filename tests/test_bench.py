@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from sgdiff.bench.end_to_end import DEMO_MODELS
 from sgdiff.bench.parts import BENCH_MODELS
 from sgdiff.cli.bench import BenchModelChoice
 from sgdiff.cli.main import app
+from sgdiff.config import load_preset
+from sgdiff.models.resolve import demo_model_dir
 from sgdiff.testing.compare import relative_error
 
 runner = CliRunner()
 
 
 def test_bench_model_names_match_the_cli():
-    assert [choice.value for choice in BenchModelChoice] == list(BENCH_MODELS)
+    assert [choice.value for choice in BenchModelChoice] == [*BENCH_MODELS, *DEMO_MODELS]
 
 
 @pytest.mark.parametrize("model", ["flux.1-dev", "wan2.1-t2v-1.3b", "qwen-image", "qwen-image-edit"])
@@ -152,6 +156,64 @@ def test_bench_e2e_refuses_qwen_image_edit(tmp_path):
         "decode"
     )
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ([], "demo-image runs with --e2e (shell to file, as `sgdiff generate` runs it); the per-forward bench builds "
+             "full-size models, or --tiny ones"),
+        (["--e2e", "--tiny"], "demo-image is the embedded model itself, small already: drop --tiny"),
+        (["--e2e", "--checkpoint-dir", "c"], "demo-image runs from its embedded folder and writes no checkpoint: "
+                                             "drop --checkpoint-dir"),
+    ],
+)  # fmt: skip
+def test_bench_demo_models_run_end_to_end_only(flags, message):
+    result = runner.invoke(app, ["bench", "--model", "demo-image", *flags])
+    assert result.exit_code == 2 and result.output.strip() == f"error: {message}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, suffix, size", [("demo-image", ".png", (128, 128)), ("demo-video", ".mp4", (64, 64))])
+def test_bench_e2e_runs_a_demo_model_as_a_user_does(model, suffix, size, tmp_path, monkeypatch):
+    """--e2e on an embedded demo model: `sgdiff generate --model-path sgdiff/demo-...` at the preset's size
+    against diffusers' pipeline on the model's own folder; each side writes its file (checked before the
+    bench's temporary folder goes)."""
+    import imageio.v3 as iio
+
+    import sgdiff.bench.end_to_end as e2e
+
+    commands: list[list[str]] = []
+    written: list[tuple[int, ...]] = []
+    timed = e2e.timed
+
+    def timed_and_checked(command):
+        outcome = timed(command)
+        out = Path(command[command.index("--output-path") + 1]) if "--output-path" in command else None
+        folder = out or Path(json.loads(command[-1])["out"])
+        files = sorted(folder.rglob(f"*{suffix}"))
+        assert len(files) == 1, files
+        written.append(iio.imread(files[0], index=0).shape[:2])
+        commands.append(command)
+        return outcome
+
+    monkeypatch.setattr(e2e, "timed", timed_and_checked)
+    out = tmp_path / "e2e.json"
+    result = runner.invoke(app, ["bench", "--model", model, "--e2e", "--warmup", "0", "--repeat", "1", "--json",
+                                 str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    preset = load_preset(model).sampling
+    assert (data["height"], data["width"], data["steps"]) == (*size, preset["num_inference_steps"])
+    assert data["max_sequence_length"] == preset["max_sequence_length"] == 32
+    assert data["checkpoint"] == str(demo_model_dir(DEMO_MODELS[model]))
+    diffusers_args, sgdiff_command = json.loads(commands[0][-1]), commands[1]
+    assert diffusers_args["model"] == data["checkpoint"]
+    assert sgdiff_command[sgdiff_command.index("--model-path") + 1] == f"sgdiff/{model}"
+    assert written == [size, size]
+    if model == "demo-video":
+        assert (data["num_frames"], data["guidance_scale"], data["fps"]) == (9, 1.0, 8)
+    assert f"{model} on cpu" in result.output and "shell -> file" in result.output and " MB" in result.output
 
 
 @pytest.mark.slow

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from sgdiff.bench.parts import BENCH_MODELS
+from sgdiff.config import load_preset
 from sgdiff.errors import UserError
+from sgdiff.models.resolve import DEMO_IMAGE_MODEL, DEMO_VIDEO_MODEL, demo_model_dir
 
 PROMPTS = ["a cat holding a sign that says hello", "a red cube on a wooden table", "a lighthouse at dusk",
            "a bowl of ramen, studio photo"]  # fmt: skip
@@ -31,6 +33,9 @@ WAN_GUIDANCE = 5.0  # both sides (the preset's is 3.0; diffusers' default 5.0): 
 # Qwen-Image: true CFG 4 (both sides' default scale) against a negative prompt, which turns it on
 TRUE_CFG = {"qwen-image": dict(negative_prompt=" ", true_cfg_scale=4.0)}
 FPS = 16
+# --e2e on the embedded demo models (a CPU is enough): `sgdiff generate --model-path NAME` against diffusers on the
+# model's folder, each at the demo preset's size
+DEMO_MODELS = {"demo-image": DEMO_IMAGE_MODEL, "demo-video": DEMO_VIDEO_MODEL}
 
 # The diffusers side, as a user writes it; prints its phases as JSON on its last line.
 DIFFUSERS_SCRIPT = """
@@ -102,11 +107,11 @@ def timed(command: list[str]) -> tuple[float, float, str]:
     return wall, spawned, done.stdout
 
 
-def run_sgdiff(model: Path, prompts: list[str], size: dict, device: str, speed_flags: list[str], out: Path) -> Run:
+def run_sgdiff(model: str, prompts: list[str], size: dict, device: str, speed_flags: list[str], out: Path) -> Run:
     prompt_file, perf = out / "prompts.txt", out / "perf.json"
     prompt_file.write_text("\n".join(prompts) + "\n")
     command = [sys.executable, "-c", "from sgdiff.cli.main import main; main()", "generate", "--model-path",
-               str(model), "--prompt-file", str(prompt_file), "--height", str(size["height"]), "--width",
+               model, "--prompt-file", str(prompt_file), "--height", str(size["height"]), "--width",
                str(size["width"]), "--steps", str(size["steps"]), "--max-sequence-length",
                str(size["max_sequence_length"]), "--device", device, "--output-path", str(out / "sgdiff"),
                "--perf-dump-path", str(perf), "--quiet", *speed_flags]  # fmt: skip
@@ -197,28 +202,51 @@ def machine_rates(checkpoint: Path, device: str) -> dict[str, float]:
     return rates
 
 
-def run_end_to_end(name: str, checkpoint_dir: Path, *, tiny: bool, prompts: int, warmup: int, repeat: int,
-                   cold: bool, speed_flags: list[str], sides: tuple[str, ...] = ("diffusers", "sgdiff"),
-                   ) -> dict:  # fmt: skip
-    """Both sides (or those of `sides`) `warmup` times untimed, then `repeat` timed rounds in turns; the median
-    of each."""
-    import torch
-
+def written_checkpoint(name: str, checkpoint_dir: Path, tiny: bool) -> tuple[Path, dict[str, Any]]:
+    """A full-size (or `tiny`) checkpoint of a bench model, written once, and the size both sides run."""
     model = BENCH_MODELS[name]
     if model.no_e2e:
         raise UserError(f"--e2e does not run {name}: {model.no_e2e}")
     from sgdiff.bench.checkpoint import ensure_checkpoint  # (the tiny builders' imports, transformers' among them)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    start = time.perf_counter()
     checkpoint = ensure_checkpoint(name, checkpoint_dir, tiny)
-    written = time.perf_counter() - start
     size: dict[str, Any] = dict(TINY) if tiny else dict(height=model.height, width=model.width, steps=model.steps)
     size["max_sequence_length"] = SEQUENCE_LENGTH[name]
     if model.frames is not None:  # a video: an MP4 on each side
         size.update(num_frames=TINY_FRAMES if tiny else model.frames, guidance_scale=WAN_GUIDANCE, fps=FPS)
     if name in TRUE_CFG:
         size["true_cfg"] = TRUE_CFG[name]
+    return checkpoint, size
+
+
+def demo_size(name: str) -> dict[str, Any]:
+    """A demo model's preset (presets/demo-*.toml): its size, steps, sequence length and, for the video model,
+    frames, guidance (1: no CFG) and fps; both sides run them."""
+    sampling = load_preset(name).sampling
+    size = dict(height=sampling["height"], width=sampling["width"], steps=sampling["num_inference_steps"],
+                max_sequence_length=sampling["max_sequence_length"])  # fmt: skip
+    if "num_frames" in sampling:
+        size.update(num_frames=sampling["num_frames"], guidance_scale=sampling["guidance_scale"], fps=sampling["fps"])
+    return size
+
+
+def run_end_to_end(name: str, checkpoint_dir: Path | None, *, tiny: bool, prompts: int, warmup: int, repeat: int,
+                   cold: bool, speed_flags: list[str], sides: tuple[str, ...] = ("diffusers", "sgdiff"),
+                   ) -> dict:  # fmt: skip
+    """Both sides (or those of `sides`) `warmup` times untimed, then `repeat` timed rounds in turns; the median
+    of each. `checkpoint_dir`: where a full-size or tiny checkpoint is written once (None for a demo model)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    if name in DEMO_MODELS:  # the embedded folder itself; `sgdiff generate` is given the model's name, as users do
+        model_arg = DEMO_MODELS[name]
+        checkpoint, size = demo_model_dir(model_arg), demo_size(name)
+    else:
+        checkpoint_dir = checkpoint_dir or Path.home() / ".cache" / "sgdiff" / "bench" / (name + "-tiny" * tiny)
+        checkpoint, size = written_checkpoint(name, checkpoint_dir, tiny)
+        model_arg = str(checkpoint)
+    written = time.perf_counter() - start
     chosen = (PROMPTS * prompts)[:prompts]
     runs: dict[str, list[Run]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,7 +257,7 @@ def run_end_to_end(name: str, checkpoint_dir: Path, *, tiny: bool, prompts: int,
                 if cold:
                     drop_page_cache()
                 if side == "sgdiff":
-                    run = run_sgdiff(checkpoint, chosen, size, device, speed_flags, out)
+                    run = run_sgdiff(model_arg, chosen, size, device, speed_flags, out)
                 else:
                     run = run_diffusers(checkpoint, chosen, size, device, out)
                 if round_ >= warmup:
@@ -281,9 +309,17 @@ def render_end_to_end(result: dict) -> str:
                      f"later ones median {statistics.median(later):.2f} s")  # fmt: skip
     gb, machine = result["checkpoint_gb"], result["machine"]
     copy = machine.get("pinned_to_gpu_gb_per_s")
-    loads = ", ".join(f"{side} {gb / median(side, 'load'):.1f} GB/s" for side in sides)
+    loads = ", ".join(f"{side} {rate(gb / median(side, 'load'))}" for side in sides)
     lines.append(
-        f"  load     {gb:.1f} GB: {loads}; this machine reads the files at {machine['read_gb_per_s']:.1f} GB/s"
-        + (f" and copies pinned memory to the GPU at {copy:.1f} GB/s" if copy else "")
+        f"  load     {amount(gb)}: {loads}; this machine reads the files at {rate(machine['read_gb_per_s'])}"
+        + (f" and copies pinned memory to the GPU at {rate(copy)}" if copy else "")
     )
     return "\n".join(lines)
+
+
+def amount(gb: float) -> str:
+    return f"{gb:.1f} GB" if gb >= 1 else f"{gb * 1e3:.0f} MB"  # (the demo models: tens of MB)
+
+
+def rate(gb_per_s: float) -> str:
+    return f"{gb_per_s:.1f} GB/s" if gb_per_s >= 1 else f"{gb_per_s * 1e3:.0f} MB/s"

@@ -16,7 +16,10 @@ from sgdiff.errors import UserError
 # the names of sgdiff/bench/parts.py BENCH_MODELS (a test keeps them equal); mypy cannot list its members
 BENCH_MODEL_NAMES = ("flux.1-dev", "flux.1-schnell", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "qwen-image",
                      "qwen-image-edit", "hunyuanvideo", "hunyuanvideo-1.5")  # fmt: skip
-BenchModelChoice = Enum("BenchModelChoice", {name: name for name in BENCH_MODEL_NAMES}, type=str)  # type: ignore[misc]
+DEMO_MODEL_NAMES = ("demo-image", "demo-video")  # --e2e only (sgdiff/bench/end_to_end.py DEMO_MODELS)
+BenchModelChoice = Enum(  # type: ignore[misc]
+    "BenchModelChoice", {name: name for name in BENCH_MODEL_NAMES + DEMO_MODEL_NAMES}, type=str
+)
 
 
 def bench(
@@ -27,7 +30,8 @@ def bench(
             metavar="<name>",
             help="The model to build at full size: flux.1-dev, flux.1-schnell, wan2.1-t2v-1.3b, wan2.1-t2v-14b, "
             "qwen-image, qwen-image-edit (like Qwen-Image-Edit-2509: one 1024x1024 input image), hunyuanvideo "
-            "(1280x720x129), hunyuanvideo-1.5 (480p text to video, 848x480x121, CFG). Required but with --quality.",
+            "(1280x720x129), hunyuanvideo-1.5 (480p text to video, 848x480x121, CFG); with --e2e also the embedded "
+            "demo-image and demo-video (at their presets' size; a CPU is enough). Required but with --quality.",
         ),
     ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")] = None,
@@ -146,13 +150,15 @@ def bench(
             raise UserError("--sgdiff-only leaves diffusers' script out of --e2e's runs: give --e2e too")
         memory = memory_flags(vae_tiling, cpu_offload.value, offload_prefetch, offload_resident_blocks,
                               gpu_memory_limit)  # fmt: skip
+        if model.value in DEMO_MODEL_NAMES:
+            check_demo_flags(model.value, e2e, tiny, checkpoint_dir)
         if e2e:
             from sgdiff.bench.end_to_end import render_end_to_end, run_end_to_end
 
-            folder = checkpoint_dir or Path.home() / ".cache" / "sgdiff" / "bench" / (model.value + "-tiny" * tiny)
             sides = ("sgdiff",) if sgdiff_only else ("diffusers", "sgdiff")
-            result = run_end_to_end(model.value, folder, tiny=tiny, prompts=prompts or 1, warmup=warmup, repeat=repeat,
-                                    cold=cold, speed_flags=speed_flags(speed) + memory, sides=sides)  # fmt: skip
+            result = run_end_to_end(model.value, checkpoint_dir, tiny=tiny, prompts=prompts or 1, warmup=warmup,
+                                    repeat=repeat, cold=cold, speed_flags=speed_flags(speed) + memory,
+                                    sides=sides)  # fmt: skip
             typer.echo(render_end_to_end(result))
         else:
             from sgdiff.bench.run import render, run_bench
@@ -172,6 +178,17 @@ def bench(
             typer.echo(render(result))
         if json_path is not None:
             write_atomically(json_path, lambda f: f.write(json.dumps(result, indent=1).encode()))
+
+
+def check_demo_flags(name: str, e2e: bool, tiny: bool, checkpoint_dir: Path | None) -> None:
+    """The embedded demo models run shell to file only, from their own folder."""
+    if not e2e:
+        raise UserError(f"{name} runs with --e2e (shell to file, as `sgdiff generate` runs it); the per-forward "
+                        "bench builds full-size models, or --tiny ones")  # fmt: skip
+    if tiny:
+        raise UserError(f"{name} is the embedded model itself, small already: drop --tiny")
+    if checkpoint_dir is not None:
+        raise UserError(f"{name} runs from its embedded folder and writes no checkpoint: drop --checkpoint-dir")
 
 
 def quality_rows(speed, warmup: int | None, prompts: int | None) -> list[dict]:
