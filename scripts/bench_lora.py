@@ -270,7 +270,10 @@ def measure(setup: Setup, rank: int, folder: Path, result: dict[str, Any]) -> di
     say(f"unfused switch (set_scales): median {result['switch_set_scales_s'] * 1e3:.2f} ms of {len(switch_s)}")
 
     # (c) fused against (b) unfused, and the fused switches
-    fused1_out, fused_scale_outs, fresh_outs = fused_part(setup, adapters, inputs, unfused_forward, result)
+    fused1_out, fused_scale_outs, fresh_outs, fused = fused_part(setup, adapters, inputs, unfused_forward, result)
+    result["fused_freed"] = freed(fused, device)  # (compiled blocks hold their module in a cycle: gc frees it)
+    if not result["fused_freed"]:
+        say("WARNING: the fused model was not freed (something still holds it); the next model adds to it")
     one_adapter_part(setup, adapters[0], inputs, unfused_forward, result)
     result["graphs_compiled"] = compiled_graphs(setup.speed)  # (in all: the check above is not vacuous)
     if not setup.speed.torch_compile:
@@ -308,7 +311,7 @@ def one_adapter_part(
 
 def fused_part(
     setup: Setup, adapters: list[LoraWeights], inputs: dict, unfused_forward: Callable, result: dict[str, Any]
-) -> tuple[torch.Tensor, dict, dict]:
+) -> tuple[torch.Tensor, dict, dict, weakref.ref]:
     """(c): adapter 1 fused into the weights (adapter 2 at 0, kept for set_scales), then the speed toggles;
     timed against the unfused model. Then the fused switches: set_scales (the base weights back from their CPU
     copy, the other adapter fused), and the long way, remove + apply_loras(keep_base=True) of the other adapter
@@ -346,7 +349,7 @@ def fused_part(
     result["switch_fused_set_scales_s"] = statistics.median(scale_s)
     result["switch_fused_reapply_s"] = statistics.median(reapply_s)
     result["switch_fused_all_s"] = {"set_scales": scale_s, "remove_and_apply": reapply_s}
-    return adapter1_out, scale_outs, fresh_outs
+    return adapter1_out, scale_outs, fresh_outs, weakref.ref(fused)
 
 
 def round_ratios(over: dict, under: dict) -> list[float]:

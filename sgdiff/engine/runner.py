@@ -194,7 +194,7 @@ class ModelRunner:
         # offloading (it swaps weights for placeholders; it lends the unfused factors with their Linears and keeps
         # their scales, written per request, on the device: models/lora.py)
         self.adapters.apply(pipeline)
-        apply_speed(pipeline, self.speed, self.attention, self.family)
+        apply_speed(pipeline, self.speed, self.attention, self.family, self.device)
         if self.vae_tiling:
             apply_vae_tiling(pipeline)
         self.offloaded = apply_offload(pipeline, self.offload, self.device, self.family.text_encoders,

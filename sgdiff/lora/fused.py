@@ -22,6 +22,9 @@ fused as a fresh run would: the sum cast to the copy's dtype, then quantised as 
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator
+
 import torch
 
 from sgdiff.errors import UserError
@@ -72,10 +75,12 @@ class FusedLoras:
     def fuse(self, scales: list[float]) -> None:
         """Every adapter at its scale into the weights: from the base copy where one is kept, else from the
         weights as they are (their base values)."""
+        linears = list(self.by_linear)
+        bases: list[Base | None] = [self.bases[linear] if self.bases is not None else None for linear in linears]
         with torch.no_grad():
-            for linear, updates in self.by_linear.items():
+            for linear, base in zip(linears, bases_on_device(bases, linears), strict=True):
+                updates = self.by_linear[linear]
                 active = [(scales[index] * update.factor, update) for index, update in updates if scales[index] != 0]
-                base = self.bases[linear] if self.bases is not None else None
                 if not active:  # its base values (without a copy: left as they are, since an FP8 weight
                     if base is not None:  # quantised again might move)
                         write_base(linear, base)
@@ -134,6 +139,42 @@ def copy_bases(linears: list[Linear], on_device: bool) -> tuple[dict[Linear, Bas
     return bases, home
 
 
+def bases_on_device(bases: list[Base | None], linears: list[Linear], ahead: int = 2) -> Iterator[Base | None]:
+    """Each Linear's base copy on its weight's device, in order. From page-locked CPU memory to a GPU the
+    copies run on a side stream, `ahead` Linears early: the bus carries the next bases while the GPU fuses
+    this one (a switch then costs about the bus's time alone, not the bus's plus the fusing). Each copy's
+    memory returns to the allocator once the kernels that read it are done (record_stream)."""
+    device = linears[0].weight.device if linears else torch.device("cpu")
+    if device.type != "cuda" or not any(base is not None and base[0].device.type == "cpu" for base in bases):
+        yield from bases
+        return
+    main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    in_flight: deque[tuple[Base | None, torch.cuda.Event | None]] = deque()
+
+    def issue(base: Base | None) -> None:
+        if base is None:
+            in_flight.append((None, None))
+            return
+        with torch.cuda.stream(side):
+            moved = tuple(None if t is None else t.to(device, non_blocking=True) for t in base)
+            arrived = torch.cuda.Event()
+            arrived.record(side)
+        in_flight.append((moved, arrived))  # type: ignore[arg-type]
+
+    for base in bases[:ahead]:
+        issue(base)
+    for index in range(len(bases)):
+        if index + ahead < len(bases):
+            issue(bases[index + ahead])
+        moved, arrived = in_flight.popleft()
+        if moved is not None and arrived is not None:
+            main.wait_event(arrived)
+            for tensor in moved:
+                if tensor is not None:
+                    tensor.record_stream(main)  # (allocated on `side`, read on `main`)
+        yield moved
+
+
 def factors_on(update: Update, device: torch.device) -> Update:
     """The update with its factors on `device` (kept there for the switches), in their dtype."""
     return Update(update.name, update.linear, update.down.to(device), update.up.to(device), update.factor)
@@ -151,14 +192,12 @@ def write_weight(linear: Linear, weight: torch.Tensor, dtype: torch.dtype) -> No
     """float32 `weight` into the Linear's weight in place, as a weight of `dtype` (its base's) holds it: cast
     to it; where the Linear's weight is FP8 now, then quantised with new scales (from float32 directly where
     the base was FP8 already)."""
-    if not is_float8(dtype):
-        weight = weight.to(dtype)
     if linear.fp8:
-        quantized, scale = quantize_weight(weight)
+        quantized, scale = quantize_weight(weight if is_float8(dtype) else weight.to(dtype))
         raw(linear.weight).copy_(raw(quantized))
         linear.weight_scale.copy_(scale)
     else:
-        linear.weight.copy_(weight)
+        linear.weight.copy_(weight if dtype == linear.weight.dtype else weight.to(dtype))  # (cast in the copy)
 
 
 def write_base(linear: Linear, base: Base) -> None:

@@ -36,12 +36,15 @@ class Linear(nn.Linear):
             out = nn.functional.linear(x, self.weight, self.bias)
         return out if self.lora is None else self.lora.add_to(out, x)
 
-    def to_fp8(self) -> None:
+    def to_fp8(self, on: torch.device | None = None) -> None:
         """Store the weight as float8 e4m3 with a float32 scale per output channel (models/fp8.py), in
-        place of the high-precision one (released, unless something else holds it); the bias stays."""
-        weight, scale = quantize_weight(self.weight)
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.register_buffer("weight_scale", scale)
+        place of the high-precision one (released, unless something else holds it); the bias stays. `on`:
+        the device that computes the quantisation when it is not the weight's (the same numbers: the
+        float8 weight and its scales go back where the weight is)."""
+        home = self.weight.device
+        weight, scale = quantize_weight(self.weight if on is None else self.weight.to(on))
+        self.weight = nn.Parameter(weight.to(home), requires_grad=False)
+        self.register_buffer("weight_scale", scale.to(home))
         self.fp8 = True
 
 

@@ -91,20 +91,29 @@ def check_fused_norms(device: torch.device, dtype: torch.dtype) -> None:
         )
 
 
-def apply_speed(pipeline: ComposedPipeline, speed: SpeedConfig, attention: AttentionImpl, family: ModelFamily) -> None:
+def apply_speed(
+    pipeline: ComposedPipeline,
+    speed: SpeedConfig,
+    attention: AttentionImpl,
+    family: ModelFamily,
+    device: torch.device | None = None,
+) -> None:
     pipeline.attention = attention
     for model in pipeline.transformers:
-        speed_up_transformer(model, speed, family)
+        speed_up_transformer(model, speed, family, device)
 
 
-def speed_up_transformer(model: torch.nn.Module, speed: SpeedConfig, family: ModelFamily) -> None:
+def speed_up_transformer(
+    model: torch.nn.Module, speed: SpeedConfig, family: ModelFamily, device: torch.device | None = None
+) -> None:
     """The toggles that change a transformer itself (the attention kernel is the pipeline's); the
-    family says what in `model` may be fused."""
+    family says what in `model` may be fused. `device`: where it computes, if its weights wait elsewhere
+    (offloading: FP8 weights are quantised there)."""
     groups = family.fusable(model)
     if speed.fused_gelu:  # before fusing projections: a Linear with a GELU epilogue is its own GEMM
         fuse_gelu(groups)
     if speed.dit_precision == "fp8":  # before fusing projections too: a group fuses its float8 rows
-        use_fp8_weights(model)
+        use_fp8_weights(model, device)
     if speed.fused_projections:
         fuse_projections(groups)
     if speed.fused_norms:
