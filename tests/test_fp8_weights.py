@@ -191,6 +191,28 @@ def test_the_toggle_converts_every_block_linear_and_halves_their_bytes(model_nam
     assert 1e-3 < relative_error(fp8, plain) < 2e-2
 
 
+def test_weights_in_cpu_memory_are_quantised_where_the_model_computes(monkeypatch):
+    """Offloading keeps the weights in CPU memory while the toggles run: each Linear is quantised on the
+    compute device (a GPU: seconds, not the CPU's tens of seconds for FLUX.1-dev) and stays where it was.
+    The GPU's numbers equal the CPU's bit for bit: scripts/probes/fp8_quantize_on_gpu.py."""
+    model, ours, _ = tiny("flux.1-dev")
+    asked: list = []
+    to_fp8 = Linear.to_fp8
+    monkeypatch.setattr(Linear, "to_fp8", lambda self, on=None: asked.append(on) or to_fp8(self))
+    speed_up_transformer(ours, FP8_SPEED, family_named(model.family), torch.device("cuda", 0))
+    assert asked == [torch.device("cuda", 0)] * len(fp8_linears(ours)) and asked
+    asked.clear()
+    _, on_cpu, _ = tiny("flux.1-dev")
+    use_fp8_weights(on_cpu, torch.device("cpu"))  # (computing where the weights are: nothing to move)
+    assert asked == [None] * len(fp8_linears(on_cpu))
+    here = Linear(32, 16, dtype=torch.bfloat16)
+    reference = copy.deepcopy(here)
+    reference.to_fp8()
+    here.to_fp8(on=torch.device("cpu"))
+    assert torch.equal(here.weight.view(torch.uint8), reference.weight.view(torch.uint8))
+    assert torch.equal(here.weight_scale, reference.weight_scale)
+
+
 def test_fp8_weights_fuse_with_the_same_numbers():
     model, ours, inputs = tiny("flux.1-dev")
     fused = copy.deepcopy(ours)
