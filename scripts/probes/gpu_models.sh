@@ -34,8 +34,8 @@
 #   flux_offload FLUX.1-dev shell -> PNG with --cpu-offload layers under a 12 GiB cap, every block streamed, then
 #                --offload-resident-blocks auto (issue 30: step <= 1.5x uncapped)
 #   flux_offload_fp8 the same with --dit-precision fp8 (half the bytes to stream; lossy: FP8's quality in README "Lossy
-#                modes"), auto resident blocks, eager then with torch.compile, then uncapped in memory with fp8 for the
-#                ratio (issue 30: <= 1.5x); OFFLOAD_FP8_MODES chooses others
+#                modes"): uncapped in memory first for the ratio, then under the cap with auto resident blocks, eager and
+#                with torch.compile (issue 30: <= 1.5x); OFFLOAD_FP8_MODES chooses others
 #   wan14_offload scripts/bench_offload.py: Wan2.1-T2V-14B 1280x720x81, a CFG step in memory against --cpu-offload
 #                layers under each of OFFLOAD_CAPS (default 24GiB, then 32GiB: an A14B expert's step; issue 30:
 #                <= 1.3x), ~200 s each
@@ -65,8 +65,9 @@ WAN_DIR=${WAN_DIR:-/dev/shm/wan-e2e}
 FLUX_DIR=${FLUX_DIR:-/dev/shm/flux-e2e}
 OFFLOAD_CAPS=${OFFLOAD_CAPS:-24GiB 32GiB}  # wan14_offload's caps
 WAN_CACHE_MODES=${WAN_CACHE_MODES:-"--cache taylorseer --dit-precision fp8 --enable-torch-compile"}
-# flux_offload_fp8's modes (each with --dit-precision fp8), ';' between them (empty: in GPU memory, uncapped)
-OFFLOAD_FP8_MODES=${OFFLOAD_FP8_MODES:-"--cpu-offload layers --gpu-memory-limit 12GiB;--cpu-offload layers --gpu-memory-limit 12GiB --enable-torch-compile;"}
+# flux_offload_fp8's modes (each with --dit-precision fp8), ';' between them (empty: in GPU memory, uncapped;
+# bash's read drops a trailing empty field, so it goes first)
+OFFLOAD_FP8_MODES=${OFFLOAD_FP8_MODES:-";--cpu-offload layers --gpu-memory-limit 12GiB;--cpu-offload layers --gpu-memory-limit 12GiB --enable-torch-compile"}
 # cache's modes, ';' between them (the first, empty: lossless)
 CACHE_MODES=${CACHE_MODES:-";--cache taylorseer;--cache taylorseer --dit-precision fp8 --enable-torch-compile;--cache magcache --dit-precision fp8 --enable-torch-compile"}
 pip install --no-index --no-deps --target /tmp/site -q .wheels/*.whl 2>/dev/null
