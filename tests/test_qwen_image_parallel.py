@@ -52,8 +52,10 @@ def test_two_processes_give_the_single_process_image(mode, two_processes, single
         out = outputs[mode]["pipeline"]
         difference = (out["latents"] - single_process.latents).abs().max().item()
         assert difference <= 1e-4, f"{mode} rank {rank}: max abs diff {difference}"  # observed <= 6e-6, 0 for cfg-2
-        if rank == 0:  # (rank 0 decodes and writes)
-            assert np.array_equal(out["images"], single_process.images)
+        if rank == 0:  # (rank 0 decodes and writes): the same pixels, but where latents ~5e-6 apart put a value
+            # on the other side of a rounding edge (2 of 11,520 for ulysses-2 on a CPU with other vector units)
+            pixels = np.abs(out["images"].astype(int) - single_process.images.astype(int))
+            assert pixels.max() <= (0 if difference == 0 else 1) and (pixels > 0).mean() < 1e-3
 
 
 def test_cfg_parallel_guides_with_the_norm_kept_combination(tiny_qwen, two_processes, single_process):
