@@ -193,8 +193,8 @@ def test_the_toggle_converts_every_block_linear_and_halves_their_bytes(model_nam
 
 def test_weights_in_cpu_memory_are_quantised_where_the_model_computes(monkeypatch):
     """Offloading keeps the weights in CPU memory while the toggles run: each Linear is quantised on the
-    compute device (a GPU: seconds, not the CPU's tens of seconds for FLUX.1-dev) and stays where it was.
-    The GPU's numbers equal the CPU's bit for bit: scripts/probes/fp8_quantize_on_gpu.py."""
+    compute device (a GPU: seconds, not the CPU's tens of seconds for FLUX.1-dev; the same bytes as an
+    in-memory model's there: scripts/probes/fp8_quantize_on_gpu.py) and stays where it was."""
     model, ours, _ = tiny("flux.1-dev")
     asked: list = []
     to_fp8 = Linear.to_fp8

@@ -39,8 +39,9 @@ class Linear(nn.Linear):
     def to_fp8(self, on: torch.device | None = None) -> None:
         """Store the weight as float8 e4m3 with a float32 scale per output channel (models/fp8.py), in
         place of the high-precision one (released, unless something else holds it); the bias stays. `on`:
-        the device that computes the quantisation when it is not the weight's (the same numbers: the
-        float8 weight and its scales go back where the weight is)."""
+        the device that computes the quantisation when it is not the weight's (offloading: the compute
+        device, whose numbers an in-memory model gets); the float8 weight and its scales go back where the
+        weight is."""
         home = self.weight.device
         weight, scale = quantize_weight(self.weight if on is None else self.weight.to(on))
         self.weight = nn.Parameter(weight.to(home), requires_grad=False)

@@ -42,7 +42,7 @@ def use_fp8_weights(model: nn.Module, device: torch.device | None = None) -> int
     """Convert fp8_linears(model) in place (before fusing projections: a fused group then concatenates
     the float8 rows and their scales); returns how many. `device`: where the model computes; a CUDA GPU
     quantises weights that wait in CPU memory (offloading), one Linear at a time (FLUX.1-dev's 22 GB: a CPU
-    took ~19 s, run HF), and their float8 copies go back there."""
+    took ~19 s, run HF), and their float8 copies go back there: the bytes a model in GPU memory gets."""
     linears = fp8_linears(model)
     on = device if device is not None and device.type == "cuda" else None
     for linear in linears:
