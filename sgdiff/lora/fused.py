@@ -78,7 +78,8 @@ class FusedLoras:
         linears = list(self.by_linear)
         bases: list[Base | None] = [self.bases[linear] if self.bases is not None else None for linear in linears]
         with torch.no_grad():
-            for linear, base in zip(linears, bases_on_device(bases, linears), strict=True):
+            device = linears[0].weight.device if linears else torch.device("cpu")
+            for linear, base in zip(linears, bases_on_device(bases, device), strict=True):
                 updates = self.by_linear[linear]
                 active = [(scales[index] * update.factor, update) for index, update in updates if scales[index] != 0]
                 if not active:  # its base values (without a copy: left as they are, since an FP8 weight
@@ -139,12 +140,11 @@ def copy_bases(linears: list[Linear], on_device: bool) -> tuple[dict[Linear, Bas
     return bases, home
 
 
-def bases_on_device(bases: list[Base | None], linears: list[Linear], ahead: int = 2) -> Iterator[Base | None]:
-    """Each Linear's base copy on its weight's device, in order. From page-locked CPU memory to a GPU the
+def bases_on_device(bases: list[Base | None], device: torch.device, ahead: int = 2) -> Iterator[Base | None]:
+    """Each Linear's base copy on `device` (the weights'), in order. From page-locked CPU memory to a GPU the
     copies run on a side stream, `ahead` Linears early: the bus carries the next bases while the GPU fuses
     this one (a switch then costs about the bus's time alone, not the bus's plus the fusing). Each copy's
     memory returns to the allocator once the kernels that read it are done (record_stream)."""
-    device = linears[0].weight.device if linears else torch.device("cpu")
     if device.type != "cuda" or not any(base is not None and base[0].device.type == "cpu" for base in bases):
         yield from bases
         return
@@ -197,7 +197,7 @@ def write_weight(linear: Linear, weight: torch.Tensor, dtype: torch.dtype) -> No
         raw(linear.weight).copy_(raw(quantized))
         linear.weight_scale.copy_(scale)
     else:
-        linear.weight.copy_(weight if dtype == linear.weight.dtype else weight.to(dtype))  # (cast in the copy)
+        linear.weight.copy_(weight)  # (a weight not FP8 keeps its base's dtype: the cast happens in the copy)
 
 
 def write_base(linear: Linear, base: Base) -> None:
