@@ -44,11 +44,18 @@ class SpeedConfig:
     cache_threshold: float | None = None
     cache_warmup_steps: int | None = None
     cache_interval: int | None = None
+    # "ahead": each block kind compiled by AOTInductor into a program kept on disk, which later processes load
+    # without the compiler (speed/precompile.py); "just-in-time": torch.compile at the first call
+    torch_compile_mode: str = "ahead"
 
     def __post_init__(self):
         check_cache(self)
+        if self.torch_compile_mode not in COMPILE_MODES:
+            mode, modes = self.torch_compile_mode, ", ".join(COMPILE_MODES)
+            raise UserError(f"`torch_compile_mode` {mode!r} is not one of {modes}", field="torch_compile_mode")
 
 
+COMPILE_MODES = ("ahead", "just-in-time")
 CACHE_METHODS = ("fbcache", "teacache", "magcache", "taylorseer")
 # `cache` recommended: the model's preset's [cache] table (`with_recommended_cache`), resolved once the preset is known
 RECOMMENDED_CACHE = "recommended"

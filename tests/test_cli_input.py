@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from sgdiff import __version__
 from sgdiff.cli import main as cli
-from sgdiff.config import SpeedConfig
+from sgdiff.cli.options import TorchCompileModeChoice
+from sgdiff.config import COMPILE_MODES, SpeedConfig
+from sgdiff.errors import UserError
 
 runner = CliRunner()
 
@@ -87,6 +89,21 @@ def test_speed_flags_map_to_the_speed_config(received):
     result = invoke("--model-path", "m", "--prompt", "p", "--dit-precision", "fp8")
     assert result.exit_code == 0, result.output
     assert received[3][0].runtime.speed == SpeedConfig(dit_precision="fp8")
+    flags = "--enable-torch-compile --torch-compile-mode just-in-time"
+    result = invoke("--model-path", "m", "--prompt", "p", *flags.split())
+    assert result.exit_code == 0, result.output
+    assert received[4][0].runtime.speed == SpeedConfig(torch_compile=True, torch_compile_mode="just-in-time")
+
+
+def test_a_compile_mode_without_compile_is_refused_in_one_line(received):
+    result = invoke("--model-path", "m", "--prompt", "p", "--torch-compile-mode", "ahead")
+    assert result.exit_code == 2 and not received
+    assert result.output == (
+        "error: --torch-compile-mode ahead says how blocks are compiled: give --enable-torch-compile too\n"
+    )
+    assert tuple(choice.value for choice in TorchCompileModeChoice) == COMPILE_MODES
+    with pytest.raises(UserError, match="torch_compile_mode 'later' is not one of ahead, just-in-time"):
+        SpeedConfig(torch_compile=True, torch_compile_mode="later")
 
 
 def test_prompt_file_gives_one_prompt_per_non_blank_line(received, tmp_path):

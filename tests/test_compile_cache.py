@@ -1,6 +1,7 @@
-"""torch.compile's work is kept on disk (the user's cache dir): a second `sgdiff generate` loads the
-compiled graphs the first one made, counted by torch's own cache counters in the perf dump; another
-shape, dtype or sgdiff version compiles anew."""
+"""torch.compile's work is kept on disk (the user's cache dir): with `--torch-compile-mode just-in-time` a
+second `sgdiff generate` loads the compiled graphs the first one made, counted by torch's own cache counters
+in the perf dump; another shape, dtype or sgdiff version compiles anew (the default mode, blocks compiled
+ahead: tests/test_precompile.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def compile_cache_use(model: Path, tmp_path: Path, *flags: str, version: str = "
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     command = [sys.executable, "-c", CODE, version, "generate", "--model-path", str(model), "--prompt", "a red cube",
                "--device", "cpu", "--steps", "2", "--height", "64", "--width", "64", "--enable-torch-compile",
-               "--output-path", str(tmp_path / "out"), "--perf-dump-path", str(perf), "--quiet", *flags]  # fmt: skip
+               "--torch-compile-mode", "just-in-time", "--output-path", str(tmp_path / "out"), "--perf-dump-path",
+               str(perf), "--quiet", *flags]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return json.loads(perf.read_text())["speed"]["torch_compile_cache"]

@@ -23,6 +23,7 @@ from sgdiff.models.qwen_image import QwenImageTransformer, QwenImageTransformerC
 from sgdiff.speed.apply import speed_up_transformer
 from sgdiff.speed.compile import compile_blocks
 from sgdiff.speed.cuda_graph import CudaGraphForward
+from sgdiff.speed.precompile import PrecompiledForward
 from sgdiff.testing.capture_stand_in import CountingCapture
 from sgdiff.testing.compare import randomize_weights
 from sgdiff.testing.qwen_parallel import TINY_EDIT, edit_inputs
@@ -142,7 +143,7 @@ def test_torch_compile_toggle_reaches_the_blocks(tiny_qwen):
     engine = ModelRunner(str(tiny_qwen), runtime=RuntimeConfig(device="cpu", speed=SpeedConfig(torch_compile=True)))
     engine.load()
     model = engine.pipeline.transformers[0]
-    assert all(hasattr(block.forward, "_torchdynamo_orig_callable") for block in model.transformer_blocks)
+    assert all(isinstance(block.forward, PrecompiledForward) for block in model.transformer_blocks)
 
 
 def test_cuda_graph_captures_each_branch_once_and_replays_it(tiny_qwen):

@@ -21,6 +21,7 @@ from sgdiff.speed.apply import check_speed, resolve_speed
 from sgdiff.speed.attention_backends import CHOICES
 from sgdiff.speed.compile import compile_blocks
 from sgdiff.speed.cuda_graph import CudaGraphForward
+from sgdiff.speed.precompile import PrecompiledForward
 from sgdiff.testing.capture_stand_in import CountingCapture
 
 runner = CliRunner()
@@ -127,12 +128,17 @@ def test_torch_compile_compiles_each_block_kind_once(tiny_flux_dev):
     assert (compiled - reference).abs().max() < 1e-5
 
 
-def test_torch_compile_toggle_reaches_the_blocks(tiny_flux_dev):
-    speed = SpeedConfig(torch_compile=True)
+@pytest.mark.parametrize("mode", ["ahead", "just-in-time"])
+def test_torch_compile_toggle_reaches_the_blocks(tiny_flux_dev, mode):
+    speed = SpeedConfig(torch_compile=True, torch_compile_mode=mode)
     engine = ModelRunner(str(tiny_flux_dev), runtime=RuntimeConfig(device="cpu", dtype="fp32", speed=speed))
     engine.load()
     model = engine.pipeline.transformers[0]
-    assert all(hasattr(b.forward, "_torchdynamo_orig_callable") for b in model.single_transformer_blocks)
+    forwards = [block.forward for block in model.single_transformer_blocks]
+    if mode == "ahead":
+        assert all(isinstance(forward, PrecompiledForward) for forward in forwards)
+    else:
+        assert all(hasattr(forward, "_torchdynamo_orig_callable") for forward in forwards)
 
 
 def test_cuda_graph_replays_one_capture_per_signature():

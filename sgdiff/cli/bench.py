@@ -53,6 +53,7 @@ def bench(
     enable_fused_gelu: opt.EnableFusedGelu = None,
     enable_fused_norms: opt.EnableFusedNorms = None,
     enable_torch_compile: opt.EnableTorchCompile = False,
+    torch_compile_mode: opt.TorchCompileMode = None,
     enable_cuda_graph: opt.EnableCudaGraph = False,
     dit_precision: opt.DitPrecision = opt.DitPrecisionChoice.default,
     cache: opt.Cache = opt.CacheChoice.none,
@@ -119,7 +120,7 @@ def bench(
 
         speed = opt.speed_config(attention_backend, enable_fused_projections, enable_fused_gelu, enable_fused_norms,
                                  enable_torch_compile, enable_cuda_graph, dit_precision, cache, cache_threshold,
-                                 cache_warmup_steps, cache_interval)  # fmt: skip
+                                 cache_warmup_steps, cache_interval, torch_compile_mode)  # fmt: skip
         if quality:
             memory = memory_flags(vae_tiling, cpu_offload.value, offload_prefetch, offload_resident_blocks,
                                   gpu_memory_limit)  # fmt: skip
@@ -226,5 +227,6 @@ def speed_flags(speed) -> list[str]:
             flags += [flag(name), str(getattr(speed, name))] if getattr(speed, name) is not None else []
     toggles = ("fused_projections", "fused_gelu", "fused_norms", "torch_compile", "cuda_graph")
     flags += [flag(name) for name in toggles if getattr(speed, name)]
+    flags += ["--torch-compile-mode", speed.torch_compile_mode] if speed.torch_compile_mode != "ahead" else []
     return flags + [flag(name).replace("--enable-", "--disable-") for name in toggles if getattr(speed, name) is False
                     and name in ("fused_projections", "fused_gelu", "fused_norms")]  # fmt: skip

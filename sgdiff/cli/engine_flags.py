@@ -25,6 +25,7 @@ ENGINE_OPTIONS = (
     ("enable_fused_gelu", opt.EnableFusedGelu, None),
     ("enable_fused_norms", opt.EnableFusedNorms, None),
     ("enable_torch_compile", opt.EnableTorchCompile, False),
+    ("torch_compile_mode", opt.TorchCompileMode, None),
     ("enable_cuda_graph", opt.EnableCudaGraph, False),
     ("dit_precision", opt.DitPrecision, opt.DitPrecisionChoice.default),
     ("cache", opt.Cache, opt.CacheChoice.none),
@@ -58,6 +59,7 @@ class EngineFlags:
     enable_fused_gelu: bool | None = None  # None: on for a CUDA GPU in bf16
     enable_fused_norms: bool | None = None  # None: on for a CUDA GPU in bf16
     enable_torch_compile: bool = False
+    torch_compile_mode: opt.TorchCompileModeChoice | None = None  # None: ahead
     enable_cuda_graph: bool = False
     dit_precision: opt.DitPrecisionChoice = opt.DitPrecisionChoice.default
     cache: opt.CacheChoice = opt.CacheChoice.none
@@ -90,6 +92,7 @@ class EngineFlags:
             self.cache_threshold,
             self.cache_warmup_steps,
             self.cache_interval,
+            self.torch_compile_mode,
         )
         offload = OffloadConfig(self.cpu_offload.value, self.text_encoder_offload, self.offload_prefetch,
                                 opt.resident_blocks(self.offload_resident_blocks))  # fmt: skip

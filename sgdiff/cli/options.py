@@ -31,6 +31,11 @@ class DitPrecisionChoice(str, Enum):  # speed/fp8.py DIT_PRECISIONS (a test keep
     fp8 = "fp8"
 
 
+class TorchCompileModeChoice(str, Enum):  # config.COMPILE_MODES (a test keeps them equal)
+    ahead = "ahead"
+    just_in_time = "just-in-time"
+
+
 class CacheChoice(str, Enum):  # "none", config.RECOMMENDED_CACHE and config.CACHE_METHODS (a test keeps them equal)
     none = "none"
     recommended = "recommended"
@@ -299,6 +304,17 @@ EnableTorchCompile = Annotated[
         rich_help_panel=SPEED,
     ),
 ]
+TorchCompileMode = Annotated[
+    TorchCompileModeChoice | None,
+    typer.Option(
+        "--torch-compile-mode",
+        help="With --enable-torch-compile: ahead (default) compiles each block kind once with AOTInductor into a "
+        "program kept in the user's cache, which later runs load in milliseconds without the compiler (the first "
+        "run compiles longer); just-in-time compiles at the first step of every process, its graphs from "
+        "torch's disk cache after the first.",
+        rich_help_panel=SPEED,
+    ),
+]
 EnableCudaGraph = Annotated[
     bool,
     typer.Option(
@@ -494,13 +510,17 @@ def speed_config(attention_backend: AttentionBackendChoice, projections: bool | 
                  norms: bool | None, compile_: bool, graph: bool,
                  precision: DitPrecisionChoice = DitPrecisionChoice.default, cache: CacheChoice = CacheChoice.none,
                  cache_threshold: float | None = None, cache_warmup_steps: int | None = None,
-                 cache_interval: int | None = None):  # fmt: skip
+                 cache_interval: int | None = None, compile_mode: TorchCompileModeChoice | None = None):  # fmt: skip
     """The speed flags, shared by `generate` and `bench`, as the library's SpeedConfig."""
+    from sgdiff.cli.errors import fail
     from sgdiff.config import SpeedConfig
 
+    if compile_mode is not None and not compile_:
+        fail(f"--torch-compile-mode {compile_mode.value} says how blocks are compiled: give --enable-torch-compile too")
+    mode = (compile_mode or TorchCompileModeChoice.ahead).value
     return SpeedConfig(attention_backend.value, fused_projections=projections, fused_gelu=gelu, fused_norms=norms,
-                       torch_compile=compile_, cuda_graph=graph, dit_precision=precision.value, cache=cache.value,
-                       cache_threshold=cache_threshold, cache_warmup_steps=cache_warmup_steps,
+                       torch_compile=compile_, torch_compile_mode=mode, cuda_graph=graph, dit_precision=precision.value,
+                       cache=cache.value, cache_threshold=cache_threshold, cache_warmup_steps=cache_warmup_steps,
                        cache_interval=cache_interval)  # fmt: skip
 
 

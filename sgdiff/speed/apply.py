@@ -119,7 +119,7 @@ def speed_up_transformer(
     if speed.fused_norms:
         fuse_norms(model)
     if speed.torch_compile:
-        compile_blocks(model)
+        compile_blocks(model, ahead=speed.torch_compile_mode == "ahead")
     if speed.cache != "none":  # after compile: its decisions run between the compiled blocks
         apply_step_cache(model, speed, family)
     if speed.cuda_graph:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,24 +34,49 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for child in model.children() if isinstance(child, nn.ModuleList) for block in child]
 
 
-def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+def compile_blocks(model: nn.Module, backend: str = "inductor", ahead: bool = True) -> int:
     """Compile the forward of every repeated block of `model` in place; returns how many.
+
+    `ahead` (inductor only): each block kind's program compiled ahead of time and kept on disk
+    (speed/precompile.py), which a later process loads without the compiler; otherwise, or where a kind
+    cannot be, torch.compile compiles each kind at its first call (`backend`: inductor, or Dynamo's
+    debugging backends such as eager in tests) and its graphs come from inductor's disk cache later."""
+    device = next(model.parameters()).device
+    blocks = repeated_blocks(model)
+    if ahead and backend == "inductor":
+        from sgdiff.speed.precompile import STATS, BlockKind, PrecompiledForward
+
+        def just_in_time(forward):  # a kind without a program (speed/precompile.py)
+            prepare_compiler(device)
+            return torch.compile(forward, dynamic=False)
+
+        folder = STATS.folder = compile_cache_dir(device) / "ahead"
+        kinds: dict[type, BlockKind] = {}
+        for block in blocks:
+            kind = kinds.setdefault(type(block), BlockKind(type(block), folder, just_in_time))
+            block.forward = PrecompiledForward(block, kind)
+        return len(blocks)
+    prepare_compiler(device)
+    for block in blocks:
+        block.forward = torch.compile(block.forward, backend=backend, dynamic=False)
+    return len(blocks)
+
+
+def prepare_compiler(device: torch.device) -> None:
+    """What compiling a block needs first, done once: inductor's disk caches in sgdiff's cache folder, the
+    functions marked constant_under_compile, sgdiff's Triton kernels as ops inductor can trace.
 
     Inductor rounds to bf16 where eager does (emulate_precision_casts): fused kernels otherwise keep
     intermediates in float32 and drift from the reference's bf16 rounding (FLUX.1-dev at 1024²:
     1.3e-2 relative error against diffusers, beyond the 1e-2 agreement sgdiff keeps)."""
     import torch._inductor.config as inductor_config
 
-    use_compile_cache(next(model.parameters()).device)
+    use_compile_cache(device)
     for fn in CONSTANTS:
         torch.compiler.assume_constant_result(fn)  # marks `fn` itself
     if importlib.util.find_spec("triton") is not None:
         import sgdiff.kernels.compiled_ops  # noqa: F401  (the fused kernels as ops inductor can trace)
     inductor_config.emulate_precision_casts = True
-    blocks = repeated_blocks(model)
-    for block in blocks:
-        block.forward = torch.compile(block.forward, backend=backend, dynamic=False)
-    return len(blocks)
 
 
 def compile_cache_dir(device: torch.device) -> Path:
@@ -76,14 +104,19 @@ def use_compile_cache(device: torch.device) -> str:
     return folder
 
 
-def compile_cache_stats() -> dict[str, int | str]:
-    """This process's use of the on-disk caches so far (torch's own counters)."""
-    from torch._dynamo.utils import counters
+def compile_cache_stats() -> dict[str, Any]:
+    """This process's use of the on-disk caches so far: torch's own counters of graphs compiled just in time
+    (zero where Dynamo was never imported), and the programs compiled ahead (speed/precompile.py)."""
+    from sgdiff.speed.precompile import STATS
 
+    counted = "torch._dynamo.utils" in sys.modules  # (importing it to read zeros would cost a second)
+    counters = sys.modules["torch._dynamo.utils"].counters if counted else defaultdict(Counter)
     return {
         "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""),
         "graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
         "graph_cache_misses": counters["inductor"]["fxgraph_cache_miss"],
         "autograd_cache_hits": counters["aot_autograd"]["autograd_cache_hit"],
         "autograd_cache_misses": counters["aot_autograd"]["autograd_cache_miss"],
+        "ahead": STATS.report(),
+        "compiler_imported": "torch._inductor" in sys.modules or "torch._dynamo" in sys.modules,
     }
