@@ -9,7 +9,9 @@
 #   four        FLUX.1-dev, four prompts in one process, one timed round
 #   cold        FLUX.1-dev one prompt with the page cache dropped before each run (needs root)
 #   wan         Wan2.1-T2V-1.3B, one timed round
-#   compile     FLUX.1-dev with --enable-torch-compile (the warm-up round fills the compile cache)
+#   compile     FLUX.1-dev with --enable-torch-compile (the warm-up round compiles each block kind ahead into the
+#               cache; the timed round loads the programs: the perf dump's torch_compile_cache says built/loaded)
+#   compile_jit the same with --torch-compile-mode just-in-time (torch.compile; graphs from inductor's disk cache)
 # Each step runs while time is left under LIMIT; a table of every JSON last, logs in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -40,6 +42,8 @@ for step in $STEPS; do
            --json "$OUT/e2e-wan.json" > "$OUT/log-wan.txt" 2>&1 ;;
     compile) eval timeout "$(left)" $B $FLUX --warmup 1 --repeat 1 --enable-torch-compile \
                --json "$OUT/e2e-compile.json" > "$OUT/log-compile.txt" 2>&1 ;;
+    compile_jit) eval timeout "$(left)" $B $FLUX --warmup 1 --repeat 1 --enable-torch-compile \
+                   --torch-compile-mode just-in-time --json "$OUT/e2e-compile-jit.json" > "$OUT/log-compile-jit.txt" 2>&1 ;;
   esac
 done
 echo "== done at $SECONDS s"
