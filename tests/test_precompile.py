@@ -23,7 +23,14 @@ from sgdiff.models.attention import sdpa_attention
 from sgdiff.speed import precompile
 from sgdiff.speed.auto_attention import MeasuredAttention
 from sgdiff.speed.compile import compile_blocks
-from sgdiff.speed.precompile import STATS, PrecompiledForward, input_key, not_precompilable
+from sgdiff.speed.precompile import (
+    STATS,
+    PrecompiledForward,
+    Unexportable,
+    input_key,
+    not_precompilable,
+    settings,
+)
 
 REQUEST = dict(height=32, width=32, num_inference_steps=2)
 CODE = "import sys, sgdiff; sgdiff.__version__ = sys.argv.pop(1); from sgdiff.cli.main import main; main()"
@@ -106,7 +113,7 @@ def test_a_kind_that_cannot_be_compiled_ahead_runs_just_in_time_and_is_not_tried
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # said once, by the first
 
 
-def test_what_keeps_a_kind_from_being_compiled_ahead():
+def test_what_keeps_a_kind_from_being_compiled_ahead(tmp_path):
     assert not_precompilable(sdpa_attention) is None
 
     def ulysses(q, k, v):
@@ -120,6 +127,14 @@ def test_what_keeps_a_kind_from_being_compiled_ahead():
     assert input_key(torch.zeros(2, 3)) != input_key(torch.zeros(2, 3, dtype=torch.float64))
     with pytest.raises(TypeError, match="a list input"):
         input_key([torch.zeros(1)])
+    # blocks of one class with another plain setting (a program takes it as a constant): another program
+    assert settings(torch.nn.LayerNorm(4)) == settings(torch.nn.LayerNorm(4))
+    assert settings(torch.nn.LayerNorm(4)) != settings(torch.nn.LayerNorm(4, eps=1e-3))
+    block = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    block[0].cached = torch.zeros(2)  # a tensor outside the parameters and buffers: it would be baked in
+    with pytest.raises(Unexportable, match=r"outside its parameters and buffers \(0\.cached\)"):
+        precompile.build(tmp_path / "x.pt2", block, block.forward, (torch.zeros(1, 2),), {})
+    assert not list(tmp_path.iterdir())
 
 
 def generate(model: Path, tmp_path: Path, name: str, *flags: str, version: str = "test") -> dict:

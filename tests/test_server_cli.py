@@ -152,8 +152,8 @@ def engine_flags(command: str) -> dict[str, tuple]:
 def test_serve_takes_every_engine_flag_of_generate():
     flags = engine_flags("generate")
     assert (
-        len(flags) == 26 and engine_flags("serve") == flags
-    )  # (--vae-tiling, --dit-precision, memory, --cache*, --lora*)
+        len(flags) == 27 and engine_flags("serve") == flags
+    )  # (--vae-tiling, --dit-precision, memory, --cache*, --lora*, --torch-compile-mode)
 
 
 def test_serve_on_a_busy_port_says_so_before_loading(tmp_path):

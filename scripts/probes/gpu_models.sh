@@ -29,6 +29,8 @@
 #   lora_speed   scripts/bench_lora.py at full size, defaults then every toggle: base vs fused vs unfused per forward,
 #                switching time, fused with the base copy on the GPU (issue 32: fused = base, unfused <= 5%, switch
 #                <= 0.5 s)
+#   aoti         scripts/probes/aoti_cuda_check.py: can AOTInductor compile CUDA programs here (--torch-compile-mode
+#                ahead; CUDA headers and -lcuda), as the machine is and with a CUDA_HOME made of pip's headers (~1 min)
 #   lora_switch  scripts/probes/lora_switch_profile.py: a fused switch with the base copy in page-locked CPU memory,
 #                timed and profiled (~40 s; run HD saw pageable copies, 3 s a switch, before commit dcceb61)
 #   flux_offload FLUX.1-dev shell -> PNG with --cpu-offload layers under a 12 GiB cap, every block streamed, then
@@ -123,6 +125,7 @@ for step in $STEPS; do
                   timeout "$(left)" python scripts/bench_lora.py --speed $speed --json "$OUT/lora-speed-$speed.json" 2>&1 \
                     | tee "$OUT/lora-speed-$speed.txt" | tail -n 14
                 done ;;
+    aoti) timeout "$(left)" python scripts/probes/aoti_cuda_check.py 2>&1 | tee "$OUT/aoti.txt" | tail -n 20 ;;
     lora_switch) timeout "$(left)" python scripts/probes/lora_switch_profile.py 2>&1 | tee "$OUT/lora-switch.txt" \
                    | grep -v '^\s*$' | head -n 40 ;;
     startup) T=$(python -c 'import importlib.util; print(importlib.util.find_spec("torch").origin)')

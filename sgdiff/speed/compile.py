@@ -1,7 +1,9 @@
-"""Regional torch.compile: each repeated transformer block's forward is compiled, not the whole
-model, so one compilation serves every block of a kind (19 + 38 in FLUX.1, 30 or 40 in Wan) and the
-compile time stays short. The attention call inside a block is compiled along when it is a plain
-kernel; sequence-parallel attention (collectives) runs outside the compiled graphs."""
+"""Regional compilation: each repeated transformer block's forward is compiled, not the whole model, so
+one compilation serves every block of a kind (19 + 38 in FLUX.1, 30 or 40 in Wan) and the compile time
+stays short. By default ahead of time, into programs a later process loads without the compiler
+(speed/precompile.py); else, and for a kind that cannot be, torch.compile just in time. The attention
+call inside a block is compiled along when it is a plain kernel; sequence-parallel attention
+(collectives) runs outside torch.compile's graphs."""
 
 from __future__ import annotations
 
@@ -63,8 +65,8 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", ahead: bool = Tr
 
 
 def prepare_compiler(device: torch.device) -> None:
-    """What compiling a block needs first, done once: inductor's disk caches in sgdiff's cache folder, the
-    functions marked constant_under_compile, sgdiff's Triton kernels as ops inductor can trace.
+    """What compiling a block needs first (a second call changes nothing): inductor's disk caches in sgdiff's
+    cache folder, the functions marked constant_under_compile, sgdiff's Triton kernels as ops inductor can trace.
 
     Inductor rounds to bf16 where eager does (emulate_precision_casts): fused kernels otherwise keep
     intermediates in float32 and drift from the reference's bf16 rounding (FLUX.1-dev at 1024²:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import os
 import time
@@ -61,6 +60,28 @@ STATS = PrecompileStats()
 def block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
     """What a program reads besides its inputs, by name: the block's parameters, then its buffers."""
     return dict(itertools.chain(block.named_parameters(), block.named_buffers()))
+
+
+def settings(block: nn.Module) -> tuple:
+    """The plain values the block and its submodules hold (head counts, eps, kernel switches): a program
+    takes them as constants, so blocks of one class that differ in one get programs of their own."""
+    return tuple(
+        (name, attribute, value)
+        for name, module in block.named_modules()
+        for attribute, value in sorted(vars(module).items())
+        if not attribute.startswith("_")
+        and (isinstance(value, PLAIN) or isinstance(value, tuple) and all(isinstance(v, PLAIN) for v in value))
+    )
+
+
+def unregistered_tensors(block: nn.Module) -> list[str]:
+    """Tensors the block's modules hold outside their parameters and buffers: a program would bake them in."""
+    return [
+        f"{name}.{attribute}" if name else attribute
+        for name, module in block.named_modules()
+        for attribute, value in vars(module).items()
+        if isinstance(value, torch.Tensor)
+    ]
 
 
 def signature(tensor: torch.Tensor) -> tuple:
@@ -153,12 +174,16 @@ class BlockKind:
 def build(path: Path, block: nn.Module, eager: Callable, args: tuple, kwargs: dict) -> None:
     """Export `eager` (the block's forward) with its weights as inputs, compile it with AOTInductor into a
     package at `path` (written whole or not at all). Raises Unexportable where the program would not be
-    the block's: tensors held outside its parameters and buffers would be baked in as constants."""
+    the block's: tensors held outside its parameters and buffers would be baked in as constants (tensors its
+    forward makes from plain values are the same for every block of the kind, and are)."""
     from torch._inductor import aoti_compile_and_package
     from torch.nn.utils.stateless import _reparametrize_module
 
     from sgdiff.speed.compile import prepare_compiler
 
+    unregistered = unregistered_tensors(block)
+    if unregistered:
+        raise Unexportable(f"it holds tensors outside its parameters and buffers ({', '.join(unregistered[:3])})")
     prepare_compiler(next(iter(block_tensors(block).values())).device)
     started = time.perf_counter()
 
@@ -168,9 +193,6 @@ def build(path: Path, block: nn.Module, eager: Callable, args: tuple, kwargs: di
                 return eager(*args, **kwargs)
 
     exported = torch.export.export(WeightsAsInputs(), (block_tensors(block), args, kwargs), strict=False)
-    if exported.constants:
-        names = ", ".join(list(exported.constants)[:3])
-        raise Unexportable(f"it holds tensors outside its parameters and buffers ({names})")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
     options = {"emulate_precision_casts": True}  # bf16 rounding where eager rounds (speed/compile.py)
@@ -195,6 +217,10 @@ class PrecompiledForward:
         self.bound = bound
         self.kind = kind
         self.compiled: Callable | None = None  # torch.compile's form, once the kind has no program
+        # taken at the first call: the speed toggles, adapters and FP8 weights are in place before compile_blocks,
+        # and what changes later (offloading, adapter switches) changes these tensors' contents, not the tensors
+        self.tensors: dict[str, torch.Tensor] | None = None
+        self.settings: tuple = ()
 
     def eager(self, block: nn.Module) -> Callable:
         return self.function.__get__(block) if self.bound else self.function
@@ -220,13 +246,16 @@ class PrecompiledForward:
             self.kind.give_up(reason, announce=False)
         if self.kind.unexportable is not None:
             return None, []
-        tensors = block_tensors(block)
+        if self.tensors is None:
+            self.tensors, self.settings = block_tensors(block), settings(block)
+        tensors = self.tensors
         try:
             key = (
                 impl,
                 tuple(map(input_key, args)),
                 tuple((name, input_key(value)) for name, value in kwargs.items()),
                 tuple((name, signature(tensor)) for name, tensor in tensors.items()),
+                self.settings,
                 torch.is_grad_enabled(),
             )
         except TypeError as exc:
@@ -251,7 +280,7 @@ def context() -> tuple:
         _SOURCES = digest.hexdigest()
     impl = current_attention_impl()
     impl_name = ".".join(str(getattr(impl, name, "")) for name in ("__module__", "__qualname__", "__name__"))
-    return _SOURCES, impl_name, torch.get_float32_matmul_precision(), json.dumps(triton_version())
+    return _SOURCES, impl_name, torch.get_float32_matmul_precision(), triton_version()
 
 
 def triton_version() -> str | None:
