@@ -1,15 +1,13 @@
 """Can this machine compile AOTInductor programs for CUDA (what `--torch-compile-mode ahead` needs on a GPU)?
 
 AOTInductor compiles a C++ wrapper against CUDA's headers (found through CUDA_HOME, CUDA_PATH, nvcc or
-/usr/local/cuda) and links `-lcuda`. Prints what this machine has, then compiles a small function both as the
-machine is and, where CUDA_HOME is missing, with a CUDA_HOME assembled from pip's nvidia packages (their
-headers, libcuda.so linked to the driver's libcuda.so.1), and checks each program's output. Run on the GPU
+/usr/local/cuda) and links `-lcuda`. Prints what this machine has, then compiles a small function as the
+machine is and, where torch finds no CUDA_HOME, with the one sgdiff assembles from pip's nvidia headers and
+the driver (speed/cuda_toolkit.py), and checks each program's output. Run on the GPU
 machine: `python scripts/probes/aoti_cuda_check.py` (~1 min)."""
 
 from __future__ import annotations
 
-import glob
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from sgdiff.speed.cuda_toolkit import ensure_cuda_home, header_folders, loaded_driver
+
 
 def facts() -> None:
     from torch.utils import cpp_extension
@@ -26,35 +26,9 @@ def facts() -> None:
     print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name())
     print("CUDA_HOME (torch's search):", cpp_extension.CUDA_HOME, "| nvcc:", shutil.which("nvcc"))
     print("g++:", shutil.which("g++"), subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout[:40])
-    print("pip headers:", pip_headers())
+    print("pip headers:", header_folders(sys.path), "| driver loaded:", loaded_driver())
     ldconfig = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
     print("libcuda:", [line.strip() for line in ldconfig.splitlines() if "libcuda.so" in line][:3])
-
-
-def pip_headers() -> list[str]:
-    found = []
-    for site in sys.path:
-        found += glob.glob(os.path.join(site, "nvidia", "**", "include", "cuda_runtime_api.h"), recursive=True)
-    return found
-
-
-def assembled_cuda_home() -> str | None:
-    """A folder with include/ (pip's CUDA headers, merged) and lib64/libcuda.so (the driver's)."""
-    headers = pip_headers()
-    ldconfig = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
-    drivers = [line.split("=>")[-1].strip() for line in ldconfig.splitlines() if "libcuda.so.1" in line]
-    if not headers or not drivers:
-        return None
-    home = Path(tempfile.mkdtemp(prefix="cuda-home-"))
-    (home / "include").mkdir()
-    (home / "lib64").mkdir()
-    for header_dir in {str(Path(h).parent) for h in headers}:
-        for item in Path(header_dir).iterdir():
-            target = home / "include" / item.name
-            if not target.exists():
-                target.symlink_to(item)
-    (home / "lib64" / "libcuda.so").symlink_to(drivers[0])
-    return str(home)
 
 
 def compile_and_check(label: str) -> bool:
@@ -86,11 +60,9 @@ def main() -> None:
     from torch.utils import cpp_extension
 
     if cpp_extension.CUDA_HOME is None:
-        home = assembled_cuda_home()
+        home = ensure_cuda_home()  # what sgdiff's ahead compile does before building on a GPU
         print("assembled CUDA_HOME:", home)
         if home is not None:
-            os.environ["CUDA_HOME"] = home
-            cpp_extension.CUDA_HOME = home
             compile_and_check("with the assembled CUDA_HOME")
 
 

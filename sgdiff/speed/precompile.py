@@ -184,7 +184,12 @@ def build(path: Path, block: nn.Module, eager: Callable, args: tuple, kwargs: di
     unregistered = unregistered_tensors(block)
     if unregistered:
         raise Unexportable(f"it holds tensors outside its parameters and buffers ({', '.join(unregistered[:3])})")
-    prepare_compiler(next(iter(block_tensors(block).values())).device)
+    device = next(iter(block_tensors(block).values())).device
+    prepare_compiler(device)
+    if device.type == "cuda":
+        from sgdiff.speed.cuda_toolkit import ensure_cuda_home
+
+        ensure_cuda_home()  # (without a toolkit: one made of pip's CUDA headers and the driver)
     started = time.perf_counter()
 
     class WeightsAsInputs(nn.Module):  # holds no module: the weights are its forward's first input
