@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sgdiff.config import RuntimeConfig
+from sgdiff.config import RuntimeConfig, SpeedConfig
 from sgdiff.engine.runner import ModelRunner
 from sgdiff.models.attention import sdpa_attention
 from sgdiff.speed import precompile
@@ -31,6 +31,10 @@ from sgdiff.speed.precompile import (
     not_precompilable,
     settings,
 )
+from sgdiff.testing.tiny_hunyuan_video import build_tiny_hunyuan_video
+from sgdiff.testing.tiny_hunyuan_video15 import build_tiny_hunyuan_video15
+from sgdiff.testing.tiny_qwen_image import build_tiny_qwen_image
+from sgdiff.testing.tiny_wan import build_tiny_wan
 
 REQUEST = dict(height=32, width=32, num_inference_steps=2)
 CODE = "import sys, sgdiff; sgdiff.__version__ = sys.argv.pop(1); from sgdiff.cli.main import main; main()"
@@ -171,3 +175,32 @@ def test_a_second_process_loads_the_programs_without_the_compiler(tiny_flux_dev,
     other = generate(tiny_flux_dev, tmp_path, "other", "--enable-torch-compile", version="other")["speed"]
     assert other["torch_compile_cache"]["ahead"]["built"] == 2  # another sgdiff: its own folder, compiled anew
     assert "other" in Path(other["torch_compile_cache"]["ahead"]["folder"]).parent.name
+
+
+VIDEO = dict(height=32, width=32, num_frames=5)
+FAMILIES = {  # a tiny checkpoint's builder; a small request of the family
+    "wan": (build_tiny_wan, VIDEO),
+    "qwen-image": (build_tiny_qwen_image, dict(height=32, width=32)),
+    "hunyuanvideo": (build_tiny_hunyuan_video, VIDEO),
+    "hunyuanvideo-1.5": (build_tiny_hunyuan_video15, VIDEO),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_s_blocks_compile_ahead(family, tmp_path, monkeypatch):
+    """Each family's block kinds export and compile ahead (none falls back), with the eager latents."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    build, request = FAMILIES[family]
+    folder = build(tmp_path / family)
+
+    def run(speed: SpeedConfig) -> torch.Tensor:
+        engine = ModelRunner(str(folder), runtime=RuntimeConfig(device="cpu", dtype="fp32", speed=speed))
+        engine.load()
+        return engine.generate(engine.sampling_params("a red cube", num_inference_steps=2, **request)).latents
+
+    reference = run(SpeedConfig())
+    built, fell_back = STATS.built, STATS.just_in_time
+    compiled = run(SpeedConfig(torch_compile=True))
+    assert STATS.built > built and STATS.just_in_time == fell_back
+    assert (compiled - reference).abs().max() <= 1e-5 * max(1.0, reference.abs().max().item())
