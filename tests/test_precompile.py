@@ -188,7 +188,7 @@ FAMILIES = {  # a tiny checkpoint's builder; a small request of the family
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_family_s_blocks_compile_ahead(family, tmp_path, monkeypatch):
+def test_the_blocks_of_every_family_compile_ahead(family, tmp_path, monkeypatch):
     """Each family's block kinds export and compile ahead (none falls back), with the eager latents."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     build, request = FAMILIES[family]
