@@ -48,7 +48,7 @@ def use_fp8_weights(model: nn.Module, device: torch.device | None = None) -> int
     for linear in linears:
         if linear.gelu_epilogue:
             raise ValueError("a Linear with a GELU epilogue (fused_gelu) runs a bf16 GEMM; it has no FP8 form")
-        linear.to_fp8(on if on is not None and linear.weight.device != on else None)
+        linear.to_fp8(on)
     return len(linears)
 
 

@@ -136,11 +136,13 @@ class BlockKind:
         self.programs: dict[tuple, Program] = {}
         self.unexportable: str | None = None
 
-    def program(self, key: tuple, block: nn.Module, eager: Callable, args: tuple, kwargs: dict) -> Program | None:
-        """The program for `key`: from this process, from the disk cache, else compiled now (None: it cannot be)."""
-        found = self.programs.get(key)
-        if found is not None or self.unexportable is not None:
-            return found
+    def load_or_build(self, key: tuple, block: nn.Module, eager: Callable, args: tuple, kwargs: dict) -> Program | None:
+        """The program for `key`, which this process has not loaded: from the disk cache, else compiled now
+        (None: it cannot be; the kind then runs just in time)."""
+        reason = not_precompilable(key[0])
+        if reason is not None:
+            self.give_up(reason, announce=False)
+            return None
         # on disk: the key without the attention object (context() names it; its repr holds an address)
         digest = hashlib.sha256(repr((self.name, key[1:], context())).encode()).hexdigest()[:40]
         path, failed = self.folder / f"{digest}.pt2", self.folder / f"{digest}.failed"
@@ -225,6 +227,7 @@ class PrecompiledForward:
         # taken at the first call: the speed toggles, adapters and FP8 weights are in place before compile_blocks,
         # and what changes later (offloading, adapter switches) changes these tensors' contents, not the tensors
         self.tensors: dict[str, torch.Tensor] | None = None
+        self.weights: list[torch.Tensor] = []  # the tensors' values, in the program's input order
         self.settings: tuple = ()
 
     def eager(self, block: nn.Module) -> Callable:
@@ -235,38 +238,35 @@ class PrecompiledForward:
         assert block is not None  # (the block calls its own forward)
         if torch.compiler.is_compiling():  # traced by a caller's compile or export: the block's own code
             return self.eager(block)(*args, **kwargs)
-        program, tensors = self.program(block, args, kwargs)
+        program = self.program(block, args, kwargs)
         if program is not None:
             inputs = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
-            return program([*tensors, *inputs])
+            return program([*self.weights, *inputs])
         if self.compiled is None:
             self.compiled = self.kind.just_in_time(self.eager(block))
         return self.compiled(*args, **kwargs)
 
-    def program(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[Program | None, list[torch.Tensor]]:
-        """The kind's program for this call (None: the kind has none) and the block's tensors it reads."""
-        impl = current_attention_impl()
-        reason = not_precompilable(impl) if self.kind.unexportable is None else None
-        if reason is not None:
-            self.kind.give_up(reason, announce=False)
+    def program(self, block: nn.Module, args: tuple, kwargs: dict) -> Program | None:
+        """The kind's program for this call (None: the kind has none)."""
         if self.kind.unexportable is not None:
-            return None, []
+            return None
         if self.tensors is None:
             self.tensors, self.settings = block_tensors(block), settings(block)
-        tensors = self.tensors
+            self.weights = list(self.tensors.values())
         try:
             key = (
-                impl,
+                current_attention_impl(),
                 tuple(map(input_key, args)),
                 tuple((name, input_key(value)) for name, value in kwargs.items()),
-                tuple((name, signature(tensor)) for name, tensor in tensors.items()),
+                tuple((name, signature(tensor)) for name, tensor in self.tensors.items()),
                 self.settings,
                 torch.is_grad_enabled(),
             )
         except TypeError as exc:
             self.kind.give_up(f"it takes {exc}", announce=True)
-            return None, []
-        return self.kind.program(key, block, self.eager(block), args, kwargs), list(tensors.values())
+            return None
+        found = self.kind.programs.get(key)
+        return found if found is not None else self.kind.load_or_build(key, block, self.eager(block), args, kwargs)
 
 
 _SOURCES: str | None = None
